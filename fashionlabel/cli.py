@@ -1,0 +1,263 @@
+"""The ``fashionlabel`` command: thin argument parsing over the library, one subcommand per stage.
+
+Every subcommand shows progress while it runs, ends with a one-screen summary, exits 0 on success and
+non-zero with a one-line message on failure. ``--address`` / ``RAY_ADDRESS`` picks a Ray cluster; by
+default a local Ray is started and stopped by the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fashionlabel")
+SAMPLE_CATALOG = Path(__file__).resolve().parents[1] / "examples" / "sample" / "catalog.csv"
+
+
+def _print_summary(title: str, items: dict[str, Any]) -> None:
+    width = max(len(k) for k in items) if items else 0
+    print(f"\n== {title} " + "=" * max(0, 60 - len(title)))
+    for k, v in items.items():
+        if isinstance(v, float):
+            v = f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+        print(f"  {k:<{width}}  {v}")
+
+
+def _fmt_reasons(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in reasons.items()) or "none"
+
+
+# ---- subcommands ---------------------------------------------------------------------------------
+def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.shards import ShardConfig, shard_catalog
+    from fashionlabel.taxonomy import Taxonomy
+
+    cfg = ShardConfig(samples_per_shard=a.samples_per_shard, max_side=a.max_side, jpeg_quality=a.jpeg_quality,
+                      max_pixels=a.max_pixels, max_failure_rate=a.max_failure_rate)
+    s = shard_catalog(a.catalog, a.out, Taxonomy.load(a.taxonomy), cfg)
+    out = {"catalog rows": s.catalog_rows, "packed": s.packed, "quarantined": s.quarantined,
+           "reasons": _fmt_reasons(s.reasons), "shards": f"{s.shards} ({s.shards_skipped} already done)",
+           "time": f"{s.seconds:.1f} s", "throughput": f"{s.images_per_s:,.0f} img/s", "output": s.out}
+    _print_summary("shard", out)
+    return out
+
+
+def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.runtime import cluster_cpus
+    from fashionlabel.train.loop import TrainConfig
+    from fashionlabel.train.run import train
+
+    cfg = TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, workers=a.workers,
+                      gpu=a.gpu, height=a.height, width=a.width, patience=a.patience,
+                      uncertainty=a.uncertainty, init_weights=a.init_weights, seed=a.seed)
+    r = train(a.shards, a.out, cfg, cluster_cpus())
+    out = {"model": f"{a.model} → {a.out}", "version": r["version"],
+           "epochs run": r["training"]["epochs_run"], "best epoch": r["training"]["best_epoch"],
+           "train throughput": f"{r['training']['train_img_per_s_median']:,.0f} img/s (median epoch)",
+           "time": f"{r['training']['seconds']:.0f} s"}
+    out |= _accuracy_lines(r["metrics"]["test"], "test")
+    _print_summary("train", out)
+    return out | {"metrics": r["metrics"]}
+
+
+def _accuracy_lines(m: dict[str, Any], split: str) -> dict[str, str]:
+    lines = {}
+    for h, hm in m["heads"].items():
+        if "top1" in hm:
+            lines[f"{split} {h}"] = (f"top-1 {100 * hm['top1']:.1f}%  top-5 {100 * hm['top5']:.1f}%  "
+                                     f"macro-F1 {hm['macro_f1']:.2f}  (n={hm['n']})")
+        else:
+            lines[f"{split} {h}"] = (f"recall@3 {100 * hm['recall@3']:.1f}%  recall@5 {100 * hm['recall@5']:.1f}%"
+                                     f"  (n={hm['n']})")
+    return lines
+
+
+def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.train.run import evaluate
+
+    split = None if a.split == "all" else a.split
+    r = evaluate(a.model, a.shards, split, write_to=a.out)
+    out = {"model version": r["version"], "products": r["n"]} | _accuracy_lines(r["metrics"], a.split)
+    out["hierarchy (raw argmax) consistency"] = json.dumps(
+        {k: round(v, 3) for k, v in r["metrics"]["hierarchy_consistency_raw"].items()})
+    _print_summary("evaluate", out)
+    return out | {"metrics": r["metrics"]}
+
+
+def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.label.pipeline import LabelConfig, label_shards
+
+    cfg = LabelConfig(batch_size=a.batch_size, actors=a.actors, device=a.device, compile=a.compile)
+    s = label_shards(a.shards, a.model, a.out, a.run_date, cfg)
+    out = {"run": s["run_id"], "labelled": s["labelled"], "errors": s["errored"], "skipped": s["skipped"],
+           "shards": f"{s['shards']} ({s['shards_done_before']} already done)",
+           "throughput": f"{s['images_per_s']:,.0f} img/s", "time": f"{s['seconds']:.1f} s",
+           "model version": s["model_version"], "output": s["out"]}
+    _print_summary("label", out)
+    return out | {"raw": s}
+
+
+def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.report import write_report
+
+    r = write_report(a.labels, a.out)
+    _print_summary("report", {k: v for k, v in r.items() if k != "charts"} | {"charts": len(r["charts"])})
+    return r
+
+
+def cmd_models(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.models import list_models
+
+    print("\n".join(list_models()))
+    return {}
+
+
+def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
+    """Shard → train → evaluate → label → report on the bundled sample, then check the table in DuckDB."""
+    import duckdb
+
+    t0 = time.time()
+    root = Path(a.out)
+    shards, model, labels = root / "shards", root / "model", root / "labels"
+    sh = cmd_shard(_parse(["shard", "--catalog", str(a.catalog), "--out", str(shards),
+                           "--samples-per-shard", "500"]))
+    tr = cmd_train(_parse(["train", "--shards", str(shards), "--out", str(model), "--epochs", str(a.epochs),
+                           "--workers", "2"]))
+    lb = cmd_label(_parse(["label", "--shards", str(shards), "--model", str(model), "--out", str(labels),
+                           "--run-date", a.run_date]))
+    rp = cmd_report(_parse(["report", "--labels", str(labels), "--out", str(root / "report.html")]))
+    q = f"SELECT count(*), count(DISTINCT product_id) FROM read_parquet('{labels}/history/*/*.parquet')"
+    rows, distinct = duckdb.connect().execute(q).fetchall()[0]
+    test = tr["metrics"]["test"]["heads"]
+    out = {
+        "catalog": str(a.catalog),
+        "products packed": sh["packed"],
+        "quarantined": f"{sh['quarantined']} ({sh['reasons']})",
+        "labels rows / distinct": f"{rows} / {distinct} (DuckDB)",
+        "label throughput": lb["throughput"],
+        "train throughput": tr["train throughput"],
+    }
+    out |= {f"held-out {h}": (f"top-1 {100 * m['top1']:.1f}%" if "top1" in m else
+                              f"recall@3 {100 * m['recall@3']:.1f}%") for h, m in test.items()}
+    out |= {"labels": str(labels / "history"), "report": rp["out"], "model": str(model),
+            "total time": f"{time.time() - t0:.0f} s"}
+    _print_summary("demo summary", out)
+    print(f"\nquery it:  duckdb -c \"{q}\"")
+    return out
+
+
+# ---- parser ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fashionlabel", description=__doc__.split("\n\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+        return sp
+
+    s = add("shard", cmd_shard, "Pack a catalog into WebDataset shards with index and quarantine.")
+    s.add_argument("--catalog", required=True, help="CSV, Parquet or JSON Lines catalog (local or s3://)")
+    s.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    s.add_argument("--taxonomy", default="fashion-product-images", help="built-in name or YAML file")
+    s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--max-side", type=int, default=256, help="longest image side after normalisation")
+    s.add_argument("--jpeg-quality", type=int, default=90)
+    s.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb guard")
+    s.add_argument("--max-failure-rate", type=float, default=0.5,
+                   help="fail the job when more than this share of rows is quarantined")
+
+    t = add("train", cmd_train, "Train a multi-task model on shards with Ray Train (DDP).")
+    t.add_argument("--shards", required=True)
+    t.add_argument("--out", required=True, help="model artifact folder")
+    t.add_argument("--model", default="fl_small", help="a registered model (`fashionlabel models`)")
+    t.add_argument("--epochs", type=int, default=15)
+    t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--gpu", action="store_true")
+    t.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--height", type=int, default=80)
+    t.add_argument("--width", type=int, default=60)
+    t.add_argument("--patience", type=int, default=5, help="early stopping: epochs without improvement")
+    t.add_argument("--uncertainty", action="store_true", help="learn head weights (Kendall et al.)")
+    t.add_argument("--init-weights", default=None, help="a local state_dict to start from")
+    t.add_argument("--seed", type=int, default=0)
+
+    e = add("evaluate", cmd_evaluate, "Evaluate a model artifact on one split of a shard set.")
+    e.add_argument("--model", required=True)
+    e.add_argument("--shards", required=True)
+    e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    e.add_argument("--out", default=None, help="folder for metrics JSON and confusion PNG (default: MODEL)")
+
+    lb = add("label", cmd_label, "Label shards with a model into Parquet (one file per shard).")
+    lb.add_argument("--shards", required=True)
+    lb.add_argument("--model", required=True)
+    lb.add_argument("--out", required=True, help="labels root (history/run_date=… is created under it)")
+    lb.add_argument("--run-date", default=None, help="YYYY-MM-DD (default: today)")
+    lb.add_argument("--batch-size", type=int, default=256)
+    lb.add_argument("--actors", type=int, default=None, help="predictor actors (default: from resources)")
+    lb.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    lb.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
+
+    r = add("report", cmd_report, "Write the HTML report of the newest labels run.")
+    r.add_argument("--labels", required=True)
+    r.add_argument("--out", required=True)
+
+    add("models", cmd_models, "List the registered models.")
+
+    d = add("demo", cmd_demo, "Run shard → train → label → report on the bundled sample catalog.")
+    d.add_argument("--catalog", default=str(SAMPLE_CATALOG))
+    d.add_argument("--out", default="demo-out")
+    d.add_argument("--epochs", type=int, default=15)
+    d.add_argument("--run-date", default=time.strftime("%Y-%m-%d"))
+    return p
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    return build_parser().parse_args(list(argv))
+
+
+NEEDS_RAY = {"shard", "train", "label", "demo"}
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run the subcommand, return the exit code."""
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    try:
+        if args.command in NEEDS_RAY:
+            from fashionlabel.runtime import ray_session
+
+            with ray_session(args.address):
+                args.fn(args)
+        else:
+            args.fn(args)
+    except KeyboardInterrupt:
+        print("fashionlabel: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the command line shows one clear line, logs keep the trace
+        log.debug("failure", exc_info=True)
+        from fashionlabel.storage import _clean
+
+        print(f"fashionlabel {args.command}: error: {_clean(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

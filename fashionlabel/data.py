@@ -1,0 +1,121 @@
+"""Shards → training and evaluation tensors: split by product, decode, encode targets, per-rank shares.
+
+The split is a pure function of ``product_id`` (a hash bucket), so train/val/test never share a product,
+whatever the shard layout, and a product keeps its split across re-shards and nights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fashionlabel.shards import iter_shard
+from fashionlabel.taxonomy import Taxonomy
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def split_of(product_id: str, val: float = 0.1, test: float = 0.1) -> str:
+    """'train' | 'val' | 'test' from a stable hash of the product id."""
+    b = int.from_bytes(hashlib.sha1(product_id.encode()).digest()[:4], "big") / 2**32
+    return "test" if b < test else "val" if b < test + val else "train"
+
+
+def decode(jpg: bytes, size: tuple[int, int]) -> np.ndarray:
+    """JPEG bytes → H×W×3 uint8 at ``size`` = (height, width). Raises on undecodable bytes."""
+    img = Image.open(io.BytesIO(jpg))
+    img.draft("RGB", (size[1], size[0]))  # let libjpeg downscale by 2/4/8 while decoding: much faster
+    img = img.convert("RGB")
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def encode_targets(labels: Sequence[dict[str, Any]], taxonomy: Taxonomy) -> dict[str, np.ndarray]:
+    """Labels → arrays: single heads int64 (-1 = unknown, masked); multi heads float32 multi-hot with NaN
+    rows for unknown (masked)."""
+    out: dict[str, np.ndarray] = {}
+    for h in taxonomy.heads:
+        if h.kind == "single":
+            out[h.name] = np.array([h.index.get(lab.get(h.name), -1) if lab.get(h.name) is not None else -1
+                                    for lab in labels], dtype=np.int64)
+        else:
+            y = np.zeros((len(labels), h.num_classes), dtype=np.float32)
+            for i, lab in enumerate(labels):
+                vals = lab.get(h.name)
+                if vals is None:
+                    y[i] = np.nan
+                else:
+                    for v in vals:
+                        if v in h.index:
+                            y[i, h.index[v]] = 1.0
+            out[h.name] = y
+    return out
+
+
+@dataclass
+class Samples:
+    """Decoded samples held in memory as uint8 (compact: 60×80 images are 14 KB each)."""
+
+    images: np.ndarray  # N×H×W×3 uint8
+    targets: dict[str, np.ndarray]
+    product_ids: list[str] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # product_id -> why its image did not decode
+
+    def __len__(self) -> int:
+        return len(self.product_ids)
+
+
+def load_samples(shard_uris: Sequence[str], taxonomy: Taxonomy, size: tuple[int, int],
+                 split: str | None = None, rank: int = 0, world: int = 1) -> Samples:
+    """Decode the samples of ``shard_uris`` (of one split, optionally every ``world``-th for ``rank``)."""
+    images, labels, pids, shas, errors = [], [], [], [], {}
+    i = 0
+    for uri in shard_uris:
+        for s in iter_shard(uri):
+            meta = s.get("json", {})
+            pid = meta.get("product_id", s["__key__"])
+            if split is not None and split_of(pid) != split:
+                continue
+            i += 1
+            if (i - 1) % world != rank:
+                continue
+            try:
+                images.append(decode(s["jpg"], size))
+            except Exception as e:  # noqa: BLE001 - a corrupt sample is reported, not fatal
+                errors[pid] = f"undecodable image: {str(e)[:120]}"
+                continue
+            labels.append(meta.get("labels", {}))
+            pids.append(pid)
+            shas.append(meta.get("sha256", ""))
+    arr = np.stack(images) if images else np.zeros((0, size[0], size[1], 3), np.uint8)
+    return Samples(arr, encode_targets(labels, taxonomy), pids, shas, errors)
+
+
+def to_input(images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float],
+             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N×H×W×3 uint8 → normalised N×3×H×W float in channels_last (faster convs on CPU and GPU)."""
+    x = torch.as_tensor(images).to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).to(dtype).div_(255.0)
+    m = torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1)
+    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+
+
+def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random horizontal flips and small random crops (pad + crop back), per batch."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1).to(x.device), x.flip(3), x)
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
+    return xp[:, :, dy : dy + h, dx : dx + w].contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,29 @@
+"""The labels table's explicit pyarrow schema (design.md "Labels table")."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from fashionlabel.taxonomy import Taxonomy
+
+LABEL_SCORE = pa.struct([("label", pa.string()), ("score", pa.float32())])
+
+
+def labels_schema(taxonomy: Taxonomy) -> pa.Schema:
+    fields = [
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("image_sha256", pa.string()),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("taxonomy_version", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("labeled_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+    for h in taxonomy.heads:
+        if h.kind == "single":
+            fields += [pa.field(h.name, pa.string()), pa.field(f"{h.name}_score", pa.float32()),
+                       pa.field(f"{h.name}_topk", pa.list_(LABEL_SCORE))]
+        else:
+            fields += [pa.field(h.name, pa.list_(pa.string())),
+                       pa.field(f"{h.name}_scores", pa.list_(LABEL_SCORE))]
+    fields += [pa.field("needs_review", pa.bool_()), pa.field("error", pa.string())]
+    return pa.schema(fields)

@@ -1,0 +1,118 @@
+"""``fashionlabel report``: one self-contained HTML file (PNG charts inlined) for a labels run.
+
+Charts: label distribution per single head, confidence histogram per head, ``needs_review`` and error
+shares, the run's counts and throughput (from its ``_SUCCESS`` manifest).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.dataset as pads
+
+from fashionlabel import storage
+
+
+def latest_run(labels: str) -> str:
+    """The newest ``history/run_date=…`` folder under ``labels``, or ``labels`` itself if it holds parts."""
+    hist = storage.join(labels, "history")
+    fs, path = storage.filesystem(hist)
+    import pyarrow.fs as pafs
+
+    runs = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith("run_date="))
+    return storage.join(hist, runs[-1]) if runs else str(labels)
+
+
+def read_run(run_dir: str) -> pd.DataFrame:
+    fs, path = storage.filesystem(run_dir)
+    files = [storage.join(run_dir, n) for n in storage.listdir(run_dir, ".parquet")]
+    if not files:
+        raise FileNotFoundError(f"no labels Parquet under {run_dir}")
+    ds = pads.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
+    return ds.to_table().to_pandas()
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _charts(df: pd.DataFrame, heads: list[str], multi: list[str]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    charts = []
+    ok = df[df["error"].isna()]
+    for h in heads:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
+        counts = ok[h].value_counts().head(15)[::-1]
+        ax[0].barh(counts.index.astype(str), counts.values, color="#3b75af")
+        ax[0].set(title=f"{h}: label distribution (top 15)", xlabel="products")
+        ax[0].tick_params(axis="y", labelsize=7)
+        ax[1].hist(ok[f"{h}_score"].dropna(), bins=20, range=(0, 1), color="#e1812c")
+        ax[1].set(title=f"{h}: confidence", xlabel="score of the chosen label", ylabel="products")
+        charts.append((f"dist-{h}", _png(fig)))
+    for h in multi:
+        fig, ax = plt.subplots(figsize=(10, 3.2))
+        counts = ok[h].explode().value_counts().head(20)
+        ax.bar(counts.index.astype(str), counts.values, color="#519e3e")
+        ax.set(title=f"{h}: products per value (top 20)")
+        ax.tick_params(axis="x", rotation=60, labelsize=7)
+        charts.append((f"dist-{h}", _png(fig)))
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    n = max(1, len(df))
+    shares = {"needs_review": df["needs_review"].fillna(False).sum() / n, "error": df["error"].notna().sum() / n}
+    ax.bar(list(shares), [100 * v for v in shares.values()], color=["#c03d3e", "#7f7f7f"])
+    ax.set(title="review queue and errors", ylabel="% of products", ylim=(0, 100))
+    charts.append(("review", _png(fig)))
+    return charts
+
+
+def write_report(labels: str, out: str | Path, run_dir: str | None = None) -> dict[str, Any]:
+    """Render the report of ``run_dir`` (default: the newest run under ``labels``) to ``out``."""
+    run_dir = run_dir or latest_run(labels)
+    df = read_run(run_dir)
+    manifest_uri = storage.join(run_dir, "_SUCCESS")
+    manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else {}
+    heads = [c[: -len("_topk")] for c in df.columns if c.endswith("_topk")]
+    multi = [c[: -len("_scores")] for c in df.columns if c.endswith("_scores")]
+    charts = _charts(df, heads, multi)
+    n = len(df)
+    facts = {
+        "products": n,
+        "labelled": int(df["error"].isna().sum()),
+        "errors": int(df["error"].notna().sum()),
+        "needs review": f"{100 * df['needs_review'].fillna(False).mean():.1f}%",
+        "model version": ", ".join(sorted(df["model_version"].unique())),
+        "taxonomy version": ", ".join(sorted(df["taxonomy_version"].unique())),
+        "throughput": f"{manifest.get('images_per_s', 0):.0f} img/s" if manifest else "n/a",
+        "run": manifest.get("run_id", Path(str(run_dir)).name),
+    }
+    mean_scores = {h: float(df[f"{h}_score"].mean()) for h in heads}
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
+    conf = "".join(f"<tr><th>{html.escape(h)}</th><td>{v:.3f}</td></tr>" for h, v in mean_scores.items())
+    imgs = "".join(f'<figure id="{cid}"><img alt="{cid}" src="data:image/png;base64,{b64}"></figure>'
+                   for cid, b64 in charts)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fashionlabel report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+th,td{{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}}img{{max-width:100%}}</style></head>
+<body><h1>fashionlabel report</h1><p>{html.escape(str(run_dir))} — generated
+{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC</p>
+<h2>Run</h2><table>{rows}</table><h2>Mean confidence per head</h2><table>{conf}</table>
+<h2>Charts</h2>{imgs}</body></html>"""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(page)
+    return {"out": str(out), "charts": [c for c, _ in charts], **facts}

@@ -1,0 +1,174 @@
+"""One place for paths and URIs: local folders and ``s3://`` through pyarrow's filesystems.
+
+Every output that readers may see is *published atomically*: written under a temporary name beside its
+destination and renamed (local), or uploaded in one PUT / completed multipart upload (S3, where an object
+appears only once complete). Readers therefore never see a half-written shard, Parquet file or manifest.
+
+S3 endpoint and credentials come from the standard AWS environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``) plus ``AWS_ENDPOINT_URL`` for S3-compatible servers. Error
+messages never include credentials.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+class StorageError(RuntimeError):
+    """An output or input location that cannot be used (no access, no bucket, bad path)."""
+
+
+def is_s3(uri: str | Path) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def absolute(uri: str | Path) -> str:
+    """Local paths made absolute (Ray workers run in other folders); URIs unchanged."""
+    uri = str(uri)
+    return uri if is_s3(uri) else str(Path(uri.removeprefix("file://")).absolute())
+
+
+def join(base: str | Path, *parts: str) -> str:
+    base = str(base)
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(absolute(base), *parts))
+
+
+@cache
+def _s3fs(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kw: dict[str, Any] = {"region": region or "us-east-1"}
+    if endpoint:
+        kw["endpoint_override"] = endpoint
+        kw["scheme"] = "https" if endpoint.startswith("https") else "http"
+    # Bounded retries with back-off: a flapping object store is retried, a dead one fails the unit.
+    kw["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=5)
+    kw["connect_timeout"] = 5
+    kw["request_timeout"] = 30
+    return pafs.S3FileSystem(**kw)
+
+
+def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path within it) for a local path or an s3:// URI."""
+    uri = str(uri)
+    if is_s3(uri):
+        fs = _s3fs(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_REGION"))
+        return fs, uri[len("s3://") :]
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return pafs.LocalFileSystem(), str(Path(uri).absolute())
+
+
+def exists(uri: str | Path) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str | Path) -> None:
+    if not is_s3(uri):
+        Path(str(uri).removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+
+
+def listdir(uri: str | Path, suffix: str = "") -> list[str]:
+    """Names (not paths) of the files directly under ``uri`` ending with ``suffix``; [] if absent."""
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"cannot list {uri}: {_clean(e)}") from e
+    return sorted(
+        i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
+    )
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str | Path, data: bytes) -> None:
+    """Publish ``data`` at ``uri`` atomically."""
+    uri = str(uri)
+    if is_s3(uri):
+        fs, path = filesystem(uri)
+        try:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+        except OSError as e:
+            raise StorageError(f"cannot write {uri}: {_clean(e)}") from e
+        return
+    dest = Path(uri.removeprefix("file://"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+
+
+def publish_file(local: str | Path, uri: str | Path) -> None:
+    """Publish a finished local file at ``uri`` (rename locally, single upload to S3), then drop it."""
+    uri = str(uri)
+    local = Path(local)
+    if is_s3(uri):
+        fs, path = filesystem(uri)
+        try:
+            pafs.copy_files(str(local), path, destination_filesystem=fs)
+        except OSError as e:
+            raise StorageError(f"cannot upload to {uri}: {_clean(e)}") from e
+        local.unlink(missing_ok=True)
+        return
+    dest = Path(uri.removeprefix("file://"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(local, dest)
+
+
+def staging_dir(out: str | Path) -> Path:
+    """A local folder for files in progress: beside the output when local (so rename is atomic)."""
+    if is_s3(out):
+        d = Path(os.environ.get("FASHIONLABEL_TMP", "/tmp")) / "fashionlabel-staging"
+    else:
+        d = Path(str(out).removeprefix("file://")) / "_tmp"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def write_json(uri: str | Path, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(uri: str | Path) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_parquet(table: pa.Table, uri: str | Path) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str | Path, **kw: Any) -> pa.Table:
+    fs, path = filesystem(uri)
+    return pq.read_table(path, filesystem=fs, **kw)
+
+
+def _clean(e: BaseException) -> str:
+    """An error message safe to log: never echo credentials that the SDK may embed."""
+    msg = str(e)
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        secret = os.environ.get(var)
+        if secret:
+            msg = msg.replace(secret, "***")
+    return msg

@@ -1,0 +1,274 @@
+"""Taxonomies: the heads a model predicts, declared in YAML, versioned by content hash.
+
+Kinds of head (design.md, research.md):
+- ``single``: one value out of N (softmax). May declare ``not_visible`` (FashionAI's "defined for this view
+  but not visible" value), which is an ordinary class the model can predict.
+- ``multi``: a set of values out of N (sigmoid each), optionally grouped (texture, fabric, ...). Values come
+  either from a list column of the catalog or are mined from a text column with word-bounded patterns, the
+  way DeepFashion mined its attributes from product text. ``w_pos``/``w_neg`` weight the BCE terms.
+- hierarchy: a single head with ``parent`` and ``parent_map`` (fine value → coarse value). Predictions are
+  made consistent along the chain (see ``consistent_paths``).
+
+Blank and unknown markers (``unknown_values``) mean "no label": masked in training, never a class.
+``values: learn`` defers the value list to the training catalog (``Taxonomy.learn``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BUILTINS = ("fashion-product-images", "deepfashion", "fashionai")
+DEFAULT_UNKNOWN = ("", "NA", "N/A", "nan", "NaN", "null", "None", "unknown")
+
+
+class TaxonomyError(ValueError):
+    """A taxonomy file or name that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Head:
+    name: str
+    kind: str  # "single" | "multi"
+    column: str
+    values: tuple[str, ...] | None = None  # None: learn from the training catalog
+    weight: float = 1.0
+    parent: str | None = None
+    parent_map: Mapping[str, str] = field(default_factory=dict)
+    not_visible: str | None = None
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    patterns: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # group -> value -> regex
+    w_pos: float = 1.0
+    w_neg: float = 1.0
+    threshold: float | None = None  # default confidence threshold; calibration may refine it
+
+    @property
+    def num_classes(self) -> int:
+        if self.values is None:
+            raise TaxonomyError(f"head {self.name!r} has no values yet: learn them from a catalog first")
+        return len(self.values)
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {v: i for i, v in enumerate(self.values or ())}
+
+    @cached_property
+    def _compiled(self) -> list[tuple[str, re.Pattern]]:
+        return [
+            (value, re.compile(rf"\b({rx})\b"))
+            for group in self.patterns.values()
+            for value, rx in group.items()
+        ]
+
+    def group_of(self) -> dict[str, str]:
+        """value -> group name (multi heads). Learned values may carry their group as ``group:value``."""
+        out = {v: g for g, vals in self.groups.items() for v in vals}
+        for v in self.values or ():
+            if v not in out and ":" in v and v.split(":", 1)[0] in self.groups:
+                out[v] = v.split(":", 1)[0]
+        return out
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    name: str
+    heads: tuple[Head, ...]
+    unknown_values: tuple[str, ...] = DEFAULT_UNKNOWN
+    description: str = ""
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Taxonomy:
+        if not isinstance(d, Mapping) or "heads" not in d or "name" not in d:
+            raise TaxonomyError("a taxonomy needs 'name' and 'heads'")
+        heads = []
+        for h in d["heads"]:
+            h = dict(h)
+            kind = h.get("kind", "single")
+            if kind not in ("single", "multi"):
+                raise TaxonomyError(f"head {h.get('name')!r}: kind must be 'single' or 'multi', not {kind!r}")
+            values = h.get("values", "learn")
+            patterns = {g: dict(p) for g, p in (h.get("patterns") or {}).items()}
+            groups = {g: tuple(v) for g, v in (h.get("groups") or {}).items()}
+            if patterns:  # mined heads: values and groups follow from the patterns
+                groups = {g: tuple(p) for g, p in patterns.items()}
+                values = [v for g in patterns.values() for v in g]
+            heads.append(
+                Head(
+                    name=h["name"],
+                    kind=kind,
+                    column=h.get("column", h["name"]),
+                    values=None if values == "learn" else tuple(str(v) for v in values),
+                    weight=float(h.get("weight", 1.0)),
+                    parent=h.get("parent"),
+                    parent_map=dict(h.get("parent_map") or {}),
+                    not_visible=h.get("not_visible"),
+                    groups=groups,
+                    patterns=patterns,
+                    w_pos=float(h.get("w_pos", 1.0)),
+                    w_neg=float(h.get("w_neg", 1.0)),
+                    threshold=h.get("threshold"),
+                )
+            )
+        tax = cls(
+            name=str(d["name"]),
+            heads=tuple(heads),
+            unknown_values=tuple(d.get("unknown_values", DEFAULT_UNKNOWN)),
+            description=str(d.get("description", "")),
+        )
+        tax._check()
+        return tax
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> Taxonomy:
+        """Load a built-in taxonomy by name or a YAML/JSON file by path."""
+        s = str(name_or_path)
+        if s in BUILTINS:
+            text = resources.files("fashionlabel.taxonomies").joinpath(f"{s}.yaml").read_text()
+        else:
+            p = Path(s)
+            if not p.is_file():
+                raise TaxonomyError(f"no taxonomy {s!r}: not a built-in ({', '.join(BUILTINS)}) nor a file")
+            text = p.read_text()
+        try:
+            return cls.from_dict(yaml.safe_load(text))
+        except yaml.YAMLError as e:
+            raise TaxonomyError(f"taxonomy {s!r} is not valid YAML: {e}") from e
+
+    def _check(self) -> None:
+        names = [h.name for h in self.heads]
+        if len(set(names)) != len(names):
+            raise TaxonomyError(f"taxonomy {self.name!r}: duplicate head names")
+        for h in self.heads:
+            if h.parent is None:
+                continue
+            parent = self.head(h.parent)
+            if parent.kind != "single" or h.kind != "single":
+                raise TaxonomyError(f"hierarchy {h.parent} -> {h.name}: both heads must be single")
+            if h.values is not None and parent.values is not None:
+                bad = [v for v in h.values if h.parent_map.get(v) not in parent.index]
+                if bad:
+                    raise TaxonomyError(f"head {h.name!r}: values without a parent in {h.parent!r}: {bad[:5]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        heads = []
+        for h in self.heads:
+            d = asdict(h)
+            d["values"] = list(h.values) if h.values is not None else "learn"
+            d["groups"] = {g: list(v) for g, v in h.groups.items()}
+            d["parent_map"] = dict(h.parent_map)
+            heads.append({k: v for k, v in d.items() if v not in (None, {}, [])})
+        return {
+            "name": self.name,
+            "description": self.description,
+            "unknown_values": list(self.unknown_values),
+            "heads": heads,
+        }
+
+    @cached_property
+    def version(self) -> str:
+        """Content hash: two taxonomies with the same heads and values share a version."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    # ---- lookup -------------------------------------------------------------------------------
+    def head(self, name: str) -> Head:
+        for h in self.heads:
+            if h.name == name:
+                return h
+        raise TaxonomyError(f"taxonomy {self.name!r} has no head {name!r}")
+
+    @property
+    def single_heads(self) -> tuple[Head, ...]:
+        return tuple(h for h in self.heads if h.kind == "single")
+
+    @property
+    def multi_heads(self) -> tuple[Head, ...]:
+        return tuple(h for h in self.heads if h.kind == "multi")
+
+    @property
+    def columns(self) -> set[str]:
+        return {h.column for h in self.heads}
+
+    def chains(self) -> list[list[Head]]:
+        """Hierarchies as coarse → fine chains, one per leaf head that has a parent."""
+        children = {h.parent for h in self.heads if h.parent}
+        chains = []
+        for leaf in self.heads:
+            if leaf.parent is None or leaf.name in children:
+                continue
+            chain = [leaf]
+            while chain[-1].parent:
+                chain.append(self.head(chain[-1].parent))
+            chains.append(chain[::-1])
+        return chains
+
+    # ---- labels -------------------------------------------------------------------------------
+    def is_unknown(self, raw: Any) -> bool:
+        return raw is None or (isinstance(raw, float) and raw != raw) or str(raw).strip() in self.unknown_values
+
+    def labels_from_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """Catalog row → {head: value | None} for single heads, {head: [values]} | None for multi heads.
+
+        Mined multi heads match their patterns against the lower-cased source text; list-valued multi
+        heads accept a list or a ``|``-separated string. Unknown markers become None.
+        """
+        out: dict[str, Any] = {}
+        for h in self.heads:
+            raw = row.get(h.column)
+            if self.is_unknown(raw):
+                out[h.name] = None
+            elif h.kind == "single":
+                out[h.name] = str(raw).strip()
+            elif h.patterns:
+                text = str(raw).lower()
+                out[h.name] = [v for v, rx in h._compiled if rx.search(text)]
+            else:
+                items = raw if isinstance(raw, list | tuple) else str(raw).split("|")
+                out[h.name] = [str(v).strip() for v in items if str(v).strip()]
+        return out
+
+    def invalid_label(self, labels: Mapping[str, Any]) -> str | None:
+        """A human-readable reason when a label falls outside the declared values, else None."""
+        for h in self.heads:
+            v = labels.get(h.name)
+            if v is None or h.values is None:
+                continue
+            vals = v if isinstance(v, list) else [v]
+            bad = [x for x in vals if x not in h.index]
+            if bad:
+                return f"{h.name}={bad[0]!r} is not one of the {len(h.values)} values of the taxonomy"
+        return None
+
+    def learn(self, label_rows: Iterable[Mapping[str, Any]]) -> Taxonomy:
+        """Resolve ``values: learn`` heads from training labels (sorted, so the result is stable)."""
+        pending = [h for h in self.heads if h.values is None]
+        if not pending:
+            return self
+        seen: dict[str, set[str]] = {h.name: set() for h in pending}
+        for labels in label_rows:
+            for h in pending:
+                v = labels.get(h.name)
+                if v is not None:
+                    seen[h.name].update(v if isinstance(v, list) else [v])
+        heads = []
+        for h in self.heads:
+            if h.values is None:
+                vals = sorted(seen[h.name])
+                if h.not_visible and h.not_visible in vals:  # keep "not visible" as class 0
+                    vals.remove(h.not_visible)
+                    vals.insert(0, h.not_visible)
+                h = replace(h, values=tuple(vals))
+            heads.append(h)
+        tax = replace(self, heads=tuple(heads))
+        tax._check()
+        return tax

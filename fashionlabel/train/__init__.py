@@ -1,0 +1,1 @@
+"""Training: losses, metrics, the Ray Train loop, checkpoints and the exported model artifact."""

@@ -1,0 +1,237 @@
+"""Multi-task training on Ray Train: ``TorchTrainer`` with DDP over N workers (gloo on CPU, NCCL on GPU).
+
+Each worker decodes only its own share of the training shards into memory (uint8), steps through it with
+random flips and small crops, and all workers take the same number of steps per epoch (shorter shares are
+cycled), so DDP never waits on a rank that ran out of data. The global batch is fixed, not per worker, so
+1 and N workers train the same recipe. Rank 0 validates, checkpoints every epoch and decides early stopping.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from fashionlabel import storage
+from fashionlabel.data import augment, load_samples, split_of, to_input
+from fashionlabel.models import create_model
+from fashionlabel.shards import list_shards
+from fashionlabel.taxonomy import Taxonomy
+from fashionlabel.train import checkpoint as ckpt
+from fashionlabel.train.losses import MultiTaskLoss
+from fashionlabel.train.metrics import evaluate_probs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "fl_small"
+    epochs: int = 15
+    batch_size: int = 64  # global, split across workers
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    workers: int = 2
+    gpu: bool = False
+    height: int = 80
+    width: int = 60
+    patience: int = 5
+    uncertainty: bool = False
+    seed: int = 0
+    init_weights: str | None = None
+
+
+def val_score(metrics: dict[str, Any]) -> float:
+    """One number to pick the best epoch: mean top-1 of single heads and recall@3 of multi heads."""
+    vals = [m.get("top1", m.get("recall@3")) for m in metrics["heads"].values()]
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def _shares(index_shards: dict[str, int], world: int) -> list[list[str]] | None:
+    """Greedy balance of shards over ranks by train-sample count; None when shards < ranks."""
+    if len(index_shards) < world:
+        return None
+    shares: list[list[str]] = [[] for _ in range(world)]
+    load = [0] * world
+    for shard, n in sorted(index_shards.items(), key=lambda kv: -kv[1]):
+        r = int(np.argmin(load))
+        shares[r].append(shard)
+        load[r] += n
+    return [sorted(s) for s in shares]
+
+
+def _worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    cfg = TrainConfig(**config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.set_num_threads(max(1, int(config["threads"])))
+    tax = Taxonomy.from_dict(config["taxonomy"])
+    size = (cfg.height, cfg.width)
+
+    shares = config["shares"]
+    if shares is not None:
+        mine = load_samples(shares[rank], tax, size, split="train")
+    else:  # fewer shards than workers: interleave samples instead
+        mine = load_samples(config["shards"], tax, size, split="train", rank=rank, world=world)
+    val = load_samples(config["shards"], tax, size, split="val") if rank == 0 else None
+
+    device = ray.train.torch.get_device()
+    model = create_model(cfg.model, tax)
+    if cfg.init_weights:
+        state = torch.load(cfg.init_weights, map_location="cpu", weights_only=True)
+        own = model.state_dict()
+        keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(keep, strict=False)  # heads of another taxonomy are re-initialised
+    model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    loss_fn = MultiTaskLoss(tax, uncertainty=cfg.uncertainty).to(device)
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_worker = max(1, cfg.batch_size // world)
+    steps = max(1, math.ceil(config["max_share"] / per_worker))
+    total = steps * cfg.epochs
+    warm = max(1, int(cfg.warmup_epochs * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+    )
+
+    start, history, best, best_epoch = 0, [], -1.0, -1
+    state = ckpt.load(config["ckpt_dir"])
+    if state is not None and state["taxonomy_version"] == tax.version and state["config"] == asdict(cfg):
+        ckpt.unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if state.get("loss") is not None:
+            loss_fn.load_state_dict(state["loss"])
+        start, history = state["epoch"] + 1, state["history"]
+        best, best_epoch = state["best_score"], state["best_epoch"]
+        if rank == 0:
+            log.info("resuming from checkpoint at epoch %d", start)
+
+    targets = {k: torch.as_tensor(v) for k, v in mine.targets.items()}
+    stop = torch.zeros(1)
+    for epoch in range(start, cfg.epochs):
+        if state is not None and state.get("stopped"):
+            break
+        model.train()
+        t0 = time.time()
+        order = np.concatenate([np.random.permutation(len(mine)) for _ in range(
+            math.ceil(steps * per_worker / max(1, len(mine))))])[: steps * per_worker]
+        running = 0.0
+        for s in range(steps):
+            idx = order[s * per_worker : (s + 1) * per_worker]
+            x = augment(to_input(mine.images[idx], config["mean"], config["std"], device))
+            y = {k: v[idx].to(device) for k, v in targets.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = model(x)
+            loss, _ = loss_fn(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += float(loss.detach())
+        seconds = time.time() - t0
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": running / steps,
+                                   "train_img_per_s": steps * per_worker * world / seconds,
+                                   "lr": sched.get_last_lr()[0]}
+        if rank == 0:
+            probs = _predict(ckpt.unwrap(model), val, config, device)
+            vm = evaluate_probs(tax, probs, val.targets)
+            metrics["val_score"] = val_score(vm)
+            metrics["val"] = {h: {k: v for k, v in m.items() if k in ("top1", "recall@3")}
+                              for h, m in vm["heads"].items()}
+            history.append(metrics)
+            improved = metrics["val_score"] > best
+            if improved:
+                best, best_epoch = metrics["val_score"], epoch
+            stopped = epoch - best_epoch >= cfg.patience
+            state = {"model": ckpt.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(),
+                     "loss": loss_fn.state_dict() if cfg.uncertainty else None, "epoch": epoch,
+                     "config": asdict(cfg), "taxonomy_version": tax.version, "history": history,
+                     "best_score": best, "best_epoch": best_epoch, "stopped": stopped}
+            if improved:
+                ckpt.save(config["ckpt_dir"], ckpt.BEST, state)
+            ckpt.save(config["ckpt_dir"], ckpt.LAST, state)  # last: written after best, resume point
+            log.info("epoch %d: loss %.3f, val %.3f, %.0f img/s", epoch, metrics["train_loss"],
+                     metrics["val_score"], metrics["train_img_per_s"])
+            stop[0] = float(stopped)
+        if world > 1:
+            dist.broadcast(stop, src=0)
+        ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+        if stop.item():
+            break
+
+
+@torch.inference_mode()
+def _predict(model: torch.nn.Module, samples, config: dict[str, Any], device) -> dict[str, np.ndarray]:
+    model.eval()
+    outs: dict[str, list[np.ndarray]] = {}
+    for s in range(0, len(samples), 256):
+        x = to_input(samples.images[s : s + 256], config["mean"], config["std"], device)
+        for k, v in model(x).items():
+            z = v.float()
+            p = torch.softmax(z, 1) if k in config["single"] else torch.sigmoid(z)
+            outs.setdefault(k, []).append(p.cpu().numpy())
+    model.train()
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def fit(shards: str, run_dir: str, taxonomy: Taxonomy, cfg: TrainConfig, mean, std,
+        num_cpus: float) -> dict[str, Any]:
+    """Run (or resume) training; return the best checkpoint's state. ``run_dir`` holds checkpoints."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    index = storage.read_parquet(storage.join(shards, "index.parquet"), columns=["product_id", "shard"])
+    uris = list_shards(shards)
+    split = np.array([split_of(p) for p in index.column("product_id").to_pylist()])
+    train_idx = index.filter(pc.equal(np.asarray(split == "train"), True)) if len(split) else index
+    counts = dict(zip(*np.unique(train_idx.column("shard").to_numpy(zero_copy_only=False),
+                                 return_counts=True), strict=True))
+    per_shard = {storage.join(shards, f"{s}.tar"): int(n) for s, n in counts.items()}
+    shares = _shares(per_shard, cfg.workers)
+    if shares is not None:
+        max_share = max(sum(per_shard[u] for u in sh) for sh in shares)
+    else:
+        max_share = math.ceil(train_idx.num_rows / cfg.workers)
+    if max_share == 0:
+        raise ValueError(f"no training samples in {shards}")
+    ckpt_dir = storage.join(run_dir, "checkpoints")
+    storage.makedirs(ckpt_dir)
+    threads = max(1, int(num_cpus // cfg.workers))
+    config = {
+        "cfg": asdict(cfg), "taxonomy": taxonomy.to_dict(), "shards": uris, "shares": shares,
+        "max_share": max_share, "ckpt_dir": ckpt.local_dir(ckpt_dir), "mean": list(mean), "std": list(std),
+        "threads": threads, "single": [h.name for h in taxonomy.single_heads],
+    }
+    res_per_worker = {"CPU": max(0.5, num_cpus / cfg.workers)} if not cfg.gpu else {"CPU": 2, "GPU": 1}
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                               resources_per_worker=res_per_worker),
+        run_config=ray.train.RunConfig(storage_path=ckpt.local_dir(storage.join(run_dir, "ray")),
+                                       name="train"),
+    )
+    trainer.fit()
+    last = ckpt.load(ckpt_dir, ckpt.LAST)
+    best = ckpt.load(ckpt_dir, ckpt.BEST) or last
+    if best is None:
+        raise RuntimeError("training finished without a checkpoint")
+    best["history"] = last["history"]
+    return best

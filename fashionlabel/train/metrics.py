@@ -1,0 +1,102 @@
+"""Metrics, following the DeepFashion protocol plus per-head accuracy/F1 (research.md).
+
+- single heads: top-1/3/5 accuracy and macro-F1 over products with a known label;
+- multi heads: top-k recall — rank all values of a product by score, count its true values in the top k,
+  divide by its number of true values, average over products with ≥ 1 true value; overall and per group;
+- hierarchies: the share of raw (argmax) predictions whose fine value implies the predicted coarse value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fashionlabel.taxonomy import Head, Taxonomy
+
+
+def topk_accuracy(probs: np.ndarray, y: np.ndarray, k: int) -> float:
+    known = y >= 0
+    if not known.any():
+        return float("nan")
+    p, t = probs[known], y[known]
+    k = min(k, p.shape[1])
+    top = np.argpartition(-p, k - 1, axis=1)[:, :k]
+    return float((top == t[:, None]).any(axis=1).mean())
+
+
+def macro_f1(pred: np.ndarray, y: np.ndarray, num_classes: int) -> float:
+    """Macro-F1 over the classes present in the labels or predictions (sklearn's 'macro')."""
+    known = y >= 0
+    p, t = pred[known], y[known]
+    classes = np.union1d(np.unique(p), np.unique(t))
+    f1s = []
+    for c in classes:
+        tp = np.sum((p == c) & (t == c))
+        fp = np.sum((p == c) & (t != c))
+        fn = np.sum((p != c) & (t == c))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s)) if f1s else float("nan")
+
+
+def topk_recall(scores: np.ndarray, y: np.ndarray, k: int, cols: np.ndarray | None = None) -> float:
+    """DeepFashion attribute top-k recall, optionally restricted to the value columns ``cols``."""
+    known = ~np.isnan(y).any(axis=1)
+    s, t = scores[known], y[known]
+    if cols is not None:
+        s, t = s[:, cols], t[:, cols]
+    has = t.sum(axis=1) > 0
+    if not has.any():
+        return float("nan")
+    s, t = s[has], t[has]
+    k = min(k, s.shape[1])
+    top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    hits = np.take_along_axis(t, top, axis=1).sum(axis=1)
+    return float(np.mean(hits / t.sum(axis=1)))
+
+
+def confusion(pred: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+    known = y >= 0
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(m, (y[known], pred[known]), 1)
+    return m
+
+
+def head_metrics(head: Head, probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    if head.kind == "single":
+        known = int((y >= 0).sum())
+        pred = probs.argmax(axis=1)
+        return {"n": known, "top1": topk_accuracy(probs, y, 1), "top3": topk_accuracy(probs, y, 3),
+                "top5": topk_accuracy(probs, y, 5), "macro_f1": macro_f1(pred, y, head.num_classes)}
+    out: dict[str, Any] = {"n": int((~np.isnan(y).any(axis=1) & (np.nan_to_num(y).sum(axis=1) > 0)).sum())}
+    for k in (3, 5):
+        out[f"recall@{k}"] = topk_recall(probs, y, k)
+    g = head.group_of()
+    for group in head.groups:
+        cols = np.array([i for i, v in enumerate(head.values) if g.get(v) == group], dtype=np.int64)
+        if len(cols):
+            for k in (3, 5):
+                out[f"{group}_recall@{k}"] = topk_recall(probs, y, k, cols)
+    return out
+
+
+def hierarchy_consistency(taxonomy: Taxonomy, probs: dict[str, np.ndarray]) -> dict[str, float]:
+    """Share of products whose raw argmax child implies the raw argmax parent, per parent→child edge."""
+    out = {}
+    for h in taxonomy.heads:
+        if not h.parent or h.name not in probs or h.parent not in probs:
+            continue
+        parent = taxonomy.head(h.parent)
+        fine = probs[h.name].argmax(axis=1)
+        coarse = probs[h.parent].argmax(axis=1)
+        implied = np.array([parent.index[h.parent_map[v]] for v in h.values])
+        out[f"{h.parent}->{h.name}"] = float((implied[fine] == coarse).mean()) if len(fine) else float("nan")
+    return out
+
+
+def evaluate_probs(taxonomy: Taxonomy, probs: dict[str, np.ndarray], targets: dict[str, np.ndarray]
+                   ) -> dict[str, Any]:
+    return {
+        "heads": {h.name: head_metrics(h, probs[h.name], targets[h.name]) for h in taxonomy.heads},
+        "hierarchy_consistency_raw": hierarchy_consistency(taxonomy, probs),
+    }

@@ -1,0 +1,144 @@
+"""``fashionlabel train`` and ``fashionlabel evaluate``: the library functions behind the commands.
+
+train: shards → Ray Train fit → calibration on validation → metrics on validation and test (products held
+out by the split, never trained on) → model artifact (+ curves.json / curves.png).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fashionlabel import storage
+from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD, load_samples
+from fashionlabel.label.postprocess import consistent_choice, scores
+from fashionlabel.label.predictor import Predictor
+from fashionlabel.models import create_model
+from fashionlabel.shards import list_shards
+from fashionlabel.taxonomy import Taxonomy
+from fashionlabel.train.calibrate import calibrate
+from fashionlabel.train.export import save_artifact
+from fashionlabel.train.loop import TrainConfig, fit
+from fashionlabel.train.metrics import confusion, evaluate_probs
+
+log = logging.getLogger(__name__)
+
+
+def shards_taxonomy(shards: str) -> Taxonomy:
+    stats = storage.read_json(storage.join(shards, "stats.json"))
+    return Taxonomy.from_dict(stats["taxonomy"])
+
+
+def train(shards: str, out: str, cfg: TrainConfig, num_cpus: float) -> dict[str, Any]:
+    """Train on ``shards`` and write the artifact to ``out``; return a summary dict."""
+    t0 = time.time()
+    taxonomy = shards_taxonomy(shards)
+    if any(h.values is None for h in taxonomy.heads):
+        idx = storage.read_parquet(storage.join(shards, "index.parquet")).to_pylist()
+        taxonomy = taxonomy.learn(idx)
+    run_dir = str(Path(out).absolute()) + ".train"
+    best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus)
+
+    model = create_model(cfg.model, taxonomy)
+    model.load_state_dict(best["model"])
+    model.eval()
+    size = (cfg.height, cfg.width)
+    uris = list_shards(shards)
+    val = load_samples(uris, taxonomy, size, split="val")
+    val_logits = _logits(model, val.images)
+    calibration = calibrate(taxonomy, val_logits, val.targets)
+    pre = {"size": list(size), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    history = best["history"]
+    train_ips = float(np.median([h["train_img_per_s"] for h in history])) if history else 0.0
+    training = {"config": cfg.__dict__, "best_epoch": best["best_epoch"], "epochs_run": len(history),
+                "train_img_per_s_median": train_ips, "seconds": time.time() - t0}
+    version = save_artifact(out, model, architecture=cfg.model, taxonomy=taxonomy, preprocessing=pre,
+                            calibration=calibration, metrics={}, training=training)
+    Path(out, "curves.json").write_text(json.dumps(history, indent=2))
+    _plot_curves(history, Path(out, "curves.png"))
+    metrics = {split: evaluate(out, shards, split)["metrics"] for split in ("val", "test")}
+    Path(out, "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    return {"version": version, "metrics": metrics, "training": training, "out": out}
+
+
+@torch.inference_mode()
+def _logits(model: torch.nn.Module, images: np.ndarray) -> dict[str, torch.Tensor]:
+    from fashionlabel.data import to_input
+
+    outs: list[dict[str, torch.Tensor]] = []
+    for s in range(0, len(images), 256):
+        outs.append(model(to_input(images[s : s + 256], IMAGENET_MEAN, IMAGENET_STD)))
+    return {k: torch.cat([o[k] for o in outs]).float() for k in outs[0]}
+
+
+def evaluate(model_dir: str, shards: str, split: str | None = "test",
+             write_to: str | None = None) -> dict[str, Any]:
+    """Metrics of the artifact on one split of ``shards`` (None: every product). Writes JSON + confusion PNG."""
+    pred = Predictor(model_dir)
+    tax = pred.taxonomy
+    samples = load_samples(list_shards(shards), tax, pred.size, split=split)
+    logits = pred.logits(samples.images)
+    probs = scores(tax, logits, pred.calibration)
+    metrics = evaluate_probs(tax, probs, samples.targets)
+    metrics["n_products"] = len(samples)
+    metrics["decode_errors"] = len(samples.errors)
+    # The hierarchy-consistent choice is what labelling writes: report its accuracy too.
+    chosen = consistent_choice(tax, probs)
+    for h in tax.single_heads:
+        y = samples.targets[h.name]
+        known = y >= 0
+        metrics["heads"][h.name]["top1_consistent"] = (
+            float((chosen[h.name][known] == y[known]).mean()) if known.any() else float("nan"))
+    out_dir = Path(write_to or model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"evaluation-{split or 'all'}.json").write_text(json.dumps(metrics, indent=2, default=float))
+    fine = tax.chains()[-1][-1] if tax.chains() else tax.single_heads[0]
+    _plot_confusion(confusion(probs[fine.name].argmax(1), samples.targets[fine.name], fine.num_classes),
+                    fine, out_dir / f"confusion-{fine.name}-{split or 'all'}.png")
+    return {"metrics": metrics, "version": pred.version, "n": len(samples)}
+
+
+def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(ep, [h["train_loss"] for h in history])
+    ax[0].set(title="training loss", xlabel="epoch")
+    ax[1].plot(ep, [h.get("val_score", np.nan) for h in history])
+    ax[1].set(title="validation score (mean top-1 / recall@3)", xlabel="epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_confusion(m: np.ndarray, head, path: Path, top: int = 25) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keep = np.argsort(-m.sum(axis=1))[:top]  # the most frequent true classes
+    sub = m[np.ix_(keep, keep)]
+    norm = sub / np.maximum(1, sub.sum(axis=1, keepdims=True))
+    names = [head.values[i] for i in keep]
+    fig, ax = plt.subplots(figsize=(8, 7))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set(title=f"{head.name}: confusion (row-normalised, {len(names)} most frequent)",
+           xlabel="predicted", ylabel="true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
