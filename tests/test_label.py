@@ -9,10 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fashionlabel.data import load_samples
+from fashionlabel.data import decode, load_samples
 from fashionlabel.label.pipeline import CRASH_ONCE_ENV, LabelConfig, label_shards, plan_resources
 from fashionlabel.label.predictor import Predictor
 from fashionlabel.label.reader import TarFormatError, read_tar, shard_samples
+from fashionlabel.label.reader import decode as reader_decode
 from fashionlabel.label.schema import labels_schema
 from fashionlabel.shards import iter_shard, list_shards
 from fashionlabel.taxonomy import Taxonomy
@@ -52,6 +53,9 @@ def test_fast_tar_reader_matches_tarfile(small_shards):
     assert ids == [s["json"]["product_id"] for s in want]
     assert shas == [s["json"]["sha256"] for s in want]
     assert jpgs == [s["jpg"] for s in want]
+    # the read tasks' torch-free decode is pixel-equal to the one evaluation uses
+    for jpg in jpgs[:20]:
+        assert np.array_equal(reader_decode(jpg, (80, 60)), decode(jpg, (80, 60)))
     data = Path(uri).read_bytes()
     with pytest.raises(TarFormatError, match="truncated"):
         list(read_tar(data[: len(data) // 2]))

@@ -28,6 +28,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -175,16 +176,16 @@ def _crash_once() -> None:
 
 def label_shards(shards: str, model_dir: str, out: str, run_date: str | None = None,
                  cfg: LabelConfig = LabelConfig(), skip: dict[str, str] | None = None,
-                 incremental: bool = False) -> dict[str, Any]:
+                 incremental: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Label every shard of ``shards`` into ``out/history/run_date=D/``; return the run summary.
 
     Args:
         skip: product_id → image_sha256 already labelled by this model: not relabelled, counted as skipped.
         incremental: also skip every product that this model version already labelled without error
             under ``out/history`` (any run date), with the same image_sha256.
+        progress: called with the row count of every batch that comes back from the actors.
     """
     from fashionlabel.runtime import cluster_cpus, cluster_gpus
-    from fashionlabel.train.export import load_artifact
 
     t0 = time.time()
     model_dir = storage.absolute(model_dir)
@@ -194,7 +195,7 @@ def label_shards(shards: str, model_dir: str, out: str, run_date: str | None = N
     uris = list_shards(shards)
     done = set(storage.listdir(out_dir, ".parquet"))
     todo = [u for u in uris if part_name(u) not in done]
-    _, spec = load_artifact(model_dir)
+    spec = artifact_spec(model_dir)
     run_id = f"{run_date}-{uuid.uuid4().hex[:8]}"
     plan = plan_resources(cfg, cluster_cpus(), cluster_gpus())
     log.info("label: %d shards, %d already done for %s, %d to label; %s", len(uris), len(uris) - len(todo),
@@ -205,6 +206,8 @@ def label_shards(shards: str, model_dir: str, out: str, run_date: str | None = N
         for batch in _plan(todo, model_dir, run_id, plan, cfg.compile, spec, keys).iter_batches(
                 batch_size=None, batch_format="pyarrow"):
             writer.add(batch)
+            if progress:
+                progress(batch.num_rows)
         if writer.incomplete:
             raise RuntimeError(f"label rows missing for {len(writer.incomplete)} shards: {writer.incomplete[:3]}")
     seconds = time.time() - t0
@@ -226,6 +229,24 @@ def label_shards(shards: str, model_dir: str, out: str, run_date: str | None = N
             "taxonomy_version": spec["taxonomy_version"], "shards": len(uris), **totals,
             "plan": asdict(plan), "finished_at": dt.datetime.now(dt.UTC).isoformat()})
     return summary
+
+
+def artifact_spec(model_dir: str) -> dict[str, Any]:
+    """The artifact's model.json, version and taxonomy, without loading the weights on the driver."""
+    import json
+    from pathlib import Path
+
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.export import ArtifactError
+
+    path = Path(model_dir)
+    try:
+        spec = json.loads((path / "model.json").read_text())
+        spec["version"] = (path / "version").read_text().strip()
+        spec["taxonomy_obj"] = Taxonomy.from_dict(spec["taxonomy"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ArtifactError(f"model artifact {path} is missing or malformed: {e}") from e
+    return spec
 
 
 def _skip_keys(out: str, model_version: str, skip: dict[str, str] | None, incremental: bool) -> pa.Array | None:

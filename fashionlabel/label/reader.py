@@ -12,6 +12,7 @@ in one batched call on its device (nvJPEG), which is cheaper than CPU decode on 
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+from PIL import Image
 
 from fashionlabel import storage
-from fashionlabel.data import decode
 
 _BLOCK = 512
 
@@ -100,8 +100,25 @@ def shard_samples(uri: str) -> tuple[list[str], list[str | None], list[bytes | N
     return ids, shas, jpgs
 
 
+def decode(jpg: bytes, size: tuple[int, int]) -> np.ndarray:
+    """JPEG bytes → H×W×3 uint8 at ``size`` = (height, width); raises on undecodable bytes.
+
+    The same steps as ``fashionlabel.data.decode`` (what evaluation uses; a test holds them pixel-equal),
+    kept here so that read tasks never import torch: on a busy machine that import costs a read task
+    seconds before its first shard.
+    """
+    img = Image.open(io.BytesIO(jpg))
+    img.draft("RGB", (size[1], size[0]))  # libjpeg downscales by 2/4/8 while decoding
+    img = img.convert("RGB")
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
 def skip_keys(product_ids: list[str], shas: list[str | None]) -> pa.Array:
     """Join keys ``product_id \\x1f image_sha256`` used to match already-labelled products."""
+    import pyarrow.compute as pc
+
     return pc.binary_join_element_wise(pa.array(product_ids, pa.string()),
                                        pa.array([s or "" for s in shas], pa.string()), "\x1f")
 
@@ -122,6 +139,8 @@ def read_shards(batch: dict[str, np.ndarray], decode_on: str, size: tuple[int, i
         ids, shas, jpgs = shard_samples(uri)
         keep = np.ones(len(ids), dtype=bool)
         if skip is not None and len(skip) and ids:
+            import pyarrow.compute as pc
+
             keep = ~pc.is_in(skip_keys(ids, shas), value_set=skip).to_numpy(zero_copy_only=False)
         idx = np.flatnonzero(keep)
         skipped = len(ids) - len(idx)
