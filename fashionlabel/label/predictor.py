@@ -85,7 +85,10 @@ class Predictor:
 
         data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpgs]
         dev = self.device if self.device.type == "cuda" else "cpu"
+        h, w = self.size
         errors: dict[int, str] = {}
+        if not data:
+            return torch.zeros((0, h, w, 3), dtype=torch.uint8, device=dev), errors
         try:
             imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
         except RuntimeError:  # one bad image fails the batched call: find it one image at a time
@@ -95,7 +98,6 @@ class Predictor:
                     imgs.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=dev))
                 except RuntimeError as e:
                     errors[i] = f"undecodable image: {str(e)[:160]}"
-        h, w = self.size
         out = [im if im.shape[1:] == (h, w) else resize(im, [h, w], antialias=True) for im in imgs]
         if not out:
             return torch.zeros((0, h, w, 3), dtype=torch.uint8, device=dev), errors
