@@ -33,7 +33,15 @@ from typing import Any
 import pyarrow as pa
 
 from fashionlabel import storage
-from fashionlabel.catalog import FetchError, Rejected, ValidRow, fetch, read_catalog, validate
+from fashionlabel.catalog import (
+    CatalogRow,
+    FetchError,
+    Rejected,
+    check_ids,
+    check_labels,
+    fetch,
+    read_catalog,
+)
 from fashionlabel.images import ImageReject, normalise
 from fashionlabel.taxonomy import Taxonomy
 
@@ -75,15 +83,19 @@ def index_schema(taxonomy: Taxonomy) -> pa.Schema:
 
 
 # ---- one shard (runs inside a Ray task) ----------------------------------------------------------
-def pack_shard(shard_id: int, rows: list[ValidRow], out: str, cfg: ShardConfig, schema: pa.Schema
-               ) -> dict[str, Any]:
-    """Fetch, normalise and pack ``rows`` into one tar; publish it and its index part; return counts."""
+def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig, schema: pa.Schema,
+               taxonomy: Taxonomy) -> dict[str, Any]:
+    """Check labels, fetch, normalise and pack ``rows`` into one tar; publish it and its index part."""
     name = shard_name(shard_id)
     index, rejected = [], []
     tmp = storage.staging_dir(out) / f"{name}.{time.time_ns()}.tar.tmp"
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for r in rows:
+            for row in rows:
+                r = check_labels(row, taxonomy)
+                if isinstance(r, Rejected):
+                    rejected.append(r.as_row())
+                    continue
                 try:
                     src = fetch(r.image_uri)
                     jpg, (ow, oh), (w, h) = normalise(
@@ -133,16 +145,16 @@ def hash_sources(items: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
 # ---- the plan -----------------------------------------------------------------------------------
 @dataclass
 class Plan:
-    shards: list[list[ValidRow]]
+    shards: list[list[CatalogRow]]
     counts: dict[str, int]  # new / changed / unchanged
 
 
-def _fingerprint(valid: list[ValidRow], cfg: ShardConfig, taxonomy: Taxonomy, prev: str | None) -> str:
+def _fingerprint(valid: list[CatalogRow], cfg: ShardConfig, taxonomy: Taxonomy, prev: str | None) -> str:
     h = hashlib.sha256()
     packing = {k: v for k, v in asdict(cfg).items() if k != "max_failure_rate"}
     h.update(json.dumps([packing, taxonomy.version, prev], sort_keys=True).encode())
     for r in valid:
-        h.update(json.dumps([r.product_id, r.image_uri, r.labels], sort_keys=True, default=str).encode())
+        h.update("\x1f".join([r.product_id, r.image_uri, *map(str, r.raw.values()), "\x1e"]).encode())
     return h.hexdigest()
 
 
@@ -156,8 +168,8 @@ def previous_hashes(prev: str) -> dict[str, str]:
     return dict(zip(t.column("product_id").to_pylist(), t.column("sha256").to_pylist(), strict=True))
 
 
-def _select_incremental(valid: list[ValidRow], prev: str, chunk: int
-                        ) -> tuple[list[ValidRow], list[str]]:
+def _select_incremental(valid: list[CatalogRow], prev: str, chunk: int
+                        ) -> tuple[list[CatalogRow], list[str]]:
     """The rows to pack (new or changed, in catalog order) and their status."""
     import ray
 
@@ -180,7 +192,7 @@ def _select_incremental(valid: list[ValidRow], prev: str, chunk: int
     return rows, status
 
 
-def make_plan(valid: list[ValidRow], out: str, cfg: ShardConfig, taxonomy: Taxonomy,
+def make_plan(valid: list[CatalogRow], out: str, cfg: ShardConfig, taxonomy: Taxonomy,
               incremental_from: str | None = None) -> Plan:
     """The deterministic shard plan: reused from ``out/_parts/_plan.*`` when a previous attempt saved one.
 
@@ -263,7 +275,7 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
     t0 = time.time()
     out = storage.absolute(out)
     rows, malformed = read_catalog(catalog)
-    valid, rejected = validate(rows, catalog, taxonomy)
+    valid, rejected = check_ids(rows, catalog)  # label checks run in the tasks: the driver stays light
     rejected = malformed + rejected
     done = _open_output(out)
     t_read = time.time() - t0
@@ -274,7 +286,7 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
     log.info("catalog %s: %d rows, %d valid, %d rejected before fetch; %s; %d shards, %d to pack",
              catalog, len(rows) + len(malformed), len(valid), len(rejected), plan.counts,
              len(plan.shards), len(todo))
-    _run_tasks(todo, out, cfg, schema, t0)
+    _run_tasks(todo, out, cfg, schema, taxonomy)
 
     index, quarantine = _merge(out, len(plan.shards), schema, rejected)
     storage.write_parquet(index, storage.join(out, "index.parquet"))
@@ -300,16 +312,16 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
     return summary
 
 
-def _run_tasks(todo: list[tuple[int, list[ValidRow]]], out: str, cfg: ShardConfig, schema: pa.Schema,
-               t0: float) -> None:
+def _run_tasks(todo: list[tuple[int, list[CatalogRow]]], out: str, cfg: ShardConfig, schema: pa.Schema,
+               taxonomy: Taxonomy) -> None:
     """One Ray task per shard; progress logged every few seconds; a task that fails for good fails the job."""
     import ray
 
     if not todo:
         return
     task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(pack_shard)
-    cfg_ref, schema_ref = ray.put(cfg), ray.put(schema)
-    pending = [task.remote(i, rs, out, cfg_ref, schema_ref) for i, rs in todo]
+    cfg_ref, schema_ref, tax_ref = ray.put(cfg), ray.put(schema), ray.put(taxonomy)
+    pending = [task.remote(i, rs, out, cfg_ref, schema_ref, tax_ref) for i, rs in todo]
     total_rows = sum(len(rs) for _, rs in todo)
     finished = rows_done = packed = 0
     t_start, last = time.time(), time.time()
