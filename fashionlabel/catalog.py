@@ -33,6 +33,7 @@ from fashionlabel.taxonomy import Taxonomy
 # themselves, so two products can never share a key.
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 REMOTE = re.compile(r"^(s3|https?|file)://")
+ANY_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 MAX_SOURCE_BYTES = 128 * 1024 * 1024  # a larger source is refused before it is read into memory
 
 # The quarantine vocabulary: stable strings that dashboards and tests may rely on.
@@ -164,8 +165,8 @@ def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]
 def resolve_uri(image_uri: str, catalog_uri: str) -> str:
     """Make ``image_uri`` absolute: relative paths are relative to the catalog's folder."""
     u = image_uri.strip()
-    if REMOTE.match(u) or u.startswith("/"):
-        return u
+    if ANY_SCHEME.match(u) or u.startswith("/"):
+        return u  # unsupported schemes are kept, so the fetch reports them instead of a wrong path
     base = str(catalog_uri)
     if storage.is_s3(base):
         return base.rsplit("/", 1)[0] + "/" + u
@@ -279,7 +280,7 @@ def _fetch_once(uri: str, timeout: float, max_bytes: int) -> bytes:
                 if f.size() > max_bytes:
                     raise FetchError("image_too_large", f"{f.size()} bytes, limit {max_bytes}")
                 return f.read()
-        if REMOTE.match(uri) is None and "://" in uri:
+        if ANY_SCHEME.match(uri) and not REMOTE.match(uri):
             raise FetchError("image_unreadable", f"unsupported URI scheme in {uri[:80]}")
         path = Path(uri.removeprefix("file://"))
         if not path.is_file():

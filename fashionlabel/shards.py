@@ -87,6 +87,7 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
                taxonomy: Taxonomy) -> dict[str, Any]:
     """Check labels, fetch, normalise and pack ``rows`` into one tar; publish it and its index part."""
     name = shard_name(shard_id)
+    t0, cpu0 = time.time(), time.process_time()
     index, rejected = [], []
     tmp = storage.staging_dir(out) / f"{name}.{time.time_ns()}.tar.tmp"
     try:
@@ -122,7 +123,8 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
                           storage.join(out, "_parts", f"{name}.quarantine.parquet"))
     storage.write_parquet(pa.Table.from_pylist(index, schema=schema),
                           storage.join(out, "_parts", f"{name}.parquet"))
-    return {"shard": name, "packed": len(index), "rejected": len(rejected)}
+    return {"shard": name, "packed": len(index), "rejected": len(rejected), "start": t0, "end": time.time(),
+            "cpu_s": time.process_time() - cpu0}
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
