@@ -242,11 +242,12 @@ class ShardSummary:
     changed: int = 0
     unchanged: int = 0
     incremental_from: str | None = None
+    packed_this_run: int = 0  # products packed by this attempt (a re-run skips finished shards)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
-        return self.packed / self.seconds if self.seconds else 0.0
+        return self.packed_this_run / self.seconds if self.seconds else 0.0
 
 
 def _open_output(out: str) -> set[str]:
@@ -288,7 +289,7 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
     log.info("catalog %s: %d rows, %d valid, %d rejected before fetch; %s; %d shards, %d to pack",
              catalog, len(rows) + len(malformed), len(valid), len(rejected), plan.counts,
              len(plan.shards), len(todo))
-    _run_tasks(todo, out, cfg, schema, taxonomy)
+    packed_now = _run_tasks(todo, out, cfg, schema, taxonomy)
 
     index, quarantine = _merge(out, len(plan.shards), schema, rejected)
     storage.write_parquet(index, storage.join(out, "index.parquet"))
@@ -300,6 +301,7 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
         catalog_rows=len(rows) + len(malformed), packed=index.num_rows, quarantined=quarantine.num_rows,
         reasons=reasons, shards=len(plan.shards), shards_skipped=len(plan.shards) - len(todo),
         seconds=seconds, out=str(out), incremental_from=incremental_from, **plan.counts,
+        packed_this_run=packed_now,
         timings={"read_validate_s": t_read, "plan_s": t_plan, "total_s": seconds},
     )
     # The taxonomy travels with the shards, so training needs nothing but this folder.
@@ -315,12 +317,15 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
 
 
 def _run_tasks(todo: list[tuple[int, list[CatalogRow]]], out: str, cfg: ShardConfig, schema: pa.Schema,
-               taxonomy: Taxonomy) -> None:
-    """One Ray task per shard; progress logged every few seconds; a task that fails for good fails the job."""
+               taxonomy: Taxonomy) -> int:
+    """One Ray task per shard; progress logged every few seconds; a task that fails for good fails the job.
+
+    Returns the number of products packed.
+    """
     import ray
 
     if not todo:
-        return
+        return 0
     task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(pack_shard)
     cfg_ref, schema_ref, tax_ref = ray.put(cfg), ray.put(schema), ray.put(taxonomy)
     pending = [task.remote(i, rs, out, cfg_ref, schema_ref, tax_ref) for i, rs in todo]
@@ -339,6 +344,7 @@ def _run_tasks(todo: list[tuple[int, list[CatalogRow]]], out: str, cfg: ShardCon
             log.info("shard: %d/%d shards, %d/%d products (%d packed), %.0f img/s, eta %.0f s",
                      finished, len(todo), rows_done, total_rows, packed, rate, eta)
             last = time.time()
+    return packed
 
 
 def _merge(out: str, n_shards: int, schema: pa.Schema, catalog_rejects: list[Rejected]
