@@ -3,6 +3,7 @@ no product is missing or packed twice and that no partial shard is visible at an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import duckdb
 import pytest
-
 from conftest import ROOT, sample_rows, write_catalog
+
 from fashionlabel.shards import ShardConfig, iter_shard, list_shards, shard_catalog
 from fashionlabel.taxonomy import Taxonomy
 
@@ -35,10 +36,8 @@ def _kill_tree(ray_tmp: str, proc: subprocess.Popen) -> None:
         except OSError:
             continue
         if ray_tmp.encode() in cmd:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def _markers(out: Path) -> list[Path]:
