@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
 import shutil
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from fashionlabel import storage  # noqa: E402
 from fashionlabel.catalog import FetchError, fetch, read_catalog, validate  # noqa: E402
 from fashionlabel.images import ImageReject, normalise  # noqa: E402
 from fashionlabel.shards import ShardConfig, index_schema, shard_catalog  # noqa: E402
+from fashionlabel.tarwriter import TarWriter  # noqa: E402
 from fashionlabel.taxonomy import Taxonomy  # noqa: E402
 
 DATA = Path("/work/shared/data/fashion-product-images")
@@ -72,7 +71,7 @@ def baseline(catalog: Path, out: Path, taxonomy: Taxonomy, cfg: ShardConfig) -> 
     for s in range(0, len(valid), cfg.samples_per_shard):
         name = f"shard-{s // cfg.samples_per_shard:06d}"
         tmp = out / f"{name}.tar.tmp"
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        with TarWriter(open(tmp, "wb")) as tar:  # noqa: SIM115 - the writer closes it
             for r in valid[s : s + cfg.samples_per_shard]:
                 try:
                     src = fetch(r.image_uri)
@@ -84,10 +83,8 @@ def baseline(catalog: Path, out: Path, taxonomy: Taxonomy, cfg: ShardConfig) -> 
                 sha = hashlib.sha256(src).hexdigest()
                 meta = {"product_id": r.product_id, "labels": r.labels, "source_uri": r.image_uri,
                         "sha256": sha, "orig_size": [ow, oh], "meta": r.meta}
-                for ext, data in (("jpg", jpg), ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{r.key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                tar.add(f"{r.key}.jpg", jpg)
+                tar.add(f"{r.key}.json", json.dumps(meta, ensure_ascii=False).encode())
                 index.append({"key": r.key, "product_id": r.product_id, "shard": name, "image_uri": r.image_uri,
                               "sha256": sha, "bytes": len(src), "orig_width": ow, "orig_height": oh,
                               "width": w, "height": h, **r.labels})

@@ -43,6 +43,7 @@ from fashionlabel.catalog import (
     read_catalog,
 )
 from fashionlabel.images import ImageReject, normalise
+from fashionlabel.tarwriter import TarWriter
 from fashionlabel.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
     index, rejected = [], []
     tmp = storage.staging_dir(out) / f"{name}.{time.time_ns()}.tar.tmp"
     try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        with TarWriter(open(tmp, "wb")) as tar:  # noqa: SIM115 - the writer closes it
             for row in rows:
                 r = check_labels(row, taxonomy)
                 if isinstance(r, Rejected):
@@ -109,8 +110,8 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
                 sha = hashlib.sha256(src).hexdigest()
                 meta = {"product_id": r.product_id, "labels": r.labels, "source_uri": r.image_uri,
                         "sha256": sha, "orig_size": [ow, oh], "meta": r.meta}
-                _add(tar, f"{r.key}.jpg", jpg)
-                _add(tar, f"{r.key}.json", json.dumps(meta, ensure_ascii=False).encode())
+                tar.add(f"{r.key}.jpg", jpg)
+                tar.add(f"{r.key}.json", json.dumps(meta, ensure_ascii=False).encode())
                 index.append({"key": r.key, "product_id": r.product_id, "shard": name,
                               "image_uri": r.image_uri, "sha256": sha, "bytes": len(src), "orig_width": ow,
                               "orig_height": oh, "width": w, "height": h, **r.labels})
@@ -125,12 +126,6 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
                           storage.join(out, "_parts", f"{name}.parquet"))
     return {"shard": name, "packed": len(index), "rejected": len(rejected), "start": t0, "end": time.time(),
             "cpu_s": time.process_time() - cpu0}
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o444, 0  # fixed metadata: same input, same bytes
-    tar.addfile(info, io.BytesIO(data))
 
 
 def hash_sources(items: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
