@@ -108,6 +108,7 @@ def main() -> None:
 
     import ray
 
+    load0 = os.getloadavg()[0]  # other work on the machine takes cores from both paths: print it
     work = Path(tempfile.mkdtemp(prefix="shard-bench-", dir=a.work))
     try:
         catalog = build_catalog(a.images, a.styles, a.products, work)
@@ -118,20 +119,26 @@ def main() -> None:
                  logging_level="WARNING", log_to_driver=False)
         base, job = [], []
         for rep in range(a.repeats):
+            cpu0 = time.process_time()
             n_b, t_b = baseline(catalog, work / f"base{rep}", taxonomy, cfg)
+            cpu_b = time.process_time() - cpu0
+            cpu0 = time.process_time()
             s = shard_catalog(str(catalog), str(work / f"job{rep}"), taxonomy, cfg)
+            cpu_driver = time.process_time() - cpu0
             assert s.packed == n_b, (s.packed, n_b)
             base.append(n_b / t_b)
             job.append(s.images_per_s)
-            print(f"run {rep}: single process {n_b / t_b:,.0f} img/s ({t_b:.1f} s)   "
-                  f"shard_catalog {s.images_per_s:,.0f} img/s ({s.seconds:.1f} s: "
-                  f"read+validate {s.timings['read_validate_s']:.1f} s, plan {s.timings['plan_s']:.1f} s)",
-                  flush=True)
+            print(f"run {rep}: single process {n_b / t_b:,.0f} img/s ({t_b:.1f} s wall, {cpu_b:.1f} s CPU)   "
+                  f"shard_catalog {s.images_per_s:,.0f} img/s ({s.seconds:.1f} s wall: driver read+check "
+                  f"{s.timings['read_validate_s']:.1f} s, plan {s.timings['plan_s']:.1f} s; CPU: driver "
+                  f"{cpu_driver:.1f} s, tasks {s.timings['tasks_cpu_s']:.1f} s)   "
+                  f"load average {os.getloadavg()[0]:.1f}", flush=True)
             shutil.rmtree(work / f"base{rep}")
             shutil.rmtree(work / f"job{rep}")
         ray.shutdown()
         b, j = statistics.median(base), statistics.median(job)
         print(f"\nproducts {a.products:,}  cores {os.cpu_count()}  ray workers {a.workers}  "
+              f"load average before/after {load0:.1f}/{os.getloadavg()[0]:.1f}  "
               f"samples/shard {a.samples_per_shard}  repeats {a.repeats}")
         print(f"single process : {b:,.0f} img/s (median)")
         print(f"shard_catalog  : {j:,.0f} img/s (median)")
