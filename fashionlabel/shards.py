@@ -282,6 +282,7 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
     t0 = time.time()
     warm = _warm_workers()  # workers import this module while the driver reads the catalog
     out = storage.absolute(out)
+    incremental_from = storage.absolute(incremental_from) if incremental_from else None
     rows, malformed = read_catalog(catalog)
     valid, rejected = check_ids(rows, catalog)  # label checks run in the tasks: the driver stays light
     rejected = malformed + rejected
