@@ -276,7 +276,6 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
         incremental_from: a previous shards folder (or its ``index.parquet``): pack only products that are
             new or whose source bytes changed (sha256).
     """
-
     import ray
 
     t0 = time.time()
