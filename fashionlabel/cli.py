@@ -266,6 +266,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    # Ray Train gives a worker group 60 s to start; a busy machine needs longer (read by the local Ray).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     try:
         if args.command in NEEDS_RAY:
             from fashionlabel.runtime import ray_session
