@@ -1,0 +1,76 @@
+"""Cost of a model: parameters, FLOPs per image and measured images/s, for docs/models.md and ``prune``.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on one image at the given size; it counts
+2 FLOPs per multiply-add of convolutions and matrix products (element-wise ops are not counted).
+Speeds use wall-clock time, or with ``cpu_time=True`` the process's CPU time: images per CPU-second is what
+one uncontended core gives, and stays meaningful on a machine shared with other jobs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, size: tuple[int, int]) -> int:
+    """FLOPs of one forward pass on a 1×3×H×W image (``size`` = (height, width))."""
+    was = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, 3, *size))
+    model.train(was)
+    return int(counter.get_total_flops())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def inference_speed(model: nn.Module, size: tuple[int, int], batch: int = 64, repeats: int = 3,
+                    device: str = "cpu", cpu_time: bool = False) -> float:
+    """Median images/s of eval-mode forward passes on random batches (channels_last; bf16 on GPU)."""
+    dev, clock = torch.device(device), time.process_time if cpu_time else time.perf_counter
+    model = model.eval().to(dev).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, *size, device=dev).contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        for i in range(repeats + 1):
+            t = clock()
+            model(x)
+            _sync(dev)
+            if i:  # the first pass warms up: allocator, oneDNN / cuDNN algorithm choice
+                times.append(clock() - t)
+    return batch / sorted(times)[len(times) // 2]
+
+
+def train_speed(model: nn.Module, size: tuple[int, int], batch: int = 64, repeats: int = 3,
+                device: str = "cpu", cpu_time: bool = False) -> float:
+    """Median images/s of training steps (forward, summed loss, backward, AdamW) on random batches."""
+    dev, clock = torch.device(device), time.process_time if cpu_time else time.perf_counter
+    model = model.train().to(dev).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, *size, device=dev).contiguous(memory_format=torch.channels_last)
+    times = []
+    for i in range(repeats + 1):
+        t = clock()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            out = model(x)
+        loss = sum(v.float().logsumexp(1).mean() for v in out.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(dev)
+        if i:  # the first step warms up
+            times.append(clock() - t)
+    return batch / sorted(times)[len(times) // 2]
