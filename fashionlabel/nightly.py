@@ -19,6 +19,7 @@ completes on re-run without duplicates, and re-running a complete night changes 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -107,7 +108,7 @@ def product_map(layout: Layout, before: str) -> pa.Table:
     con.register("m", pa.concat_tables(parts))
     q = ("SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (PARTITION BY product_id ORDER BY night DESC)"
          " AS rn FROM m) WHERE rn = 1 ORDER BY product_id")
-    return con.execute(q).to_arrow_table().cast(MAP_SCHEMA)
+    return con.sql(q).to_arrow_table().cast(MAP_SCHEMA)
 
 
 # ---- the night ----------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def _shard_night(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig, b
     quarantined with their reason), go to :func:`shard_catalog`, as a JSON Lines catalog with resolved URIs.
     """
     from fashionlabel.catalog import read_catalog, validate
-    from fashionlabel.shards import shard_catalog
+    from fashionlabel.shards import ShardJobError, shard_catalog
 
     rows, malformed = read_catalog(catalog)
     valid, rejected = validate(rows, catalog, taxonomy)
@@ -217,12 +218,17 @@ def _shard_night(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig, b
         todo.append(raw[v.product_id] | {"image_uri": v.image_uri})
     work = storage.join(out, "_catalog.jsonl")
     storage.write_bytes(work, "".join(json.dumps(r, default=str) + "\n" for r in todo).encode())
-    s = shard_catalog(work, out, taxonomy, cfg)
+    # The failure-rate guard applies to the whole catalog, not to tonight's (small) share of it.
+    s = shard_catalog(work, out, taxonomy, dataclasses.replace(cfg, max_failure_rate=1.0))
     index = storage.read_parquet(storage.join(out, "index.parquet"), columns=["product_id"])
     reasons = dict(s.reasons)
     for r in malformed + rejected:
         reasons[r.reason] = reasons.get(r.reason, 0) + 1
     quarantined = s.quarantined + len(malformed) + len(rejected)
+    total = len(valid) + len(malformed) + len(rejected)
+    if total and quarantined / total > cfg.max_failure_rate:
+        raise ShardJobError(f"{quarantined}/{total} catalog rows quarantined, above --max-failure-rate "
+                            f"{cfg.max_failure_rate}")
     return {"new": new, "changed": changed, "unchanged": len(valid) - len(todo), "packed": s.packed,
             "shards": s.shards, "quarantined": quarantined, "reasons": reasons,
             "night_ids": set(index["product_id"].to_pylist()), "members": members}
