@@ -8,12 +8,10 @@ stopped by killing exactly the processes it started (found by its unique temp di
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from conftest import sample_rows, write_catalog
+from procs import stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -34,38 +33,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _pids_of(marker: str) -> list[int]:
-    """Processes whose command line holds ``marker``, plus all their descendants."""
-    found, parent = set(), {}
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if marker in cmd and int(p.name) != os.getpid():
-            found.add(int(p.name))
-    grew = True
-    while grew:
-        kids = {c for c, pp in parent.items() if pp in found} - found
-        found |= kids
-        grew = bool(kids)
-    return sorted(found)
-
-
-def _stop(marker: str) -> None:
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        pids = _pids_of(marker)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.time() + wait
-        while pids and time.time() < deadline and _pids_of(marker):
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +50,7 @@ def ray_cluster():
         subprocess.run(cmd, env=env, check=True, timeout=240, capture_output=True)
         yield {"address": f"http://127.0.0.1:{dash}", "env": env}
     finally:
-        _stop(tmp)
+        stop_processes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
