@@ -216,10 +216,13 @@ def _shard_night(layout: Layout, date: str, catalog: str, taxonomy: Taxonomy, cf
     if total and s.quarantined / total > cfg.max_failure_rate:
         raise ShardJobError(f"{s.quarantined}/{total} catalog rows quarantined, above --max-failure-rate "
                             f"{cfg.max_failure_rate}")
-    index = storage.read_parquet(storage.join(out, "index.parquet"), columns=["product_id"])
-    return {"new": s.new, "changed": s.changed, "unchanged": s.unchanged, "packed": s.packed,
-            "shards": s.shards, "quarantined": s.quarantined, "reasons": dict(s.reasons),
-            "night_ids": set(index["product_id"].to_pylist()), "members": members}
+    night_ids = set(storage.read_parquet(storage.join(out, "index.parquet"), columns=["product_id"])
+                    ["product_id"].to_pylist())
+    known = set(before["product_id"].to_pylist())
+    # new / changed count packed products; rows selected but rejected (no image, ...) are in quarantined.
+    return {"new": len(night_ids - known), "changed": len(night_ids & known), "unchanged": s.unchanged,
+            "packed": s.packed, "shards": s.shards, "quarantined": s.quarantined, "reasons": dict(s.reasons),
+            "night_ids": night_ids, "members": members}
 
 
 def _relabel(layout: Layout, date: str, model: str, version: str, before: pa.Table, night_ids: set[str],
