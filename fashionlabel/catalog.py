@@ -2,30 +2,56 @@
 
 A catalog is CSV, Parquet or JSON Lines with ``product_id`` and ``image_uri`` plus label and metadata
 columns (design.md). Reading never raises on a bad *row*: each one becomes a quarantine record with a stable
-reason string. It raises ``CatalogError`` only when the catalog as a whole cannot be read.
+reason string (``REASONS``). It raises ``CatalogError`` only when the catalog as a whole cannot be read.
+
+Validation is split in two so that the driver of a sharding job stays light (Amdahl): ``check_ids`` (ids,
+duplicates, URIs: needs the whole catalog, cheap) runs once on the driver; ``check_labels`` (taxonomy
+mining and value checks: per row, costly) runs inside the packing tasks. ``validate`` does both.
 """
 
 from __future__ import annotations
 
 import csv
+import http.client
 import io
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow.parquet as pq
 
 from fashionlabel import storage
 from fashionlabel.taxonomy import Taxonomy
 
-# A key must be a safe tar member name and a safe file name on every filesystem; webdataset splits
-# extensions at the first dot, so dots are out too.
+# A key must be a safe tar member name and a safe file name on every filesystem (no '/', '..', spaces,
+# non-ASCII); webdataset splits extensions at the first dot, so dots are out too. Keys are the ids
+# themselves, so two products can never share a key.
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+REMOTE = re.compile(r"^(s3|https?|file)://")
+ANY_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+MAX_SOURCE_BYTES = 128 * 1024 * 1024  # a larger source is refused before it is read into memory
+
+# The quarantine vocabulary: stable strings that dashboards and tests may rely on.
+REASONS = {
+    "malformed_row": "a catalog line that cannot be parsed (wrong number of fields, not a JSON object)",
+    "missing_product_id": "product_id empty or whitespace",
+    "invalid_product_id": "product_id not 1-128 ASCII letters, digits, '_' or '-'",
+    "duplicate_product_id": "product_id seen earlier in the catalog (the first is kept)",
+    "missing_image_uri": "image_uri empty",
+    "label_outside_taxonomy": "a label value the taxonomy does not declare",
+    "image_not_found": "no file / object / HTTP 404 at image_uri",
+    "image_unreadable": "image_uri cannot be read (permission, network, server error, unsupported scheme)",
+    "image_empty": "the source has zero bytes",
+    "not_an_image": "the bytes are not an image format we decode",
+    "image_truncated": "the image ends before its data does",
+    "image_too_large": "more pixels (or bytes) than the configured limit: decompression-bomb guard",
+    "image_too_small": "a side shorter than the configured minimum (e.g. 1x1 tracking pixels)",
+}
 
 
 class CatalogError(RuntimeError):
@@ -35,9 +61,9 @@ class CatalogError(RuntimeError):
 class FetchError(Exception):
     """An image that cannot be fetched; ``reason`` is a stable quarantine reason."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", retryable: bool = False):
         super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail, self.retryable = reason, detail, retryable
 
 
 @dataclass(frozen=True)
@@ -52,6 +78,7 @@ class Rejected:
                 "detail": self.detail}
 
 
+# ---- reading ------------------------------------------------------------------------------------
 def _read_text(uri: str) -> str:
     data = storage.read_bytes(uri).removeprefix(b"\xef\xbb\xbf")  # tolerate a BOM
     try:
@@ -69,7 +96,7 @@ def _decode_line(line: bytes) -> str:
         return line.decode("cp1252", errors="replace")
 
 
-def _read_csv(uri: str) -> tuple[list[dict[str, Any]], list[Rejected]]:
+def _read_csv(uri: str) -> tuple[list[dict[str, Any]], list[Rejected], list[str]]:
     rows, bad = [], []
     reader = csv.reader(io.StringIO(_read_text(uri), newline=""))
     header = next(reader, None)
@@ -79,65 +106,91 @@ def _read_csv(uri: str) -> tuple[list[dict[str, Any]], list[Rejected]]:
     if len(set(header)) != len(header):
         dup = sorted({h for h in header if header.count(h) > 1})
         raise CatalogError(f"catalog {uri} has duplicate columns: {dup}")
-    for lineno, fields in enumerate(reader, start=2):
+    at = {c: header.index(c) for c in ("product_id", "image_uri") if c in header}
+    for fields in reader:
         if not fields:
             continue
         if len(fields) != len(header):
-            pid = fields[0].strip() if fields else ""
-            bad.append(Rejected(pid, "", "malformed_row",
-                                f"line {lineno}: {len(fields)} fields, header has {len(header)}"))
+            pid, img = (fields[at[c]].strip() if at.get(c, len(fields)) < len(fields) else ""
+                        for c in ("product_id", "image_uri"))
+            bad.append(Rejected(pid, img, "malformed_row",
+                                f"line {reader.line_num}: {len(fields)} fields, header has {len(header)}"))
             continue
         rows.append(dict(zip(header, fields, strict=True)))
-    return rows, bad
+    return rows, bad, header
+
+
+def _read_jsonl(uri: str) -> tuple[list[dict[str, Any]], list[Rejected], list[str]]:
+    rows, bad, columns = [], [], {}
+    for lineno, line in enumerate(_read_text(uri).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            bad.append(Rejected("", "", "malformed_row", f"line {lineno}: {e}"))
+            continue
+        if not isinstance(obj, dict):
+            bad.append(Rejected("", "", "malformed_row", f"line {lineno}: not a JSON object"))
+            continue
+        rows.append(obj)
+        columns.update(dict.fromkeys(obj))
+    return rows, bad, list(columns)
 
 
 def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]:
-    """Read a catalog into a list of row dicts (all values str or None) plus malformed-row rejects."""
+    """Read a catalog into row dicts (values str, list or None) plus the rejects of malformed lines.
+
+    Args:
+        uri: a ``.csv`` (default), ``.parquet`` or ``.jsonl``/``.ndjson``/``.json`` file, local or s3://.
+    """
     uri = str(uri)
-    if not storage.exists(uri):
-        raise CatalogError(f"catalog not found: {uri}")
-    suffix = uri.lower().rsplit(".", 1)[-1]
     try:
+        if not storage.exists(uri):
+            raise CatalogError(f"catalog not found: {uri}")
+        suffix = uri.lower().rsplit(".", 1)[-1]
         if suffix == "parquet":
             fs, path = storage.filesystem(uri)
-            df = pq.read_table(path, filesystem=fs).to_pandas()
-            rows, bad = df.astype(object).where(df.notna(), None).to_dict("records"), []
+            table = pq.read_table(path, filesystem=fs)
+            rows, bad, columns = table.to_pylist(), [], table.column_names
         elif suffix in ("jsonl", "ndjson", "json"):
-            rows, bad = [], []
-            for lineno, line in enumerate(_read_text(uri).splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    if not isinstance(obj, dict):
-                        raise ValueError("not an object")
-                    rows.append(obj)
-                except ValueError as e:
-                    bad.append(Rejected("", "", "malformed_row", f"line {lineno}: {e}"))
+            rows, bad, columns = _read_jsonl(uri)
         else:
-            rows, bad = _read_csv(uri)
+            rows, bad, columns = _read_csv(uri)
     except CatalogError:
         raise
-    except Exception as e:  # noqa: BLE001 - any parser failure means the catalog is unusable
+    except Exception as e:  # noqa: BLE001 - any reader failure means the catalog is unusable
         raise CatalogError(f"cannot read catalog {uri}: {storage._clean(e)}") from e
-    if rows and not {"product_id", "image_uri"} <= set(rows[0]):
-        raise CatalogError(f"catalog {uri} needs columns product_id and image_uri; has {sorted(rows[0])}")
-    for r in rows:
-        for k, v in r.items():
-            if v is not None and not isinstance(v, str | list):
-                r[k] = str(v)
+    if (rows or bad) and not {"product_id", "image_uri"} <= set(columns):
+        raise CatalogError(f"catalog {uri} needs columns product_id and image_uri; has {sorted(columns)}")
+    if suffix != "csv":  # CSV values are str already; others may hold numbers, bools, nested values
+        for r in rows:
+            for k, v in r.items():
+                if v is not None and not isinstance(v, str | list):
+                    r[k] = str(v)
     return rows, bad
 
 
 def resolve_uri(image_uri: str, catalog_uri: str) -> str:
     """Make ``image_uri`` absolute: relative paths are relative to the catalog's folder."""
     u = image_uri.strip()
-    if re.match(r"^(s3|https?|file)://", u) or u.startswith("/"):
-        return u
+    if ANY_SCHEME.match(u) or u.startswith("/"):
+        return u  # unsupported schemes are kept, so the fetch reports them instead of a wrong path
     base = str(catalog_uri)
     if storage.is_s3(base):
         return base.rsplit("/", 1)[0] + "/" + u
     return str(Path(base.removeprefix("file://")).absolute().parent / u)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CatalogRow:
+    """A row whose id and URI passed ``check_ids``; ``raw`` holds every other column, unparsed."""
+
+    product_id: str
+    key: str
+    image_uri: str  # resolved
+    raw: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -149,17 +202,15 @@ class ValidRow:
     meta: dict[str, Any]
 
 
-def validate(rows: list[dict[str, Any]], catalog_uri: str, taxonomy: Taxonomy
-             ) -> tuple[list[ValidRow], list[Rejected]]:
-    """Row-level checks that need no image: ids, duplicates, URIs, labels. Keeps catalog order."""
-    valid: list[ValidRow] = []
+def check_ids(rows: list[dict[str, Any]], catalog_uri: str) -> tuple[list[CatalogRow], list[Rejected]]:
+    """Id, duplicate and URI checks (need the whole catalog; cheap). Keeps catalog order."""
+    ok: list[CatalogRow] = []
     bad: list[Rejected] = []
     seen: set[str] = set()
-    label_cols = taxonomy.columns
     for r in rows:
-        raw_id = r.get("product_id")
+        raw_id, raw_uri = r.get("product_id"), r.get("image_uri")
         pid = "" if raw_id is None else str(raw_id)
-        uri = "" if r.get("image_uri") is None else str(r["image_uri"])
+        uri = "" if raw_uri is None else str(raw_uri)
         if not pid.strip():
             bad.append(Rejected(pid, uri, "missing_product_id", "product_id is empty"))
         elif not SAFE_ID.match(pid):
@@ -172,42 +223,92 @@ def validate(rows: list[dict[str, Any]], catalog_uri: str, taxonomy: Taxonomy
             bad.append(Rejected(pid, uri, "missing_image_uri", "image_uri is empty"))
         else:
             seen.add(pid)
-            labels = taxonomy.labels_from_row(r)
-            why = taxonomy.invalid_label(labels)
-            if why:
-                bad.append(Rejected(pid, uri, "label_outside_taxonomy", why))
-                continue
-            meta = {k: v for k, v in r.items() if k not in ("product_id", "image_uri") and k not in label_cols}
-            valid.append(ValidRow(pid, pid, resolve_uri(uri, catalog_uri), labels, meta))
+            extra = {k: v for k, v in r.items() if k not in ("product_id", "image_uri")}
+            ok.append(CatalogRow(pid, pid, resolve_uri(uri, catalog_uri), extra))
+    return ok, bad
+
+
+def check_labels(row: CatalogRow, taxonomy: Taxonomy) -> ValidRow | Rejected:
+    """Labels of one row from the taxonomy's columns; a value outside the taxonomy rejects the row."""
+    labels = taxonomy.labels_from_row(row.raw)
+    why = taxonomy.invalid_label(labels)
+    if why:
+        return Rejected(row.product_id, row.image_uri, "label_outside_taxonomy", why)
+    label_cols = taxonomy.columns
+    meta = {k: v for k, v in row.raw.items() if k not in label_cols}
+    return ValidRow(row.product_id, row.key, row.image_uri, labels, meta)
+
+
+def validate(rows: list[dict[str, Any]], catalog_uri: str, taxonomy: Taxonomy
+             ) -> tuple[list[ValidRow], list[Rejected]]:
+    """Every row-level check that needs no image: ids, duplicates, URIs, labels. Keeps catalog order."""
+    ok, bad = check_ids(rows, catalog_uri)
+    valid = []
+    for r in ok:
+        v = check_labels(r, taxonomy)
+        (bad if isinstance(v, Rejected) else valid).append(v)
     return valid, bad
 
 
-def fetch(uri: str, timeout: float = 20.0) -> bytes:
-    """Bytes of an image at a local path, file://, s3:// or http(s):// URI; ``FetchError`` otherwise."""
+# ---- fetching -----------------------------------------------------------------------------------
+def _http_get(uri: str, timeout: float, max_bytes: int) -> bytes:
+    req = urllib.request.Request(uri, headers={"User-Agent": "fashionlabel"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        ctype = resp.headers.get("Content-Type", "") or ""
+        data = resp.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FetchError("image_too_large", f"more than {max_bytes} bytes")
+    if ctype.startswith("text/"):
+        raise FetchError("not_an_image", f"server sent {ctype}")
+    return data
+
+
+def fetch(uri: str, timeout: float = 20.0, retries: int = 2, max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
+    """Bytes of an image at a local path, file://, s3:// or http(s):// URI; ``FetchError`` otherwise.
+
+    Transient HTTP failures (5xx, 429, connection errors) are retried with back-off; S3 retries are in
+    the pyarrow filesystem (storage.py).
+    """
+    for attempt in range(retries + 1):
+        try:
+            return _fetch_once(uri, timeout, max_bytes)
+        except FetchError as e:
+            if not e.retryable or attempt == retries:
+                raise
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _fetch_once(uri: str, timeout: float, max_bytes: int) -> bytes:
     try:
         if uri.startswith(("http://", "https://")):
-            req = urllib.request.Request(uri, headers={"User-Agent": "fashionlabel"})
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                ctype = resp.headers.get("Content-Type", "")
-                data = resp.read()
-            if ctype.startswith("text/"):
-                raise FetchError("not_an_image", f"server sent {ctype}")
-            return data
+            return _http_get(uri, timeout, max_bytes)
         if storage.is_s3(uri):
-            return storage.read_bytes(uri)
+            fs, path = storage.filesystem(uri)
+            with fs.open_input_file(path) as f:
+                if f.size() > max_bytes:
+                    raise FetchError("image_too_large", f"{f.size()} bytes, limit {max_bytes}")
+                return f.read()
+        if ANY_SCHEME.match(uri) and not REMOTE.match(uri):
+            raise FetchError("image_unreadable", f"unsupported URI scheme in {uri[:80]}")
         path = Path(uri.removeprefix("file://"))
         if not path.is_file():
             raise FetchError("image_not_found", str(path))
+        if path.stat().st_size > max_bytes:
+            raise FetchError("image_too_large", f"{path.stat().st_size} bytes, limit {max_bytes}")
         return path.read_bytes()
     except FetchError:
         raise
     except urllib.error.HTTPError as e:
-        raise FetchError("image_not_found" if e.code == 404 else "image_unreadable", f"HTTP {e.code}") from e
+        if e.code in (404, 410):
+            raise FetchError("image_not_found", f"HTTP {e.code}") from e
+        raise FetchError("image_unreadable", f"HTTP {e.code}", retryable=e.code >= 500 or e.code == 429) from e
     except FileNotFoundError as e:
-        raise FetchError("image_not_found", storage._clean(e)) from e
-    except (OSError, urllib.error.URLError, ValueError) as e:
-        raise FetchError("image_unreadable", storage._clean(e)[:300]) from e
-
-
-def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    return pd.DataFrame(rows, dtype=object)
+        raise FetchError("image_not_found", storage._clean(e)[:300]) from e
+    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+        raise FetchError("image_unreadable", storage._clean(e)[:300], retryable=True) from e
+    except (OSError, ValueError) as e:
+        msg = storage._clean(e)[:300]
+        if "NoSuchKey" in msg or "does not exist" in msg or "NOT_FOUND" in msg.upper():
+            raise FetchError("image_not_found", msg) from e
+        raise FetchError("image_unreadable", msg) from e

@@ -40,11 +40,14 @@ def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
     from fashionlabel.taxonomy import Taxonomy
 
     cfg = ShardConfig(samples_per_shard=a.samples_per_shard, max_side=a.max_side, jpeg_quality=a.jpeg_quality,
-                      max_pixels=a.max_pixels, max_failure_rate=a.max_failure_rate)
-    s = shard_catalog(a.catalog, a.out, Taxonomy.load(a.taxonomy), cfg)
+                      max_pixels=a.max_pixels, max_failure_rate=a.max_failure_rate,
+                      min_side=a.min_side)
+    s = shard_catalog(a.catalog, a.out, Taxonomy.load(a.taxonomy), cfg, incremental_from=a.incremental)
     out = {"catalog rows": s.catalog_rows, "packed": s.packed, "quarantined": s.quarantined,
            "reasons": _fmt_reasons(s.reasons), "shards": f"{s.shards} ({s.shards_skipped} already done)",
            "time": f"{s.seconds:.1f} s", "throughput": f"{s.images_per_s:,.0f} img/s", "output": s.out}
+    if s.incremental_from:
+        out["incremental"] = f"{s.new} new, {s.changed} changed, {s.unchanged} unchanged vs {s.incremental_from}"
     _print_summary("shard", out)
     return out
 
@@ -175,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb guard")
     s.add_argument("--max-failure-rate", type=float, default=0.5,
                    help="fail the job when more than this share of rows is quarantined")
+    s.add_argument("--min-side", type=int, default=8, help="smaller images are quarantined")
+    s.add_argument("--incremental", default=None, metavar="PREV",
+                   help="previous shards folder (or its index.parquet): pack only new or changed products")
 
     t = add("train", cmd_train, "Train a multi-task model on shards with Ray Train (DDP).")
     t.add_argument("--shards", required=True)

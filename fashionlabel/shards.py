@@ -1,13 +1,19 @@
 """Catalog → WebDataset shards + index.parquet + quarantine.parquet + stats.json, on Ray tasks.
 
 Like img2dataset: the valid rows of the catalog are cut, in catalog order, into fixed-size groups; group i
-becomes ``shard-{i:06d}.tar``, packed by one Ray task. That assignment is deterministic, so a re-run
-recomputes the same plan and skips every shard whose completion marker (``_parts/shard-i.parquet``, its
-index rows, published *after* the tar) exists. A tar is written to a staging file and published by
-rename/upload, so readers never see a partial shard.
+becomes ``shard-{i:06d}.tar``, packed by one Ray task (shard-sized tasks amortise Ray's per-task cost; no
+per-image remote calls). The plan is deterministic and is saved (``_parts/_plan.*``) with a fingerprint of
+the catalog and the settings, so a re-run rebuilds exactly the same shards and skips every shard whose
+completion marker (``_parts/shard-i.parquet``, its index rows, published *after* the tar) exists. A tar is
+written to a staging file and published by rename/upload, so readers never see a partial shard.
 
-Every rejected row lands in quarantine with a stable reason; the job fails only when it cannot proceed
-(no catalog, no access to the output) or when the rejected share exceeds ``max_failure_rate``.
+Incremental mode (img2dataset's ``incremental_mode``, keyed by content instead of by file name): given the
+index of a previous run, products whose id is new are packed, products already indexed are hashed first
+(sha256 of the source bytes, in Ray tasks) and packed only when the hash changed.
+
+Every rejected row lands in quarantine with a stable reason (``catalog.REASONS``); the job fails only when
+it cannot proceed (no catalog, no access to the output) or when the rejected share exceeds
+``max_failure_rate``.
 """
 
 from __future__ import annotations
@@ -20,14 +26,22 @@ import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from fashionlabel import storage
-from fashionlabel.catalog import FetchError, Rejected, ValidRow, fetch, read_catalog, validate
+from fashionlabel.catalog import (
+    CatalogRow,
+    FetchError,
+    Rejected,
+    check_ids,
+    check_labels,
+    fetch,
+    read_catalog,
+)
 from fashionlabel.images import ImageReject, normalise
 from fashionlabel.taxonomy import Taxonomy
 
@@ -36,6 +50,7 @@ log = logging.getLogger(__name__)
 QUARANTINE_SCHEMA = pa.schema(
     [("product_id", pa.string()), ("image_uri", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
 )
+PLAN_SCHEMA = pa.schema([("product_id", pa.string()), ("status", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -68,48 +83,148 @@ def index_schema(taxonomy: Taxonomy) -> pa.Schema:
 
 
 # ---- one shard (runs inside a Ray task) ----------------------------------------------------------
-def pack_shard(shard_id: int, rows: list[ValidRow], out: str, cfg: ShardConfig, schema: pa.Schema
-               ) -> dict[str, Any]:
-    """Fetch, normalise and pack ``rows`` into one tar; publish it and its index part; return counts."""
+def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig, schema: pa.Schema,
+               taxonomy: Taxonomy) -> dict[str, Any]:
+    """Check labels, fetch, normalise and pack ``rows`` into one tar; publish it and its index part."""
     name = shard_name(shard_id)
+    t0, cpu0 = time.time(), time.process_time()
     index, rejected = [], []
-    staging = storage.staging_dir(out)
-    tmp = staging / f"{name}.{time.time_ns()}.tar.tmp"
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for r in rows:
-            try:
-                src = fetch(r.image_uri)
-                jpg, (ow, oh), (w, h) = normalise(
-                    src, max_side=cfg.max_side, quality=cfg.jpeg_quality,
-                    max_pixels=cfg.max_pixels, min_side=cfg.min_side,
-                )
-            except (FetchError, ImageReject) as e:
-                rejected.append(Rejected(r.product_id, r.image_uri, e.reason, e.detail).as_row())
-                continue
-            sha = hashlib.sha256(src).hexdigest()
-            meta = {"product_id": r.product_id, "labels": r.labels, "source_uri": r.image_uri,
-                    "sha256": sha, "orig_size": [ow, oh], "meta": r.meta}
-            _add(tar, f"{r.key}.jpg", jpg)
-            _add(tar, f"{r.key}.json", json.dumps(meta, ensure_ascii=False).encode())
-            index.append({"key": r.key, "product_id": r.product_id, "shard": name, "image_uri": r.image_uri,
-                          "sha256": sha, "bytes": len(src), "orig_width": ow, "orig_height": oh,
-                          "width": w, "height": h, **r.labels})
-    if index:
-        storage.publish_file(tmp, storage.join(out, f"{name}.tar"))
-    else:
+    tmp = storage.staging_dir(out) / f"{name}.{time.time_ns()}.tar.tmp"
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for row in rows:
+                r = check_labels(row, taxonomy)
+                if isinstance(r, Rejected):
+                    rejected.append(r.as_row())
+                    continue
+                try:
+                    src = fetch(r.image_uri)
+                    jpg, (ow, oh), (w, h) = normalise(
+                        src, max_side=cfg.max_side, quality=cfg.jpeg_quality,
+                        max_pixels=cfg.max_pixels, min_side=cfg.min_side,
+                    )
+                except (FetchError, ImageReject) as e:
+                    rejected.append(Rejected(r.product_id, r.image_uri, e.reason, e.detail).as_row())
+                    continue
+                sha = hashlib.sha256(src).hexdigest()
+                meta = {"product_id": r.product_id, "labels": r.labels, "source_uri": r.image_uri,
+                        "sha256": sha, "orig_size": [ow, oh], "meta": r.meta}
+                _add(tar, f"{r.key}.jpg", jpg)
+                _add(tar, f"{r.key}.json", json.dumps(meta, ensure_ascii=False).encode())
+                index.append({"key": r.key, "product_id": r.product_id, "shard": name,
+                              "image_uri": r.image_uri, "sha256": sha, "bytes": len(src), "orig_width": ow,
+                              "orig_height": oh, "width": w, "height": h, **r.labels})
+        if index:
+            storage.publish_file(tmp, storage.join(out, f"{name}.tar"))
+    finally:
         tmp.unlink(missing_ok=True)
-    part = {"index": pa.Table.from_pylist(index, schema=schema),
-            "quarantine": pa.Table.from_pylist(rejected, schema=QUARANTINE_SCHEMA)}
     # The index part is the completion marker: written last, so its presence means the tar is complete.
-    storage.write_parquet(part["quarantine"], storage.join(out, "_parts", f"{name}.quarantine.parquet"))
-    storage.write_parquet(part["index"], storage.join(out, "_parts", f"{name}.parquet"))
-    return {"shard": name, "packed": len(index), "rejected": Counter(r["reason"] for r in rejected)}
+    storage.write_parquet(pa.Table.from_pylist(rejected, schema=QUARANTINE_SCHEMA),
+                          storage.join(out, "_parts", f"{name}.quarantine.parquet"))
+    storage.write_parquet(pa.Table.from_pylist(index, schema=schema),
+                          storage.join(out, "_parts", f"{name}.parquet"))
+    return {"shard": name, "packed": len(index), "rejected": len(rejected), "start": t0, "end": time.time(),
+            "cpu_s": time.process_time() - cpu0}
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o444, 0  # fixed metadata: same input, same bytes
     tar.addfile(info, io.BytesIO(data))
+
+
+def hash_sources(items: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
+    """(product_id, uri) → (product_id, sha256 of the source bytes | None when it cannot be fetched)."""
+    out = []
+    for pid, uri in items:
+        try:
+            out.append((pid, hashlib.sha256(fetch(uri)).hexdigest()))
+        except FetchError:
+            out.append((pid, None))  # packed again, so the pack task quarantines it with its reason
+    return out
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    shards: list[list[CatalogRow]]
+    counts: dict[str, int]  # new / changed / unchanged
+
+
+def _fingerprint(valid: list[CatalogRow], cfg: ShardConfig, taxonomy: Taxonomy, prev: str | None) -> str:
+    h = hashlib.sha256()
+    packing = {k: v for k, v in asdict(cfg).items() if k != "max_failure_rate"}
+    h.update(json.dumps([packing, taxonomy.version, prev], sort_keys=True).encode())
+    for r in valid:
+        h.update("\x1f".join([r.product_id, r.image_uri, *map(str, r.raw.values()), "\x1e"]).encode())
+    return h.hexdigest()
+
+
+def previous_hashes(prev: str) -> dict[str, str]:
+    """product_id → sha256 from a previous run's ``index.parquet`` (``prev``: its folder or the file)."""
+    uri = prev if str(prev).endswith(".parquet") else storage.join(prev, "index.parquet")
+    try:
+        t = storage.read_parquet(uri, columns=["product_id", "sha256"])
+    except (OSError, pa.ArrowException) as e:
+        raise ShardJobError(f"cannot read the previous index {uri}: {storage._clean(e)}") from e
+    return dict(zip(t.column("product_id").to_pylist(), t.column("sha256").to_pylist(), strict=True))
+
+
+def _select_incremental(valid: list[CatalogRow], prev: str, chunk: int
+                        ) -> tuple[list[CatalogRow], list[str]]:
+    """The rows to pack (new or changed, in catalog order) and their status."""
+    import ray
+
+    before = previous_hashes(prev)
+    known = [r for r in valid if r.product_id in before]
+    task = ray.remote(num_cpus=1, max_retries=3)(hash_sources)
+    refs = [task.remote([(r.product_id, r.image_uri) for r in known[s : s + chunk]])
+            for s in range(0, len(known), chunk)]
+    now = dict(pair for part in ray.get(refs) for pair in part)
+    log.info("incremental: hashed %d known products against %s", len(known), prev)
+    rows, status = [], []
+    for r in valid:
+        old = before.get(r.product_id)
+        if old is None:
+            rows.append(r)
+            status.append("new")
+        elif now[r.product_id] != old:
+            rows.append(r)
+            status.append("changed")
+    return rows, status
+
+
+def make_plan(valid: list[CatalogRow], out: str, cfg: ShardConfig, taxonomy: Taxonomy,
+              incremental_from: str | None = None) -> Plan:
+    """The deterministic shard plan: reused from ``out/_parts/_plan.*`` when a previous attempt saved one.
+
+    A saved plan from a different catalog or different settings is refused rather than mixed into the
+    same output folder.
+    """
+    fp = _fingerprint(valid, cfg, taxonomy, incremental_from)
+    meta_uri = storage.join(out, "_parts", "_plan.json")
+    rows_uri = storage.join(out, "_parts", "_plan.parquet")
+    if storage.exists(meta_uri):
+        saved = storage.read_json(meta_uri)
+        if saved.get("fingerprint") != fp:
+            raise ShardJobError(f"{out} holds shards of a different catalog or settings; use a new --out")
+        t = storage.read_parquet(rows_uri, schema=PLAN_SCHEMA)
+        by_id = {r.product_id: r for r in valid}
+        rows = [by_id[p] for p in t.column("product_id").to_pylist()]
+        counts = saved["counts"]
+    else:
+        if incremental_from:
+            rows, status = _select_incremental(valid, incremental_from, max(cfg.samples_per_shard, 1000))
+        else:
+            rows, status = valid, ["new"] * len(valid)
+        c = Counter(status)
+        counts = {"new": c["new"], "changed": c["changed"], "unchanged": len(valid) - len(rows)}
+        storage.write_parquet(pa.table({"product_id": [r.product_id for r in rows], "status": status},
+                                       schema=PLAN_SCHEMA), rows_uri)
+        storage.write_json(meta_uri, {"fingerprint": fp, "counts": counts, "rows": len(rows),
+                                      "samples_per_shard": cfg.samples_per_shard})  # written last
+    n = cfg.samples_per_shard
+    return Plan([rows[s : s + n] for s in range(0, len(rows), n)], counts)
 
 
 # ---- the job ------------------------------------------------------------------------------------
@@ -123,56 +238,69 @@ class ShardSummary:
     shards_skipped: int
     seconds: float
     out: str
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    incremental_from: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
         return self.packed / self.seconds if self.seconds else 0.0
 
 
-def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig = ShardConfig()
-                  ) -> ShardSummary:
-    """Pack ``catalog`` into shards under ``out`` with Ray tasks. Re-runnable: finished shards are kept."""
-    import ray
-
-    t0 = time.time()
-    rows, malformed = read_catalog(catalog)
-    valid, rejected = validate(rows, catalog, taxonomy)
-    rejected = malformed + rejected
+def _open_output(out: str) -> set[str]:
+    """Check that ``out`` is writable before any fetch; return the completion markers already there."""
     try:
         storage.makedirs(out)
-        # Fail fast, before any fetch, when the output cannot be written (no bucket, no permission).
-        storage.write_bytes(storage.join(out, "_parts", ".write-probe"), b"")
-        done = set(storage.listdir(storage.join(out, "_parts"), ".parquet"))
+        probe = storage.join(out, "_parts", ".write-probe")
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+        return set(storage.listdir(storage.join(out, "_parts"), ".parquet"))
     except (OSError, storage.StorageError) as e:
         raise ShardJobError(f"cannot use output {out}: {storage._clean(e)}") from e
+
+
+def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig = ShardConfig(),
+                  incremental_from: str | None = None) -> ShardSummary:
+    """Pack ``catalog`` into shards under ``out`` with Ray tasks. Re-runnable: finished shards are kept.
+
+    Args:
+        catalog: CSV / Parquet / JSON Lines catalog, local path or ``s3://`` URI.
+        out: output folder or ``s3://`` prefix.
+        taxonomy: label columns are validated against it; it is saved in ``stats.json``.
+        cfg: packing settings.
+        incremental_from: a previous shards folder (or its ``index.parquet``): pack only products that are
+            new or whose source bytes changed (sha256).
+    """
+
+    t0 = time.time()
+    out = storage.absolute(out)
+    rows, malformed = read_catalog(catalog)
+    valid, rejected = check_ids(rows, catalog)  # label checks run in the tasks: the driver stays light
+    rejected = malformed + rejected
+    done = _open_output(out)
+    t_read = time.time() - t0
+    plan = make_plan(valid, out, cfg, taxonomy, incremental_from)
+    t_plan = time.time() - t0 - t_read
     schema = index_schema(taxonomy)
-    n = cfg.samples_per_shard
-    plan = [(i, valid[s : s + n]) for i, s in enumerate(range(0, len(valid), n))]
-    todo = [(i, rs) for i, rs in plan if f"{shard_name(i)}.parquet" not in done]
-    log.info("catalog %s: %d rows, %d valid, %d rejected before fetch; %d shards, %d to pack",
-             catalog, len(rows) + len(malformed), len(valid), len(rejected), len(plan), len(todo))
+    todo = [(i, rs) for i, rs in enumerate(plan.shards) if f"{shard_name(i)}.parquet" not in done]
+    log.info("catalog %s: %d rows, %d valid, %d rejected before fetch; %s; %d shards, %d to pack",
+             catalog, len(rows) + len(malformed), len(valid), len(rejected), plan.counts,
+             len(plan.shards), len(todo))
+    _run_tasks(todo, out, cfg, schema, taxonomy)
 
-    task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(pack_shard)
-    cfg_ref, schema_ref = ray.put(cfg), ray.put(schema)
-    pending = [task.remote(i, rs, out, cfg_ref, schema_ref) for i, rs in todo]
-    finished, last = 0, time.time()
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=30)
-        for ref in ready:
-            ray.get(ref)  # raises if a task failed for good (e.g. output became unwritable)
-            finished += 1
-        if time.time() - last > 5 or not pending:
-            log.info("shard: %d/%d shards packed (%.0f s)", finished, len(todo), time.time() - t0)
-            last = time.time()
-
-    index, quarantine = _merge(out, plan, schema, rejected)
+    index, quarantine = _merge(out, len(plan.shards), schema, rejected)
     storage.write_parquet(index, storage.join(out, "index.parquet"))
     storage.write_parquet(quarantine, storage.join(out, "quarantine.parquet"))
+    storage.clean_staging(out)
     reasons = dict(Counter(quarantine.column("reason").to_pylist()).most_common())
+    seconds = time.time() - t0
     summary = ShardSummary(
         catalog_rows=len(rows) + len(malformed), packed=index.num_rows, quarantined=quarantine.num_rows,
-        reasons=reasons, shards=len(plan), shards_skipped=len(plan) - len(todo),
-        seconds=time.time() - t0, out=str(out),
+        reasons=reasons, shards=len(plan.shards), shards_skipped=len(plan.shards) - len(todo),
+        seconds=seconds, out=str(out), incremental_from=incremental_from, **plan.counts,
+        timings={"read_validate_s": t_read, "plan_s": t_plan, "total_s": seconds},
     )
     # The taxonomy travels with the shards, so training needs nothing but this folder.
     stats = asdict(summary) | {"images_per_s": summary.images_per_s, "taxonomy": taxonomy.to_dict(),
@@ -186,14 +314,41 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
     return summary
 
 
-def _merge(out: str, plan: list, schema: pa.Schema, catalog_rejects: list[Rejected]
+def _run_tasks(todo: list[tuple[int, list[CatalogRow]]], out: str, cfg: ShardConfig, schema: pa.Schema,
+               taxonomy: Taxonomy) -> None:
+    """One Ray task per shard; progress logged every few seconds; a task that fails for good fails the job."""
+    import ray
+
+    if not todo:
+        return
+    task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(pack_shard)
+    cfg_ref, schema_ref, tax_ref = ray.put(cfg), ray.put(schema), ray.put(taxonomy)
+    pending = [task.remote(i, rs, out, cfg_ref, schema_ref, tax_ref) for i, rs in todo]
+    total_rows = sum(len(rs) for _, rs in todo)
+    finished = rows_done = packed = 0
+    t_start, last = time.time(), time.time()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+        for r in ray.get(ready):  # raises if a task failed for good (e.g. output became unwritable)
+            finished += 1
+            packed += r["packed"]
+            rows_done += r["packed"] + r["rejected"]
+        if time.time() - last > 5 or not pending:
+            rate = rows_done / max(time.time() - t_start, 1e-9)
+            eta = (total_rows - rows_done) / rate if rate else float("nan")
+            log.info("shard: %d/%d shards, %d/%d products (%d packed), %.0f img/s, eta %.0f s",
+                     finished, len(todo), rows_done, total_rows, packed, rate, eta)
+            last = time.time()
+
+
+def _merge(out: str, n_shards: int, schema: pa.Schema, catalog_rejects: list[Rejected]
            ) -> tuple[pa.Table, pa.Table]:
     parts = storage.join(out, "_parts")
     index = [storage.read_parquet(storage.join(parts, f"{shard_name(i)}.parquet"), schema=schema)
-             for i, _ in plan]
+             for i in range(n_shards)]
     quarantine = [pa.Table.from_pylist([r.as_row() for r in catalog_rejects], schema=QUARANTINE_SCHEMA)]
     quarantine += [storage.read_parquet(storage.join(parts, f"{shard_name(i)}.quarantine.parquet"),
-                                        schema=QUARANTINE_SCHEMA) for i, _ in plan]
+                                        schema=QUARANTINE_SCHEMA) for i in range(n_shards)]
     return (pa.concat_tables(index) if index else schema.empty_table(), pa.concat_tables(quarantine))
 
 

@@ -11,6 +11,7 @@ messages never include credentials.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -143,6 +144,24 @@ def staging_dir(out: str | Path) -> Path:
         d = Path(str(out).removeprefix("file://")) / "_tmp"
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def clean_staging(out: str | Path) -> None:
+    """Drop staging files left by killed attempts (local outputs only; S3 staging files are per task)."""
+    if not is_s3(out):
+        d = Path(str(out).removeprefix("file://")) / "_tmp"
+        if d.is_dir():
+            for f in d.glob("*.tmp"):
+                f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def delete(uri: str | Path) -> None:
+    """Remove one file; absent is fine."""
+    fs, path = filesystem(uri)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
 
 
 def write_json(uri: str | Path, obj: Any) -> None:

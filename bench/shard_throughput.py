@@ -1,0 +1,147 @@
+"""Shard throughput: ``shard_catalog`` on Ray tasks vs a plain single-process loop doing the same work.
+
+Both paths read and validate the same catalog with the same code, then for every product fetch the source
+bytes, decode and normalise (EXIF orientation, RGB, longest side ≤ --max-side, one JPEG quality), take the
+sha256 of the source, write the JPEG and its JSON into tars of --samples-per-shard products, and write
+index.parquet. The catalog repeats the extracted Fashion Product Images JPEGs under new ids until it holds
+--products rows; it lives in a temp folder and is deleted afterwards.
+
+    PYTHONPATH=$PWD python bench/shard_throughput.py                      # 50,000 products, all cores
+    PYTHONPATH=$PWD python bench/shard_throughput.py --products 200000 --repeats 3
+
+Ray is started once before timing (a job runs against a running cluster); worker start-up, task
+scheduling, the catalog read, the plan, the merge and stats are all inside the timed job run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fashionlabel import storage  # noqa: E402
+from fashionlabel.catalog import FetchError, fetch, read_catalog, validate  # noqa: E402
+from fashionlabel.images import ImageReject, normalise  # noqa: E402
+from fashionlabel.shards import ShardConfig, index_schema, shard_catalog  # noqa: E402
+from fashionlabel.taxonomy import Taxonomy  # noqa: E402
+
+DATA = Path("/work/shared/data/fashion-product-images")
+COLUMNS = ["gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "year", "usage",
+           "productDisplayName"]
+
+
+def build_catalog(images: Path, styles: Path, n: int, out: Path) -> Path:
+    """``n`` rows over the available images (absolute paths), repeated under new ids ``<id>r<k>``."""
+    with open(styles, newline="", encoding="utf-8", errors="replace") as f:
+        meta = {r["id"]: r for r in csv.DictReader(f)}
+    ids = sorted(p.stem for p in images.glob("*.jpg") if p.stem in meta)
+    if not ids:
+        raise SystemExit(f"no images with a styles.csv row under {images}")
+    path = out / "catalog.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["product_id", "image_uri", *COLUMNS])
+        for i in range(n):
+            src = ids[i % len(ids)]
+            w.writerow([f"{src}r{i // len(ids)}", str(images / f"{src}.jpg"), *(meta[src][c] for c in COLUMNS)])
+    return path
+
+
+def baseline(catalog: Path, out: Path, taxonomy: Taxonomy, cfg: ShardConfig) -> tuple[int, float]:
+    """The same work in one process, one product after the other."""
+    t0 = time.perf_counter()
+    rows, _ = read_catalog(str(catalog))
+    valid, _ = validate(rows, str(catalog), taxonomy)
+    out.mkdir(parents=True)
+    index, rejected = [], 0
+    for s in range(0, len(valid), cfg.samples_per_shard):
+        name = f"shard-{s // cfg.samples_per_shard:06d}"
+        tmp = out / f"{name}.tar.tmp"
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for r in valid[s : s + cfg.samples_per_shard]:
+                try:
+                    src = fetch(r.image_uri)
+                    jpg, (ow, oh), (w, h) = normalise(src, max_side=cfg.max_side, quality=cfg.jpeg_quality,
+                                                      max_pixels=cfg.max_pixels, min_side=cfg.min_side)
+                except (FetchError, ImageReject):
+                    rejected += 1
+                    continue
+                sha = hashlib.sha256(src).hexdigest()
+                meta = {"product_id": r.product_id, "labels": r.labels, "source_uri": r.image_uri,
+                        "sha256": sha, "orig_size": [ow, oh], "meta": r.meta}
+                for ext, data in (("jpg", jpg), ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"{r.key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                index.append({"key": r.key, "product_id": r.product_id, "shard": name, "image_uri": r.image_uri,
+                              "sha256": sha, "bytes": len(src), "orig_width": ow, "orig_height": oh,
+                              "width": w, "height": h, **r.labels})
+        os.replace(tmp, out / f"{name}.tar")
+    storage.write_parquet(pa.Table.from_pylist(index, schema=index_schema(taxonomy)), out / "index.parquet")
+    return len(index), time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--products", type=int, default=50_000)
+    p.add_argument("--images", type=Path, default=Path("/tmp/fpi/images"))
+    p.add_argument("--styles", type=Path, default=DATA / "styles.csv")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="Ray CPUs (default: all cores)")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--max-side", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=1, help="alternate baseline/job runs; medians are quoted")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="shard-bench-", dir=a.work))
+    try:
+        catalog = build_catalog(a.images, a.styles, a.products, work)
+        taxonomy = Taxonomy.load("fashion-product-images")
+        cfg = ShardConfig(samples_per_shard=a.samples_per_shard, max_side=a.max_side)
+        (work / "ray").mkdir()
+        ray.init(num_cpus=a.workers, include_dashboard=False, _temp_dir=str(work / "ray"),
+                 logging_level="WARNING", log_to_driver=False)
+        base, job = [], []
+        for rep in range(a.repeats):
+            n_b, t_b = baseline(catalog, work / f"base{rep}", taxonomy, cfg)
+            s = shard_catalog(str(catalog), str(work / f"job{rep}"), taxonomy, cfg)
+            assert s.packed == n_b, (s.packed, n_b)
+            base.append(n_b / t_b)
+            job.append(s.images_per_s)
+            print(f"run {rep}: single process {n_b / t_b:,.0f} img/s ({t_b:.1f} s)   "
+                  f"shard_catalog {s.images_per_s:,.0f} img/s ({s.seconds:.1f} s: "
+                  f"read+validate {s.timings['read_validate_s']:.1f} s, plan {s.timings['plan_s']:.1f} s)",
+                  flush=True)
+            shutil.rmtree(work / f"base{rep}")
+            shutil.rmtree(work / f"job{rep}")
+        ray.shutdown()
+        b, j = statistics.median(base), statistics.median(job)
+        print(f"\nproducts {a.products:,}  cores {os.cpu_count()}  ray workers {a.workers}  "
+              f"samples/shard {a.samples_per_shard}  repeats {a.repeats}")
+        print(f"single process : {b:,.0f} img/s (median)")
+        print(f"shard_catalog  : {j:,.0f} img/s (median)")
+        print(f"ratio          : {j / b:.2f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Every kind of bad catalog row ends in quarantine with its stable reason; the rest is packed.
+
+One real run of ``shard_catalog`` on local Ray over a catalog that mixes good products (bundled sample
+images, addressed as relative path, absolute path, ``file://`` and ``http://`` from a local server) with
+one row per bad-input kind, in CSV, Parquet and JSON Lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import http.server
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import threading
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import SAMPLE
+from PIL import Image
+from test_images import _png_header_only
+
+from fashionlabel.catalog import REASONS
+from fashionlabel.shards import ShardConfig, ShardJobError, iter_shard, list_shards, shard_catalog
+from fashionlabel.taxonomy import Taxonomy
+
+TAX = Taxonomy.load("fashion-product-images")
+COLS = ["product_id", "image_uri", "gender", "masterCategory", "subCategory", "articleType", "baseColour",
+        "season", "year", "usage", "productDisplayName"]
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *a):  # keep test output clean
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        if self.path.startswith("/error500"):
+            self.send_error(500)
+        elif self.path.startswith("/page.jpg"):
+            body = b"<html>not here</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            super().do_GET()
+
+
+@pytest.fixture(scope="module")
+def http_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("www")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=root))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def _good_rows(n: int) -> list[dict[str, str]]:
+    with open(SAMPLE / "catalog.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if (SAMPLE / r["image_uri"]).exists()]
+    return [{"product_id": r["id"] if "id" in r else r["product_id"], **r} for r in rows[:n]]
+
+
+def _bad_files(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    good = (SAMPLE / "images").glob("*.jpg").__next__().read_bytes()
+    files = {
+        "empty": b"",
+        "truncated": good[: len(good) // 2],
+        "text": b"id,name\n1,not an image\n",
+        "bomb": _png_header_only(100_000, 100_000),
+    }
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), "white").save(buf, format="PNG")
+    files["pixel"] = buf.getvalue()
+    out = {}
+    for name, data in files.items():
+        (folder / f"{name}.jpg").write_bytes(data)
+        out[name] = folder / f"{name}.jpg"
+    return out
+
+
+def build_catalog(folder: Path, http_root: Path, http_base: str) -> tuple[list[dict], dict[str, str]]:
+    """Rows for the catalog and ``{product_id: expected reason}`` for every bad row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(SAMPLE / "images", folder / "images", dirs_exist_ok=True)
+    good = _good_rows(24)
+    for i, r in enumerate(good):  # four ways to address an image
+        path = folder / "images" / Path(r["image_uri"]).name
+        r["image_uri"] = [f"images/{path.name}", str(path), f"file://{path}", f"{http_base}/{path.name}"][i % 4]
+        shutil.copy(path, http_root / path.name)
+    bad_files = _bad_files(folder / "bad")
+    tmpl = {k: v for k, v in good[0].items() if k not in ("product_id", "image_uri")}
+
+    def row(pid: str, uri: str, **over: str) -> dict[str, str]:
+        return {"product_id": pid, "image_uri": uri, **tmpl, **over}
+
+    expect = {
+        "b-missing": "image_not_found", "b-http404": "image_not_found", "b-empty": "image_empty",
+        "b-unreachable": "image_unreadable", "b-http500": "image_unreadable", "b-scheme": "image_unreadable",
+        "b-truncated": "image_truncated", "b-text": "not_an_image", "b-html": "not_an_image",
+        "b-bomb": "image_too_large", "b-pixel": "image_too_small", "b-label": "label_outside_taxonomy",
+        "b-nouri": "missing_image_uri",
+    }
+    bad = [
+        row("b-missing", str(folder / "images" / "no-such-file.jpg")),
+        row("b-http404", f"{http_base}/no-such.jpg"),
+        row("b-empty", str(bad_files["empty"])),
+        row("b-unreachable", "http://127.0.0.1:9/x.jpg"),  # discard port: connection refused
+        row("b-http500", f"{http_base}/error500.jpg"),
+        row("b-scheme", "ftp://example.invalid/x.jpg"),
+        row("b-truncated", str(bad_files["truncated"])),
+        row("b-text", str(bad_files["text"])),
+        row("b-html", f"{http_base}/page.jpg"),
+        row("b-bomb", str(bad_files["bomb"])),
+        row("b-pixel", str(bad_files["pixel"])),
+        row("b-label", good[1]["image_uri"], gender="Martian"),
+        row("b-nouri", "  "),
+    ]
+    # ids that would break keys: empty, blank, '/', '..', spaces, non-ASCII, dots; and a duplicate
+    odd = {"": "missing_product_id", "   ": "missing_product_id", "a/b": "invalid_product_id",
+           "..": "invalid_product_id", "../etc": "invalid_product_id", "two words": "invalid_product_id",
+           "prodüct": "invalid_product_id", "x.jpg": "invalid_product_id", " 123": "invalid_product_id"}
+    bad += [row(pid, good[2]["image_uri"]) for pid in odd]
+    dup = row(good[3]["product_id"], good[4]["image_uri"])  # second occurrence of a packed id
+    rows = good[:12] + bad + [dup] + good[12:]
+    return rows, expect | odd | {"__dup__": "duplicate_product_id"}
+
+
+def _write(rows: list[dict], path: Path) -> Path:
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif path.suffix == ".jsonl":
+        with open(path, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write('{"product_id": "b-broken", "image_uri": \n')  # a line that is not JSON
+            f.write('["a", "list"]\n')                               # JSON, but not an object
+    else:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLS)
+            w.writeheader()
+            w.writerows(rows)
+            f.write("b-short,images/x.jpg,Men\n")                  # too few fields
+            f.write('b-long,images/x.jpg,' + ",".join(["x"] * 12) + "\n")  # too many
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_every_bad_kind_is_quarantined_and_the_rest_packed(ray_session, http_images, tmp_path, fmt):
+    rows, expect = build_catalog(tmp_path, *http_images)
+    catalog = _write(rows, tmp_path / f"catalog.{fmt}")
+    out = tmp_path / "shards"
+    s = shard_catalog(str(catalog), str(out), TAX, ShardConfig(samples_per_shard=10, max_failure_rate=0.9))
+
+    good_ids = [r["product_id"] for r in _good_rows(24)]
+    con = duckdb.connect()
+    index = con.execute(f"SELECT product_id, key, shard FROM '{out}/index.parquet'").fetchall()
+    assert sorted(p for p, _, _ in index) == sorted(good_ids)  # every good product, once
+    q = con.execute(f"SELECT product_id, reason, detail, image_uri FROM '{out}/quarantine.parquet'").fetchall()
+    got = {p: r for p, r, _, _ in q if not (p in good_ids and r == "duplicate_product_id")}
+    dups = [p for p, r, _, _ in q if r == "duplicate_product_id"]
+    assert dups == [rows[next(i for i, r in enumerate(rows) if r["product_id"] == good_ids[3])]["product_id"]]
+    want = {k: v for k, v in expect.items() if k != "__dup__"}
+    malformed = {"csv": 2, "parquet": 0, "jsonl": 2}[fmt]
+    assert {p: r for p, r in got.items() if r != "malformed_row"} == want
+    assert sum(r == "malformed_row" for _, r, _, _ in q) == malformed
+    if fmt == "csv":
+        assert {p for p, r, _, _ in q if r == "malformed_row"} == {"b-short", "b-long"}
+    assert set(r for _, r, _, _ in q) <= set(REASONS) and all(d for _, _, d, _ in q)
+
+    # the summary and stats.json count every reason; nothing is dropped silently
+    n_bad = len(want) + 1 + malformed
+    assert s.packed == len(good_ids) and s.quarantined == n_bad
+    assert s.catalog_rows == len(rows) + malformed
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["reasons"] == s.reasons and sum(s.reasons.values()) == n_bad
+    assert s.reasons["invalid_product_id"] == 7 and s.reasons["missing_product_id"] == 2
+
+    # tars hold exactly the indexed products, under safe member names, grouped by key
+    keys = []
+    for uri in list_shards(str(out)):
+        with tarfile.open(uri) as tar:
+            names = tar.getnames()
+        assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*\.(jpg|json)", n) for n in names), names
+        keys += [smp["__key__"] for smp in iter_shard(uri)]
+    assert sorted(keys) == sorted(k for _, k, _ in index) and len(set(keys)) == len(keys)
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_failure_rate_fails_the_job_after_writing_its_outputs(ray_session, tmp_path):
+    rows = _good_rows(4)
+    for r in rows:
+        r["image_uri"] = str(SAMPLE / r["image_uri"])
+    rows += [{**rows[0], "product_id": f"gone-{i}", "image_uri": f"/nonexistent/{i}.jpg"} for i in range(6)]
+    catalog = _write(rows, tmp_path / "c.csv")
+    with pytest.raises(ShardJobError, match="above --max-failure-rate 0.5"):
+        shard_catalog(str(catalog), str(tmp_path / "o"), TAX, ShardConfig(samples_per_shard=5))
+    q = pq.read_table(tmp_path / "o" / "quarantine.parquet")
+    assert q.num_rows == 8  # 6 missing + 2 malformed lines the CSV writer appends
+    s = shard_catalog(str(catalog), str(tmp_path / "o2"), TAX, ShardConfig(samples_per_shard=5,
+                                                                           max_failure_rate=0.9))
+    assert s.packed == 4
+
+
+def test_job_cannot_proceed(ray_session, tmp_path):
+    catalog = _write(_good_rows(2), tmp_path / "c.csv")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should be")
+    with pytest.raises(ShardJobError, match="cannot use output"):
+        shard_catalog(str(catalog), str(blocker / "shards"), TAX)
+    from fashionlabel.catalog import CatalogError
+    with pytest.raises(CatalogError, match="not found"):
+        shard_catalog(str(tmp_path / "none.csv"), str(tmp_path / "o"), TAX)
+    (tmp_path / "nocols.csv").write_text("id,url\n1,a.jpg\n")
+    with pytest.raises(CatalogError, match="needs columns product_id and image_uri"):
+        shard_catalog(str(tmp_path / "nocols.csv"), str(tmp_path / "o"), TAX)
+    assert not os.path.exists(tmp_path / "o" / "index.parquet")

@@ -1,0 +1,72 @@
+"""Incremental sharding: only new products and products whose source bytes changed are packed."""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+from conftest import sample_rows, write_catalog
+
+from fashionlabel.shards import ShardConfig, shard_catalog
+from fashionlabel.taxonomy import Taxonomy
+
+TAX = Taxonomy.load("fashion-product-images")
+CFG = ShardConfig(samples_per_shard=16)
+
+
+def _own_images(rows, folder):
+    """Copy each row's image into ``folder`` so the test may change bytes under an unchanged URI."""
+    folder.mkdir()
+    for r in rows:
+        dst = folder / f"{r['product_id']}.jpg"
+        shutil.copy(r["image_uri"], dst)
+        r["image_uri"] = str(dst)
+    return rows
+
+
+def _ids(out):
+    q = f"SELECT product_id FROM '{out}/index.parquet' ORDER BY product_id"
+    return [r[0] for r in duckdb.connect().execute(q).fetchall()]
+
+
+def test_incremental_packs_only_new_and_changed(ray_session, tmp_path):
+    good = [r for r in sample_rows(80) if os.path.exists(r["image_uri"])]
+    rows = _own_images([dict(r) for r in good[:45]], tmp_path / "img")
+    first, extra = rows[:40], rows[40:]
+    prev = tmp_path / "night1"
+    s1 = shard_catalog(str(write_catalog(tmp_path / "c1.csv", first)), str(prev), TAX, CFG)
+    assert s1.packed == 40 and s1.new == 40 and s1.unchanged == 0
+
+    # night 2: two products gone, one image rewritten in place, two pointed at other bytes, five new
+    tonight = [dict(r) for r in first[2:]]
+    shutil.copy(first[0]["image_uri"], tonight[0]["image_uri"])  # same URI, new bytes
+    tonight[1]["image_uri"], tonight[2]["image_uri"] = first[1]["image_uri"], first[0]["image_uri"]
+    changed = sorted(r["product_id"] for r in tonight[:3])
+    new = sorted(r["product_id"] for r in extra)
+    cat2 = write_catalog(tmp_path / "c2.csv", tonight + extra)
+
+    out = tmp_path / "night2"
+    s2 = shard_catalog(str(cat2), str(out), TAX, CFG, incremental_from=str(prev))
+    assert (s2.new, s2.changed, s2.unchanged) == (5, 3, 35)
+    assert s2.packed == 8 and s2.quarantined == 0
+    assert _ids(out) == sorted(new + changed)
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["new"], stats["changed"], stats["unchanged"]) == (5, 3, 35)
+    assert stats["incremental_from"] == str(prev)
+
+    # the sha256 in the new index is the sha256 of the new bytes
+    q = f"SELECT sha256 FROM '{out}/index.parquet' WHERE product_id = '{tonight[0]['product_id']}'"
+    assert duckdb.connect().execute(q).fetchall()[0][0] == hashlib.sha256(
+        Path(tonight[0]["image_uri"]).read_bytes()).hexdigest()
+
+    # a re-run reuses the saved plan: nothing packed twice, same counts
+    s3 = shard_catalog(str(cat2), str(out), TAX, CFG, incremental_from=str(prev))
+    assert s3.shards_skipped == s3.shards and (s3.new, s3.changed, s3.unchanged) == (5, 3, 35)
+    assert _ids(out) == sorted(new + changed)
+
+    # the previous index may be named directly: night 2's holds only its 8 products, so the rest is new
+    s4 = shard_catalog(str(cat2), str(tmp_path / "night3"), TAX, CFG,
+                       incremental_from=str(out / "index.parquet"))
+    assert (s4.new, s4.changed, s4.unchanged, s4.packed) == (35, 0, 8, 35)
