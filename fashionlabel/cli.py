@@ -59,8 +59,9 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
 
     cfg = TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, workers=a.workers,
                       gpu=a.gpu, height=a.height, width=a.width, patience=a.patience,
-                      uncertainty=a.uncertainty, init_weights=a.init_weights, seed=a.seed)
-    r = train(a.shards, a.out, cfg, cluster_cpus())
+                      uncertainty=a.uncertainty, init_weights=a.init_weights, seed=a.seed,
+                      label_smoothing=a.label_smoothing)
+    r = train(a.shards, a.out, cfg, cluster_cpus(), checkpoints=a.storage)
     out = {"model": f"{a.model} → {a.out}", "version": r["version"],
            "epochs run": r["training"]["epochs_run"], "best epoch": r["training"]["best_epoch"],
            "train throughput": f"{r['training']['train_img_per_s_median']:,.0f} img/s (median epoch)",
@@ -113,6 +114,25 @@ def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
     r = write_report(a.labels, a.out)
     _print_summary("report", {k: v for k, v in r.items() if k != "charts"} | {"charts": len(r["charts"])})
     return r
+
+
+def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.train.prune import prune_artifact
+
+    blocks = [int(b) for b in a.blocks.split(",") if b.strip()]
+    r = prune_artifact(a.model, a.shards, a.out, blocks, a.keep, a.calib_images)
+    b, f = r["before"], r["after"]
+    out = {"pruned": f"{a.model} → {a.out} (middle modules {blocks}, keep {a.keep:.0%})",
+           "version": r["version"], "inner widths": json.dumps(r["mid_channels"]),
+           "params": f"{b['params'] / 1e6:.2f} M → {f['params'] / 1e6:.2f} M",
+           "FLOPs / image": f"{b['flops'] / 1e6:.1f} M → {f['flops'] / 1e6:.1f} M",
+           "labelling speed": f"{b['label_img_per_s']:,.0f} → {f['label_img_per_s']:,.0f} img/s (CPU)"}
+    for k in b:
+        if " top1" in k or " recall@3" in k:
+            out[f"val {k}"] = f"{100 * b[k]:.1f}% → {100 * f[k]:.1f}%"
+    out["time"] = f"{r['seconds']:.1f} s"
+    _print_summary("prune", out)
+    return out | {"raw": r}
 
 
 def cmd_models(a: argparse.Namespace) -> dict[str, Any]:
@@ -197,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--uncertainty", action="store_true", help="learn head weights (Kendall et al.)")
     t.add_argument("--init-weights", default=None, help="a local state_dict to start from")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--label-smoothing", type=float, default=0.0, help="for single heads' cross-entropy")
+    t.add_argument("--storage", default=None, help="checkpoint folder or s3:// prefix (default: OUT.train)")
 
     e = add("evaluate", cmd_evaluate, "Evaluate a model artifact on one split of a shard set.")
     e.add_argument("--model", required=True)
@@ -219,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
 
     add("models", cmd_models, "List the registered models.")
+
+    pr = add("prune", cmd_prune, "Channel-prune an SE-Xception artifact (LASSO selection + least squares).")
+    pr.add_argument("--model", required=True, help="an xception_se / xception_se_s artifact")
+    pr.add_argument("--shards", required=True, help="shards: train split calibrates, val split measures")
+    pr.add_argument("--out", required=True, help="folder for the pruned artifact")
+    pr.add_argument("--blocks", default="3,5,7", help="middle modules to prune (comma separated)")
+    pr.add_argument("--keep", type=float, default=0.5, help="fraction of channels kept in each pruned layer")
+    pr.add_argument("--calib-images", type=int, default=256, help="training images used for the regressions")
 
     d = add("demo", cmd_demo, "Run shard → train → label → report on the bundled sample catalog.")
     d.add_argument("--catalog", default=str(SAMPLE_CATALOG))

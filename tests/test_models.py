@@ -1,22 +1,87 @@
 import pytest
 import torch
 
-from fashionlabel.models import create_model, list_models
+from fashionlabel.models import create_model, list_models, reparameterize_model
+from fashionlabel.models.heads import HierarchicalHeads
+from fashionlabel.models.profile import count_flops, count_params
 from fashionlabel.taxonomy import Taxonomy
 
 TAX = Taxonomy.load("fashion-product-images")
 
 
+def _randomise_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+
+
 @pytest.mark.parametrize("name", list_models())
-@pytest.mark.parametrize("size", [(80, 60), (224, 224)])
-def test_every_model_forward(name, size):
+def test_every_model_forward_small_and_large_images(name):
     model = create_model(name, TAX).eval()
+    for size in [(80, 60), (224, 224)]:
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, *size))
+        assert set(out) == {h.name for h in TAX.heads}
+        for h in TAX.heads:
+            assert out[h.name].shape == (1, h.num_classes)
+            assert torch.isfinite(out[h.name]).all()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_reparameterizes_to_the_same_outputs(name):
+    """The deploy copy matches the training form, and rebuilds from its recorded kwargs."""
+    model = create_model(name, TAX)
+    _randomise_bn(model)
+    model.eval()
+    deploy = reparameterize_model(model)
+    x = torch.randn(2, 3, 80, 60)
     with torch.no_grad():
-        out = model(torch.randn(2, 3, *size))
-    assert set(out) == {h.name for h in TAX.heads}
-    for h in TAX.heads:
-        assert out[h.name].shape == (2, h.num_classes)
-        assert torch.isfinite(out[h.name]).all()
+        a, b = model(x), deploy(x)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-3, rtol=1e-3), k
+    rebuilt = create_model(name, TAX, **getattr(deploy, "model_kwargs", {}))
+    rebuilt.load_state_dict(deploy.state_dict())  # strict: same structure
+
+
+def test_repvgg_deploy_form_is_plain_3x3_convs():
+    model = create_model("repvgg_a0", TAX)
+    _randomise_bn(model, seed=3)
+    deploy = reparameterize_model(model.eval())
+    convs = [m for m in deploy.trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 22 and all(c.kernel_size == (3, 3) for c in convs)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deploy.trunk.modules())
+    assert deploy.model_kwargs == {"deploy": True}
+    assert count_flops(deploy, (80, 60)) < count_flops(model, (80, 60))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        a, b = model(x), deploy(x)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), "the original is untouched"
+
+
+def test_hierarchical_heads_attend_for_fine_levels_only():
+    heads = HierarchicalHeads(32, TAX)
+    assert set(heads.attention) == {h.name for h in TAX.heads if h.parent} == {"subCategory", "articleType"}
+    model = create_model("fl_small_hier", TAX).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 80, 60))
+    assert out["articleType"].shape == (2, TAX.head("articleType").num_classes)
+
+
+def test_model_sizes_follow_the_research():
+    """Parameter counts of the trunks are those of the published architectures (heads excluded)."""
+    def trunk(name):
+        return count_params(create_model(name, TAX).trunk) / 1e6
+
+    assert 23.0 < trunk("cloth_resnet_a") < 23.6  # ResNet-50 without fc
+    assert 7.0 < trunk("repvgg_a0") < 8.0  # RepVGG-A0 (8.3 M with its 1000-way fc)
+    assert 20.0 < trunk("xception_se") < 22.5  # Xception 20.8 M without fc, + SE
+    assert trunk("hsnet") < 4.0
 
 
 def test_unknown_model_name():

@@ -25,12 +25,15 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def list_models() -> list[str]:
+    """Names of every registered model, sorted."""
     return sorted(_MODELS)
 
 
 def create_model(name: str, taxonomy: Taxonomy, **kwargs) -> nn.Module:
+    """Build model ``name`` with heads sized by ``taxonomy``; ``kwargs`` go to its constructor."""
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     model = _MODELS[name](taxonomy, **kwargs)
     model.model_name = name
+    model.model_kwargs = dict(kwargs)  # what an artifact needs to rebuild this exact structure
     return model

@@ -1,8 +1,9 @@
-"""``fl_small``: the small, fast default for the demo and CPU labelling.
+"""``fl_small``: the small, fast default for the demo and CPU labelling, and its variants.
 
 A plain VGG-style residual-free CNN: a stride-2 stem then three conv-conv stages with 2×2 pooling between
 them. Sized so that a 2-core laptop trains it on a few thousand 60×80 product photos in minutes; adaptive
-pooling lets the same weights run on 224-px images.
+pooling lets the same weights run on 224-px images. ``fl_small_hier`` puts the hierarchical coarse/fine
+attention heads (research §3) on the same trunk.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from fashionlabel.models.layers import conv_bn
 from fashionlabel.taxonomy import Taxonomy
 
 
-def _create_small(taxonomy: Taxonomy, widths: tuple[int, ...], dropout: float = 0.2) -> nn.Module:
+def _create_small(taxonomy: Taxonomy, widths: tuple[int, ...], dropout: float = 0.2,
+                  hierarchical: bool = False) -> nn.Module:
     layers: list[nn.Module] = [conv_bn(3, widths[0], stride=2)]
     cin = widths[0]
     for i, w in enumerate(widths[1:]):
@@ -23,12 +25,18 @@ def _create_small(taxonomy: Taxonomy, widths: tuple[int, ...], dropout: float = 
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
         layers += [conv_bn(cin, w), conv_bn(w, w)]
         cin = w
-    return TrunkWithHeads(nn.Sequential(*layers), cin, taxonomy, dropout)
+    return TrunkWithHeads(nn.Sequential(*layers), cin, taxonomy, dropout, hierarchical)
 
 
 @register_model
 def fl_small(taxonomy: Taxonomy, **kw) -> nn.Module:
     return _create_small(taxonomy, (24, 48, 96, 192), **kw)
+
+
+@register_model
+def fl_small_hier(taxonomy: Taxonomy, **kw) -> nn.Module:
+    """fl_small's trunk with hierarchical coarse/fine attention heads."""
+    return _create_small(taxonomy, (24, 48, 96, 192), hierarchical=True, **kw)
 
 
 @register_model

@@ -46,6 +46,7 @@ class TrainConfig:
     uncertainty: bool = False
     seed: int = 0
     init_weights: str | None = None
+    label_smoothing: float = 0.0
 
 
 def val_score(metrics: dict[str, Any]) -> float:
@@ -98,7 +99,7 @@ def _worker(config: dict[str, Any]) -> None:
         model.load_state_dict(keep, strict=False)  # heads of another taxonomy are re-initialised
     model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    loss_fn = MultiTaskLoss(tax, uncertainty=cfg.uncertainty).to(device)
+    loss_fn = MultiTaskLoss(tax, uncertainty=cfg.uncertainty, label_smoothing=cfg.label_smoothing).to(device)
     params = list(model.parameters()) + list(loss_fn.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_worker = max(1, cfg.batch_size // world)
@@ -109,7 +110,7 @@ def _worker(config: dict[str, Any]) -> None:
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
     )
 
-    start, history, best, best_epoch = 0, [], -1.0, -1
+    start, history, best, best_epoch, starts = 0, [], -1.0, -1, []
     state = ckpt.load(config["ckpt_dir"])
     if state is not None and state["taxonomy_version"] == tax.version and state["config"] == asdict(cfg):
         ckpt.unwrap(model).load_state_dict(state["model"])
@@ -117,11 +118,12 @@ def _worker(config: dict[str, Any]) -> None:
         sched.load_state_dict(state["scheduler"])
         if state.get("loss") is not None:
             loss_fn.load_state_dict(state["loss"])
-        start, history = state["epoch"] + 1, state["history"]
+        start, history, starts = state["epoch"] + 1, state["history"], list(state.get("starts", []))
         best, best_epoch = state["best_score"], state["best_epoch"]
         if rank == 0:
             log.info("resuming from checkpoint at epoch %d", start)
 
+    starts.append(start)  # the epoch each (re)start of this run began at: resumes are visible afterwards
     targets = {k: torch.as_tensor(v) for k, v in mine.targets.items()}
     stop = torch.zeros(1)
     for epoch in range(start, cfg.epochs):
@@ -162,7 +164,7 @@ def _worker(config: dict[str, Any]) -> None:
             state = {"model": ckpt.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(),
                      "loss": loss_fn.state_dict() if cfg.uncertainty else None, "epoch": epoch,
-                     "config": asdict(cfg), "taxonomy_version": tax.version, "history": history,
+                     "config": asdict(cfg), "taxonomy_version": tax.version, "history": history, "starts": starts,
                      "best_score": best, "best_epoch": best_epoch, "stopped": stopped}
             if improved:
                 ckpt.save(config["ckpt_dir"], ckpt.BEST, state)
@@ -192,8 +194,14 @@ def _predict(model: torch.nn.Module, samples, config: dict[str, Any], device) ->
 
 
 def fit(shards: str, run_dir: str, taxonomy: Taxonomy, cfg: TrainConfig, mean, std,
-        num_cpus: float) -> dict[str, Any]:
-    """Run (or resume) training; return the best checkpoint's state. ``run_dir`` holds checkpoints."""
+        num_cpus: float, checkpoints: str | None = None) -> dict[str, Any]:
+    """Run (or resume) training; return the best checkpoint's state.
+
+    Args:
+        run_dir: local folder for Ray Train's own run state.
+        checkpoints: folder or ``s3://`` prefix for last.pt / best.pt (default ``run_dir/checkpoints``);
+            a run restarted with the same command and storage resumes from its last.pt.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -211,8 +219,9 @@ def fit(shards: str, run_dir: str, taxonomy: Taxonomy, cfg: TrainConfig, mean, s
         max_share = math.ceil(train_idx.num_rows / cfg.workers)
     if max_share == 0:
         raise ValueError(f"no training samples in {shards}")
-    ckpt_dir = storage.join(run_dir, "checkpoints")
-    storage.makedirs(ckpt_dir)
+    ckpt_dir = checkpoints or storage.join(run_dir, "checkpoints")
+    if not storage.is_s3(ckpt_dir):
+        storage.makedirs(ckpt_dir)
     threads = max(1, int(num_cpus // cfg.workers))
     config = {
         "cfg": asdict(cfg), "taxonomy": taxonomy.to_dict(), "shards": uris, "shares": shares,
@@ -233,5 +242,5 @@ def fit(shards: str, run_dir: str, taxonomy: Taxonomy, cfg: TrainConfig, mean, s
     best = ckpt.load(ckpt_dir, ckpt.BEST) or last
     if best is None:
         raise RuntimeError("training finished without a checkpoint")
-    best["history"] = last["history"]
+    best["history"], best["starts"] = last["history"], last.get("starts", [0])
     return best

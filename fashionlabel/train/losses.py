@@ -17,8 +17,9 @@ from fashionlabel.taxonomy import Taxonomy
 
 
 class MultiTaskLoss(nn.Module):
-    def __init__(self, taxonomy: Taxonomy, uncertainty: bool = False):
+    def __init__(self, taxonomy: Taxonomy, uncertainty: bool = False, label_smoothing: float = 0.0):
         super().__init__()
+        self.label_smoothing = label_smoothing
         self.heads = taxonomy.heads
         self.weights = {h.name: h.weight for h in taxonomy.heads}
         self.log_vars = nn.Parameter(torch.zeros(len(taxonomy.heads))) if uncertainty else None
@@ -33,7 +34,7 @@ class MultiTaskLoss(nn.Module):
                 known = y >= 0
                 if not known.any():
                     continue
-                loss = F.cross_entropy(z[known], y[known])
+                loss = F.cross_entropy(z[known], y[known], label_smoothing=self.label_smoothing)
             else:
                 known = ~torch.isnan(y).any(dim=1)
                 if not known.any():

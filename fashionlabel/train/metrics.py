@@ -100,3 +100,13 @@ def evaluate_probs(taxonomy: Taxonomy, probs: dict[str, np.ndarray], targets: di
         "heads": {h.name: head_metrics(h, probs[h.name], targets[h.name]) for h in taxonomy.heads},
         "hierarchy_consistency_raw": hierarchy_consistency(taxonomy, probs),
     }
+
+
+def summary_scores(metrics: dict[str, Any]) -> dict[str, float]:
+    """Flat ``{"<head> top1": …, "<head> recall@3": …}`` of an ``evaluate_probs`` result, for tables."""
+    out = {}
+    for h, m in metrics["heads"].items():
+        for key in ("top1", "top3", "top5", "recall@3", "recall@5"):
+            if key in m:
+                out[f"{h} {key}"] = float(m[key])
+    return out

@@ -19,7 +19,7 @@ from fashionlabel import storage
 from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD, load_samples
 from fashionlabel.label.postprocess import consistent_choice, scores
 from fashionlabel.label.predictor import Predictor
-from fashionlabel.models import create_model
+from fashionlabel.models import create_model, reparameterize_model
 from fashionlabel.shards import list_shards
 from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train.calibrate import calibrate
@@ -35,15 +35,20 @@ def shards_taxonomy(shards: str) -> Taxonomy:
     return Taxonomy.from_dict(stats["taxonomy"])
 
 
-def train(shards: str, out: str, cfg: TrainConfig, num_cpus: float) -> dict[str, Any]:
-    """Train on ``shards`` and write the artifact to ``out``; return a summary dict."""
+def train(shards: str, out: str, cfg: TrainConfig, num_cpus: float, checkpoints: str | None = None
+          ) -> dict[str, Any]:
+    """Train on ``shards`` and write the artifact to ``out``; return a summary dict.
+
+    Args:
+        checkpoints: folder or ``s3://`` prefix for the per-epoch checkpoints (default ``OUT.train/checkpoints``).
+    """
     t0 = time.time()
     taxonomy = shards_taxonomy(shards)
     if any(h.values is None for h in taxonomy.heads):
         idx = storage.read_parquet(storage.join(shards, "index.parquet")).to_pylist()
         taxonomy = taxonomy.learn(idx)
     run_dir = str(Path(out).absolute()) + ".train"
-    best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus)
+    best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints)
 
     model = create_model(cfg.model, taxonomy)
     model.load_state_dict(best["model"])
@@ -57,9 +62,13 @@ def train(shards: str, out: str, cfg: TrainConfig, num_cpus: float) -> dict[str,
     history = best["history"]
     train_ips = float(np.median([h["train_img_per_s"] for h in history])) if history else 0.0
     training = {"config": cfg.__dict__, "best_epoch": best["best_epoch"], "epochs_run": len(history),
+                "starts": best.get("starts", [0]),
                 "train_img_per_s_median": train_ips, "seconds": time.time() - t0}
-    version = save_artifact(out, model, architecture=cfg.model, taxonomy=taxonomy, preprocessing=pre,
-                            calibration=calibration, metrics={}, training=training)
+    # Deployment form: re-parameterisable blocks (RepVGG) fused into plain convs; same outputs, faster.
+    deploy = reparameterize_model(model)
+    version = save_artifact(out, deploy, architecture=cfg.model, taxonomy=taxonomy, preprocessing=pre,
+                            calibration=calibration, metrics={}, training=training,
+                            model_kwargs=getattr(deploy, "model_kwargs", {}))
     Path(out, "curves.json").write_text(json.dumps(history, indent=2))
     _plot_curves(history, Path(out, "curves.png"))
     metrics = {split: evaluate(out, shards, split)["metrics"] for split in ("val", "test")}
