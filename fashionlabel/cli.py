@@ -109,9 +109,20 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
-    from fashionlabel.report import write_report
+    from fashionlabel import latest
+    from fashionlabel.report import write_night_report, write_report
 
-    r = write_report(a.labels, a.out)
+    snaps = latest.snapshots(a.labels)
+    if snaps or a.date:  # a nightly labels root: the night's report with drift against the night before
+        from fashionlabel import storage
+
+        date = a.date or snaps[-1]
+        m = storage.join(a.labels, "..", "manifests", f"{date}.json")
+        manifest = storage.read_json(m) if not storage.is_s3(m) and storage.exists(m) else None
+        r = write_night_report(a.labels, date, a.out, manifest)
+        r.pop("drift")
+    else:
+        r = write_report(a.labels, a.out)
     _print_summary("report", {k: v for k, v in r.items() if k != "charts"} | {"charts": len(r["charts"])})
     return r
 
@@ -133,6 +144,45 @@ def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
     out["time"] = f"{r['seconds']:.1f} s"
     _print_summary("prune", out)
     return out | {"raw": r}
+
+
+def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.label.pipeline import LabelConfig
+    from fashionlabel.nightly import NightlyConfig, run_nightly
+    from fashionlabel.shards import ShardConfig
+
+    cfg = NightlyConfig(shard=ShardConfig(samples_per_shard=a.samples_per_shard, max_side=a.max_side),
+                        label=LabelConfig(batch_size=a.batch_size, actors=a.actors, device=a.device),
+                        relabel_older_than_days=a.relabel_older_than, keep_snapshots=a.keep_snapshots)
+    m = run_nightly(a.catalog, a.model, a.root, a.date, cfg)
+    out = {"night": m["run_date"] + (" (already complete: nothing done)" if m["already_complete"] else ""),
+           "catalog products": m["catalog_products"],
+           "new / changed / unchanged": f"{m['new']} / {m['changed']} / {m['unchanged']}",
+           "quarantined": f"{m['quarantined']} ({_fmt_reasons(m['reasons'])})",
+           "sharded": f"{m['sharded']} in {m['shards']} shards",
+           "labelled": f"{m['labelled']} ({m['relabelled']} relabelled: {m['relabel_reason'] or 'no'})",
+           "errors": m["errors"],
+           "latest": f"{m['latest_rows']} products ({m['latest_inactive']} inactive)",
+           "throughput": f"shard {m['shard_images_per_s']:,.0f} img/s, label {m['label_images_per_s']:,.0f} img/s",
+           "time": f"{m['seconds']['total']:.1f} s", "model version": m["model_version"],
+           "report": m["report"]}
+    _print_summary("nightly", out)
+    return m
+
+
+def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.query import connect
+
+    con = connect(a.labels)
+    df = con.execute(a.sql).df()
+    if a.csv:
+        print(df.to_csv(index=False), end="")
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", a.max_rows, "display.max_columns", 50, "display.width", 200):
+            print(df)
+    return {"rows": len(df)}
 
 
 def cmd_models(a: argparse.Namespace) -> dict[str, Any]:
@@ -239,6 +289,27 @@ def build_parser() -> argparse.ArgumentParser:
     r = add("report", cmd_report, "Write the HTML report of the newest labels run.")
     r.add_argument("--labels", required=True)
     r.add_argument("--out", required=True)
+    r.add_argument("--date", default=None, help="night (nightly roots; default: the newest night)")
+
+    n = add("nightly", cmd_nightly, "Label tonight's new and changed products and publish labels/latest.")
+    n.add_argument("--catalog", required=True, help="tonight's full catalog (local or s3://)")
+    n.add_argument("--model", required=True, help="model artifact folder")
+    n.add_argument("--root", required=True, help="nightly root: shards/, labels/, reports/, manifests/")
+    n.add_argument("--date", default=None, help="YYYY-MM-DD (default: today, UTC)")
+    n.add_argument("--relabel-older-than", type=int, default=None, metavar="DAYS",
+                   help="also relabel active products whose label is older than DAYS")
+    n.add_argument("--samples-per-shard", type=int, default=1000)
+    n.add_argument("--max-side", type=int, default=256)
+    n.add_argument("--batch-size", type=int, default=256)
+    n.add_argument("--actors", type=int, default=None)
+    n.add_argument("--device", default=None)
+    n.add_argument("--keep-snapshots", type=int, default=7, help="latest snapshots kept for readers")
+
+    qy = add("query", cmd_query, "Run SQL (DuckDB) over the views latest and history of a labels root.")
+    qy.add_argument("sql")
+    qy.add_argument("--labels", required=True, help="labels root (local or s3://), e.g. ROOT/labels")
+    qy.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    qy.add_argument("--max-rows", type=int, default=60)
 
     add("models", cmd_models, "List the registered models.")
 
@@ -262,7 +333,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return build_parser().parse_args(list(argv))
 
 
-NEEDS_RAY = {"shard", "train", "label", "demo"}
+NEEDS_RAY = {"shard", "train", "label", "demo", "nightly"}
 
 
 def run(argv: Sequence[str] | None = None) -> int:

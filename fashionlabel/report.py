@@ -1,7 +1,10 @@
-"""``fashionlabel report``: one self-contained HTML file (PNG charts inlined) for a labels run.
+"""``fashionlabel report``: one self-contained HTML file (PNG charts inlined) for a labels run or a night.
 
 Charts: label distribution per single head, confidence histogram per head, ``needs_review`` and error
-shares, the run's counts and throughput (from its ``_SUCCESS`` manifest).
+shares, the run's counts and throughput (from its ``_SUCCESS`` manifest). The *night* report
+(:func:`write_night_report`, written by ``fashionlabel nightly``) draws the same over the active products
+of ``labels/latest`` and adds the night's counts and throughput and the drift against the previous night:
+per head, the change of each label's share (percentage points) and the products whose label flipped.
 """
 
 from __future__ import annotations
@@ -113,6 +116,118 @@ th,td{{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}}img{{max-w
 {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC</p>
 <h2>Run</h2><table>{rows}</table><h2>Mean confidence per head</h2><table>{conf}</table>
 <h2>Charts</h2>{imgs}</body></html>"""
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(page)
+    _write(out, page)
     return {"out": str(out), "charts": [c for c, _ in charts], **facts}
+
+
+def _write(out: str | Path, page: str) -> None:
+    storage.write_bytes(out, page.encode())  # atomic, local or s3://
+
+
+# ---- the night report ---------------------------------------------------------------------------
+def drift(cur: pd.DataFrame, prev: pd.DataFrame, heads: list[str]) -> dict[str, dict[str, Any]]:
+    """Per single head: share change per label (points) and the products whose label flipped.
+
+    Both frames hold active products only; flips are counted over products present in both nights.
+    """
+    both = cur[["product_id", *heads]].merge(prev[["product_id", *heads]], on="product_id",
+                                             suffixes=("", "_prev"))
+    out = {}
+    for h in heads:
+        share = (cur[h].value_counts(normalize=True).subtract(prev[h].value_counts(normalize=True),
+                                                               fill_value=0) * 100)
+        flipped = both[both[h].fillna("∅") != both[f"{h}_prev"].fillna("∅")]
+        out[h] = {"share_change_pp": share.sort_values(key=abs, ascending=False),
+                  "flipped": len(flipped), "compared": len(both),
+                  "examples": flipped[["product_id", f"{h}_prev", h]].head(10).values.tolist()}
+    return out
+
+
+def _drift_charts(d: dict[str, dict[str, Any]], prev_date: str) -> list[tuple[str, str]]:
+    import matplotlib.pyplot as plt
+
+    charts = []
+    for h, v in d.items():
+        top = v["share_change_pp"].head(12)[::-1]
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.barh(top.index.astype(str), top.values, color=["#c03d3e" if x < 0 else "#3b75af" for x in top.values])
+        ax.axvline(0, color="#444", lw=0.8)
+        ax.set(title=f"{h}: share change vs {prev_date} (points); {v['flipped']} of {v['compared']} flipped",
+               xlabel="percentage points")
+        ax.tick_params(axis="y", labelsize=7)
+        charts.append((f"drift-{h}", _png(fig)))
+    return charts
+
+
+def _run_chart(m: dict[str, Any]) -> tuple[str, str]:
+    import matplotlib.pyplot as plt
+
+    keys = ["new", "changed", "unchanged", "quarantined", "labelled", "relabelled", "errors"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3), gridspec_kw={"width_ratios": [3, 1]})
+    ax[0].bar(keys, [m.get(k, 0) for k in keys], color="#3b75af")
+    ax[0].set(title=f"night {m.get('run_date')}: products", yscale="symlog")
+    ax[0].tick_params(axis="x", rotation=30, labelsize=8)
+    tp = {"shard": m.get("shard_images_per_s", 0.0), "label": m.get("label_images_per_s", 0.0)}
+    ax[1].bar(list(tp), list(tp.values()), color="#e1812c")
+    ax[1].set(title="throughput", ylabel="images / s")
+    return "run", _png(fig)
+
+
+def write_night_report(labels: str, date: str, out: str | Path, manifest: dict[str, Any] | None = None,
+                       previous: str | None = None) -> dict[str, Any]:
+    """The report of night ``date``: latest's active products, the night's counts, drift vs ``previous``.
+
+    Args:
+        labels: the labels root (``history/`` and ``latest/`` under it).
+        manifest: the night's counts and throughput (``run_nightly`` passes its manifest).
+        previous: the previous night's snapshot date (default: the snapshot before ``date``, if any).
+    """
+    from fashionlabel import latest
+
+    snaps = latest.snapshots(labels)
+    if date not in snaps:
+        raise FileNotFoundError(f"no latest snapshot for {date} under {labels}")
+    if previous is None:
+        older = [s for s in snaps if s < date]
+        previous = older[-1] if older else None
+    cur = latest.read_snapshot(labels, date).to_pandas()
+    active = cur[cur["active"]]
+    heads = [c[: -len("_topk")] for c in cur.columns if c.endswith("_topk")]
+    multi = [c[: -len("_scores")] for c in cur.columns if c.endswith("_scores")]
+    charts = _charts(active, heads, multi)
+    d = {}
+    if previous:
+        prev = latest.read_snapshot(labels, previous).to_pandas()
+        d = drift(active[active["error"].isna()], prev[prev["active"] & prev["error"].isna()], heads)
+        charts += _drift_charts(d, previous)
+    m = manifest or {}
+    charts.append(_run_chart(m | {"run_date": date}))
+    facts = {
+        "night": date, "previous night": previous or "none (first night)",
+        "active products": len(active), "inactive (gone from catalog)": int((~cur["active"]).sum()),
+        "new / changed / unchanged": f"{m.get('new', '?')} / {m.get('changed', '?')} / {m.get('unchanged', '?')}",
+        "labelled tonight": m.get("labelled", "?"), "relabelled": m.get("relabelled", 0),
+        "relabel reason": m.get("relabel_reason") or "none",
+        "quarantined": m.get("quarantined", "?"),
+        "needs review": f"{100 * active['needs_review'].fillna(False).mean():.1f}%" if len(active) else "n/a",
+        "model version": ", ".join(sorted(active["model_version"].unique())),
+        "shard throughput": f"{m.get('shard_images_per_s', 0):.0f} img/s",
+        "label throughput": f"{m.get('label_images_per_s', 0):.0f} img/s",
+    }
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
+    flips = "".join(f"<tr><th>{html.escape(h)}</th><td>{v['flipped']}</td><td>{v['compared']}</td><td>"
+                    + html.escape("; ".join(f"{p}: {a} → {b}" for p, a, b in v["examples"][:5])) + "</td></tr>"
+                    for h, v in d.items())
+    flips = (f"<table><tr><th>head</th><th>flipped</th><th>compared</th><th>examples</th></tr>{flips}</table>"
+             if d else "<p>first night: nothing to compare with</p>")
+    imgs = "".join(f'<figure id="{cid}"><img alt="{cid}" src="data:image/png;base64,{b64}"></figure>'
+                   for cid, b64 in charts)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fashionlabel night {date}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+th,td{{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}}img{{max-width:100%}}</style></head>
+<body><h1>fashionlabel night {date}</h1><p>{html.escape(str(labels))} — generated
+{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC</p><h2>Night</h2><table>{rows}</table>
+<h2>Drift against the previous night</h2>{flips}<h2>Charts</h2>{imgs}</body></html>"""
+    _write(out, page)
+    return {"out": str(out), "charts": [c for c, _ in charts], "drift": {h: v["flipped"] for h, v in d.items()},
+            **facts}

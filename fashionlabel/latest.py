@@ -1,0 +1,142 @@
+"""``labels/latest``: one row per product, newest label wins, published as an immutable snapshot.
+
+Each night builds ``latest/snapshots/D/part-*.parquet`` from the previous snapshot plus that night's
+``history/run_date=D`` rows (newest ``run_date``, then ``labeled_at``, wins), flags every product that is no
+longer in the catalog with ``active = false`` (never deleted), then *swaps a pointer*:
+
+    latest/snapshots/D/part-00000.parquet …   immutable once its ``_SUCCESS`` exists
+    latest/_symlink_format_manifest/manifest  absolute URIs of the current snapshot's files (Athena/Glue
+                                              SymlinkTextInputFormat, the Delta-Lake-on-Athena pattern)
+    latest/_CURRENT.json                      the same, relative to ``latest/`` (DuckDB, pandas, query.py)
+
+Both pointers are single objects written atomically (rename locally, one PUT on S3), so a reader sees the
+old snapshot or the new one, never a mix. Old snapshots are kept for ``keep`` nights so that a query that
+resolved the pointer just before the swap still finds its files.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from fashionlabel import storage
+from fashionlabel.label.schema import labels_schema
+from fashionlabel.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+LATEST_EXTRA = [pa.field("run_date", pa.date32(), nullable=False), pa.field("active", pa.bool_(), nullable=False)]
+
+
+def latest_schema(taxonomy: Taxonomy) -> pa.Schema:
+    """The labels schema plus ``run_date`` (night of the winning label) and ``active`` (in tonight's catalog)."""
+    return pa.schema(list(labels_schema(taxonomy)) + LATEST_EXTRA)
+
+
+def latest_dir(labels: str) -> str:
+    return storage.join(labels, "latest")
+
+
+def snapshot_dir(labels: str, date: str) -> str:
+    return storage.join(labels, "latest", "snapshots", date)
+
+
+def snapshots(labels: str) -> list[str]:
+    """Dates of the complete snapshots (with ``_SUCCESS``), oldest first."""
+    base = storage.join(labels, "latest", "snapshots")
+    fs, path = storage.filesystem(base)
+    dirs = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    dates = sorted(i.base_name for i in dirs if i.type == pafs.FileType.Directory)
+    return [d for d in dates if storage.exists(storage.join(base, d, "_SUCCESS"))]
+
+
+def snapshot_files(labels: str, date: str) -> list[str]:
+    d = snapshot_dir(labels, date)
+    return [storage.join(d, n) for n in storage.listdir(d, ".parquet")]
+
+
+def current(labels: str) -> dict | None:
+    """The published pointer ``{"snapshot": D, "files": [...relative], "rows": N}``, or None."""
+    uri = storage.join(labels, "latest", "_CURRENT.json")
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def current_files(labels: str) -> list[str]:
+    """Absolute URIs of the files of the published snapshot ([] before the first night)."""
+    cur = current(labels)
+    return [storage.join(labels, "latest", f) for f in cur["files"]] if cur else []
+
+
+def read_snapshot(labels: str, date: str) -> pa.Table:
+    files = snapshot_files(labels, date)
+    return pa.concat_tables([storage.read_parquet(f) for f in files]) if files else pa.table({})
+
+
+def merge(previous: pa.Table | None, night: pa.Table, run_date: str, members: set[str],
+          schema: pa.Schema) -> pa.Table:
+    """Newest label per product from ``previous`` ∪ ``night``; ``active`` = product in ``members``.
+
+    Args:
+        previous: the previous snapshot (latest schema) or None on the first night.
+        night: the night's history rows (labels schema); they get ``run_date``.
+        members: every product id present in tonight's catalog.
+    """
+    import duckdb
+
+    con = duckdb.connect()
+    night = night.append_column("run_date", pa.array([_date(run_date)] * night.num_rows, pa.date32()))
+    con.register("night", night)
+    con.register("members", pa.table({"product_id": pa.array(sorted(members), pa.string())}))
+    sources = "SELECT * EXCLUDE (active) FROM prev UNION ALL BY NAME SELECT * FROM night" \
+        if previous is not None and previous.num_rows else "SELECT * FROM night"
+    if previous is not None and previous.num_rows:
+        con.register("prev", previous)
+    q = f"""
+        SELECT w.* EXCLUDE (rn), (m.product_id IS NOT NULL) AS active
+        FROM (SELECT *, row_number() OVER (PARTITION BY product_id
+                                          ORDER BY run_date DESC, labeled_at DESC, run_id DESC) AS rn
+              FROM ({sources})) AS w
+        LEFT JOIN members AS m USING (product_id)
+        WHERE rn = 1 ORDER BY product_id"""
+    got = con.execute(q).to_arrow_table()
+    cols = [got.column(f.name).cast(f.type) if f.name in got.column_names else pa.nulls(got.num_rows, f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def publish(labels: str, date: str, table: pa.Table, rows_per_file: int = 1_000_000, keep: int = 7) -> dict:
+    """Write ``table`` as snapshot ``date``, then swap both pointers to it; prune old snapshots."""
+    d = snapshot_dir(labels, date)
+    names = []
+    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
+        name = f"part-{i:05d}.parquet"
+        storage.write_parquet(table.slice(start, rows_per_file), storage.join(d, name))
+        names.append(name)
+    pointer = {"snapshot": date, "rows": table.num_rows, "files": [f"snapshots/{date}/{n}" for n in names]}
+    storage.write_json(storage.join(d, "_SUCCESS"), pointer)
+    symlinks = "".join(_uri(storage.join(d, n)) + "\n" for n in names)
+    storage.write_bytes(storage.join(labels, "latest", "_symlink_format_manifest", "manifest"), symlinks.encode())
+    storage.write_json(storage.join(labels, "latest", "_CURRENT.json"), pointer)
+    _prune(labels, keep)
+    return pointer
+
+
+def _prune(labels: str, keep: int) -> None:
+    cur = (current(labels) or {}).get("snapshot")
+    old = [s for s in snapshots(labels)[:-keep] if s != cur] if keep > 0 else []
+    for s in old:
+        fs, path = storage.filesystem(snapshot_dir(labels, s))
+        fs.delete_dir(path)
+        log.info("latest: pruned snapshot %s", s)
+
+
+def _uri(path: str) -> str:
+    return path if storage.is_s3(path) else "file://" + path
+
+
+def _date(s: str):
+    import datetime as dt
+
+    return dt.date.fromisoformat(s)

@@ -1,0 +1,316 @@
+"""``fashionlabel nightly``: one night of incremental labelling, safe to re-run and to kill at any moment.
+
+For a date D and a catalog (img2dataset's incremental mode, applied to a whole night):
+
+1. **shard** only the products that are new or whose image bytes changed (sha256) since the previous
+   nights, into ``ROOT/shards/night=D/``. Every night's ``index.parquet`` together is the *product map*:
+   product → (night, shard, key, sha256), newest night wins.
+2. **label** the night's shards into ``ROOT/labels/history/run_date=D/``; when the model version changed
+   (or a label is older than ``relabel_older_than_days``) also relabel every other active product from
+   the shard its current image already sits in (nothing is fetched again).
+3. **latest**: fold the night into ``ROOT/labels/latest`` (one row per product, newest label wins, products
+   gone from the catalog get ``active = false``; :mod:`fashionlabel.latest` publishes it by pointer swap).
+4. **report** ``ROOT/reports/D.html`` and **manifest** ``ROOT/manifests/D.json``, written last: a night is
+   complete exactly when its manifest says so.
+
+Every step has deterministic output names and skips what is already published, so a night killed half-way
+completes on re-run without duplicates, and re-running a complete night changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from fashionlabel import latest, storage
+from fashionlabel.label.pipeline import LabelConfig, label_shards, part_name
+from fashionlabel.shards import ShardConfig, list_shards
+from fashionlabel.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+MAP_SCHEMA = pa.schema([("product_id", pa.string()), ("key", pa.string()), ("sha256", pa.string()),
+                        ("shard", pa.string()), ("night", pa.string())])
+
+
+class NightlyError(RuntimeError):
+    """A night that cannot run (an earlier night incomplete, unusable root or model)."""
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    relabel_older_than_days: int | None = None  # also relabel labels older than this many days
+    latest_rows_per_file: int = 1_000_000
+    keep_snapshots: int = 7
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a nightly ROOT keeps everything (README "Nightly layout")."""
+
+    root: str
+
+    def night_shards(self, date: str) -> str:
+        return storage.join(self.root, "shards", f"night={date}")
+
+    @property
+    def labels(self) -> str:
+        return storage.join(self.root, "labels")
+
+    def history(self, date: str) -> str:
+        return storage.join(self.labels, "history", f"run_date={date}")
+
+    def relabel_work(self, date: str, night: str) -> str:
+        return storage.join(self.root, "work", f"relabel-{date}", f"night={night}")
+
+    def manifest(self, date: str) -> str:
+        return storage.join(self.root, "manifests", f"{date}.json")
+
+    def report(self, date: str) -> str:
+        return storage.join(self.root, "reports", f"{date}.html")
+
+    def nights(self) -> list[str]:
+        """Dates of every night folder under ``shards/``, oldest first."""
+        fs, path = storage.filesystem(storage.join(self.root, "shards"))
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return sorted(i.base_name.removeprefix("night=") for i in infos
+                      if i.type == pafs.FileType.Directory and i.base_name.startswith("night="))
+
+
+# ---- the product map ----------------------------------------------------------------------------
+def product_map(layout: Layout, before: str) -> pa.Table:
+    """product → (key, sha256, shard URI, night) over every night < ``before``; newest night wins."""
+    parts = []
+    for night in layout.nights():
+        idx = storage.join(layout.night_shards(night), "index.parquet")
+        if night >= before or not storage.exists(idx):
+            continue
+        t = storage.read_parquet(idx, columns=["product_id", "key", "sha256", "shard"])
+        uris = pc.binary_join_element_wise(layout.night_shards(night) + "/", t["shard"], ".tar", "")
+        parts.append(pa.table([t["product_id"], t["key"], t["sha256"], uris,
+                               pa.array([night] * t.num_rows, pa.string())], schema=MAP_SCHEMA))
+    if not parts:
+        return MAP_SCHEMA.empty_table()
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("m", pa.concat_tables(parts))
+    q = ("SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (PARTITION BY product_id ORDER BY night DESC)"
+         " AS rn FROM m) WHERE rn = 1 ORDER BY product_id")
+    return con.execute(q).to_arrow_table().cast(MAP_SCHEMA)
+
+
+# ---- the night ----------------------------------------------------------------------------------
+def run_nightly(catalog: str, model: str, root: str, date: str | None = None,
+                cfg: NightlyConfig = NightlyConfig()) -> dict[str, Any]:
+    """Run (or finish, or confirm) the night ``date`` for ``catalog`` under ``root``; return its manifest.
+
+    Args:
+        catalog: the full catalog as of tonight (CSV / Parquet / JSON Lines, local or s3://).
+        model: a model artifact folder; its taxonomy decides the label columns.
+        root: the nightly root (local folder or s3:// prefix), see :class:`Layout`.
+        date: YYYY-MM-DD (default: today, UTC).
+    """
+    from fashionlabel.train.export import load_artifact
+
+    t0 = time.time()
+    date = date or dt.datetime.now(dt.UTC).date().isoformat()
+    dt.date.fromisoformat(date)  # a clear error for a malformed date, before anything is written
+    layout = Layout(storage.absolute(root))
+    done = _manifest(layout, date)
+    if done.get("status") == "complete":
+        log.info("night %s is already complete: nothing to do", date)
+        return done | {"already_complete": True}
+    _check_earlier_nights(layout, date)
+    _, spec = load_artifact(model)
+    taxonomy: Taxonomy = spec["taxonomy_obj"]
+    version = spec["version"]
+
+    before = product_map(layout, date)
+    shard = _shard_night(catalog, layout.night_shards(date), taxonomy, cfg.shard, before)
+    members = shard.pop("members")
+    t_shard = time.time()
+
+    night = label_shards(layout.night_shards(date), model, layout.labels, date, cfg.label)
+    relabel = _relabel(layout, date, model, version, before, shard["night_ids"], members, cfg)
+    t_label = time.time()
+
+    history = _read_history(layout, date, taxonomy)
+    _assert_unique(history, f"history run_date={date}")
+    prev_dates = [s for s in latest.snapshots(layout.labels) if s < date]
+    previous = latest.read_snapshot(layout.labels, prev_dates[-1]) if prev_dates else None
+    snap = latest.merge(previous, history, date, members, latest.latest_schema(taxonomy))
+    _assert_unique(snap, "latest")
+    pointer = latest.publish(layout.labels, date, snap, cfg.latest_rows_per_file, cfg.keep_snapshots)
+    labelled = night["labelled"] + relabel["labelled"]
+    seconds = time.time() - t0
+    manifest = {
+        "run_date": date, "status": "complete", "catalog": str(catalog), "model": str(model),
+        "model_version": version, "taxonomy_version": taxonomy.version, "previous_night": prev_dates[-1]
+        if prev_dates else None,
+        "catalog_products": len(members), "new": shard["new"], "changed": shard["changed"],
+        "unchanged": shard["unchanged"], "quarantined": shard["quarantined"], "reasons": shard["reasons"],
+        "sharded": shard["packed"], "shards": shard["shards"],
+        "labelled": labelled, "labelled_new_or_changed": night["labelled"], "errors": night["errored"]
+        + relabel["errored"], "relabelled": relabel["labelled"], "relabel_reason": relabel["reason"],
+        "history_rows": history.num_rows, "latest_rows": snap.num_rows,
+        "latest_active": int(pc.sum(snap["active"]).as_py() or 0),
+        "latest_inactive": snap.num_rows - int(pc.sum(snap["active"]).as_py() or 0),
+        "latest_snapshot": pointer["snapshot"],
+        "seconds": {"shard": t_shard - t0, "label": t_label - t_shard, "total": seconds},
+        "shard_images_per_s": shard["packed"] / (t_shard - t0) if shard["packed"] else 0.0,
+        "label_images_per_s": labelled / (t_label - t_shard) if labelled else 0.0,
+        "config": asdict(cfg),
+        "report": layout.report(date),
+    }
+    _write_report(layout, date, manifest, prev_dates[-1] if prev_dates else None)
+    storage.write_json(layout.manifest(date), manifest)
+    return manifest | {"already_complete": False}
+
+
+def _manifest(layout: Layout, date: str) -> dict[str, Any]:
+    uri = layout.manifest(date)
+    return storage.read_json(uri) if storage.exists(uri) else {}
+
+
+def _check_earlier_nights(layout: Layout, date: str) -> None:
+    """Nights build on each other: an earlier night that started but never completed must finish first."""
+    for night in layout.nights():
+        if night < date and _manifest(layout, night).get("status") != "complete":
+            raise NightlyError(f"night {night} started but is not complete: re-run it (same command, "
+                               f"--date {night}) before {date}")
+
+
+def _shard_night(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig, before: pa.Table
+                 ) -> dict[str, Any]:
+    """Shard the new and changed products of ``catalog`` into ``out``; counts plus catalog membership.
+
+    The catalog's images are hashed first (sha256 of the source bytes, the same digest the shard index
+    keeps); only rows whose digest is new for their product, or that cannot be fetched (so that they are
+    quarantined with their reason), go to :func:`shard_catalog`, as a JSON Lines catalog with resolved URIs.
+    """
+    from fashionlabel.catalog import read_catalog, validate
+    from fashionlabel.shards import shard_catalog
+
+    rows, malformed = read_catalog(catalog)
+    valid, rejected = validate(rows, catalog, taxonomy)
+    members = {str(r["product_id"]) for r in rows if r.get("product_id") not in (None, "")}
+    known = dict(zip(before["product_id"].to_pylist(), before["sha256"].to_pylist(), strict=True))
+    digests = _digests([v.image_uri for v in valid])
+    raw = {str(r["product_id"]): r for r in rows if r.get("product_id") not in (None, "")}
+    todo, new, changed = [], 0, 0
+    for v, sha in zip(valid, digests, strict=True):
+        if sha is not None and known.get(v.product_id) == sha:
+            continue
+        if sha is not None:
+            new, changed = new + (v.product_id not in known), changed + (v.product_id in known)
+        todo.append(raw[v.product_id] | {"image_uri": v.image_uri})
+    work = storage.join(out, "_catalog.jsonl")
+    storage.write_bytes(work, "".join(json.dumps(r, default=str) + "\n" for r in todo).encode())
+    s = shard_catalog(work, out, taxonomy, cfg)
+    index = storage.read_parquet(storage.join(out, "index.parquet"), columns=["product_id"])
+    reasons = dict(s.reasons)
+    for r in malformed + rejected:
+        reasons[r.reason] = reasons.get(r.reason, 0) + 1
+    quarantined = s.quarantined + len(malformed) + len(rejected)
+    return {"new": new, "changed": changed, "unchanged": len(valid) - len(todo), "packed": s.packed,
+            "shards": s.shards, "quarantined": quarantined, "reasons": reasons,
+            "night_ids": set(index["product_id"].to_pylist()), "members": members}
+
+
+def _digests(uris: list[str]) -> list[str | None]:
+    """sha256 of each image's bytes (None when it cannot be fetched: the shard step quarantines it)."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fashionlabel.catalog import FetchError, fetch
+
+    def one(u: str) -> str | None:
+        try:
+            return hashlib.sha256(fetch(u)).hexdigest()
+        except FetchError:
+            return None
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(one, uris))
+
+
+def _relabel(layout: Layout, date: str, model: str, version: str, before: pa.Table, night_ids: set[str],
+             members: set[str], cfg: NightlyConfig) -> dict[str, Any]:
+    """Relabel active products whose current label is from another model (or too old), from their shards."""
+    prev_dates = [s for s in latest.snapshots(layout.labels) if s < date]
+    if not prev_dates:
+        return {"labelled": 0, "errored": 0, "reason": None, "products": 0}
+    snap = latest.read_snapshot(layout.labels, prev_dates[-1])
+    cutoff = None
+    if cfg.relabel_older_than_days is not None:
+        cutoff = dt.date.fromisoformat(date) - dt.timedelta(days=cfg.relabel_older_than_days)
+    old_model = {p for p, v in zip(snap["product_id"].to_pylist(), snap["model_version"].to_pylist(),
+                                   strict=True) if v != version}
+    too_old = set()
+    if cutoff is not None:
+        too_old = {p for p, d in zip(snap["product_id"].to_pylist(), snap["run_date"].to_pylist(), strict=True)
+                   if d < cutoff}
+    labelled_ids = set(snap["product_id"].to_pylist())
+    mapped = before.to_pylist()
+    # Products whose current image was sharded but never got a label (a night lost before its labels).
+    missing = {r["product_id"] for r in mapped} - labelled_ids
+    want = ((old_model | too_old | missing) & members) - night_ids
+    reasons = [r for r, s in (("model version changed", old_model & want),
+                              (f"labels older than {cfg.relabel_older_than_days} days", too_old & want),
+                              ("never labelled", missing & want)) if s]
+    totals = {"labelled": 0, "errored": 0, "reason": "; ".join(reasons) or None, "products": len(want)}
+    if not want:
+        return totals
+    log.info("relabel: %d products (%s)", len(want), totals["reason"])
+    for night in sorted({r["night"] for r in mapped if r["product_id"] in want}):
+        idx = storage.read_parquet(storage.join(layout.night_shards(night), "index.parquet"),
+                                   columns=["product_id", "sha256", "shard"])
+        here = {r["product_id"]: r for r in mapped if r["night"] == night}
+        # skip= every row of this night's shards except the current image of a product to relabel.
+        skip = {p: s for p, s in zip(idx["product_id"].to_pylist(), idx["sha256"].to_pylist(), strict=True)
+                if not (p in want and p in here and here[p]["sha256"] == s)}
+        work = layout.relabel_work(date, night)
+        s = label_shards(layout.night_shards(night), model, work, date, cfg.label, skip=skip)
+        totals["labelled"] += s["labelled"]
+        totals["errored"] += s["errored"]
+        # Publish the parts into the night's history under names that cannot collide with its own shards.
+        for uri in list_shards(layout.night_shards(night)):
+            src = storage.join(s["out"], part_name(uri))
+            t = storage.read_parquet(src)
+            if t.num_rows:
+                dest = storage.join(layout.history(date), f"part-relabel-{night}-{part_name(uri)[5:]}")
+                storage.write_parquet(t, dest)
+    return totals
+
+
+def _read_history(layout: Layout, date: str, taxonomy: Taxonomy) -> pa.Table:
+    from fashionlabel.label.schema import labels_schema
+
+    schema = labels_schema(taxonomy)
+    d = layout.history(date)
+    files = [storage.join(d, n) for n in storage.listdir(d, ".parquet")]
+    return pa.concat_tables([storage.read_parquet(f, schema=schema) for f in files]) if files \
+        else schema.empty_table()
+
+
+def _assert_unique(t: pa.Table, what: str) -> None:
+    n = pc.count_distinct(t["product_id"]).as_py() if t.num_rows else 0
+    if n != t.num_rows:
+        raise NightlyError(f"{what}: {t.num_rows} rows but {n} distinct products")
+
+
+def _write_report(layout: Layout, date: str, manifest: dict[str, Any], previous: str | None) -> None:
+    from fashionlabel.report import write_night_report
+
+    write_night_report(layout.labels, date, layout.report(date), manifest, previous)

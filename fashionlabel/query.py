@@ -1,0 +1,64 @@
+"""``fashionlabel query``: DuckDB over the labels tables, local or on S3, with no DuckDB extension needed.
+
+Two views are registered on an in-memory DuckDB connection:
+
+- ``latest``: the published snapshot of ``labels/latest`` (resolved through ``latest/_CURRENT.json``, so a
+  query never sees two nights mixed), one row per product, with ``run_date`` and ``active``;
+- ``history``: every ``labels/history/run_date=D/part-*.parquet``, with the hive column ``run_date``.
+
+Files are opened through pyarrow datasets (local or ``s3://`` with the storage module's credentials and
+endpoint) and scanned lazily by DuckDB with projection and filter push-down, so no ``httpfs`` extension
+download is needed on a locked-down host.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from fashionlabel import latest, storage
+
+
+def history_files(labels: str) -> list[str]:
+    """Every Parquet part under ``labels/history/run_date=*/``, oldest night first."""
+    base = storage.join(labels, "history")
+    fs, path = storage.filesystem(base)
+    runs = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith("run_date="))
+    return [storage.join(base, r, n) for r in runs for n in storage.listdir(storage.join(base, r), ".parquet")]
+
+
+def history_dataset(labels: str) -> pads.Dataset | None:
+    files = history_files(labels)
+    if not files:
+        return None
+    fs, root = storage.filesystem(storage.join(labels, "history"))
+    part = pads.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive")
+    return pads.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs, format="parquet",
+                        partitioning=part, partition_base_dir=root)
+
+
+def latest_dataset(labels: str) -> pads.Dataset | None:
+    files = latest.current_files(labels)
+    if not files:
+        return None
+    fs, _ = storage.filesystem(files[0])
+    return pads.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
+
+
+def connect(labels: str):
+    """A DuckDB connection with the views ``latest`` and ``history`` of ``labels`` registered.
+
+    Raises FileNotFoundError when neither table has any file yet.
+    """
+    import duckdb
+
+    con = duckdb.connect()
+    found = {"latest": latest_dataset(labels), "history": history_dataset(labels)}
+    if not any(v is not None for v in found.values()):
+        raise FileNotFoundError(f"no labels under {labels} (expected latest/_CURRENT.json or history/)")
+    for name, ds in found.items():
+        if ds is not None:
+            con.register(name, ds)
+    return con

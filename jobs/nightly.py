@@ -1,0 +1,16 @@
+"""Job entry point for `fashionlabel nightly` (see `fashionlabel nightly --help`).
+
+    ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.nightly ARGS...
+"""
+
+import sys
+
+from fashionlabel.cli import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(["nightly", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Nightly runs on a 300-product catalog: first night, a night with 5% new and 5% changed products, a
+re-run of a complete night, a new model version, and gone products kept as inactive."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import duckdb
+import pytest
+from conftest import sample_rows, write_catalog
+
+from fashionlabel.label.pipeline import LabelConfig
+from fashionlabel.nightly import NightlyConfig, NightlyError, run_nightly
+from fashionlabel.shards import ShardConfig
+
+CFG = NightlyConfig(shard=ShardConfig(samples_per_shard=100, max_side=96), label=LabelConfig(batch_size=64))
+
+
+def _good_and_bad():
+    rows = sample_rows()
+    good = [r for r in rows if Path(r["image_uri"]).exists()]
+    bad = [r for r in rows if not Path(r["image_uri"]).exists()]
+    return good, bad
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def nights(ray_session, tiny_model, tmp_path_factory):
+    """Night 1: 300 products + the sample's 6 bad rows; night 2: 10 gone, 15 new, 15 changed images."""
+    tmp = tmp_path_factory.mktemp("nightly")
+    good, bad = _good_and_bad()
+    base, extra = good[1000:1300], good[1300:1400]
+    cat1 = write_catalog(tmp / "c1" / "catalog.csv", base + bad)
+    m1 = run_nightly(str(cat1), str(tiny_model), str(tmp / "root"), "2026-03-01", CFG)
+    gone = {r["product_id"] for r in base[:10]}
+    changed = {r["product_id"] for r in base[10:25]}
+    rows2 = []
+    for r in base[10:]:
+        r = dict(r)
+        if r["product_id"] in changed:  # same product, a different photo
+            r["image_uri"] = extra[50 + len(rows2) % 40]["image_uri"]
+        rows2.append(r)
+    new = extra[:15]
+    cat2 = write_catalog(tmp / "c2" / "catalog.csv", rows2 + new + bad)
+    m2 = run_nightly(str(cat2), str(tiny_model), str(tmp / "root"), "2026-03-02", CFG)
+    return {"root": tmp / "root", "m1": m1, "m2": m2, "cat2": cat2, "gone": gone, "changed": changed,
+            "new": {r["product_id"] for r in new}, "all": {r["product_id"] for r in base + new}}
+
+
+def test_first_night(nights):
+    m, root = nights["m1"], nights["root"]
+    assert (m["new"], m["changed"], m["unchanged"]) == (300, 0, 0)
+    assert m["quarantined"] == 6 and m["reasons"] == {"image_not_found": 6}
+    assert m["labelled"] == 300 and m["relabelled"] == 0 and m["errors"] == 0
+    assert m["latest_rows"] == 300 and m["latest_inactive"] == 0
+    assert (root / "manifests" / "2026-03-01.json").is_file() and (root / "reports" / "2026-03-01.html").is_file()
+
+
+def test_second_night_labels_only_new_and_changed(nights):
+    m, root = nights["m2"], nights["root"]
+    assert (m["new"], m["changed"], m["unchanged"]) == (15, 15, 275)
+    assert m["sharded"] == 30 and m["labelled"] == 30 and m["relabelled"] == 0
+    con = duckdb.connect()
+    night = con.execute(
+        f"SELECT product_id FROM '{root}/labels/history/run_date=2026-03-02/*.parquet'").fetchall()
+    assert {p for (p,) in night} == nights["new"] | nights["changed"] and len(night) == 30
+    from fashionlabel.query import connect
+
+    q = connect(str(root / "labels"))
+    assert q.execute("SELECT count(*), count(DISTINCT product_id) FROM latest").fetchall() == [(315, 315)]
+    inactive = q.execute("SELECT product_id FROM latest WHERE NOT active").fetchall()
+    assert {p for (p,) in inactive} == nights["gone"]
+    # changed products carry tonight's image digest and run date; unchanged ones keep night 1's label
+    got = dict(q.execute("SELECT product_id, run_date::VARCHAR FROM latest").fetchall())
+    assert {p for p, d in got.items() if d == "2026-03-02"} == nights["new"] | nights["changed"]
+    sha2 = dict(q.execute("SELECT product_id, image_sha256 FROM history WHERE run_date = '2026-03-02'").fetchall())
+    sha1 = dict(q.execute("SELECT product_id, image_sha256 FROM history WHERE run_date = '2026-03-01'").fetchall())
+    assert all(sha2[p] != sha1[p] for p in nights["changed"])
+
+
+def test_rerun_of_a_complete_night_changes_nothing(nights, tiny_model):
+    root = nights["root"]
+    before = _tree(root)
+    m = run_nightly(str(nights["cat2"]), str(tiny_model), str(root), "2026-03-02", CFG)
+    assert m["already_complete"] and m["labelled"] == 30
+    assert _tree(root) == before
+
+
+def test_an_earlier_incomplete_night_blocks_the_next(nights, tiny_model, tmp_path):
+    root = tmp_path / "root"
+    (root / "shards" / "night=2026-01-01").mkdir(parents=True)
+    with pytest.raises(NightlyError, match="2026-01-01 started but is not complete"):
+        run_nightly(str(nights["cat2"]), str(tiny_model), str(root), "2026-01-02", CFG)
+
+
+def test_new_model_version_relabels_every_active_product(nights, tiny_model, tmp_path_factory):
+    import shutil
+
+    from fashionlabel.report import write_night_report
+    from fashionlabel.train.export import load_artifact, save_artifact
+
+    model, spec = load_artifact(tiny_model)
+    v2 = tmp_path_factory.mktemp("m2") / "model"
+    save_artifact(v2, model, architecture=spec["architecture"], taxonomy=spec["taxonomy_obj"],
+                  preprocessing=spec["preprocessing"], calibration=spec["calibration"],
+                  model_kwargs=spec.get("model_kwargs"), training=spec["training"] | {"note": "v2"})
+    root = tmp_path_factory.mktemp("relabel") / "root"
+    shutil.copytree(nights["root"], root)
+    m = run_nightly(str(nights["cat2"]), str(v2), str(root), "2026-03-03", CFG)
+    assert (m["new"], m["changed"], m["labelled_new_or_changed"]) == (0, 0, 0)
+    assert m["relabelled"] == 305 and m["relabel_reason"] == "model version changed"
+    con = duckdb.connect()
+    hist = f"'{root}/labels/history/run_date=2026-03-03/*.parquet'"
+    assert con.execute(f"SELECT count(*), count(DISTINCT product_id) FROM {hist}").fetchall() == [(305, 305)]
+    from fashionlabel.query import connect
+
+    q = connect(str(root / "labels"))
+    versions = q.execute("SELECT active, model_version = ?, count(*) FROM latest GROUP BY ALL ORDER BY 1",
+                         [m["model_version"]]).fetchall()
+    assert versions == [(False, False, 10), (True, True, 305)]  # gone products are not relabelled
+    r = write_night_report(str(root / "labels"), "2026-03-03", root / "r.html", m)
+    assert "model version changed" in (root / "r.html").read_text() and r["relabelled"] == 305
+    # the policy on age: with the same model, labels older than 1 day are relabelled (night 1's 260 active)
+    m4 = run_nightly(str(nights["cat2"]), str(v2), str(root), "2026-03-05",
+                     NightlyConfig(shard=CFG.shard, label=CFG.label, relabel_older_than_days=1))
+    assert m4["relabelled"] == 305 and m4["relabel_reason"] == "labels older than 1 days"
