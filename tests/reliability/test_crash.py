@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 def _parts(out: Path) -> int:
-    return len(list((out / "_parts").glob("shard-*.parquet"))) if (out / "_parts").is_dir() else 0
+    return len(list((out / "_parts").glob("shard-[0-9][0-9][0-9][0-9][0-9][0-9].parquet"))) if (out / "_parts").is_dir() else 0
 
 
 def _staging_tar(out: Path) -> bool:
@@ -47,7 +47,7 @@ def crashed_shards(crash_catalog, tmp_path_factory, ledger) -> Path:
     out = tmp / "shards"
     args = ["shard", "--catalog", str(cat), "--out", str(out), "--samples-per-shard", "100"]
     faults = [
-        ("shard: kill -9 driver early (Ray up, output probed)", lambda base: (out / "_parts" / ".write-probe").exists()),
+        ("shard: kill -9 driver early (plan saved, packing starts)", lambda base: (out / "_parts" / "_plan.json").exists()),
         ("shard: kill -9 driver while a shard tar is being written", lambda base: _staging_tar(out)),
         ("shard: kill -9 driver midway (8 more shards done)", lambda base: _parts(out) >= 8 + base),
     ]
