@@ -38,7 +38,8 @@ def session_pids(sid: int) -> list[int]:
     for d in os.listdir("/proc"):
         if d.isdigit():
             with contextlib.suppress(OSError):
-                if os.getsid(int(d)) == sid:
+                # zombies (exited, not yet reaped by their parent) hold nothing and cannot be killed
+                if os.getsid(int(d)) == sid and Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                     out.append(int(d))
     return out
 
@@ -131,6 +132,7 @@ class Cli:
     def __init__(self, args: Sequence[str], tmp: Path, env: dict[str, str] | None = None, name: str = "cli",
                  argv: Sequence[str] | None = None):
         self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
         # Ray's socket paths must fit in 107 bytes: its temp dir is short, under /tmp, removed at exit.
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="flr-"))
         atexit.register(shutil.rmtree, self.ray_tmp, True)

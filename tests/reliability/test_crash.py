@@ -21,7 +21,8 @@ from procs import Cli, kill_one, ray_workers
 
 from tests.conftest import sample_rows, write_catalog
 
-pytestmark = pytest.mark.slow
+# Each test starts several commands, each with its own local Ray: minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def _parts(out: Path) -> int:

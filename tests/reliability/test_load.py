@@ -18,7 +18,8 @@ from procs import Cli
 
 from tests.conftest import sample_rows
 
-pytestmark = pytest.mark.slow
+# Each test starts several commands, each with its own local Ray: minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 N = int(os.environ.get("FASHIONLABEL_LOAD_PRODUCTS", "100000"))
 # Bound on the summed RSS of a command's process tree (an over-count: shared pages count once per process).

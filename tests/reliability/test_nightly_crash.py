@@ -16,7 +16,8 @@ from procs import Cli
 from fashionlabel import latest
 from tests.conftest import sample_rows, write_catalog
 
-pytestmark = pytest.mark.slow
+# Each test starts several commands, each with its own local Ray: minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 DATE = "2026-06-01"
 
 

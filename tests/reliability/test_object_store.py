@@ -15,7 +15,8 @@ from s3server import SECRET_KEY
 
 from tests.conftest import sample_rows, write_catalog
 
-pytestmark = pytest.mark.slow
+# Each test starts several commands, each with its own local Ray: minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")

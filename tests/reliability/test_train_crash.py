@@ -10,7 +10,8 @@ import pytest
 import torch
 from procs import Cli
 
-pytestmark = pytest.mark.slow
+# Each test starts several commands, each with its own local Ray: minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def test_training_resumes_from_last_checkpoint(small_shards, tmp_path, ledger):
