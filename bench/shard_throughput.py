@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
 import shutil
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from fashionlabel import storage  # noqa: E402
 from fashionlabel.catalog import FetchError, fetch, read_catalog, validate  # noqa: E402
 from fashionlabel.images import ImageReject, normalise  # noqa: E402
 from fashionlabel.shards import ShardConfig, index_schema, shard_catalog  # noqa: E402
+from fashionlabel.tarwriter import TarWriter  # noqa: E402
 from fashionlabel.taxonomy import Taxonomy  # noqa: E402
 
 DATA = Path("/work/shared/data/fashion-product-images")
@@ -72,7 +71,7 @@ def baseline(catalog: Path, out: Path, taxonomy: Taxonomy, cfg: ShardConfig) -> 
     for s in range(0, len(valid), cfg.samples_per_shard):
         name = f"shard-{s // cfg.samples_per_shard:06d}"
         tmp = out / f"{name}.tar.tmp"
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        with TarWriter(open(tmp, "wb")) as tar:  # noqa: SIM115 - the writer closes it
             for r in valid[s : s + cfg.samples_per_shard]:
                 try:
                     src = fetch(r.image_uri)
@@ -84,10 +83,8 @@ def baseline(catalog: Path, out: Path, taxonomy: Taxonomy, cfg: ShardConfig) -> 
                 sha = hashlib.sha256(src).hexdigest()
                 meta = {"product_id": r.product_id, "labels": r.labels, "source_uri": r.image_uri,
                         "sha256": sha, "orig_size": [ow, oh], "meta": r.meta}
-                for ext, data in (("jpg", jpg), ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{r.key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                tar.add(f"{r.key}.jpg", jpg)
+                tar.add(f"{r.key}.json", json.dumps(meta, ensure_ascii=False).encode())
                 index.append({"key": r.key, "product_id": r.product_id, "shard": name, "image_uri": r.image_uri,
                               "sha256": sha, "bytes": len(src), "orig_width": ow, "orig_height": oh,
                               "width": w, "height": h, **r.labels})
@@ -111,6 +108,7 @@ def main() -> None:
 
     import ray
 
+    load0 = os.getloadavg()[0]  # other work on the machine takes cores from both paths: print it
     work = Path(tempfile.mkdtemp(prefix="shard-bench-", dir=a.work))
     try:
         catalog = build_catalog(a.images, a.styles, a.products, work)
@@ -121,20 +119,26 @@ def main() -> None:
                  logging_level="WARNING", log_to_driver=False)
         base, job = [], []
         for rep in range(a.repeats):
+            cpu0 = time.process_time()
             n_b, t_b = baseline(catalog, work / f"base{rep}", taxonomy, cfg)
+            cpu_b = time.process_time() - cpu0
+            cpu0 = time.process_time()
             s = shard_catalog(str(catalog), str(work / f"job{rep}"), taxonomy, cfg)
+            cpu_driver = time.process_time() - cpu0
             assert s.packed == n_b, (s.packed, n_b)
             base.append(n_b / t_b)
             job.append(s.images_per_s)
-            print(f"run {rep}: single process {n_b / t_b:,.0f} img/s ({t_b:.1f} s)   "
-                  f"shard_catalog {s.images_per_s:,.0f} img/s ({s.seconds:.1f} s: "
-                  f"read+validate {s.timings['read_validate_s']:.1f} s, plan {s.timings['plan_s']:.1f} s)",
-                  flush=True)
+            print(f"run {rep}: single process {n_b / t_b:,.0f} img/s ({t_b:.1f} s wall, {cpu_b:.1f} s CPU)   "
+                  f"shard_catalog {s.images_per_s:,.0f} img/s ({s.seconds:.1f} s wall: driver read+check "
+                  f"{s.timings['read_validate_s']:.1f} s, plan {s.timings['plan_s']:.1f} s; CPU: driver "
+                  f"{cpu_driver:.1f} s, tasks {s.timings['tasks_cpu_s']:.1f} s)   "
+                  f"load average {os.getloadavg()[0]:.1f}", flush=True)
             shutil.rmtree(work / f"base{rep}")
             shutil.rmtree(work / f"job{rep}")
         ray.shutdown()
         b, j = statistics.median(base), statistics.median(job)
         print(f"\nproducts {a.products:,}  cores {os.cpu_count()}  ray workers {a.workers}  "
+              f"load average before/after {load0:.1f}/{os.getloadavg()[0]:.1f}  "
               f"samples/shard {a.samples_per_shard}  repeats {a.repeats}")
         print(f"single process : {b:,.0f} img/s (median)")
         print(f"shard_catalog  : {j:,.0f} img/s (median)")

@@ -15,6 +15,7 @@ import csv
 import http.client
 import io
 import json
+import os
 import re
 import time
 import urllib.error
@@ -291,20 +292,19 @@ def _fetch_once(uri: str, timeout: float, max_bytes: int) -> bytes:
                 return f.read()
         if ANY_SCHEME.match(uri) and not REMOTE.match(uri):
             raise FetchError("image_unreadable", f"unsupported URI scheme in {uri[:80]}")
-        path = Path(uri.removeprefix("file://"))
-        if not path.is_file():
-            raise FetchError("image_not_found", str(path))
-        if path.stat().st_size > max_bytes:
-            raise FetchError("image_too_large", f"{path.stat().st_size} bytes, limit {max_bytes}")
-        return path.read_bytes()
+        with open(uri.removeprefix("file://"), "rb") as f:  # one open + fstat: this runs per image
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise FetchError("image_too_large", f"{size} bytes, limit {max_bytes}")
+            return f.read()
     except FetchError:
         raise
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise FetchError("image_not_found", storage._clean(e)[:300]) from e
     except urllib.error.HTTPError as e:
         if e.code in (404, 410):
             raise FetchError("image_not_found", f"HTTP {e.code}") from e
         raise FetchError("image_unreadable", f"HTTP {e.code}", retryable=e.code >= 500 or e.code == 429) from e
-    except FileNotFoundError as e:
-        raise FetchError("image_not_found", storage._clean(e)[:300]) from e
     except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
         raise FetchError("image_unreadable", storage._clean(e)[:300], retryable=True) from e
     except (OSError, ValueError) as e:

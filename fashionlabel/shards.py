@@ -43,6 +43,7 @@ from fashionlabel.catalog import (
     read_catalog,
 )
 from fashionlabel.images import ImageReject, normalise
+from fashionlabel.tarwriter import TarWriter
 from fashionlabel.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
     index, rejected = [], []
     tmp = storage.staging_dir(out) / f"{name}.{time.time_ns()}.tar.tmp"
     try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        with TarWriter(open(tmp, "wb")) as tar:  # noqa: SIM115 - the writer closes it
             for row in rows:
                 r = check_labels(row, taxonomy)
                 if isinstance(r, Rejected):
@@ -109,8 +110,8 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
                 sha = hashlib.sha256(src).hexdigest()
                 meta = {"product_id": r.product_id, "labels": r.labels, "source_uri": r.image_uri,
                         "sha256": sha, "orig_size": [ow, oh], "meta": r.meta}
-                _add(tar, f"{r.key}.jpg", jpg)
-                _add(tar, f"{r.key}.json", json.dumps(meta, ensure_ascii=False).encode())
+                tar.add(f"{r.key}.jpg", jpg)
+                tar.add(f"{r.key}.json", json.dumps(meta, ensure_ascii=False).encode())
                 index.append({"key": r.key, "product_id": r.product_id, "shard": name,
                               "image_uri": r.image_uri, "sha256": sha, "bytes": len(src), "orig_width": ow,
                               "orig_height": oh, "width": w, "height": h, **r.labels})
@@ -125,12 +126,6 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
                           storage.join(out, "_parts", f"{name}.parquet"))
     return {"shard": name, "packed": len(index), "rejected": len(rejected), "start": t0, "end": time.time(),
             "cpu_s": time.process_time() - cpu0}
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o444, 0  # fixed metadata: same input, same bytes
-    tar.addfile(info, io.BytesIO(data))
 
 
 def hash_sources(items: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
@@ -242,11 +237,12 @@ class ShardSummary:
     changed: int = 0
     unchanged: int = 0
     incremental_from: str | None = None
+    packed_this_run: int = 0  # products packed by this attempt (a re-run skips finished shards)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
-        return self.packed / self.seconds if self.seconds else 0.0
+        return self.packed_this_run / self.seconds if self.seconds else 0.0
 
 
 def _open_output(out: str) -> set[str]:
@@ -274,7 +270,10 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
             new or whose source bytes changed (sha256).
     """
 
+    import ray
+
     t0 = time.time()
+    warm = _warm_workers()  # workers import this module while the driver reads the catalog
     out = storage.absolute(out)
     rows, malformed = read_catalog(catalog)
     valid, rejected = check_ids(rows, catalog)  # label checks run in the tasks: the driver stays light
@@ -288,7 +287,8 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
     log.info("catalog %s: %d rows, %d valid, %d rejected before fetch; %s; %d shards, %d to pack",
              catalog, len(rows) + len(malformed), len(valid), len(rejected), plan.counts,
              len(plan.shards), len(todo))
-    _run_tasks(todo, out, cfg, schema, taxonomy)
+    packed_now, task_cpu = _run_tasks(todo, out, cfg, schema, taxonomy)
+    ray.get(warm)
 
     index, quarantine = _merge(out, len(plan.shards), schema, rejected)
     storage.write_parquet(index, storage.join(out, "index.parquet"))
@@ -300,7 +300,8 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
         catalog_rows=len(rows) + len(malformed), packed=index.num_rows, quarantined=quarantine.num_rows,
         reasons=reasons, shards=len(plan.shards), shards_skipped=len(plan.shards) - len(todo),
         seconds=seconds, out=str(out), incremental_from=incremental_from, **plan.counts,
-        timings={"read_validate_s": t_read, "plan_s": t_plan, "total_s": seconds},
+        packed_this_run=packed_now,
+        timings={"read_validate_s": t_read, "plan_s": t_plan, "tasks_cpu_s": task_cpu, "total_s": seconds},
     )
     # The taxonomy travels with the shards, so training needs nothing but this folder.
     stats = asdict(summary) | {"images_per_s": summary.images_per_s, "taxonomy": taxonomy.to_dict(),
@@ -314,18 +315,34 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
     return summary
 
 
+def _warm_up() -> None:
+    """Runs in a worker: unpickling this function imports the packing code (PIL, pyarrow, taxonomy)."""
+
+
+def _warm_workers() -> list:
+    import ray
+
+    cpus = int(ray.available_resources().get("CPU", 1))
+    task = ray.remote(num_cpus=1)(_warm_up)
+    return [task.remote() for _ in range(max(1, min(cpus, 64)))]
+
+
 def _run_tasks(todo: list[tuple[int, list[CatalogRow]]], out: str, cfg: ShardConfig, schema: pa.Schema,
-               taxonomy: Taxonomy) -> None:
-    """One Ray task per shard; progress logged every few seconds; a task that fails for good fails the job."""
+               taxonomy: Taxonomy) -> tuple[int, float]:
+    """One Ray task per shard; progress logged every few seconds; a task that fails for good fails the job.
+
+    Returns the number of products packed and the CPU seconds the tasks used.
+    """
     import ray
 
     if not todo:
-        return
+        return 0, 0.0
     task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(pack_shard)
     cfg_ref, schema_ref, tax_ref = ray.put(cfg), ray.put(schema), ray.put(taxonomy)
     pending = [task.remote(i, rs, out, cfg_ref, schema_ref, tax_ref) for i, rs in todo]
     total_rows = sum(len(rs) for _, rs in todo)
     finished = rows_done = packed = 0
+    cpu = 0.0
     t_start, last = time.time(), time.time()
     while pending:
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
@@ -333,12 +350,14 @@ def _run_tasks(todo: list[tuple[int, list[CatalogRow]]], out: str, cfg: ShardCon
             finished += 1
             packed += r["packed"]
             rows_done += r["packed"] + r["rejected"]
+            cpu += r["cpu_s"]
         if time.time() - last > 5 or not pending:
             rate = rows_done / max(time.time() - t_start, 1e-9)
             eta = (total_rows - rows_done) / rate if rate else float("nan")
             log.info("shard: %d/%d shards, %d/%d products (%d packed), %.0f img/s, eta %.0f s",
                      finished, len(todo), rows_done, total_rows, packed, rate, eta)
             last = time.time()
+    return packed, cpu
 
 
 def _merge(out: str, n_shards: int, schema: pa.Schema, catalog_rejects: list[Rejected]

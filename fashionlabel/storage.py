@@ -47,7 +47,8 @@ def join(base: str | Path, *parts: str) -> str:
 
 
 @cache
-def _s3fs(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+def _s3fs(endpoint: str | None, region: str | None, _creds: tuple[str | None, ...]) -> pafs.S3FileSystem:
+    # ``_creds`` only keys the cache: rotated or changed credentials get a new filesystem.
     kw: dict[str, Any] = {"region": region or "us-east-1"}
     if endpoint:
         kw["endpoint_override"] = endpoint
@@ -63,7 +64,9 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path within it) for a local path or an s3:// URI."""
     uri = str(uri)
     if is_s3(uri):
-        fs = _s3fs(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_REGION"))
+        creds = tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                  "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+        fs = _s3fs(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_REGION"), creds)
         return fs, uri[len("s3://") :]
     if uri.startswith("file://"):
         uri = uri[len("file://") :]

@@ -1,9 +1,11 @@
 import json
+import logging
 
 import duckdb
 import pyarrow.parquet as pq
+import pytest
 
-from fashionlabel.shards import ShardConfig, iter_shard, list_shards, shard_catalog
+from fashionlabel.shards import ShardConfig, ShardJobError, iter_shard, list_shards, shard_catalog
 from fashionlabel.taxonomy import Taxonomy
 
 
@@ -40,3 +42,20 @@ def test_rerun_skips_finished_shards(ray_session, small_catalog, small_shards):
     n = duckdb.connect().execute(
         f"SELECT count(*), count(DISTINCT product_id) FROM '{small_shards}/index.parquet'").fetchall()
     assert n == [(600, 600)]
+
+
+def test_rerun_with_other_settings_is_refused(ray_session, small_catalog, small_shards, caplog):
+    with pytest.raises(ShardJobError, match="different catalog or settings"):
+        shard_catalog(str(small_catalog), str(small_shards), Taxonomy.load("fashion-product-images"),
+                      ShardConfig(samples_per_shard=100))
+    # the refusal happens before any packing: the finished shards are untouched
+    assert len(list_shards(str(small_shards))) == 4
+
+
+def test_progress_is_logged(ray_session, small_catalog, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="fashionlabel.shards"):
+        s = shard_catalog(str(small_catalog), str(tmp_path / "o"), Taxonomy.load("fashion-product-images"),
+                          ShardConfig(samples_per_shard=300))
+    lines = [r.getMessage() for r in caplog.records if "img/s" in r.getMessage()]
+    assert lines and lines[-1].startswith("shard: 3/3 shards, 606/606 products (600 packed)")
+    assert s.packed_this_run == 600 and s.images_per_s > 0

@@ -1,0 +1,175 @@
+"""Catalog reading (CSV, Parquet, JSON Lines), id/URI/label validation, URI resolution and fetching."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fashionlabel.catalog import (
+    REASONS,
+    CatalogError,
+    FetchError,
+    check_ids,
+    fetch,
+    read_catalog,
+    resolve_uri,
+    validate,
+)
+from fashionlabel.taxonomy import Taxonomy
+
+
+def test_csv_bom_quotes_and_malformed_lines(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_bytes("\ufeffname,product_id,image_uri\n"
+                  '"Shirt, blue",A1,a.jpg\n'
+                  "short,A2\n"
+                  'x,A3,b.jpg,extra\n'
+                  "\n"
+                  "ok,A4,c.jpg\n".encode())
+    rows, bad = read_catalog(p)
+    assert [r["product_id"] for r in rows] == ["A1", "A4"] and rows[0]["name"] == "Shirt, blue"
+    # the product_id of a malformed line is taken from its own column, not from the first field
+    assert [(b.product_id, b.reason) for b in bad] == [("A2", "malformed_row"), ("A3", "malformed_row")]
+    assert "line 3" in bad[0].detail and "2 fields" in bad[0].detail
+
+
+def test_parquet_keeps_ids_exact_and_nulls(tmp_path):
+    t = pa.table({"product_id": pa.array([1623, 17, None], pa.int64()),
+                  "image_uri": ["a.jpg", None, "c.jpg"], "year": pa.array([2011.0, None, 2012.5])})
+    pq.write_table(t, tmp_path / "c.parquet")
+    rows, bad = read_catalog(tmp_path / "c.parquet")
+    assert [r["product_id"] for r in rows] == ["1623", "17", None]  # never "1623.0"
+    assert rows[1]["image_uri"] is None and rows[0]["year"] == "2011.0" and bad == []
+    ok, rej = check_ids(rows, str(tmp_path / "c.parquet"))
+    assert [r.product_id for r in ok] == ["1623"]
+    assert [(r.product_id, r.reason) for r in rej] == [("17", "missing_image_uri"), ("", "missing_product_id")]
+
+
+def test_jsonl_objects_lists_and_broken_lines(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text("\n".join([
+        json.dumps({"product_id": 5, "image_uri": "a.jpg", "tags": ["x", "y"]}),
+        '{"product_id": "6", "image_uri": ',
+        "[1, 2]",
+        json.dumps({"image_uri": "b.jpg"}),  # no product_id key at all
+    ]))
+    rows, bad = read_catalog(p)
+    assert rows[0] == {"product_id": "5", "image_uri": "a.jpg", "tags": ["x", "y"]}
+    assert [b.reason for b in bad] == ["malformed_row", "malformed_row"]
+    _, rej = check_ids(rows, str(p))
+    assert [r.reason for r in rej] == ["missing_product_id"]
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "is empty"),
+    (b"id,url\n1,a.jpg\n", "needs columns product_id and image_uri"),
+    (b"product_id,product_id,image_uri\n", "duplicate columns"),
+])
+def test_unusable_catalogs_raise(tmp_path, content, match):
+    (tmp_path / "c.csv").write_bytes(content)
+    with pytest.raises(CatalogError, match=match):
+        read_catalog(tmp_path / "c.csv")
+    with pytest.raises(CatalogError, match="not found"):
+        read_catalog(tmp_path / "none.csv")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(CatalogError, match="cannot read catalog"):
+        read_catalog(tmp_path / "bad.parquet")
+
+
+def test_ids_duplicates_and_labels():
+    tax = Taxonomy.load("fashion-product-images")
+    rows = [{"product_id": p, "image_uri": "x.jpg", "gender": g} for p, g in
+            [("a1", "Men"), ("a1", "Women"), ("a-2_B", "Martian"), ("a/b", "Men"), ("..", "Men"),
+             ("é", "Men"), ("a b", "Men"), ("", "Men"), (" ", "Men"), ("x" * 129, "Men"), ("ok", "NA")]]
+    valid, bad = validate(rows, "/cat/catalog.csv", tax)
+    assert [(v.product_id, v.labels["gender"]) for v in valid] == [("a1", "Men"), ("ok", None)]
+    assert valid[0].image_uri == "/cat/x.jpg" and valid[0].key == "a1"
+    assert sorted((b.product_id, b.reason) for b in bad) == sorted([
+        ("a1", "duplicate_product_id"), ("a-2_B", "label_outside_taxonomy"),
+        ("a/b", "invalid_product_id"), ("..", "invalid_product_id"), ("é", "invalid_product_id"),
+        ("a b", "invalid_product_id"), ("", "missing_product_id"), (" ", "missing_product_id"),
+        ("x" * 129, "invalid_product_id")])
+    assert {b.reason for b in bad} <= set(REASONS)
+
+
+def test_resolve_uri(tmp_path):
+    assert resolve_uri("img/a.jpg", str(tmp_path / "c.csv")) == str(tmp_path / "img" / "a.jpg")
+    assert resolve_uri(" /abs/a.jpg ", "s3://b/c.csv") == "/abs/a.jpg"
+    assert resolve_uri("img/a.jpg", "s3://b/cat/c.csv") == "s3://b/cat/img/a.jpg"
+    assert resolve_uri("img/a.jpg", f"file://{tmp_path}/c.csv") == str(tmp_path / "img" / "a.jpg")
+    for u in ("https://h/a.jpg", "s3://b/a.jpg", "file:///a.jpg", "gs://b/a.jpg"):
+        assert resolve_uri(u, "/c.csv") == u
+
+
+def _reason(uri: str, **kw) -> str:
+    with pytest.raises(FetchError) as e:
+        fetch(uri, **kw)
+    return e.value.reason
+
+
+def test_fetch_local(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"abc")
+    assert fetch(str(tmp_path / "a.jpg")) == fetch(f"file://{tmp_path}/a.jpg") == b"abc"
+    assert _reason(str(tmp_path / "none.jpg")) == "image_not_found"
+    assert _reason(str(tmp_path)) == "image_not_found"  # a folder is not an image file
+    assert _reason(str(tmp_path / "a.jpg"), max_bytes=2) == "image_too_large"
+    assert _reason("gs://bucket/a.jpg") == "image_unreadable"
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    hits: dict[str, int] = {}
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):  # noqa: N802
+        n = self.hits[self.path] = self.hits.get(self.path, 0) + 1
+        code, body, ctype = {
+            "/ok.jpg": (200, b"\xff\xd8jpeg", "image/jpeg"),
+            "/flaky.jpg": (503 if n == 1 else 200, b"\xff\xd8later", "image/jpeg"),
+            "/down.jpg": (503, b"", "text/plain"),
+            "/forbidden.jpg": (403, b"", "text/plain"),
+            "/page.jpg": (200, b"<html/>", "text/html; charset=utf-8"),
+            "/big.jpg": (200, b"x" * 5000, "image/jpeg"),
+        }.get(self.path, (404, b"", "text/plain"))
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_fetch_http():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert fetch(f"{base}/ok.jpg") == b"\xff\xd8jpeg"
+        assert fetch(f"{base}/flaky.jpg") == b"\xff\xd8later"  # a 503 is retried
+        assert _reason(f"{base}/down.jpg") == "image_unreadable" and _Flaky.hits["/down.jpg"] == 3
+        assert _reason(f"{base}/forbidden.jpg") == "image_unreadable" and _Flaky.hits["/forbidden.jpg"] == 1
+        assert _reason(f"{base}/missing.jpg") == "image_not_found"
+        assert _reason(f"{base}/page.jpg") == "not_an_image"
+        assert _reason(f"{base}/big.jpg", max_bytes=4096) == "image_too_large"
+    finally:
+        server.shutdown()
+    assert _reason("http://127.0.0.1:9/x.jpg", retries=0) == "image_unreadable"
+
+
+def test_fetch_and_read_catalog_on_s3(s3):
+    c = s3.client()
+    s3.make_bucket("cat-unit")
+    c.put_object(Bucket="cat-unit", Key="img/a.jpg", Body=b"\xff\xd8bytes")
+    c.put_object(Bucket="cat-unit", Key="c.jsonl", Body=b'{"product_id": "p1", "image_uri": "img/a.jpg"}\n')
+    rows, _ = read_catalog("s3://cat-unit/c.jsonl")
+    ok, _ = check_ids(rows, "s3://cat-unit/c.jsonl")
+    assert ok[0].image_uri == "s3://cat-unit/img/a.jpg" and fetch(ok[0].image_uri) == b"\xff\xd8bytes"
+    assert _reason("s3://cat-unit/img/none.jpg") == "image_not_found"
+    assert _reason("s3://cat-unit/img/a.jpg", max_bytes=3) == "image_too_large"
+    with pytest.raises(CatalogError, match="not found"):
+        read_catalog("s3://cat-unit/none.csv")

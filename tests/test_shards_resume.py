@@ -1,0 +1,88 @@
+"""Kill the shard job in the middle (SIGKILL to the driver and its local Ray), re-run it, and check that
+no product is missing or packed twice and that no partial shard is visible at any time."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import pytest
+from conftest import ROOT, sample_rows, write_catalog
+
+from fashionlabel.shards import ShardConfig, iter_shard, list_shards, shard_catalog
+from fashionlabel.taxonomy import Taxonomy
+
+N, PER_SHARD = 4000, 50
+
+
+def _kill_tree(ray_tmp: str, proc: subprocess.Popen) -> None:
+    """SIGKILL the job's process group, then any process of its local Ray (found by its temp dir)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if ray_tmp.encode() in cmd:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def _markers(out: Path) -> list[Path]:
+    return [p for p in (out / "_parts").glob("shard-*.parquet") if not p.name.endswith(".quarantine.parquet")]
+
+
+@pytest.mark.slow
+def test_resume_after_kill(ray_session, tmp_path):
+    base = [r for r in sample_rows() if Path(r["image_uri"]).exists()]
+    rows = [dict(base[i % len(base)], product_id=f"{base[i % len(base)]['product_id']}r{i // len(base)}")
+            for i in range(N)]
+    catalog = write_catalog(tmp_path / "catalog.csv", rows)
+    out = tmp_path / "shards"
+    ray_tmp = tempfile.mkdtemp(prefix="flray")
+    env = os.environ | {"RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.shard_catalog", "--catalog", str(catalog), "--out",
+                             str(out), "--samples-per-shard", str(PER_SHARD)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while len(_markers(out)) < 3 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before it could be killed"
+    finally:
+        _kill_tree(ray_tmp, proc)
+    done_at_kill = len(_markers(out))
+    assert 3 <= done_at_kill < N // PER_SHARD and not (out / "index.parquet").exists()
+    # whatever was visible at the kill is whole: every published tar reads to its end
+    for uri in list_shards(str(out)):
+        with tarfile.open(uri) as tar:
+            assert len(tar.getmembers()) % 2 == 0
+
+    s = shard_catalog(str(catalog), str(out), Taxonomy.load("fashion-product-images"),
+                      ShardConfig(samples_per_shard=PER_SHARD))
+    assert s.shards == N // PER_SHARD and s.shards_skipped >= done_at_kill
+    assert s.packed == N and s.quarantined == 0
+    con = duckdb.connect()
+    assert con.execute(f"SELECT count(*), count(DISTINCT product_id) FROM '{out}/index.parquet'"
+                       ).fetchall() == [(N, N)]
+    index = dict(con.execute(f"SELECT key, shard FROM '{out}/index.parquet'").fetchall())
+    in_tars = Counter()
+    for uri in list_shards(str(out)):
+        shard = Path(uri).stem
+        keys = [smp["__key__"] for smp in iter_shard(uri)]
+        assert all(index[k] == shard for k in keys)
+        in_tars.update(keys)
+    assert set(in_tars) == set(index) and max(in_tars.values()) == 1  # none missing, none twice
+    assert not list(out.rglob("*.tmp"))
