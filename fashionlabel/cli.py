@@ -60,7 +60,7 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
     cfg = TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, workers=a.workers,
                       gpu=a.gpu, height=a.height, width=a.width, patience=a.patience,
                       uncertainty=a.uncertainty, init_weights=a.init_weights, seed=a.seed,
-                      label_smoothing=a.label_smoothing)
+                      label_smoothing=a.label_smoothing, warmup_epochs=a.warmup_epochs)
     r = train(a.shards, a.out, cfg, cluster_cpus(), checkpoints=a.storage)
     out = {"model": f"{a.model} → {a.out}", "version": r["version"],
            "epochs run": r["training"]["epochs_run"], "best epoch": r["training"]["best_epoch"],
@@ -268,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-weights", default=None, help="a local state_dict to start from")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--label-smoothing", type=float, default=0.0, help="for single heads' cross-entropy")
+    t.add_argument("--warmup-epochs", type=float, default=1.0, help="linear learning-rate warm-up")
     t.add_argument("--storage", default=None, help="checkpoint folder or s3:// prefix (default: OUT.train)")
 
     e = add("evaluate", cmd_evaluate, "Evaluate a model artifact on one split of a shard set.")
@@ -342,6 +343,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    # Ray Train gives a worker group 60 s to start; a busy machine needs longer (read by the local Ray).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     try:
         if args.command in NEEDS_RAY:
             from fashionlabel.runtime import ray_session

@@ -28,3 +28,76 @@ def test_topk_recall_hand_computed():
     # product 2 has no true attribute and is excluded
     assert np.isclose(topk_recall(scores, y, 2), 0.25)
     assert np.isclose(topk_recall(scores, y, 4), 1.0)
+
+
+def _recall_by_loop(scores, y, k):
+    """DeepFashion top-k recall written out product by product (the protocol, literally)."""
+    vals = []
+    for s, t in zip(scores, y, strict=True):
+        if np.isnan(t).any() or t.sum() == 0:
+            continue
+        top = sorted(range(len(s)), key=lambda i: (-s[i], i))[:k]
+        vals.append(sum(t[i] for i in top) / t.sum())
+    return float(np.mean(vals))
+
+
+def test_topk_recall_matches_the_protocol_per_group():
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.metrics import head_metrics
+
+    head = Taxonomy.load("fashion-product-images").head("attributes")
+    rng = np.random.default_rng(2)
+    n, c = 300, head.num_classes
+    scores = rng.random((n, c))
+    y = (rng.random((n, c)) < 0.08).astype(np.float32)
+    y[:20] = np.nan  # unknown attribute sets are masked
+    m = head_metrics(head, scores, y)
+    group = head.group_of()
+    for k in (3, 5):
+        assert np.isclose(m[f"recall@{k}"], _recall_by_loop(scores, y, k))
+        for g in ("texture", "fabric", "shape", "part"):
+            cols = [i for i, v in enumerate(head.values) if group[v] == g]
+            assert np.isclose(m[f"{g}_recall@{k}"], _recall_by_loop(scores[:, cols], y[:, cols], k)), g
+    assert m["n"] == int((y[20:].sum(axis=1) > 0).sum())
+
+
+def test_single_head_metrics_and_confusion_match_sklearn():
+    from sklearn.metrics import confusion_matrix
+
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.metrics import confusion, head_metrics
+
+    head = Taxonomy.load("fashion-product-images").head("usage")
+    rng = np.random.default_rng(3)
+    p = rng.random((250, head.num_classes))
+    y = rng.integers(-1, head.num_classes, 250)  # -1: unknown, masked
+    m = head_metrics(head, p, y)
+    known = y >= 0
+    assert m["n"] == known.sum()
+    for k in (1, 3, 5):
+        assert np.isclose(m[f"top{k}"], top_k_accuracy_score(y[known], p[known], k=k,
+                                                              labels=range(head.num_classes)))
+    assert np.isclose(m["macro_f1"], f1_score(y[known], p[known].argmax(1), average="macro"))
+    assert (confusion(p.argmax(1), y, head.num_classes) ==
+            confusion_matrix(y[known], p[known].argmax(1), labels=range(head.num_classes))).all()
+
+
+def test_hierarchy_consistency_hand_computed_and_after_consistent_choice():
+    from fashionlabel.label.postprocess import consistent_choice
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.metrics import hierarchy_consistency
+
+    tax = Taxonomy.from_dict({"name": "t", "heads": [
+        {"name": "coarse", "kind": "single", "values": ["upper", "lower"]},
+        {"name": "fine", "kind": "single", "values": ["tee", "jeans", "skirt"], "parent": "coarse",
+         "parent_map": {"tee": "upper", "jeans": "lower", "skirt": "lower"}}]})
+    probs = {"coarse": np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]]),
+             "fine": np.array([[0.8, 0.1, 0.1], [0.1, 0.5, 0.4], [0.2, 0.3, 0.5], [0.1, 0.2, 0.7]])}
+    # argmax pairs: (upper, tee) ok, (upper, jeans) no, (lower, skirt) ok, (upper, skirt) no → 2 of 4
+    assert hierarchy_consistency(tax, probs) == {"coarse->fine": 0.5}
+    chosen = consistent_choice(tax, probs)
+    onehot = {h: np.eye(probs[h].shape[1])[chosen[h]] for h in probs}
+    assert hierarchy_consistency(tax, onehot) == {"coarse->fine": 1.0}
+    # product 1: 0.8·0.5 (upper·jeans is inconsistent) → best consistent pair is lower/jeans (0.2·0.5=0.10)
+    # vs upper/tee (0.8·0.1=0.08): the fine head's confidence wins; product 3: upper/tee 0.06 vs lower/skirt 0.28
+    assert chosen["fine"].tolist() == [0, 1, 2, 2] and chosen["coarse"].tolist() == [0, 1, 1, 1]

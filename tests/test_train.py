@@ -14,6 +14,8 @@ def test_ddp_training_writes_a_complete_artifact(tiny_model):
     assert spec["training"]["config"]["workers"] == 2
     assert set(spec["calibration"]["temperature"]) == {"gender", "masterCategory", "subCategory",
                                                        "articleType", "baseColour", "season", "usage"}
+    assert spec["training"]["starts"] == [0]
+    assert (tiny_model / "confusion-articleType-test.png").is_file()
     curves = json.loads((tiny_model / "curves.json").read_text())
     assert [c["epoch"] for c in curves] == [0, 1]
     metrics = json.loads((tiny_model / "metrics.json").read_text())
@@ -47,3 +49,32 @@ def test_malformed_artifacts_are_rejected(tiny_model, tmp_path):
     torch.save({"x": Evil()}, bad / "weights.pt")
     with pytest.raises(ArtifactError, match="cannot be loaded safely"):
         load_artifact(bad)
+
+
+def test_deploy_artifact_holds_reparameterized_weights(tmp_path):
+    """RepVGG exports in its fused form; loading rebuilds that form and gives the training form's outputs."""
+    from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
+    from fashionlabel.models import create_model, reparameterize_model
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.export import save_artifact
+
+    tax = Taxonomy.load("fashion-product-images")
+    torch.manual_seed(0)
+    model = create_model("repvgg_a0", tax)
+    model.train()
+    with torch.no_grad():  # a few batches give the BN layers non-trivial running statistics
+        for _ in range(3):
+            model(torch.randn(4, 3, 80, 60) * 2 + 0.5)
+    model.eval()
+    deploy = reparameterize_model(model)
+    pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    save_artifact(tmp_path / "m", deploy, architecture="repvgg_a0", taxonomy=tax, preprocessing=pre,
+                  model_kwargs=deploy.model_kwargs)
+    loaded, spec = load_artifact(tmp_path / "m")
+    assert spec["model_kwargs"] == {"deploy": True}
+    state = torch.load(tmp_path / "m" / "weights.pt", weights_only=True)
+    assert not any("dense" in k or "identity" in k for k in state)
+    x = torch.randn(2, 3, 80, 60)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

@@ -2,6 +2,8 @@
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on one image at the given size; it counts
 2 FLOPs per multiply-add of convolutions and matrix products (element-wise ops are not counted).
+Speeds use wall-clock time, or with ``cpu_time=True`` the process's CPU time: images per CPU-second is what
+one uncontended core gives, and stays meaningful on a machine shared with other jobs.
 """
 
 from __future__ import annotations
@@ -29,32 +31,46 @@ def count_flops(model: nn.Module, size: tuple[int, int]) -> int:
     return int(counter.get_total_flops())
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.inference_mode()
-def inference_speed(model: nn.Module, size: tuple[int, int], batch: int = 64, repeats: int = 3) -> float:
-    """Median images/s of eval-mode forward passes on random batches (CPU, fp32, channels_last)."""
-    model = model.eval().to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, *size).contiguous(memory_format=torch.channels_last)
-    model(x)  # warm-up: allocator, oneDNN primitive cache
+def inference_speed(model: nn.Module, size: tuple[int, int], batch: int = 64, repeats: int = 3,
+                    device: str = "cpu", cpu_time: bool = False) -> float:
+    """Median images/s of eval-mode forward passes on random batches (channels_last; bf16 on GPU)."""
+    dev, clock = torch.device(device), time.process_time if cpu_time else time.perf_counter
+    model = model.eval().to(dev).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, *size, device=dev).contiguous(memory_format=torch.channels_last)
     times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        for i in range(repeats + 1):
+            t = clock()
+            model(x)
+            _sync(dev)
+            if i:  # the first pass warms up: allocator, oneDNN / cuDNN algorithm choice
+                times.append(clock() - t)
     return batch / sorted(times)[len(times) // 2]
 
 
-def train_speed(model: nn.Module, size: tuple[int, int], batch: int = 64, repeats: int = 3) -> float:
+def train_speed(model: nn.Module, size: tuple[int, int], batch: int = 64, repeats: int = 3,
+                device: str = "cpu", cpu_time: bool = False) -> float:
     """Median images/s of training steps (forward, summed loss, backward, AdamW) on random batches."""
-    model = model.train().to(memory_format=torch.channels_last)
+    dev, clock = torch.device(device), time.process_time if cpu_time else time.perf_counter
+    model = model.train().to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, *size).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, *size, device=dev).contiguous(memory_format=torch.channels_last)
     times = []
     for i in range(repeats + 1):
-        t = time.perf_counter()
-        loss = sum(v.float().logsumexp(1).mean() for v in model(x).values())
+        t = clock()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            out = model(x)
+        loss = sum(v.float().logsumexp(1).mean() for v in out.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        _sync(dev)
         if i:  # the first step warms up
-            times.append(time.perf_counter() - t)
+            times.append(clock() - t)
     return batch / sorted(times)[len(times) // 2]

@@ -89,7 +89,7 @@ def _bn_subset(bn: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
         getattr(new, name).data.copy_(getattr(bn, name).data[keep])
     new.running_mean.copy_(bn.running_mean[keep])
     new.running_var.copy_(bn.running_var[keep])
-    return new
+    return new.train(bn.training)  # a fresh module is in training mode: keep the model's mode
 
 
 @torch.no_grad()

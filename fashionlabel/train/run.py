@@ -22,6 +22,7 @@ from fashionlabel.label.predictor import Predictor
 from fashionlabel.models import create_model, reparameterize_model
 from fashionlabel.shards import list_shards
 from fashionlabel.taxonomy import Taxonomy
+from fashionlabel.train import checkpoint as ckpt
 from fashionlabel.train.calibrate import calibrate
 from fashionlabel.train.export import save_artifact
 from fashionlabel.train.loop import TrainConfig, fit
@@ -43,13 +44,36 @@ def train(shards: str, out: str, cfg: TrainConfig, num_cpus: float, checkpoints:
         checkpoints: folder or ``s3://`` prefix for the per-epoch checkpoints (default ``OUT.train/checkpoints``).
     """
     t0 = time.time()
+    taxonomy = training_taxonomy(shards)
+    run_dir = str(Path(out).absolute()) + ".train"
+    best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints)
+    return export_state(shards, out, best, taxonomy, seconds=time.time() - t0)
+
+
+def training_taxonomy(shards: str) -> Taxonomy:
+    """The shards' taxonomy, with values learned from the index where a head declares none."""
     taxonomy = shards_taxonomy(shards)
     if any(h.values is None for h in taxonomy.heads):
         idx = storage.read_parquet(storage.join(shards, "index.parquet")).to_pylist()
         taxonomy = taxonomy.learn(idx)
-    run_dir = str(Path(out).absolute()) + ".train"
-    best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints)
+    return taxonomy
 
+
+def export_checkpoint(shards: str, checkpoints: str, out: str) -> dict[str, Any]:
+    """Artifact from a run's best checkpoint (e.g. of a run stopped early); same steps as after ``train``."""
+    best, last = ckpt.load(checkpoints, ckpt.BEST), ckpt.load(checkpoints, ckpt.LAST)
+    if best is None or last is None:
+        raise FileNotFoundError(f"no checkpoints in {checkpoints}")
+    best["history"], best["starts"] = last["history"], last.get("starts", [0])
+    return export_state(shards, out, best, training_taxonomy(shards))
+
+
+def export_state(shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy,
+                 seconds: float | None = None) -> dict[str, Any]:
+    """Calibrate a checkpoint's model on validation, write the artifact, evaluate it on val and test."""
+    if best["taxonomy_version"] != taxonomy.version:
+        raise ValueError("checkpoint was trained on another taxonomy version than these shards carry")
+    cfg = TrainConfig(**best["config"])
     model = create_model(cfg.model, taxonomy)
     model.load_state_dict(best["model"])
     model.eval()
@@ -62,8 +86,7 @@ def train(shards: str, out: str, cfg: TrainConfig, num_cpus: float, checkpoints:
     history = best["history"]
     train_ips = float(np.median([h["train_img_per_s"] for h in history])) if history else 0.0
     training = {"config": cfg.__dict__, "best_epoch": best["best_epoch"], "epochs_run": len(history),
-                "starts": best.get("starts", [0]),
-                "train_img_per_s_median": train_ips, "seconds": time.time() - t0}
+                "starts": best.get("starts", [0]), "train_img_per_s_median": train_ips, "seconds": seconds}
     # Deployment form: re-parameterisable blocks (RepVGG) fused into plain convs; same outputs, faster.
     deploy = reparameterize_model(model)
     version = save_artifact(out, deploy, architecture=cfg.model, taxonomy=taxonomy, preprocessing=pre,

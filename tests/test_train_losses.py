@@ -1,0 +1,52 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fashionlabel.taxonomy import Taxonomy
+from fashionlabel.train.losses import MultiTaskLoss
+
+TAX = Taxonomy.from_dict({"name": "t", "heads": [
+    {"name": "cat", "kind": "single", "values": ["a", "b", "c"], "weight": 2.0},
+    {"name": "att", "kind": "multi", "values": ["x", "y"], "w_pos": 1.0, "w_neg": 0.1, "weight": 10.0}]})
+
+
+def test_weighted_sum_masks_unknowns_and_weights_positives():
+    z = {"cat": torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]]),
+         "att": torch.tensor([[1.0, -1.0], [0.5, 0.5], [3.0, 3.0]])}
+    nan = float("nan")
+    y = {"cat": torch.tensor([0, 1, -1]), "att": torch.tensor([[1.0, 0.0], [0.0, 1.0], [nan, nan]])}
+    total, parts = MultiTaskLoss(TAX)(z, y)
+    ce = F.cross_entropy(z["cat"][:2], y["cat"][:2])
+
+    def bce(logit, t, w):
+        p = 1 / (1 + math.exp(-logit))
+        return -w * (t * math.log(p) + (1 - t) * math.log(1 - p))
+
+    # rows 0 and 1 known; positives weigh 1, negatives 0.1; mean over the 4 entries
+    b = (bce(1.0, 1, 1.0) + bce(-1.0, 0, 0.1) + bce(0.5, 0, 0.1) + bce(0.5, 1, 1.0)) / 4
+    assert math.isclose(parts["cat"], float(ce), rel_tol=1e-5)
+    assert math.isclose(parts["att"], b, rel_tol=1e-5)
+    assert math.isclose(float(total), 2.0 * float(ce) + 10.0 * b, rel_tol=1e-5)
+
+
+def test_uncertainty_weighting_learns_log_variances():
+    loss_fn = MultiTaskLoss(TAX, uncertainty=True)
+    z = {"cat": torch.randn(4, 3), "att": torch.randn(4, 2)}
+    y = {"cat": torch.tensor([0, 1, 2, 0]), "att": torch.tensor([[1.0, 0], [0, 1], [1, 1], [0, 0]])}
+    with torch.no_grad():
+        loss_fn.log_vars.copy_(torch.tensor([0.5, -0.3]))
+    total, parts = loss_fn(z, y)
+    expect = math.exp(-0.5) * parts["cat"] + 0.5 + math.exp(0.3) * parts["att"] - 0.3
+    assert math.isclose(float(total.detach()), expect, rel_tol=1e-5)
+    total.backward()
+    assert loss_fn.log_vars.grad is not None and (loss_fn.log_vars.grad != 0).all()
+
+
+def test_label_smoothing_applies_to_single_heads():
+    z = {"cat": torch.tensor([[4.0, 0.0, 0.0]]), "att": torch.zeros(1, 2)}
+    y = {"cat": torch.tensor([0]), "att": torch.zeros(1, 2)}
+    plain = MultiTaskLoss(TAX)(z, y)[1]["cat"]
+    smooth = MultiTaskLoss(TAX, label_smoothing=0.1)(z, y)[1]["cat"]
+    assert math.isclose(smooth, float(F.cross_entropy(z["cat"], y["cat"], label_smoothing=0.1)), rel_tol=1e-6)
+    assert smooth > plain

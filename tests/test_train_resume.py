@@ -1,0 +1,60 @@
+"""A killed training run, restarted with the same command, resumes from its last checkpoint (on S3)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from fashionlabel.train import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_cmd(shards: Path, out: Path, storage: str) -> list[str]:
+    return [sys.executable, "-m", "fashionlabel.cli", "train", "--shards", str(shards), "--out", str(out),
+            "--model", "fl_tiny", "--epochs", "4", "--workers", "1", "--storage", storage]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_at_the_next_epoch(small_shards, s3, tmp_path):
+    bucket = s3.make_bucket("resume")
+    storage = f"s3://{bucket}/run/checkpoints"
+    out = tmp_path / "model"
+    ray_tmp = tempfile.mkdtemp(prefix="flr", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    env = os.environ | s3.env() | {"PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp}
+    cmd = _train_cmd(small_shards, out, storage)
+    log = tmp_path / "first.log"
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                             stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while ckpt.load(storage) is None:
+            assert first.poll() is None, "exited before a checkpoint: " + log.read_text()[-2000:]
+            assert time.time() < deadline, "no checkpoint within 5 minutes"
+            time.sleep(0.5)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        first.wait()
+    killed_at = ckpt.load(storage)["epoch"]
+    assert killed_at < 3, "the run finished before it could be killed"
+    assert not (out / "weights.pt").exists()
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                            start_new_session=True)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["training"]["starts"] == [0, killed_at + 1]
+    curves = json.loads((out / "curves.json").read_text())
+    assert [c["epoch"] for c in curves] == [0, 1, 2, 3]
+    final = ckpt.load(storage)
+    assert final["epoch"] == 3 and final["optimizer"]["state"] and final["scheduler"]["last_epoch"] > 0
+    assert final["config"]["model"] == "fl_tiny" and final["taxonomy_version"] == spec["taxonomy_version"]
