@@ -98,11 +98,13 @@ def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
     from fashionlabel.label.pipeline import LabelConfig, label_shards
 
-    cfg = LabelConfig(batch_size=a.batch_size, actors=a.actors, device=a.device, compile=a.compile)
-    s = label_shards(a.shards, a.model, a.out, a.run_date, cfg)
+    cfg = LabelConfig(batch_size=a.batch_size, actors=a.actors, device=a.device, compile=a.compile,
+                      decode=a.decode, actors_per_gpu=a.actors_per_gpu)
+    s = label_shards(a.shards, a.model, a.out, a.run_date, cfg, incremental=a.incremental)
     out = {"run": s["run_id"], "labelled": s["labelled"], "errors": s["errored"], "skipped": s["skipped"],
            "shards": f"{s['shards']} ({s['shards_done_before']} already done)",
            "throughput": f"{s['images_per_s']:,.0f} img/s", "time": f"{s['seconds']:.1f} s",
+           "plan": f"{s['actors']} actor(s) on {s['device']}, decode on {s['decode']}, batch {s['batch_size']}",
            "model version": s["model_version"], "output": s["out"]}
     _print_summary("label", out)
     return out | {"raw": s}
@@ -282,10 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--model", required=True)
     lb.add_argument("--out", required=True, help="labels root (history/run_date=… is created under it)")
     lb.add_argument("--run-date", default=None, help="YYYY-MM-DD (default: today)")
-    lb.add_argument("--batch-size", type=int, default=256)
+    lb.add_argument("--batch-size", type=int, default=None, help="default: 512 on a GPU, 256 on CPU")
     lb.add_argument("--actors", type=int, default=None, help="predictor actors (default: from resources)")
     lb.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     lb.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
+    lb.add_argument("--decode", default="auto", choices=["cpu", "gpu", "auto"],
+                    help="where JPEGs are decoded: CPU read tasks (PIL) or inside the actor on its device "
+                         "(nvJPEG on a GPU); auto: gpu when the actors have a GPU")
+    lb.add_argument("--actors-per-gpu", type=int, default=2, help="actors sharing one GPU (overlap)")
+    lb.add_argument("--incremental", action="store_true",
+                    help="skip products this model already labelled with the same image_sha256 (any date)")
 
     r = add("report", cmd_report, "Write the HTML report of the newest labels run.")
     r.add_argument("--labels", required=True)

@@ -1,46 +1,183 @@
+import io
+import json
+import tarfile
+from pathlib import Path
+
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from fashionlabel.data import load_samples
-from fashionlabel.label.pipeline import label_shards
+from fashionlabel.data import decode, load_samples
+from fashionlabel.label.pipeline import CRASH_ONCE_ENV, LabelConfig, label_shards, plan_resources
 from fashionlabel.label.predictor import Predictor
+from fashionlabel.label.reader import TarFormatError, read_tar, shard_samples
+from fashionlabel.label.reader import decode as reader_decode
 from fashionlabel.label.schema import labels_schema
-from fashionlabel.shards import list_shards
+from fashionlabel.shards import iter_shard, list_shards
 from fashionlabel.taxonomy import Taxonomy
 
+ONE_ROW_PER_PRODUCT = "SELECT count(*), count(DISTINCT product_id) FROM read_parquet('{}/history/*/*.parquet')"
 
-def test_label_schema_rows_and_rerun(ray_session, small_shards, tiny_model, tmp_path):
+
+def _count(out) -> tuple[int, int]:
+    return duckdb.connect().execute(ONE_ROW_PER_PRODUCT.format(out)).fetchall()[0]
+
+
+def _rewrite_shard(src: str, dest: Path, edit) -> None:
+    """Copy a shard member by member; ``edit(index, name, payload)`` may return new bytes."""
+    with tarfile.open(src) as tin, tarfile.open(dest, "w") as tout:
+        for i, m in enumerate(tin):
+            data = edit(i, m.name, tin.extractfile(m).read())
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def odd_shards(small_shards, tmp_path_factory) -> Path:
+    """Two shards copied from the sample set; the second has one corrupt JPEG (member 6: sample 3's jpg)."""
+    out = tmp_path_factory.mktemp("odd-shards")
+    uris = list_shards(str(small_shards))
+    _rewrite_shard(uris[0], out / "shard-000000.tar", lambda i, n, b: b)
+    _rewrite_shard(uris[1], out / "shard-000001.tar",
+                   lambda i, n, b: b[:40] + b"\x00garbage" * 64 if n.endswith(".jpg") and i == 6 else b)
+    return out
+
+
+def test_fast_tar_reader_matches_tarfile(small_shards):
+    uri = list_shards(str(small_shards))[0]
+    ids, shas, jpgs = shard_samples(uri)
+    want = list(iter_shard(uri))
+    assert ids == [s["json"]["product_id"] for s in want]
+    assert shas == [s["json"]["sha256"] for s in want]
+    assert jpgs == [s["jpg"] for s in want]
+    # the read tasks' torch-free decode is pixel-equal to the one evaluation uses
+    for jpg in jpgs[:20]:
+        assert np.array_equal(reader_decode(jpg, (80, 60)), decode(jpg, (80, 60)))
+    data = Path(uri).read_bytes()
+    with pytest.raises(TarFormatError, match="truncated"):
+        list(read_tar(data[: len(data) // 2]))
+
+
+def test_plan_never_takes_every_cpu_and_uses_gpus():
+    cpu = plan_resources(LabelConfig(), cpus=2, gpus=0)
+    assert cpu.device == "cpu" and cpu.decode == "cpu" and cpu.actors == 1
+    assert cpu.actors * cpu.actor_cpus + cpu.read_cpus <= 2  # a read task always fits beside the pool
+    gpu = plan_resources(LabelConfig(), cpus=16, gpus=1)
+    assert gpu.device == "cuda" and gpu.decode == "gpu" and gpu.actors == 2 and gpu.actor_gpus == 0.5
+    assert gpu.read_tasks == 14 and gpu.batch_size == 512
+    assert plan_resources(LabelConfig(decode="cpu", actors_per_gpu=1), 16, 2).actors == 2
+    with pytest.raises(ValueError, match="decode"):
+        plan_resources(LabelConfig(decode="fpga"), 2, 0)
+
+
+def test_label_schema_rows_rerun_and_equal_to_predictor(ray_session, small_shards, tiny_model, tmp_path):
     out = tmp_path / "labels"
     s = label_shards(str(small_shards), str(tiny_model), str(out), "2026-01-01")
     assert s["labelled"] == 600 and s["errored"] == 0 and s["files"] == 4
     run = out / "history" / "run_date=2026-01-01"
-    assert (run / "_SUCCESS").is_file()
+    success = json.loads((run / "_SUCCESS").read_text())
+    assert success["rows"] == success["labelled"] == 600 and success["files"] == 4
+    assert success["model_version"] == s["model_version"] and success["taxonomy_version"]
     tax = Taxonomy.load("fashion-product-images")
     for f in run.glob("*.parquet"):
         assert pq.read_schema(f).equals(labels_schema(tax))
-    q = f"SELECT count(*), count(DISTINCT product_id) FROM '{out}/history/*/*.parquet'"
+    assert _count(out) == (600, 600)
     con = duckdb.connect()
-    assert con.execute(q).fetchall() == [(600, 600)]
     # every single head's label comes from its own value list; hierarchy is consistent
     art = con.execute(f"SELECT articleType, subCategory, masterCategory FROM '{run}/*.parquet'").fetchall()
     sub, master = tax.head("articleType").parent_map, tax.head("subCategory").parent_map
     assert all(sub[a] == s_ and master[s_] == m for a, s_, m in art)
     again = label_shards(str(small_shards), str(tiny_model), str(out), "2026-01-01")
     assert again["shards_done_before"] == 4 and again["labelled"] == 0
-    assert con.execute(q).fetchall() == [(600, 600)]
+    assert _count(out) == (600, 600)
 
-
-def test_labels_equal_predictor_on_same_images(ray_session, small_shards, tiny_model, tmp_path):
-    out = tmp_path / "labels"
-    label_shards(str(small_shards), str(tiny_model), str(out), "2026-01-02")
-    got = duckdb.connect().execute(
-        f"SELECT product_id, articleType, gender_score FROM '{out}/history/*/*.parquet' ORDER BY product_id"
-    ).fetchall()
+    # the labels are exactly those of the predictor that `fashionlabel evaluate` uses, on the same images
+    got = pq.read_table(run).sort_by("product_id")
     pred = Predictor(tiny_model, device="cpu")
     samples = load_samples(list_shards(str(small_shards)), pred.taxonomy, pred.size)
-    rows = pred.label_rows(samples.images)
-    want = sorted((pid, r["articleType"], r["gender_score"]) for pid, r in zip(samples.product_ids, rows,
-                                                                                strict=True))
-    assert [g[:2] for g in got] == [w[:2] for w in want]
-    assert np.allclose([g[2] for g in got], [w[2] for w in want], atol=1e-5)
+    want = (pa.Table.from_pylist(pred.label_rows(samples.images))
+            .append_column("product_id", pa.array(samples.product_ids))
+            .append_column("image_sha256", pa.array(samples.sha256)).sort_by("product_id"))
+    for col in ["product_id", "image_sha256", "needs_review", *(h.name for h in tax.heads)]:
+        assert got[col].to_pylist() == want[col].to_pylist(), col
+    for h in tax.single_heads:
+        assert np.allclose(got[f"{h.name}_score"].to_numpy(), want[f"{h.name}_score"].to_numpy(), atol=1e-5)
+
+def test_corrupt_image_error_row_incremental_and_device_decode(ray_session, odd_shards, tiny_model, tmp_path):
+    out = tmp_path / "labels"
+    first = label_shards(str(odd_shards), str(tiny_model), str(out), "2026-01-01")
+    assert (first["labelled"], first["errored"], first["skipped"]) == (299, 1, 0)
+    bad = duckdb.connect().execute(
+        f"SELECT product_id, error, articleType, gender_score, attributes, needs_review "
+        f"FROM '{out}/history/*/*.parquet' WHERE error IS NOT NULL").fetchall()
+    assert len(bad) == 1 and bad[0][1].startswith("undecodable image") and bad[0][2:5] == (None, None, None)
+    assert bad[0][5] is True
+
+    # next night, one product's image changed: only it and the failed one are labelled again
+    changed = {}
+
+    def new_sha(i, name, b):
+        if name.endswith(".json") and i == 1:
+            meta = json.loads(b)
+            changed[meta["product_id"]] = meta["sha256"] = "f" * 64
+            return json.dumps(meta).encode()
+        return b
+
+    tmp = odd_shards.parent / "odd-shards-next"
+    tmp.mkdir(exist_ok=True)
+    _rewrite_shard(str(odd_shards / "shard-000000.tar"), tmp / "shard-000000.tar", new_sha)
+    _rewrite_shard(str(odd_shards / "shard-000001.tar"), tmp / "shard-000001.tar", lambda i, n, b: b)
+    nxt = label_shards(str(tmp), str(tiny_model), str(out), "2026-01-02", incremental=True)
+    assert (nxt["labelled"], nxt["errored"], nxt["skipped"]) == (1, 1, 298)
+    rows = duckdb.connect().execute(
+        f"SELECT product_id, image_sha256 FROM '{out}/history/run_date=2026-01-02/*.parquet' "
+        f"WHERE error IS NULL").fetchall()
+    assert rows == list(changed.items())
+    success = json.loads((out / "history" / "run_date=2026-01-02" / "_SUCCESS").read_text())
+    assert (success["rows"], success["skipped"], success["files"]) == (2, 298, 2)
+    # a third night with nothing new writes (empty) parts only: the run is complete, nothing relabelled
+    third = label_shards(str(tmp), str(tiny_model), str(out), "2026-01-03", incremental=True)
+    assert (third["labelled"], third["skipped"], third["files"]) == (0, 299, 2)
+
+    # decode on the actor's device (nvJPEG on a GPU; libjpeg-turbo here): same rows, same error,
+    # and labels that agree with PIL decode up to resampling differences
+    dev = label_shards(str(odd_shards), str(tiny_model), str(tmp_path / "dev"), "2026-01-01",
+                       LabelConfig(decode="gpu"))
+    assert (dev["labelled"], dev["errored"], dev["decode"]) == (299, 1, "gpu")
+    agree = duckdb.connect().execute(
+        f"SELECT avg((a.articleType = b.articleType)::INT), count(*) "
+        f"FROM '{out}/history/run_date=2026-01-01/*.parquet' a "
+        f"JOIN '{tmp_path}/dev/history/*/*.parquet' b USING (product_id) WHERE a.error IS NULL").fetchall()
+    assert agree[0][1] == 299 and agree[0][0] >= 0.9
+
+
+def test_dead_actor_is_replaced_and_batch_retried(ray_session, odd_shards, tiny_model, tmp_path, monkeypatch):
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))
+    out = tmp_path / "labels"
+    s = label_shards(str(odd_shards), str(tiny_model), str(out), "2026-01-01")
+    assert marker.exists()  # an actor process did die mid-run
+    assert (s["labelled"], s["errored"]) == (299, 1)
+    assert _count(out) == (300, 300)
+
+
+def test_labels_to_s3(ray_session, s3, odd_shards, tiny_model):
+    bucket = s3.make_bucket("labels-out")
+    uri = f"s3://{bucket}/labels"
+    s = label_shards(str(odd_shards), str(tiny_model), uri, "2026-01-01")
+    assert (s["labelled"], s["errored"], s["files"]) == (299, 1, 2)
+    again = label_shards(str(odd_shards), str(tiny_model), uri, "2026-01-02", incremental=True)
+    assert (again["labelled"], again["skipped"]) == (0, 299)
+    keys = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"])
+    assert "labels/history/run_date=2026-01-01/_SUCCESS" in keys
+    assert "labels/history/run_date=2026-01-01/part-shard-000001.parquet" in keys
+
+
+def test_reader_reads_s3_shard_in_one_get(s3, odd_shards):
+    bucket = s3.make_bucket("shards-in")
+    s3.client().upload_file(str(odd_shards / "shard-000001.tar"), bucket, "set/shard-000001.tar")
+    assert shard_samples(f"s3://{bucket}/set/shard-000001.tar") == shard_samples(
+        str(odd_shards / "shard-000001.tar"))

@@ -1,162 +1,282 @@
-"""``fashionlabel label``: shards → Ray Data actor pool → Parquet, one file per input shard.
+"""``fashionlabel label``: shards → Ray Data (read → decode → actor pool → post-process) → Parquet per shard.
 
-Plan (Ray's batch-inference shape): a dataset of shard URIs → ``ShardLabeler`` actors (model loaded once
-per actor; each call reads one shard, decodes it, predicts, post-processes and publishes
-``part-<shard>.parquet`` atomically) → a small summary row per shard. File names are deterministic per input
-shard, so a re-run of the same date lists what exists and only does the missing shards: a product is
-never written twice. ``_SUCCESS`` (counts, model and taxonomy versions) is written last.
+Plan (Ray's batch-inference shape, restructured so that the accelerator never waits):
 
-Actor CPUs are sized from the cluster's resources so that the pool never takes every CPU (on a 2-core
-laptop an actor pool that reserves all CPUs starves the read tasks and hangs).
+1. read (Ray tasks, one shard each; ``label/reader.py``): one sequential read of the whole tar (one GET
+   on S3), headers parsed from the buffer, already-labelled products dropped (``--incremental``), and
+   JPEGs decoded with PIL when decode runs on CPU;
+2. predict (a fixed-size actor pool, sized from the cluster's resources: no autoscaler ramp; the model is
+   loaded once per actor, bf16 + channels_last on GPU, optionally ``torch.compile``d): raw JPEGs are
+   decoded in one batched nvJPEG call on the device when decode runs on GPU, then forward, softmax /
+   sigmoid on the device, and the vectorised post-processing (hierarchy, top-k, thresholds, review);
+3. write (driver; ``label/writer.py``): rows are grouped by input shard and each complete shard is
+   published as ``part-<shard>.parquet`` atomically. Re-running a date only labels the missing shards.
+
+Ray Data streams the three stages, so reading and decoding of later shards overlap with inference of
+earlier ones. Several actors per GPU (``actors_per_gpu``) overlap one actor's decode and post-processing
+with another's forward pass. On a CPU-only cluster the actor takes part of the CPUs (fractional), never
+all of them, so the read tasks cannot starve.
+
+An actor that dies is restarted and its in-flight batches are retried (``max_restarts`` /
+``max_task_retries``); the writer refuses more rows than a shard has, so a retry cannot duplicate a product.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from fashionlabel import storage
-from fashionlabel.data import decode
+from fashionlabel.label.reader import read_shards, skip_keys
 from fashionlabel.label.schema import labels_schema
-from fashionlabel.shards import iter_shard, list_shards
+from fashionlabel.label.writer import PartWriter, labelled_keys, part_name, run_totals
+from fashionlabel.shards import list_shards
 
 log = logging.getLogger(__name__)
+
+# Fault injection for tests: when set to a path, the first labelling call of the run that finds no file
+# there creates it and kills its actor process (to prove restart + retry). Never set in production.
+CRASH_ONCE_ENV = "FASHIONLABEL_CRASH_ONCE_MARKER"
 
 
 @dataclass(frozen=True)
 class LabelConfig:
-    batch_size: int = 256
-    actors: int | None = None  # default: from the cluster's GPUs, else CPUs
+    """Args:
+        batch_size: images per forward pass (default: 512 on a GPU, 256 on CPU).
+        actors: predictor actors (default: ``actors_per_gpu`` per GPU, else from the CPUs).
+        device: "cuda" / "cpu" (default: a GPU when the cluster has one).
+        compile: ``torch.compile`` the model in each actor (GPU: worth it on long runs).
+        decode: "cpu" (PIL in the read tasks), "gpu" (nvJPEG inside the actor, on its device) or "auto"
+            (gpu when the actors have a GPU, else cpu).
+        actors_per_gpu: actors sharing one GPU, so decode/post-processing of one overlaps another's forward.
+    """
+
+    batch_size: int | None = None
+    actors: int | None = None
     device: str | None = None
     compile: bool = False
-    incremental: bool = False
+    decode: str = "auto"
+    actors_per_gpu: int = 2
 
 
-def part_name(shard_uri: str) -> str:
-    return "part-" + shard_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar") + ".parquet"
+@dataclass(frozen=True)
+class Plan:
+    """Resources resolved from the config and the cluster."""
+
+    device: str
+    decode: str
+    actors: int
+    actor_cpus: float
+    actor_gpus: float
+    read_cpus: float
+    read_tasks: int
+    batch_size: int
+    threads: int  # torch intra-op threads per actor
 
 
-class ShardLabeler:
-    """Ray actor: one model per actor; one call labels one whole shard and publishes its Parquet part."""
+def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
+    """Pool size, per-actor resources and batch size from the cluster's CPUs and GPUs."""
+    if cfg.decode not in ("cpu", "gpu", "auto"):
+        raise ValueError(f"decode must be cpu, gpu or auto, not {cfg.decode!r}")
+    use_gpu = gpus >= 1 and (cfg.device or "cuda").startswith("cuda")
+    decode = cfg.decode if cfg.decode != "auto" else ("gpu" if use_gpu else "cpu")
+    if use_gpu:
+        per_gpu = max(1, cfg.actors_per_gpu)
+        actors = cfg.actors or int(gpus) * per_gpu
+        # Read tasks get the CPUs the actors leave; with CPU decode they are the decoders.
+        return Plan("cuda", decode, actors, 1.0, 1.0 / per_gpu, 1.0, max(1, int(cpus) - actors),
+                    cfg.batch_size or 512, 1)
+    actors = cfg.actors or max(1, int(cpus) // 8)
+    # Actors hold half of the CPUs between them (fractional, so that reads always find a slot); torch
+    # threads use the actor's share of cores, the read tasks fill the gaps between forward passes.
+    actor_cpus = max(0.25, cpus * 0.5 / actors)
+    threads = max(1, int(round(cpus / actors)))
+    return Plan("cpu", decode, actors, actor_cpus, 0.0, min(1.0, max(0.25, cpus * 0.25)),
+                max(1, int(cpus)), cfg.batch_size or 256, threads)
 
-    def __init__(self, model_dir: str, out_dir: str, run_id: str, cfg: LabelConfig,
-                 skip: dict[str, str] | None = None):
+
+class Labeler:
+    """Ray actor: loads the model once; each call labels one batch of products into label columns."""
+
+    def __init__(self, model_dir: str, run_id: str, plan: Plan, compile: bool):
         import torch
 
         from fashionlabel.label.predictor import Predictor
 
-        if cfg.device in (None, "cpu") and not torch.cuda.is_available():
-            torch.set_num_threads(1)
-        self.pred = Predictor(model_dir, device=cfg.device, batch_size=cfg.batch_size, compile=cfg.compile)
-        self.schema = labels_schema(self.pred.taxonomy)
-        self.out_dir, self.run_id = out_dir, run_id
-        self.skip = skip or {}
+        if plan.device == "cpu":
+            torch.set_num_threads(plan.threads)
+        self.pred = Predictor(model_dir, device=plan.device, batch_size=plan.batch_size, compile=compile)
+        self.decode, self.run_id = plan.decode, run_id
+        self.ident = {"model_version": self.pred.version, "taxonomy_version": self.pred.taxonomy.version,
+                      "run_id": run_id}
+        self.label_fields = [f for f in labels_schema(self.pred.taxonomy)
+                             if f.name not in ("product_id", "image_sha256", "model_version",
+                                               "taxonomy_version", "run_id", "labeled_at", "error")]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        shards, counts = [], {"labelled": [], "errored": [], "skipped": []}
-        for uri in batch["shard"]:
-            n = self.label_shard(str(uri))
-            shards.append(str(uri))
-            for k in counts:
-                counts[k].append(n[k])
-        return {"shard": np.array(shards, dtype=object), **{k: np.array(v) for k, v in counts.items()}}
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from fashionlabel.label.postprocess import to_columns
 
-    def label_shard(self, uri: str) -> dict[str, int]:
-        now = dt.datetime.now(dt.UTC)
-        ids, shas, images, errors = [], [], [], {}
-        skipped = 0
-        for s in iter_shard(uri):
-            meta = s.get("json", {})
-            pid, sha = meta.get("product_id", s["__key__"]), meta.get("sha256")
-            if self.skip.get(pid) == sha:
-                skipped += 1
-                continue
-            ids.append(pid)
-            shas.append(sha)
-            try:
-                images.append(decode(s["jpg"], self.pred.size))
-            except Exception as e:  # noqa: BLE001 - a corrupt image gets an error row, not a crash
-                errors[len(ids) - 1] = f"undecodable image: {str(e)[:160]}"
-                images.append(None)
-        ok = [i for i, im in enumerate(images) if im is not None]
-        rows_ok = self.pred.label_rows(np.stack([images[i] for i in ok])) if ok else []
-        by_idx = dict(zip(ok, rows_ok, strict=True))
-        base = {"model_version": self.pred.version, "taxonomy_version": self.pred.taxonomy.version,
-                "run_id": self.run_id, "labeled_at": now}
-        rows = []
-        for i, pid in enumerate(ids):
-            row = {"product_id": pid, "image_sha256": shas[i], **base, **by_idx.get(i, {})}
-            row["error"] = errors.get(i)
-            if i in errors:
-                row["needs_review"] = True
-            rows.append(row)
-        table = pa.Table.from_pylist(rows, schema=self.schema)
-        storage.write_parquet(table, storage.join(self.out_dir, part_name(uri)))
-        return {"labelled": len(ok), "errored": len(errors), "skipped": skipped}
+        _crash_once()
+        n = len(batch["shard"])
+        errors = _strings(batch["error"])
+        ok = [i for i in range(n) if errors[i] is None and not batch["marker"][i]]
+        if self.decode == "gpu":
+            images, bad = self.pred.decode_on_device([batch["jpg"][i] for i in ok])
+            for j, reason in bad.items():
+                errors[ok[j]] = reason
+            ok = [i for j, i in enumerate(ok) if j not in bad]
+        else:
+            images = batch["image"][ok]
+        cols = to_columns(self.pred.taxonomy, self.pred.probs_on_device(images), self.pred.calibration)
+        # Rows in batch order: labelled rows take their labels, the others (errors, markers) nulls.
+        order = np.full(n, len(ok), dtype=np.int64)
+        order[ok] = np.arange(len(ok))
+        others = np.flatnonzero(order == len(ok))
+        order[others] = len(ok) + np.arange(len(others))
+        take = pa.array(order)
+        out = {"product_id": pa.array(_strings(batch["product_id"]), pa.string()),
+               "image_sha256": pa.array(_strings(batch["image_sha256"]), pa.string()),
+               **{k: pa.array([v] * n, pa.string()) for k, v in self.ident.items()},
+               "labeled_at": pa.array([dt.datetime.now(dt.UTC)] * n, pa.timestamp("us", tz="UTC"))}
+        for f in self.label_fields:
+            arr = cols[f.name]
+            out[f.name] = pa.concat_arrays([arr.cast(f.type), pa.nulls(len(others), f.type)]).take(take)
+        out["needs_review"] = out["needs_review"].fill_null(True)  # an unlabelled product needs a look
+        out["error"] = pa.array(errors, pa.string())
+        for k in ("shard", "shard_rows", "shard_skipped", "marker"):
+            out[k] = pa.array(batch[k])
+        return pa.table(out)
+
+
+def _strings(col: np.ndarray) -> list[str | None]:
+    """A string column as Python values; an all-null column comes back from Arrow as NaN floats."""
+    return [v if isinstance(v, str) else None for v in col]
+
+
+def _crash_once() -> None:
+    marker = os.environ.get(CRASH_ONCE_ENV)
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(1)
 
 
 def label_shards(shards: str, model_dir: str, out: str, run_date: str | None = None,
-                 cfg: LabelConfig = LabelConfig(), skip: dict[str, str] | None = None) -> dict[str, Any]:
+                 cfg: LabelConfig = LabelConfig(), skip: dict[str, str] | None = None,
+                 incremental: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Label every shard of ``shards`` into ``out/history/run_date=D/``; return the run summary.
 
     Args:
-        skip: product_id → image_sha256 already labelled by this model (``--incremental``): not relabelled.
+        skip: product_id → image_sha256 already labelled by this model: not relabelled, counted as skipped.
+        incremental: also skip every product that this model version already labelled without error
+            under ``out/history`` (any run date), with the same image_sha256.
+        progress: called with the row count of every batch that comes back from the actors.
     """
-    import ray
-
     from fashionlabel.runtime import cluster_cpus, cluster_gpus
-    from fashionlabel.train.export import load_artifact
 
     t0 = time.time()
     model_dir = storage.absolute(model_dir)
     run_date = run_date or dt.date.today().isoformat()
     out_dir = storage.join(out, "history", f"run_date={run_date}")
     storage.makedirs(out_dir)
-    done = set(storage.listdir(out_dir, ".parquet"))
     uris = list_shards(shards)
+    done = set(storage.listdir(out_dir, ".parquet"))
     todo = [u for u in uris if part_name(u) not in done]
-    _, spec = load_artifact(model_dir)
+    spec = artifact_spec(model_dir)
     run_id = f"{run_date}-{uuid.uuid4().hex[:8]}"
-    log.info("label: %d shards, %d already done for %s, %d to label", len(uris), len(uris) - len(todo),
-             run_date, len(todo))
-    counts = {"labelled": 0, "errored": 0, "skipped": 0}
+    plan = plan_resources(cfg, cluster_cpus(), cluster_gpus())
+    log.info("label: %d shards, %d already done for %s, %d to label; %s", len(uris), len(uris) - len(todo),
+             run_date, len(todo), plan)
+    writer = PartWriter(out_dir, labels_schema(spec["taxonomy_obj"]))
     if todo:
-        gpus, cpus = cluster_gpus(), cluster_cpus()
-        use_gpu = gpus >= 1 and cfg.device != "cpu"
-        actors = cfg.actors or (int(gpus) if use_gpu else max(1, int(cpus)))
-        actors = max(1, min(actors, len(todo)))
-        # Leave CPU for the driver and Ray Data's own tasks: fractional CPUs per actor.
-        actor_cpus = 1.0 if use_gpu else max(0.25, (cpus * 0.9) / actors)
-        ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            ShardLabeler,
-            fn_constructor_kwargs={"model_dir": str(model_dir), "out_dir": out_dir, "run_id": run_id,
-                                   "cfg": cfg, "skip": skip},
-            batch_size=1,
-            concurrency=actors,
-            num_cpus=actor_cpus,
-            num_gpus=1 if use_gpu else 0,
-            max_restarts=3,
-            max_task_retries=3,
-        )
-        for row in ds.iter_rows():
-            for k in counts:
-                counts[k] += int(row[k])
+        keys = _skip_keys(out, spec["version"], skip, incremental)
+        for batch in _plan(todo, model_dir, run_id, plan, cfg.compile, spec, keys).iter_batches(
+                batch_size=None, batch_format="pyarrow"):
+            writer.add(batch)
+            if progress:
+                progress(batch.num_rows)
+        if writer.incomplete:
+            raise RuntimeError(f"label rows missing for {len(writer.incomplete)} shards: {writer.incomplete[:3]}")
     seconds = time.time() - t0
-    parts = storage.listdir(out_dir, ".parquet")
+    c = writer.counts
     summary = {
         "run_date": run_date, "run_id": run_id, "model_version": spec["version"],
-        "taxonomy_version": spec["taxonomy_version"], "shards": len(uris), "shards_done_before": len(uris) - len(todo),
-        "files": len(parts), **counts, "seconds": seconds,
-        "images_per_s": counts["labelled"] / seconds if seconds else 0.0, "out": out_dir,
+        "taxonomy_version": spec["taxonomy_version"], "shards": len(uris),
+        "shards_done_before": len(uris) - len(todo), "labelled": c["labelled"], "errored": c["errored"],
+        "skipped": c["skipped"], "seconds": seconds,
+        "images_per_s": (c["labelled"] + c["errored"]) / seconds if seconds else 0.0,
+        "decode": plan.decode, "actors": plan.actors, "device": plan.device, "batch_size": plan.batch_size,
+        "out": out_dir,
     }
-    if len(parts) >= len(uris):
-        storage.write_json(storage.join(out_dir, "_SUCCESS"), summary)
+    totals = run_totals(out_dir)
+    summary["files"] = totals["files"]
+    if totals["files"] >= len(uris):
+        storage.write_json(storage.join(out_dir, "_SUCCESS"), {
+            "run_date": run_date, "last_run_id": run_id, "model_version": spec["version"],
+            "taxonomy_version": spec["taxonomy_version"], "shards": len(uris), **totals,
+            "plan": asdict(plan), "finished_at": dt.datetime.now(dt.UTC).isoformat()})
     return summary
+
+
+def artifact_spec(model_dir: str) -> dict[str, Any]:
+    """The artifact's model.json, version and taxonomy, without loading the weights on the driver."""
+    import json
+    from pathlib import Path
+
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.export import ArtifactError
+
+    path = Path(model_dir)
+    try:
+        spec = json.loads((path / "model.json").read_text())
+        spec["version"] = (path / "version").read_text().strip()
+        spec["taxonomy_obj"] = Taxonomy.from_dict(spec["taxonomy"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ArtifactError(f"model artifact {path} is missing or malformed: {e}") from e
+    return spec
+
+
+def _skip_keys(out: str, model_version: str, skip: dict[str, str] | None, incremental: bool) -> pa.Array | None:
+    parts = []
+    if skip:
+        parts.append(skip_keys(list(skip), list(skip.values())))
+    if incremental:
+        parts.append(labelled_keys(out, model_version))
+    return pa.concat_arrays(parts) if parts else None
+
+
+def _plan(todo: list[str], model_dir: str, run_id: str, plan: Plan, compile: bool, spec: dict[str, Any],
+          skip: pa.Array | None) -> Any:
+    import ray
+
+    size = tuple(spec["preprocessing"]["size"])
+    ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(read_shards, batch_size=1, fn_kwargs={"decode_on": plan.decode, "size": size,
+                                                            "skip": skip},
+                        num_cpus=plan.read_cpus, compute=ray.data.TaskPoolStrategy(size=plan.read_tasks))
+    env = {k: v for k, v in os.environ.items() if k.startswith("FASHIONLABEL_")}
+    return ds.map_batches(
+        Labeler,
+        fn_constructor_kwargs={"model_dir": str(model_dir), "run_id": run_id, "plan": plan, "compile": compile},
+        batch_size=plan.batch_size,
+        # A fixed pool: every actor starts at once, no ramp-up while the first batches wait.
+        compute=ray.data.ActorPoolStrategy(size=plan.actors, max_tasks_in_flight_per_actor=2),
+        num_cpus=plan.actor_cpus,
+        num_gpus=plan.actor_gpus or None,
+        # Ray Data's actor pool restarts a dead actor and retries its in-flight batches by default
+        # (max_restarts / max_task_retries = -1); per-call remote args are deprecated in Ray 2.60.
+        runtime_env={"env_vars": env} if env else None,
+    )

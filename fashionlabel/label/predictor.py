@@ -6,6 +6,7 @@ exactly those that evaluation measured for the same model and images.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +42,77 @@ class Predictor:
         self.size, self.mean, self.std = tuple(pre["size"]), pre["mean"], pre["std"]
         self.calibration = self.spec.get("calibration", {})
         self.batch_size = batch_size
-        # bf16 on GPU halves memory traffic; CPU stays fp32 (bf16 convs are slow without AMX).
+        # bf16 on GPU halves memory traffic; the weights are cast once here, not per call as autocast
+        # would. CPU stays fp32 (bf16 convs are slow without AMX).
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
+        self.model = model.to(dtype=self.dtype, memory_format=torch.channels_last)
+        self.compiled = compile
         if compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, dynamic=False)
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, torch.get_num_threads()))
 
     @torch.inference_mode()
-    def logits(self, images: np.ndarray) -> dict[str, torch.Tensor]:
+    def logits(self, images: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """N×H×W×3 uint8 (already at the model's size) → logits per head (float32, on CPU)."""
         outs: list[dict[str, torch.Tensor]] = []
         for s in range(0, len(images), self.batch_size):
-            x = to_input(images[s : s + self.batch_size], self.mean, self.std, self.device, torch.float32)
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                out = self.model(x)
-            outs.append({k: v.float().cpu() for k, v in out.items()})
+            x = to_input(images[s : s + self.batch_size], self.mean, self.std, self.device).to(self.dtype)
+            outs.append({k: v.float().cpu() for k, v in self.forward(x).items()})
         if not outs:
             return {h.name: torch.zeros((0, h.num_classes)) for h in self.taxonomy.heads}
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One normalised N×3×H×W batch → logits on the device. A compiled model sees one fixed batch shape
+        (the last, short batch is padded), so it compiles once and never again mid-run."""
+        n = len(x)
+        if self.compiled and n < self.batch_size:
+            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))]).contiguous(
+                memory_format=torch.channels_last)
+        out = self.model(x)
+        return {k: v[:n].float() for k, v in out.items()}
+
+    @torch.inference_mode()
+    def decode_on_device(self, jpgs: Sequence[bytes]) -> tuple[torch.Tensor, dict[int, str]]:
+        """JPEG bytes → N×H×W×3 uint8 at the model's size, decoded on this predictor's device (nvJPEG in
+        one batched call on a GPU, libjpeg-turbo on CPU). Returns the images of the decodable inputs and
+        {index: reason} for the others (their rows are dropped from the tensor)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms.v2.functional import resize
+
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpgs]
+        dev = self.device if self.device.type == "cuda" else "cpu"
+        h, w = self.size
+        errors: dict[int, str] = {}
+        if not data:
+            return torch.zeros((0, h, w, 3), dtype=torch.uint8, device=dev), errors
+        try:
+            imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+        except RuntimeError:  # one bad image fails the batched call: find it one image at a time
+            imgs = []
+            for i, d in enumerate(data):
+                try:
+                    imgs.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=dev))
+                except RuntimeError as e:
+                    errors[i] = f"undecodable image: {str(e)[:160]}"
+        out = [im if im.shape[1:] == (h, w) else resize(im, [h, w], antialias=True) for im in imgs]
+        if not out:
+            return torch.zeros((0, h, w, 3), dtype=torch.uint8, device=dev), errors
+        return torch.stack(out).permute(0, 2, 3, 1), errors
+
+    @torch.inference_mode()
+    def probs_on_device(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """Like :meth:`probs` but softmax/sigmoid run on the device and one transfer per head comes back."""
+        if len(images) == 0:
+            return scores(self.taxonomy, self.logits(images), self.calibration)
+        parts = [self.forward(to_input(images[s : s + self.batch_size], self.mean, self.std, self.device)
+                              .to(self.dtype))
+                 for s in range(0, len(images), self.batch_size)]
+        logits = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return scores(self.taxonomy, logits, self.calibration)
 
     def probs(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return scores(self.taxonomy, self.logits(images), self.calibration)

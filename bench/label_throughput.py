@@ -1,0 +1,279 @@
+"""Labelling throughput: ``fashionlabel label`` (Ray Data) against a plain WebDataset + DataLoader loop.
+
+Both paths label the same shards with the same model artifact and write the same Parquet (the labels
+schema, vectorised post-processing); the figure is products per second end to end, from "start" to
+"every file written", model loading included. The run builds its own shards: the source JPEGs repeated
+under new product ids until ``--products`` is reached (nothing is re-encoded: the tars hold the bytes).
+
+    PYTHONPATH=$PWD python bench/label_throughput.py                   # this laptop: 20k products, CPU
+    PYTHONPATH=$PWD python bench/label_throughput.py --products 200000 # GPU machine (see bench/README.md)
+
+Models: the small default (``fl_small``) and a ResNet-50 (``cloth_resnet_a`` from the registry when it is
+there, else torchvision's ResNet-50 trunk with the taxonomy heads, registered by this script in every Ray
+worker). Weights are random: labelling speed does not depend on accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from fashionlabel.data import decode
+from fashionlabel.label.pipeline import LabelConfig, label_shards
+from fashionlabel.label.postprocess import to_columns
+from fashionlabel.label.predictor import Predictor
+from fashionlabel.label.schema import labels_schema
+from fashionlabel.models import create_model, list_models
+from fashionlabel.taxonomy import Taxonomy
+from fashionlabel.train.export import save_artifact
+
+log = logging.getLogger("bench.label")
+SOURCES = [Path("/tmp/fpi/images"), Path("/work/shared/data/fashion-product-images/images-224.tar")]
+
+
+# ---- models ------------------------------------------------------------------------------------------
+def register_bench_models() -> None:
+    """Register ``bench_resnet50`` (torchvision ResNet-50 trunk + taxonomy heads) in this process.
+
+    Passed to Ray as ``worker_process_setup_hook`` so that the actors, which load the artifact by
+    architecture name, know it too. Not part of the library's model zoo on purpose.
+    """
+    from fashionlabel.models import register_model
+
+    if "bench_resnet50" in list_models():
+        return
+
+    def bench_resnet50(taxonomy: Taxonomy, **kw) -> torch.nn.Module:
+        import torchvision
+
+        from fashionlabel.models.heads import TrunkWithHeads
+
+        net = torchvision.models.resnet50(weights=None)
+        return TrunkWithHeads(torch.nn.Sequential(*list(net.children())[:-2]), 2048, taxonomy, **kw)
+
+    register_model(bench_resnet50)
+
+
+def make_artifact(arch: str, out: Path, size: tuple[int, int]) -> Path:
+    tax = Taxonomy.load("fashion-product-images")
+    torch.manual_seed(0)
+    model = create_model(arch, tax).eval()
+    pre = {"size": list(size), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    save_artifact(out, model, architecture=arch, taxonomy=tax, preprocessing=pre)
+    return out
+
+
+# ---- data --------------------------------------------------------------------------------------------
+def source_jpegs(path: str | None, limit: int = 5000) -> list[bytes]:
+    """Up to ``limit`` JPEGs from a folder or a tar; synthetic 256-px photos when none is found."""
+    candidates = [Path(path)] if path else SOURCES
+    for p in candidates:
+        if p.is_dir():
+            return [f.read_bytes() for f in sorted(p.glob("*.jpg"))[:limit]]
+        if p.is_file():
+            with tarfile.open(p) as t:
+                out = []
+                for m in t:
+                    if m.isfile() and m.name.endswith(".jpg"):
+                        out.append(t.extractfile(m).read())
+                        if len(out) >= limit:
+                            break
+                return out
+    log.warning("no product images found; using synthetic 256-px JPEGs")
+    return synthetic_jpegs(512)
+
+
+def synthetic_jpegs(n: int, side: int = 256) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:side, 0:side]
+    out = []
+    for _ in range(n):
+        c = rng.uniform(0, 255, (3, 3))
+        img = np.stack([c[k, 0] + (c[k, 1] - c[k, 0]) * xx / side + c[k, 2] * np.sin(yy / 9) for k in range(3)], -1)
+        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def build_shards(jpegs: list[bytes], products: int, per_shard: int, out: Path) -> Path:
+    """WebDataset shards (``key.jpg`` + ``key.json``) of ``products`` products, sources repeated."""
+    out.mkdir(parents=True, exist_ok=True)
+    shas = [hashlib.sha256(b).hexdigest() for b in jpegs]
+    for s in range(0, products, per_shard):
+        with tarfile.open(out / f"shard-{s // per_shard:06d}.tar", "w") as tar:
+            for i in range(s, min(s + per_shard, products)):
+                k = i % len(jpegs)
+                meta = json.dumps({"product_id": f"p{i:08d}", "sha256": shas[k], "labels": {}}).encode()
+                for name, data in ((f"p{i:08d}.jpg", jpegs[k]), (f"p{i:08d}.json", meta)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+# ---- the plain baseline ----------------------------------------------------------------------------------
+class Clock:
+    """End-to-end rate and steady rate (from the first labelled batch on, i.e. without start-up)."""
+
+    def __init__(self) -> None:
+        self.t0, self.first, self.n, self.n_first = time.perf_counter(), None, 0, 0
+
+    def __call__(self, rows: int) -> None:
+        self.n += rows
+        if self.first is None:
+            self.first, self.n_first = time.perf_counter(), self.n
+
+    def rates(self) -> tuple[float, float]:
+        t = time.perf_counter()
+        steady = (self.n - self.n_first) / (t - self.first) if self.first and t > self.first else float("nan")
+        return self.n / (t - self.t0), steady
+
+
+def plain_loop(shards: Path, model_dir: Path, out: Path, workers: int, batch: int, device: str,
+               compile: bool, clock: Clock) -> int:
+    """webdataset + DataLoader(workers) + the same Predictor + the same post-processing + pyarrow writer."""
+    import webdataset as wds
+
+    pred = Predictor(model_dir, device=device, batch_size=batch, compile=compile)
+    size, tax = pred.size, pred.taxonomy
+    schema = labels_schema(tax)
+
+    def sample(s: dict) -> tuple[np.ndarray, str, str]:
+        meta = json.loads(s["json"])
+        return decode(s["jpg"], size), meta["product_id"], meta["sha256"]
+
+    urls = [str(p) for p in sorted(shards.glob("*.tar"))]
+    ds = wds.WebDataset(urls, shardshuffle=False, workersplitter=wds.split_by_worker,
+                        nodesplitter=None, empty_check=False).map(sample)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, pin_memory=device == "cuda",
+                                     persistent_workers=False, prefetch_factor=4 if workers else None)
+    n = 0
+    run = {"model_version": pred.version, "taxonomy_version": tax.version, "run_id": "plain"}
+    with pq.ParquetWriter(out, schema, compression="zstd") as w:
+        for images, pids, shas in dl:
+            cols = to_columns(tax, pred.probs_on_device(images), pred.calibration)
+            m = len(pids)
+            ident = {"product_id": pa.array(list(pids)), "image_sha256": pa.array(list(shas)),
+                     **{k: pa.array([v] * m) for k, v in run.items()},
+                     "labeled_at": pa.array([time.time_ns() // 1000] * m, pa.timestamp("us", tz="UTC")),
+                     "error": pa.nulls(m, pa.string())}
+            w.write_table(pa.table({f.name: (ident | cols)[f.name] for f in schema}, schema=schema))
+            n += m
+            clock(m)
+    return n
+
+
+# ---- one comparison ----------------------------------------------------------------------------------------
+def compare(name: str, arch: str, jpegs: list[bytes], products: int, a: argparse.Namespace, root: Path,
+            size: tuple[int, int]) -> dict:
+    work = root / name
+    shards = build_shards(jpegs, products, a.samples_per_shard, work / "shards")
+    model = make_artifact(arch, work / "model", size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = LabelConfig(batch_size=a.batch_size, compile=a.compile, decode=a.decode)
+    ours, plain = [], []
+    for r in range(a.repeats):
+        clock = Clock()
+        s = label_shards(str(shards), str(model), str(work / f"labels-{r}"), "2026-01-01", cfg, progress=clock)
+        ours.append(clock.rates())
+        assert s["labelled"] == products, s
+        clock = Clock()
+        n = plain_loop(shards, model, work / f"plain-{r}.parquet", a.workers, s["batch_size"], device, a.compile,
+                       clock)
+        plain.append(clock.rates())
+        assert n == products
+        print(f"  [{name} run {r + 1}/{a.repeats}] ours {ours[-1][0]:,.0f} img/s (steady {ours[-1][1]:,.0f}; "
+              f"{s['actors']} actor(s), decode {s['decode']}, batch {s['batch_size']})   plain {plain[-1][0]:,.0f}"
+              f" img/s (steady {plain[-1][1]:,.0f})", flush=True)
+    agree = _agreement(work / "labels-0", work / "plain-0.parquet")
+    o, p = (statistics.median(x[0] for x in ours), statistics.median(x[0] for x in plain))
+    os_, ps = (statistics.median(x[1] for x in ours), statistics.median(x[1] for x in plain))
+    return {"model": name, "products": products, "ours": o, "plain": p, "ratio": o / p, "steady_ours": os_,
+            "steady_plain": ps, "agree": agree}
+
+
+def _agreement(ours: Path, plain: Path) -> float:
+    import duckdb
+
+    q = (f"SELECT avg((a.articleType = b.articleType)::INT) FROM read_parquet('{ours}/history/*/*.parquet') a "
+         f"JOIN read_parquet('{plain}') b USING (product_id)")
+    return duckdb.connect().execute(q).fetchall()[0][0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--products", type=int, default=200_000 if gpu else 20_000, help="fl_small products")
+    p.add_argument("--resnet-products", type=int, default=None,
+                   help="ResNet-50 products (default: --products on a GPU, 2,000 on CPU: it is slow there)")
+    p.add_argument("--samples-per-shard", type=int, default=500)
+    p.add_argument("--images", default=None, help="folder or tar of source JPEGs (default: the shared set)")
+    p.add_argument("--synthetic", action="store_true", help="use synthetic 256-px JPEGs")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="model input (default: 80 60 for 60×80 sources, else 224 224)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the baseline")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--decode", default="auto", choices=["cpu", "gpu", "auto"])
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu,
+                   help="torch.compile in both paths (default: on with a GPU)")
+    p.add_argument("--models", nargs="+", default=["small", "resnet50"], choices=["small", "resnet50"])
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import ray
+
+    register_bench_models()
+    jpegs = synthetic_jpegs(512) if a.synthetic else source_jpegs(a.images)
+    from PIL import Image
+
+    side = max(Image.open(io.BytesIO(jpegs[0])).size)
+    size = tuple(a.size) if a.size else ((80, 60) if side <= 100 else (224, 224))
+    resnet = "cloth_resnet_a" if "cloth_resnet_a" in list_models() else "bench_resnet50"
+    archs = {"small": ("fl_small", a.products), "resnet50": (resnet, a.resnet_products or
+                                                             (a.products if gpu else 2000))}
+    root = Path(a.keep or tempfile.mkdtemp(prefix="label-bench-"))
+    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": register_bench_models})
+    print(f"label throughput: {len(jpegs)} source JPEGs ({side}px), model input {size}, "
+          f"{os.cpu_count()} CPUs, {'GPU ' + torch.cuda.get_device_name() if gpu else 'no GPU'}, "
+          f"compile={a.compile}, baseline DataLoader workers={a.workers}", flush=True)
+    results = []
+    try:
+        for m in a.models:
+            arch, n = archs[m]
+            results.append(compare(f"{m} ({arch})", arch, jpegs, n, a, root, size))
+    finally:
+        ray.shutdown()
+    print(f"\nmedian of {a.repeats} run(s); end to end (model loading and start-up included), then steady "
+          f"(from the first labelled batch on)")
+    print(f"{'model':<28} {'products':>9} {'ours img/s':>11} {'plain img/s':>12} {'ratio':>6}   "
+          f"{'steady ours':>11} {'plain':>7} {'ratio':>6} {'same labels':>12}")
+    for r in results:
+        print(f"{r['model']:<28} {r['products']:>9,} {r['ours']:>11,.0f} {r['plain']:>12,.0f} "
+              f"{r['ratio']:>5.2f}×   {r['steady_ours']:>11,.0f} {r['steady_plain']:>7,.0f} "
+              f"{r['steady_ours'] / r['steady_plain']:>5.2f}× {100 * r['agree']:>11.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The write stage of labelling: label rows streamed back from the actor pool → one Parquet file per shard.
+
+Rows of one shard may arrive in several batches from several actors. The writer on the driver holds a
+shard's rows until all of them are in (the read stage tells it how many to expect), then publishes
+``part-<shard>.parquet`` atomically (rename locally, one upload on S3). Names are a pure function of the
+input shard, so a re-run lists the parts of its date and labels only the missing shards: a product is
+never written twice. Each file carries its counts in the Parquet key-value metadata, so the run manifest
+(``_SUCCESS``) is summed from file footers alone, also across partial re-runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from fashionlabel import storage
+
+log = logging.getLogger(__name__)
+
+SHARD_COLUMNS = ("shard", "shard_rows", "shard_skipped", "marker")
+META_KEY = b"fashionlabel"
+
+
+def part_name(shard_uri: str) -> str:
+    return "part-" + shard_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar") + ".parquet"
+
+
+class PartWriter:
+    """Collects label rows per shard and publishes each shard's file as soon as it is complete."""
+
+    def __init__(self, out_dir: str, schema: pa.Schema):
+        self.out_dir, self.schema = out_dir, schema
+        self.pending: dict[str, list[pa.Table]] = {}
+        self.got: dict[str, int] = {}
+        self.counts = {"labelled": 0, "errored": 0, "skipped": 0, "files": 0}
+
+    def add(self, batch: pa.Table) -> None:
+        if batch.num_rows == 0:
+            return
+        for shard in pc.unique(batch["shard"]).to_pylist():
+            part = batch.filter(pc.equal(batch["shard"], shard))
+            expected = part["shard_rows"][0].as_py()
+            skipped = part["shard_skipped"][0].as_py()
+            rows = part.filter(pc.invert(part["marker"]))
+            self.pending.setdefault(shard, []).append(rows.select(self.schema.names))
+            self.got[shard] = self.got.get(shard, 0) + rows.num_rows
+            if self.got[shard] > expected:
+                raise RuntimeError(f"{shard}: {self.got[shard]} label rows for {expected} products")
+            if self.got[shard] == expected:
+                self._publish(shard, skipped)
+
+    def _publish(self, shard: str, skipped: int) -> None:
+        table = pa.concat_tables(self.pending.pop(shard)).cast(self.schema)
+        errored = table.num_rows - table["error"].null_count
+        meta = {"shard": shard, "rows": table.num_rows, "labelled": table.num_rows - errored,
+                "errored": errored, "skipped": skipped}
+        table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+        storage.write_parquet(table, storage.join(self.out_dir, part_name(shard)))
+        for k in ("labelled", "errored", "skipped"):
+            self.counts[k] += meta[k]
+        self.counts["files"] += 1
+
+    @property
+    def incomplete(self) -> list[str]:
+        return sorted(self.pending)
+
+
+def run_totals(out_dir: str) -> dict[str, int]:
+    """Counts of a run folder summed from its part files' footers (no data pages read)."""
+    fs, path = storage.filesystem(out_dir)
+    tot = {"rows": 0, "labelled": 0, "errored": 0, "skipped": 0, "files": 0}
+    for name in storage.listdir(out_dir, ".parquet"):
+        meta = pq.read_metadata(f"{path}/{name}", filesystem=fs).metadata or {}
+        m = json.loads(meta.get(META_KEY, b"{}"))
+        tot["files"] += 1
+        for k in ("rows", "labelled", "errored", "skipped"):
+            tot[k] += int(m.get(k, 0))
+    return tot
+
+
+def labelled_keys(out: str, model_version: str) -> pa.Array:
+    """``product_id \\x1f image_sha256`` of every product that ``model_version`` already labelled
+    without error, over every run date of ``out/history`` (for ``--incremental``)."""
+    import pyarrow.dataset as pds
+
+    from fashionlabel.label.reader import skip_keys
+
+    history = storage.join(out, "history")
+    fs, path = storage.filesystem(history)
+    if not storage.exists(history):
+        return pa.array([], pa.string())
+    data = pds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+    t = data.to_table(columns=["product_id", "image_sha256"],
+                      filter=(pds.field("model_version") == model_version) & pds.field("error").is_null())
+    log.info("incremental: %d products already labelled by model %s", t.num_rows, model_version)
+    if t.num_rows == 0:
+        return pa.array([], pa.string())
+    return pc.unique(skip_keys(t["product_id"].to_pylist(), t["image_sha256"].to_pylist()))
+
