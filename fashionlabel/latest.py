@@ -100,7 +100,7 @@ def merge(previous: pa.Table | None, night: pa.Table, run_date: str, members: se
               FROM ({sources})) AS w
         LEFT JOIN members AS m USING (product_id)
         WHERE rn = 1 ORDER BY product_id"""
-    got = con.execute(q).to_arrow_table()
+    got = con.sql(q).to_arrow_table()
     cols = [got.column(f.name).cast(f.type) if f.name in got.column_names else pa.nulls(got.num_rows, f.type)
             for f in schema]
     return pa.Table.from_arrays(cols, schema=schema)

@@ -19,8 +19,8 @@ completes on re-run without duplicates, and re-running a complete night changes 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,8 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from fashionlabel import latest, storage
-from fashionlabel.label.pipeline import LabelConfig, label_shards, part_name
-from fashionlabel.shards import ShardConfig, list_shards
+from fashionlabel.label.pipeline import LabelConfig, label_shards
+from fashionlabel.shards import ShardConfig
 from fashionlabel.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def product_map(layout: Layout, before: str) -> pa.Table:
     con.register("m", pa.concat_tables(parts))
     q = ("SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (PARTITION BY product_id ORDER BY night DESC)"
          " AS rn FROM m) WHERE rn = 1 ORDER BY product_id")
-    return con.execute(q).to_arrow_table().cast(MAP_SCHEMA)
+    return con.sql(q).to_arrow_table().cast(MAP_SCHEMA)
 
 
 # ---- the night ----------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def run_nightly(catalog: str, model: str, root: str, date: str | None = None,
     version = spec["version"]
 
     before = product_map(layout, date)
-    shard = _shard_night(catalog, layout.night_shards(date), taxonomy, cfg.shard, before)
+    shard = _shard_night(layout, date, catalog, taxonomy, cfg.shard, before)
     members = shard.pop("members")
     t_shard = time.time()
 
@@ -191,58 +191,38 @@ def _check_earlier_nights(layout: Layout, date: str) -> None:
                                f"--date {night}) before {date}")
 
 
-def _shard_night(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig, before: pa.Table
-                 ) -> dict[str, Any]:
-    """Shard the new and changed products of ``catalog`` into ``out``; counts plus catalog membership.
+def _shard_night(layout: Layout, date: str, catalog: str, taxonomy: Taxonomy, cfg: ShardConfig,
+                 before: pa.Table) -> dict[str, Any]:
+    """Shard the new and changed products of ``catalog`` into the night's folder; counts and membership.
 
-    The catalog's images are hashed first (sha256 of the source bytes, the same digest the shard index
-    keeps); only rows whose digest is new for their product, or that cannot be fetched (so that they are
-    quarantined with their reason), go to :func:`shard_catalog`, as a JSON Lines catalog with resolved URIs.
+    The product map of the earlier nights is saved as one index (``work/map-before-D.parquet``) and given
+    to :func:`shard_catalog` as ``incremental_from``: only products whose id is new or whose image bytes
+    changed (sha256) are packed.
     """
-    from fashionlabel.catalog import read_catalog, validate
-    from fashionlabel.shards import shard_catalog
+    from fashionlabel.catalog import read_catalog
+    from fashionlabel.shards import ShardJobError, shard_catalog
 
-    rows, malformed = read_catalog(catalog)
-    valid, rejected = validate(rows, catalog, taxonomy)
+    out = layout.night_shards(date)
+    prev = None
+    if before.num_rows:
+        prev = storage.join(layout.root, "work", f"map-before-{date}.parquet")
+        if not storage.exists(prev):  # written once: a re-run must see the same previous index
+            storage.write_parquet(before, prev)
+    # The failure-rate guard applies to the whole catalog, not to tonight's (small) share of it.
+    s = shard_catalog(catalog, out, taxonomy, dataclasses.replace(cfg, max_failure_rate=1.0), incremental_from=prev)
+    rows, _ = read_catalog(catalog)
     members = {str(r["product_id"]) for r in rows if r.get("product_id") not in (None, "")}
-    known = dict(zip(before["product_id"].to_pylist(), before["sha256"].to_pylist(), strict=True))
-    digests = _digests([v.image_uri for v in valid])
-    raw = {str(r["product_id"]): r for r in rows if r.get("product_id") not in (None, "")}
-    todo, new, changed = [], 0, 0
-    for v, sha in zip(valid, digests, strict=True):
-        if sha is not None and known.get(v.product_id) == sha:
-            continue
-        if sha is not None:
-            new, changed = new + (v.product_id not in known), changed + (v.product_id in known)
-        todo.append(raw[v.product_id] | {"image_uri": v.image_uri})
-    work = storage.join(out, "_catalog.jsonl")
-    storage.write_bytes(work, "".join(json.dumps(r, default=str) + "\n" for r in todo).encode())
-    s = shard_catalog(work, out, taxonomy, cfg)
-    index = storage.read_parquet(storage.join(out, "index.parquet"), columns=["product_id"])
-    reasons = dict(s.reasons)
-    for r in malformed + rejected:
-        reasons[r.reason] = reasons.get(r.reason, 0) + 1
-    quarantined = s.quarantined + len(malformed) + len(rejected)
-    return {"new": new, "changed": changed, "unchanged": len(valid) - len(todo), "packed": s.packed,
-            "shards": s.shards, "quarantined": quarantined, "reasons": reasons,
-            "night_ids": set(index["product_id"].to_pylist()), "members": members}
-
-
-def _digests(uris: list[str]) -> list[str | None]:
-    """sha256 of each image's bytes (None when it cannot be fetched: the shard step quarantines it)."""
-    import hashlib
-    from concurrent.futures import ThreadPoolExecutor
-
-    from fashionlabel.catalog import FetchError, fetch
-
-    def one(u: str) -> str | None:
-        try:
-            return hashlib.sha256(fetch(u)).hexdigest()
-        except FetchError:
-            return None
-
-    with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(one, uris))
+    total = s.catalog_rows
+    if total and s.quarantined / total > cfg.max_failure_rate:
+        raise ShardJobError(f"{s.quarantined}/{total} catalog rows quarantined, above --max-failure-rate "
+                            f"{cfg.max_failure_rate}")
+    night_ids = set(storage.read_parquet(storage.join(out, "index.parquet"), columns=["product_id"])
+                    ["product_id"].to_pylist())
+    known = set(before["product_id"].to_pylist())
+    # new / changed count packed products; rows selected but rejected (no image, ...) are in quarantined.
+    return {"new": len(night_ids - known), "changed": len(night_ids & known), "unchanged": s.unchanged,
+            "packed": s.packed, "shards": s.shards, "quarantined": s.quarantined, "reasons": dict(s.reasons),
+            "night_ids": night_ids, "members": members}
 
 
 def _relabel(layout: Layout, date: str, model: str, version: str, before: pa.Table, night_ids: set[str],
@@ -285,12 +265,10 @@ def _relabel(layout: Layout, date: str, model: str, version: str, before: pa.Tab
         totals["labelled"] += s["labelled"]
         totals["errored"] += s["errored"]
         # Publish the parts into the night's history under names that cannot collide with its own shards.
-        for uri in list_shards(layout.night_shards(night)):
-            src = storage.join(s["out"], part_name(uri))
-            t = storage.read_parquet(src)
+        for name in storage.listdir(s["out"], ".parquet"):
+            t = storage.read_parquet(storage.join(s["out"], name))
             if t.num_rows:
-                dest = storage.join(layout.history(date), f"part-relabel-{night}-{part_name(uri)[5:]}")
-                storage.write_parquet(t, dest)
+                storage.write_parquet(t, storage.join(layout.history(date), f"part-relabel-{night}-{name[5:]}"))
     return totals
 
 

@@ -12,3 +12,30 @@ def test_report_has_every_chart(ray_session, small_shards, tiny_model, tmp_path)
     for c in r["charts"]:
         assert f'id="{c}"><img alt="{c}" src="data:image/png;base64,' in html
     assert r["products"] == 600 and "run_date=2026-02-01" in html
+
+
+def test_night_report_has_every_chart_drift_and_counts(tmp_path):
+    from labels_factory import two_nights
+
+    from fashionlabel.report import write_night_report
+
+    labels = str(tmp_path / "labels")
+    two_nights(labels)
+    manifest = {"new": 2, "changed": 4, "unchanged": 14, "quarantined": 1, "labelled": 6, "relabelled": 0,
+                "errors": 0, "shard_images_per_s": 120.0, "label_images_per_s": 300.0}
+    r = write_night_report(labels, "2026-05-02", tmp_path / "night.html", manifest)
+    html = (tmp_path / "night.html").read_text()
+    single = ["gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "usage"]
+    assert r["charts"] == ([f"dist-{h}" for h in single] + ["dist-attributes", "review"]
+                           + [f"drift-{h}" for h in single] + ["run"])
+    for c in r["charts"]:
+        assert f'id="{c}"><img alt="{c}" src="data:image/png;base64,' in html
+    # p02-p05 went from Tshirts to Shirts; every other head kept its label
+    assert r["drift"] == {h: 4 if h == "articleType" else 0 for h in single}
+    assert "p02: Tshirts → Shirts" in html and r["previous night"] == "2026-05-01"
+    assert r["active products"] == 20 and r["inactive (gone from catalog)"] == 2
+    assert r["needs review"] == "15.0%"  # 3 of 20 active products
+    # the first night has nothing to compare with: no drift charts, and says so
+    first = write_night_report(labels, "2026-05-01", tmp_path / "first.html")
+    assert not [c for c in first["charts"] if c.startswith("drift-")]
+    assert "first night" in (tmp_path / "first.html").read_text()

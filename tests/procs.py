@@ -1,0 +1,42 @@
+"""Stop exactly the processes a test started: those whose command line holds a unique marker (a temp dir
+of their own), plus their descendants. Never a global ``ray stop``, which would stop every Ray on the host."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def pids_of(marker: str) -> list[int]:
+    """Processes whose command line holds ``marker``, plus all their descendants."""
+    found, parent = set(), {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if marker in cmd and int(p.name) != os.getpid():
+            found.add(int(p.name))
+    grew = True
+    while grew:
+        kids = {c for c, pp in parent.items() if pp in found} - found
+        found |= kids
+        grew = bool(kids)
+    return sorted(found)
+
+
+def stop_processes(marker: str) -> None:
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        pids = pids_of(marker)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + wait
+        while pids and time.time() < deadline and pids_of(marker):
+            time.sleep(0.2)

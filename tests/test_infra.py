@@ -1,0 +1,133 @@
+"""infra/: each file parses and names the same image, buckets, columns and commands as the code."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from fashionlabel.cli import build_parser
+from fashionlabel.label.schema import labels_schema
+from fashionlabel.latest import latest_schema, publish
+from fashionlabel.nightly import Layout
+from fashionlabel.taxonomy import Taxonomy
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+NIGHTLY_ROOT = "s3://fashionlabel-nightly/nightly"
+DOCKER_INSTRUCTIONS = {"FROM", "ARG", "ENV", "RUN", "COPY", "WORKDIR", "USER", "CMD", "ENTRYPOINT", "LABEL",
+                       "EXPOSE", "SHELL"}
+
+
+def _docker_lines() -> list[tuple[str, str]]:
+    text = (INFRA / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    return [(ln.split(None, 1)[0], ln.split(None, 1)[1]) for ln in lines]
+
+
+def _k8s() -> list[dict]:
+    return list(yaml.safe_load_all((INFRA / "k8s" / "nightly.yaml").read_text()))
+
+
+def _rayjob() -> dict:
+    cm = next(d for d in _k8s() if d["kind"] == "ConfigMap")
+    return yaml.safe_load(cm["data"]["rayjob.yaml"])
+
+
+def test_dockerfile_parses_pins_what_pyproject_pins_and_installs_the_project():
+    lines = _docker_lines()
+    assert {i for i, _ in lines} <= DOCKER_INSTRUCTIONS
+    assert lines[0][0] == "FROM" and re.match(r"nvidia/cuda:[\d.]+-cudnn-runtime-", lines[0][1])
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = dict(re.match(r"([\w\[\],.-]+)==(\S+)", d).groups() for d in deps)
+    run = " ".join(a for i, a in lines if i == "RUN")
+    got = dict(re.findall(r'"?([\w\[\],.-]+)==([\w.]+)"?', run))
+    assert {k.split("[")[0]: v for k, v in pins.items()} == {k.split("[")[0]: v for k, v in got.items()}
+    copies = [a for i, a in lines if i == "COPY"]
+    assert "fashionlabel/ fashionlabel/" in copies and "jobs/ jobs/" in copies
+    assert any(a.endswith("/opt/fashionlabel/model") for a in copies)
+
+
+def test_k8s_manifest_runs_the_nightly_job_with_real_flags():
+    kinds = [d["kind"] for d in _k8s()]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"]
+    cron = next(d for d in _k8s() if d["kind"] == "CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid" and len(cron["spec"]["schedule"].split()) == 5
+    job = _rayjob()
+    assert job["kind"] == "RayJob" and job["spec"]["shutdownAfterJobFinishes"] is True
+    argv = shlex.split(job["spec"]["entrypoint"].replace("NIGHT_DATE", "2026-03-01"))
+    assert argv[:3] == ["python", "-m", "jobs.nightly"]
+    args = build_parser().parse_args(["nightly", *argv[3:]])  # every flag exists in the CLI
+    assert args.root == NIGHTLY_ROOT and args.catalog.startswith("s3://fashionlabel-catalog/catalog/")
+    assert args.model == "/opt/fashionlabel/model" and args.date == "2026-03-01"
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == "2.60.0" and spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    gpu = spec["workerGroupSpecs"][0]
+    assert gpu["minReplicas"] == 0 < gpu["maxReplicas"]
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    image = yaml.safe_load((ROOT / "cluster.yaml").read_text())["docker"]["image"]
+    assert image in (INFRA / "Dockerfile").read_text()
+    assert {c["image"] for g in [spec["headGroupSpec"], gpu] for c in g["template"]["spec"]["containers"]} == {image}
+
+
+def _hive(t: pa.DataType) -> str:
+    if pa.types.is_list(t):
+        return f"array<{_hive(t.value_type)}>"
+    if pa.types.is_struct(t):
+        return "struct<" + ",".join(f"{f.name}:{_hive(f.type)}" for f in t) + ">"
+    return {"string": "string", "float": "float", "bool": "boolean", "date32[day]": "date"}.get(
+        str(t), "timestamp" if pa.types.is_timestamp(t) else str(t))
+
+
+def _ddl_columns(table: str) -> list[tuple[str, str]]:
+    sql = (INFRA / "athena" / "tables.sql").read_text()
+    body = re.search(rf"CREATE EXTERNAL TABLE IF NOT EXISTS fashionlabel\.{table} \((.*?)\n\)", sql, re.S).group(1)
+    return re.findall(r"`(\w+)` ([^\n]+?),?$", body, re.M)
+
+
+@pytest.mark.parametrize("table", ["history", "latest"])
+def test_athena_ddl_columns_match_the_parquet_schemas(table):
+    tax = Taxonomy.load("fashion-product-images")
+    schema = labels_schema(tax) if table == "history" else latest_schema(tax)
+    assert _ddl_columns(table) == [(f.name, _hive(f.type)) for f in schema]
+
+
+def test_athena_locations_are_where_the_code_writes(tmp_path):
+    sql = (INFRA / "athena" / "tables.sql").read_text()
+    layout = Layout(NIGHTLY_ROOT)
+    assert f"LOCATION '{layout.labels}/history/'" in sql
+    assert "PARTITIONED BY (`run_date` string)" in sql and layout.history("2026-03-01").endswith("run_date=2026-03-01")
+    # latest's table reads the symlink manifest that publish() writes: check on a real publish
+    tax = Taxonomy.load("fashion-product-images")
+    publish(str(tmp_path), "2026-03-01", latest_schema(tax).empty_table())
+    manifest = tmp_path / "latest" / "_symlink_format_manifest" / "manifest"
+    assert manifest.read_text().strip() == f"file://{tmp_path}/latest/snapshots/2026-03-01/part-00000.parquet"
+    assert f"LOCATION '{layout.labels}/latest/_symlink_format_manifest/'" in sql
+
+
+def test_s3_policy_is_least_privilege_and_covers_every_output():
+    policy = json.loads((INFRA / "iam" / "s3-policy.json").read_text())
+    st = policy["Statement"]
+    actions = {a for s in st for a in s["Action"]}
+    assert "s3:*" not in actions and "*" not in actions
+    resources = [r for s in st for r in s["Resource"]]
+    assert {r.split(":::")[1].split("/")[0] for r in resources} == {"fashionlabel-catalog", "fashionlabel-nightly"}
+    writes = [r for s in st if {"s3:PutObject", "s3:DeleteObject"} & set(s["Action"]) for r in s["Resource"]]
+    assert writes and not any("fashionlabel-catalog" in r for r in writes)  # the catalog is read-only
+    put = [r.split(":::")[1] for s in st if "s3:PutObject" in s["Action"] for r in s["Resource"]]
+    layout = Layout(NIGHTLY_ROOT)
+    outputs = [layout.night_shards("2026-03-01") + "/shard-000000.tar", layout.history("2026-03-01") + "/p.parquet",
+               layout.labels + "/latest/_CURRENT.json", layout.report("2026-03-01"), layout.manifest("2026-03-01"),
+               layout.relabel_work("2026-03-01", "2026-02-01") + "/x"]
+    for uri in outputs:
+        assert any(fnmatch.fnmatch(uri.removeprefix("s3://"), p) for p in put), uri
+    get = [r.split(":::")[1] for s in st if "s3:GetObject" in s["Action"] for r in s["Resource"]]
+    assert any(fnmatch.fnmatch("fashionlabel-catalog/images/1623.jpg", p) for p in get)
+    assert not any(fnmatch.fnmatch("fashionlabel-catalog/other/x", p) for p in get)

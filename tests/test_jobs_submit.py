@@ -1,0 +1,92 @@
+"""``ray job submit`` of the nightly job to a real Ray cluster started with ``ray start --head`` on loopback.
+
+The cluster runs with token authentication on (Ray 2.60's default for new clusters, made explicit here
+with ``RAY_AUTH_MODE=token`` and a token in ``RAY_AUTH_TOKEN``), its own temp dir and free ports, and is
+stopped by killing exactly the processes it started (found by its unique temp dir), never by a global
+``ray stop``, which would stop every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+from conftest import sample_rows, write_catalog
+from procs import stop_processes
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    tmp = tempfile.mkdtemp(prefix="flray-", dir="/tmp")  # short: Ray's unix sockets live under it
+    dash = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONPATH"}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+           "--num-cpus=2", f"--temp-dir={tmp}", "--disable-usage-stats"]
+    try:
+        subprocess.run(cmd, env=env, check=True, timeout=240, capture_output=True)
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        stop_processes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ray(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_nightly(ray_cluster, tiny_model, tmp_path):
+    env, address = ray_cluster["env"], ray_cluster["address"]
+    # without the cluster's token the job API refuses every call
+    denied = _ray(["job", "list", "--address", address], env | {"RAY_AUTH_TOKEN": "not-the-token"})
+    assert denied.returncode != 0
+    good = [r for r in sample_rows() if Path(r["image_uri"]).exists()][2000:2060]
+    catalog = write_catalog(tmp_path / "catalog.csv", good)
+    root = tmp_path / "root"
+    runtime_env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
+                   "excludes": [".git", "examples/sample/images", "demo-out", "*.tar", "tests"]}
+    sid = f"nightly-test-{secrets.token_hex(4)}"
+    sub = _ray(["job", "submit", "--address", address, "--submission-id", sid, "--no-wait",
+                "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--",
+                "python", "-m", "jobs.nightly", "--catalog", str(catalog), "--model", str(tiny_model),
+                "--root", str(root), "--date", "2026-04-01", "--samples-per-shard", "30", "--actors", "1"], env)
+    assert sub.returncode == 0, sub.stderr
+    deadline, status = time.time() + 420, ""
+    while time.time() < deadline:
+        status = _ray(["job", "status", "--address", address, sid], env).stdout
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(3)
+    logs = _ray(["job", "logs", "--address", address, sid], env).stdout
+    assert "SUCCEEDED" in status, status + logs[-3000:]
+    assert "== nightly" in logs and "60 / 0 / 0" in logs  # the summary: 60 new, 0 changed, 0 unchanged
+    manifest = json.loads((root / "manifests" / "2026-04-01.json").read_text())
+    assert manifest["status"] == "complete" and manifest["labelled"] == 60
+    got = duckdb.connect().execute(
+        f"SELECT count(*), count(DISTINCT product_id) FROM '{root}/labels/latest/snapshots/2026-04-01/*.parquet'"
+    ).fetchall()
+    assert got == [(60, 60)]
