@@ -12,6 +12,7 @@ import duckdb
 import pytest
 from checks import assert_no_torn_files
 from procs import Cli
+from s3server import SECRET_KEY
 
 from fashionlabel import latest
 from tests.conftest import sample_rows, write_catalog
@@ -25,7 +26,8 @@ def _count(d: Path, pattern: str) -> int:
     return len(list(d.glob(pattern))) if d.is_dir() else 0
 
 
-def test_nightly_survives_kills(tiny_model, tmp_path, ledger):
+def test_nightly_survives_kills(tiny_model, tmp_path, ledger, s3):
+    """(``s3`` puts the test server's real secret key in every command's environment: it must not leak.)"""
     rows = [r for r in sample_rows() if Path(r["image_uri"]).exists()][:600]
     cat = write_catalog(tmp_path / "catalog.csv", rows)
     expected = {r["product_id"] for r in rows}
@@ -69,3 +71,7 @@ def test_nightly_survives_kills(tiny_model, tmp_path, ledger):
         rc = c.finish(300)
         assert rc == 0 and "already complete" in c.output, c.output[-2000:]
         assert json.loads(manifest.read_text()) == m
+    # No credential in anything the night wrote (manifest, report, labels, shards) or logged.
+    written = [p for p in root.rglob("*") if p.is_file()] + list(tmp_path.glob("*.log"))
+    leaks = [p for p in written if SECRET_KEY.encode() in p.read_bytes()]
+    assert len(written) > 20 and not leaks, leaks
