@@ -127,7 +127,14 @@ def is_loopback(addr: str) -> bool:
 
 
 class Cli:
-    """``python -m fashionlabel.cli ARGS`` in its own session, with its own Ray temp dir and log file."""
+    """``python -m fashionlabel.cli ARGS`` in its own session, with its own Ray temp dir and log file.
+
+    A command whose local Ray could not even start (Ray gives its raylet 30 s to register; a heavily
+    loaded machine can miss that) is started again, up to ``RAY_START_RETRIES`` times, and says so in its
+    log: that is the machine, not a fault under test.
+    """
+
+    RAY_START_RETRIES = 3
 
     def __init__(self, args: Sequence[str], tmp: Path, env: dict[str, str] | None = None, name: str = "cli",
                  argv: Sequence[str] | None = None):
@@ -137,22 +144,46 @@ class Cli:
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="flr-"))
         atexit.register(shutil.rmtree, self.ray_tmp, True)
         self.log = self.tmp / f"{name}.log"
-        full_env = os.environ | {"PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(self.ray_tmp),
+        self.log.write_bytes(b"")
+        self.env = os.environ | {"PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(self.ray_tmp),
                                  "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-        full_env.pop("RAY_ADDRESS", None)
-        full_env |= env or {}
-        with open(self.log, "wb") as f:
-            argv = list(argv) if argv else [sys.executable, "-m", "fashionlabel.cli", *args]
-            self.proc = subprocess.Popen(argv, cwd=ROOT, env=full_env,
-                                         stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        self.sid = self.proc.pid
+        self.env.pop("RAY_ADDRESS", None)
+        self.env |= env or {}
+        self.argv = list(argv) if argv else [sys.executable, "-m", "fashionlabel.cli", *args]
+        self.restarts = 0
         self.peak_rss = 0
+        self._done = False
         self._sampler: threading.Thread | None = None
+        self._start()
+
+    def _start(self) -> None:
+        self._offset = self.log.stat().st_size
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.sid = self.proc.pid
+
+    def _restarted(self) -> bool:
+        """The command exited because its local Ray did not start: start it again (True) if allowed."""
+        if self.proc.poll() is None or self.restarts >= self.RAY_START_RETRIES:
+            return False
+        with open(self.log, "rb") as f:
+            f.seek(self._offset)
+            tail = f.read().decode(errors="replace")
+        if "timed out during startup" not in tail:
+            return False
+        kill_session(self.sid)
+        self.restarts += 1
+        with open(self.log, "a") as f:
+            f.write(f"\n[test harness] local Ray did not start in time; starting the command again "
+                    f"({self.restarts}/{self.RAY_START_RETRIES})\n")
+        self._start()
+        return True
 
     def sample_memory(self, every: float = 0.25) -> None:
         """Track the peak summed RSS of the whole process tree in a background thread."""
         def run() -> None:
-            while self.proc.poll() is None:
+            while not self._done:
                 self.peak_rss = max(self.peak_rss, rss_bytes(session_pids(self.sid)))
                 time.sleep(every)
 
@@ -165,7 +196,7 @@ class Cli:
         while time.time() < deadline:
             if cond():
                 return True
-            if self.proc.poll() is not None:
+            if self.proc.poll() is not None and not self._restarted():
                 return False
             time.sleep(poll)
         return False
@@ -176,18 +207,23 @@ class Cli:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
         kill_session(self.sid)
+        self._done = True
 
     def finish(self, timeout: float = 300.0) -> int:
+        deadline = time.time() + timeout
         try:
-            rc = self.proc.wait(timeout)
+            while True:
+                rc = self.proc.wait(max(1.0, deadline - time.time()))
+                if not self._restarted():
+                    return rc
         except subprocess.TimeoutExpired:
             self.kill()
             raise
         finally:
             kill_session(self.sid)
+            self._done = True
             if self._sampler:
                 self._sampler.join(5)
-        return rc
 
     @property
     def output(self) -> str:
