@@ -52,6 +52,7 @@ REASONS = {
     "image_truncated": "the image ends before its data does",
     "image_too_large": "more pixels (or bytes) than the configured limit: decompression-bomb guard",
     "image_too_small": "a side shorter than the configured minimum (e.g. 1x1 tracking pixels)",
+    "processing_error": "an unexpected error while packing the row; the detail names the exception",
 }
 
 

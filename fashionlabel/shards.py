@@ -88,7 +88,7 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
                taxonomy: Taxonomy) -> dict[str, Any]:
     """Check labels, fetch, normalise and pack ``rows`` into one tar; publish it and its index part."""
     name = shard_name(shard_id)
-    t0, cpu0 = time.time(), time.process_time()
+    t0, cpu0 = time.time(), time.thread_time()
     index, rejected = [], []
     tmp = storage.staging_dir(out) / f"{name}.{time.time_ns()}.tar.tmp"
     try:
@@ -107,6 +107,11 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
                 except (FetchError, ImageReject) as e:
                     rejected.append(Rejected(r.product_id, r.image_uri, e.reason, e.detail).as_row())
                     continue
+                except Exception as e:  # noqa: BLE001 - one odd row never fails a shard; the detail says why
+                    log.warning("unexpected error on %s", r.product_id, exc_info=True)
+                    rejected.append(Rejected(r.product_id, r.image_uri, "processing_error",
+                                             f"{type(e).__name__}: {str(e)[:200]}").as_row())
+                    continue
                 sha = hashlib.sha256(src).hexdigest()
                 meta = {"product_id": r.product_id, "labels": r.labels, "source_uri": r.image_uri,
                         "sha256": sha, "orig_size": [ow, oh], "meta": r.meta}
@@ -117,6 +122,8 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
                               "orig_height": oh, "width": w, "height": h, **r.labels})
         if index:
             storage.publish_file(tmp, storage.join(out, f"{name}.tar"))
+        else:  # a killed earlier attempt may have published this tar before its marker
+            storage.delete(storage.join(out, f"{name}.tar"))
     finally:
         tmp.unlink(missing_ok=True)
     # The index part is the completion marker: written last, so its presence means the tar is complete.
@@ -125,7 +132,7 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
     storage.write_parquet(pa.Table.from_pylist(index, schema=schema),
                           storage.join(out, "_parts", f"{name}.parquet"))
     return {"shard": name, "packed": len(index), "rejected": len(rejected), "start": t0, "end": time.time(),
-            "cpu_s": time.process_time() - cpu0}
+            "cpu_s": time.thread_time() - cpu0}
 
 
 def hash_sources(items: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
@@ -269,12 +276,12 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
         incremental_from: a previous shards folder (or its ``index.parquet``): pack only products that are
             new or whose source bytes changed (sha256).
     """
-
     import ray
 
     t0 = time.time()
     warm = _warm_workers()  # workers import this module while the driver reads the catalog
     out = storage.absolute(out)
+    incremental_from = storage.absolute(incremental_from) if incremental_from else None
     rows, malformed = read_catalog(catalog)
     valid, rejected = check_ids(rows, catalog)  # label checks run in the tasks: the driver stays light
     rejected = malformed + rejected
