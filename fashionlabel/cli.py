@@ -139,7 +139,7 @@ def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
            "version": r["version"], "inner widths": json.dumps(r["mid_channels"]),
            "params": f"{b['params'] / 1e6:.2f} M → {f['params'] / 1e6:.2f} M",
            "FLOPs / image": f"{b['flops'] / 1e6:.1f} M → {f['flops'] / 1e6:.1f} M",
-           "labelling speed": f"{b['label_img_per_s']:,.0f} → {f['label_img_per_s']:,.0f} img/s (CPU)"}
+           "labelling speed": f"{b['label_img_per_cpu_s']:,.0f} → {f['label_img_per_cpu_s']:,.0f} img per CPU-second"}
     for k in b:
         if " top1" in k or " recall@3" in k:
             out[f"val {k}"] = f"{100 * b[k]:.1f}% → {100 * f[k]:.1f}%"

@@ -29,13 +29,16 @@ class RepVGGBlock(nn.Module):
             self.reparam = nn.Conv2d(cin, cout, 3, stride, 1, bias=True)
         else:
             self.dense = conv_bn(cin, cout, 3, stride, act=False)
-            self.one = conv_bn(cin, cout, 1, stride, act=False)
+            # A strided 1×1 conv is a 1×1 conv on every stride-th pixel; written that way because
+            # PyTorch's CPU backward of a stride-2 1×1 conv on a 3-channel channels_last input crashes.
+            self.one = conv_bn(cin, cout, 1, 1, act=False)
             self.identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "reparam"):
             return self.act(self.reparam(x))
-        y = self.dense(x) + self.one(x)
+        s = self.stride
+        y = self.dense(x) + self.one(x[:, :, ::s, ::s] if s > 1 else x)
         if self.identity is not None:
             y = y + self.identity(x)
         return self.act(y)
