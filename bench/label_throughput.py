@@ -134,18 +134,21 @@ def build_shards(jpegs: list[bytes], products: int, per_shard: int, out: Path) -
 class Clock:
     """End-to-end rate and steady rate (from the first labelled batch on, i.e. without start-up)."""
 
+    MIN_BATCHES = 8  # fewer batches than this: no steady figure (a short run is all start-up)
+
     def __init__(self) -> None:
-        self.t0, self.first, self.n, self.n_first = time.perf_counter(), None, 0, 0
+        self.t0, self.first, self.n, self.n_first, self.batches = time.perf_counter(), None, 0, 0, 0
 
     def __call__(self, rows: int) -> None:
         self.n += rows
+        self.batches += 1
         if self.first is None:
             self.first, self.n_first = time.perf_counter(), self.n
 
     def rates(self) -> tuple[float, float]:
         t = time.perf_counter()
-        steady = (self.n - self.n_first) / (t - self.first) if self.first and t > self.first else float("nan")
-        return self.n / (t - self.t0), steady
+        ok = self.first is not None and t > self.first and self.batches >= self.MIN_BATCHES
+        return self.n / (t - self.t0), (self.n - self.n_first) / (t - self.first) if ok else float("nan")
 
 
 def plain_loop(shards: Path, model_dir: Path, out: Path, workers: int, batch: int, device: str,
