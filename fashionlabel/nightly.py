@@ -152,7 +152,11 @@ def run_nightly(catalog: str, model: str, root: str, date: str | None = None,
     snap = latest.merge(previous, history, date, members, latest.latest_schema(taxonomy))
     _assert_unique(snap, "latest")
     pointer = latest.publish(layout.labels, date, snap, cfg.latest_rows_per_file, cfg.keep_snapshots)
-    labelled = night["labelled"] + relabel["labelled"]
+    # Counts come from the night's history, not from this attempt: a resumed night reports the whole night.
+    pids = history["product_id"].to_pylist()
+    of_night = sum(p in shard["night_ids"] for p in pids)
+    errors = history.num_rows - history["error"].null_count
+    done_now = night["labelled"] + night["errored"] + relabel["labelled"] + relabel["errored"]
     seconds = time.time() - t0
     manifest = {
         "run_date": date, "status": "complete", "catalog": str(catalog), "model": str(model),
@@ -161,15 +165,15 @@ def run_nightly(catalog: str, model: str, root: str, date: str | None = None,
         "catalog_products": len(members), "new": shard["new"], "changed": shard["changed"],
         "unchanged": shard["unchanged"], "quarantined": shard["quarantined"], "reasons": shard["reasons"],
         "sharded": shard["packed"], "shards": shard["shards"],
-        "labelled": labelled, "labelled_new_or_changed": night["labelled"], "errors": night["errored"]
-        + relabel["errored"], "relabelled": relabel["labelled"], "relabel_reason": relabel["reason"],
+        "labelled": len(pids), "labelled_new_or_changed": of_night, "relabelled": len(pids) - of_night,
+        "errors": errors, "relabel_reason": relabel["reason"], "labelled_this_attempt": done_now,
         "history_rows": history.num_rows, "latest_rows": snap.num_rows,
         "latest_active": int(pc.sum(snap["active"]).as_py() or 0),
         "latest_inactive": snap.num_rows - int(pc.sum(snap["active"]).as_py() or 0),
         "latest_snapshot": pointer["snapshot"],
         "seconds": {"shard": t_shard - t0, "label": t_label - t_shard, "total": seconds},
         "shard_images_per_s": shard["packed"] / (t_shard - t0) if shard["packed"] else 0.0,
-        "label_images_per_s": labelled / (t_label - t_shard) if labelled else 0.0,
+        "label_images_per_s": done_now / (t_label - t_shard) if done_now else 0.0,
         "config": asdict(cfg),
         "report": layout.report(date),
     }

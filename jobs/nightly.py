@@ -1,6 +1,9 @@
 """Job entry point for `fashionlabel nightly` (see `fashionlabel nightly --help`).
 
-    ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.nightly ARGS...
+    ray job submit --address $RAY_ADDRESS --working-dir . \
+        --runtime-env-json '{"env_vars": {"AWS_REGION": "us-east-1"}}' -- \
+        python -m jobs.nightly --catalog s3://fashionlabel-catalog/catalog/catalog.parquet \
+            --model /opt/fashionlabel/model --root s3://fashionlabel-nightly/nightly --date 2026-03-01
 """
 
 import sys

@@ -1,6 +1,7 @@
 """Job entry point for `fashionlabel query` (see `fashionlabel query --help`).
 
-    ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.query ARGS...
+    ray job submit --address $RAY_ADDRESS --working-dir . -- \
+        python -m jobs.query --labels s3://fashionlabel-nightly/nightly/labels --csv "SELECT ..."
 """
 
 import sys

@@ -59,12 +59,14 @@ def _ray(args: list[str], env: dict, timeout: float = 120) -> subprocess.Complet
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # a job on a contended 2-core host takes minutes; uncontended about one
 def test_ray_job_submit_nightly(ray_cluster, tiny_model, tmp_path):
     env, address = ray_cluster["env"], ray_cluster["address"]
+    assert "SUCCEEDED" not in _ray(["job", "list", "--address", address], env).stdout  # a fresh cluster
     # without the cluster's token the job API refuses every call
     denied = _ray(["job", "list", "--address", address], env | {"RAY_AUTH_TOKEN": "not-the-token"})
     assert denied.returncode != 0
-    good = [r for r in sample_rows() if Path(r["image_uri"]).exists()][2000:2060]
+    good = [r for r in sample_rows() if Path(r["image_uri"]).exists()][2000:2030]
     catalog = write_catalog(tmp_path / "catalog.csv", good)
     root = tmp_path / "root"
     runtime_env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
@@ -75,7 +77,7 @@ def test_ray_job_submit_nightly(ray_cluster, tiny_model, tmp_path):
                 "python", "-m", "jobs.nightly", "--catalog", str(catalog), "--model", str(tiny_model),
                 "--root", str(root), "--date", "2026-04-01", "--samples-per-shard", "30", "--actors", "1"], env)
     assert sub.returncode == 0, sub.stderr
-    deadline, status = time.time() + 420, ""
+    deadline, status = time.time() + 1000, ""
     while time.time() < deadline:
         status = _ray(["job", "status", "--address", address, sid], env).stdout
         if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
@@ -83,10 +85,10 @@ def test_ray_job_submit_nightly(ray_cluster, tiny_model, tmp_path):
         time.sleep(3)
     logs = _ray(["job", "logs", "--address", address, sid], env).stdout
     assert "SUCCEEDED" in status, status + logs[-3000:]
-    assert "== nightly" in logs and "60 / 0 / 0" in logs  # the summary: 60 new, 0 changed, 0 unchanged
+    assert "== nightly" in logs and "30 / 0 / 0" in logs  # the summary: 30 new, 0 changed, 0 unchanged
     manifest = json.loads((root / "manifests" / "2026-04-01.json").read_text())
-    assert manifest["status"] == "complete" and manifest["labelled"] == 60
+    assert manifest["status"] == "complete" and manifest["labelled"] == 30
     got = duckdb.connect().execute(
         f"SELECT count(*), count(DISTINCT product_id) FROM '{root}/labels/latest/snapshots/2026-04-01/*.parquet'"
     ).fetchall()
-    assert got == [(60, 60)]
+    assert got == [(30, 30)]

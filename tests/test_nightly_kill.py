@@ -51,6 +51,7 @@ def test_killed_night_completes_on_rerun(ray_session, tiny_model, tmp_path):
     cfg = NightlyConfig(shard=ShardConfig(samples_per_shard=10, max_side=96), label=LabelConfig(batch_size=10))
     m = run_nightly(str(catalog), str(tiny_model), str(root), "2026-06-01", cfg)
     assert m["status"] == "complete" and m["new"] == 120 and m["latest_rows"] == 120
+    assert m["labelled"] == 120 and m["labelled_this_attempt"] < 120  # the parts done before the kill are kept
     con = duckdb.connect()
     rows = con.execute(f"SELECT product_id FROM '{history}/*.parquet'").fetchall()
     assert len(rows) == 120 and {p for (p,) in rows} == {r["product_id"] for r in good}

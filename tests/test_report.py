@@ -39,3 +39,17 @@ def test_night_report_has_every_chart_drift_and_counts(tmp_path):
     first = write_night_report(labels, "2026-05-01", tmp_path / "first.html")
     assert not [c for c in first["charts"] if c.startswith("drift-")]
     assert "first night" in (tmp_path / "first.html").read_text()
+
+
+def test_cli_report_on_a_nightly_root_renders_the_newest_night(tmp_path, capsys):
+    from labels_factory import two_nights
+
+    from fashionlabel.cli import run
+
+    two_nights(str(tmp_path / "labels"))
+    assert run(["report", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "r.html")]) == 0
+    html = (tmp_path / "r.html").read_text()
+    assert "fashionlabel night 2026-05-02" in html and 'id="drift-articleType"' in html
+    assert run(["report", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "x.html"),
+                "--date", "2026-04-01"]) == 1
+    assert "no latest snapshot for 2026-04-01" in capsys.readouterr().err
