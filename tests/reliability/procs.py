@@ -196,8 +196,10 @@ class Cli:
         while time.time() < deadline:
             if cond():
                 return True
-            if self.proc.poll() is not None and not self._restarted():
-                return False
+            if self.proc.poll() is not None:
+                if not self._restarted():
+                    return False
+                deadline = time.time() + timeout  # the wait starts again with the command
             time.sleep(poll)
         return False
 

@@ -34,7 +34,7 @@ from tests.conftest import SAMPLE, sample_rows, write_catalog
 
 SAFE_MEMBER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.(jpg|json)$")
 SAFE_OUTPUT = re.compile(r"^(shard-\d{6}\.tar|shard-\d{6}(\.quarantine)?\.parquet|index\.parquet|"
-                         r"quarantine\.parquet|stats\.json|part-shard-\d{6}\.parquet|_SUCCESS|\.write-probe)$")
+                         r"quarantine\.parquet|stats\.json|part-shard-\d{6}\.parquet|_SUCCESS|\.write-probe|_plan\.(json|parquet))$")
 
 
 def _tree(root: Path) -> set[Path]:
