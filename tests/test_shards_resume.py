@@ -55,12 +55,13 @@ def test_resume_after_kill(ray_session, tmp_path):
     env = os.environ | {"RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.shard_catalog", "--catalog", str(catalog), "--out",
                              str(out), "--samples-per-shard", str(PER_SHARD)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "job.err", "wb"),  # noqa: SIM115
+                            start_new_session=True)
     try:
         deadline = time.time() + 300
         while len(_markers(out)) < 3 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        assert proc.poll() is None, "the job ended before it could be killed"
+        assert proc.poll() is None, f"the job ended before the kill: {(tmp_path / 'job.err').read_text()[-2000:]}"
     finally:
         _kill_tree(ray_tmp, proc)
     done_at_kill = len(_markers(out))
