@@ -130,26 +130,3 @@ def test_new_model_version_relabels_every_active_product(nights, tiny_model, tmp
                      NightlyConfig(shard=CFG.shard, label=CFG.label, relabel_older_than_days=1))
     assert m4["relabelled"] == 305 and m4["relabel_reason"] == "labels older than 1 days"
 
-
-def test_a_night_on_s3(ray_session, tiny_model, s3):
-    from fashionlabel.query import connect
-
-    bucket = s3.make_bucket("nightly")
-    good, _ = _good_and_bad()
-    cat = f"s3://{bucket}/catalog/catalog.csv"
-    from fashionlabel import storage
-
-    rows = good[1400:1420]
-    for r in rows:  # images on S3 too, referenced relative to the catalog
-        storage.write_bytes(f"s3://{bucket}/catalog/images/{r['product_id']}.jpg", Path(r["image_uri"]).read_bytes())
-    header = "product_id,image_uri,gender,masterCategory,subCategory,articleType,baseColour,season,usage\n"
-    body = "".join(f"{r['product_id']},images/{r['product_id']}.jpg,{r['gender']},{r['masterCategory']},"
-                   f"{r['subCategory']},{r['articleType']},{r['baseColour']},{r['season']},{r['usage']}\n" for r in rows)
-    storage.write_bytes(cat, (header + body).encode())
-    m = run_nightly(cat, str(tiny_model), f"s3://{bucket}/root", "2026-03-01", CFG)
-    assert m["new"] == 20 and m["labelled"] == 20 and m["quarantined"] == 0
-    assert storage.exists(f"s3://{bucket}/root/reports/2026-03-01.html")
-    q = connect(f"s3://{bucket}/root/labels")
-    assert q.execute("SELECT count(*), count(DISTINCT product_id) FROM latest WHERE active").fetchall() == [(20, 20)]
-    again = run_nightly(cat, str(tiny_model), f"s3://{bucket}/root", "2026-03-01", CFG)
-    assert again["already_complete"]
