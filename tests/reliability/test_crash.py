@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from checks import assert_no_torn_files, label_ids, tar_keys
-from procs import Cli, kill_one, ray_workers
+from faults import Cli, kill_one, ray_workers
 
 from tests.conftest import sample_rows, write_catalog
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from procs import Cli
+from faults import Cli
 
 from tests.conftest import sample_rows
 

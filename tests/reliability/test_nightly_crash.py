@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from checks import assert_no_torn_files
-from procs import Cli
+from faults import Cli
 from s3server import SECRET_KEY
 
 from fashionlabel import latest

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from procs import Cli
+from faults import Cli
 from s3server import SECRET_KEY
 
 from tests.conftest import sample_rows, write_catalog

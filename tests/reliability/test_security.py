@@ -18,11 +18,11 @@ import tarfile
 import time
 from pathlib import Path
 
-import procs
+import faults
 import pytest
 import torch
 from corpus import bomb_png
-from procs import Cli, is_loopback, listening, session_pids
+from faults import Cli, is_loopback, listening, session_pids
 
 from fashionlabel.images import ImageReject, normalise
 from fashionlabel.label.pipeline import label_shards
@@ -163,7 +163,7 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
         assert c.wait_for(lambda: "READY" in c.output, 120, poll=0.2), c.output[-3000:]
         time.sleep(3)  # let the agents bind
         socks = listening(session_pids(c.sid))
-        exposed = [(procs.cmdline(pid)[:60], a) for pid, a in socks if not is_loopback(a)]
+        exposed = [(faults.cmdline(pid)[:60], a) for pid, a in socks if not is_loopback(a)]
     finally:
         c.kill()
     assert socks, "found no listening socket: the probe is broken"

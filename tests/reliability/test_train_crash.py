@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import Cli
+from faults import Cli
 
 # Each test starts several commands, each with its own local Ray: minutes on a busy 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
