@@ -4,6 +4,7 @@ with every product labelled exactly once and nothing missing."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,7 @@ def test_killed_night_completes_on_rerun(ray_session, tiny_model, tmp_path):
         proc.wait(30)
     finally:
         stop_processes(raytmp)
+        shutil.rmtree(raytmp, ignore_errors=True)
     assert not pids_of(raytmp)
     parts_before = len(list(history.glob("part-*.parquet")))
     assert 1 <= parts_before < 12 and not (root / "manifests" / "2026-06-01.json").exists()

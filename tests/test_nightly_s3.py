@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ def _job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
                               capture_output=True, text=True, timeout=900)
     finally:
         stop_processes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.slow
