@@ -82,11 +82,20 @@ class Rejected:
 
 # ---- reading ------------------------------------------------------------------------------------
 def _read_text(uri: str) -> str:
-    data = storage.read_bytes(uri)
+    data = storage.read_bytes(uri).removeprefix(b"\xef\xbb\xbf")  # tolerate a BOM
     try:
-        return data.decode("utf-8-sig")  # tolerate a BOM
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        return data.decode("cp1252", errors="replace")  # mixed/legacy encodings: keep the row, not crash
+        # Mixed encodings (a legacy tool appended cp1252 lines): decode line by line, so UTF-8 lines keep
+        # their text and only the legacy lines fall back; keep the row, not crash.
+        return "".join(_decode_line(line) for line in data.splitlines(keepends=True))
+
+
+def _decode_line(line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        return line.decode("cp1252", errors="replace")
 
 
 def _read_csv(uri: str) -> tuple[list[dict[str, Any]], list[Rejected], list[str]]:

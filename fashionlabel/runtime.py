@@ -28,8 +28,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if address:
         kw["address"] = address
     else:
-        kw |= {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False,
-               "_node_ip_address": "127.0.0.1"}
+        kw |= {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False}
+        _single_node_loopback()
     t0 = time.time()
     ray.init(**kw)
     log.info("ray ready in %.1fs: %s", time.time() - t0, ray.cluster_resources())
@@ -37,6 +37,20 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
     finally:
         ray.shutdown()
+
+
+def _single_node_loopback() -> None:
+    """Make a local Ray listen on loopback only.
+
+    On Linux Ray turns a ``127.0.0.1`` node address into the machine's routable address and its gRPC
+    servers (GCS, raylet, workers) listen on every interface. A local Ray serves only this machine, so we
+    take Ray's own single-node setting (its macOS/Windows default): the node address is loopback and
+    every server binds to it. The variable is inherited by the processes Ray starts.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def cluster_cpus() -> float:

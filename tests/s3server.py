@@ -56,7 +56,9 @@ class S3Server:
         ports = {"s3.port": b, "master.port": b + 1, "volume.port": b + 2, "filer.port": b + 3,
                  "admin.port": b + 4, "webdav.port": b + 5, "s3.port.iceberg": b + 6, "s3.port.lance": b + 7,
                  "debug.port": b + 8, "s3.metricsPort": b + 9}
-        args = [_weed(), "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"]
+        # Like AWS S3, a PUT into a bucket that does not exist fails (SeaweedFS would create it for admins).
+        args = [_weed(), "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
+                "-s3.autoCreateBucket=false"]
         args += [f"-{k}={v}" for k, v in ports.items()]
         env = os.environ | {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         log = open(self.dir / "weed.log", "ab")  # noqa: SIM115 - lives as long as the server
