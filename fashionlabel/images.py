@@ -77,7 +77,8 @@ def normalise(data: bytes, *, max_side: int, quality: int, max_pixels: int, min_
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError as e:
-        raise ImageReject("not_an_image", f"{len(data)} bytes, starts {data[:8]!r}") from e
+        # Never echo the bytes: a catalog may point at files whose content must not reach the outputs.
+        raise ImageReject("not_an_image", f"{len(data)} bytes in no supported format ({', '.join(FORMATS)})") from e
     except Exception as e:  # noqa: BLE001 - corrupt headers raise anything
         raise ImageReject("not_an_image", str(e)[:200]) from e
     w, h = img.size
