@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fashionlabel.train import checkpoint as ckpt
+from tests.reliability.faults import kill_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +40,9 @@ def test_killed_run_resumes_at_the_next_epoch(small_shards, s3, tmp_path):
             assert time.time() < deadline, "no checkpoint within 5 minutes"
             time.sleep(0.5)
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        # Every process of the command's session: the driver and the local Ray it started. Killing only
+        # the driver's group would leave Ray workers (own process groups) to finish another epoch.
+        kill_session(first.pid)
         first.wait()
     killed_at = ckpt.load(storage)["epoch"]
     assert killed_at < 3, "the run finished before it could be killed"
