@@ -123,6 +123,9 @@ def main() -> None:
         for rep in range(a.repeats):
             # alternate which path goes first, so a change in the machine's load does not favour one
             for path in (("base", "job") if rep % 2 == 0 else ("job", "base")):
+                # Flush the previous run's dirty pages first: the kernel's writeback would otherwise
+                # charge one path's output to the CPU time of the next.
+                os.sync()
                 cpu0 = time.process_time()
                 if path == "base":
                     n_b, t_b = baseline(catalog, work / f"base{rep}", taxonomy, cfg)

@@ -28,7 +28,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if address:
         kw["address"] = address
     else:
-        kw |= {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False}
+        kw |= {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False,
+               "runtime_env": {"worker_process_setup_hook": "fashionlabel.runtime.quiet_worker_logs"}}
         _single_node_loopback()
     t0 = time.time()
     ray.init(**kw)
@@ -37,6 +38,17 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
     finally:
         ray.shutdown()
+
+
+def quiet_worker_logs() -> None:
+    """Runs in every worker of a local Ray (``worker_process_setup_hook``).
+
+    Without the dashboard there is no State API, so Ray Train's placement-group cleaner (which removes
+    the workers' placement group should the train controller die) logs a failed query every second for
+    the whole run. A local Ray is stopped with the command, which removes its placement groups anyway.
+    """
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+        logging.ERROR)
 
 
 def _single_node_loopback() -> None:

@@ -294,13 +294,16 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
     log.info("catalog %s: %d rows, %d valid, %d rejected before fetch; %s; %d shards, %d to pack",
              catalog, len(rows) + len(malformed), len(valid), len(rejected), plan.counts,
              len(plan.shards), len(todo))
-    packed_now, task_cpu = _run_tasks(todo, out, cfg, schema, taxonomy)
+    t_tasks = time.time()
+    packed_now, task_cpu, span = _run_tasks(todo, out, cfg, schema, taxonomy)
     ray.get(warm)
 
+    t_merge = time.time()
     index, quarantine = _merge(out, len(plan.shards), schema, rejected)
     storage.write_parquet(index, storage.join(out, "index.parquet"))
     storage.write_parquet(quarantine, storage.join(out, "quarantine.parquet"))
     storage.clean_staging(out)
+    t_merge = time.time() - t_merge
     reasons = dict(Counter(quarantine.column("reason").to_pylist()).most_common())
     seconds = time.time() - t0
     summary = ShardSummary(
@@ -308,7 +311,9 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
         reasons=reasons, shards=len(plan.shards), shards_skipped=len(plan.shards) - len(todo),
         seconds=seconds, out=str(out), incremental_from=incremental_from, **plan.counts,
         packed_this_run=packed_now,
-        timings={"read_validate_s": t_read, "plan_s": t_plan, "tasks_cpu_s": task_cpu, "total_s": seconds},
+        timings={"read_validate_s": t_read, "plan_s": t_plan, "tasks_cpu_s": task_cpu,
+                 "first_task_start_s": span[0] - t_tasks, "tasks_wall_s": span[1] - span[0],
+                 "merge_s": t_merge, "total_s": seconds},
     )
     # The taxonomy travels with the shards, so training needs nothing but this folder.
     stats = asdict(summary) | {"images_per_s": summary.images_per_s, "taxonomy": taxonomy.to_dict(),
@@ -335,21 +340,23 @@ def _warm_workers() -> list:
 
 
 def _run_tasks(todo: list[tuple[int, list[CatalogRow]]], out: str, cfg: ShardConfig, schema: pa.Schema,
-               taxonomy: Taxonomy) -> tuple[int, float]:
+               taxonomy: Taxonomy) -> tuple[int, float, tuple[float, float]]:
     """One Ray task per shard; progress logged every few seconds; a task that fails for good fails the job.
 
-    Returns the number of products packed and the CPU seconds the tasks used.
+    Returns the number of products packed, the CPU seconds the tasks used and (first start, last end).
     """
     import ray
 
+    now = time.time()
     if not todo:
-        return 0, 0.0
+        return 0, 0.0, (now, now)
     task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(pack_shard)
     cfg_ref, schema_ref, tax_ref = ray.put(cfg), ray.put(schema), ray.put(taxonomy)
     pending = [task.remote(i, rs, out, cfg_ref, schema_ref, tax_ref) for i, rs in todo]
     total_rows = sum(len(rs) for _, rs in todo)
     finished = rows_done = packed = 0
     cpu = 0.0
+    span = [float("inf"), 0.0]
     t_start, last = time.time(), time.time()
     while pending:
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
@@ -358,13 +365,14 @@ def _run_tasks(todo: list[tuple[int, list[CatalogRow]]], out: str, cfg: ShardCon
             packed += r["packed"]
             rows_done += r["packed"] + r["rejected"]
             cpu += r["cpu_s"]
+            span = [min(span[0], r["start"]), max(span[1], r["end"])]
         if time.time() - last > 5 or not pending:
             rate = rows_done / max(time.time() - t_start, 1e-9)
             eta = (total_rows - rows_done) / rate if rate else float("nan")
             log.info("shard: %d/%d shards, %d/%d products (%d packed), %.0f img/s, eta %.0f s",
                      finished, len(todo), rows_done, total_rows, packed, rate, eta)
             last = time.time()
-    return packed, cpu
+    return packed, cpu, (span[0], span[1])
 
 
 def _merge(out: str, n_shards: int, schema: pa.Schema, catalog_rejects: list[Rejected]

@@ -63,14 +63,26 @@ def test_fast_tar_reader_matches_tarfile(small_shards):
 
 def test_plan_never_takes_every_cpu_and_uses_gpus():
     cpu = plan_resources(LabelConfig(), cpus=2, gpus=0)
-    assert cpu.device == "cpu" and cpu.decode == "cpu" and cpu.actors == 1
+    assert cpu.device == "cpu" and cpu.decode == "cpu" and cpu.actors == 2 and cpu.threads == 1
     assert cpu.actors * cpu.actor_cpus + cpu.read_cpus <= 2  # a read task always fits beside the pool
+    big = plan_resources(LabelConfig(), cpus=64, gpus=0)
+    assert big.actors == 8 and big.threads == 8 and big.actors * big.actor_cpus + big.read_cpus <= 64
     gpu = plan_resources(LabelConfig(), cpus=16, gpus=1)
     assert gpu.device == "cuda" and gpu.decode == "gpu" and gpu.actors == 2 and gpu.actor_gpus == 0.5
     assert gpu.read_tasks == 14 and gpu.batch_size == 512
     assert plan_resources(LabelConfig(decode="cpu", actors_per_gpu=1), 16, 2).actors == 2
     with pytest.raises(ValueError, match="decode"):
         plan_resources(LabelConfig(decode="fpga"), 2, 0)
+
+
+def test_labels_stream_back_shard_by_shard(ray_session, small_shards, tiny_model, tmp_path):
+    # Read and predict must stay two operators: were Ray Data to fuse them (same remote args), one actor
+    # call would receive every shard URI at once and nothing would come back before the very end.
+    sizes: list[int] = []
+    s = label_shards(str(small_shards), str(tiny_model), str(tmp_path / "labels"), "2026-01-01",
+                     LabelConfig(actors=2, batch_size=64), progress=sizes.append)
+    assert s["labelled"] == sum(sizes) == 600
+    assert len(sizes) >= 4 and max(sizes) <= 150, sizes
 
 
 def test_label_schema_rows_rerun_and_equal_to_predictor(ray_session, small_shards, tiny_model, tmp_path):

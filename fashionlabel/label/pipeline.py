@@ -95,11 +95,18 @@ def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
         # Read tasks get the CPUs the actors leave; with CPU decode they are the decoders.
         return Plan("cuda", decode, actors, 1.0, 1.0 / per_gpu, 1.0, max(1, int(cpus) - actors),
                     cfg.batch_size or 512, 1)
-    actors = cfg.actors or max(1, int(cpus) // 8)
+    # Several narrow actors beat one wide one on CPU: a forward pass on one thread spends ~12% less CPU per
+    # image than on two (no intra-op barriers), so up to 8 cores every core gets its own actor; beyond, 8
+    # actors share the cores.
+    if cfg.actors:
+        actors, threads = cfg.actors, max(1, int(round(cpus / cfg.actors)))
+    else:
+        threads = max(1, int(cpus) // 16)
+        actors = max(1, min(8, int(cpus) // threads))
+        threads = max(threads, int(cpus) // actors)
     # Actors hold half of the CPUs between them (fractional, so that reads always find a slot); torch
     # threads use the actor's share of cores, the read tasks fill the gaps between forward passes.
     actor_cpus = max(0.25, cpus * 0.5 / actors)
-    threads = max(1, int(round(cpus / actors)))
     return Plan("cpu", decode, actors, actor_cpus, 0.0, min(1.0, max(0.25, cpus * 0.25)),
                 max(1, int(cpus)), cfg.batch_size or 256, threads)
 
@@ -264,9 +271,13 @@ def _plan(todo: list[str], model_dir: str, run_id: str, plan: Plan, compile: boo
 
     size = tuple(spec["preprocessing"]["size"])
     ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
+    # max_retries: a shard read is idempotent, so a lost read task is simply run again. Its remote args
+    # also differ from the actors', which keeps Ray Data from fusing the read into the actor stage: fused,
+    # the actor would get every shard URI in one bundle (batch_size rows of URIs) and label serially.
     ds = ds.map_batches(read_shards, batch_size=1, fn_kwargs={"decode_on": plan.decode, "size": size,
                                                             "skip": skip},
-                        num_cpus=plan.read_cpus, compute=ray.data.TaskPoolStrategy(size=plan.read_tasks))
+                        num_cpus=plan.read_cpus, max_retries=3,
+                        compute=ray.data.TaskPoolStrategy(size=plan.read_tasks))
     env = {k: v for k, v in os.environ.items() if k.startswith("FASHIONLABEL_")}
     return ds.map_batches(
         Labeler,

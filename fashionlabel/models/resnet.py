@@ -11,7 +11,6 @@ pooling serves both.
 from __future__ import annotations
 
 import torch.nn as nn
-import torchvision
 
 from fashionlabel.models._registry import register_model
 from fashionlabel.models.heads import TrunkWithHeads
@@ -19,7 +18,11 @@ from fashionlabel.taxonomy import Taxonomy
 
 
 def _create_resnet(taxonomy: Taxonomy, variant: str, dropout: float = 0.2) -> nn.Module:
-    net = getattr(torchvision.models, variant)(weights=None)
+    # Imported here, not at the top: torchvision's import takes seconds (its ops register with torch),
+    # which every labelling actor would pay at start-up even when it serves a model of another family.
+    from torchvision.models import resnet
+
+    net = getattr(resnet, variant)(weights=None)
     trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
                           net.layer4)
     return TrunkWithHeads(trunk, net.fc.in_features, taxonomy, dropout)
