@@ -136,7 +136,7 @@ def main() -> None:
             assert s.packed == n_b, (s.packed, n_b)
             base.append(n_b / t_b)
             job.append(s.images_per_s)
-            print(f"run {rep}: single process {n_b / t_b:,.0f} img/s ({t_b:.1f} s wall, {cpu_b:.1f} s CPU)   "
+            print(f"run {rep}: ratio {job[-1] / base[-1]:.2f}x   single process {n_b / t_b:,.0f} img/s ({t_b:.1f} s wall, {cpu_b:.1f} s CPU)   "
                   f"shard_catalog {s.images_per_s:,.0f} img/s ({s.seconds:.1f} s wall: driver read+check "
                   f"{s.timings['read_validate_s']:.1f} s, plan {s.timings['plan_s']:.1f} s; CPU: driver "
                   f"{cpu_driver:.1f} s, tasks {s.timings['tasks_cpu_s']:.1f} s)   "
@@ -150,7 +150,9 @@ def main() -> None:
               f"samples/shard {per_shard}  repeats {a.repeats}")
         print(f"single process : {b:,.0f} img/s (median)")
         print(f"shard_catalog  : {j:,.0f} img/s (median)")
-        print(f"ratio          : {j / b:.2f}x")
+        print(f"ratio          : {j / b:.2f}x (of the medians); "
+              f"{statistics.median(x / y for x, y in zip(job, base, strict=True)):.2f}x (median of the per-run "
+              f"ratios: each pair ran back to back, so drift in the machine's speed cancels)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
