@@ -1,9 +1,9 @@
 """Shard throughput: ``shard_catalog`` on Ray tasks vs a plain single-process loop doing the same work.
 
-Both paths read and validate the same catalog with the same code, then for every product fetch the source
-bytes, decode and normalise (EXIF orientation, RGB, longest side ≤ --max-side, one JPEG quality), take the
-sha256 of the source, write the JPEG and its JSON into tars of --samples-per-shard products, and write
-index.parquet. The catalog repeats the extracted Fashion Product Images JPEGs under new ids until it holds
+Both paths read and validate the same catalog with the same code, then run the same per-product function
+(``shards.pack_row``: fetch the source bytes, decode and normalise — EXIF orientation, RGB, longest side ≤
+--max-side, one JPEG quality — and take the sha256 of the source), write the JPEG and its JSON into tars of
+--samples-per-shard products, and write index.parquet. The catalog repeats the extracted Fashion Product Images JPEGs under new ids until it holds
 --products rows; it lives in a temp folder and is deleted afterwards.
 
     PYTHONPATH=$PWD python bench/shard_throughput.py                      # 50,000 products, all cores
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -33,9 +31,9 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fashionlabel import storage  # noqa: E402
-from fashionlabel.catalog import FetchError, fetch, read_catalog, validate  # noqa: E402
-from fashionlabel.images import ImageReject, normalise  # noqa: E402
-from fashionlabel.shards import ShardConfig, index_schema, shard_catalog  # noqa: E402
+from fashionlabel.catalog import FetchError, read_catalog, validate  # noqa: E402
+from fashionlabel.images import ImageReject  # noqa: E402
+from fashionlabel.shards import ShardConfig, index_schema, pack_row, shard_catalog  # noqa: E402
 from fashionlabel.tarwriter import TarWriter  # noqa: E402
 from fashionlabel.taxonomy import Taxonomy  # noqa: E402
 
@@ -74,20 +72,13 @@ def baseline(catalog: Path, out: Path, taxonomy: Taxonomy, cfg: ShardConfig) -> 
         with TarWriter(open(tmp, "wb")) as tar:  # noqa: SIM115 - the writer closes it
             for r in valid[s : s + cfg.samples_per_shard]:
                 try:
-                    src = fetch(r.image_uri)
-                    jpg, (ow, oh), (w, h) = normalise(src, max_side=cfg.max_side, quality=cfg.jpeg_quality,
-                                                      max_pixels=cfg.max_pixels, min_side=cfg.min_side)
+                    jpg, sidecar, entry = pack_row(r, name, cfg)
                 except (FetchError, ImageReject):
                     rejected += 1
                     continue
-                sha = hashlib.sha256(src).hexdigest()
-                meta = {"product_id": r.product_id, "labels": r.labels, "source_uri": r.image_uri,
-                        "sha256": sha, "orig_size": [ow, oh], "meta": r.meta}
                 tar.add(f"{r.key}.jpg", jpg)
-                tar.add(f"{r.key}.json", json.dumps(meta, ensure_ascii=False).encode())
-                index.append({"key": r.key, "product_id": r.product_id, "shard": name, "image_uri": r.image_uri,
-                              "sha256": sha, "bytes": len(src), "orig_width": ow, "orig_height": oh,
-                              "width": w, "height": h, **r.labels})
+                tar.add(f"{r.key}.json", sidecar)
+                index.append(entry)
         os.replace(tmp, out / f"{name}.tar")
     storage.write_parquet(pa.Table.from_pylist(index, schema=index_schema(taxonomy)), out / "index.parquet")
     return len(index), time.perf_counter() - t0

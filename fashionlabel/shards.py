@@ -84,6 +84,21 @@ def index_schema(taxonomy: Taxonomy) -> pa.Schema:
 
 
 # ---- one shard (runs inside a Ray task) ----------------------------------------------------------
+def pack_row(r: CatalogRow, shard: str, cfg: ShardConfig) -> tuple[bytes, bytes, dict[str, Any]]:
+    """Fetch and normalise one checked row: (JPEG, JSON sidecar, index row). Raises ``FetchError`` or
+    ``ImageReject`` with the quarantine reason."""
+    src = fetch(r.image_uri)
+    jpg, (ow, oh), (w, h) = normalise(src, max_side=cfg.max_side, quality=cfg.jpeg_quality,
+                                      max_pixels=cfg.max_pixels, min_side=cfg.min_side)
+    sha = hashlib.sha256(src).hexdigest()
+    meta = {"product_id": r.product_id, "labels": r.labels, "source_uri": r.image_uri, "sha256": sha,
+            "orig_size": [ow, oh], "meta": r.meta}
+    index = {"key": r.key, "product_id": r.product_id, "shard": shard, "image_uri": r.image_uri,
+             "sha256": sha, "bytes": len(src), "orig_width": ow, "orig_height": oh, "width": w, "height": h,
+             **r.labels}
+    return jpg, json.dumps(meta, ensure_ascii=False).encode(), index
+
+
 def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig, schema: pa.Schema,
                taxonomy: Taxonomy) -> dict[str, Any]:
     """Check labels, fetch, normalise and pack ``rows`` into one tar; publish it and its index part."""
@@ -99,11 +114,7 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
                     rejected.append(r.as_row())
                     continue
                 try:
-                    src = fetch(r.image_uri)
-                    jpg, (ow, oh), (w, h) = normalise(
-                        src, max_side=cfg.max_side, quality=cfg.jpeg_quality,
-                        max_pixels=cfg.max_pixels, min_side=cfg.min_side,
-                    )
+                    jpg, sidecar, entry = pack_row(r, name, cfg)
                 except (FetchError, ImageReject) as e:
                     rejected.append(Rejected(r.product_id, r.image_uri, e.reason, e.detail).as_row())
                     continue
@@ -112,14 +123,9 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
                     rejected.append(Rejected(r.product_id, r.image_uri, "processing_error",
                                              f"{type(e).__name__}: {str(e)[:200]}").as_row())
                     continue
-                sha = hashlib.sha256(src).hexdigest()
-                meta = {"product_id": r.product_id, "labels": r.labels, "source_uri": r.image_uri,
-                        "sha256": sha, "orig_size": [ow, oh], "meta": r.meta}
                 tar.add(f"{r.key}.jpg", jpg)
-                tar.add(f"{r.key}.json", json.dumps(meta, ensure_ascii=False).encode())
-                index.append({"key": r.key, "product_id": r.product_id, "shard": name,
-                              "image_uri": r.image_uri, "sha256": sha, "bytes": len(src), "orig_width": ow,
-                              "orig_height": oh, "width": w, "height": h, **r.labels})
+                tar.add(f"{r.key}.json", sidecar)
+                index.append(entry)
         if index:
             storage.publish_file(tmp, storage.join(out, f"{name}.tar"))
         else:  # a killed earlier attempt may have published this tar before its marker
