@@ -8,8 +8,8 @@ completion marker (``_parts/shard-i.parquet``, its index rows, published *after*
 written to a staging file and published by rename/upload, so readers never see a partial shard.
 
 Incremental mode (img2dataset's ``incremental_mode``, keyed by content instead of by file name): given the
-index of a previous run, products whose id is new are packed, products already indexed are hashed first
-(sha256 of the source bytes, in Ray tasks) and packed only when the hash changed.
+index of a previous run, products whose id is new are packed, products already indexed are fingerprinted
+first (sha256 of the source bytes and their labels, in Ray tasks) and packed only when either changed.
 
 Every rejected row lands in quarantine with a stable reason (``catalog.REASONS``); the job fails only when
 it cannot proceed (no catalog, no access to the output) or when the rejected share exceeds
@@ -141,14 +141,22 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
             "cpu_s": time.thread_time() - cpu0}
 
 
-def hash_sources(items: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
-    """(product_id, uri) → (product_id, sha256 of the source bytes | None when it cannot be fetched)."""
+def _labels_key(labels: dict[str, Any]) -> str:
+    """One comparable string for a product's labels (as the index stores them)."""
+    return json.dumps({k: v for k, v in labels.items() if v not in (None, [])}, sort_keys=True)
+
+
+def fingerprint_rows(rows: list[CatalogRow], taxonomy: Taxonomy) -> list[tuple[str, str | None, str | None]]:
+    """(product_id, sha256 of the source bytes, labels key) per row; None when the source cannot be fetched
+    or the labels are rejected (the row is then packed again, so the pack task quarantines it)."""
     out = []
-    for pid, uri in items:
+    for r in rows:
         try:
-            out.append((pid, hashlib.sha256(fetch(uri)).hexdigest()))
+            sha = hashlib.sha256(fetch(r.image_uri)).hexdigest()
         except FetchError:
-            out.append((pid, None))  # packed again, so the pack task quarantines it with its reason
+            sha = None
+        v = check_labels(r, taxonomy)
+        out.append((r.product_id, sha, None if isinstance(v, Rejected) else _labels_key(v.labels)))
     return out
 
 
@@ -168,28 +176,36 @@ def _fingerprint(valid: list[CatalogRow], cfg: ShardConfig, taxonomy: Taxonomy, 
     return h.hexdigest()
 
 
-def previous_hashes(prev: str) -> dict[str, str]:
-    """product_id → sha256 from a previous run's ``index.parquet`` (``prev``: its folder or the file)."""
+def previous_index(prev: str, taxonomy: Taxonomy) -> dict[str, tuple[str, str]]:
+    """product_id → (sha256, labels key) from a previous run's ``index.parquet`` (``prev``: its folder or
+    the file). Label columns the previous index lacks (another taxonomy) read as empty, so those products
+    count as changed."""
     uri = prev if str(prev).endswith(".parquet") else storage.join(prev, "index.parquet")
     try:
-        t = storage.read_parquet(uri, columns=["product_id", "sha256"])
+        names = set(storage.read_parquet_schema(uri).names)
+        heads = [h.name for h in taxonomy.heads if h.name in names]
+        t = storage.read_parquet(uri, columns=["product_id", "sha256", *heads])
     except (OSError, pa.ArrowException) as e:
         raise ShardJobError(f"cannot read the previous index {uri}: {storage._clean(e)}") from e
-    return dict(zip(t.column("product_id").to_pylist(), t.column("sha256").to_pylist(), strict=True))
+    cols = {h: t.column(h).to_pylist() for h in heads}
+    return {pid: (sha, _labels_key({h: cols[h][i] for h in heads}))
+            for i, (pid, sha) in enumerate(zip(t.column("product_id").to_pylist(),
+                                               t.column("sha256").to_pylist(), strict=True))}
 
 
-def _select_incremental(valid: list[CatalogRow], prev: str, chunk: int
+def _select_incremental(valid: list[CatalogRow], prev: str, chunk: int, taxonomy: Taxonomy
                         ) -> tuple[list[CatalogRow], list[str]]:
-    """The rows to pack (new or changed, in catalog order) and their status."""
+    """The rows to pack (new, or changed: other source bytes or other labels; in catalog order) and their
+    status. Known products are fingerprinted in Ray tasks (one fetch each), the driver only compares."""
     import ray
 
-    before = previous_hashes(prev)
+    before = previous_index(prev, taxonomy)
     known = [r for r in valid if r.product_id in before]
-    task = ray.remote(num_cpus=1, max_retries=3)(hash_sources)
-    refs = [task.remote([(r.product_id, r.image_uri) for r in known[s : s + chunk]])
-            for s in range(0, len(known), chunk)]
-    now = dict(pair for part in ray.get(refs) for pair in part)
-    log.info("incremental: hashed %d known products against %s", len(known), prev)
+    task = ray.remote(num_cpus=1, max_retries=3)(fingerprint_rows)
+    tax_ref = ray.put(taxonomy)
+    refs = [task.remote(known[s : s + chunk], tax_ref) for s in range(0, len(known), chunk)]
+    now = {pid: (sha, labels) for part in ray.get(refs) for pid, sha, labels in part}
+    log.info("incremental: fingerprinted %d known products against %s", len(known), prev)
     rows, status = [], []
     for r in valid:
         old = before.get(r.product_id)
@@ -222,7 +238,8 @@ def make_plan(valid: list[CatalogRow], out: str, cfg: ShardConfig, taxonomy: Tax
         counts = saved["counts"]
     else:
         if incremental_from:
-            rows, status = _select_incremental(valid, incremental_from, max(cfg.samples_per_shard, 1000))
+            rows, status = _select_incremental(valid, incremental_from, max(cfg.samples_per_shard, 1000),
+                                               taxonomy)
         else:
             rows, status = valid, ["new"] * len(valid)
         c = Counter(status)

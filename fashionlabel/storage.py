@@ -186,6 +186,11 @@ def read_parquet(uri: str | Path, **kw: Any) -> pa.Table:
     return pq.read_table(path, filesystem=fs, **kw)
 
 
+def read_parquet_schema(uri: str | Path) -> pa.Schema:
+    fs, path = filesystem(uri)
+    return pq.read_schema(path, filesystem=fs)
+
+
 def _clean(e: BaseException) -> str:
     """An error message safe to log: never echo credentials that the SDK may embed."""
     msg = str(e)

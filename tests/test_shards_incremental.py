@@ -1,4 +1,4 @@
-"""Incremental sharding: only new products and products whose source bytes changed are packed."""
+"""Incremental sharding: only new products and products whose source bytes or labels changed are packed."""
 
 import hashlib
 import json
@@ -39,21 +39,24 @@ def test_incremental_packs_only_new_and_changed(ray_session, tmp_path):
     s1 = shard_catalog(str(write_catalog(tmp_path / "c1.csv", first)), str(prev), TAX, CFG)
     assert s1.packed == 40 and s1.new == 40 and s1.unchanged == 0
 
-    # night 2: two products gone, one image rewritten in place, two pointed at other bytes, five new
+    # night 2: two products gone, one image rewritten in place, two pointed at other bytes, one relabelled,
+    # one with only a metadata column changed (not a label: stays unchanged), five new
     tonight = [dict(r) for r in first[2:]]
     shutil.copy(first[0]["image_uri"], tonight[0]["image_uri"])  # same URI, new bytes
     tonight[1]["image_uri"], tonight[2]["image_uri"] = first[1]["image_uri"], first[0]["image_uri"]
-    changed = sorted(r["product_id"] for r in tonight[:3])
+    tonight[3]["baseColour"] = "White" if tonight[3]["baseColour"] != "White" else "Black"
+    tonight[4]["year"] = "1999"
+    changed = sorted(r["product_id"] for r in tonight[:4])
     new = sorted(r["product_id"] for r in extra)
     cat2 = write_catalog(tmp_path / "c2.csv", tonight + extra)
 
     out = tmp_path / "night2"
     s2 = shard_catalog(str(cat2), str(out), TAX, CFG, incremental_from=str(prev))
-    assert (s2.new, s2.changed, s2.unchanged) == (5, 3, 35)
-    assert s2.packed == 8 and s2.quarantined == 0
+    assert (s2.new, s2.changed, s2.unchanged) == (5, 4, 34)
+    assert s2.packed == 9 and s2.quarantined == 0
     assert _ids(out) == sorted(new + changed)
     stats = json.loads((out / "stats.json").read_text())
-    assert (stats["new"], stats["changed"], stats["unchanged"]) == (5, 3, 35)
+    assert (stats["new"], stats["changed"], stats["unchanged"]) == (5, 4, 34)
     assert stats["incremental_from"] == str(prev)
 
     # the sha256 in the new index is the sha256 of the new bytes
@@ -63,10 +66,14 @@ def test_incremental_packs_only_new_and_changed(ray_session, tmp_path):
 
     # a re-run reuses the saved plan: nothing packed twice, same counts
     s3 = shard_catalog(str(cat2), str(out), TAX, CFG, incremental_from=str(prev))
-    assert s3.shards_skipped == s3.shards and (s3.new, s3.changed, s3.unchanged) == (5, 3, 35)
+    assert s3.shards_skipped == s3.shards and (s3.new, s3.changed, s3.unchanged) == (5, 4, 34)
     assert _ids(out) == sorted(new + changed)
 
-    # the previous index may be named directly: night 2's holds only its 8 products, so the rest is new
+    # the relabelled product's new index row carries its new label
+    q = f"SELECT baseColour FROM '{out}/index.parquet' WHERE product_id = '{tonight[3]['product_id']}'"
+    assert duckdb.connect().execute(q).fetchall()[0][0] == tonight[3]["baseColour"]
+
+    # the previous index may be named directly: night 2's holds only its 9 products, so the rest is new
     s4 = shard_catalog(str(cat2), str(tmp_path / "night3"), TAX, CFG,
                        incremental_from=str(out / "index.parquet"))
-    assert (s4.new, s4.changed, s4.unchanged, s4.packed) == (35, 0, 8, 35)
+    assert (s4.new, s4.changed, s4.unchanged, s4.packed) == (34, 0, 9, 34)
