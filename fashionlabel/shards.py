@@ -146,9 +146,11 @@ def _labels_key(labels: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in labels.items() if v not in (None, [])}, sort_keys=True)
 
 
-def fingerprint_rows(rows: list[CatalogRow], taxonomy: Taxonomy) -> list[tuple[str, str | None, str | None]]:
-    """(product_id, sha256 of the source bytes, labels key) per row; None when the source cannot be fetched
-    or the labels are rejected (the row is then packed again, so the pack task quarantines it)."""
+def fingerprint_rows(rows: list[CatalogRow], taxonomy: Taxonomy, heads: list[str]
+                     ) -> list[tuple[str, str | None, str | None]]:
+    """(product_id, sha256 of the source bytes, key of the labels of ``heads``) per row; None when the
+    source cannot be fetched or the labels are rejected (the row is then packed again, so the pack task
+    quarantines it)."""
     out = []
     for r in rows:
         try:
@@ -156,7 +158,8 @@ def fingerprint_rows(rows: list[CatalogRow], taxonomy: Taxonomy) -> list[tuple[s
         except FetchError:
             sha = None
         v = check_labels(r, taxonomy)
-        out.append((r.product_id, sha, None if isinstance(v, Rejected) else _labels_key(v.labels)))
+        key = None if isinstance(v, Rejected) else _labels_key({h: v.labels.get(h) for h in heads})
+        out.append((r.product_id, sha, key))
     return out
 
 
@@ -176,10 +179,10 @@ def _fingerprint(valid: list[CatalogRow], cfg: ShardConfig, taxonomy: Taxonomy, 
     return h.hexdigest()
 
 
-def previous_index(prev: str, taxonomy: Taxonomy) -> dict[str, tuple[str, str]]:
+def previous_index(prev: str, taxonomy: Taxonomy) -> tuple[dict[str, tuple[str, str]], list[str]]:
     """product_id → (sha256, labels key) from a previous run's ``index.parquet`` (``prev``: its folder or
-    the file). Label columns the previous index lacks (another taxonomy) read as empty, so those products
-    count as changed."""
+    the file), and the taxonomy heads it holds. Only those heads are compared: an index without label
+    columns (a product map) compares image bytes alone."""
     uri = prev if str(prev).endswith(".parquet") else storage.join(prev, "index.parquet")
     try:
         names = set(storage.read_parquet_schema(uri).names)
@@ -188,9 +191,10 @@ def previous_index(prev: str, taxonomy: Taxonomy) -> dict[str, tuple[str, str]]:
     except (OSError, pa.ArrowException) as e:
         raise ShardJobError(f"cannot read the previous index {uri}: {storage._clean(e)}") from e
     cols = {h: t.column(h).to_pylist() for h in heads}
-    return {pid: (sha, _labels_key({h: cols[h][i] for h in heads}))
-            for i, (pid, sha) in enumerate(zip(t.column("product_id").to_pylist(),
-                                               t.column("sha256").to_pylist(), strict=True))}
+    before = {pid: (sha, _labels_key({h: cols[h][i] for h in heads}))
+              for i, (pid, sha) in enumerate(zip(t.column("product_id").to_pylist(),
+                                                 t.column("sha256").to_pylist(), strict=True))}
+    return before, heads
 
 
 def _select_incremental(valid: list[CatalogRow], prev: str, chunk: int, taxonomy: Taxonomy
@@ -199,11 +203,11 @@ def _select_incremental(valid: list[CatalogRow], prev: str, chunk: int, taxonomy
     status. Known products are fingerprinted in Ray tasks (one fetch each), the driver only compares."""
     import ray
 
-    before = previous_index(prev, taxonomy)
+    before, heads = previous_index(prev, taxonomy)
     known = [r for r in valid if r.product_id in before]
     task = ray.remote(num_cpus=1, max_retries=3)(fingerprint_rows)
     tax_ref = ray.put(taxonomy)
-    refs = [task.remote(known[s : s + chunk], tax_ref) for s in range(0, len(known), chunk)]
+    refs = [task.remote(known[s : s + chunk], tax_ref, heads) for s in range(0, len(known), chunk)]
     now = {pid: (sha, labels) for part in ray.get(refs) for pid, sha, labels in part}
     log.info("incremental: fingerprinted %d known products against %s", len(known), prev)
     rows, status = [], []
