@@ -23,7 +23,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 N = int(os.environ.get("FASHIONLABEL_LOAD_PRODUCTS", "100000"))
 # Bound on the summed RSS of a command's process tree (an over-count: shared pages count once per process).
-RSS_BOUND = 6 * 2**30
+# Labelling on CPU runs one predictor actor per core; each maps torch's libraries (~1.4 GiB of RSS, mostly
+# pages shared with the other actor), so the sum grows by that much per core.
+RSS_BOUND = 8 * 2**30
 
 
 def test_100k_products_shard_and_label(tiny_model, tmp_path, ledger):
