@@ -101,9 +101,8 @@ def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
     if cfg.actors:
         actors, threads = cfg.actors, max(1, int(round(cpus / cfg.actors)))
     else:
-        threads = max(1, int(cpus) // 16)
-        actors = max(1, min(8, int(cpus) // threads))
-        threads = max(threads, int(cpus) // actors)
+        actors = max(1, min(8, int(cpus)))
+        threads = max(1, int(cpus) // actors)
     # Actors hold half of the CPUs between them (fractional, so that reads always find a slot); torch
     # threads use the actor's share of cores, the read tasks fill the gaps between forward passes.
     actor_cpus = max(0.25, cpus * 0.5 / actors)
