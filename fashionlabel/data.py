@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
+import itertools
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +112,62 @@ def to_input(images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequ
     m = torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1)
     return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+
+
+class BatchPrefetcher:
+    """Training batches gathered and copied to the device one step ahead, on a background thread.
+
+    A training step on a GPU leaves the host idle while the device computes; gathering the next batch from
+    host memory (a fancy-index copy of N×H×W×3 uint8) and copying it to the device are done in that time
+    instead of before the step. On CUDA the gathered batch is pinned and copied on a side stream; the
+    consumer's stream waits on an event, so the copy overlaps the previous step's kernels. Yields
+    (images N×H×W×3 uint8 on ``device``, {head: targets on ``device``}) in the order of ``batches``.
+
+    Args:
+        images: N×H×W×3 uint8 held in host memory.
+        targets: head → tensor of N rows (host memory).
+        batches: index arrays, one per step.
+        depth: batches prepared ahead (2: one being copied while the previous one trains).
+    """
+
+    def __init__(self, images: np.ndarray, targets: dict[str, torch.Tensor], batches: Iterable[np.ndarray],
+                 device: torch.device | str, depth: int = 2):
+        self.images, self.targets, self.batches = images, targets, batches
+        self.device, self.depth = torch.device(device), max(1, depth)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+    def _load(self, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+        # numpy's gather releases the GIL for plain dtypes, so it runs beside the training thread.
+        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+        index = torch.as_tensor(idx)
+        y = {k: v.index_select(0, index) for k, v in self.targets.items()}
+        if not self.cuda:
+            return x, y, None
+        with torch.cuda.stream(self.stream):
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            y = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in y.items()}
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return x, y, done
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        batches = iter(self.batches)
+        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+            ahead = deque(pool.submit(self._load, b) for b in itertools.islice(batches, self.depth))
+            while ahead:
+                x, y, done = ahead.popleft().result()
+                nxt = next(batches, None)
+                if nxt is not None:
+                    ahead.append(pool.submit(self._load, nxt))
+                if done is not None:
+                    stream = torch.cuda.current_stream(self.device)
+                    stream.wait_event(done)
+                    # Allocated on the side stream, used on this one: keep the caching allocator from
+                    # handing the memory out again before this stream is done with it.
+                    for t in (x, *y.values()):
+                        t.record_stream(stream)
+                yield x, y
 
 
 def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:

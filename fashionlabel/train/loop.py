@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 
 from fashionlabel import storage
-from fashionlabel.data import augment, load_samples, split_of, to_input
+from fashionlabel.data import BatchPrefetcher, augment, load_samples, split_of, to_input
 from fashionlabel.models import create_model
 from fashionlabel.shards import list_shards
 from fashionlabel.taxonomy import Taxonomy
@@ -134,10 +134,9 @@ def _worker(config: dict[str, Any]) -> None:
         order = np.concatenate([np.random.permutation(len(mine)) for _ in range(
             math.ceil(steps * per_worker / max(1, len(mine))))])[: steps * per_worker]
         running = 0.0
-        for s in range(steps):
-            idx = order[s * per_worker : (s + 1) * per_worker]
-            x = augment(to_input(mine.images[idx], config["mean"], config["std"], device))
-            y = {k: v[idx].to(device) for k, v in targets.items()}
+        batches = (order[s * per_worker : (s + 1) * per_worker] for s in range(steps))
+        for images, y in BatchPrefetcher(mine.images, targets, batches, device):
+            x = augment(to_input(images, config["mean"], config["std"], device))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = model(x)
             loss, _ = loss_fn(out, y)
