@@ -264,18 +264,24 @@ def _skip_keys(out: str, model_version: str, skip: dict[str, str] | None, increm
     return pa.concat_arrays(parts) if parts else None
 
 
+def _read_task_args() -> dict[str, Any]:
+    # A shard read is idempotent: a read task lost with its worker is simply run again.
+    return {"max_retries": 3}
+
+
 def _plan(todo: list[str], model_dir: str, run_id: str, plan: Plan, compile: bool, spec: dict[str, Any],
           skip: pa.Array | None) -> Any:
     import ray
 
     size = tuple(spec["preprocessing"]["size"])
     ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
-    # max_retries: a shard read is idempotent, so a lost read task is simply run again. Its remote args
-    # also differ from the actors', which keeps Ray Data from fusing the read into the actor stage: fused,
-    # the actor would get every shard URI in one bundle (batch_size rows of URIs) and label serially.
+    # The read's remote args come from a function: Ray Data never fuses an operator that has one into its
+    # neighbour. Fused into the actor stage, the read would hand an actor every shard URI in one bundle
+    # (batch_size rows of URIs) to label serially, and nothing would stream back until the end. Ray 2.64
+    # drops ray_remote_args_fn; test_labels_stream_back_shard_by_shard fails if the stages fuse again.
     ds = ds.map_batches(read_shards, batch_size=1, fn_kwargs={"decode_on": plan.decode, "size": size,
                                                             "skip": skip},
-                        num_cpus=plan.read_cpus, max_retries=3,
+                        num_cpus=plan.read_cpus, ray_remote_args_fn=_read_task_args,
                         compute=ray.data.TaskPoolStrategy(size=plan.read_tasks))
     env = {k: v for k, v in os.environ.items() if k.startswith("FASHIONLABEL_")}
     return ds.map_batches(
