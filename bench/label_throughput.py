@@ -26,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,7 @@ class Clock:
 
 
 def plain_loop(shards: Path, model_dir: Path, out: Path, workers: int, batch: int, device: str,
-               compile: bool, clock: Clock) -> int:
+               compile: bool, clock: Callable[[int], None]) -> int:
     """webdataset + DataLoader(workers) + the same Predictor + the same post-processing + pyarrow writer."""
     import webdataset as wds
 
@@ -186,6 +187,47 @@ def plain_loop(shards: Path, model_dir: Path, out: Path, workers: int, batch: in
     return n
 
 
+def plain_process(shards: Path, model_dir: Path, out: Path, workers: int, batch: int, device: str,
+                  compile: bool) -> tuple[float, float, int]:
+    """The plain loop as its user runs it: a fresh Python process (torch import and CUDA start-up included).
+
+    Returns (end-to-end img/s from the spawn to the last row written, steady img/s, products)."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--plain-child", json.dumps(
+        {"shards": str(shards), "model": str(model_dir), "out": str(out), "workers": workers, "batch": batch,
+         "device": device, "compile": compile})]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PLAIN ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"plain loop failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    r = json.loads(lines[-1][6:])
+    steady = ((r["n"] - r["n_first"]) / (r["t_end"] - r["t_first"])
+              if r["batches"] >= Clock.MIN_BATCHES and r["t_end"] > r["t_first"] else float("nan"))
+    return r["n"] / (r["t_end"] - t0), steady, r["n"]
+
+
+def _plain_child(spec: str) -> int:
+    """Entry of :func:`plain_process`: run the plain loop, print wall-clock times as one JSON line."""
+    c = json.loads(spec)
+    register_bench_models()
+    times: dict[str, float] = {"n": 0, "batches": 0}
+
+    def clock(rows: int) -> None:
+        times["n"] += rows
+        times["batches"] += 1
+        if "t_first" not in times:
+            times["t_first"], times["n_first"] = time.time(), times["n"]
+
+    plain_loop(Path(c["shards"]), Path(c["model"]), Path(c["out"]), c["workers"], c["batch"], c["device"],
+               c["compile"], clock)
+    times["t_end"] = time.time()
+    print("PLAIN " + json.dumps(times), flush=True)
+    return 0
+
+
 # ---- one comparison ----------------------------------------------------------------------------------------
 def compare(name: str, arch: str, jpegs: list[bytes], products: int, a: argparse.Namespace, root: Path,
             size: tuple[int, int]) -> dict:
@@ -200,10 +242,15 @@ def compare(name: str, arch: str, jpegs: list[bytes], products: int, a: argparse
         s = label_shards(str(shards), str(model), str(work / f"labels-{r}"), "2026-01-01", cfg, progress=clock)
         ours.append(clock.rates())
         assert s["labelled"] == products, s
-        clock = Clock()
-        n = plain_loop(shards, model, work / f"plain-{r}.parquet", a.workers, s["batch_size"], device, a.compile,
-                       clock)
-        plain.append(clock.rates())
+        if a.plain_in_process:
+            clock = Clock()
+            n = plain_loop(shards, model, work / f"plain-{r}.parquet", a.workers, s["batch_size"], device,
+                           a.compile, clock)
+            plain.append(clock.rates())
+        else:
+            *rates, n = plain_process(shards, model, work / f"plain-{r}.parquet", a.workers, s["batch_size"],
+                                      device, a.compile)
+            plain.append(tuple(rates))
         assert n == products
         print(f"  [{name} run {r + 1}/{a.repeats}] ours {ours[-1][0]:,.0f} img/s (steady {ours[-1][1]:,.0f}; "
               f"{s['actors']} actor(s), decode {s['decode']}, batch {s['batch_size']})   plain {plain[-1][0]:,.0f}"
@@ -244,7 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["small", "resnet50"], choices=["small", "resnet50"])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder)")
+    p.add_argument("--plain-in-process", action="store_true",
+                   help="run the plain loop inside this process, where torch is already imported and the GPU "
+                        "already initialised (default: a fresh process, as its user runs it)")
+    p.add_argument("--plain-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.plain_child:
+        return _plain_child(a.plain_child)
     logging.basicConfig(level=logging.WARNING)
     import ray
 
@@ -262,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
              runtime_env={"worker_process_setup_hook": register_bench_models})
     print(f"label throughput: {len(jpegs)} source JPEGs ({side}px), model input {size}, "
           f"{os.cpu_count()} CPUs, {'GPU ' + torch.cuda.get_device_name() if gpu else 'no GPU'}, "
-          f"compile={a.compile}, baseline DataLoader workers={a.workers}", flush=True)
+          f"compile={a.compile}, baseline DataLoader workers={a.workers} "
+          f"({'in this process' if a.plain_in_process else 'in a fresh process'})", flush=True)
     results = []
     try:
         for m in a.models:
