@@ -26,7 +26,6 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -134,27 +133,29 @@ def build_shards(jpegs: list[bytes], products: int, per_shard: int, out: Path) -
 
 # ---- the plain baseline ----------------------------------------------------------------------------------
 class Clock:
-    """End-to-end rate and steady rate (from the first labelled batch on, i.e. without start-up)."""
+    """End-to-end rate and steady rate (from the first labelled batch on, i.e. without start-up).
+
+    Wall-clock times (``time.time``), so that a clock filled in another process compares with this one's."""
 
     MIN_BATCHES = 8  # fewer batches than this: no steady figure (a short run is all start-up)
 
-    def __init__(self) -> None:
-        self.t0, self.first, self.n, self.n_first, self.batches = time.perf_counter(), None, 0, 0, 0
+    def __init__(self, t0: float | None = None) -> None:
+        self.t0, self.first, self.n, self.n_first, self.batches = t0 or time.time(), None, 0, 0, 0
 
     def __call__(self, rows: int) -> None:
         self.n += rows
         self.batches += 1
         if self.first is None:
-            self.first, self.n_first = time.perf_counter(), self.n
+            self.first, self.n_first = time.time(), self.n
 
-    def rates(self) -> tuple[float, float]:
-        t = time.perf_counter()
+    def rates(self, end: float | None = None) -> tuple[float, float]:
+        t = end or time.time()
         ok = self.first is not None and t > self.first and self.batches >= self.MIN_BATCHES
         return self.n / (t - self.t0), (self.n - self.n_first) / (t - self.first) if ok else float("nan")
 
 
 def plain_loop(shards: Path, model_dir: Path, out: Path, workers: int, batch: int, device: str,
-               compile: bool, clock: Callable[[int], None]) -> int:
+               compile: bool, clock: Clock) -> int:
     """webdataset + DataLoader(workers) + the same Predictor + the same post-processing + pyarrow writer."""
     import webdataset as wds
 
@@ -197,34 +198,27 @@ def plain_process(shards: Path, model_dir: Path, out: Path, workers: int, batch:
     cmd = [sys.executable, __file__, "--plain-child", json.dumps(
         {"shards": str(shards), "model": str(model_dir), "out": str(out), "workers": workers, "batch": batch,
          "device": device, "compile": compile})]
-    t0 = time.time()
+    clock = Clock()  # started at the spawn
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PLAIN ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"plain loop failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    r = json.loads(lines[-1][6:])
-    steady = ((r["n"] - r["n_first"]) / (r["t_end"] - r["t_first"])
-              if r["batches"] >= Clock.MIN_BATCHES and r["t_end"] > r["t_first"] else float("nan"))
-    return r["n"] / (r["t_end"] - t0), steady, r["n"]
+    child = json.loads(lines[-1][6:])
+    end = child.pop("end")
+    vars(clock).update(child)  # the child's counts and first-batch time; the start stays the spawn
+    return (*clock.rates(end), clock.n)
 
 
 def _plain_child(spec: str) -> int:
     """Entry of :func:`plain_process`: run the plain loop, print wall-clock times as one JSON line."""
     c = json.loads(spec)
     register_bench_models()
-    times: dict[str, float] = {"n": 0, "batches": 0}
-
-    def clock(rows: int) -> None:
-        times["n"] += rows
-        times["batches"] += 1
-        if "t_first" not in times:
-            times["t_first"], times["n_first"] = time.time(), times["n"]
-
+    clock = Clock()
     plain_loop(Path(c["shards"]), Path(c["model"]), Path(c["out"]), c["workers"], c["batch"], c["device"],
                c["compile"], clock)
-    times["t_end"] = time.time()
-    print("PLAIN " + json.dumps(times), flush=True)
+    print("PLAIN " + json.dumps({"first": clock.first, "n": clock.n, "n_first": clock.n_first,
+                                 "batches": clock.batches, "end": time.time()}), flush=True)
     return 0
 
 

@@ -139,7 +139,7 @@ class BatchPrefetcher:
 
     def _load(self, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
         # numpy's gather releases the GIL for plain dtypes, so it runs beside the training thread.
-        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+        x = torch.from_numpy(self.images[idx])  # fancy indexing returns a fresh contiguous copy
         index = torch.as_tensor(idx)
         y = {k: v.index_select(0, index) for k, v in self.targets.items()}
         if not self.cuda:
