@@ -247,7 +247,7 @@ def compare(name: str, arch: str, jpegs: list[bytes], products: int, a: argparse
             plain.append(tuple(rates))
         assert n == products
         print(f"  [{name} run {r + 1}/{a.repeats}] ours {ours[-1][0]:,.0f} img/s (steady {ours[-1][1]:,.0f}; "
-              f"{s['actors']} actor(s), decode {s['decode']}, batch {s['batch_size']})   plain {plain[-1][0]:,.0f}"
+              f"{s['actors']} actor(s), reads in {s['read']}, decode {s['decode']}, batch {s['batch_size']})   plain {plain[-1][0]:,.0f}"
               f" img/s (steady {plain[-1][1]:,.0f})", flush=True)
     agree = _agreement(work / "labels-0", work / "plain-0.parquet")
     o, p = (statistics.median(x[0] for x in ours), statistics.median(x[0] for x in plain))

@@ -99,12 +99,13 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
     from fashionlabel.label.pipeline import LabelConfig, label_shards
 
     cfg = LabelConfig(batch_size=a.batch_size, actors=a.actors, device=a.device, compile=a.compile,
-                      decode=a.decode, actors_per_gpu=a.actors_per_gpu)
+                      decode=a.decode, actors_per_gpu=a.actors_per_gpu, read=a.read)
     s = label_shards(a.shards, a.model, a.out, a.run_date, cfg, incremental=a.incremental)
     out = {"run": s["run_id"], "labelled": s["labelled"], "errors": s["errored"], "skipped": s["skipped"],
            "shards": f"{s['shards']} ({s['shards_done_before']} already done)",
            "throughput": f"{s['images_per_s']:,.0f} img/s", "time": f"{s['seconds']:.1f} s",
-           "plan": f"{s['actors']} actor(s) on {s['device']}, decode on {s['decode']}, batch {s['batch_size']}",
+           "plan": f"{s['actors']} actor(s) on {s['device']}, reads in {s['read']}, decode on {s['decode']}, "
+                   f"batch {s['batch_size']}",
            "model version": s["model_version"], "output": s["out"]}
     _print_summary("label", out)
     return out | {"raw": s}
@@ -292,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where JPEGs are decoded: CPU read tasks (PIL) or inside the actor on its device "
                          "(nvJPEG on a GPU); auto: gpu when the actors have a GPU")
     lb.add_argument("--actors-per-gpu", type=int, default=2, help="actors sharing one GPU (overlap)")
+    lb.add_argument("--read", default="auto", choices=["tasks", "actor", "auto"],
+                    help="who reads the shards: Ray tasks ahead of the actors, or each actor its own shard; "
+                         "auto: tasks with a GPU, actor on CPU (nothing to overlap there)")
     lb.add_argument("--incremental", action="store_true",
                     help="skip products this model already labelled with the same image_sha256 (any date)")
 

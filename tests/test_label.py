@@ -11,7 +11,7 @@ import pytest
 
 from fashionlabel.data import decode, load_samples
 from fashionlabel.label.pipeline import CRASH_ONCE_ENV, LabelConfig, label_shards, plan_resources
-from fashionlabel.label.predictor import Predictor
+from fashionlabel.label.predictor import Predictor, cpu_piece
 from fashionlabel.label.reader import TarFormatError, read_tar, shard_samples
 from fashionlabel.label.reader import decode as reader_decode
 from fashionlabel.label.schema import labels_schema
@@ -64,23 +64,28 @@ def test_fast_tar_reader_matches_tarfile(small_shards):
 def test_plan_never_takes_every_cpu_and_uses_gpus():
     cpu = plan_resources(LabelConfig(), cpus=2, gpus=0)
     assert cpu.device == "cpu" and cpu.decode == "cpu" and cpu.actors == 2 and cpu.threads == 1
+    assert cpu.read_in_actor and not plan_resources(LabelConfig(read="tasks"), 2, 0).read_in_actor
     assert cpu.actors * cpu.actor_cpus + cpu.read_cpus <= 2  # a read task always fits beside the pool
     big = plan_resources(LabelConfig(), cpus=64, gpus=0)
     assert big.actors == 8 and big.threads == 8 and big.actors * big.actor_cpus + big.read_cpus <= 64
     gpu = plan_resources(LabelConfig(), cpus=16, gpus=1)
     assert gpu.device == "cuda" and gpu.decode == "gpu" and gpu.actors == 2 and gpu.actor_gpus == 0.5
-    assert gpu.read_tasks == 14 and gpu.batch_size == 512
+    assert gpu.read_tasks == 14 and gpu.batch_size == 512 and not gpu.read_in_actor
     assert plan_resources(LabelConfig(decode="cpu", actors_per_gpu=1), 16, 2).actors == 2
     with pytest.raises(ValueError, match="decode"):
         plan_resources(LabelConfig(decode="fpga"), 2, 0)
+    with pytest.raises(ValueError, match="read"):
+        plan_resources(LabelConfig(read="driver"), 2, 0)
 
 
-def test_labels_stream_back_shard_by_shard(ray_session, small_shards, tiny_model, tmp_path):
-    # Read and predict must stay two operators: were Ray Data to fuse them (same remote args), one actor
-    # call would receive every shard URI at once and nothing would come back before the very end.
+@pytest.mark.parametrize("read", ["tasks", "actor"])
+def test_labels_stream_back_shard_by_shard(ray_session, small_shards, tiny_model, tmp_path, read):
+    # With read tasks, read and predict must stay two operators: were Ray Data to fuse them (same remote
+    # args), one actor call would receive every shard URI at once and nothing would come back before the
+    # very end. With reads in the actor, each call is one shard.
     sizes: list[int] = []
     s = label_shards(str(small_shards), str(tiny_model), str(tmp_path / "labels"), "2026-01-01",
-                     LabelConfig(actors=2, batch_size=64), progress=sizes.append)
+                     LabelConfig(actors=2, batch_size=64, read=read), progress=sizes.append)
     assert s["labelled"] == sum(sizes) == 600
     assert len(sizes) >= 4 and max(sizes) <= 150, sizes
 
@@ -193,3 +198,15 @@ def test_reader_reads_s3_shard_in_one_get(s3, odd_shards):
     s3.client().upload_file(str(odd_shards / "shard-000001.tar"), bucket, "set/shard-000001.tar")
     assert shard_samples(f"s3://{bucket}/set/shard-000001.tar") == shard_samples(
         str(odd_shards / "shard-000001.tar"))
+
+
+def test_cpu_forward_in_cache_sized_pieces_gives_the_same_scores(tiny_model):
+    assert (cpu_piece((80, 60), 256), cpu_piece((224, 224), 256), cpu_piece((80, 60), 16)) == (64, 8, 16)
+    pred = Predictor(tiny_model, device="cpu", batch_size=256)
+    images = np.random.default_rng(0).integers(0, 256, (150, *pred.size, 3), dtype=np.uint8)
+    assert 0 < pred.piece < len(images)
+    pieces = pred.probs_on_device(images)
+    pred.piece = 0
+    whole = pred.probs_on_device(images)
+    for k in whole:
+        assert np.allclose(pieces[k], whole[k], atol=1e-5), k

@@ -2,9 +2,10 @@
 
 Plan (Ray's batch-inference shape, restructured so that the accelerator never waits):
 
-1. read (Ray tasks, one shard each; ``label/reader.py``): one sequential read of the whole tar (one GET
-   on S3), headers parsed from the buffer, already-labelled products dropped (``--incremental``), and
-   JPEGs decoded with PIL when decode runs on CPU;
+1. read (one shard at a time; ``label/reader.py``): one sequential read of the whole tar (one GET on S3),
+   headers parsed from the buffer, already-labelled products dropped (``--incremental``), and JPEGs
+   decoded with PIL when decode runs on CPU. On a GPU cluster reads are Ray tasks of their own, so that
+   they run ahead of the accelerator; on a CPU-only cluster each actor reads its own shard (``read``);
 2. predict (a fixed-size actor pool, sized from the cluster's resources: no autoscaler ramp; the model is
    loaded once per actor, bf16 + channels_last on GPU, optionally ``torch.compile``d): raw JPEGs are
    decoded in one batched nvJPEG call on the device when decode runs on GPU, then forward, softmax /
@@ -12,8 +13,10 @@ Plan (Ray's batch-inference shape, restructured so that the accelerator never wa
 3. write (driver; ``label/writer.py``): rows are grouped by input shard and each complete shard is
    published as ``part-<shard>.parquet`` atomically. Re-running a date only labels the missing shards.
 
-Ray Data streams the three stages, so reading and decoding of later shards overlap with inference of
-earlier ones. Several actors per GPU (``actors_per_gpu``) overlap one actor's decode and post-processing
+Ray Data streams the stages, so reading and decoding of later shards overlap with inference of earlier
+ones. Without a GPU there is nothing to overlap: reads and forward passes share the same cores, and a
+separate read stage only adds worker processes to start (Ray, Ray Data and the reader imported in each)
+and decoded pixels to copy through the object store, so the actor reads its shard itself. Several actors per GPU (``actors_per_gpu``) overlap one actor's decode and post-processing
 with another's forward pass. On a CPU-only cluster the actor takes part of the CPUs (fractional), never
 all of them, so the read tasks cannot starve.
 
@@ -58,6 +61,8 @@ class LabelConfig:
         decode: "cpu" (PIL in the read tasks), "gpu" (nvJPEG inside the actor, on its device) or "auto"
             (gpu when the actors have a GPU, else cpu).
         actors_per_gpu: actors sharing one GPU, so decode/post-processing of one overlaps another's forward.
+        read: "tasks" (Ray tasks of their own, ahead of the actors), "actor" (each actor reads the shard it
+            labels) or "auto" (tasks with a GPU, actor on CPU).
     """
 
     batch_size: int | None = None
@@ -66,6 +71,7 @@ class LabelConfig:
     compile: bool = False
     decode: str = "auto"
     actors_per_gpu: int = 2
+    read: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -81,12 +87,15 @@ class Plan:
     read_tasks: int
     batch_size: int
     threads: int  # torch intra-op threads per actor
+    read_in_actor: bool = False
 
 
 def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
     """Pool size, per-actor resources and batch size from the cluster's CPUs and GPUs."""
     if cfg.decode not in ("cpu", "gpu", "auto"):
         raise ValueError(f"decode must be cpu, gpu or auto, not {cfg.decode!r}")
+    if cfg.read not in ("tasks", "actor", "auto"):
+        raise ValueError(f"read must be tasks, actor or auto, not {cfg.read!r}")
     use_gpu = gpus >= 1 and (cfg.device or "cuda").startswith("cuda")
     decode = cfg.decode if cfg.decode != "auto" else ("gpu" if use_gpu else "cpu")
     if use_gpu:
@@ -94,7 +103,7 @@ def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
         actors = cfg.actors or int(gpus) * per_gpu
         # Read tasks get the CPUs the actors leave; with CPU decode they are the decoders.
         return Plan("cuda", decode, actors, 1.0, 1.0 / per_gpu, 1.0, max(1, int(cpus) - actors),
-                    cfg.batch_size or 512, 1)
+                    cfg.batch_size or 512, 1, read_in_actor=cfg.read == "actor")
     # Several narrow actors beat one wide one on CPU: a forward pass on one thread spends ~12% less CPU per
     # image than on two (no intra-op barriers), so up to 8 cores every core gets its own actor; beyond, 8
     # actors share the cores.
@@ -107,13 +116,17 @@ def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
     # threads use the actor's share of cores, the read tasks fill the gaps between forward passes.
     actor_cpus = max(0.25, cpus * 0.5 / actors)
     return Plan("cpu", decode, actors, actor_cpus, 0.0, min(1.0, max(0.25, cpus * 0.25)),
-                max(1, int(cpus)), cfg.batch_size or 256, threads)
+                max(1, int(cpus)), cfg.batch_size or 256, threads, read_in_actor=cfg.read != "tasks")
 
 
 class Labeler:
-    """Ray actor: loads the model once; each call labels one batch of products into label columns."""
+    """Ray actor: loads the model once; each call labels one batch of products into label columns.
 
-    def __init__(self, model_dir: str, run_id: str, plan: Plan, compile: bool):
+    With ``read`` (the reader's keyword arguments) a call gets shard URIs instead, and reads them first.
+    """
+
+    def __init__(self, model_dir: str, run_id: str, plan: Plan, compile: bool,
+                 read: dict[str, Any] | None = None):
         import torch
 
         from fashionlabel.label.predictor import Predictor
@@ -121,7 +134,7 @@ class Labeler:
         if plan.device == "cpu":
             torch.set_num_threads(plan.threads)
         self.pred = Predictor(model_dir, device=plan.device, batch_size=plan.batch_size, compile=compile)
-        self.decode, self.run_id = plan.decode, run_id
+        self.decode, self.run_id, self.read = plan.decode, run_id, read
         self.ident = {"model_version": self.pred.version, "taxonomy_version": self.pred.taxonomy.version,
                       "run_id": run_id}
         self.label_fields = [f for f in labels_schema(self.pred.taxonomy)
@@ -132,6 +145,8 @@ class Labeler:
         from fashionlabel.label.postprocess import to_columns
 
         _crash_once()
+        if self.read is not None:
+            batch = read_shards(batch, **self.read)
         n = len(batch["shard"])
         errors = _strings(batch["error"])
         ok = [i for i in range(n) if errors[i] is None and not batch["marker"][i]]
@@ -224,7 +239,8 @@ def label_shards(shards: str, model_dir: str, out: str, run_date: str | None = N
         "shards_done_before": len(uris) - len(todo), "labelled": c["labelled"], "errored": c["errored"],
         "skipped": c["skipped"], "seconds": seconds,
         "images_per_s": (c["labelled"] + c["errored"]) / seconds if seconds else 0.0,
-        "decode": plan.decode, "actors": plan.actors, "device": plan.device, "batch_size": plan.batch_size,
+        "decode": plan.decode, "read": "actors" if plan.read_in_actor else "tasks", "actors": plan.actors,
+        "device": plan.device, "batch_size": plan.batch_size,
         "out": out_dir,
     }
     totals = run_totals(out_dir)
@@ -274,20 +290,30 @@ def _plan(todo: list[str], model_dir: str, run_id: str, plan: Plan, compile: boo
     import ray
 
     size = tuple(spec["preprocessing"]["size"])
+    read = {"decode_on": plan.decode, "size": size, "skip": skip}
     ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
+    if plan.read_in_actor:
+        return _labelers(ds, model_dir, run_id, plan, compile, read=read, batch_size=1)
     # The read's remote args come from a function: Ray Data never fuses an operator that has one into its
     # neighbour. Fused into the actor stage, the read would hand an actor every shard URI in one bundle
     # (batch_size rows of URIs) to label serially, and nothing would stream back until the end. Ray 2.64
     # drops ray_remote_args_fn; test_labels_stream_back_shard_by_shard fails if the stages fuse again.
-    ds = ds.map_batches(read_shards, batch_size=1, fn_kwargs={"decode_on": plan.decode, "size": size,
-                                                            "skip": skip},
-                        num_cpus=plan.read_cpus, ray_remote_args_fn=_read_task_args,
-                        compute=ray.data.TaskPoolStrategy(size=plan.read_tasks))
+    ds = ds.map_batches(read_shards, batch_size=1, fn_kwargs=read, num_cpus=plan.read_cpus,
+                        ray_remote_args_fn=_read_task_args, compute=ray.data.TaskPoolStrategy(size=plan.read_tasks))
+    return _labelers(ds, model_dir, run_id, plan, compile, read=None, batch_size=plan.batch_size)
+
+
+def _labelers(ds: Any, model_dir: str, run_id: str, plan: Plan, compile: bool, read: dict[str, Any] | None,
+              batch_size: int) -> Any:
+    """The actor stage: rows of products (``read`` None), or shard URIs, one per call, read in the actor."""
+    import ray
+
     env = {k: v for k, v in os.environ.items() if k.startswith("FASHIONLABEL_")}
     return ds.map_batches(
         Labeler,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "run_id": run_id, "plan": plan, "compile": compile},
-        batch_size=plan.batch_size,
+        fn_constructor_kwargs={"model_dir": str(model_dir), "run_id": run_id, "plan": plan, "compile": compile,
+                               "read": read},
+        batch_size=batch_size,
         # A fixed pool: every actor starts at once, no ramp-up while the first batches wait.
         compute=ray.data.ActorPoolStrategy(size=plan.actors, max_tasks_in_flight_per_actor=2),
         num_cpus=plan.actor_cpus,

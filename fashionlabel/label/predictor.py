@@ -6,6 +6,7 @@ exactly those that evaluation measured for the same model and images.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,17 @@ import torch
 from fashionlabel.data import to_input
 from fashionlabel.label.postprocess import scores, to_rows
 from fashionlabel.train.export import load_artifact
+
+# CPU forward passes run in pieces of about this many input pixels: a piece's activations then stay in the
+# core's caches between layers. On one core, pieces of 64 forward 12-21% more images per second than one
+# batch of 256 for fl_small at 80×60 and 14% for a ResNet-50; at 224 px, pieces of 8 do 13% more (fl_small).
+CPU_PIECE_PIXELS = 300_000
+
+
+def cpu_piece(size: tuple[int, int], batch_size: int) -> int:
+    """Images per CPU forward piece for inputs of ``size``: the nearest power of two, at most ``batch_size``."""
+    n = 1 << max(0, round(math.log2(CPU_PIECE_PIXELS / (size[0] * size[1]))))
+    return max(1, min(batch_size, n))
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -49,6 +61,7 @@ class Predictor:
             torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
         self.model = model.to(dtype=self.dtype, memory_format=torch.channels_last)
         self.compiled = compile
+        self.piece = cpu_piece(self.size, batch_size) if self.device.type == "cpu" and not compile else 0
         if compile:
             self.model = torch.compile(self.model, dynamic=False)
         if self.device.type == "cpu":
@@ -67,12 +80,17 @@ class Predictor:
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One normalised N×3×H×W batch → logits on the device. A compiled model sees one fixed batch shape
-        (the last, short batch is padded), so it compiles once and never again mid-run."""
+        (the last, short batch is padded), so it compiles once and never again mid-run. On CPU the batch
+        runs in cache-sized pieces (:func:`cpu_piece`)."""
         n = len(x)
         if self.compiled and n < self.batch_size:
             x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))]).contiguous(
                 memory_format=torch.channels_last)
-        out = self.model(x)
+        if self.piece and n > self.piece:
+            pieces = [self.model(x[s : s + self.piece]) for s in range(0, n, self.piece)]
+            out = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+        else:
+            out = self.model(x)
         return {k: v[:n].float() for k, v in out.items()}
 
     @torch.inference_mode()
