@@ -226,7 +226,11 @@ def _plain_child(spec: str) -> int:
 def compare(name: str, arch: str, jpegs: list[bytes], products: int, a: argparse.Namespace, root: Path,
             size: tuple[int, int]) -> dict:
     work = root / name
-    shards = build_shards(jpegs, products, a.samples_per_shard, work / "shards")
+    # Shards depend only on the product count: a second model with the same count labels the same tars.
+    shards = root / f"shards-{products}-of-{len(jpegs)}-by-{a.samples_per_shard}"
+    if not (shards / "_complete").exists():
+        build_shards(jpegs, products, a.samples_per_shard, shards)
+        (shards / "_complete").touch()
     model = make_artifact(arch, work / "model", size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = LabelConfig(batch_size=a.batch_size, compile=a.compile, decode=a.decode)
