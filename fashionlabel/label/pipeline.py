@@ -16,9 +16,10 @@ Plan (Ray's batch-inference shape, restructured so that the accelerator never wa
 Ray Data streams the stages, so reading and decoding of later shards overlap with inference of earlier
 ones. Without a GPU there is nothing to overlap: reads and forward passes share the same cores, and a
 separate read stage only adds worker processes to start (Ray, Ray Data and the reader imported in each)
-and decoded pixels to copy through the object store, so the actor reads its shard itself. Several actors per GPU (``actors_per_gpu``) overlap one actor's decode and post-processing
-with another's forward pass. On a CPU-only cluster the actor takes part of the CPUs (fractional), never
-all of them, so the read tasks cannot starve.
+and decoded pixels to copy through the object store, so the actor reads its shard itself. Several actors
+per GPU (``actors_per_gpu``) overlap one actor's decode and post-processing with another's forward pass.
+On a CPU-only cluster the actors take part of the CPUs (fractional), never all of them, so read tasks
+(``read="tasks"``) cannot starve.
 
 An actor that dies is restarted and its in-flight batches are retried (``max_restarts`` /
 ``max_task_retries``); the writer refuses more rows than a shard has, so a retry cannot duplicate a product.
