@@ -8,9 +8,8 @@ under new product ids until ``--products`` is reached (nothing is re-encoded: th
     PYTHONPATH=$PWD python bench/label_throughput.py                   # this laptop: 20k products, CPU
     PYTHONPATH=$PWD python bench/label_throughput.py --products 200000 # GPU machine (see bench/README.md)
 
-Models: the small default (``fl_small``) and a ResNet-50 (``cloth_resnet_a`` from the registry when it is
-there, else torchvision's ResNet-50 trunk with the taxonomy heads, registered by this script in every Ray
-worker). Weights are random: labelling speed does not depend on accuracy.
+Models: the small default (``fl_small``) and a ResNet-50 (``cloth_resnet_a`` from the registry). Weights
+are random: labelling speed does not depend on accuracy.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from fashionlabel.label.pipeline import LabelConfig, label_shards
 from fashionlabel.label.postprocess import to_columns
 from fashionlabel.label.predictor import Predictor
 from fashionlabel.label.schema import labels_schema
-from fashionlabel.models import create_model, list_models
+from fashionlabel.models import create_model
 from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train.export import save_artifact
 
@@ -48,28 +47,6 @@ SOURCES = [Path("/tmp/fpi/images"), Path("/work/shared/data/fashion-product-imag
 
 
 # ---- models ------------------------------------------------------------------------------------------
-def register_bench_models() -> None:
-    """Register ``bench_resnet50`` (torchvision ResNet-50 trunk + taxonomy heads) in this process.
-
-    Passed to Ray as ``worker_process_setup_hook`` so that the actors, which load the artifact by
-    architecture name, know it too. Not part of the library's model zoo on purpose.
-    """
-    from fashionlabel.models import register_model
-
-    if "bench_resnet50" in list_models():
-        return
-
-    def bench_resnet50(taxonomy: Taxonomy, **kw) -> torch.nn.Module:
-        import torchvision
-
-        from fashionlabel.models.heads import TrunkWithHeads
-
-        net = torchvision.models.resnet50(weights=None)
-        return TrunkWithHeads(torch.nn.Sequential(*list(net.children())[:-2]), 2048, taxonomy, **kw)
-
-    register_model(bench_resnet50)
-
-
 def make_artifact(arch: str, out: Path, size: tuple[int, int]) -> Path:
     tax = Taxonomy.load("fashion-product-images")
     torch.manual_seed(0)
@@ -139,8 +116,8 @@ class Clock:
 
     MIN_BATCHES = 8  # fewer batches than this: no steady figure (a short run is all start-up)
 
-    def __init__(self, t0: float | None = None) -> None:
-        self.t0, self.first, self.n, self.n_first, self.batches = t0 or time.time(), None, 0, 0, 0
+    def __init__(self) -> None:
+        self.t0, self.first, self.n, self.n_first, self.batches = time.time(), None, 0, 0, 0
 
     def __call__(self, rows: int) -> None:
         self.n += rows
@@ -213,7 +190,6 @@ def plain_process(shards: Path, model_dir: Path, out: Path, workers: int, batch:
 def _plain_child(spec: str) -> int:
     """Entry of :func:`plain_process`: run the plain loop, print wall-clock times as one JSON line."""
     c = json.loads(spec)
-    register_bench_models()
     clock = Clock()
     plain_loop(Path(c["shards"]), Path(c["model"]), Path(c["out"]), c["workers"], c["batch"], c["device"],
                c["compile"], clock)
@@ -299,18 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    register_bench_models()
     jpegs = synthetic_jpegs(512) if a.synthetic else source_jpegs(a.images)
     from PIL import Image
 
     side = max(Image.open(io.BytesIO(jpegs[0])).size)
     size = tuple(a.size) if a.size else ((80, 60) if side <= 100 else (224, 224))
-    resnet = "cloth_resnet_a" if "cloth_resnet_a" in list_models() else "bench_resnet50"
-    archs = {"small": ("fl_small", a.products), "resnet50": (resnet, a.resnet_products or
+    archs = {"small": ("fl_small", a.products), "resnet50": ("cloth_resnet_a", a.resnet_products or
                                                              (a.products if gpu else 2000))}
     root = Path(a.keep or tempfile.mkdtemp(prefix="label-bench-"))
-    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": register_bench_models})
+    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     print(f"label throughput: {len(jpegs)} source JPEGs ({side}px), model input {size}, "
           f"{os.cpu_count()} CPUs, {'GPU ' + torch.cuda.get_device_name() if gpu else 'no GPU'}, "
           f"compile={a.compile}, baseline DataLoader workers={a.workers} "
