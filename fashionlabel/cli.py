@@ -60,12 +60,15 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
     cfg = TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, workers=a.workers,
                       gpu=a.gpu, height=a.height, width=a.width, patience=a.patience,
                       uncertainty=a.uncertainty, init_weights=a.init_weights, seed=a.seed,
-                      label_smoothing=a.label_smoothing, warmup_epochs=a.warmup_epochs)
+                      label_smoothing=a.label_smoothing, warmup_epochs=a.warmup_epochs,
+                      ema_epochs=a.ema_epochs)
     r = train(a.shards, a.out, cfg, cluster_cpus(), checkpoints=a.storage)
     out = {"model": f"{a.model} → {a.out}", "version": r["version"],
            "epochs run": r["training"]["epochs_run"], "best epoch": r["training"]["best_epoch"],
            "train throughput": f"{r['training']['train_img_per_s_median']:,.0f} img/s (median epoch)",
            "time": f"{r['training']['seconds']:.0f} s"}
+    if cfg.ema_epochs > 0:
+        out["exported weights"] = r["training"]["weights"]
     out |= _accuracy_lines(r["metrics"]["test"], "test")
     _print_summary("train", out)
     return out | {"metrics": r["metrics"]}
@@ -272,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--label-smoothing", type=float, default=0.0, help="for single heads' cross-entropy")
     t.add_argument("--warmup-epochs", type=float, default=1.0, help="linear learning-rate warm-up")
+    t.add_argument("--ema-epochs", type=float, default=0.0,
+                   help="also validate a moving average of the weights over this many epochs and keep the "
+                        "better weights (0: off)")
     t.add_argument("--storage", default=None, help="checkpoint folder or s3:// prefix (default: OUT.train)")
 
     e = add("evaluate", cmd_evaluate, "Evaluate a model artifact on one split of a shard set.")

@@ -1,4 +1,5 @@
-"""A killed training run, restarted with the same command, resumes from its last checkpoint (on S3)."""
+"""A killed training run, restarted with the same command, resumes from its last checkpoint (on S3),
+the weights' moving average included."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fashionlabel.train import checkpoint as ckpt
 from tests.reliability.faults import kill_session
@@ -19,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _train_cmd(shards: Path, out: Path, storage: str) -> list[str]:
     return [sys.executable, "-m", "fashionlabel.cli", "train", "--shards", str(shards), "--out", str(out),
-            "--model", "fl_tiny", "--epochs", "4", "--workers", "1", "--storage", storage]
+            "--model", "fl_tiny", "--epochs", "4", "--workers", "1", "--storage", storage, "--ema-epochs", "0.5"]
 
 
 @pytest.mark.slow
@@ -44,7 +46,8 @@ def test_killed_run_resumes_at_the_next_epoch(small_shards, s3, tmp_path):
         # the driver's group would leave Ray workers (own process groups) to finish another epoch.
         kill_session(first.pid)
         first.wait()
-    killed_at = ckpt.load(storage)["epoch"]
+    killed = ckpt.load(storage)
+    killed_at = killed["epoch"]
     assert killed_at < 3, "the run finished before it could be killed"
     assert not (out / "weights.pt").exists()
 
@@ -59,3 +62,13 @@ def test_killed_run_resumes_at_the_next_epoch(small_shards, s3, tmp_path):
     final = ckpt.load(storage)
     assert final["epoch"] == 3 and final["optimizer"]["state"] and final["scheduler"]["last_epoch"] > 0
     assert final["config"]["model"] == "fl_tiny" and final["taxonomy_version"] == spec["taxonomy_version"]
+    # The average went on from its saved state: one update per step of all 4 epochs, not only of the rerun.
+    steps_per_epoch = killed["ema"]["updates"] // (killed_at + 1)
+    assert steps_per_epoch > 0 and final["ema"]["updates"] == 4 * steps_per_epoch
+    assert all({"val_score_raw", "val_score_ema"} <= c.keys() for c in curves)
+    # The artifact holds the weight set that validated better at the best epoch.
+    best = ckpt.load(storage, ckpt.BEST)
+    assert spec["training"]["weights"] == best["weights"] == curves[best["epoch"]]["weights"]
+    chosen = best["ema"]["model"] if best["weights"] == "ema" else best["model"]
+    exported = torch.load(out / "weights.pt", weights_only=True)
+    assert exported.keys() == chosen.keys() and all(torch.equal(exported[k], chosen[k]) for k in chosen)

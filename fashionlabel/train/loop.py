@@ -24,6 +24,7 @@ from fashionlabel.models import create_model
 from fashionlabel.shards import list_shards
 from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train import checkpoint as ckpt
+from fashionlabel.train.ema import EMA, decay_for
 from fashionlabel.train.losses import MultiTaskLoss
 from fashionlabel.train.metrics import evaluate_probs
 
@@ -47,6 +48,12 @@ class TrainConfig:
     seed: int = 0
     init_weights: str | None = None
     label_smoothing: float = 0.0
+    ema_epochs: float = 0.0  # horizon of the weights' moving average, in epochs; 0: no average
+
+
+def same_config(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    """A checkpoint's config equals ``cfg``; options added since it was written count as their defaults."""
+    return {**asdict(TrainConfig()), **saved} == asdict(cfg)
 
 
 def val_score(metrics: dict[str, Any]) -> float:
@@ -110,10 +117,15 @@ def _worker(config: dict[str, Any]) -> None:
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
     )
 
+    # Only rank 0 validates and checkpoints, and DDP keeps every rank's weights equal: one average is enough.
+    ema = EMA(ckpt.unwrap(model), decay_for(cfg.ema_epochs, steps)) if cfg.ema_epochs > 0 and rank == 0 else None
+
     start, history, best, best_epoch, starts = 0, [], -1.0, -1, []
     state = ckpt.load(config["ckpt_dir"])
-    if state is not None and state["taxonomy_version"] == tax.version and state["config"] == asdict(cfg):
+    if state is not None and state["taxonomy_version"] == tax.version and same_config(state["config"], cfg):
         ckpt.unwrap(model).load_state_dict(state["model"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if state.get("loss") is not None:
@@ -144,15 +156,24 @@ def _worker(config: dict[str, Any]) -> None:
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update()
             running += float(loss.detach())
         seconds = time.time() - t0
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": running / steps,
                                    "train_img_per_s": steps * per_worker * world / seconds,
                                    "lr": sched.get_last_lr()[0]}
         if rank == 0:
-            probs = _predict(ckpt.unwrap(model), val, config, device)
-            vm = evaluate_probs(tax, probs, val.targets)
-            metrics["val_score"] = val_score(vm)
+            # With an average, both weight sets are validated and the better one is this epoch's candidate.
+            candidates = {"raw": ckpt.unwrap(model)} | ({"ema": ema.model} if ema is not None else {})
+            scored = {}
+            for name, m in candidates.items():
+                vm = evaluate_probs(tax, _predict(m, val, config, device), val.targets)
+                scored[name] = (val_score(vm), vm)
+                metrics[f"val_score_{name}"] = scored[name][0]
+            weights = max(scored, key=lambda k: scored[k][0])
+            metrics["val_score"], vm = scored[weights]
+            metrics["weights"] = weights
             metrics["val"] = {h: {k: v for k, v in m.items() if k in ("top1", "recall@3")}
                               for h, m in vm["heads"].items()}
             history.append(metrics)
@@ -163,17 +184,18 @@ def _worker(config: dict[str, Any]) -> None:
             state = {"model": ckpt.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(),
                      "loss": loss_fn.state_dict() if cfg.uncertainty else None, "epoch": epoch,
+                     "ema": ema.state_dict() if ema is not None else None, "weights": weights,
                      "config": asdict(cfg), "taxonomy_version": tax.version, "history": history, "starts": starts,
                      "best_score": best, "best_epoch": best_epoch, "stopped": stopped}
             if improved:
                 ckpt.save(config["ckpt_dir"], ckpt.BEST, state)
             ckpt.save(config["ckpt_dir"], ckpt.LAST, state)  # last: written after best, resume point
-            log.info("epoch %d: loss %.3f, val %.3f, %.0f img/s", epoch, metrics["train_loss"],
-                     metrics["val_score"], metrics["train_img_per_s"])
+            log.info("epoch %d: loss %.3f, val %.3f (%s weights), %.0f img/s", epoch, metrics["train_loss"],
+                     metrics["val_score"], weights, metrics["train_img_per_s"])
             stop[0] = float(stopped)
         if world > 1:
             dist.broadcast(stop, src=0)
-        ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if stop.item():
             break
 

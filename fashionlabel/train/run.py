@@ -75,7 +75,8 @@ def export_state(shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy
         raise ValueError("checkpoint was trained on another taxonomy version than these shards carry")
     cfg = TrainConfig(**best["config"])
     model = create_model(cfg.model, taxonomy)
-    model.load_state_dict(best["model"])
+    weights = best.get("weights", "raw")  # the moving average when it validated better than the last step
+    model.load_state_dict(best["ema"]["model"] if weights == "ema" else best["model"])
     model.eval()
     size = (cfg.height, cfg.width)
     uris = list_shards(shards)
@@ -86,6 +87,7 @@ def export_state(shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy
     history = best["history"]
     train_ips = float(np.median([h["train_img_per_s"] for h in history])) if history else 0.0
     training = {"config": cfg.__dict__, "best_epoch": best["best_epoch"], "epochs_run": len(history),
+                "weights": weights,
                 "starts": best.get("starts", [0]), "train_img_per_s_median": train_ips, "seconds": seconds}
     # Deployment form: re-parameterisable blocks (RepVGG) fused into plain convs; same outputs, faster.
     deploy = reparameterize_model(model)
@@ -148,7 +150,12 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     ax[0].plot(ep, [h["train_loss"] for h in history])
     ax[0].set(title="training loss", xlabel="epoch")
-    ax[1].plot(ep, [h.get("val_score", np.nan) for h in history])
+    if any("val_score_ema" in h for h in history):  # both weight sets were validated
+        for name in ("raw", "ema"):
+            ax[1].plot(ep, [h.get(f"val_score_{name}", np.nan) for h in history], label=f"{name} weights")
+        ax[1].legend()
+    else:
+        ax[1].plot(ep, [h.get("val_score", np.nan) for h in history])
     ax[1].set(title="validation score (mean top-1 / recall@3)", xlabel="epoch")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
