@@ -20,7 +20,7 @@ demo: venv
 	$(BIN)/fashionlabel demo --out $(OUT)
 
 test: venv
-	$(BIN)/ruff check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 lint: venv

@@ -84,7 +84,9 @@ def synthetic_jpegs(n: int, side: int = 256) -> list[bytes]:
     out = []
     for _ in range(n):
         c = rng.uniform(0, 255, (3, 3))
-        img = np.stack([c[k, 0] + (c[k, 1] - c[k, 0]) * xx / side + c[k, 2] * np.sin(yy / 9) for k in range(3)], -1)
+        img = np.stack(
+            [c[k, 0] + (c[k, 1] - c[k, 0]) * xx / side + c[k, 2] * np.sin(yy / 9) for k in range(3)], -1
+        )
         img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, "JPEG", quality=90)
@@ -131,8 +133,16 @@ class Clock:
         return self.n / (t - self.t0), (self.n - self.n_first) / (t - self.first) if ok else float("nan")
 
 
-def plain_loop(shards: Path, model_dir: Path, out: Path, workers: int, batch: int, device: str,
-               compile: bool, clock: Clock) -> int:
+def plain_loop(
+    shards: Path,
+    model_dir: Path,
+    out: Path,
+    workers: int,
+    batch: int,
+    device: str,
+    compile: bool,
+    clock: Clock,
+) -> int:
     """webdataset + DataLoader(workers) + the same Predictor + the same post-processing + pyarrow writer."""
     import webdataset as wds
 
@@ -145,39 +155,72 @@ def plain_loop(shards: Path, model_dir: Path, out: Path, workers: int, batch: in
         return decode(s["jpg"], size), meta["product_id"], meta["sha256"]
 
     urls = [str(p) for p in sorted(shards.glob("*.tar"))]
-    ds = wds.WebDataset(urls, shardshuffle=False, workersplitter=wds.split_by_worker,
-                        nodesplitter=None, empty_check=False).map(sample)
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, pin_memory=device == "cuda",
-                                     persistent_workers=False, prefetch_factor=4 if workers else None)
+    ds = wds.WebDataset(
+        urls, shardshuffle=False, workersplitter=wds.split_by_worker, nodesplitter=None, empty_check=False
+    ).map(sample)
+    dl = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=device == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
     n = 0
     run = {"model_version": pred.version, "taxonomy_version": tax.version, "run_id": "plain"}
     with pq.ParquetWriter(out, schema, compression="zstd") as w:
         for images, pids, shas in dl:
             cols = to_columns(tax, pred.probs_on_device(images), pred.calibration)
             m = len(pids)
-            ident = {"product_id": pa.array(list(pids)), "image_sha256": pa.array(list(shas)),
-                     **{k: pa.array([v] * m) for k, v in run.items()},
-                     "labeled_at": pa.array([time.time_ns() // 1000] * m, pa.timestamp("us", tz="UTC")),
-                     "error": pa.nulls(m, pa.string())}
+            ident = {
+                "product_id": pa.array(list(pids)),
+                "image_sha256": pa.array(list(shas)),
+                **{k: pa.array([v] * m) for k, v in run.items()},
+                "labeled_at": pa.array([time.time_ns() // 1000] * m, pa.timestamp("us", tz="UTC")),
+                "error": pa.nulls(m, pa.string()),
+            }
             w.write_table(pa.table({f.name: (ident | cols)[f.name] for f in schema}, schema=schema))
             n += m
             clock(m)
     return n
 
 
-def plain_process(shards: Path, model_dir: Path, out: Path, workers: int, batch: int, device: str,
-                  compile: bool) -> tuple[float, float, int]:
+def plain_process(
+    shards: Path, model_dir: Path, out: Path, workers: int, batch: int, device: str, compile: bool
+) -> tuple[float, float, int]:
     """The plain loop as its user runs it: a fresh Python process (torch import and CUDA start-up included).
 
     Returns (end-to-end img/s from the spawn to the last row written, steady img/s, products)."""
     import subprocess
 
-    cmd = [sys.executable, __file__, "--plain-child", json.dumps(
-        {"shards": str(shards), "model": str(model_dir), "out": str(out), "workers": workers, "batch": batch,
-         "device": device, "compile": compile})]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--plain-child",
+        json.dumps(
+            {
+                "shards": str(shards),
+                "model": str(model_dir),
+                "out": str(out),
+                "workers": workers,
+                "batch": batch,
+                "device": device,
+                "compile": compile,
+            }
+        ),
+    ]
     clock = Clock()  # started at the spawn
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])})
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+            ),
+        },
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PLAIN ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"plain loop failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
@@ -191,16 +234,42 @@ def _plain_child(spec: str) -> int:
     """Entry of :func:`plain_process`: run the plain loop, print wall-clock times as one JSON line."""
     c = json.loads(spec)
     clock = Clock()
-    plain_loop(Path(c["shards"]), Path(c["model"]), Path(c["out"]), c["workers"], c["batch"], c["device"],
-               c["compile"], clock)
-    print("PLAIN " + json.dumps({"first": clock.first, "n": clock.n, "n_first": clock.n_first,
-                                 "batches": clock.batches, "end": time.time()}), flush=True)
+    plain_loop(
+        Path(c["shards"]),
+        Path(c["model"]),
+        Path(c["out"]),
+        c["workers"],
+        c["batch"],
+        c["device"],
+        c["compile"],
+        clock,
+    )
+    print(
+        "PLAIN "
+        + json.dumps(
+            {
+                "first": clock.first,
+                "n": clock.n,
+                "n_first": clock.n_first,
+                "batches": clock.batches,
+                "end": time.time(),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
 # ---- one comparison ----------------------------------------------------------------------------------------
-def compare(name: str, arch: str, jpegs: list[bytes], products: int, a: argparse.Namespace, root: Path,
-            size: tuple[int, int]) -> dict:
+def compare(
+    name: str,
+    arch: str,
+    jpegs: list[bytes],
+    products: int,
+    a: argparse.Namespace,
+    root: Path,
+    size: tuple[int, int],
+) -> dict:
     work = root / name
     # Shards depend only on the product count: a second model with the same count labels the same tars.
     shards = root / f"shards-{products}-of-{len(jpegs)}-by-{a.samples_per_shard}"
@@ -213,27 +282,49 @@ def compare(name: str, arch: str, jpegs: list[bytes], products: int, a: argparse
     ours, plain = [], []
     for r in range(a.repeats):
         clock = Clock()
-        s = label_shards(str(shards), str(model), str(work / f"labels-{r}"), "2026-01-01", cfg, progress=clock)
+        s = label_shards(
+            str(shards), str(model), str(work / f"labels-{r}"), "2026-01-01", cfg, progress=clock
+        )
         ours.append(clock.rates())
         assert s["labelled"] == products, s
         if a.plain_in_process:
             clock = Clock()
-            n = plain_loop(shards, model, work / f"plain-{r}.parquet", a.workers, s["batch_size"], device,
-                           a.compile, clock)
+            n = plain_loop(
+                shards,
+                model,
+                work / f"plain-{r}.parquet",
+                a.workers,
+                s["batch_size"],
+                device,
+                a.compile,
+                clock,
+            )
             plain.append(clock.rates())
         else:
-            *rates, n = plain_process(shards, model, work / f"plain-{r}.parquet", a.workers, s["batch_size"],
-                                      device, a.compile)
+            *rates, n = plain_process(
+                shards, model, work / f"plain-{r}.parquet", a.workers, s["batch_size"], device, a.compile
+            )
             plain.append(tuple(rates))
         assert n == products
-        print(f"  [{name} run {r + 1}/{a.repeats}] ours {ours[-1][0]:,.0f} img/s (steady {ours[-1][1]:,.0f}; "
-              f"{s['actors']} actor(s), reads in {s['read']}, decode {s['decode']}, batch {s['batch_size']})   plain {plain[-1][0]:,.0f}"
-              f" img/s (steady {plain[-1][1]:,.0f})", flush=True)
+        print(
+            f"  [{name} run {r + 1}/{a.repeats}] ours {ours[-1][0]:,.0f} img/s (steady {ours[-1][1]:,.0f}; "
+            f"{s['actors']} actor(s), reads in {s['read']}, decode {s['decode']}, batch {s['batch_size']})   plain {plain[-1][0]:,.0f}"
+            f" img/s (steady {plain[-1][1]:,.0f})",
+            flush=True,
+        )
     agree = _agreement(work / "labels-0", work / "plain-0.parquet")
     o, p = (statistics.median(x[0] for x in ours), statistics.median(x[0] for x in plain))
     os_, ps = (statistics.median(x[1] for x in ours), statistics.median(x[1] for x in plain))
-    return {"model": name, "products": products, "ours": o, "plain": p, "ratio": o / p, "steady_ours": os_,
-            "steady_plain": ps, "agree": agree}
+    return {
+        "model": name,
+        "products": products,
+        "ours": o,
+        "plain": p,
+        "ratio": o / p,
+        "steady_ours": os_,
+        "steady_plain": ps,
+        "agree": agree,
+    }
 
 
 def _agreement(ours: Path, plain: Path) -> float:
@@ -250,24 +341,41 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--products", type=int, default=200_000 if gpu else 20_000, help="fl_small products")
-    p.add_argument("--resnet-products", type=int, default=None,
-                   help="ResNet-50 products (default: --products on a GPU, 2,000 on CPU: it is slow there)")
+    p.add_argument(
+        "--resnet-products",
+        type=int,
+        default=None,
+        help="ResNet-50 products (default: --products on a GPU, 2,000 on CPU: it is slow there)",
+    )
     p.add_argument("--samples-per-shard", type=int, default=500)
     p.add_argument("--images", default=None, help="folder or tar of source JPEGs (default: the shared set)")
     p.add_argument("--synthetic", action="store_true", help="use synthetic 256-px JPEGs")
-    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="model input (default: 80 60 for 60×80 sources, else 224 224)")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="model input (default: 80 60 for 60×80 sources, else 224 224)",
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the baseline")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--decode", default="auto", choices=["cpu", "gpu", "auto"])
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu,
-                   help="torch.compile in both paths (default: on with a GPU)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=gpu,
+        help="torch.compile in both paths (default: on with a GPU)",
+    )
     p.add_argument("--models", nargs="+", default=["small", "resnet50"], choices=["small", "resnet50"])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder)")
-    p.add_argument("--plain-in-process", action="store_true",
-                   help="run the plain loop inside this process, where torch is already imported and the GPU "
-                        "already initialised (default: a fresh process, as its user runs it)")
+    p.add_argument(
+        "--plain-in-process",
+        action="store_true",
+        help="run the plain loop inside this process, where torch is already imported and the GPU "
+        "already initialised (default: a fresh process, as its user runs it)",
+    )
     p.add_argument("--plain-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.plain_child:
@@ -280,14 +388,19 @@ def main(argv: list[str] | None = None) -> int:
 
     side = max(Image.open(io.BytesIO(jpegs[0])).size)
     size = tuple(a.size) if a.size else ((80, 60) if side <= 100 else (224, 224))
-    archs = {"small": ("fl_small", a.products), "resnet50": ("cloth_resnet_a", a.resnet_products or
-                                                             (a.products if gpu else 2000))}
+    archs = {
+        "small": ("fl_small", a.products),
+        "resnet50": ("cloth_resnet_a", a.resnet_products or (a.products if gpu else 2000)),
+    }
     root = Path(a.keep or tempfile.mkdtemp(prefix="label-bench-"))
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    print(f"label throughput: {len(jpegs)} source JPEGs ({side}px), model input {size}, "
-          f"{os.cpu_count()} CPUs, {'GPU ' + torch.cuda.get_device_name() if gpu else 'no GPU'}, "
-          f"compile={a.compile}, baseline DataLoader workers={a.workers} "
-          f"({'in this process' if a.plain_in_process else 'in a fresh process'})", flush=True)
+    print(
+        f"label throughput: {len(jpegs)} source JPEGs ({side}px), model input {size}, "
+        f"{os.cpu_count()} CPUs, {'GPU ' + torch.cuda.get_device_name() if gpu else 'no GPU'}, "
+        f"compile={a.compile}, baseline DataLoader workers={a.workers} "
+        f"({'in this process' if a.plain_in_process else 'in a fresh process'})",
+        flush=True,
+    )
     results = []
     try:
         for m in a.models:
@@ -295,14 +408,20 @@ def main(argv: list[str] | None = None) -> int:
             results.append(compare(f"{m} ({arch})", arch, jpegs, n, a, root, size))
     finally:
         ray.shutdown()
-    print(f"\nmedian of {a.repeats} run(s); end to end (model loading and start-up included), then steady "
-          f"(from the first labelled batch on)")
-    print(f"{'model':<28} {'products':>9} {'ours img/s':>11} {'plain img/s':>12} {'ratio':>6}   "
-          f"{'steady ours':>11} {'plain':>7} {'ratio':>6} {'same labels':>12}")
+    print(
+        f"\nmedian of {a.repeats} run(s); end to end (model loading and start-up included), then steady "
+        f"(from the first labelled batch on)"
+    )
+    print(
+        f"{'model':<28} {'products':>9} {'ours img/s':>11} {'plain img/s':>12} {'ratio':>6}   "
+        f"{'steady ours':>11} {'plain':>7} {'ratio':>6} {'same labels':>12}"
+    )
     for r in results:
-        print(f"{r['model']:<28} {r['products']:>9,} {r['ours']:>11,.0f} {r['plain']:>12,.0f} "
-              f"{r['ratio']:>5.2f}×   {r['steady_ours']:>11,.0f} {r['steady_plain']:>7,.0f} "
-              f"{r['steady_ours'] / r['steady_plain']:>5.2f}× {100 * r['agree']:>11.1f}%")
+        print(
+            f"{r['model']:<28} {r['products']:>9,} {r['ours']:>11,.0f} {r['plain']:>12,.0f} "
+            f"{r['ratio']:>5.2f}×   {r['steady_ours']:>11,.0f} {r['steady_plain']:>7,.0f} "
+            f"{r['steady_ours'] / r['steady_plain']:>5.2f}× {100 * r['agree']:>11.1f}%"
+        )
     return 0
 
 

@@ -39,25 +39,43 @@ def main(argv: list[str] | None = None) -> None:
     for name in a.models.split(","):
         model = create_model(name, tax)
         deploy = reparameterize_model(model.eval())
-        row = {"model": name, "params_m": count_params(model) / 1e6,
-               "gflops_60x80": count_flops(deploy, (80, 60)) / 1e9,
-               "gflops_224": count_flops(deploy, (224, 224)) / 1e9,
-               "train_img_s_60x80": train_speed(model, (80, 60), a.batch, 2, a.device, a.cpu_time),
-               "label_img_s_60x80": inference_speed(deploy, (80, 60), 2 * a.batch, 3, a.device, a.cpu_time),
-               "train_img_s_224": train_speed(model, (224, 224), max(1, a.batch // 4), 2, a.device, a.cpu_time),
-               "label_img_s_224": inference_speed(deploy, (224, 224), max(1, a.batch // 2), 3, a.device, a.cpu_time)}
+        row = {
+            "model": name,
+            "params_m": count_params(model) / 1e6,
+            "gflops_60x80": count_flops(deploy, (80, 60)) / 1e9,
+            "gflops_224": count_flops(deploy, (224, 224)) / 1e9,
+            "train_img_s_60x80": train_speed(model, (80, 60), a.batch, 2, a.device, a.cpu_time),
+            "label_img_s_60x80": inference_speed(deploy, (80, 60), 2 * a.batch, 3, a.device, a.cpu_time),
+            "train_img_s_224": train_speed(model, (224, 224), max(1, a.batch // 4), 2, a.device, a.cpu_time),
+            "label_img_s_224": inference_speed(
+                deploy, (224, 224), max(1, a.batch // 2), 3, a.device, a.cpu_time
+            ),
+        }
         log.info("%s", row)
         rows.append(row)
     with open(a.out, "w") as f:
-        json.dump({"threads": a.threads, "device": a.device, "cpu_time": a.cpu_time, "load_avg": os.getloadavg(), "rows": rows}, f,
-                  indent=2)
-    print("| model | params (M) | GFLOPs 60×80 | GFLOPs 224 | train img/s 60×80 | label img/s 60×80 | "
-          "train img/s 224 | label img/s 224 |")
+        json.dump(
+            {
+                "threads": a.threads,
+                "device": a.device,
+                "cpu_time": a.cpu_time,
+                "load_avg": os.getloadavg(),
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
+    print(
+        "| model | params (M) | GFLOPs 60×80 | GFLOPs 224 | train img/s 60×80 | label img/s 60×80 | "
+        "train img/s 224 | label img/s 224 |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['params_m']:.2f} | {r['gflops_60x80']:.3f} | {r['gflops_224']:.2f} | "
-              f"{r['train_img_s_60x80']:.0f} | {r['label_img_s_60x80']:.0f} | {r['train_img_s_224']:.1f} | "
-              f"{r['label_img_s_224']:.1f} |")
+        print(
+            f"| {r['model']} | {r['params_m']:.2f} | {r['gflops_60x80']:.3f} | {r['gflops_224']:.2f} | "
+            f"{r['train_img_s_60x80']:.0f} | {r['label_img_s_60x80']:.0f} | {r['train_img_s_224']:.1f} | "
+            f"{r['label_img_s_224']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -82,20 +82,33 @@ def main() -> None:
             t0 = time.time()
             s = shard_catalog(str(c2), str(tmp / "full" / "shards"), spec["taxonomy_obj"], cfg.shard)
             t_shard = time.time() - t0
-            lab = label_shards(str(tmp / "full" / "shards"), args.model, str(tmp / "full" / "labels"), "2026-01-02",
-                               cfg.label)
+            lab = label_shards(
+                str(tmp / "full" / "shards"),
+                args.model,
+                str(tmp / "full" / "labels"),
+                "2026-01-02",
+                cfg.label,
+            )
             base = time.time() - t0
         sec = m["seconds"]
-        print(f"catalog night 2          {m['catalog_products']} products ({m['new']} new, {m['changed']} changed, "
-              f"{m['unchanged']} unchanged), model {spec['architecture']}")
-        print(f"ours: incremental night  {ours:8.1f} s  (shard stage {sec['shard']:.1f} s incl. hash pass over "
-              f"{m['unchanged'] + m['changed']} known products, label {sec['label']:.1f} s, "
-              f"latest+report {sec['total'] - sec['shard'] - sec['label']:.1f} s)")
-        print(f"baseline: full rebuild   {base:8.1f} s  (shard {t_shard:.1f} s = {s.packed / t_shard:.0f} img/s, "
-              f"label {base - t_shard:.1f} s = {lab['labelled'] / (base - t_shard):.0f} img/s)")
+        print(
+            f"catalog night 2          {m['catalog_products']} products ({m['new']} new, {m['changed']} changed, "
+            f"{m['unchanged']} unchanged), model {spec['architecture']}"
+        )
+        print(
+            f"ours: incremental night  {ours:8.1f} s  (shard stage {sec['shard']:.1f} s incl. hash pass over "
+            f"{m['unchanged'] + m['changed']} known products, label {sec['label']:.1f} s, "
+            f"latest+report {sec['total'] - sec['shard'] - sec['label']:.1f} s)"
+        )
+        print(
+            f"baseline: full rebuild   {base:8.1f} s  (shard {t_shard:.1f} s = {s.packed / t_shard:.0f} img/s, "
+            f"label {base - t_shard:.1f} s = {lab['labelled'] / (base - t_shard):.0f} img/s)"
+        )
         print(f"ratio baseline / ours    {base / ours:8.2f}x")
-        print(f"hash pass                {(m['unchanged'] + m['changed']) / sec['shard']:8.0f} known products/s "
-              f"(upper bound: whole shard stage)")
+        print(
+            f"hash pass                {(m['unchanged'] + m['changed']) / sec['shard']:8.0f} known products/s "
+            f"(upper bound: whole shard stage)"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -38,8 +38,17 @@ from fashionlabel.tarwriter import TarWriter  # noqa: E402
 from fashionlabel.taxonomy import Taxonomy  # noqa: E402
 
 DATA = Path("/work/shared/data/fashion-product-images")
-COLUMNS = ["gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "year", "usage",
-           "productDisplayName"]
+COLUMNS = [
+    "gender",
+    "masterCategory",
+    "subCategory",
+    "articleType",
+    "baseColour",
+    "season",
+    "year",
+    "usage",
+    "productDisplayName",
+]
 
 
 def build_catalog(images: Path, styles: Path, n: int, out: Path) -> Path:
@@ -55,7 +64,9 @@ def build_catalog(images: Path, styles: Path, n: int, out: Path) -> Path:
         w.writerow(["product_id", "image_uri", *COLUMNS])
         for i in range(n):
             src = ids[i % len(ids)]
-            w.writerow([f"{src}r{i // len(ids)}", str(images / f"{src}.jpg"), *(meta[src][c] for c in COLUMNS)])
+            w.writerow(
+                [f"{src}r{i // len(ids)}", str(images / f"{src}.jpg"), *(meta[src][c] for c in COLUMNS)]
+            )
     return path
 
 
@@ -90,8 +101,12 @@ def main() -> None:
     p.add_argument("--images", type=Path, default=Path("/tmp/fpi/images"))
     p.add_argument("--styles", type=Path, default=DATA / "styles.csv")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="Ray CPUs (default: all cores)")
-    p.add_argument("--samples-per-shard", type=int, default=None,
-                   help="default: 1000, fewer when needed to give every worker at least 4 shards")
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=None,
+        help="default: 1000, fewer when needed to give every worker at least 4 shards",
+    )
     p.add_argument("--max-side", type=int, default=256)
     p.add_argument("--repeats", type=int, default=1, help="alternate baseline/job runs; medians are quoted")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
@@ -108,12 +123,17 @@ def main() -> None:
         per_shard = a.samples_per_shard or max(100, min(1000, a.products // (4 * a.workers)))
         cfg = ShardConfig(samples_per_shard=per_shard, max_side=a.max_side)
         (work / "ray").mkdir()
-        ray.init(num_cpus=a.workers, include_dashboard=False, _temp_dir=str(work / "ray"),
-                 logging_level="WARNING", log_to_driver=False)
+        ray.init(
+            num_cpus=a.workers,
+            include_dashboard=False,
+            _temp_dir=str(work / "ray"),
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
         base, job = [], []
         for rep in range(a.repeats):
             # alternate which path goes first, so a change in the machine's load does not favour one
-            for path in (("base", "job") if rep % 2 == 0 else ("job", "base")):
+            for path in ("base", "job") if rep % 2 == 0 else ("job", "base"):
                 # Flush the previous run's dirty pages first: the kernel's writeback would otherwise
                 # charge one path's output to the CPU time of the next.
                 os.sync()
@@ -127,23 +147,30 @@ def main() -> None:
             assert s.packed == n_b, (s.packed, n_b)
             base.append(n_b / t_b)
             job.append(s.images_per_s)
-            print(f"run {rep}: ratio {job[-1] / base[-1]:.2f}x   single process {n_b / t_b:,.0f} img/s ({t_b:.1f} s wall, {cpu_b:.1f} s CPU)   "
-                  f"shard_catalog {s.images_per_s:,.0f} img/s ({s.seconds:.1f} s wall: driver read+check "
-                  f"{s.timings['read_validate_s']:.1f} s, plan {s.timings['plan_s']:.1f} s; CPU: driver "
-                  f"{cpu_driver:.1f} s, tasks {s.timings['tasks_cpu_s']:.1f} s)   "
-                  f"load average {os.getloadavg()[0]:.1f}", flush=True)
+            print(
+                f"run {rep}: ratio {job[-1] / base[-1]:.2f}x   single process {n_b / t_b:,.0f} img/s ({t_b:.1f} s wall, {cpu_b:.1f} s CPU)   "
+                f"shard_catalog {s.images_per_s:,.0f} img/s ({s.seconds:.1f} s wall: driver read+check "
+                f"{s.timings['read_validate_s']:.1f} s, plan {s.timings['plan_s']:.1f} s; CPU: driver "
+                f"{cpu_driver:.1f} s, tasks {s.timings['tasks_cpu_s']:.1f} s)   "
+                f"load average {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
             shutil.rmtree(work / f"base{rep}")
             shutil.rmtree(work / f"job{rep}")
         ray.shutdown()
         b, j = statistics.median(base), statistics.median(job)
-        print(f"\nproducts {a.products:,}  cores {os.cpu_count()}  ray workers {a.workers}  "
-              f"load average before/after {load0:.1f}/{os.getloadavg()[0]:.1f}  "
-              f"samples/shard {per_shard}  repeats {a.repeats}")
+        print(
+            f"\nproducts {a.products:,}  cores {os.cpu_count()}  ray workers {a.workers}  "
+            f"load average before/after {load0:.1f}/{os.getloadavg()[0]:.1f}  "
+            f"samples/shard {per_shard}  repeats {a.repeats}"
+        )
         print(f"single process : {b:,.0f} img/s (median)")
         print(f"shard_catalog  : {j:,.0f} img/s (median)")
-        print(f"ratio          : {j / b:.2f}x (of the medians); "
-              f"{statistics.median(x / y for x, y in zip(job, base, strict=True)):.2f}x (median of the per-run "
-              f"ratios: each pair ran back to back, so drift in the machine's speed cancels)")
+        print(
+            f"ratio          : {j / b:.2f}x (of the medians); "
+            f"{statistics.median(x / y for x, y in zip(job, base, strict=True)):.2f}x (median of the per-run "
+            f"ratios: each pair ran back to back, so drift in the machine's speed cancels)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

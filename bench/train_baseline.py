@@ -32,14 +32,18 @@ from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train.metrics import evaluate_probs
 
 log = logging.getLogger("baseline")
-MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+MEAN, STD = (
+    torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+    torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+)
 
 
 def load(styles: str, images: str, tax: Taxonomy, limit: int | None) -> tuple[np.ndarray, dict, list[str]]:
     df = pd.read_csv(styles, dtype=str, keep_default_na=False, on_bad_lines="skip")
     df = df[[Path(images, f"{i}.jpg").exists() for i in df["id"]]].head(limit)
-    imgs = np.stack([np.asarray(Image.open(Path(images, f"{i}.jpg")).convert("RGB").resize((60, 80)))
-                     for i in df["id"]])
+    imgs = np.stack(
+        [np.asarray(Image.open(Path(images, f"{i}.jpg")).convert("RGB").resize((60, 80))) for i in df["id"]]
+    )
     # the catalog's labels exactly as `fashionlabel shard` reads them (unknowns masked, attributes mined)
     ys = encode_targets([tax.labels_from_row(r) for r in df.to_dict("records")], tax)
     return imgs, ys, list(df["id"])
@@ -94,8 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         for s in range(0, len(order), a.batch):
             idx = order[s : s + a.batch]
             out = net(batch(imgs[idx], True))
-            loss = sum(F.cross_entropy(out[h.name], torch.from_numpy(ys[h.name][idx]), ignore_index=-1)
-                       for h in tax.single_heads)
+            loss = sum(
+                F.cross_entropy(out[h.name], torch.from_numpy(ys[h.name][idx]), ignore_index=-1)
+                for h in tax.single_heads
+            )
             att = torch.from_numpy(ys["attributes"][idx])
             known = ~att.isnan().any(1)
             loss = loss + F.binary_cross_entropy_with_logits(out["attributes"][known], att[known])
@@ -109,8 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         for s in range(0, len(te), 256):
             for k, v in net(batch(imgs[te[s : s + 256]], False)).items():
-                probs.setdefault(k, []).append((torch.sigmoid(v) if k == "attributes" else torch.softmax(v, 1)).numpy())
-    metrics = evaluate_probs(tax, {k: np.concatenate(v) for k, v in probs.items()}, {k: v[te] for k, v in ys.items()})
+                probs.setdefault(k, []).append(
+                    (torch.sigmoid(v) if k == "attributes" else torch.softmax(v, 1)).numpy()
+                )
+    metrics = evaluate_probs(
+        tax, {k: np.concatenate(v) for k, v in probs.items()}, {k: v[te] for k, v in ys.items()}
+    )
     Path(a.out).write_text(json.dumps(metrics, indent=2, default=float))
     for h, m in metrics["heads"].items():
         print(h, {k: round(100 * v, 1) for k, v in m.items() if k != "n"})

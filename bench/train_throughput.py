@@ -110,14 +110,18 @@ def main(argv: list[str] | None = None) -> None:
     syn, rea, ser = (max(results[k]) for k in ("synthetic", "real", "serial"))
     per_epoch = len(data) / rea
     amortised = len(data) / (per_epoch + decode_s / a.epochs)
-    print(f"model {a.model}, {a.size[0]}x{a.size[1]}, batch {a.batch}, device {device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
-          f"{len(data)} training images")
+    print(
+        f"model {a.model}, {a.size[0]}x{a.size[1]}, batch {a.batch}, device {device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
+        f"{len(data)} training images"
+    )
     print(f"synthetic in-memory tensors : {syn:10.1f} img/s (median step)")
     print(f"real shards (steady state)  : {rea:10.1f} img/s (median step)   ratio {rea / syn:.3f}")
     print(f"  same, input not prefetched: {ser:10.1f} img/s (median step)   ratio {ser / syn:.3f}")
     print(f"one-off shard decode        : {len(data) / decode_s:10.1f} img/s ({decode_s:.1f} s)")
-    print(f"real incl. decode / {a.epochs} ep  : {amortised:10.1f} img/s                ratio {amortised / syn:.3f}")
+    print(
+        f"real incl. decode / {a.epochs} ep  : {amortised:10.1f} img/s                ratio {amortised / syn:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -76,8 +76,12 @@ class Rejected:
     detail: str
 
     def as_row(self) -> dict[str, str]:
-        return {"product_id": self.product_id, "image_uri": self.image_uri, "reason": self.reason,
-                "detail": self.detail}
+        return {
+            "product_id": self.product_id,
+            "image_uri": self.image_uri,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -113,10 +117,18 @@ def _read_csv(uri: str) -> tuple[list[dict[str, Any]], list[Rejected], list[str]
         if not fields:
             continue
         if len(fields) != len(header):
-            pid, img = (fields[at[c]].strip() if at.get(c, len(fields)) < len(fields) else ""
-                        for c in ("product_id", "image_uri"))
-            bad.append(Rejected(pid, img, "malformed_row",
-                                f"line {reader.line_num}: {len(fields)} fields, header has {len(header)}"))
+            pid, img = (
+                fields[at[c]].strip() if at.get(c, len(fields)) < len(fields) else ""
+                for c in ("product_id", "image_uri")
+            )
+            bad.append(
+                Rejected(
+                    pid,
+                    img,
+                    "malformed_row",
+                    f"line {reader.line_num}: {len(fields)} fields, header has {len(header)}",
+                )
+            )
             continue
         rows.append(dict(zip(header, fields, strict=True)))
     return rows, bad, header
@@ -216,8 +228,14 @@ def check_ids(rows: list[dict[str, Any]], catalog_uri: str) -> tuple[list[Catalo
         if not pid.strip():
             bad.append(Rejected(pid, uri, "missing_product_id", "product_id is empty"))
         elif not SAFE_ID.match(pid):
-            bad.append(Rejected(pid, uri, "invalid_product_id",
-                                "ids are 1-128 ASCII letters, digits, '_' or '-' (safe tar/file names)"))
+            bad.append(
+                Rejected(
+                    pid,
+                    uri,
+                    "invalid_product_id",
+                    "ids are 1-128 ASCII letters, digits, '_' or '-' (safe tar/file names)",
+                )
+            )
         elif pid in seen:
             bad.append(Rejected(pid, uri, "duplicate_product_id", "first occurrence kept"))
         elif not uri.strip():
@@ -241,8 +259,9 @@ def check_labels(row: CatalogRow, taxonomy: Taxonomy) -> ValidRow | Rejected:
     return ValidRow(row.product_id, row.key, row.image_uri, labels, meta)
 
 
-def validate(rows: list[dict[str, Any]], catalog_uri: str, taxonomy: Taxonomy
-             ) -> tuple[list[ValidRow], list[Rejected]]:
+def validate(
+    rows: list[dict[str, Any]], catalog_uri: str, taxonomy: Taxonomy
+) -> tuple[list[ValidRow], list[Rejected]]:
     """Every row-level check that needs no image: ids, duplicates, URIs, labels. Keeps catalog order."""
     ok, bad = check_ids(rows, catalog_uri)
     valid = []
@@ -305,7 +324,9 @@ def _fetch_once(uri: str, timeout: float, max_bytes: int) -> bytes:
     except urllib.error.HTTPError as e:
         if e.code in (404, 410):
             raise FetchError("image_not_found", f"HTTP {e.code}") from e
-        raise FetchError("image_unreadable", f"HTTP {e.code}", retryable=e.code >= 500 or e.code == 429) from e
+        raise FetchError(
+            "image_unreadable", f"HTTP {e.code}", retryable=e.code >= 500 or e.code == 429
+        ) from e
     except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
         raise FetchError("image_unreadable", storage._clean(e)[:300], retryable=True) from e
     except (OSError, ValueError) as e:

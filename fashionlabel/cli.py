@@ -39,15 +39,29 @@ def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
     from fashionlabel.shards import ShardConfig, shard_catalog
     from fashionlabel.taxonomy import Taxonomy
 
-    cfg = ShardConfig(samples_per_shard=a.samples_per_shard, max_side=a.max_side, jpeg_quality=a.jpeg_quality,
-                      max_pixels=a.max_pixels, max_failure_rate=a.max_failure_rate,
-                      min_side=a.min_side)
+    cfg = ShardConfig(
+        samples_per_shard=a.samples_per_shard,
+        max_side=a.max_side,
+        jpeg_quality=a.jpeg_quality,
+        max_pixels=a.max_pixels,
+        max_failure_rate=a.max_failure_rate,
+        min_side=a.min_side,
+    )
     s = shard_catalog(a.catalog, a.out, Taxonomy.load(a.taxonomy), cfg, incremental_from=a.incremental)
-    out = {"catalog rows": s.catalog_rows, "packed": s.packed, "quarantined": s.quarantined,
-           "reasons": _fmt_reasons(s.reasons), "shards": f"{s.shards} ({s.shards_skipped} already done)",
-           "time": f"{s.seconds:.1f} s", "throughput": f"{s.images_per_s:,.0f} img/s", "output": s.out}
+    out = {
+        "catalog rows": s.catalog_rows,
+        "packed": s.packed,
+        "quarantined": s.quarantined,
+        "reasons": _fmt_reasons(s.reasons),
+        "shards": f"{s.shards} ({s.shards_skipped} already done)",
+        "time": f"{s.seconds:.1f} s",
+        "throughput": f"{s.images_per_s:,.0f} img/s",
+        "output": s.out,
+    }
     if s.incremental_from:
-        out["incremental"] = f"{s.new} new, {s.changed} changed, {s.unchanged} unchanged vs {s.incremental_from}"
+        out["incremental"] = (
+            f"{s.new} new, {s.changed} changed, {s.unchanged} unchanged vs {s.incremental_from}"
+        )
     _print_summary("shard", out)
     return out
 
@@ -57,16 +71,32 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
     from fashionlabel.train.loop import TrainConfig
     from fashionlabel.train.run import train
 
-    cfg = TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, workers=a.workers,
-                      gpu=a.gpu, height=a.height, width=a.width, patience=a.patience,
-                      uncertainty=a.uncertainty, init_weights=a.init_weights, seed=a.seed,
-                      label_smoothing=a.label_smoothing, warmup_epochs=a.warmup_epochs,
-                      ema_epochs=a.ema_epochs)
+    cfg = TrainConfig(
+        model=a.model,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        workers=a.workers,
+        gpu=a.gpu,
+        height=a.height,
+        width=a.width,
+        patience=a.patience,
+        uncertainty=a.uncertainty,
+        init_weights=a.init_weights,
+        seed=a.seed,
+        label_smoothing=a.label_smoothing,
+        warmup_epochs=a.warmup_epochs,
+        ema_epochs=a.ema_epochs,
+    )
     r = train(a.shards, a.out, cfg, cluster_cpus(), checkpoints=a.storage)
-    out = {"model": f"{a.model} → {a.out}", "version": r["version"],
-           "epochs run": r["training"]["epochs_run"], "best epoch": r["training"]["best_epoch"],
-           "train throughput": f"{r['training']['train_img_per_s_median']:,.0f} img/s (median epoch)",
-           "time": f"{r['training']['seconds']:.0f} s"}
+    out = {
+        "model": f"{a.model} → {a.out}",
+        "version": r["version"],
+        "epochs run": r["training"]["epochs_run"],
+        "best epoch": r["training"]["best_epoch"],
+        "train throughput": f"{r['training']['train_img_per_s_median']:,.0f} img/s (median epoch)",
+        "time": f"{r['training']['seconds']:.0f} s",
+    }
     if cfg.ema_epochs > 0:
         out["exported weights"] = r["training"]["weights"]
     out |= _accuracy_lines(r["metrics"]["test"], "test")
@@ -78,11 +108,14 @@ def _accuracy_lines(m: dict[str, Any], split: str) -> dict[str, str]:
     lines = {}
     for h, hm in m["heads"].items():
         if "top1" in hm:
-            lines[f"{split} {h}"] = (f"top-1 {100 * hm['top1']:.1f}%  top-5 {100 * hm['top5']:.1f}%  "
-                                     f"macro-F1 {hm['macro_f1']:.2f}  (n={hm['n']})")
+            lines[f"{split} {h}"] = (
+                f"top-1 {100 * hm['top1']:.1f}%  top-5 {100 * hm['top5']:.1f}%  "
+                f"macro-F1 {hm['macro_f1']:.2f}  (n={hm['n']})"
+            )
         else:
-            lines[f"{split} {h}"] = (f"recall@3 {100 * hm['recall@3']:.1f}%  recall@5 {100 * hm['recall@5']:.1f}%"
-                                     f"  (n={hm['n']})")
+            lines[f"{split} {h}"] = (
+                f"recall@3 {100 * hm['recall@3']:.1f}%  recall@5 {100 * hm['recall@5']:.1f}%  (n={hm['n']})"
+            )
     return lines
 
 
@@ -93,7 +126,8 @@ def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
     r = evaluate(a.model, a.shards, split, write_to=a.out)
     out = {"model version": r["version"], "products": r["n"]} | _accuracy_lines(r["metrics"], a.split)
     out["hierarchy (raw argmax) consistency"] = json.dumps(
-        {k: round(v, 3) for k, v in r["metrics"]["hierarchy_consistency_raw"].items()})
+        {k: round(v, 3) for k, v in r["metrics"]["hierarchy_consistency_raw"].items()}
+    )
     _print_summary("evaluate", out)
     return out | {"metrics": r["metrics"]}
 
@@ -101,15 +135,29 @@ def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
     from fashionlabel.label.pipeline import LabelConfig, label_shards
 
-    cfg = LabelConfig(batch_size=a.batch_size, actors=a.actors, device=a.device, compile=a.compile,
-                      decode=a.decode, actors_per_gpu=a.actors_per_gpu, read=a.read)
+    cfg = LabelConfig(
+        batch_size=a.batch_size,
+        actors=a.actors,
+        device=a.device,
+        compile=a.compile,
+        decode=a.decode,
+        actors_per_gpu=a.actors_per_gpu,
+        read=a.read,
+    )
     s = label_shards(a.shards, a.model, a.out, a.run_date, cfg, incremental=a.incremental)
-    out = {"run": s["run_id"], "labelled": s["labelled"], "errors": s["errored"], "skipped": s["skipped"],
-           "shards": f"{s['shards']} ({s['shards_done_before']} already done)",
-           "throughput": f"{s['images_per_s']:,.0f} img/s", "time": f"{s['seconds']:.1f} s",
-           "plan": f"{s['actors']} actor(s) on {s['device']}, reads in {s['read']}, decode on {s['decode']}, "
-                   f"batch {s['batch_size']}",
-           "model version": s["model_version"], "output": s["out"]}
+    out = {
+        "run": s["run_id"],
+        "labelled": s["labelled"],
+        "errors": s["errored"],
+        "skipped": s["skipped"],
+        "shards": f"{s['shards']} ({s['shards_done_before']} already done)",
+        "throughput": f"{s['images_per_s']:,.0f} img/s",
+        "time": f"{s['seconds']:.1f} s",
+        "plan": f"{s['actors']} actor(s) on {s['device']}, reads in {s['read']}, decode on {s['decode']}, "
+        f"batch {s['batch_size']}",
+        "model version": s["model_version"],
+        "output": s["out"],
+    }
     _print_summary("label", out)
     return out | {"raw": s}
 
@@ -139,11 +187,14 @@ def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
     blocks = [int(b) for b in a.blocks.split(",") if b.strip()]
     r = prune_artifact(a.model, a.shards, a.out, blocks, a.keep, a.calib_images)
     b, f = r["before"], r["after"]
-    out = {"pruned": f"{a.model} → {a.out} (middle modules {blocks}, keep {a.keep:.0%})",
-           "version": r["version"], "inner widths": json.dumps(r["mid_channels"]),
-           "params": f"{b['params'] / 1e6:.2f} M → {f['params'] / 1e6:.2f} M",
-           "FLOPs / image": f"{b['flops'] / 1e6:.1f} M → {f['flops'] / 1e6:.1f} M",
-           "labelling speed": f"{b['label_img_per_cpu_s']:,.0f} → {f['label_img_per_cpu_s']:,.0f} img per CPU-second"}
+    out = {
+        "pruned": f"{a.model} → {a.out} (middle modules {blocks}, keep {a.keep:.0%})",
+        "version": r["version"],
+        "inner widths": json.dumps(r["mid_channels"]),
+        "params": f"{b['params'] / 1e6:.2f} M → {f['params'] / 1e6:.2f} M",
+        "FLOPs / image": f"{b['flops'] / 1e6:.1f} M → {f['flops'] / 1e6:.1f} M",
+        "labelling speed": f"{b['label_img_per_cpu_s']:,.0f} → {f['label_img_per_cpu_s']:,.0f} img per CPU-second",
+    }
     for k in b:
         if " top1" in k or " recall@3" in k:
             out[f"val {k}"] = f"{100 * b[k]:.1f}% → {100 * f[k]:.1f}%"
@@ -157,21 +208,27 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
     from fashionlabel.nightly import NightlyConfig, run_nightly
     from fashionlabel.shards import ShardConfig
 
-    cfg = NightlyConfig(shard=ShardConfig(samples_per_shard=a.samples_per_shard, max_side=a.max_side),
-                        label=LabelConfig(batch_size=a.batch_size, actors=a.actors, device=a.device),
-                        relabel_older_than_days=a.relabel_older_than, keep_snapshots=a.keep_snapshots)
+    cfg = NightlyConfig(
+        shard=ShardConfig(samples_per_shard=a.samples_per_shard, max_side=a.max_side),
+        label=LabelConfig(batch_size=a.batch_size, actors=a.actors, device=a.device),
+        relabel_older_than_days=a.relabel_older_than,
+        keep_snapshots=a.keep_snapshots,
+    )
     m = run_nightly(a.catalog, a.model, a.root, a.date, cfg)
-    out = {"night": m["run_date"] + (" (already complete: nothing done)" if m["already_complete"] else ""),
-           "catalog products": m["catalog_products"],
-           "new / changed / unchanged": f"{m['new']} / {m['changed']} / {m['unchanged']}",
-           "quarantined": f"{m['quarantined']} ({_fmt_reasons(m['reasons'])})",
-           "sharded": f"{m['sharded']} in {m['shards']} shards",
-           "labelled": f"{m['labelled']} ({m['relabelled']} relabelled: {m['relabel_reason'] or 'no'})",
-           "errors": m["errors"],
-           "latest": f"{m['latest_rows']} products ({m['latest_inactive']} inactive)",
-           "throughput": f"shard {m['shard_images_per_s']:,.0f} img/s, label {m['label_images_per_s']:,.0f} img/s",
-           "time": f"{m['seconds']['total']:.1f} s", "model version": m["model_version"],
-           "report": m["report"]}
+    out = {
+        "night": m["run_date"] + (" (already complete: nothing done)" if m["already_complete"] else ""),
+        "catalog products": m["catalog_products"],
+        "new / changed / unchanged": f"{m['new']} / {m['changed']} / {m['unchanged']}",
+        "quarantined": f"{m['quarantined']} ({_fmt_reasons(m['reasons'])})",
+        "sharded": f"{m['sharded']} in {m['shards']} shards",
+        "labelled": f"{m['labelled']} ({m['relabelled']} relabelled: {m['relabel_reason'] or 'no'})",
+        "errors": m["errors"],
+        "latest": f"{m['latest_rows']} products ({m['latest_inactive']} inactive)",
+        "throughput": f"shard {m['shard_images_per_s']:,.0f} img/s, label {m['label_images_per_s']:,.0f} img/s",
+        "time": f"{m['seconds']['total']:.1f} s",
+        "model version": m["model_version"],
+        "report": m["report"],
+    }
     _print_summary("nightly", out)
     return m
 
@@ -186,7 +243,9 @@ def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
     else:
         import pandas as pd
 
-        with pd.option_context("display.max_rows", a.max_rows, "display.max_columns", 50, "display.width", 200):
+        with pd.option_context(
+            "display.max_rows", a.max_rows, "display.max_columns", 50, "display.width", 200
+        ):
             print(df)
     return {"rows": len(df)}
 
@@ -205,12 +264,39 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     root = Path(a.out)
     shards, model, labels = root / "shards", root / "model", root / "labels"
-    sh = cmd_shard(_parse(["shard", "--catalog", str(a.catalog), "--out", str(shards),
-                           "--samples-per-shard", "500"]))
-    tr = cmd_train(_parse(["train", "--shards", str(shards), "--out", str(model), "--epochs", str(a.epochs),
-                           "--workers", "2"]))
-    lb = cmd_label(_parse(["label", "--shards", str(shards), "--model", str(model), "--out", str(labels),
-                           "--run-date", a.run_date]))
+    sh = cmd_shard(
+        _parse(["shard", "--catalog", str(a.catalog), "--out", str(shards), "--samples-per-shard", "500"])
+    )
+    tr = cmd_train(
+        _parse(
+            [
+                "train",
+                "--shards",
+                str(shards),
+                "--out",
+                str(model),
+                "--epochs",
+                str(a.epochs),
+                "--workers",
+                "2",
+            ]
+        )
+    )
+    lb = cmd_label(
+        _parse(
+            [
+                "label",
+                "--shards",
+                str(shards),
+                "--model",
+                str(model),
+                "--out",
+                str(labels),
+                "--run-date",
+                a.run_date,
+            ]
+        )
+    )
     rp = cmd_report(_parse(["report", "--labels", str(labels), "--out", str(root / "report.html")]))
     q = f"SELECT count(*), count(DISTINCT product_id) FROM read_parquet('{labels}/history/*/*.parquet')"
     rows, distinct = duckdb.connect().execute(q).fetchall()[0]
@@ -223,12 +309,20 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
         "label throughput": lb["throughput"],
         "train throughput": tr["train throughput"],
     }
-    out |= {f"held-out {h}": (f"top-1 {100 * m['top1']:.1f}%" if "top1" in m else
-                              f"recall@3 {100 * m['recall@3']:.1f}%") for h, m in test.items()}
-    out |= {"labels": str(labels / "history"), "report": rp["out"], "model": str(model),
-            "total time": f"{time.time() - t0:.0f} s"}
+    out |= {
+        f"held-out {h}": (
+            f"top-1 {100 * m['top1']:.1f}%" if "top1" in m else f"recall@3 {100 * m['recall@3']:.1f}%"
+        )
+        for h, m in test.items()
+    }
+    out |= {
+        "labels": str(labels / "history"),
+        "report": rp["out"],
+        "model": str(model),
+        "total time": f"{time.time() - t0:.0f} s",
+    }
     _print_summary("demo summary", out)
-    print(f"\nquery it:  duckdb -c \"{q}\"")
+    print(f'\nquery it:  duckdb -c "{q}"')
     return out
 
 
@@ -252,11 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-side", type=int, default=256, help="longest image side after normalisation")
     s.add_argument("--jpeg-quality", type=int, default=90)
     s.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb guard")
-    s.add_argument("--max-failure-rate", type=float, default=0.5,
-                   help="fail the job when more than this share of rows is quarantined")
+    s.add_argument(
+        "--max-failure-rate",
+        type=float,
+        default=0.5,
+        help="fail the job when more than this share of rows is quarantined",
+    )
     s.add_argument("--min-side", type=int, default=8, help="smaller images are quarantined")
-    s.add_argument("--incremental", default=None, metavar="PREV",
-                   help="previous shards folder (or its index.parquet): pack only new or changed products")
+    s.add_argument(
+        "--incremental",
+        default=None,
+        metavar="PREV",
+        help="previous shards folder (or its index.parquet): pack only new or changed products",
+    )
 
     t = add("train", cmd_train, "Train a multi-task model on shards with Ray Train (DDP).")
     t.add_argument("--shards", required=True)
@@ -275,9 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--label-smoothing", type=float, default=0.0, help="for single heads' cross-entropy")
     t.add_argument("--warmup-epochs", type=float, default=1.0, help="linear learning-rate warm-up")
-    t.add_argument("--ema-epochs", type=float, default=0.0,
-                   help="also validate a moving average of the weights over this many epochs and keep the "
-                        "better weights (0: off)")
+    t.add_argument(
+        "--ema-epochs",
+        type=float,
+        default=0.0,
+        help="also validate a moving average of the weights over this many epochs and keep the "
+        "better weights (0: off)",
+    )
     t.add_argument("--storage", default=None, help="checkpoint folder or s3:// prefix (default: OUT.train)")
 
     e = add("evaluate", cmd_evaluate, "Evaluate a model artifact on one split of a shard set.")
@@ -295,15 +401,26 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--actors", type=int, default=None, help="predictor actors (default: from resources)")
     lb.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     lb.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
-    lb.add_argument("--decode", default="auto", choices=["cpu", "gpu", "auto"],
-                    help="where JPEGs are decoded: CPU read tasks (PIL) or inside the actor on its device "
-                         "(nvJPEG on a GPU); auto: gpu when the actors have a GPU")
+    lb.add_argument(
+        "--decode",
+        default="auto",
+        choices=["cpu", "gpu", "auto"],
+        help="where JPEGs are decoded: CPU read tasks (PIL) or inside the actor on its device "
+        "(nvJPEG on a GPU); auto: gpu when the actors have a GPU",
+    )
     lb.add_argument("--actors-per-gpu", type=int, default=2, help="actors sharing one GPU (overlap)")
-    lb.add_argument("--read", default="auto", choices=["tasks", "actor", "auto"],
-                    help="who reads the shards: Ray tasks ahead of the actors, or each actor its own shard; "
-                         "auto: tasks with a GPU, actor on CPU (nothing to overlap there)")
-    lb.add_argument("--incremental", action="store_true",
-                    help="skip products this model already labelled with the same image_sha256 (any date)")
+    lb.add_argument(
+        "--read",
+        default="auto",
+        choices=["tasks", "actor", "auto"],
+        help="who reads the shards: Ray tasks ahead of the actors, or each actor its own shard; "
+        "auto: tasks with a GPU, actor on CPU (nothing to overlap there)",
+    )
+    lb.add_argument(
+        "--incremental",
+        action="store_true",
+        help="skip products this model already labelled with the same image_sha256 (any date)",
+    )
 
     r = add("report", cmd_report, "Write the HTML report of the newest labels run.")
     r.add_argument("--labels", required=True)
@@ -315,8 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--model", required=True, help="model artifact folder")
     n.add_argument("--root", required=True, help="nightly root: shards/, labels/, reports/, manifests/")
     n.add_argument("--date", default=None, help="YYYY-MM-DD (default: today, UTC)")
-    n.add_argument("--relabel-older-than", type=int, default=None, metavar="DAYS",
-                   help="also relabel active products whose label is older than DAYS")
+    n.add_argument(
+        "--relabel-older-than",
+        type=int,
+        default=None,
+        metavar="DAYS",
+        help="also relabel active products whose label is older than DAYS",
+    )
     n.add_argument("--samples-per-shard", type=int, default=1000)
     n.add_argument("--max-side", type=int, default=256)
     n.add_argument("--batch-size", type=int, default=256)
@@ -358,8 +480,11 @@ NEEDS_RAY = {"shard", "train", "label", "demo", "nightly"}
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the subcommand, return the exit code."""
     args = _parse(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     # Ray Train gives a worker group 60 s to start; a busy machine needs longer (read by the local Ray).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")

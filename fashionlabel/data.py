@@ -48,8 +48,10 @@ def encode_targets(labels: Sequence[dict[str, Any]], taxonomy: Taxonomy) -> dict
     out: dict[str, np.ndarray] = {}
     for h in taxonomy.heads:
         if h.kind == "single":
-            out[h.name] = np.array([h.index.get(lab.get(h.name), -1) if lab.get(h.name) is not None else -1
-                                    for lab in labels], dtype=np.int64)
+            out[h.name] = np.array(
+                [h.index.get(lab.get(h.name), -1) if lab.get(h.name) is not None else -1 for lab in labels],
+                dtype=np.int64,
+            )
         else:
             y = np.zeros((len(labels), h.num_classes), dtype=np.float32)
             for i, lab in enumerate(labels):
@@ -78,8 +80,14 @@ class Samples:
         return len(self.product_ids)
 
 
-def load_samples(shard_uris: Sequence[str], taxonomy: Taxonomy, size: tuple[int, int],
-                 split: str | None = None, rank: int = 0, world: int = 1) -> Samples:
+def load_samples(
+    shard_uris: Sequence[str],
+    taxonomy: Taxonomy,
+    size: tuple[int, int],
+    split: str | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> Samples:
     """Decode the samples of ``shard_uris`` (of one split, optionally every ``world``-th for ``rank``)."""
     images, labels, pids, shas, errors = [], [], [], [], {}
     i = 0
@@ -104,8 +112,13 @@ def load_samples(shard_uris: Sequence[str], taxonomy: Taxonomy, size: tuple[int,
     return Samples(arr, encode_targets(labels, taxonomy), pids, shas, errors)
 
 
-def to_input(images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float],
-             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def to_input(
+    images: np.ndarray | torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """N×H×W×3 uint8 → normalised N×3×H×W float in channels_last (faster convs on CPU and GPU)."""
     x = torch.as_tensor(images).to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).to(dtype).div_(255.0)
@@ -130,8 +143,14 @@ class BatchPrefetcher:
         depth: batches prepared ahead (2: one being copied while the previous one trains).
     """
 
-    def __init__(self, images: np.ndarray, targets: dict[str, torch.Tensor], batches: Iterable[np.ndarray],
-                 device: torch.device | str, depth: int = 2):
+    def __init__(
+        self,
+        images: np.ndarray,
+        targets: dict[str, torch.Tensor],
+        batches: Iterable[np.ndarray],
+        device: torch.device | str,
+        depth: int = 2,
+    ):
         self.images, self.targets, self.batches = images, targets, batches
         self.device, self.depth = torch.device(device), max(1, depth)
         self.cuda = self.device.type == "cuda"

@@ -47,7 +47,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.nan_to_num((a - lo) * scale).clip(0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode in ("L", "RGB") and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode in ("L", "RGB") and "transparency" in img.info
+    ):
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
@@ -61,8 +63,9 @@ def _transpose(img: Image.Image) -> Image.Image:
         return img
 
 
-def normalise(data: bytes, *, max_side: int, quality: int, max_pixels: int, min_side: int
-              ) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
+def normalise(
+    data: bytes, *, max_side: int, quality: int, max_pixels: int, min_side: int
+) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
     """Source bytes → (JPEG bytes, original (w, h), new (w, h)); raises ``ImageReject``.
 
     Args:
@@ -78,7 +81,9 @@ def normalise(data: bytes, *, max_side: int, quality: int, max_pixels: int, min_
         img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError as e:
         # Never echo the bytes: a catalog may point at files whose content must not reach the outputs.
-        raise ImageReject("not_an_image", f"{len(data)} bytes in no supported format ({', '.join(FORMATS)})") from e
+        raise ImageReject(
+            "not_an_image", f"{len(data)} bytes in no supported format ({', '.join(FORMATS)})"
+        ) from e
     except Exception as e:  # noqa: BLE001 - corrupt headers raise anything
         raise ImageReject("not_an_image", str(e)[:200]) from e
     w, h = img.size

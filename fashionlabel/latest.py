@@ -27,7 +27,10 @@ from fashionlabel.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
-LATEST_EXTRA = [pa.field("run_date", pa.date32(), nullable=False), pa.field("active", pa.bool_(), nullable=False)]
+LATEST_EXTRA = [
+    pa.field("run_date", pa.date32(), nullable=False),
+    pa.field("active", pa.bool_(), nullable=False),
+]
 
 
 def latest_schema(taxonomy: Taxonomy) -> pa.Schema:
@@ -74,8 +77,9 @@ def read_snapshot(labels: str, date: str) -> pa.Table:
     return pa.concat_tables([storage.read_parquet(f) for f in files]) if files else pa.table({})
 
 
-def merge(previous: pa.Table | None, night: pa.Table, run_date: str, members: set[str],
-          schema: pa.Schema) -> pa.Table:
+def merge(
+    previous: pa.Table | None, night: pa.Table, run_date: str, members: set[str], schema: pa.Schema
+) -> pa.Table:
     """Newest label per product from ``previous`` ∪ ``night``; ``active`` = product in ``members``.
 
     Args:
@@ -89,8 +93,11 @@ def merge(previous: pa.Table | None, night: pa.Table, run_date: str, members: se
     night = night.append_column("run_date", pa.array([_date(run_date)] * night.num_rows, pa.date32()))
     con.register("night", night)
     con.register("members", pa.table({"product_id": pa.array(sorted(members), pa.string())}))
-    sources = "SELECT * EXCLUDE (active) FROM prev UNION ALL BY NAME SELECT * FROM night" \
-        if previous is not None and previous.num_rows else "SELECT * FROM night"
+    sources = (
+        "SELECT * EXCLUDE (active) FROM prev UNION ALL BY NAME SELECT * FROM night"
+        if previous is not None and previous.num_rows
+        else "SELECT * FROM night"
+    )
     if previous is not None and previous.num_rows:
         con.register("prev", previous)
     q = f"""
@@ -101,8 +108,10 @@ def merge(previous: pa.Table | None, night: pa.Table, run_date: str, members: se
         LEFT JOIN members AS m USING (product_id)
         WHERE rn = 1 ORDER BY product_id"""
     got = con.sql(q).to_arrow_table()
-    cols = [got.column(f.name).cast(f.type) if f.name in got.column_names else pa.nulls(got.num_rows, f.type)
-            for f in schema]
+    cols = [
+        got.column(f.name).cast(f.type) if f.name in got.column_names else pa.nulls(got.num_rows, f.type)
+        for f in schema
+    ]
     return pa.Table.from_arrays(cols, schema=schema)
 
 
@@ -117,7 +126,9 @@ def publish(labels: str, date: str, table: pa.Table, rows_per_file: int = 1_000_
     pointer = {"snapshot": date, "rows": table.num_rows, "files": [f"snapshots/{date}/{n}" for n in names]}
     storage.write_json(storage.join(d, "_SUCCESS"), pointer)
     symlinks = "".join(_uri(storage.join(d, n)) + "\n" for n in names)
-    storage.write_bytes(storage.join(labels, "latest", "_symlink_format_manifest", "manifest"), symlinks.encode())
+    storage.write_bytes(
+        storage.join(labels, "latest", "_symlink_format_manifest", "manifest"), symlinks.encode()
+    )
     storage.write_json(storage.join(labels, "latest", "_CURRENT.json"), pointer)
     _prune(labels, keep)
     return pointer

@@ -37,8 +37,15 @@ from fashionlabel.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
-MAP_SCHEMA = pa.schema([("product_id", pa.string()), ("key", pa.string()), ("sha256", pa.string()),
-                        ("shard", pa.string()), ("night", pa.string())])
+MAP_SCHEMA = pa.schema(
+    [
+        ("product_id", pa.string()),
+        ("key", pa.string()),
+        ("sha256", pa.string()),
+        ("shard", pa.string()),
+        ("night", pa.string()),
+    ]
+)
 
 
 class NightlyError(RuntimeError):
@@ -83,8 +90,11 @@ class Layout:
         """Dates of every night folder under ``shards/``, oldest first."""
         fs, path = storage.filesystem(storage.join(self.root, "shards"))
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        return sorted(i.base_name.removeprefix("night=") for i in infos
-                      if i.type == pafs.FileType.Directory and i.base_name.startswith("night="))
+        return sorted(
+            i.base_name.removeprefix("night=")
+            for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("night=")
+        )
 
 
 # ---- the product map ----------------------------------------------------------------------------
@@ -97,22 +107,29 @@ def product_map(layout: Layout, before: str) -> pa.Table:
             continue
         t = storage.read_parquet(idx, columns=["product_id", "key", "sha256", "shard"])
         uris = pc.binary_join_element_wise(layout.night_shards(night) + "/", t["shard"], ".tar", "")
-        parts.append(pa.table([t["product_id"], t["key"], t["sha256"], uris,
-                               pa.array([night] * t.num_rows, pa.string())], schema=MAP_SCHEMA))
+        parts.append(
+            pa.table(
+                [t["product_id"], t["key"], t["sha256"], uris, pa.array([night] * t.num_rows, pa.string())],
+                schema=MAP_SCHEMA,
+            )
+        )
     if not parts:
         return MAP_SCHEMA.empty_table()
     import duckdb
 
     con = duckdb.connect()
     con.register("m", pa.concat_tables(parts))
-    q = ("SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (PARTITION BY product_id ORDER BY night DESC)"
-         " AS rn FROM m) WHERE rn = 1 ORDER BY product_id")
+    q = (
+        "SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (PARTITION BY product_id ORDER BY night DESC)"
+        " AS rn FROM m) WHERE rn = 1 ORDER BY product_id"
+    )
     return con.sql(q).to_arrow_table().cast(MAP_SCHEMA)
 
 
 # ---- the night ----------------------------------------------------------------------------------
-def run_nightly(catalog: str, model: str, root: str, date: str | None = None,
-                cfg: NightlyConfig = NightlyConfig()) -> dict[str, Any]:
+def run_nightly(
+    catalog: str, model: str, root: str, date: str | None = None, cfg: NightlyConfig = NightlyConfig()
+) -> dict[str, Any]:
     """Run (or finish, or confirm) the night ``date`` for ``catalog`` under ``root``; return its manifest.
 
     Args:
@@ -159,15 +176,29 @@ def run_nightly(catalog: str, model: str, root: str, date: str | None = None,
     done_now = night["labelled"] + night["errored"] + relabel["labelled"] + relabel["errored"]
     seconds = time.time() - t0
     manifest = {
-        "run_date": date, "status": "complete", "catalog": str(catalog), "model": str(model),
-        "model_version": version, "taxonomy_version": taxonomy.version, "previous_night": prev_dates[-1]
-        if prev_dates else None,
-        "catalog_products": len(members), "new": shard["new"], "changed": shard["changed"],
-        "unchanged": shard["unchanged"], "quarantined": shard["quarantined"], "reasons": shard["reasons"],
-        "sharded": shard["packed"], "shards": shard["shards"],
-        "labelled": len(pids), "labelled_new_or_changed": of_night, "relabelled": len(pids) - of_night,
-        "errors": errors, "relabel_reason": relabel["reason"], "labelled_this_attempt": done_now,
-        "history_rows": history.num_rows, "latest_rows": snap.num_rows,
+        "run_date": date,
+        "status": "complete",
+        "catalog": str(catalog),
+        "model": str(model),
+        "model_version": version,
+        "taxonomy_version": taxonomy.version,
+        "previous_night": prev_dates[-1] if prev_dates else None,
+        "catalog_products": len(members),
+        "new": shard["new"],
+        "changed": shard["changed"],
+        "unchanged": shard["unchanged"],
+        "quarantined": shard["quarantined"],
+        "reasons": shard["reasons"],
+        "sharded": shard["packed"],
+        "shards": shard["shards"],
+        "labelled": len(pids),
+        "labelled_new_or_changed": of_night,
+        "relabelled": len(pids) - of_night,
+        "errors": errors,
+        "relabel_reason": relabel["reason"],
+        "labelled_this_attempt": done_now,
+        "history_rows": history.num_rows,
+        "latest_rows": snap.num_rows,
         "latest_active": int(pc.sum(snap["active"]).as_py() or 0),
         "latest_inactive": snap.num_rows - int(pc.sum(snap["active"]).as_py() or 0),
         "latest_snapshot": pointer["snapshot"],
@@ -191,12 +222,15 @@ def _check_earlier_nights(layout: Layout, date: str) -> None:
     """Nights build on each other: an earlier night that started but never completed must finish first."""
     for night in layout.nights():
         if night < date and _manifest(layout, night).get("status") != "complete":
-            raise NightlyError(f"night {night} started but is not complete: re-run it (same command, "
-                               f"--date {night}) before {date}")
+            raise NightlyError(
+                f"night {night} started but is not complete: re-run it (same command, "
+                f"--date {night}) before {date}"
+            )
 
 
-def _shard_night(layout: Layout, date: str, catalog: str, taxonomy: Taxonomy, cfg: ShardConfig,
-                 before: pa.Table) -> dict[str, Any]:
+def _shard_night(
+    layout: Layout, date: str, catalog: str, taxonomy: Taxonomy, cfg: ShardConfig, before: pa.Table
+) -> dict[str, Any]:
     """Shard the new and changed products of ``catalog`` into the night's folder; counts and membership.
 
     The product map of the earlier nights is saved as one index (``work/map-before-D.parquet``) and given
@@ -213,24 +247,47 @@ def _shard_night(layout: Layout, date: str, catalog: str, taxonomy: Taxonomy, cf
         if not storage.exists(prev):  # written once: a re-run must see the same previous index
             storage.write_parquet(before, prev)
     # The failure-rate guard applies to the whole catalog, not to tonight's (small) share of it.
-    s = shard_catalog(catalog, out, taxonomy, dataclasses.replace(cfg, max_failure_rate=1.0), incremental_from=prev)
+    s = shard_catalog(
+        catalog, out, taxonomy, dataclasses.replace(cfg, max_failure_rate=1.0), incremental_from=prev
+    )
     rows, _ = read_catalog(catalog)
     members = {str(r["product_id"]) for r in rows if r.get("product_id") not in (None, "")}
     total = s.catalog_rows
     if total and s.quarantined / total > cfg.max_failure_rate:
-        raise ShardJobError(f"{s.quarantined}/{total} catalog rows quarantined, above --max-failure-rate "
-                            f"{cfg.max_failure_rate}")
-    night_ids = set(storage.read_parquet(storage.join(out, "index.parquet"), columns=["product_id"])
-                    ["product_id"].to_pylist())
+        raise ShardJobError(
+            f"{s.quarantined}/{total} catalog rows quarantined, above --max-failure-rate "
+            f"{cfg.max_failure_rate}"
+        )
+    night_ids = set(
+        storage.read_parquet(storage.join(out, "index.parquet"), columns=["product_id"])[
+            "product_id"
+        ].to_pylist()
+    )
     known = set(before["product_id"].to_pylist())
     # new / changed count packed products; rows selected but rejected (no image, ...) are in quarantined.
-    return {"new": len(night_ids - known), "changed": len(night_ids & known), "unchanged": s.unchanged,
-            "packed": s.packed, "shards": s.shards, "quarantined": s.quarantined, "reasons": dict(s.reasons),
-            "night_ids": night_ids, "members": members}
+    return {
+        "new": len(night_ids - known),
+        "changed": len(night_ids & known),
+        "unchanged": s.unchanged,
+        "packed": s.packed,
+        "shards": s.shards,
+        "quarantined": s.quarantined,
+        "reasons": dict(s.reasons),
+        "night_ids": night_ids,
+        "members": members,
+    }
 
 
-def _relabel(layout: Layout, date: str, model: str, version: str, before: pa.Table, night_ids: set[str],
-             members: set[str], cfg: NightlyConfig) -> dict[str, Any]:
+def _relabel(
+    layout: Layout,
+    date: str,
+    model: str,
+    version: str,
+    before: pa.Table,
+    night_ids: set[str],
+    members: set[str],
+    cfg: NightlyConfig,
+) -> dict[str, Any]:
     """Relabel active products whose current label is from another model (or too old), from their shards."""
     prev_dates = [s for s in latest.snapshots(layout.labels) if s < date]
     if not prev_dates:
@@ -239,31 +296,48 @@ def _relabel(layout: Layout, date: str, model: str, version: str, before: pa.Tab
     cutoff = None
     if cfg.relabel_older_than_days is not None:
         cutoff = dt.date.fromisoformat(date) - dt.timedelta(days=cfg.relabel_older_than_days)
-    old_model = {p for p, v in zip(snap["product_id"].to_pylist(), snap["model_version"].to_pylist(),
-                                   strict=True) if v != version}
+    old_model = {
+        p
+        for p, v in zip(snap["product_id"].to_pylist(), snap["model_version"].to_pylist(), strict=True)
+        if v != version
+    }
     too_old = set()
     if cutoff is not None:
-        too_old = {p for p, d in zip(snap["product_id"].to_pylist(), snap["run_date"].to_pylist(), strict=True)
-                   if d < cutoff}
+        too_old = {
+            p
+            for p, d in zip(snap["product_id"].to_pylist(), snap["run_date"].to_pylist(), strict=True)
+            if d < cutoff
+        }
     labelled_ids = set(snap["product_id"].to_pylist())
     mapped = before.to_pylist()
     # Products whose current image was sharded but never got a label (a night lost before its labels).
     missing = {r["product_id"] for r in mapped} - labelled_ids
     want = ((old_model | too_old | missing) & members) - night_ids
-    reasons = [r for r, s in (("model version changed", old_model & want),
-                              (f"labels older than {cfg.relabel_older_than_days} days", too_old & want),
-                              ("never labelled", missing & want)) if s]
+    reasons = [
+        r
+        for r, s in (
+            ("model version changed", old_model & want),
+            (f"labels older than {cfg.relabel_older_than_days} days", too_old & want),
+            ("never labelled", missing & want),
+        )
+        if s
+    ]
     totals = {"labelled": 0, "errored": 0, "reason": "; ".join(reasons) or None, "products": len(want)}
     if not want:
         return totals
     log.info("relabel: %d products (%s)", len(want), totals["reason"])
     for night in sorted({r["night"] for r in mapped if r["product_id"] in want}):
-        idx = storage.read_parquet(storage.join(layout.night_shards(night), "index.parquet"),
-                                   columns=["product_id", "sha256", "shard"])
+        idx = storage.read_parquet(
+            storage.join(layout.night_shards(night), "index.parquet"),
+            columns=["product_id", "sha256", "shard"],
+        )
         here = {r["product_id"]: r for r in mapped if r["night"] == night}
         # skip= every row of this night's shards except the current image of a product to relabel.
-        skip = {p: s for p, s in zip(idx["product_id"].to_pylist(), idx["sha256"].to_pylist(), strict=True)
-                if not (p in want and p in here and here[p]["sha256"] == s)}
+        skip = {
+            p: s
+            for p, s in zip(idx["product_id"].to_pylist(), idx["sha256"].to_pylist(), strict=True)
+            if not (p in want and p in here and here[p]["sha256"] == s)
+        }
         work = layout.relabel_work(date, night)
         s = label_shards(layout.night_shards(night), model, work, date, cfg.label, skip=skip)
         totals["labelled"] += s["labelled"]
@@ -272,7 +346,9 @@ def _relabel(layout: Layout, date: str, model: str, version: str, before: pa.Tab
         for name in storage.listdir(s["out"], ".parquet"):
             t = storage.read_parquet(storage.join(s["out"], name))
             if t.num_rows:
-                storage.write_parquet(t, storage.join(layout.history(date), f"part-relabel-{night}-{name[5:]}"))
+                storage.write_parquet(
+                    t, storage.join(layout.history(date), f"part-relabel-{night}-{name[5:]}")
+                )
     return totals
 
 
@@ -282,8 +358,11 @@ def _read_history(layout: Layout, date: str, taxonomy: Taxonomy) -> pa.Table:
     schema = labels_schema(taxonomy)
     d = layout.history(date)
     files = [storage.join(d, n) for n in storage.listdir(d, ".parquet")]
-    return pa.concat_tables([storage.read_parquet(f, schema=schema) for f in files]) if files \
+    return (
+        pa.concat_tables([storage.read_parquet(f, schema=schema) for f in files])
+        if files
         else schema.empty_table()
+    )
 
 
 def _assert_unique(t: pa.Table, what: str) -> None:

@@ -24,9 +24,14 @@ def history_files(labels: str) -> list[str]:
     """Every Parquet part under ``labels/history/run_date=*/``, oldest night first."""
     base = storage.join(labels, "history")
     fs, path = storage.filesystem(base)
-    runs = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-                  if i.type == pafs.FileType.Directory and i.base_name.startswith("run_date="))
-    return [storage.join(base, r, n) for r in runs for n in storage.listdir(storage.join(base, r), ".parquet")]
+    runs = sorted(
+        i.base_name
+        for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        if i.type == pafs.FileType.Directory and i.base_name.startswith("run_date=")
+    )
+    return [
+        storage.join(base, r, n) for r in runs for n in storage.listdir(storage.join(base, r), ".parquet")
+    ]
 
 
 def history_dataset(labels: str) -> pads.Dataset | None:
@@ -35,8 +40,13 @@ def history_dataset(labels: str) -> pads.Dataset | None:
         return None
     fs, root = storage.filesystem(storage.join(labels, "history"))
     part = pads.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive")
-    return pads.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs, format="parquet",
-                        partitioning=part, partition_base_dir=root)
+    return pads.dataset(
+        [storage.filesystem(f)[1] for f in files],
+        filesystem=fs,
+        format="parquet",
+        partitioning=part,
+        partition_base_dir=root,
+    )
 
 
 def latest_dataset(labels: str) -> pads.Dataset | None:

@@ -28,8 +28,11 @@ def latest_run(labels: str) -> str:
     fs, path = storage.filesystem(hist)
     import pyarrow.fs as pafs
 
-    runs = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-                  if i.type == pafs.FileType.Directory and i.base_name.startswith("run_date="))
+    runs = sorted(
+        i.base_name
+        for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        if i.type == pafs.FileType.Directory and i.base_name.startswith("run_date=")
+    )
     return storage.join(hist, runs[-1]) if runs else str(labels)
 
 
@@ -77,7 +80,10 @@ def _charts(df: pd.DataFrame, heads: list[str], multi: list[str]) -> list[tuple[
         charts.append((f"dist-{h}", _png(fig)))
     fig, ax = plt.subplots(figsize=(5, 2.6))
     n = max(1, len(df))
-    shares = {"needs_review": df["needs_review"].fillna(False).sum() / n, "error": df["error"].notna().sum() / n}
+    shares = {
+        "needs_review": df["needs_review"].fillna(False).sum() / n,
+        "error": df["error"].notna().sum() / n,
+    }
     ax.bar(list(shares), [100 * v for v in shares.values()], color=["#c03d3e", "#7f7f7f"])
     ax.set(title="review queue and errors", ylabel="% of products", ylim=(0, 100))
     charts.append(("review", _png(fig)))
@@ -105,10 +111,14 @@ def write_report(labels: str, out: str | Path, run_dir: str | None = None) -> di
         "run": manifest.get("run_id", Path(str(run_dir)).name),
     }
     mean_scores = {h: float(df[f"{h}_score"].mean()) for h in heads}
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()
+    )
     conf = "".join(f"<tr><th>{html.escape(h)}</th><td>{v:.3f}</td></tr>" for h, v in mean_scores.items())
-    imgs = "".join(f'<figure id="{cid}"><img alt="{cid}" src="data:image/png;base64,{b64}"></figure>'
-                   for cid, b64 in charts)
+    imgs = "".join(
+        f'<figure id="{cid}"><img alt="{cid}" src="data:image/png;base64,{b64}"></figure>'
+        for cid, b64 in charts
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fashionlabel report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 th,td{{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}}img{{max-width:100%}}</style></head>
@@ -130,16 +140,22 @@ def drift(cur: pd.DataFrame, prev: pd.DataFrame, heads: list[str]) -> dict[str, 
 
     Both frames hold active products only; flips are counted over products present in both nights.
     """
-    both = cur[["product_id", *heads]].merge(prev[["product_id", *heads]], on="product_id",
-                                             suffixes=("", "_prev"))
+    both = cur[["product_id", *heads]].merge(
+        prev[["product_id", *heads]], on="product_id", suffixes=("", "_prev")
+    )
     out = {}
     for h in heads:
-        share = (cur[h].value_counts(normalize=True).subtract(prev[h].value_counts(normalize=True),
-                                                               fill_value=0) * 100)
+        share = (
+            cur[h].value_counts(normalize=True).subtract(prev[h].value_counts(normalize=True), fill_value=0)
+            * 100
+        )
         flipped = both[both[h].fillna("∅") != both[f"{h}_prev"].fillna("∅")]
-        out[h] = {"share_change_pp": share.sort_values(key=abs, ascending=False),
-                  "flipped": len(flipped), "compared": len(both),
-                  "examples": flipped[["product_id", f"{h}_prev", h]].head(10).values.tolist()}
+        out[h] = {
+            "share_change_pp": share.sort_values(key=abs, ascending=False),
+            "flipped": len(flipped),
+            "compared": len(both),
+            "examples": flipped[["product_id", f"{h}_prev", h]].head(10).values.tolist(),
+        }
     return out
 
 
@@ -150,10 +166,14 @@ def _drift_charts(d: dict[str, dict[str, Any]], prev_date: str) -> list[tuple[st
     for h, v in d.items():
         top = v["share_change_pp"].head(12)[::-1]
         fig, ax = plt.subplots(figsize=(7, 3))
-        ax.barh(top.index.astype(str), top.values, color=["#c03d3e" if x < 0 else "#3b75af" for x in top.values])
+        ax.barh(
+            top.index.astype(str), top.values, color=["#c03d3e" if x < 0 else "#3b75af" for x in top.values]
+        )
         ax.axvline(0, color="#444", lw=0.8)
-        ax.set(title=f"{h}: share change vs {prev_date} (points); {v['flipped']} of {v['compared']} flipped",
-               xlabel="percentage points")
+        ax.set(
+            title=f"{h}: share change vs {prev_date} (points); {v['flipped']} of {v['compared']} flipped",
+            xlabel="percentage points",
+        )
         ax.tick_params(axis="y", labelsize=7)
         charts.append((f"drift-{h}", _png(fig)))
     return charts
@@ -173,8 +193,13 @@ def _run_chart(m: dict[str, Any]) -> tuple[str, str]:
     return "run", _png(fig)
 
 
-def write_night_report(labels: str, date: str, out: str | Path, manifest: dict[str, Any] | None = None,
-                       previous: str | None = None) -> dict[str, Any]:
+def write_night_report(
+    labels: str,
+    date: str,
+    out: str | Path,
+    manifest: dict[str, Any] | None = None,
+    previous: str | None = None,
+) -> dict[str, Any]:
     """The report of night ``date``: latest's active products, the night's counts, drift vs ``previous``.
 
     Args:
@@ -203,10 +228,13 @@ def write_night_report(labels: str, date: str, out: str | Path, manifest: dict[s
     m = manifest or {}
     charts.append(_run_chart(m | {"run_date": date}))
     facts = {
-        "night": date, "previous night": previous or "none (first night)",
-        "active products": len(active), "inactive (gone from catalog)": int((~cur["active"]).sum()),
+        "night": date,
+        "previous night": previous or "none (first night)",
+        "active products": len(active),
+        "inactive (gone from catalog)": int((~cur["active"]).sum()),
         "new / changed / unchanged": f"{m.get('new', '?')} / {m.get('changed', '?')} / {m.get('unchanged', '?')}",
-        "labelled tonight": m.get("labelled", "?"), "relabelled": m.get("relabelled", 0),
+        "labelled tonight": m.get("labelled", "?"),
+        "relabelled": m.get("relabelled", 0),
         "relabel reason": m.get("relabel_reason") or "none",
         "quarantined": m.get("quarantined", "?"),
         "needs review": f"{100 * active['needs_review'].fillna(False).mean():.1f}%" if len(active) else "n/a",
@@ -214,14 +242,24 @@ def write_night_report(labels: str, date: str, out: str | Path, manifest: dict[s
         "shard throughput": f"{m.get('shard_images_per_s', 0):.0f} img/s",
         "label throughput": f"{m.get('label_images_per_s', 0):.0f} img/s",
     }
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
-    flips = "".join(f"<tr><th>{html.escape(h)}</th><td>{v['flipped']}</td><td>{v['compared']}</td><td>"
-                    + html.escape("; ".join(f"{p}: {a} → {b}" for p, a, b in v["examples"][:5])) + "</td></tr>"
-                    for h, v in d.items())
-    flips = (f"<table><tr><th>head</th><th>flipped</th><th>compared</th><th>examples</th></tr>{flips}</table>"
-             if d else "<p>first night: nothing to compare with</p>")
-    imgs = "".join(f'<figure id="{cid}"><img alt="{cid}" src="data:image/png;base64,{b64}"></figure>'
-                   for cid, b64 in charts)
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()
+    )
+    flips = "".join(
+        f"<tr><th>{html.escape(h)}</th><td>{v['flipped']}</td><td>{v['compared']}</td><td>"
+        + html.escape("; ".join(f"{p}: {a} → {b}" for p, a, b in v["examples"][:5]))
+        + "</td></tr>"
+        for h, v in d.items()
+    )
+    flips = (
+        f"<table><tr><th>head</th><th>flipped</th><th>compared</th><th>examples</th></tr>{flips}</table>"
+        if d
+        else "<p>first night: nothing to compare with</p>"
+    )
+    imgs = "".join(
+        f'<figure id="{cid}"><img alt="{cid}" src="data:image/png;base64,{b64}"></figure>'
+        for cid, b64 in charts
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fashionlabel night {date}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 th,td{{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}}img{{max-width:100%}}</style></head>
@@ -229,5 +267,9 @@ th,td{{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}}img{{max-w
 {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC</p><h2>Night</h2><table>{rows}</table>
 <h2>Drift against the previous night</h2>{flips}<h2>Charts</h2>{imgs}</body></html>"""
     _write(out, page)
-    return {"out": str(out), "charts": [c for c, _ in charts], "drift": {h: v["flipped"] for h, v in d.items()},
-            **facts}
+    return {
+        "out": str(out),
+        "charts": [c for c, _ in charts],
+        "drift": {h: v["flipped"] for h, v in d.items()},
+        **facts,
+    }

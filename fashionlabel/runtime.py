@@ -28,8 +28,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if address:
         kw["address"] = address
     else:
-        kw |= {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False,
-               "runtime_env": {"worker_process_setup_hook": "fashionlabel.runtime.quiet_worker_logs"}}
+        kw |= {
+            "num_cpus": num_cpus or os.cpu_count(),
+            "include_dashboard": False,
+            "runtime_env": {"worker_process_setup_hook": "fashionlabel.runtime.quiet_worker_logs"},
+        }
         _single_node_loopback()
     t0 = time.time()
     ray.init(**kw)
@@ -48,7 +51,8 @@ def quiet_worker_logs() -> None:
     the whole run. A local Ray is stopped with the command, which removes its placement groups anyway.
     """
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
-        logging.ERROR)
+        logging.ERROR
+    )
 
 
 def _single_node_loopback() -> None:

@@ -49,7 +49,12 @@ from fashionlabel.taxonomy import Taxonomy
 log = logging.getLogger(__name__)
 
 QUARANTINE_SCHEMA = pa.schema(
-    [("product_id", pa.string()), ("image_uri", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
+    [
+        ("product_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
 )
 PLAN_SCHEMA = pa.schema([("product_id", pa.string()), ("status", pa.string())])
 
@@ -74,9 +79,16 @@ def shard_name(i: int) -> str:
 
 def index_schema(taxonomy: Taxonomy) -> pa.Schema:
     fields = [
-        ("key", pa.string()), ("product_id", pa.string()), ("shard", pa.string()),
-        ("image_uri", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
-        ("orig_width", pa.int32()), ("orig_height", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
+        ("key", pa.string()),
+        ("product_id", pa.string()),
+        ("shard", pa.string()),
+        ("image_uri", pa.string()),
+        ("sha256", pa.string()),
+        ("bytes", pa.int64()),
+        ("orig_width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
     ]
     for h in taxonomy.heads:
         fields.append((h.name, pa.string() if h.kind == "single" else pa.list_(pa.string())))
@@ -88,19 +100,37 @@ def pack_row(r: CatalogRow, shard: str, cfg: ShardConfig) -> tuple[bytes, bytes,
     """Fetch and normalise one checked row: (JPEG, JSON sidecar, index row). Raises ``FetchError`` or
     ``ImageReject`` with the quarantine reason."""
     src = fetch(r.image_uri)
-    jpg, (ow, oh), (w, h) = normalise(src, max_side=cfg.max_side, quality=cfg.jpeg_quality,
-                                      max_pixels=cfg.max_pixels, min_side=cfg.min_side)
+    jpg, (ow, oh), (w, h) = normalise(
+        src, max_side=cfg.max_side, quality=cfg.jpeg_quality, max_pixels=cfg.max_pixels, min_side=cfg.min_side
+    )
     sha = hashlib.sha256(src).hexdigest()
-    meta = {"product_id": r.product_id, "labels": r.labels, "source_uri": r.image_uri, "sha256": sha,
-            "orig_size": [ow, oh], "meta": r.meta}
-    index = {"key": r.key, "product_id": r.product_id, "shard": shard, "image_uri": r.image_uri,
-             "sha256": sha, "bytes": len(src), "orig_width": ow, "orig_height": oh, "width": w, "height": h,
-             **r.labels}
+    meta = {
+        "product_id": r.product_id,
+        "labels": r.labels,
+        "source_uri": r.image_uri,
+        "sha256": sha,
+        "orig_size": [ow, oh],
+        "meta": r.meta,
+    }
+    index = {
+        "key": r.key,
+        "product_id": r.product_id,
+        "shard": shard,
+        "image_uri": r.image_uri,
+        "sha256": sha,
+        "bytes": len(src),
+        "orig_width": ow,
+        "orig_height": oh,
+        "width": w,
+        "height": h,
+        **r.labels,
+    }
     return jpg, json.dumps(meta, ensure_ascii=False).encode(), index
 
 
-def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig, schema: pa.Schema,
-               taxonomy: Taxonomy) -> dict[str, Any]:
+def pack_shard(
+    shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig, schema: pa.Schema, taxonomy: Taxonomy
+) -> dict[str, Any]:
     """Check labels, fetch, normalise and pack ``rows`` into one tar; publish it and its index part."""
     name = shard_name(shard_id)
     t0, cpu0 = time.time(), time.thread_time()
@@ -120,8 +150,14 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
                     continue
                 except Exception as e:  # noqa: BLE001 - one odd row never fails a shard; the detail says why
                     log.warning("unexpected error on %s", r.product_id, exc_info=True)
-                    rejected.append(Rejected(r.product_id, r.image_uri, "processing_error",
-                                             f"{type(e).__name__}: {str(e)[:200]}").as_row())
+                    rejected.append(
+                        Rejected(
+                            r.product_id,
+                            r.image_uri,
+                            "processing_error",
+                            f"{type(e).__name__}: {str(e)[:200]}",
+                        ).as_row()
+                    )
                     continue
                 tar.add(f"{r.key}.jpg", jpg)
                 tar.add(f"{r.key}.json", sidecar)
@@ -133,12 +169,21 @@ def pack_shard(shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig
     finally:
         tmp.unlink(missing_ok=True)
     # The index part is the completion marker: written last, so its presence means the tar is complete.
-    storage.write_parquet(pa.Table.from_pylist(rejected, schema=QUARANTINE_SCHEMA),
-                          storage.join(out, "_parts", f"{name}.quarantine.parquet"))
-    storage.write_parquet(pa.Table.from_pylist(index, schema=schema),
-                          storage.join(out, "_parts", f"{name}.parquet"))
-    return {"shard": name, "packed": len(index), "rejected": len(rejected), "start": t0, "end": time.time(),
-            "cpu_s": time.thread_time() - cpu0}
+    storage.write_parquet(
+        pa.Table.from_pylist(rejected, schema=QUARANTINE_SCHEMA),
+        storage.join(out, "_parts", f"{name}.quarantine.parquet"),
+    )
+    storage.write_parquet(
+        pa.Table.from_pylist(index, schema=schema), storage.join(out, "_parts", f"{name}.parquet")
+    )
+    return {
+        "shard": name,
+        "packed": len(index),
+        "rejected": len(rejected),
+        "start": t0,
+        "end": time.time(),
+        "cpu_s": time.thread_time() - cpu0,
+    }
 
 
 def _labels_key(labels: dict[str, Any]) -> str:
@@ -146,8 +191,9 @@ def _labels_key(labels: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in labels.items() if v not in (None, [])}, sort_keys=True)
 
 
-def fingerprint_rows(rows: list[CatalogRow], taxonomy: Taxonomy, heads: list[str]
-                     ) -> list[tuple[str, str | None, str | None]]:
+def fingerprint_rows(
+    rows: list[CatalogRow], taxonomy: Taxonomy, heads: list[str]
+) -> list[tuple[str, str | None, str | None]]:
     """(product_id, sha256 of the source bytes, key of the labels of ``heads``) per row; None when the
     source cannot be fetched or the labels are rejected (the row is then packed again, so the pack task
     quarantines it)."""
@@ -191,14 +237,18 @@ def previous_index(prev: str, taxonomy: Taxonomy) -> tuple[dict[str, tuple[str, 
     except (OSError, pa.ArrowException) as e:
         raise ShardJobError(f"cannot read the previous index {uri}: {storage._clean(e)}") from e
     cols = {h: t.column(h).to_pylist() for h in heads}
-    before = {pid: (sha, _labels_key({h: cols[h][i] for h in heads}))
-              for i, (pid, sha) in enumerate(zip(t.column("product_id").to_pylist(),
-                                                 t.column("sha256").to_pylist(), strict=True))}
+    before = {
+        pid: (sha, _labels_key({h: cols[h][i] for h in heads}))
+        for i, (pid, sha) in enumerate(
+            zip(t.column("product_id").to_pylist(), t.column("sha256").to_pylist(), strict=True)
+        )
+    }
     return before, heads
 
 
-def _select_incremental(valid: list[CatalogRow], prev: str, chunk: int, taxonomy: Taxonomy
-                        ) -> tuple[list[CatalogRow], list[str]]:
+def _select_incremental(
+    valid: list[CatalogRow], prev: str, chunk: int, taxonomy: Taxonomy
+) -> tuple[list[CatalogRow], list[str]]:
     """The rows to pack (new, or changed: other source bytes or other labels; in catalog order) and their
     status. Known products are fingerprinted in Ray tasks (one fetch each), the driver only compares."""
     import ray
@@ -222,8 +272,13 @@ def _select_incremental(valid: list[CatalogRow], prev: str, chunk: int, taxonomy
     return rows, status
 
 
-def make_plan(valid: list[CatalogRow], out: str, cfg: ShardConfig, taxonomy: Taxonomy,
-              incremental_from: str | None = None) -> Plan:
+def make_plan(
+    valid: list[CatalogRow],
+    out: str,
+    cfg: ShardConfig,
+    taxonomy: Taxonomy,
+    incremental_from: str | None = None,
+) -> Plan:
     """The deterministic shard plan: reused from ``out/_parts/_plan.*`` when a previous attempt saved one.
 
     A saved plan from a different catalog or different settings is refused rather than mixed into the
@@ -242,16 +297,26 @@ def make_plan(valid: list[CatalogRow], out: str, cfg: ShardConfig, taxonomy: Tax
         counts = saved["counts"]
     else:
         if incremental_from:
-            rows, status = _select_incremental(valid, incremental_from, max(cfg.samples_per_shard, 1000),
-                                               taxonomy)
+            rows, status = _select_incremental(
+                valid, incremental_from, max(cfg.samples_per_shard, 1000), taxonomy
+            )
         else:
             rows, status = valid, ["new"] * len(valid)
         c = Counter(status)
         counts = {"new": c["new"], "changed": c["changed"], "unchanged": len(valid) - len(rows)}
-        storage.write_parquet(pa.table({"product_id": [r.product_id for r in rows], "status": status},
-                                       schema=PLAN_SCHEMA), rows_uri)
-        storage.write_json(meta_uri, {"fingerprint": fp, "counts": counts, "rows": len(rows),
-                                      "samples_per_shard": cfg.samples_per_shard})  # written last
+        storage.write_parquet(
+            pa.table({"product_id": [r.product_id for r in rows], "status": status}, schema=PLAN_SCHEMA),
+            rows_uri,
+        )
+        storage.write_json(
+            meta_uri,
+            {
+                "fingerprint": fp,
+                "counts": counts,
+                "rows": len(rows),
+                "samples_per_shard": cfg.samples_per_shard,
+            },
+        )  # written last
     n = cfg.samples_per_shard
     return Plan([rows[s : s + n] for s in range(0, len(rows), n)], counts)
 
@@ -291,8 +356,13 @@ def _open_output(out: str) -> set[str]:
         raise ShardJobError(f"cannot use output {out}: {storage._clean(e)}") from e
 
 
-def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig = ShardConfig(),
-                  incremental_from: str | None = None) -> ShardSummary:
+def shard_catalog(
+    catalog: str,
+    out: str,
+    taxonomy: Taxonomy,
+    cfg: ShardConfig = ShardConfig(),
+    incremental_from: str | None = None,
+) -> ShardSummary:
     """Pack ``catalog`` into shards under ``out`` with Ray tasks. Re-runnable: finished shards are kept.
 
     Args:
@@ -318,9 +388,16 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
     t_plan = time.time() - t0 - t_read
     schema = index_schema(taxonomy)
     todo = [(i, rs) for i, rs in enumerate(plan.shards) if f"{shard_name(i)}.parquet" not in done]
-    log.info("catalog %s: %d rows, %d valid, %d rejected before fetch; %s; %d shards, %d to pack",
-             catalog, len(rows) + len(malformed), len(valid), len(rejected), plan.counts,
-             len(plan.shards), len(todo))
+    log.info(
+        "catalog %s: %d rows, %d valid, %d rejected before fetch; %s; %d shards, %d to pack",
+        catalog,
+        len(rows) + len(malformed),
+        len(valid),
+        len(rejected),
+        plan.counts,
+        len(plan.shards),
+        len(todo),
+    )
     t_tasks = time.time()
     packed_now, task_cpu, span = _run_tasks(todo, out, cfg, schema, taxonomy)
     ray.get(warm)
@@ -334,17 +411,34 @@ def shard_catalog(catalog: str, out: str, taxonomy: Taxonomy, cfg: ShardConfig =
     reasons = dict(Counter(quarantine.column("reason").to_pylist()).most_common())
     seconds = time.time() - t0
     summary = ShardSummary(
-        catalog_rows=len(rows) + len(malformed), packed=index.num_rows, quarantined=quarantine.num_rows,
-        reasons=reasons, shards=len(plan.shards), shards_skipped=len(plan.shards) - len(todo),
-        seconds=seconds, out=str(out), incremental_from=incremental_from, **plan.counts,
+        catalog_rows=len(rows) + len(malformed),
+        packed=index.num_rows,
+        quarantined=quarantine.num_rows,
+        reasons=reasons,
+        shards=len(plan.shards),
+        shards_skipped=len(plan.shards) - len(todo),
+        seconds=seconds,
+        out=str(out),
+        incremental_from=incremental_from,
+        **plan.counts,
         packed_this_run=packed_now,
-        timings={"read_validate_s": t_read, "plan_s": t_plan, "tasks_cpu_s": task_cpu,
-                 "first_task_start_s": span[0] - t_tasks, "tasks_wall_s": span[1] - span[0],
-                 "merge_s": t_merge, "total_s": seconds},
+        timings={
+            "read_validate_s": t_read,
+            "plan_s": t_plan,
+            "tasks_cpu_s": task_cpu,
+            "first_task_start_s": span[0] - t_tasks,
+            "tasks_wall_s": span[1] - span[0],
+            "merge_s": t_merge,
+            "total_s": seconds,
+        },
     )
     # The taxonomy travels with the shards, so training needs nothing but this folder.
-    stats = asdict(summary) | {"images_per_s": summary.images_per_s, "taxonomy": taxonomy.to_dict(),
-                               "taxonomy_version": taxonomy.version, "config": asdict(cfg)}
+    stats = asdict(summary) | {
+        "images_per_s": summary.images_per_s,
+        "taxonomy": taxonomy.to_dict(),
+        "taxonomy_version": taxonomy.version,
+        "config": asdict(cfg),
+    }
     storage.write_json(storage.join(out, "stats.json"), stats)
     total = summary.packed + summary.quarantined
     if total and summary.quarantined / total > cfg.max_failure_rate:
@@ -366,8 +460,13 @@ def _warm_workers() -> list:
     return [task.remote() for _ in range(max(1, min(cpus, 64)))]
 
 
-def _run_tasks(todo: list[tuple[int, list[CatalogRow]]], out: str, cfg: ShardConfig, schema: pa.Schema,
-               taxonomy: Taxonomy) -> tuple[int, float, tuple[float, float]]:
+def _run_tasks(
+    todo: list[tuple[int, list[CatalogRow]]],
+    out: str,
+    cfg: ShardConfig,
+    schema: pa.Schema,
+    taxonomy: Taxonomy,
+) -> tuple[int, float, tuple[float, float]]:
     """One Ray task per shard; progress logged every few seconds; a task that fails for good fails the job.
 
     Returns the number of products packed, the CPU seconds the tasks used and (first start, last end).
@@ -396,20 +495,35 @@ def _run_tasks(todo: list[tuple[int, list[CatalogRow]]], out: str, cfg: ShardCon
         if time.time() - last > 5 or not pending:
             rate = rows_done / max(time.time() - t_start, 1e-9)
             eta = (total_rows - rows_done) / rate if rate else float("nan")
-            log.info("shard: %d/%d shards, %d/%d products (%d packed), %.0f img/s, eta %.0f s",
-                     finished, len(todo), rows_done, total_rows, packed, rate, eta)
+            log.info(
+                "shard: %d/%d shards, %d/%d products (%d packed), %.0f img/s, eta %.0f s",
+                finished,
+                len(todo),
+                rows_done,
+                total_rows,
+                packed,
+                rate,
+                eta,
+            )
             last = time.time()
     return packed, cpu, (span[0], span[1])
 
 
-def _merge(out: str, n_shards: int, schema: pa.Schema, catalog_rejects: list[Rejected]
-           ) -> tuple[pa.Table, pa.Table]:
+def _merge(
+    out: str, n_shards: int, schema: pa.Schema, catalog_rejects: list[Rejected]
+) -> tuple[pa.Table, pa.Table]:
     parts = storage.join(out, "_parts")
-    index = [storage.read_parquet(storage.join(parts, f"{shard_name(i)}.parquet"), schema=schema)
-             for i in range(n_shards)]
+    index = [
+        storage.read_parquet(storage.join(parts, f"{shard_name(i)}.parquet"), schema=schema)
+        for i in range(n_shards)
+    ]
     quarantine = [pa.Table.from_pylist([r.as_row() for r in catalog_rejects], schema=QUARANTINE_SCHEMA)]
-    quarantine += [storage.read_parquet(storage.join(parts, f"{shard_name(i)}.quarantine.parquet"),
-                                        schema=QUARANTINE_SCHEMA) for i in range(n_shards)]
+    quarantine += [
+        storage.read_parquet(
+            storage.join(parts, f"{shard_name(i)}.quarantine.parquet"), schema=QUARANTINE_SCHEMA
+        )
+        for i in range(n_shards)
+    ]
     return (pa.concat_tables(index) if index else schema.empty_table(), pa.concat_tables(quarantine))
 
 

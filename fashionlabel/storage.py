@@ -64,8 +64,10 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path within it) for a local path or an s3:// URI."""
     uri = str(uri)
     if is_s3(uri):
-        creds = tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                  "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+        creds = tuple(
+            os.environ.get(k)
+            for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+        )
         fs = _s3fs(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_REGION"), creds)
         return fs, uri[len("s3://") :]
     if uri.startswith("file://"):
@@ -90,9 +92,7 @@ def listdir(uri: str | Path, suffix: str = "") -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as e:
         raise StorageError(f"cannot list {uri}: {_clean(e)}") from e
-    return sorted(
-        i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
-    )
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
 
 
 def read_bytes(uri: str | Path) -> bytes:

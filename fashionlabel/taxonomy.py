@@ -157,7 +157,9 @@ class Taxonomy:
             if h.values is not None and parent.values is not None:
                 bad = [v for v in h.values if h.parent_map.get(v) not in parent.index]
                 if bad:
-                    raise TaxonomyError(f"head {h.name!r}: values without a parent in {h.parent!r}: {bad[:5]}")
+                    raise TaxonomyError(
+                        f"head {h.name!r}: values without a parent in {h.parent!r}: {bad[:5]}"
+                    )
 
     def to_dict(self) -> dict[str, Any]:
         heads = []
@@ -214,7 +216,9 @@ class Taxonomy:
 
     # ---- labels -------------------------------------------------------------------------------
     def is_unknown(self, raw: Any) -> bool:
-        return raw is None or (isinstance(raw, float) and raw != raw) or str(raw).strip() in self.unknown_values
+        return (
+            raw is None or (isinstance(raw, float) and raw != raw) or str(raw).strip() in self.unknown_values
+        )
 
     def labels_from_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """Catalog row → {head: value | None} for single heads, {head: [values]} | None for multi heads.

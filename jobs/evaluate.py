@@ -1,6 +1,6 @@
 """Job entry point for `fashionlabel evaluate` (see `fashionlabel evaluate --help`).
 
-    ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.evaluate ARGS...
+ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.evaluate ARGS...
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Job entry point for `fashionlabel label` (see `fashionlabel label --help`).
 
-    ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.label ARGS...
+ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.label ARGS...
 """
 
 import sys

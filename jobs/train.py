@@ -1,6 +1,6 @@
 """Job entry point for `fashionlabel train` (see `fashionlabel train --help`).
 
-    ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.train ARGS...
+ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.train ARGS...
 """
 
 import sys

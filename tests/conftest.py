@@ -27,8 +27,9 @@ def ray_session(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("ray")
     os.environ["RAY_TMPDIR"] = str(tmp)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp), logging_level="WARNING",
-             log_to_driver=False)
+    ray.init(
+        num_cpus=2, include_dashboard=False, _temp_dir=str(tmp), logging_level="WARNING", log_to_driver=False
+    )
     try:
         yield ray
     finally:
@@ -85,8 +86,12 @@ def small_shards(ray_session, small_catalog, tmp_path_factory) -> Path:
     from fashionlabel.taxonomy import Taxonomy
 
     out = tmp_path_factory.mktemp("shards")
-    shard_catalog(str(small_catalog), str(out), Taxonomy.load("fashion-product-images"),
-                  ShardConfig(samples_per_shard=150))
+    shard_catalog(
+        str(small_catalog),
+        str(out),
+        Taxonomy.load("fashion-product-images"),
+        ShardConfig(samples_per_shard=150),
+    )
     return out
 
 

@@ -16,13 +16,24 @@ TAX = Taxonomy.load("fashion-product-images")
 def make_rows(ids: list[str], night: str, article: str, sha: str = "a", review: bool = False) -> pa.Table:
     rows = []
     for i, pid in enumerate(ids):
-        r = {"product_id": pid, "image_sha256": f"{sha}{pid}", "model_version": "m1", "taxonomy_version": TAX.version,
-             "run_id": f"{night}-x", "labeled_at": dt.datetime.fromisoformat(f"{night}T02:00:00+00:00"),
-             "needs_review": review and i % 2 == 0, "error": None}
+        r = {
+            "product_id": pid,
+            "image_sha256": f"{sha}{pid}",
+            "model_version": "m1",
+            "taxonomy_version": TAX.version,
+            "run_id": f"{night}-x",
+            "labeled_at": dt.datetime.fromisoformat(f"{night}T02:00:00+00:00"),
+            "needs_review": review and i % 2 == 0,
+            "error": None,
+        }
         for h in TAX.heads:
             if h.kind == "single":
                 v = article if h.name == "articleType" else h.values[0]
-                r |= {h.name: v, f"{h.name}_score": 0.5 + i / 100, f"{h.name}_topk": [{"label": v, "score": 0.5}]}
+                r |= {
+                    h.name: v,
+                    f"{h.name}_score": 0.5 + i / 100,
+                    f"{h.name}_topk": [{"label": v, "score": 0.5}],
+                }
             else:
                 r |= {h.name: [h.values[0]], f"{h.name}_scores": [{"label": h.values[0], "score": 0.9}]}
         rows.append(r)
@@ -30,10 +41,17 @@ def make_rows(ids: list[str], night: str, article: str, sha: str = "a", review: 
 
 
 def add_night(labels: str, night: str, table: pa.Table, members: set[str]) -> None:
-    storage.write_parquet(table, storage.join(labels, "history", f"run_date={night}", "part-shard-000000.parquet"))
+    storage.write_parquet(
+        table, storage.join(labels, "history", f"run_date={night}", "part-shard-000000.parquet")
+    )
     prev = latest.snapshots(labels)
-    snap = latest.merge(latest.read_snapshot(labels, prev[-1]) if prev else None, table, night, members,
-                        latest.latest_schema(TAX))
+    snap = latest.merge(
+        latest.read_snapshot(labels, prev[-1]) if prev else None,
+        table,
+        night,
+        members,
+        latest.latest_schema(TAX),
+    )
     latest.publish(labels, night, snap)
 
 
@@ -41,5 +59,7 @@ def two_nights(labels: str) -> None:
     ids = [f"p{i:02d}" for i in range(20)]
     add_night(labels, "2026-05-01", make_rows(ids, "2026-05-01", "Tshirts"), set(ids))
     # night 2: p00-p01 gone, p20-p21 new, p02-p05 new images now labelled Shirts (half need review)
-    tonight = make_rows(["p02", "p03", "p04", "p05", "p20", "p21"], "2026-05-02", "Shirts", sha="b", review=True)
+    tonight = make_rows(
+        ["p02", "p03", "p04", "p05", "p20", "p21"], "2026-05-02", "Shirts", sha="b", review=True
+    )
     add_night(labels, "2026-05-02", tonight, set(ids[2:]) | {"p20", "p21"})

@@ -53,17 +53,34 @@ class S3Server:
 
     def start(self, timeout: float = 30.0) -> None:
         b = self.base
-        ports = {"s3.port": b, "master.port": b + 1, "volume.port": b + 2, "filer.port": b + 3,
-                 "admin.port": b + 4, "webdav.port": b + 5, "s3.port.iceberg": b + 6, "s3.port.lance": b + 7,
-                 "debug.port": b + 8, "s3.metricsPort": b + 9}
+        ports = {
+            "s3.port": b,
+            "master.port": b + 1,
+            "volume.port": b + 2,
+            "filer.port": b + 3,
+            "admin.port": b + 4,
+            "webdav.port": b + 5,
+            "s3.port.iceberg": b + 6,
+            "s3.port.lance": b + 7,
+            "debug.port": b + 8,
+            "s3.metricsPort": b + 9,
+        }
         # Like AWS S3, a PUT into a bucket that does not exist fails (SeaweedFS would create it for admins).
-        args = [_weed(), "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
-                "-s3.autoCreateBucket=false"]
+        args = [
+            _weed(),
+            "mini",
+            f"-dir={self.dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-admin.ui=false",
+            "-s3.autoCreateBucket=false",
+        ]
         args += [f"-{k}={v}" for k, v in ports.items()]
         env = os.environ | {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         log = open(self.dir / "weed.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -73,7 +90,9 @@ class S3Server:
                 return
             except Exception:  # noqa: BLE001 - not up yet
                 time.sleep(0.3)
-        raise RuntimeError(f"S3 server not ready after {timeout}s: {(self.dir / 'weed.log').read_text()[-2000:]}")
+        raise RuntimeError(
+            f"S3 server not ready after {timeout}s: {(self.dir / 'weed.log').read_text()[-2000:]}"
+        )
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -89,13 +108,22 @@ class S3Server:
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-                            aws_secret_access_key=secret, region_name="us-east-1",
-                            config=Config(retries={"max_attempts": 2}, connect_timeout=3, read_timeout=10))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=secret,
+            region_name="us-east-1",
+            config=Config(retries={"max_attempts": 2}, connect_timeout=3, read_timeout=10),
+        )
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                "AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": "us-east-1"}
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": "us-east-1",
+        }
 
     def make_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)

@@ -25,12 +25,14 @@ from fashionlabel.taxonomy import Taxonomy
 
 def test_csv_bom_quotes_and_malformed_lines(tmp_path):
     p = tmp_path / "c.csv"
-    p.write_bytes("\ufeffname,product_id,image_uri\n"
-                  '"Shirt, blue",A1,a.jpg\n'
-                  "short,A2\n"
-                  'x,A3,b.jpg,extra\n'
-                  "\n"
-                  "ok,A4,c.jpg\n".encode())
+    p.write_bytes(
+        "\ufeffname,product_id,image_uri\n"
+        '"Shirt, blue",A1,a.jpg\n'
+        "short,A2\n"
+        "x,A3,b.jpg,extra\n"
+        "\n"
+        "ok,A4,c.jpg\n".encode()
+    )
     rows, bad = read_catalog(p)
     assert [r["product_id"] for r in rows] == ["A1", "A4"] and rows[0]["name"] == "Shirt, blue"
     # the product_id of a malformed line is taken from its own column, not from the first field
@@ -39,25 +41,37 @@ def test_csv_bom_quotes_and_malformed_lines(tmp_path):
 
 
 def test_parquet_keeps_ids_exact_and_nulls(tmp_path):
-    t = pa.table({"product_id": pa.array([1623, 17, None], pa.int64()),
-                  "image_uri": ["a.jpg", None, "c.jpg"], "year": pa.array([2011.0, None, 2012.5])})
+    t = pa.table(
+        {
+            "product_id": pa.array([1623, 17, None], pa.int64()),
+            "image_uri": ["a.jpg", None, "c.jpg"],
+            "year": pa.array([2011.0, None, 2012.5]),
+        }
+    )
     pq.write_table(t, tmp_path / "c.parquet")
     rows, bad = read_catalog(tmp_path / "c.parquet")
     assert [r["product_id"] for r in rows] == ["1623", "17", None]  # never "1623.0"
     assert rows[1]["image_uri"] is None and rows[0]["year"] == "2011.0" and bad == []
     ok, rej = check_ids(rows, str(tmp_path / "c.parquet"))
     assert [r.product_id for r in ok] == ["1623"]
-    assert [(r.product_id, r.reason) for r in rej] == [("17", "missing_image_uri"), ("", "missing_product_id")]
+    assert [(r.product_id, r.reason) for r in rej] == [
+        ("17", "missing_image_uri"),
+        ("", "missing_product_id"),
+    ]
 
 
 def test_jsonl_objects_lists_and_broken_lines(tmp_path):
     p = tmp_path / "c.jsonl"
-    p.write_text("\n".join([
-        json.dumps({"product_id": 5, "image_uri": "a.jpg", "tags": ["x", "y"]}),
-        '{"product_id": "6", "image_uri": ',
-        "[1, 2]",
-        json.dumps({"image_uri": "b.jpg"}),  # no product_id key at all
-    ]))
+    p.write_text(
+        "\n".join(
+            [
+                json.dumps({"product_id": 5, "image_uri": "a.jpg", "tags": ["x", "y"]}),
+                '{"product_id": "6", "image_uri": ',
+                "[1, 2]",
+                json.dumps({"image_uri": "b.jpg"}),  # no product_id key at all
+            ]
+        )
+    )
     rows, bad = read_catalog(p)
     assert rows[0] == {"product_id": "5", "image_uri": "a.jpg", "tags": ["x", "y"]}
     assert [b.reason for b in bad] == ["malformed_row", "malformed_row"]
@@ -65,11 +79,14 @@ def test_jsonl_objects_lists_and_broken_lines(tmp_path):
     assert [r.reason for r in rej] == ["missing_product_id"]
 
 
-@pytest.mark.parametrize("content,match", [
-    (b"", "is empty"),
-    (b"id,url\n1,a.jpg\n", "needs columns product_id and image_uri"),
-    (b"product_id,product_id,image_uri\n", "duplicate columns"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", "is empty"),
+        (b"id,url\n1,a.jpg\n", "needs columns product_id and image_uri"),
+        (b"product_id,product_id,image_uri\n", "duplicate columns"),
+    ],
+)
 def test_unusable_catalogs_raise(tmp_path, content, match):
     (tmp_path / "c.csv").write_bytes(content)
     with pytest.raises(CatalogError, match=match):
@@ -83,17 +100,38 @@ def test_unusable_catalogs_raise(tmp_path, content, match):
 
 def test_ids_duplicates_and_labels():
     tax = Taxonomy.load("fashion-product-images")
-    rows = [{"product_id": p, "image_uri": "x.jpg", "gender": g} for p, g in
-            [("a1", "Men"), ("a1", "Women"), ("a-2_B", "Martian"), ("a/b", "Men"), ("..", "Men"),
-             ("é", "Men"), ("a b", "Men"), ("", "Men"), (" ", "Men"), ("x" * 129, "Men"), ("ok", "NA")]]
+    rows = [
+        {"product_id": p, "image_uri": "x.jpg", "gender": g}
+        for p, g in [
+            ("a1", "Men"),
+            ("a1", "Women"),
+            ("a-2_B", "Martian"),
+            ("a/b", "Men"),
+            ("..", "Men"),
+            ("é", "Men"),
+            ("a b", "Men"),
+            ("", "Men"),
+            (" ", "Men"),
+            ("x" * 129, "Men"),
+            ("ok", "NA"),
+        ]
+    ]
     valid, bad = validate(rows, "/cat/catalog.csv", tax)
     assert [(v.product_id, v.labels["gender"]) for v in valid] == [("a1", "Men"), ("ok", None)]
     assert valid[0].image_uri == "/cat/x.jpg" and valid[0].key == "a1"
-    assert sorted((b.product_id, b.reason) for b in bad) == sorted([
-        ("a1", "duplicate_product_id"), ("a-2_B", "label_outside_taxonomy"),
-        ("a/b", "invalid_product_id"), ("..", "invalid_product_id"), ("é", "invalid_product_id"),
-        ("a b", "invalid_product_id"), ("", "missing_product_id"), (" ", "missing_product_id"),
-        ("x" * 129, "invalid_product_id")])
+    assert sorted((b.product_id, b.reason) for b in bad) == sorted(
+        [
+            ("a1", "duplicate_product_id"),
+            ("a-2_B", "label_outside_taxonomy"),
+            ("a/b", "invalid_product_id"),
+            ("..", "invalid_product_id"),
+            ("é", "invalid_product_id"),
+            ("a b", "invalid_product_id"),
+            ("", "missing_product_id"),
+            (" ", "missing_product_id"),
+            ("x" * 129, "invalid_product_id"),
+        ]
+    )
     assert {b.reason for b in bad} <= set(REASONS)
 
 

@@ -9,14 +9,19 @@ from jobs import shard_catalog
 
 @pytest.mark.parametrize("cmd", ["shard", "train", "evaluate", "label", "report", "demo"])
 def test_help(cmd):
-    r = subprocess.run([sys.executable, "-m", "fashionlabel.cli", cmd, "--help"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "fashionlabel.cli", cmd, "--help"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and "usage: fashionlabel" in r.stdout
 
 
 def test_shard_job_main_and_clear_failure(ray_session, small_catalog, tmp_path, capsys):
-    assert shard_catalog.main(["--catalog", str(small_catalog), "--out", str(tmp_path / "s"),
-                               "--samples-per-shard", "400"]) == 0
+    assert (
+        shard_catalog.main(
+            ["--catalog", str(small_catalog), "--out", str(tmp_path / "s"), "--samples-per-shard", "400"]
+        )
+        == 0
+    )
     assert pq.read_table(tmp_path / "s" / "index.parquet").num_rows == 600
     out = capsys.readouterr().out
     assert "packed" in out and "image_not_found 6" in out

@@ -45,14 +45,17 @@ def test_exif_orientation_is_applied():
     assert bottom[2] > 200 and bottom[0] < 60
 
 
-@pytest.mark.parametrize("mode,fmt,expect", [
-    ("CMYK", "JPEG", (255, 255, 0)),   # yellow in CMYK
-    ("L", "PNG", (128, 128, 128)),
-    ("1", "PNG", (255, 255, 255)),
-    ("RGB", "WEBP", (10, 200, 30)),
-    ("RGB", "BMP", (10, 200, 30)),
-    ("RGB", "TIFF", (10, 200, 30)),
-])
+@pytest.mark.parametrize(
+    "mode,fmt,expect",
+    [
+        ("CMYK", "JPEG", (255, 255, 0)),  # yellow in CMYK
+        ("L", "PNG", (128, 128, 128)),
+        ("1", "PNG", (255, 255, 255)),
+        ("RGB", "WEBP", (10, 200, 30)),
+        ("RGB", "BMP", (10, 200, 30)),
+        ("RGB", "TIFF", (10, 200, 30)),
+    ],
+)
 def test_any_mode_becomes_rgb(mode, fmt, expect):
     colour = {"CMYK": (0, 0, 255, 0), "L": 128, "1": 1, "RGB": (10, 200, 30)}[mode]
     jpg, _, _ = normalise(encode(Image.new(mode, (32, 24), colour), fmt), **KW)
@@ -62,7 +65,7 @@ def test_any_mode_becomes_rgb(mode, fmt, expect):
 
 def test_alpha_and_palette_transparency_go_on_white():
     rgba = Image.new("RGBA", (32, 32), (255, 0, 0, 0))  # fully transparent red
-    rgba.paste((0, 0, 255, 255), (0, 0, 16, 32))        # opaque blue left half
+    rgba.paste((0, 0, 255, 255), (0, 0, 16, 32))  # opaque blue left half
     out = decoded(normalise(encode(rgba, "PNG"), **KW)[0])
     assert out.getpixel((24, 16)) >= (245, 245, 245) and out.getpixel((4, 16))[2] > 230
     la = decoded(normalise(encode(Image.new("LA", (32, 32), (0, 0)), "PNG"), **KW)[0])
@@ -110,16 +113,23 @@ def test_animated_gif_first_frame():
 def _png_header_only(w: int, h: int) -> bytes:
     def chunk(t: bytes, d: bytes) -> bytes:
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
-        chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_reject_reasons():
-    jpg = encode(Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 300, 3), dtype=np.uint8)),
-                 "JPEG")
-    png = encode(Image.fromarray(np.random.default_rng(2).integers(0, 255, (200, 300, 3), dtype=np.uint8)),
-                 "PNG")
+    jpg = encode(
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 300, 3), dtype=np.uint8)), "JPEG"
+    )
+    png = encode(
+        Image.fromarray(np.random.default_rng(2).integers(0, 255, (200, 300, 3), dtype=np.uint8)), "PNG"
+    )
     assert reason(b"") == "image_empty"
     assert reason(b"<html><body>404</body></html>") == "not_an_image"
     assert reason(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n") == "not_an_image"  # never run gs

@@ -22,8 +22,20 @@ from fashionlabel.taxonomy import Taxonomy
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 NIGHTLY_ROOT = "s3://fashionlabel-nightly/nightly"
-DOCKER_INSTRUCTIONS = {"FROM", "ARG", "ENV", "RUN", "COPY", "WORKDIR", "USER", "CMD", "ENTRYPOINT", "LABEL",
-                       "EXPOSE", "SHELL"}
+DOCKER_INSTRUCTIONS = {
+    "FROM",
+    "ARG",
+    "ENV",
+    "RUN",
+    "COPY",
+    "WORKDIR",
+    "USER",
+    "CMD",
+    "ENTRYPOINT",
+    "LABEL",
+    "EXPOSE",
+    "SHELL",
+}
 
 
 def _docker_lines() -> list[tuple[str, str]]:
@@ -68,13 +80,18 @@ def test_k8s_manifest_runs_the_nightly_job_with_real_flags():
     assert args.root == NIGHTLY_ROOT and args.catalog.startswith("s3://fashionlabel-catalog/catalog/")
     assert args.model == "/opt/fashionlabel/model" and args.date == "2026-03-01"
     spec = job["spec"]["rayClusterSpec"]
-    assert spec["rayVersion"] == "2.60.0" and spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert (
+        spec["rayVersion"] == "2.60.0"
+        and spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    )
     gpu = spec["workerGroupSpecs"][0]
     assert gpu["minReplicas"] == 0 < gpu["maxReplicas"]
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     image = yaml.safe_load((ROOT / "cluster.yaml").read_text())["docker"]["image"]
     assert image in (INFRA / "Dockerfile").read_text()
-    assert {c["image"] for g in [spec["headGroupSpec"], gpu] for c in g["template"]["spec"]["containers"]} == {image}
+    assert {
+        c["image"] for g in [spec["headGroupSpec"], gpu] for c in g["template"]["spec"]["containers"]
+    } == {image}
 
 
 def _hive(t: pa.DataType) -> str:
@@ -83,12 +100,15 @@ def _hive(t: pa.DataType) -> str:
     if pa.types.is_struct(t):
         return "struct<" + ",".join(f"{f.name}:{_hive(f.type)}" for f in t) + ">"
     return {"string": "string", "float": "float", "bool": "boolean", "date32[day]": "date"}.get(
-        str(t), "timestamp" if pa.types.is_timestamp(t) else str(t))
+        str(t), "timestamp" if pa.types.is_timestamp(t) else str(t)
+    )
 
 
 def _ddl_columns(table: str) -> list[tuple[str, str]]:
     sql = (INFRA / "athena" / "tables.sql").read_text()
-    body = re.search(rf"CREATE EXTERNAL TABLE IF NOT EXISTS fashionlabel\.{table} \((.*?)\n\)", sql, re.S).group(1)
+    body = re.search(
+        rf"CREATE EXTERNAL TABLE IF NOT EXISTS fashionlabel\.{table} \((.*?)\n\)", sql, re.S
+    ).group(1)
     return re.findall(r"`(\w+)` ([^\n]+?),?$", body, re.M)
 
 
@@ -103,7 +123,9 @@ def test_athena_locations_are_where_the_code_writes(tmp_path):
     sql = (INFRA / "athena" / "tables.sql").read_text()
     layout = Layout(NIGHTLY_ROOT)
     assert f"LOCATION '{layout.labels}/history/'" in sql
-    assert "PARTITIONED BY (`run_date` string)" in sql and layout.history("2026-03-01").endswith("run_date=2026-03-01")
+    assert "PARTITIONED BY (`run_date` string)" in sql and layout.history("2026-03-01").endswith(
+        "run_date=2026-03-01"
+    )
     # latest's table reads the symlink manifest that publish() writes: check on a real publish
     tax = Taxonomy.load("fashion-product-images")
     publish(str(tmp_path), "2026-03-01", latest_schema(tax).empty_table())
@@ -118,14 +140,22 @@ def test_s3_policy_is_least_privilege_and_covers_every_output():
     actions = {a for s in st for a in s["Action"]}
     assert "s3:*" not in actions and "*" not in actions
     resources = [r for s in st for r in s["Resource"]]
-    assert {r.split(":::")[1].split("/")[0] for r in resources} == {"fashionlabel-catalog", "fashionlabel-nightly"}
+    assert {r.split(":::")[1].split("/")[0] for r in resources} == {
+        "fashionlabel-catalog",
+        "fashionlabel-nightly",
+    }
     writes = [r for s in st if {"s3:PutObject", "s3:DeleteObject"} & set(s["Action"]) for r in s["Resource"]]
     assert writes and not any("fashionlabel-catalog" in r for r in writes)  # the catalog is read-only
     put = [r.split(":::")[1] for s in st if "s3:PutObject" in s["Action"] for r in s["Resource"]]
     layout = Layout(NIGHTLY_ROOT)
-    outputs = [layout.night_shards("2026-03-01") + "/shard-000000.tar", layout.history("2026-03-01") + "/p.parquet",
-               layout.labels + "/latest/_CURRENT.json", layout.report("2026-03-01"), layout.manifest("2026-03-01"),
-               layout.relabel_work("2026-03-01", "2026-02-01") + "/x"]
+    outputs = [
+        layout.night_shards("2026-03-01") + "/shard-000000.tar",
+        layout.history("2026-03-01") + "/p.parquet",
+        layout.labels + "/latest/_CURRENT.json",
+        layout.report("2026-03-01"),
+        layout.manifest("2026-03-01"),
+        layout.relabel_work("2026-03-01", "2026-02-01") + "/x",
+    ]
     for uri in outputs:
         assert any(fnmatch.fnmatch(uri.removeprefix("s3://"), p) for p in put), uri
     get = [r.split(":::")[1] for s in st if "s3:GetObject" in s["Action"] for r in s["Resource"]]

@@ -40,12 +40,27 @@ def ray_cluster():
     tmp = tempfile.mkdtemp(prefix="flray-", dir="/tmp")  # short: Ray's unix sockets live under it
     dash = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONPATH"}
-    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-           "--num-cpus=2", f"--temp-dir={tmp}", "--disable-usage-stats"]
+    env |= {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={_free_port()}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
+        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        "--num-cpus=2",
+        f"--temp-dir={tmp}",
+        "--disable-usage-stats",
+    ]
     try:
         subprocess.run(cmd, env=env, check=True, timeout=240, capture_output=True)
         yield {"address": f"http://127.0.0.1:{dash}", "env": env}
@@ -69,13 +84,43 @@ def test_ray_job_submit_nightly(ray_cluster, tiny_model, tmp_path):
     good = [r for r in sample_rows() if Path(r["image_uri"]).exists()][2000:2030]
     catalog = write_catalog(tmp_path / "catalog.csv", good)
     root = tmp_path / "root"
-    runtime_env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
-                   "excludes": [".git", "examples/sample/images", "demo-out", "*.tar", "tests"]}
+    runtime_env = {
+        "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
+        "excludes": [".git", "examples/sample/images", "demo-out", "*.tar", "tests"],
+    }
     sid = f"nightly-test-{secrets.token_hex(4)}"
-    sub = _ray(["job", "submit", "--address", address, "--submission-id", sid, "--no-wait",
-                "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--",
-                "python", "-m", "jobs.nightly", "--catalog", str(catalog), "--model", str(tiny_model),
-                "--root", str(root), "--date", "2026-04-01", "--samples-per-shard", "30", "--actors", "1"], env)
+    sub = _ray(
+        [
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--submission-id",
+            sid,
+            "--no-wait",
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "-m",
+            "jobs.nightly",
+            "--catalog",
+            str(catalog),
+            "--model",
+            str(tiny_model),
+            "--root",
+            str(root),
+            "--date",
+            "2026-04-01",
+            "--samples-per-shard",
+            "30",
+            "--actors",
+            "1",
+        ],
+        env,
+    )
     assert sub.returncode == 0, sub.stderr
     deadline, status = time.time() + 1000, ""
     while time.time() < deadline:
@@ -88,7 +133,11 @@ def test_ray_job_submit_nightly(ray_cluster, tiny_model, tmp_path):
     assert "== nightly" in logs and "30 / 0 / 0" in logs  # the summary: 30 new, 0 changed, 0 unchanged
     manifest = json.loads((root / "manifests" / "2026-04-01.json").read_text())
     assert manifest["status"] == "complete" and manifest["labelled"] == 30
-    got = duckdb.connect().execute(
-        f"SELECT count(*), count(DISTINCT product_id) FROM '{root}/labels/latest/snapshots/2026-04-01/*.parquet'"
-    ).fetchall()
+    got = (
+        duckdb.connect()
+        .execute(
+            f"SELECT count(*), count(DISTINCT product_id) FROM '{root}/labels/latest/snapshots/2026-04-01/*.parquet'"
+        )
+        .fetchall()
+    )
     assert got == [(30, 30)]

@@ -18,7 +18,9 @@ from fashionlabel.label.schema import labels_schema
 from fashionlabel.shards import iter_shard, list_shards
 from fashionlabel.taxonomy import Taxonomy
 
-ONE_ROW_PER_PRODUCT = "SELECT count(*), count(DISTINCT product_id) FROM read_parquet('{}/history/*/*.parquet')"
+ONE_ROW_PER_PRODUCT = (
+    "SELECT count(*), count(DISTINCT product_id) FROM read_parquet('{}/history/*/*.parquet')"
+)
 
 
 def _count(out) -> tuple[int, int]:
@@ -41,8 +43,11 @@ def odd_shards(small_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("odd-shards")
     uris = list_shards(str(small_shards))
     _rewrite_shard(uris[0], out / "shard-000000.tar", lambda i, n, b: b)
-    _rewrite_shard(uris[1], out / "shard-000001.tar",
-                   lambda i, n, b: b[:40] + b"\x00garbage" * 64 if n.endswith(".jpg") and i == 6 else b)
+    _rewrite_shard(
+        uris[1],
+        out / "shard-000001.tar",
+        lambda i, n, b: b[:40] + b"\x00garbage" * 64 if n.endswith(".jpg") and i == 6 else b,
+    )
     return out
 
 
@@ -84,8 +89,14 @@ def test_labels_stream_back_shard_by_shard(ray_session, small_shards, tiny_model
     # args), one actor call would receive every shard URI at once and nothing would come back before the
     # very end. With reads in the actor, each call is one shard.
     sizes: list[int] = []
-    s = label_shards(str(small_shards), str(tiny_model), str(tmp_path / "labels"), "2026-01-01",
-                     LabelConfig(actors=2, batch_size=64, read=read), progress=sizes.append)
+    s = label_shards(
+        str(small_shards),
+        str(tiny_model),
+        str(tmp_path / "labels"),
+        "2026-01-01",
+        LabelConfig(actors=2, batch_size=64, read=read),
+        progress=sizes.append,
+    )
     assert s["labelled"] == sum(sizes) == 600
     assert len(sizes) >= 4 and max(sizes) <= 150, sizes
 
@@ -115,21 +126,30 @@ def test_label_schema_rows_rerun_and_equal_to_predictor(ray_session, small_shard
     got = pq.read_table(run).sort_by("product_id")
     pred = Predictor(tiny_model, device="cpu")
     samples = load_samples(list_shards(str(small_shards)), pred.taxonomy, pred.size)
-    want = (pa.Table.from_pylist(pred.label_rows(samples.images))
-            .append_column("product_id", pa.array(samples.product_ids))
-            .append_column("image_sha256", pa.array(samples.sha256)).sort_by("product_id"))
+    want = (
+        pa.Table.from_pylist(pred.label_rows(samples.images))
+        .append_column("product_id", pa.array(samples.product_ids))
+        .append_column("image_sha256", pa.array(samples.sha256))
+        .sort_by("product_id")
+    )
     for col in ["product_id", "image_sha256", "needs_review", *(h.name for h in tax.heads)]:
         assert got[col].to_pylist() == want[col].to_pylist(), col
     for h in tax.single_heads:
         assert np.allclose(got[f"{h.name}_score"].to_numpy(), want[f"{h.name}_score"].to_numpy(), atol=1e-5)
 
+
 def test_corrupt_image_error_row_incremental_and_device_decode(ray_session, odd_shards, tiny_model, tmp_path):
     out = tmp_path / "labels"
     first = label_shards(str(odd_shards), str(tiny_model), str(out), "2026-01-01")
     assert (first["labelled"], first["errored"], first["skipped"]) == (299, 1, 0)
-    bad = duckdb.connect().execute(
-        f"SELECT product_id, error, articleType, gender_score, attributes, needs_review "
-        f"FROM '{out}/history/*/*.parquet' WHERE error IS NOT NULL").fetchall()
+    bad = (
+        duckdb.connect()
+        .execute(
+            f"SELECT product_id, error, articleType, gender_score, attributes, needs_review "
+            f"FROM '{out}/history/*/*.parquet' WHERE error IS NOT NULL"
+        )
+        .fetchall()
+    )
     assert len(bad) == 1 and bad[0][1].startswith("undecodable image") and bad[0][2:5] == (None, None, None)
     assert bad[0][5] is True
 
@@ -149,9 +169,14 @@ def test_corrupt_image_error_row_incremental_and_device_decode(ray_session, odd_
     _rewrite_shard(str(odd_shards / "shard-000001.tar"), tmp / "shard-000001.tar", lambda i, n, b: b)
     nxt = label_shards(str(tmp), str(tiny_model), str(out), "2026-01-02", incremental=True)
     assert (nxt["labelled"], nxt["errored"], nxt["skipped"]) == (1, 1, 298)
-    rows = duckdb.connect().execute(
-        f"SELECT product_id, image_sha256 FROM '{out}/history/run_date=2026-01-02/*.parquet' "
-        f"WHERE error IS NULL").fetchall()
+    rows = (
+        duckdb.connect()
+        .execute(
+            f"SELECT product_id, image_sha256 FROM '{out}/history/run_date=2026-01-02/*.parquet' "
+            f"WHERE error IS NULL"
+        )
+        .fetchall()
+    )
     assert rows == list(changed.items())
     success = json.loads((out / "history" / "run_date=2026-01-02" / "_SUCCESS").read_text())
     assert (success["rows"], success["skipped"], success["files"]) == (2, 298, 2)
@@ -161,13 +186,19 @@ def test_corrupt_image_error_row_incremental_and_device_decode(ray_session, odd_
 
     # decode on the actor's device (nvJPEG on a GPU; libjpeg-turbo here): same rows, same error,
     # and labels that agree with PIL decode up to resampling differences
-    dev = label_shards(str(odd_shards), str(tiny_model), str(tmp_path / "dev"), "2026-01-01",
-                       LabelConfig(decode="gpu"))
+    dev = label_shards(
+        str(odd_shards), str(tiny_model), str(tmp_path / "dev"), "2026-01-01", LabelConfig(decode="gpu")
+    )
     assert (dev["labelled"], dev["errored"], dev["decode"]) == (299, 1, "gpu")
-    agree = duckdb.connect().execute(
-        f"SELECT avg((a.articleType = b.articleType)::INT), count(*) "
-        f"FROM '{out}/history/run_date=2026-01-01/*.parquet' a "
-        f"JOIN '{tmp_path}/dev/history/*/*.parquet' b USING (product_id) WHERE a.error IS NULL").fetchall()
+    agree = (
+        duckdb.connect()
+        .execute(
+            f"SELECT avg((a.articleType = b.articleType)::INT), count(*) "
+            f"FROM '{out}/history/run_date=2026-01-01/*.parquet' a "
+            f"JOIN '{tmp_path}/dev/history/*/*.parquet' b USING (product_id) WHERE a.error IS NULL"
+        )
+        .fetchall()
+    )
     assert agree[0][1] == 299 and agree[0][0] >= 0.9
 
 
@@ -197,7 +228,8 @@ def test_reader_reads_s3_shard_in_one_get(s3, odd_shards):
     bucket = s3.make_bucket("shards-in")
     s3.client().upload_file(str(odd_shards / "shard-000001.tar"), bucket, "set/shard-000001.tar")
     assert shard_samples(f"s3://{bucket}/set/shard-000001.tar") == shard_samples(
-        str(odd_shards / "shard-000001.tar"))
+        str(odd_shards / "shard-000001.tar")
+    )
 
 
 def test_cpu_forward_in_cache_sized_pieces_gives_the_same_scores(tiny_model):

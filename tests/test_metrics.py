@@ -75,11 +75,14 @@ def test_single_head_metrics_and_confusion_match_sklearn():
     known = y >= 0
     assert m["n"] == known.sum()
     for k in (1, 3, 5):
-        assert np.isclose(m[f"top{k}"], top_k_accuracy_score(y[known], p[known], k=k,
-                                                              labels=range(head.num_classes)))
+        assert np.isclose(
+            m[f"top{k}"], top_k_accuracy_score(y[known], p[known], k=k, labels=range(head.num_classes))
+        )
     assert np.isclose(m["macro_f1"], f1_score(y[known], p[known].argmax(1), average="macro"))
-    assert (confusion(p.argmax(1), y, head.num_classes) ==
-            confusion_matrix(y[known], p[known].argmax(1), labels=range(head.num_classes))).all()
+    assert (
+        confusion(p.argmax(1), y, head.num_classes)
+        == confusion_matrix(y[known], p[known].argmax(1), labels=range(head.num_classes))
+    ).all()
 
 
 def test_hierarchy_consistency_hand_computed_and_after_consistent_choice():
@@ -87,12 +90,25 @@ def test_hierarchy_consistency_hand_computed_and_after_consistent_choice():
     from fashionlabel.taxonomy import Taxonomy
     from fashionlabel.train.metrics import hierarchy_consistency
 
-    tax = Taxonomy.from_dict({"name": "t", "heads": [
-        {"name": "coarse", "kind": "single", "values": ["upper", "lower"]},
-        {"name": "fine", "kind": "single", "values": ["tee", "jeans", "skirt"], "parent": "coarse",
-         "parent_map": {"tee": "upper", "jeans": "lower", "skirt": "lower"}}]})
-    probs = {"coarse": np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]]),
-             "fine": np.array([[0.8, 0.1, 0.1], [0.1, 0.5, 0.4], [0.2, 0.3, 0.5], [0.1, 0.2, 0.7]])}
+    tax = Taxonomy.from_dict(
+        {
+            "name": "t",
+            "heads": [
+                {"name": "coarse", "kind": "single", "values": ["upper", "lower"]},
+                {
+                    "name": "fine",
+                    "kind": "single",
+                    "values": ["tee", "jeans", "skirt"],
+                    "parent": "coarse",
+                    "parent_map": {"tee": "upper", "jeans": "lower", "skirt": "lower"},
+                },
+            ],
+        }
+    )
+    probs = {
+        "coarse": np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]]),
+        "fine": np.array([[0.8, 0.1, 0.1], [0.1, 0.5, 0.4], [0.2, 0.3, 0.5], [0.1, 0.2, 0.7]]),
+    }
     # argmax pairs: (upper, tee) ok, (upper, jeans) no, (lower, skirt) ok, (upper, skirt) no → 2 of 4
     assert hierarchy_consistency(tax, probs) == {"coarse->fine": 0.5}
     chosen = consistent_choice(tax, probs)

@@ -85,6 +85,7 @@ def test_hierarchical_heads_attend_for_fine_levels_only():
 
 def test_model_sizes_follow_the_research():
     """Parameter counts of the trunks are those of the published architectures (heads excluded)."""
+
     def trunk(name):
         return count_params(create_model(name, TAX).trunk) / 1e6
 

@@ -25,8 +25,11 @@ def _good_and_bad():
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +51,16 @@ def nights(ray_session, tiny_model, tmp_path_factory):
     new = extra[:15]
     cat2 = write_catalog(tmp / "c2" / "catalog.csv", rows2 + new + bad)
     m2 = run_nightly(str(cat2), str(tiny_model), str(tmp / "root"), "2026-03-02", CFG)
-    return {"root": tmp / "root", "m1": m1, "m2": m2, "cat2": cat2, "gone": gone, "changed": changed,
-            "new": {r["product_id"] for r in new}, "all": {r["product_id"] for r in base + new}}
+    return {
+        "root": tmp / "root",
+        "m1": m1,
+        "m2": m2,
+        "cat2": cat2,
+        "gone": gone,
+        "changed": changed,
+        "new": {r["product_id"] for r in new},
+        "all": {r["product_id"] for r in base + new},
+    }
 
 
 def test_first_night(nights):
@@ -58,7 +69,9 @@ def test_first_night(nights):
     assert m["quarantined"] == 6 and m["reasons"] == {"image_not_found": 6}
     assert m["labelled"] == 300 and m["relabelled"] == 0 and m["errors"] == 0
     assert m["latest_rows"] == 300 and m["latest_inactive"] == 0
-    assert (root / "manifests" / "2026-03-01.json").is_file() and (root / "reports" / "2026-03-01.html").is_file()
+    assert (root / "manifests" / "2026-03-01.json").is_file() and (
+        root / "reports" / "2026-03-01.html"
+    ).is_file()
 
 
 def test_second_night_labels_only_new_and_changed(nights):
@@ -67,7 +80,8 @@ def test_second_night_labels_only_new_and_changed(nights):
     assert m["sharded"] == 30 and m["labelled"] == 30 and m["relabelled"] == 0
     con = duckdb.connect()
     night = con.execute(
-        f"SELECT product_id FROM '{root}/labels/history/run_date=2026-03-02/*.parquet'").fetchall()
+        f"SELECT product_id FROM '{root}/labels/history/run_date=2026-03-02/*.parquet'"
+    ).fetchall()
     assert {p for (p,) in night} == nights["new"] | nights["changed"] and len(night) == 30
     from fashionlabel.query import connect
 
@@ -78,8 +92,12 @@ def test_second_night_labels_only_new_and_changed(nights):
     # changed products carry tonight's image digest and run date; unchanged ones keep night 1's label
     got = dict(q.execute("SELECT product_id, run_date::VARCHAR FROM latest").fetchall())
     assert {p for p, d in got.items() if d == "2026-03-02"} == nights["new"] | nights["changed"]
-    sha2 = dict(q.execute("SELECT product_id, image_sha256 FROM history WHERE run_date = '2026-03-02'").fetchall())
-    sha1 = dict(q.execute("SELECT product_id, image_sha256 FROM history WHERE run_date = '2026-03-01'").fetchall())
+    sha2 = dict(
+        q.execute("SELECT product_id, image_sha256 FROM history WHERE run_date = '2026-03-02'").fetchall()
+    )
+    sha1 = dict(
+        q.execute("SELECT product_id, image_sha256 FROM history WHERE run_date = '2026-03-01'").fetchall()
+    )
     assert all(sha2[p] != sha1[p] for p in nights["changed"])
 
 
@@ -106,9 +124,16 @@ def test_new_model_version_relabels_every_active_product(nights, tiny_model, tmp
 
     model, spec = load_artifact(tiny_model)
     v2 = tmp_path_factory.mktemp("m2") / "model"
-    save_artifact(v2, model, architecture=spec["architecture"], taxonomy=spec["taxonomy_obj"],
-                  preprocessing=spec["preprocessing"], calibration=spec["calibration"],
-                  model_kwargs=spec.get("model_kwargs"), training=spec["training"] | {"note": "v2"})
+    save_artifact(
+        v2,
+        model,
+        architecture=spec["architecture"],
+        taxonomy=spec["taxonomy_obj"],
+        preprocessing=spec["preprocessing"],
+        calibration=spec["calibration"],
+        model_kwargs=spec.get("model_kwargs"),
+        training=spec["training"] | {"note": "v2"},
+    )
     root = tmp_path_factory.mktemp("relabel") / "root"
     shutil.copytree(nights["root"], root)
     m = run_nightly(str(nights["cat2"]), str(v2), str(root), "2026-03-03", CFG)
@@ -120,13 +145,18 @@ def test_new_model_version_relabels_every_active_product(nights, tiny_model, tmp
     from fashionlabel.query import connect
 
     q = connect(str(root / "labels"))
-    versions = q.execute("SELECT active, model_version = ?, count(*) FROM latest GROUP BY ALL ORDER BY 1",
-                         [m["model_version"]]).fetchall()
+    versions = q.execute(
+        "SELECT active, model_version = ?, count(*) FROM latest GROUP BY ALL ORDER BY 1", [m["model_version"]]
+    ).fetchall()
     assert versions == [(False, False, 10), (True, True, 305)]  # gone products are not relabelled
     r = write_night_report(str(root / "labels"), "2026-03-03", root / "r.html", m)
     assert "model version changed" in (root / "r.html").read_text() and r["relabelled"] == 305
     # the policy on age: with the same model, labels older than 1 day are relabelled (night 1's 260 active)
-    m4 = run_nightly(str(nights["cat2"]), str(v2), str(root), "2026-03-05",
-                     NightlyConfig(shard=CFG.shard, label=CFG.label, relabel_older_than_days=1))
+    m4 = run_nightly(
+        str(nights["cat2"]),
+        str(v2),
+        str(root),
+        "2026-03-05",
+        NightlyConfig(shard=CFG.shard, label=CFG.label, relabel_older_than_days=1),
+    )
     assert m4["relabelled"] == 305 and m4["relabel_reason"] == "labels older than 1 days"
-

@@ -31,11 +31,30 @@ def test_killed_night_completes_on_rerun(ray_session, tiny_model, tmp_path):
     raytmp = tempfile.mkdtemp(prefix="flkill-", dir="/tmp")
     env = os.environ | {"RAY_TMPDIR": raytmp, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "jobs.nightly", "--catalog", str(catalog), "--model", str(tiny_model),
-           "--root", str(root), "--date", "2026-06-01", "--samples-per-shard", "10", "--actors", "1",
-           "--batch-size", "10", "--max-side", "96"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.nightly",
+        "--catalog",
+        str(catalog),
+        "--model",
+        str(tiny_model),
+        "--root",
+        str(root),
+        "--date",
+        "2026-06-01",
+        "--samples-per-shard",
+        "10",
+        "--actors",
+        "1",
+        "--batch-size",
+        "10",
+        "--max-side",
+        "96",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None and not list(history.glob("part-*.parquet")):
@@ -50,10 +69,14 @@ def test_killed_night_completes_on_rerun(ray_session, tiny_model, tmp_path):
     parts_before = len(list(history.glob("part-*.parquet")))
     assert 1 <= parts_before < 12 and not (root / "manifests" / "2026-06-01.json").exists()
 
-    cfg = NightlyConfig(shard=ShardConfig(samples_per_shard=10, max_side=96), label=LabelConfig(batch_size=10))
+    cfg = NightlyConfig(
+        shard=ShardConfig(samples_per_shard=10, max_side=96), label=LabelConfig(batch_size=10)
+    )
     m = run_nightly(str(catalog), str(tiny_model), str(root), "2026-06-01", cfg)
     assert m["status"] == "complete" and m["new"] == 120 and m["latest_rows"] == 120
-    assert m["labelled"] == 120 and m["labelled_this_attempt"] < 120  # the parts done before the kill are kept
+    assert (
+        m["labelled"] == 120 and m["labelled_this_attempt"] < 120
+    )  # the parts done before the kill are kept
     con = duckdb.connect()
     rows = con.execute(f"SELECT product_id FROM '{history}/*.parquet'").fetchall()
     assert len(rows) == 120 and {p for (p,) in rows} == {r["product_id"] for r in good}

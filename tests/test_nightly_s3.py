@@ -25,10 +25,20 @@ COLUMNS = ["gender", "masterCategory", "subCategory", "articleType", "baseColour
 def _job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     tmp = tempfile.mkdtemp(prefix="fls3-", dir="/tmp")
     try:
-        env = os.environ | env | {"RAY_TMPDIR": tmp, "PYTHONPATH": str(ROOT), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+        env = (
+            os.environ
+            | env
+            | {"RAY_TMPDIR": tmp, "PYTHONPATH": str(ROOT), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+        )
         env.pop("RAY_ADDRESS", None)
-        return subprocess.run([sys.executable, "-m", "jobs.nightly", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=900)
+        return subprocess.run(
+            [sys.executable, "-m", "jobs.nightly", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     finally:
         stop_processes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -39,13 +49,29 @@ def test_a_night_on_s3(s3, tiny_model):
     bucket = s3.make_bucket("nightly")
     rows = [r for r in sample_rows() if Path(r["image_uri"]).exists()][1400:1420]
     for r in rows:  # images on S3 too, referenced relative to the catalog
-        storage.write_bytes(f"s3://{bucket}/catalog/images/{r['product_id']}.jpg", Path(r["image_uri"]).read_bytes())
+        storage.write_bytes(
+            f"s3://{bucket}/catalog/images/{r['product_id']}.jpg", Path(r["image_uri"]).read_bytes()
+        )
     lines = ["product_id,image_uri," + ",".join(COLUMNS)]
-    lines += [f"{r['product_id']},images/{r['product_id']}.jpg," + ",".join(r[c] for c in COLUMNS) for r in rows]
+    lines += [
+        f"{r['product_id']},images/{r['product_id']}.jpg," + ",".join(r[c] for c in COLUMNS) for r in rows
+    ]
     catalog = f"s3://{bucket}/catalog/catalog.csv"
     storage.write_bytes(catalog, ("\n".join(lines) + "\n").encode())
-    args = ["--catalog", catalog, "--model", str(tiny_model), "--root", f"s3://{bucket}/root",
-            "--date", "2026-03-01", "--samples-per-shard", "10", "--actors", "1"]
+    args = [
+        "--catalog",
+        catalog,
+        "--model",
+        str(tiny_model),
+        "--root",
+        f"s3://{bucket}/root",
+        "--date",
+        "2026-03-01",
+        "--samples-per-shard",
+        "10",
+        "--actors",
+        "1",
+    ]
     r = _job(args, s3.env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert "20 / 0 / 0" in r.stdout  # new / changed / unchanged
@@ -53,6 +79,8 @@ def test_a_night_on_s3(s3, tiny_model):
     assert manifest["labelled"] == 20 and manifest["quarantined"] == 0
     assert storage.exists(f"s3://{bucket}/root/reports/2026-03-01.html")
     q = connect(f"s3://{bucket}/root/labels")
-    assert q.execute("SELECT count(*), count(DISTINCT product_id) FROM latest WHERE active").fetchall() == [(20, 20)]
+    assert q.execute("SELECT count(*), count(DISTINCT product_id) FROM latest WHERE active").fetchall() == [
+        (20, 20)
+    ]
     again = _job(args, s3.env())
     assert again.returncode == 0 and "already complete" in again.stdout

@@ -80,8 +80,26 @@ def test_prune_command_writes_a_loadable_smaller_artifact(small_shards, tmp_path
     src, out = tmp_path / "xception", tmp_path / "pruned"
     pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     save_artifact(src, model, architecture="xception_se_s", taxonomy=TAX, preprocessing=pre)
-    assert run(["prune", "--model", str(src), "--shards", str(small_shards), "--out", str(out),
-                "--blocks", "0,3", "--keep", "0.25", "--calib-images", "32"]) == 0
+    assert (
+        run(
+            [
+                "prune",
+                "--model",
+                str(src),
+                "--shards",
+                str(small_shards),
+                "--out",
+                str(out),
+                "--blocks",
+                "0,3",
+                "--keep",
+                "0.25",
+                "--calib-images",
+                "32",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "params" in printed and "FLOPs / image" in printed and "val articleType top1" in printed
     pruned, spec = load_artifact(out)
@@ -90,5 +108,19 @@ def test_prune_command_writes_a_loadable_smaller_artifact(small_shards, tmp_path
     assert metrics["val"]["params"] < metrics["val_before_pruning"]["params"]
     assert metrics["val"]["flops"] < metrics["val_before_pruning"]["flops"]
     assert set(spec["calibration"]["temperature"]) == {h.name for h in TAX.single_heads}
-    assert run(["prune", "--model", str(src), "--shards", str(small_shards), "--out", str(tmp_path / "x"),
-                "--blocks", "12"]) == 1
+    assert (
+        run(
+            [
+                "prune",
+                "--model",
+                str(src),
+                "--shards",
+                str(small_shards),
+                "--out",
+                str(tmp_path / "x"),
+                "--blocks",
+                "12",
+            ]
+        )
+        == 1
+    )

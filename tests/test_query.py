@@ -25,12 +25,16 @@ def labels(tmp_path_factory) -> str:
 
 def test_views_latest_and_history(labels):
     con = connect(labels)
-    assert con.execute("SELECT count(*), count(DISTINCT product_id), sum(active::INT) FROM latest").fetchall() \
-        == [(22, 22, 20)]
-    assert con.execute("SELECT run_date, count(*) FROM history GROUP BY 1 ORDER BY 1").fetchall() \
-        == [("2026-05-01", 20), ("2026-05-02", 6)]
-    assert con.execute("SELECT articleType, count(*) FROM latest WHERE active GROUP BY 1 ORDER BY 1").fetchall() \
-        == [("Shirts", 6), ("Tshirts", 14)]
+    assert con.execute(
+        "SELECT count(*), count(DISTINCT product_id), sum(active::INT) FROM latest"
+    ).fetchall() == [(22, 22, 20)]
+    assert con.execute("SELECT run_date, count(*) FROM history GROUP BY 1 ORDER BY 1").fetchall() == [
+        ("2026-05-01", 20),
+        ("2026-05-02", 6),
+    ]
+    assert con.execute(
+        "SELECT articleType, count(*) FROM latest WHERE active GROUP BY 1 ORDER BY 1"
+    ).fetchall() == [("Shirts", 6), ("Tshirts", 14)]
 
 
 def _doc_queries() -> list[str]:
@@ -44,8 +48,14 @@ def test_every_analyst_query_in_the_docs_runs_and_answers(labels):
     answers = [con.execute(q).fetchall() for q in queries]
     assert all(answers)  # every documented question has an answer on these two nights
     changed = {r[0]: r[1] for r in next(a for q, a in zip(queries, answers, strict=True) if "AS why" in q)}
-    assert changed == {"p02": "new image", "p03": "new image", "p04": "new image", "p05": "new image",
-                       "p20": "new", "p21": "new"}
+    assert changed == {
+        "p02": "new image",
+        "p03": "new image",
+        "p04": "new image",
+        "p05": "new image",
+        "p20": "new",
+        "p21": "new",
+    }
     flips = next(a for q, a in zip(queries, answers, strict=True) if "articleType_flips" in q)
     assert flips == [(4, 0, 4)]
     gone = next(a for q, a in zip(queries, answers, strict=True) if "NOT active" in q)
@@ -74,7 +84,18 @@ def test_a_reader_never_sees_a_half_published_night(labels, tmp_path):
 
 
 def test_cli_query(labels, capsys):
-    assert run(["query", "--labels", labels, "--csv", "SELECT product_id FROM latest WHERE NOT active ORDER BY 1"]) == 0
+    assert (
+        run(
+            [
+                "query",
+                "--labels",
+                labels,
+                "--csv",
+                "SELECT product_id FROM latest WHERE NOT active ORDER BY 1",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.split() == ["product_id", "p00", "p01"]
     assert run(["query", "--labels", labels, "SELECT nope FROM latest"]) == 1
     assert "error" in capsys.readouterr().err

@@ -6,8 +6,16 @@ def test_report_has_every_chart(ray_session, small_shards, tiny_model, tmp_path)
     label_shards(str(small_shards), str(tiny_model), str(tmp_path / "labels"), "2026-02-01")
     r = write_report(str(tmp_path / "labels"), tmp_path / "report.html")
     html = (tmp_path / "report.html").read_text()
-    heads = ["gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "usage",
-             "attributes"]
+    heads = [
+        "gender",
+        "masterCategory",
+        "subCategory",
+        "articleType",
+        "baseColour",
+        "season",
+        "usage",
+        "attributes",
+    ]
     assert r["charts"] == [f"dist-{h}" for h in heads] + ["review"]
     for c in r["charts"]:
         assert f'id="{c}"><img alt="{c}" src="data:image/png;base64,' in html
@@ -21,13 +29,26 @@ def test_night_report_has_every_chart_drift_and_counts(tmp_path):
 
     labels = str(tmp_path / "labels")
     two_nights(labels)
-    manifest = {"new": 2, "changed": 4, "unchanged": 14, "quarantined": 1, "labelled": 6, "relabelled": 0,
-                "errors": 0, "shard_images_per_s": 120.0, "label_images_per_s": 300.0}
+    manifest = {
+        "new": 2,
+        "changed": 4,
+        "unchanged": 14,
+        "quarantined": 1,
+        "labelled": 6,
+        "relabelled": 0,
+        "errors": 0,
+        "shard_images_per_s": 120.0,
+        "label_images_per_s": 300.0,
+    }
     r = write_night_report(labels, "2026-05-02", tmp_path / "night.html", manifest)
     html = (tmp_path / "night.html").read_text()
     single = ["gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "usage"]
-    assert r["charts"] == ([f"dist-{h}" for h in single] + ["dist-attributes", "review"]
-                           + [f"drift-{h}" for h in single] + ["run"])
+    assert r["charts"] == (
+        [f"dist-{h}" for h in single]
+        + ["dist-attributes", "review"]
+        + [f"drift-{h}" for h in single]
+        + ["run"]
+    )
     for c in r["charts"]:
         assert f'id="{c}"><img alt="{c}" src="data:image/png;base64,' in html
     # p02-p05 went from Tshirts to Shirts; every other head kept its label
@@ -50,6 +71,18 @@ def test_cli_report_on_a_nightly_root_renders_the_newest_night(tmp_path, capsys)
     assert run(["report", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "r.html")]) == 0
     html = (tmp_path / "r.html").read_text()
     assert "fashionlabel night 2026-05-02" in html and 'id="drift-articleType"' in html
-    assert run(["report", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "x.html"),
-                "--date", "2026-04-01"]) == 1
+    assert (
+        run(
+            [
+                "report",
+                "--labels",
+                str(tmp_path / "labels"),
+                "--out",
+                str(tmp_path / "x.html"),
+                "--date",
+                "2026-04-01",
+            ]
+        )
+        == 1
+    )
     assert "no latest snapshot for 2026-04-01" in capsys.readouterr().err

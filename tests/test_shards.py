@@ -34,28 +34,43 @@ def test_shard_round_trip(small_shards, small_catalog):
 
 def test_rerun_skips_finished_shards(ray_session, small_catalog, small_shards):
     before = {p.name: p.stat().st_mtime_ns for p in small_shards.glob("*.tar")}
-    s = shard_catalog(str(small_catalog), str(small_shards), Taxonomy.load("fashion-product-images"),
-                      ShardConfig(samples_per_shard=150))
+    s = shard_catalog(
+        str(small_catalog),
+        str(small_shards),
+        Taxonomy.load("fashion-product-images"),
+        ShardConfig(samples_per_shard=150),
+    )
     # 606 rows in groups of 150: 5 planned shards; the 5th holds only the 6 bad rows, so no tar
     assert s.shards_skipped == s.shards == 5 and s.packed == 600
     assert {p.name: p.stat().st_mtime_ns for p in small_shards.glob("*.tar")} == before
-    n = duckdb.connect().execute(
-        f"SELECT count(*), count(DISTINCT product_id) FROM '{small_shards}/index.parquet'").fetchall()
+    n = (
+        duckdb.connect()
+        .execute(f"SELECT count(*), count(DISTINCT product_id) FROM '{small_shards}/index.parquet'")
+        .fetchall()
+    )
     assert n == [(600, 600)]
 
 
 def test_rerun_with_other_settings_is_refused(ray_session, small_catalog, small_shards, caplog):
     with pytest.raises(ShardJobError, match="different catalog or settings"):
-        shard_catalog(str(small_catalog), str(small_shards), Taxonomy.load("fashion-product-images"),
-                      ShardConfig(samples_per_shard=100))
+        shard_catalog(
+            str(small_catalog),
+            str(small_shards),
+            Taxonomy.load("fashion-product-images"),
+            ShardConfig(samples_per_shard=100),
+        )
     # the refusal happens before any packing: the finished shards are untouched
     assert len(list_shards(str(small_shards))) == 4
 
 
 def test_progress_is_logged(ray_session, small_catalog, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fashionlabel.shards"):
-        s = shard_catalog(str(small_catalog), str(tmp_path / "o"), Taxonomy.load("fashion-product-images"),
-                          ShardConfig(samples_per_shard=300))
+        s = shard_catalog(
+            str(small_catalog),
+            str(tmp_path / "o"),
+            Taxonomy.load("fashion-product-images"),
+            ShardConfig(samples_per_shard=300),
+        )
     lines = [r.getMessage() for r in caplog.records if "img/s" in r.getMessage()]
     assert lines and lines[-1].startswith("shard: 3/3 shards, 606/606 products (600 packed)")
     assert s.packed_this_run == 600 and s.images_per_s > 0

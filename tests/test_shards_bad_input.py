@@ -32,8 +32,19 @@ from fashionlabel.shards import ShardConfig, ShardJobError, iter_shard, list_sha
 from fashionlabel.taxonomy import Taxonomy
 
 TAX = Taxonomy.load("fashion-product-images")
-COLS = ["product_id", "image_uri", "gender", "masterCategory", "subCategory", "articleType", "baseColour",
-        "season", "year", "usage", "productDisplayName"]
+COLS = [
+    "product_id",
+    "image_uri",
+    "gender",
+    "masterCategory",
+    "subCategory",
+    "articleType",
+    "baseColour",
+    "season",
+    "year",
+    "usage",
+    "productDisplayName",
+]
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -97,7 +108,9 @@ def build_catalog(folder: Path, http_root: Path, http_base: str) -> tuple[list[d
     good = _good_rows(24)
     for i, r in enumerate(good):  # four ways to address an image
         path = folder / "images" / Path(r["image_uri"]).name
-        r["image_uri"] = [f"images/{path.name}", str(path), f"file://{path}", f"{http_base}/{path.name}"][i % 4]
+        r["image_uri"] = [f"images/{path.name}", str(path), f"file://{path}", f"{http_base}/{path.name}"][
+            i % 4
+        ]
         shutil.copy(path, http_root / path.name)
     bad_files = _bad_files(folder / "bad")
     tmpl = {k: v for k, v in good[0].items() if k not in ("product_id", "image_uri")}
@@ -106,10 +119,18 @@ def build_catalog(folder: Path, http_root: Path, http_base: str) -> tuple[list[d
         return {"product_id": pid, "image_uri": uri, **tmpl, **over}
 
     expect = {
-        "b-missing": "image_not_found", "b-http404": "image_not_found", "b-empty": "image_empty",
-        "b-unreachable": "image_unreadable", "b-http500": "image_unreadable", "b-scheme": "image_unreadable",
-        "b-truncated": "image_truncated", "b-text": "not_an_image", "b-html": "not_an_image",
-        "b-bomb": "image_too_large", "b-pixel": "image_too_small", "b-label": "label_outside_taxonomy",
+        "b-missing": "image_not_found",
+        "b-http404": "image_not_found",
+        "b-empty": "image_empty",
+        "b-unreachable": "image_unreadable",
+        "b-http500": "image_unreadable",
+        "b-scheme": "image_unreadable",
+        "b-truncated": "image_truncated",
+        "b-text": "not_an_image",
+        "b-html": "not_an_image",
+        "b-bomb": "image_too_large",
+        "b-pixel": "image_too_small",
+        "b-label": "label_outside_taxonomy",
         "b-nouri": "missing_image_uri",
     }
     bad = [
@@ -128,9 +149,17 @@ def build_catalog(folder: Path, http_root: Path, http_base: str) -> tuple[list[d
         row("b-nouri", "  "),
     ]
     # ids that would break keys: empty, blank, '/', '..', spaces, non-ASCII, dots; and a duplicate
-    odd = {"": "missing_product_id", "   ": "missing_product_id", "a/b": "invalid_product_id",
-           "..": "invalid_product_id", "../etc": "invalid_product_id", "two words": "invalid_product_id",
-           "prodüct": "invalid_product_id", "x.jpg": "invalid_product_id", " 123": "invalid_product_id"}
+    odd = {
+        "": "missing_product_id",
+        "   ": "missing_product_id",
+        "a/b": "invalid_product_id",
+        "..": "invalid_product_id",
+        "../etc": "invalid_product_id",
+        "two words": "invalid_product_id",
+        "prodüct": "invalid_product_id",
+        "x.jpg": "invalid_product_id",
+        " 123": "invalid_product_id",
+    }
     bad += [row(pid, good[2]["image_uri"]) for pid in odd]
     dup = row(good[3]["product_id"], good[4]["image_uri"])  # second occurrence of a packed id
     rows = good[:12] + bad + [dup] + good[12:]
@@ -145,14 +174,14 @@ def _write(rows: list[dict], path: Path) -> Path:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
             f.write('{"product_id": "b-broken", "image_uri": \n')  # a line that is not JSON
-            f.write('["a", "list"]\n')                               # JSON, but not an object
+            f.write('["a", "list"]\n')  # JSON, but not an object
     else:
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLS)
             w.writeheader()
             w.writerows(rows)
-            f.write("b-short,images/x.jpg,Men\n")                  # too few fields
-            f.write('b-long,images/x.jpg,' + ",".join(["x"] * 12) + "\n")  # too many
+            f.write("b-short,images/x.jpg,Men\n")  # too few fields
+            f.write("b-long,images/x.jpg," + ",".join(["x"] * 12) + "\n")  # too many
     return path
 
 
@@ -167,7 +196,9 @@ def test_every_bad_kind_is_quarantined_and_the_rest_packed(ray_session, http_ima
     con = duckdb.connect()
     index = con.execute(f"SELECT product_id, key, shard FROM '{out}/index.parquet'").fetchall()
     assert sorted(p for p, _, _ in index) == sorted(good_ids)  # every good product, once
-    q = con.execute(f"SELECT product_id, reason, detail, image_uri FROM '{out}/quarantine.parquet'").fetchall()
+    q = con.execute(
+        f"SELECT product_id, reason, detail, image_uri FROM '{out}/quarantine.parquet'"
+    ).fetchall()
     got = {p: r for p, r, _, _ in q if not (p in good_ids and r == "duplicate_product_id")}
     dups = [p for p, r, _, _ in q if r == "duplicate_product_id"]
     assert dups == [rows[next(i for i, r in enumerate(rows) if r["product_id"] == good_ids[3])]["product_id"]]
@@ -208,8 +239,9 @@ def test_failure_rate_fails_the_job_after_writing_its_outputs(ray_session, tmp_p
         shard_catalog(str(catalog), str(tmp_path / "o"), TAX, ShardConfig(samples_per_shard=5))
     q = pq.read_table(tmp_path / "o" / "quarantine.parquet")
     assert q.num_rows == 8  # 6 missing + 2 malformed lines the CSV writer appends
-    s = shard_catalog(str(catalog), str(tmp_path / "o2"), TAX, ShardConfig(samples_per_shard=5,
-                                                                           max_failure_rate=0.9))
+    s = shard_catalog(
+        str(catalog), str(tmp_path / "o2"), TAX, ShardConfig(samples_per_shard=5, max_failure_rate=0.9)
+    )
     assert s.packed == 4
 
 
@@ -220,6 +252,7 @@ def test_job_cannot_proceed(ray_session, tmp_path):
     with pytest.raises(ShardJobError, match="cannot use output"):
         shard_catalog(str(catalog), str(blocker / "shards"), TAX)
     from fashionlabel.catalog import CatalogError
+
     with pytest.raises(CatalogError, match="not found"):
         shard_catalog(str(tmp_path / "none.csv"), str(tmp_path / "o"), TAX)
     (tmp_path / "nocols.csv").write_text("id,url\n1,a.jpg\n")

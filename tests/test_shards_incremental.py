@@ -61,8 +61,10 @@ def test_incremental_packs_only_new_and_changed(ray_session, tmp_path):
 
     # the sha256 in the new index is the sha256 of the new bytes
     q = f"SELECT sha256 FROM '{out}/index.parquet' WHERE product_id = '{tonight[0]['product_id']}'"
-    assert duckdb.connect().execute(q).fetchall()[0][0] == hashlib.sha256(
-        Path(tonight[0]["image_uri"]).read_bytes()).hexdigest()
+    assert (
+        duckdb.connect().execute(q).fetchall()[0][0]
+        == hashlib.sha256(Path(tonight[0]["image_uri"]).read_bytes()).hexdigest()
+    )
 
     # a re-run reuses the saved plan: nothing packed twice, same counts
     s3 = shard_catalog(str(cat2), str(out), TAX, CFG, incremental_from=str(prev))
@@ -74,6 +76,7 @@ def test_incremental_packs_only_new_and_changed(ray_session, tmp_path):
     assert duckdb.connect().execute(q).fetchall()[0][0] == tonight[3]["baseColour"]
 
     # the previous index may be named directly: night 2's holds only its 9 products, so the rest is new
-    s4 = shard_catalog(str(cat2), str(tmp_path / "night3"), TAX, CFG,
-                       incremental_from=str(out / "index.parquet"))
+    s4 = shard_catalog(
+        str(cat2), str(tmp_path / "night3"), TAX, CFG, incremental_from=str(out / "index.parquet")
+    )
     assert (s4.new, s4.changed, s4.unchanged, s4.packed) == (34, 0, 9, 34)

@@ -47,21 +47,39 @@ def _markers(out: Path) -> list[Path]:
 @pytest.mark.slow
 def test_resume_after_kill(ray_session, tmp_path):
     base = [r for r in sample_rows() if Path(r["image_uri"]).exists()]
-    rows = [dict(base[i % len(base)], product_id=f"{base[i % len(base)]['product_id']}r{i // len(base)}")
-            for i in range(N)]
+    rows = [
+        dict(base[i % len(base)], product_id=f"{base[i % len(base)]['product_id']}r{i // len(base)}")
+        for i in range(N)
+    ]
     catalog = write_catalog(tmp_path / "catalog.csv", rows)
     out = tmp_path / "shards"
     ray_tmp = tempfile.mkdtemp(prefix="flray")
     env = os.environ | {"RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.shard_catalog", "--catalog", str(catalog), "--out",
-                             str(out), "--samples-per-shard", str(PER_SHARD)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "job.err", "wb"),  # noqa: SIM115
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jobs.shard_catalog",
+            "--catalog",
+            str(catalog),
+            "--out",
+            str(out),
+            "--samples-per-shard",
+            str(PER_SHARD),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "job.err", "wb"),  # noqa: SIM115
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
         while len(_markers(out)) < 3 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        assert proc.poll() is None, f"the job ended before the kill: {(tmp_path / 'job.err').read_text()[-2000:]}"
+        assert proc.poll() is None, (
+            f"the job ended before the kill: {(tmp_path / 'job.err').read_text()[-2000:]}"
+        )
     finally:
         _kill_tree(ray_tmp, proc)
     done_at_kill = len(_markers(out))
@@ -71,13 +89,18 @@ def test_resume_after_kill(ray_session, tmp_path):
         with tarfile.open(uri) as tar:
             assert len(tar.getmembers()) % 2 == 0
 
-    s = shard_catalog(str(catalog), str(out), Taxonomy.load("fashion-product-images"),
-                      ShardConfig(samples_per_shard=PER_SHARD))
+    s = shard_catalog(
+        str(catalog),
+        str(out),
+        Taxonomy.load("fashion-product-images"),
+        ShardConfig(samples_per_shard=PER_SHARD),
+    )
     assert s.shards == N // PER_SHARD and s.shards_skipped >= done_at_kill
     assert s.packed == N and s.quarantined == 0
     con = duckdb.connect()
-    assert con.execute(f"SELECT count(*), count(DISTINCT product_id) FROM '{out}/index.parquet'"
-                       ).fetchall() == [(N, N)]
+    assert con.execute(
+        f"SELECT count(*), count(DISTINCT product_id) FROM '{out}/index.parquet'"
+    ).fetchall() == [(N, N)]
     index = dict(con.execute(f"SELECT key, shard FROM '{out}/index.parquet'").fetchall())
     in_tars = Counter()
     for uri in list_shards(str(out)):

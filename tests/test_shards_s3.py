@@ -26,8 +26,14 @@ def _job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     # Ray's socket paths must stay under 108 bytes: a short temp dir, not pytest's deep one
     with tempfile.TemporaryDirectory(prefix="flray") as tmp:
         env = os.environ | env | {"RAY_TMPDIR": tmp, "PYTHONPATH": str(ROOT)}
-        return subprocess.run([sys.executable, "-m", "jobs.shard_catalog", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "jobs.shard_catalog", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
 
 @pytest.mark.slow
@@ -38,8 +44,9 @@ def test_s3_catalog_images_and_output(s3, tmp_path):
     with open(SAMPLE / "catalog.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if (SAMPLE / r["image_uri"]).exists()][:30]
     for r in rows:
-        c.put_object(Bucket="catalogs", Key=f"spring/{r['image_uri']}",
-                     Body=(SAMPLE / r["image_uri"]).read_bytes())
+        c.put_object(
+            Bucket="catalogs", Key=f"spring/{r['image_uri']}", Body=(SAMPLE / r["image_uri"]).read_bytes()
+        )
     rows[0]["image_uri"] = f"s3://catalogs/spring/{rows[0]['image_uri']}"  # absolute s3:// URI
     missing = dict(rows[1], product_id="gone", image_uri="images/not-uploaded.jpg")
     buf = io.StringIO()
@@ -48,47 +55,68 @@ def test_s3_catalog_images_and_output(s3, tmp_path):
     w.writerows([*rows, missing])
     c.put_object(Bucket="catalogs", Key="spring/catalog.csv", Body=buf.getvalue().encode())
 
-    args = ["--catalog", "s3://catalogs/spring/catalog.csv", "--out", "s3://shards/spring",
-            "--samples-per-shard", "8"]
+    args = [
+        "--catalog",
+        "s3://catalogs/spring/catalog.csv",
+        "--out",
+        "s3://shards/spring",
+        "--samples-per-shard",
+        "8",
+    ]
     r = _job(args, s3.env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert "image_not_found 1" in r.stdout
 
     keys = sorted(o["Key"] for o in c.list_objects_v2(Bucket="shards", Prefix="spring/")["Contents"])
     top = [k for k in keys if "/_parts/" not in k]
-    assert top == ["spring/index.parquet", "spring/quarantine.parquet",
-                   *[f"spring/shard-{i:06d}.tar" for i in range(4)], "spring/stats.json"]
+    assert top == [
+        "spring/index.parquet",
+        "spring/quarantine.parquet",
+        *[f"spring/shard-{i:06d}.tar" for i in range(4)],
+        "spring/stats.json",
+    ]
     assert not [k for k in keys if k.endswith((".tmp", ".write-probe"))], keys
     index_obj = c.get_object(Bucket="shards", Key="spring/index.parquet")["Body"].read()
     (tmp_path / "index.parquet").write_bytes(index_obj)
-    index = duckdb.connect().execute(
-        f"SELECT product_id, key FROM '{tmp_path}/index.parquet' ORDER BY key").fetchall()
+    index = (
+        duckdb.connect()
+        .execute(f"SELECT product_id, key FROM '{tmp_path}/index.parquet' ORDER BY key")
+        .fetchall()
+    )
     assert sorted(p for p, _ in index) == sorted(r["product_id"] for r in rows)
     seen = sorted(s["__key__"] for u in list_shards("s3://shards/spring") for s in iter_shard(u))
     assert seen == [k for _, k in index]
 
     # a re-run finds every shard complete and rewrites none
-    etags = {o["Key"]: o["ETag"] for o in c.list_objects_v2(Bucket="shards", Prefix="spring/shard-")["Contents"]}
+    etags = {
+        o["Key"]: o["ETag"] for o in c.list_objects_v2(Bucket="shards", Prefix="spring/shard-")["Contents"]
+    }
     r = _job(args, s3.env())
     assert r.returncode == 0 and "(4 already done)" in r.stdout, r.stdout + r.stderr[-2000:]
-    assert {o["Key"]: o["ETag"]
-            for o in c.list_objects_v2(Bucket="shards", Prefix="spring/shard-")["Contents"]} == etags
+    assert {
+        o["Key"]: o["ETag"] for o in c.list_objects_v2(Bucket="shards", Prefix="spring/shard-")["Contents"]
+    } == etags
 
     # incremental against the S3 index: one image replaced in place is the only product packed
-    c.put_object(Bucket="catalogs", Key=f"spring/{rows[2]['image_uri']}",
-                 Body=(SAMPLE / rows[3]["image_uri"]).read_bytes())
+    c.put_object(
+        Bucket="catalogs",
+        Key=f"spring/{rows[2]['image_uri']}",
+        Body=(SAMPLE / rows[3]["image_uri"]).read_bytes(),
+    )
     r = _job([*args[:3], "s3://shards/summer", "--incremental", "s3://shards/spring"], s3.env())
     assert r.returncode == 0, r.stderr[-3000:]
     # "gone" was quarantined last time, so it is not in the index: it counts as new (and fails again)
     assert "1 new, 1 changed, 29 unchanged" in r.stdout and "image_not_found 1" in r.stdout
-    assert [s["__key__"] for u in list_shards("s3://shards/summer") for s in iter_shard(u)] == \
-        [rows[2]["product_id"]]
+    assert [s["__key__"] for u in list_shards("s3://shards/summer") for s in iter_shard(u)] == [
+        rows[2]["product_id"]
+    ]
 
 
 def test_s3_output_without_access_stops_before_any_fetch(s3, ray_session, small_catalog, monkeypatch):
     s3.make_bucket("locked")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789")
     with pytest.raises(ShardJobError, match="cannot use output s3://locked/x") as e:
-        shard_catalog(str(small_catalog), "s3://locked/x", Taxonomy.load("fashion-product-images"),
-                      ShardConfig())
+        shard_catalog(
+            str(small_catalog), "s3://locked/x", Taxonomy.load("fashion-product-images"), ShardConfig()
+        )
     assert "wrong-secret-0123456789" not in str(e.value)

@@ -8,8 +8,13 @@ from fashionlabel.tarwriter import TarWriter
 
 
 def test_round_trip_with_long_names(tmp_path):
-    members = {"a1.jpg": b"\xff\xd8" + bytes(range(256)) * 3, "a1.json": b'{"x": 1}', "b.jpg": b"",
-               "k" * 128 + ".json": b"x" * 512, "k" * 128 + ".jpg": b"y" * 513}
+    members = {
+        "a1.jpg": b"\xff\xd8" + bytes(range(256)) * 3,
+        "a1.json": b'{"x": 1}',
+        "b.jpg": b"",
+        "k" * 128 + ".json": b"x" * 512,
+        "k" * 128 + ".jpg": b"y" * 513,
+    }
     path = tmp_path / "s.tar"
     with TarWriter(open(path, "wb")) as tar:  # noqa: SIM115
         for n, d in members.items():

@@ -5,8 +5,16 @@ from fashionlabel.taxonomy import BUILTINS, Taxonomy, TaxonomyError
 
 def test_builtins_load_with_expected_heads():
     fpi = Taxonomy.load("fashion-product-images")
-    assert [h.name for h in fpi.heads] == ["gender", "masterCategory", "subCategory", "articleType",
-                                           "baseColour", "season", "usage", "attributes"]
+    assert [h.name for h in fpi.heads] == [
+        "gender",
+        "masterCategory",
+        "subCategory",
+        "articleType",
+        "baseColour",
+        "season",
+        "usage",
+        "attributes",
+    ]
     assert fpi.head("articleType").num_classes == 141
     assert fpi.head("attributes").kind == "multi"
     assert sorted(fpi.head("attributes").groups) == ["fabric", "part", "shape", "texture"]
@@ -30,8 +38,14 @@ def test_version_is_a_content_hash():
 
 def test_labels_from_row_masks_unknowns_and_mines_attributes():
     t = Taxonomy.load("fashion-product-images")
-    labels = t.labels_from_row({"gender": "Men", "usage": "NA", "season": "",
-                                "productDisplayName": "Nike Men Striped Polo T-shirt with Logo Print"})
+    labels = t.labels_from_row(
+        {
+            "gender": "Men",
+            "usage": "NA",
+            "season": "",
+            "productDisplayName": "Nike Men Striped Polo T-shirt with Logo Print",
+        }
+    )
     assert labels["gender"] == "Men" and labels["usage"] is None and labels["season"] is None
     assert labels["articleType"] is None  # missing column = unknown
     assert labels["attributes"] == ["printed", "striped", "logo", "polo"]
@@ -51,11 +65,22 @@ def test_invalid_label_and_hierarchy_check():
 
 
 def test_learn_values_keeps_not_visible_first():
-    t = Taxonomy.from_dict({"name": "t", "heads": [
-        {"name": "sleeve", "kind": "single", "values": "learn", "not_visible": "invisible"},
-        {"name": "tags", "kind": "multi", "values": "learn", "groups": {"fabric": []}}]})
-    learned = t.learn([{"sleeve": "long", "tags": ["fabric:silk"]}, {"sleeve": "invisible", "tags": None},
-                       {"sleeve": "cup", "tags": ["fabric:lace", "fabric:silk"]}])
+    t = Taxonomy.from_dict(
+        {
+            "name": "t",
+            "heads": [
+                {"name": "sleeve", "kind": "single", "values": "learn", "not_visible": "invisible"},
+                {"name": "tags", "kind": "multi", "values": "learn", "groups": {"fabric": []}},
+            ],
+        }
+    )
+    learned = t.learn(
+        [
+            {"sleeve": "long", "tags": ["fabric:silk"]},
+            {"sleeve": "invisible", "tags": None},
+            {"sleeve": "cup", "tags": ["fabric:lace", "fabric:silk"]},
+        ]
+    )
     assert learned.head("sleeve").values == ("invisible", "cup", "long")
     assert learned.head("tags").values == ("fabric:lace", "fabric:silk")
     assert learned.head("tags").group_of() == {"fabric:lace": "fabric", "fabric:silk": "fabric"}

@@ -12,8 +12,15 @@ def test_ddp_training_writes_a_complete_artifact(tiny_model):
     spec = json.loads((tiny_model / "model.json").read_text())
     assert spec["architecture"] == "fl_tiny" and spec["preprocessing"]["size"] == [80, 60]
     assert spec["training"]["config"]["workers"] == 2
-    assert set(spec["calibration"]["temperature"]) == {"gender", "masterCategory", "subCategory",
-                                                       "articleType", "baseColour", "season", "usage"}
+    assert set(spec["calibration"]["temperature"]) == {
+        "gender",
+        "masterCategory",
+        "subCategory",
+        "articleType",
+        "baseColour",
+        "season",
+        "usage",
+    }
     assert spec["training"]["starts"] == [0]
     assert (tiny_model / "confusion-articleType-test.png").is_file()
     curves = json.loads((tiny_model / "curves.json").read_text())
@@ -68,8 +75,14 @@ def test_deploy_artifact_holds_reparameterized_weights(tmp_path):
     model.eval()
     deploy = reparameterize_model(model)
     pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    save_artifact(tmp_path / "m", deploy, architecture="repvgg_a0", taxonomy=tax, preprocessing=pre,
-                  model_kwargs=deploy.model_kwargs)
+    save_artifact(
+        tmp_path / "m",
+        deploy,
+        architecture="repvgg_a0",
+        taxonomy=tax,
+        preprocessing=pre,
+        model_kwargs=deploy.model_kwargs,
+    )
     loaded, spec = load_artifact(tmp_path / "m")
     assert spec["model_kwargs"] == {"deploy": True}
     state = torch.load(tmp_path / "m" / "weights.pt", weights_only=True)

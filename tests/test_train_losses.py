@@ -6,14 +6,29 @@ import torch.nn.functional as F
 from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train.losses import MultiTaskLoss
 
-TAX = Taxonomy.from_dict({"name": "t", "heads": [
-    {"name": "cat", "kind": "single", "values": ["a", "b", "c"], "weight": 2.0},
-    {"name": "att", "kind": "multi", "values": ["x", "y"], "w_pos": 1.0, "w_neg": 0.1, "weight": 10.0}]})
+TAX = Taxonomy.from_dict(
+    {
+        "name": "t",
+        "heads": [
+            {"name": "cat", "kind": "single", "values": ["a", "b", "c"], "weight": 2.0},
+            {
+                "name": "att",
+                "kind": "multi",
+                "values": ["x", "y"],
+                "w_pos": 1.0,
+                "w_neg": 0.1,
+                "weight": 10.0,
+            },
+        ],
+    }
+)
 
 
 def test_weighted_sum_masks_unknowns_and_weights_positives():
-    z = {"cat": torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]]),
-         "att": torch.tensor([[1.0, -1.0], [0.5, 0.5], [3.0, 3.0]])}
+    z = {
+        "cat": torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]]),
+        "att": torch.tensor([[1.0, -1.0], [0.5, 0.5], [3.0, 3.0]]),
+    }
     nan = float("nan")
     y = {"cat": torch.tensor([0, 1, -1]), "att": torch.tensor([[1.0, 0.0], [0.0, 1.0], [nan, nan]])}
     total, parts = MultiTaskLoss(TAX)(z, y)

@@ -20,8 +20,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train_cmd(shards: Path, out: Path, storage: str) -> list[str]:
-    return [sys.executable, "-m", "fashionlabel.cli", "train", "--shards", str(shards), "--out", str(out),
-            "--model", "fl_tiny", "--epochs", "4", "--workers", "1", "--storage", storage, "--ema-epochs", "0.5"]
+    return [
+        sys.executable,
+        "-m",
+        "fashionlabel.cli",
+        "train",
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--model",
+        "fl_tiny",
+        "--epochs",
+        "4",
+        "--workers",
+        "1",
+        "--storage",
+        storage,
+        "--ema-epochs",
+        "0.5",
+    ]
 
 
 @pytest.mark.slow
@@ -33,8 +51,9 @@ def test_killed_run_resumes_at_the_next_epoch(small_shards, s3, tmp_path):
     env = os.environ | s3.env() | {"PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp}
     cmd = _train_cmd(small_shards, out, storage)
     log = tmp_path / "first.log"
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
-                             stdout=log.open("w"), stderr=subprocess.STDOUT)
+    first = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.time() + 300
         while ckpt.load(storage) is None:
@@ -51,8 +70,9 @@ def test_killed_run_resumes_at_the_next_epoch(small_shards, s3, tmp_path):
     assert killed_at < 3, "the run finished before it could be killed"
     assert not (out / "weights.pt").exists()
 
-    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                            start_new_session=True)
+    second = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, start_new_session=True
+    )
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert second.returncode == 0, second.stderr[-2000:]
     spec = json.loads((out / "model.json").read_text())

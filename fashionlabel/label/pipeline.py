@@ -55,15 +55,15 @@ CRASH_ONCE_ENV = "FASHIONLABEL_CRASH_ONCE_MARKER"
 @dataclass(frozen=True)
 class LabelConfig:
     """Args:
-        batch_size: images per forward pass (default: 512 on a GPU, 256 on CPU).
-        actors: predictor actors (default: ``actors_per_gpu`` per GPU, else from the CPUs).
-        device: "cuda" / "cpu" (default: a GPU when the cluster has one).
-        compile: ``torch.compile`` the model in each actor (GPU: worth it on long runs).
-        decode: "cpu" (PIL in the read tasks), "gpu" (nvJPEG inside the actor, on its device) or "auto"
-            (gpu when the actors have a GPU, else cpu).
-        actors_per_gpu: actors sharing one GPU, so decode/post-processing of one overlaps another's forward.
-        read: "tasks" (Ray tasks of their own, ahead of the actors), "actor" (each actor reads the shard it
-            labels) or "auto" (tasks with a GPU, actor on CPU).
+    batch_size: images per forward pass (default: 512 on a GPU, 256 on CPU).
+    actors: predictor actors (default: ``actors_per_gpu`` per GPU, else from the CPUs).
+    device: "cuda" / "cpu" (default: a GPU when the cluster has one).
+    compile: ``torch.compile`` the model in each actor (GPU: worth it on long runs).
+    decode: "cpu" (PIL in the read tasks), "gpu" (nvJPEG inside the actor, on its device) or "auto"
+        (gpu when the actors have a GPU, else cpu).
+    actors_per_gpu: actors sharing one GPU, so decode/post-processing of one overlaps another's forward.
+    read: "tasks" (Ray tasks of their own, ahead of the actors), "actor" (each actor reads the shard it
+        labels) or "auto" (tasks with a GPU, actor on CPU).
     """
 
     batch_size: int | None = None
@@ -103,8 +103,18 @@ def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
         per_gpu = max(1, cfg.actors_per_gpu)
         actors = cfg.actors or int(gpus) * per_gpu
         # Read tasks get the CPUs the actors leave; with CPU decode they are the decoders.
-        return Plan("cuda", decode, actors, 1.0, 1.0 / per_gpu, 1.0, max(1, int(cpus) - actors),
-                    cfg.batch_size or 512, 1, read_in_actor=cfg.read == "actor")
+        return Plan(
+            "cuda",
+            decode,
+            actors,
+            1.0,
+            1.0 / per_gpu,
+            1.0,
+            max(1, int(cpus) - actors),
+            cfg.batch_size or 512,
+            1,
+            read_in_actor=cfg.read == "actor",
+        )
     # Several narrow actors beat one wide one on CPU: a forward pass on one thread spends ~12% less CPU per
     # image than on two (no intra-op barriers), so up to 8 cores every core gets its own actor; beyond, 8
     # actors share the cores.
@@ -116,8 +126,18 @@ def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
     # Actors hold half of the CPUs between them (fractional, so that reads always find a slot); torch
     # threads use the actor's share of cores, the read tasks fill the gaps between forward passes.
     actor_cpus = max(0.25, cpus * 0.5 / actors)
-    return Plan("cpu", decode, actors, actor_cpus, 0.0, min(1.0, max(0.25, cpus * 0.25)),
-                max(1, int(cpus)), cfg.batch_size or 256, threads, read_in_actor=cfg.read != "tasks")
+    return Plan(
+        "cpu",
+        decode,
+        actors,
+        actor_cpus,
+        0.0,
+        min(1.0, max(0.25, cpus * 0.25)),
+        max(1, int(cpus)),
+        cfg.batch_size or 256,
+        threads,
+        read_in_actor=cfg.read != "tasks",
+    )
 
 
 class Labeler:
@@ -126,8 +146,9 @@ class Labeler:
     With ``read`` (the reader's keyword arguments) a call gets shard URIs instead, and reads them first.
     """
 
-    def __init__(self, model_dir: str, run_id: str, plan: Plan, compile: bool,
-                 read: dict[str, Any] | None = None):
+    def __init__(
+        self, model_dir: str, run_id: str, plan: Plan, compile: bool, read: dict[str, Any] | None = None
+    ):
         import torch
 
         from fashionlabel.label.predictor import Predictor
@@ -136,11 +157,25 @@ class Labeler:
             torch.set_num_threads(plan.threads)
         self.pred = Predictor(model_dir, device=plan.device, batch_size=plan.batch_size, compile=compile)
         self.decode, self.run_id, self.read = plan.decode, run_id, read
-        self.ident = {"model_version": self.pred.version, "taxonomy_version": self.pred.taxonomy.version,
-                      "run_id": run_id}
-        self.label_fields = [f for f in labels_schema(self.pred.taxonomy)
-                             if f.name not in ("product_id", "image_sha256", "model_version",
-                                               "taxonomy_version", "run_id", "labeled_at", "error")]
+        self.ident = {
+            "model_version": self.pred.version,
+            "taxonomy_version": self.pred.taxonomy.version,
+            "run_id": run_id,
+        }
+        self.label_fields = [
+            f
+            for f in labels_schema(self.pred.taxonomy)
+            if f.name
+            not in (
+                "product_id",
+                "image_sha256",
+                "model_version",
+                "taxonomy_version",
+                "run_id",
+                "labeled_at",
+                "error",
+            )
+        ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from fashionlabel.label.postprocess import to_columns
@@ -165,10 +200,12 @@ class Labeler:
         others = np.flatnonzero(order == len(ok))
         order[others] = len(ok) + np.arange(len(others))
         take = pa.array(order)
-        out = {"product_id": pa.array(_strings(batch["product_id"]), pa.string()),
-               "image_sha256": pa.array(_strings(batch["image_sha256"]), pa.string()),
-               **{k: pa.array([v] * n, pa.string()) for k, v in self.ident.items()},
-               "labeled_at": pa.array([dt.datetime.now(dt.UTC)] * n, pa.timestamp("us", tz="UTC"))}
+        out = {
+            "product_id": pa.array(_strings(batch["product_id"]), pa.string()),
+            "image_sha256": pa.array(_strings(batch["image_sha256"]), pa.string()),
+            **{k: pa.array([v] * n, pa.string()) for k, v in self.ident.items()},
+            "labeled_at": pa.array([dt.datetime.now(dt.UTC)] * n, pa.timestamp("us", tz="UTC")),
+        }
         for f in self.label_fields:
             arr = cols[f.name]
             out[f.name] = pa.concat_arrays([arr.cast(f.type), pa.nulls(len(others), f.type)]).take(take)
@@ -196,9 +233,16 @@ def _crash_once() -> None:
     os._exit(1)
 
 
-def label_shards(shards: str, model_dir: str, out: str, run_date: str | None = None,
-                 cfg: LabelConfig = LabelConfig(), skip: dict[str, str] | None = None,
-                 incremental: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def label_shards(
+    shards: str,
+    model_dir: str,
+    out: str,
+    run_date: str | None = None,
+    cfg: LabelConfig = LabelConfig(),
+    skip: dict[str, str] | None = None,
+    incremental: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Label every shard of ``shards`` into ``out/history/run_date=D/``; return the run summary.
 
     Args:
@@ -220,37 +264,64 @@ def label_shards(shards: str, model_dir: str, out: str, run_date: str | None = N
     spec = artifact_spec(model_dir)
     run_id = f"{run_date}-{uuid.uuid4().hex[:8]}"
     plan = plan_resources(cfg, cluster_cpus(), cluster_gpus())
-    log.info("label: %d shards, %d already done for %s, %d to label; %s", len(uris), len(uris) - len(todo),
-             run_date, len(todo), plan)
+    log.info(
+        "label: %d shards, %d already done for %s, %d to label; %s",
+        len(uris),
+        len(uris) - len(todo),
+        run_date,
+        len(todo),
+        plan,
+    )
     writer = PartWriter(out_dir, labels_schema(spec["taxonomy_obj"]))
     if todo:
         keys = _skip_keys(out, spec["version"], skip, incremental)
         for batch in _plan(todo, model_dir, run_id, plan, cfg.compile, spec, keys).iter_batches(
-                batch_size=None, batch_format="pyarrow"):
+            batch_size=None, batch_format="pyarrow"
+        ):
             writer.add(batch)
             if progress:
                 progress(batch.num_rows)
         if writer.incomplete:
-            raise RuntimeError(f"label rows missing for {len(writer.incomplete)} shards: {writer.incomplete[:3]}")
+            raise RuntimeError(
+                f"label rows missing for {len(writer.incomplete)} shards: {writer.incomplete[:3]}"
+            )
     seconds = time.time() - t0
     c = writer.counts
     summary = {
-        "run_date": run_date, "run_id": run_id, "model_version": spec["version"],
-        "taxonomy_version": spec["taxonomy_version"], "shards": len(uris),
-        "shards_done_before": len(uris) - len(todo), "labelled": c["labelled"], "errored": c["errored"],
-        "skipped": c["skipped"], "seconds": seconds,
+        "run_date": run_date,
+        "run_id": run_id,
+        "model_version": spec["version"],
+        "taxonomy_version": spec["taxonomy_version"],
+        "shards": len(uris),
+        "shards_done_before": len(uris) - len(todo),
+        "labelled": c["labelled"],
+        "errored": c["errored"],
+        "skipped": c["skipped"],
+        "seconds": seconds,
         "images_per_s": (c["labelled"] + c["errored"]) / seconds if seconds else 0.0,
-        "decode": plan.decode, "read": "actors" if plan.read_in_actor else "tasks", "actors": plan.actors,
-        "device": plan.device, "batch_size": plan.batch_size,
+        "decode": plan.decode,
+        "read": "actors" if plan.read_in_actor else "tasks",
+        "actors": plan.actors,
+        "device": plan.device,
+        "batch_size": plan.batch_size,
         "out": out_dir,
     }
     totals = run_totals(out_dir)
     summary["files"] = totals["files"]
     if totals["files"] >= len(uris):
-        storage.write_json(storage.join(out_dir, "_SUCCESS"), {
-            "run_date": run_date, "last_run_id": run_id, "model_version": spec["version"],
-            "taxonomy_version": spec["taxonomy_version"], "shards": len(uris), **totals,
-            "plan": asdict(plan), "finished_at": dt.datetime.now(dt.UTC).isoformat()})
+        storage.write_json(
+            storage.join(out_dir, "_SUCCESS"),
+            {
+                "run_date": run_date,
+                "last_run_id": run_id,
+                "model_version": spec["version"],
+                "taxonomy_version": spec["taxonomy_version"],
+                "shards": len(uris),
+                **totals,
+                "plan": asdict(plan),
+                "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+            },
+        )
     return summary
 
 
@@ -272,7 +343,9 @@ def artifact_spec(model_dir: str) -> dict[str, Any]:
     return spec
 
 
-def _skip_keys(out: str, model_version: str, skip: dict[str, str] | None, incremental: bool) -> pa.Array | None:
+def _skip_keys(
+    out: str, model_version: str, skip: dict[str, str] | None, incremental: bool
+) -> pa.Array | None:
     parts = []
     if skip:
         parts.append(skip_keys(list(skip), list(skip.values())))
@@ -286,8 +359,15 @@ def _read_task_args() -> dict[str, Any]:
     return {"max_retries": 3}
 
 
-def _plan(todo: list[str], model_dir: str, run_id: str, plan: Plan, compile: bool, spec: dict[str, Any],
-          skip: pa.Array | None) -> Any:
+def _plan(
+    todo: list[str],
+    model_dir: str,
+    run_id: str,
+    plan: Plan,
+    compile: bool,
+    spec: dict[str, Any],
+    skip: pa.Array | None,
+) -> Any:
     import ray
 
     size = tuple(spec["preprocessing"]["size"])
@@ -299,21 +379,39 @@ def _plan(todo: list[str], model_dir: str, run_id: str, plan: Plan, compile: boo
     # neighbour. Fused into the actor stage, the read would hand an actor every shard URI in one bundle
     # (batch_size rows of URIs) to label serially, and nothing would stream back until the end. Ray 2.64
     # drops ray_remote_args_fn; test_labels_stream_back_shard_by_shard fails if the stages fuse again.
-    ds = ds.map_batches(read_shards, batch_size=1, fn_kwargs=read, num_cpus=plan.read_cpus,
-                        ray_remote_args_fn=_read_task_args, compute=ray.data.TaskPoolStrategy(size=plan.read_tasks))
+    ds = ds.map_batches(
+        read_shards,
+        batch_size=1,
+        fn_kwargs=read,
+        num_cpus=plan.read_cpus,
+        ray_remote_args_fn=_read_task_args,
+        compute=ray.data.TaskPoolStrategy(size=plan.read_tasks),
+    )
     return _labelers(ds, model_dir, run_id, plan, compile, read=None, batch_size=plan.batch_size)
 
 
-def _labelers(ds: Any, model_dir: str, run_id: str, plan: Plan, compile: bool, read: dict[str, Any] | None,
-              batch_size: int) -> Any:
+def _labelers(
+    ds: Any,
+    model_dir: str,
+    run_id: str,
+    plan: Plan,
+    compile: bool,
+    read: dict[str, Any] | None,
+    batch_size: int,
+) -> Any:
     """The actor stage: rows of products (``read`` None), or shard URIs, one per call, read in the actor."""
     import ray
 
     env = {k: v for k, v in os.environ.items() if k.startswith("FASHIONLABEL_")}
     return ds.map_batches(
         Labeler,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "run_id": run_id, "plan": plan, "compile": compile,
-                               "read": read},
+        fn_constructor_kwargs={
+            "model_dir": str(model_dir),
+            "run_id": run_id,
+            "plan": plan,
+            "compile": compile,
+            "read": read,
+        },
         batch_size=batch_size,
         # A fixed pool: every actor starts at once, no ramp-up while the first batches wait.
         compute=ray.data.ActorPoolStrategy(size=plan.actors, max_tasks_in_flight_per_actor=2),

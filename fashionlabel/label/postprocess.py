@@ -22,8 +22,9 @@ DEFAULT_SINGLE_THRESHOLD = 0.5
 DEFAULT_MULTI_THRESHOLD = 0.5
 
 
-def scores(taxonomy: Taxonomy, logits: dict[str, torch.Tensor], calibration: dict[str, Any]
-           ) -> dict[str, np.ndarray]:
+def scores(
+    taxonomy: Taxonomy, logits: dict[str, torch.Tensor], calibration: dict[str, Any]
+) -> dict[str, np.ndarray]:
     """Logits → calibrated probabilities (softmax for single heads, sigmoid for multi heads)."""
     temps = calibration.get("temperature", {})
     out = {}
@@ -51,8 +52,9 @@ def consistent_choice(taxonomy: Taxonomy, probs: dict[str, np.ndarray]) -> dict[
     return choice
 
 
-def to_columns(taxonomy: Taxonomy, probs: dict[str, np.ndarray], calibration: dict[str, Any]
-               ) -> dict[str, pa.Array]:
+def to_columns(
+    taxonomy: Taxonomy, probs: dict[str, np.ndarray], calibration: dict[str, Any]
+) -> dict[str, pa.Array]:
     """The label columns of the labels table as Arrow arrays, built with numpy (no Python object per row).
 
     Vectorised on purpose: at GPU rates (10k+ products/s) one Python dict per row and per top-k entry
@@ -72,13 +74,17 @@ def to_columns(taxonomy: Taxonomy, probs: dict[str, np.ndarray], calibration: di
             s = p[np.arange(n), c]
             cols[h.name] = names.take(pa.array(c))
             cols[f"{h.name}_score"] = pa.array(s, pa.float32())
-            cols[f"{h.name}_topk"] = _label_scores(names, p, np.argsort(-p, axis=1, kind="stable")[:, :TOPK], rows)
+            cols[f"{h.name}_topk"] = _label_scores(
+                names, p, np.argsort(-p, axis=1, kind="stable")[:, :TOPK], rows
+            )
             review |= s < float(thresholds.get(h.name, h.threshold or DEFAULT_SINGLE_THRESHOLD))
         else:
             t = float(thresholds.get(h.name, h.threshold or DEFAULT_MULTI_THRESHOLD))
             hit = p >= t
             offsets = np.concatenate([[0], np.cumsum(hit.sum(axis=1))]).astype(np.int32)
-            cols[h.name] = pa.ListArray.from_arrays(pa.array(offsets), names.take(pa.array(np.nonzero(hit)[1])))
+            cols[h.name] = pa.ListArray.from_arrays(
+                pa.array(offsets), names.take(pa.array(np.nonzero(hit)[1]))
+            )
             topm = np.argsort(-p, axis=1, kind="stable")[:, :MULTI_TOPK]
             cols[f"{h.name}_scores"] = _label_scores(names, p, topm, rows)
     cols["needs_review"] = pa.array(review, pa.bool_())
@@ -90,12 +96,14 @@ def _label_scores(names: pa.Array, p: np.ndarray, top: np.ndarray, rows: np.ndar
     n, k = top.shape
     values = pa.StructArray.from_arrays(
         [names.take(pa.array(top.ravel())), pa.array(p[rows, top].ravel(), pa.float32())],
-        fields=list(LABEL_SCORE))
+        fields=list(LABEL_SCORE),
+    )
     return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), values)
 
 
-def to_rows(taxonomy: Taxonomy, probs: dict[str, np.ndarray], calibration: dict[str, Any]
-            ) -> list[dict[str, Any]]:
+def to_rows(
+    taxonomy: Taxonomy, probs: dict[str, np.ndarray], calibration: dict[str, Any]
+) -> list[dict[str, Any]]:
     """One dict per product with the label columns of the labels table (no identity columns).
 
     Derived from :func:`to_columns`, so evaluation and labelling share one code path.

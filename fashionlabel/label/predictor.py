@@ -38,14 +38,15 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 class Predictor:
     """Args:
-        model_dir: the artifact folder.
-        device: "cuda" / "cpu"; default: a GPU when one is visible.
-        batch_size: images per forward pass.
-        compile: wrap the model in ``torch.compile`` (GPU: worth it for long runs).
+    model_dir: the artifact folder.
+    device: "cuda" / "cpu"; default: a GPU when one is visible.
+    batch_size: images per forward pass.
+    compile: wrap the model in ``torch.compile`` (GPU: worth it for long runs).
     """
 
-    def __init__(self, model_dir: str | Path, device: str | None = None, batch_size: int = 256,
-                 compile: bool = False):
+    def __init__(
+        self, model_dir: str | Path, device: str | None = None, batch_size: int = 256, compile: bool = False
+    ):
         self.device = pick_device(device)
         model, self.spec = load_artifact(model_dir, self.device)
         self.taxonomy = self.spec["taxonomy_obj"]
@@ -85,7 +86,8 @@ class Predictor:
         n = len(x)
         if self.compiled and n < self.batch_size:
             x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))]).contiguous(
-                memory_format=torch.channels_last)
+                memory_format=torch.channels_last
+            )
         if self.piece and n > self.piece:
             pieces = [self.model(x[s : s + self.piece]) for s in range(0, n, self.piece)]
             out = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
@@ -126,9 +128,12 @@ class Predictor:
         """Like :meth:`probs` but softmax/sigmoid run on the device and one transfer per head comes back."""
         if len(images) == 0:
             return scores(self.taxonomy, self.logits(images), self.calibration)
-        parts = [self.forward(to_input(images[s : s + self.batch_size], self.mean, self.std, self.device)
-                              .to(self.dtype))
-                 for s in range(0, len(images), self.batch_size)]
+        parts = [
+            self.forward(
+                to_input(images[s : s + self.batch_size], self.mean, self.std, self.device).to(self.dtype)
+            )
+            for s in range(0, len(images), self.batch_size)
+        ]
         logits = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return scores(self.taxonomy, logits, self.calibration)
 

@@ -42,8 +42,11 @@ def read_tar(data: bytes) -> Iterator[tuple[str, bytes]]:
         if hdr[0] == 0 and not hdr.strip(b"\0"):
             return  # end-of-archive marker
         raw_size = hdr[124:136]
-        size = (int.from_bytes(raw_size[1:], "big") if raw_size[0] & 0x80
-                else int(raw_size.split(b"\0", 1)[0].strip() or b"0", 8))
+        size = (
+            int.from_bytes(raw_size[1:], "big")
+            if raw_size[0] & 0x80
+            else int(raw_size.split(b"\0", 1)[0].strip() or b"0", 8)
+        )
         kind = hdr[156:157]
         name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         if hdr[257:262] == b"ustar" and hdr[345] != 0:
@@ -95,7 +98,9 @@ def shard_samples(uri: str) -> tuple[list[str], list[str | None], list[bytes | N
         elif ext in ("jpg", "jpeg"):
             jpgs[-1] = payload
     metas: list[Any] = json.loads(b"[" + b",".join(jsons) + b"]") if jsons else []
-    ids = [str(m.get("product_id", k)) if isinstance(m, dict) else k for m, k in zip(metas, keys, strict=True)]
+    ids = [
+        str(m.get("product_id", k)) if isinstance(m, dict) else k for m, k in zip(metas, keys, strict=True)
+    ]
     shas = [m.get("sha256") if isinstance(m, dict) else None for m in metas]
     return ids, shas, jpgs
 
@@ -119,12 +124,14 @@ def skip_keys(product_ids: list[str], shas: list[str | None]) -> pa.Array:
     """Join keys ``product_id \\x1f image_sha256`` used to match already-labelled products."""
     import pyarrow.compute as pc
 
-    return pc.binary_join_element_wise(pa.array(product_ids, pa.string()),
-                                       pa.array([s or "" for s in shas], pa.string()), "\x1f")
+    return pc.binary_join_element_wise(
+        pa.array(product_ids, pa.string()), pa.array([s or "" for s in shas], pa.string()), "\x1f"
+    )
 
 
-def read_shards(batch: dict[str, np.ndarray], decode_on: str, size: tuple[int, int],
-                skip: pa.Array | None = None) -> dict[str, np.ndarray]:
+def read_shards(
+    batch: dict[str, np.ndarray], decode_on: str, size: tuple[int, int], skip: pa.Array | None = None
+) -> dict[str, np.ndarray]:
     """Ray Data UDF (tasks): shard URIs → one row per product to label.
 
     Columns: product_id, image_sha256, error (null or reason), ``image`` (N×H×W×3 uint8, decode "cpu") or
@@ -132,8 +139,19 @@ def read_shards(batch: dict[str, np.ndarray], decode_on: str, size: tuple[int, i
     writer on the driver knows when a shard is complete. A shard with nothing to label yields one
     ``marker`` row, so its (empty) part file is still written and a re-run knows it is done.
     """
-    cols: dict[str, list] = {k: [] for k in ("product_id", "image_sha256", "error", "payload", "shard",
-                                             "shard_rows", "shard_skipped", "marker")}
+    cols: dict[str, list] = {
+        k: []
+        for k in (
+            "product_id",
+            "image_sha256",
+            "error",
+            "payload",
+            "shard",
+            "shard_rows",
+            "shard_skipped",
+            "marker",
+        )
+    }
     for uri in batch["shard"]:
         uri = str(uri)
         ids, shas, jpgs = shard_samples(uri)
@@ -160,23 +178,38 @@ def read_shards(batch: dict[str, np.ndarray], decode_on: str, size: tuple[int, i
     return _to_batch(cols, decode_on, size)
 
 
-def _append(cols: dict[str, list], pid: str | None, sha: str | None, err: str | None, payload: Any,
-            shard: str, rows: int, skipped: int, marker: bool) -> None:
+def _append(
+    cols: dict[str, list],
+    pid: str | None,
+    sha: str | None,
+    err: str | None,
+    payload: Any,
+    shard: str,
+    rows: int,
+    skipped: int,
+    marker: bool,
+) -> None:
     for k, v in zip(cols, (pid, sha, err, payload, shard, rows, skipped, marker), strict=True):
         cols[k].append(v)
 
 
 def _to_batch(cols: dict[str, list], decode_on: str, size: tuple[int, int]) -> dict[str, np.ndarray]:
     payload = cols.pop("payload")
-    out = {k: np.array(v, dtype=object) for k, v in cols.items() if k not in ("shard_rows", "shard_skipped",
-                                                                               "marker")}
+    out = {
+        k: np.array(v, dtype=object)
+        for k, v in cols.items()
+        if k not in ("shard_rows", "shard_skipped", "marker")
+    }
     out["shard_rows"] = np.array(cols["shard_rows"], dtype=np.int64)
     out["shard_skipped"] = np.array(cols["shard_skipped"], dtype=np.int64)
     out["marker"] = np.array(cols["marker"], dtype=bool)
     if decode_on == "cpu":
         blank = np.zeros((*size, 3), np.uint8)
-        out["image"] = (np.stack([blank if p is None else p for p in payload]) if payload
-                        else np.zeros((0, *size, 3), np.uint8))
+        out["image"] = (
+            np.stack([blank if p is None else p for p in payload])
+            if payload
+            else np.zeros((0, *size, 3), np.uint8)
+        )
     else:
         out["jpg"] = np.array([b"" if p is None else p for p in payload], dtype=object)
     return out

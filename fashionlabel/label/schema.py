@@ -20,10 +20,15 @@ def labels_schema(taxonomy: Taxonomy) -> pa.Schema:
     ]
     for h in taxonomy.heads:
         if h.kind == "single":
-            fields += [pa.field(h.name, pa.string()), pa.field(f"{h.name}_score", pa.float32()),
-                       pa.field(f"{h.name}_topk", pa.list_(LABEL_SCORE))]
+            fields += [
+                pa.field(h.name, pa.string()),
+                pa.field(f"{h.name}_score", pa.float32()),
+                pa.field(f"{h.name}_topk", pa.list_(LABEL_SCORE)),
+            ]
         else:
-            fields += [pa.field(h.name, pa.list_(pa.string())),
-                       pa.field(f"{h.name}_scores", pa.list_(LABEL_SCORE))]
+            fields += [
+                pa.field(h.name, pa.list_(pa.string())),
+                pa.field(f"{h.name}_scores", pa.list_(LABEL_SCORE)),
+            ]
     fields += [pa.field("needs_review", pa.bool_()), pa.field("error", pa.string())]
     return pa.schema(fields)

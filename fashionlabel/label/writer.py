@@ -56,8 +56,13 @@ class PartWriter:
     def _publish(self, shard: str, skipped: int) -> None:
         table = pa.concat_tables(self.pending.pop(shard)).cast(self.schema)
         errored = table.num_rows - table["error"].null_count
-        meta = {"shard": shard, "rows": table.num_rows, "labelled": table.num_rows - errored,
-                "errored": errored, "skipped": skipped}
+        meta = {
+            "shard": shard,
+            "rows": table.num_rows,
+            "labelled": table.num_rows - errored,
+            "errored": errored,
+            "skipped": skipped,
+        }
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
         storage.write_parquet(table, storage.join(self.out_dir, part_name(shard)))
         for k in ("labelled", "errored", "skipped"):
@@ -94,10 +99,11 @@ def labelled_keys(out: str, model_version: str) -> pa.Array:
     if not storage.exists(history):
         return pa.array([], pa.string())
     data = pds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-    t = data.to_table(columns=["product_id", "image_sha256"],
-                      filter=(pds.field("model_version") == model_version) & pds.field("error").is_null())
+    t = data.to_table(
+        columns=["product_id", "image_sha256"],
+        filter=(pds.field("model_version") == model_version) & pds.field("error").is_null(),
+    )
     log.info("incremental: %d products already labelled by model %s", t.num_rows, model_version)
     if t.num_rows == 0:
         return pa.array([], pa.string())
     return pc.unique(skip_keys(t["product_id"].to_pylist(), t["image_sha256"].to_pylist()))
-

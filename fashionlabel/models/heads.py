@@ -34,11 +34,18 @@ class HierarchicalHeads(MultiTaskHeads):
     def __init__(self, in_features: int, taxonomy: Taxonomy, dropout: float = 0.2, reduction: int = 4):
         super().__init__(in_features, taxonomy, dropout)
         hidden = max(16, in_features // reduction)
-        self.attention = nn.ModuleDict({
-            h.name: nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
-                                  nn.Linear(hidden, in_features), nn.Sigmoid())
-            for h in taxonomy.heads if h.parent
-        })
+        self.attention = nn.ModuleDict(
+            {
+                h.name: nn.Sequential(
+                    nn.Linear(in_features, hidden),
+                    nn.ReLU(inplace=True),
+                    nn.Linear(hidden, in_features),
+                    nn.Sigmoid(),
+                )
+                for h in taxonomy.heads
+                if h.parent
+            }
+        )
 
     def forward(self, feat: torch.Tensor) -> dict[str, torch.Tensor]:
         feat = self.drop(feat)
@@ -52,8 +59,14 @@ class HierarchicalHeads(MultiTaskHeads):
 class TrunkWithHeads(nn.Module):
     """A feature trunk (image → N×C×H×W) + global average pool + taxonomy heads."""
 
-    def __init__(self, trunk: nn.Module, features: int, taxonomy: Taxonomy, dropout: float = 0.2,
-                 hierarchical: bool = False):
+    def __init__(
+        self,
+        trunk: nn.Module,
+        features: int,
+        taxonomy: Taxonomy,
+        dropout: float = 0.2,
+        hierarchical: bool = False,
+    ):
         super().__init__()
         self.trunk = trunk
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -40,16 +40,22 @@ class HSBlock(nn.Module):
         self.mix = nn.Sequential(HetConv(mid, mid, p, stride), nn.ReLU(inplace=True))
         self.project = GhostModule(mid, cout, act=False)
         self.eca = ECA() if eca else nn.Identity()
-        self.skip = (nn.Identity() if stride == 1 and cin == cout else
-                     nn.Sequential(conv_bn(cin, cin, 3, stride, groups=cin, act=False), conv_bn(cin, cout, 1, act=False)))
+        self.skip = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(
+                conv_bn(cin, cin, 3, stride, groups=cin, act=False), conv_bn(cin, cout, 1, act=False)
+            )
+        )
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.eca(self.project(self.mix(self.expand(x)))) + self.skip(x))
 
 
-def _create_hsnet(taxonomy: Taxonomy, widths: tuple[int, ...], depths: tuple[int, ...],
-                  dropout: float = 0.2) -> nn.Module:
+def _create_hsnet(
+    taxonomy: Taxonomy, widths: tuple[int, ...], depths: tuple[int, ...], dropout: float = 0.2
+) -> nn.Module:
     layers: list[nn.Module] = [Stem(widths[0])]
     cin = widths[0]
     for s, (w, d) in enumerate(zip(widths[1:], depths, strict=True)):

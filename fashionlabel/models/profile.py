@@ -37,8 +37,14 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def inference_speed(model: nn.Module, size: tuple[int, int], batch: int = 64, repeats: int = 3,
-                    device: str = "cpu", cpu_time: bool = False) -> float:
+def inference_speed(
+    model: nn.Module,
+    size: tuple[int, int],
+    batch: int = 64,
+    repeats: int = 3,
+    device: str = "cpu",
+    cpu_time: bool = False,
+) -> float:
     """Median images/s of eval-mode forward passes on random batches (channels_last; bf16 on GPU)."""
     dev, clock = torch.device(device), time.process_time if cpu_time else time.perf_counter
     model = model.eval().to(dev).to(memory_format=torch.channels_last)
@@ -54,8 +60,14 @@ def inference_speed(model: nn.Module, size: tuple[int, int], batch: int = 64, re
     return batch / sorted(times)[len(times) // 2]
 
 
-def train_speed(model: nn.Module, size: tuple[int, int], batch: int = 64, repeats: int = 3,
-                device: str = "cpu", cpu_time: bool = False) -> float:
+def train_speed(
+    model: nn.Module,
+    size: tuple[int, int],
+    batch: int = 64,
+    repeats: int = 3,
+    device: str = "cpu",
+    cpu_time: bool = False,
+) -> float:
     """Median images/s of training steps (forward, summed loss, backward, AdamW) on random batches."""
     dev, clock = torch.device(device), time.process_time if cpu_time else time.perf_counter
     model = model.train().to(dev).to(memory_format=torch.channels_last)

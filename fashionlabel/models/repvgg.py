@@ -64,8 +64,13 @@ class RepVGGBlock(nn.Module):
         del self.dense, self.one, self.identity
 
 
-def _create_repvgg(taxonomy: Taxonomy, widths: tuple[int, ...], depths: tuple[int, ...], deploy: bool = False,
-                   dropout: float = 0.2) -> nn.Module:
+def _create_repvgg(
+    taxonomy: Taxonomy,
+    widths: tuple[int, ...],
+    depths: tuple[int, ...],
+    deploy: bool = False,
+    dropout: float = 0.2,
+) -> nn.Module:
     blocks: list[nn.Module] = []
     cin = 3
     for w, d in zip(widths, depths, strict=True):

@@ -23,8 +23,9 @@ def _create_resnet(taxonomy: Taxonomy, variant: str, dropout: float = 0.2) -> nn
     from torchvision.models import resnet
 
     net = getattr(resnet, variant)(weights=None)
-    trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
-                          net.layer4)
+    trunk = nn.Sequential(
+        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+    )
     return TrunkWithHeads(trunk, net.fc.in_features, taxonomy, dropout)
 
 

@@ -16,8 +16,9 @@ from fashionlabel.models.layers import conv_bn
 from fashionlabel.taxonomy import Taxonomy
 
 
-def _create_small(taxonomy: Taxonomy, widths: tuple[int, ...], dropout: float = 0.2,
-                  hierarchical: bool = False) -> nn.Module:
+def _create_small(
+    taxonomy: Taxonomy, widths: tuple[int, ...], dropout: float = 0.2, hierarchical: bool = False
+) -> nn.Module:
     layers: list[nn.Module] = [conv_bn(3, widths[0], stride=2)]
     cin = widths[0]
     for i, w in enumerate(widths[1:]):

@@ -41,12 +41,19 @@ class XceptionBlock(nn.Module):
 
     def __init__(self, chans: list[int], stride: int = 1, start_with_relu: bool = True):
         super().__init__()
-        self.convs = nn.Sequential(*[SeparableConv(a, b, relu_first=start_with_relu or i > 0)
-                                     for i, (a, b) in enumerate(zip(chans[:-1], chans[1:], strict=True))])
+        self.convs = nn.Sequential(
+            *[
+                SeparableConv(a, b, relu_first=start_with_relu or i > 0)
+                for i, (a, b) in enumerate(zip(chans[:-1], chans[1:], strict=True))
+            ]
+        )
         self.pool = nn.MaxPool2d(3, stride, 1) if stride != 1 else nn.Identity()
         cin, cout = chans[0], chans[-1]
-        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                     if stride != 1 or cin != cout else nn.Identity())
+        self.skip = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.convs(x)) + self.skip(x)
@@ -61,18 +68,28 @@ class XceptionTrunk(nn.Module):
 
         mid = c(728)
         pruned = {int(k): v for k, v in (mid_channels or {}).items()}
-        self.stem = nn.Sequential(nn.Conv2d(3, c(32), 3, 2, 1, bias=False), nn.BatchNorm2d(c(32)),
-                                  nn.ReLU(inplace=True), nn.Conv2d(c(32), c(64), 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(c(64)), nn.ReLU(inplace=True))
-        self.entry = nn.Sequential(XceptionBlock([c(64), c(128), c(128)], 2, start_with_relu=False),
-                                   XceptionBlock([c(128), c(256), c(256)], 2),
-                                   XceptionBlock([c(256), mid, mid], 2))
-        self.middle = nn.Sequential(*[XceptionBlock([mid, *pruned.get(i, [mid, mid]), mid])
-                                      for i in range(middle)])
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, c(32), 3, 2, 1, bias=False),
+            nn.BatchNorm2d(c(32)),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c(32), c(64), 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c(64)),
+            nn.ReLU(inplace=True),
+        )
+        self.entry = nn.Sequential(
+            XceptionBlock([c(64), c(128), c(128)], 2, start_with_relu=False),
+            XceptionBlock([c(128), c(256), c(256)], 2),
+            XceptionBlock([c(256), mid, mid], 2),
+        )
+        self.middle = nn.Sequential(
+            *[XceptionBlock([mid, *pruned.get(i, [mid, mid]), mid]) for i in range(middle)]
+        )
         self.exit = nn.Sequential(
             XceptionBlock([mid, mid, c(1024)], 2),
-            SeparableConv(c(1024), c(1536), relu_first=False, se=True), nn.ReLU(inplace=True),
-            SeparableConv(c(1536), c(2048), relu_first=False, se=True), nn.ReLU(inplace=True),
+            SeparableConv(c(1024), c(1536), relu_first=False, se=True),
+            nn.ReLU(inplace=True),
+            SeparableConv(c(1536), c(2048), relu_first=False, se=True),
+            nn.ReLU(inplace=True),
         )
         self.features = c(2048)
 
@@ -80,8 +97,13 @@ class XceptionTrunk(nn.Module):
         return self.exit(self.middle(self.entry(self.stem(x))))
 
 
-def _create_xception(taxonomy: Taxonomy, width: float, middle: int, dropout: float = 0.2,
-                     mid_channels: dict[str, list[int]] | None = None) -> nn.Module:
+def _create_xception(
+    taxonomy: Taxonomy,
+    width: float,
+    middle: int,
+    dropout: float = 0.2,
+    mid_channels: dict[str, list[int]] | None = None,
+) -> nn.Module:
     trunk = XceptionTrunk(width, middle, mid_channels)
     return TrunkWithHeads(trunk, trunk.features, taxonomy, dropout)
 

@@ -59,8 +59,12 @@ def multi_threshold(probs: np.ndarray, y: np.ndarray) -> float:
     return best
 
 
-def calibrate(taxonomy: Taxonomy, logits: dict[str, torch.Tensor], targets: dict[str, np.ndarray],
-              error_cut: float = 0.5) -> dict[str, dict[str, float]]:
+def calibrate(
+    taxonomy: Taxonomy,
+    logits: dict[str, torch.Tensor],
+    targets: dict[str, np.ndarray],
+    error_cut: float = 0.5,
+) -> dict[str, dict[str, float]]:
     temps, thresholds = {}, {}
     for h in taxonomy.heads:
         if h.kind == "single":
@@ -68,5 +72,7 @@ def calibrate(taxonomy: Taxonomy, logits: dict[str, torch.Tensor], targets: dict
             p = torch.softmax(logits[h.name].float() / temps[h.name], 1).numpy()
             thresholds[h.name] = single_threshold(p, targets[h.name], error_cut)
         else:
-            thresholds[h.name] = multi_threshold(torch.sigmoid(logits[h.name].float()).numpy(), targets[h.name])
+            thresholds[h.name] = multi_threshold(
+                torch.sigmoid(logits[h.name].float()).numpy(), targets[h.name]
+            )
     return {"temperature": temps, "thresholds": thresholds, "error_cut": error_cut}

@@ -32,10 +32,18 @@ class ArtifactError(ValueError):
     """A model folder that is missing, malformed or does not match its declared architecture."""
 
 
-def save_artifact(out: str | Path, model: nn.Module, *, architecture: str, taxonomy: Taxonomy,
-                  preprocessing: dict[str, Any], calibration: dict[str, Any] | None = None,
-                  metrics: dict[str, Any] | None = None, model_kwargs: dict[str, Any] | None = None,
-                  training: dict[str, Any] | None = None) -> str:
+def save_artifact(
+    out: str | Path,
+    model: nn.Module,
+    *,
+    architecture: str,
+    taxonomy: Taxonomy,
+    preprocessing: dict[str, Any],
+    calibration: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> str:
     """Write the artifact atomically; return its version."""
     out = Path(out)
     buf = io.BytesIO()
@@ -88,7 +96,9 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
         # weights_only: a tampered file cannot run code on load (no arbitrary unpickling).
         state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ArtifactError(f"model artifact {path}: weights.pt cannot be loaded safely ({str(e)[:200]})") from e
+        raise ArtifactError(
+            f"model artifact {path}: weights.pt cannot be loaded safely ({str(e)[:200]})"
+        ) from e
     try:
         model = create_model(arch, taxonomy, **spec.get("model_kwargs", {}))
         model.load_state_dict(state, strict=True)

@@ -118,7 +118,11 @@ def _worker(config: dict[str, Any]) -> None:
     )
 
     # Only rank 0 validates and checkpoints, and DDP keeps every rank's weights equal: one average is enough.
-    ema = EMA(ckpt.unwrap(model), decay_for(cfg.ema_epochs, steps)) if cfg.ema_epochs > 0 and rank == 0 else None
+    ema = (
+        EMA(ckpt.unwrap(model), decay_for(cfg.ema_epochs, steps))
+        if cfg.ema_epochs > 0 and rank == 0
+        else None
+    )
 
     start, history, best, best_epoch, starts = 0, [], -1.0, -1, []
     state = ckpt.load(config["ckpt_dir"])
@@ -143,8 +147,12 @@ def _worker(config: dict[str, Any]) -> None:
             break
         model.train()
         t0 = time.time()
-        order = np.concatenate([np.random.permutation(len(mine)) for _ in range(
-            math.ceil(steps * per_worker / max(1, len(mine))))])[: steps * per_worker]
+        order = np.concatenate(
+            [
+                np.random.permutation(len(mine))
+                for _ in range(math.ceil(steps * per_worker / max(1, len(mine))))
+            ]
+        )[: steps * per_worker]
         running = 0.0
         batches = (order[s * per_worker : (s + 1) * per_worker] for s in range(steps))
         for images, y in BatchPrefetcher(mine.images, targets, batches, device):
@@ -160,9 +168,12 @@ def _worker(config: dict[str, Any]) -> None:
                 ema.update()
             running += float(loss.detach())
         seconds = time.time() - t0
-        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": running / steps,
-                                   "train_img_per_s": steps * per_worker * world / seconds,
-                                   "lr": sched.get_last_lr()[0]}
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": running / steps,
+            "train_img_per_s": steps * per_worker * world / seconds,
+            "lr": sched.get_last_lr()[0],
+        }
         if rank == 0:
             # With an average, both weight sets are validated and the better one is this epoch's candidate.
             candidates = {"raw": ckpt.unwrap(model)} | ({"ema": ema.model} if ema is not None else {})
@@ -174,24 +185,41 @@ def _worker(config: dict[str, Any]) -> None:
             weights = max(scored, key=lambda k: scored[k][0])
             metrics["val_score"], vm = scored[weights]
             metrics["weights"] = weights
-            metrics["val"] = {h: {k: v for k, v in m.items() if k in ("top1", "recall@3")}
-                              for h, m in vm["heads"].items()}
+            metrics["val"] = {
+                h: {k: v for k, v in m.items() if k in ("top1", "recall@3")} for h, m in vm["heads"].items()
+            }
             history.append(metrics)
             improved = metrics["val_score"] > best
             if improved:
                 best, best_epoch = metrics["val_score"], epoch
             stopped = epoch - best_epoch >= cfg.patience
-            state = {"model": ckpt.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(),
-                     "loss": loss_fn.state_dict() if cfg.uncertainty else None, "epoch": epoch,
-                     "ema": ema.state_dict() if ema is not None else None, "weights": weights,
-                     "config": asdict(cfg), "taxonomy_version": tax.version, "history": history, "starts": starts,
-                     "best_score": best, "best_epoch": best_epoch, "stopped": stopped}
+            state = {
+                "model": ckpt.unwrap(model).state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "loss": loss_fn.state_dict() if cfg.uncertainty else None,
+                "epoch": epoch,
+                "ema": ema.state_dict() if ema is not None else None,
+                "weights": weights,
+                "config": asdict(cfg),
+                "taxonomy_version": tax.version,
+                "history": history,
+                "starts": starts,
+                "best_score": best,
+                "best_epoch": best_epoch,
+                "stopped": stopped,
+            }
             if improved:
                 ckpt.save(config["ckpt_dir"], ckpt.BEST, state)
             ckpt.save(config["ckpt_dir"], ckpt.LAST, state)  # last: written after best, resume point
-            log.info("epoch %d: loss %.3f, val %.3f (%s weights), %.0f img/s", epoch, metrics["train_loss"],
-                     metrics["val_score"], weights, metrics["train_img_per_s"])
+            log.info(
+                "epoch %d: loss %.3f, val %.3f (%s weights), %.0f img/s",
+                epoch,
+                metrics["train_loss"],
+                metrics["val_score"],
+                weights,
+                metrics["train_img_per_s"],
+            )
             stop[0] = float(stopped)
         if world > 1:
             dist.broadcast(stop, src=0)
@@ -214,8 +242,16 @@ def _predict(model: torch.nn.Module, samples, config: dict[str, Any], device) ->
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def fit(shards: str, run_dir: str, taxonomy: Taxonomy, cfg: TrainConfig, mean, std,
-        num_cpus: float, checkpoints: str | None = None) -> dict[str, Any]:
+def fit(
+    shards: str,
+    run_dir: str,
+    taxonomy: Taxonomy,
+    cfg: TrainConfig,
+    mean,
+    std,
+    num_cpus: float,
+    checkpoints: str | None = None,
+) -> dict[str, Any]:
     """Run (or resume) training; return the best checkpoint's state.
 
     Args:
@@ -230,8 +266,12 @@ def fit(shards: str, run_dir: str, taxonomy: Taxonomy, cfg: TrainConfig, mean, s
     uris = list_shards(shards)
     split = np.array([split_of(p) for p in index.column("product_id").to_pylist()])
     train_idx = index.filter(pc.equal(np.asarray(split == "train"), True)) if len(split) else index
-    counts = dict(zip(*np.unique(train_idx.column("shard").to_numpy(zero_copy_only=False),
-                                 return_counts=True), strict=True))
+    counts = dict(
+        zip(
+            *np.unique(train_idx.column("shard").to_numpy(zero_copy_only=False), return_counts=True),
+            strict=True,
+        )
+    )
     per_shard = {storage.join(shards, f"{s}.tar"): int(n) for s, n in counts.items()}
     shares = _shares(per_shard, cfg.workers)
     if shares is not None:
@@ -245,18 +285,27 @@ def fit(shards: str, run_dir: str, taxonomy: Taxonomy, cfg: TrainConfig, mean, s
         storage.makedirs(ckpt_dir)
     threads = max(1, int(num_cpus // cfg.workers))
     config = {
-        "cfg": asdict(cfg), "taxonomy": taxonomy.to_dict(), "shards": uris, "shares": shares,
-        "max_share": max_share, "ckpt_dir": ckpt.local_dir(ckpt_dir), "mean": list(mean), "std": list(std),
-        "threads": threads, "single": [h.name for h in taxonomy.single_heads],
+        "cfg": asdict(cfg),
+        "taxonomy": taxonomy.to_dict(),
+        "shards": uris,
+        "shares": shares,
+        "max_share": max_share,
+        "ckpt_dir": ckpt.local_dir(ckpt_dir),
+        "mean": list(mean),
+        "std": list(std),
+        "threads": threads,
+        "single": [h.name for h in taxonomy.single_heads],
     }
     res_per_worker = {"CPU": max(0.5, num_cpus / cfg.workers)} if not cfg.gpu else {"CPU": 2, "GPU": 1}
     trainer = TorchTrainer(
         _worker,
         train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
-                                               resources_per_worker=res_per_worker),
-        run_config=ray.train.RunConfig(storage_path=ckpt.local_dir(storage.join(run_dir, "ray")),
-                                       name="train"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=res_per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            storage_path=ckpt.local_dir(storage.join(run_dir, "ray")), name="train"
+        ),
     )
     trainer.fit()
     last = ckpt.load(ckpt_dir, ckpt.LAST)

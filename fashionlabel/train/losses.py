@@ -24,8 +24,9 @@ class MultiTaskLoss(nn.Module):
         self.weights = {h.name: h.weight for h in taxonomy.heads}
         self.log_vars = nn.Parameter(torch.zeros(len(taxonomy.heads))) if uncertainty else None
 
-    def forward(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         total = torch.zeros((), device=next(iter(logits.values())).device)
         parts: dict[str, float] = {}
         for i, h in enumerate(self.heads):

@@ -66,8 +66,13 @@ def head_metrics(head: Head, probs: np.ndarray, y: np.ndarray) -> dict[str, Any]
     if head.kind == "single":
         known = int((y >= 0).sum())
         pred = probs.argmax(axis=1)
-        return {"n": known, "top1": topk_accuracy(probs, y, 1), "top3": topk_accuracy(probs, y, 3),
-                "top5": topk_accuracy(probs, y, 5), "macro_f1": macro_f1(pred, y, head.num_classes)}
+        return {
+            "n": known,
+            "top1": topk_accuracy(probs, y, 1),
+            "top3": topk_accuracy(probs, y, 3),
+            "top5": topk_accuracy(probs, y, 5),
+            "macro_f1": macro_f1(pred, y, head.num_classes),
+        }
     out: dict[str, Any] = {"n": int((~np.isnan(y).any(axis=1) & (np.nan_to_num(y).sum(axis=1) > 0)).sum())}
     for k in (3, 5):
         out[f"recall@{k}"] = topk_recall(probs, y, k)
@@ -94,8 +99,9 @@ def hierarchy_consistency(taxonomy: Taxonomy, probs: dict[str, np.ndarray]) -> d
     return out
 
 
-def evaluate_probs(taxonomy: Taxonomy, probs: dict[str, np.ndarray], targets: dict[str, np.ndarray]
-                   ) -> dict[str, Any]:
+def evaluate_probs(
+    taxonomy: Taxonomy, probs: dict[str, np.ndarray], targets: dict[str, np.ndarray]
+) -> dict[str, Any]:
     return {
         "heads": {h.name: head_metrics(h, probs[h.name], targets[h.name]) for h in taxonomy.heads},
         "hierarchy_consistency_raw": hierarchy_consistency(taxonomy, probs),

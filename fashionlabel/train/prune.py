@@ -72,7 +72,13 @@ def _sample(t: torch.Tensor, idx: torch.Tensor) -> np.ndarray:
     """N×C×H×W → (N·P)×C at the flat spatial positions ``idx`` (N×P)."""
     n, c = t.shape[:2]
     flat = t.reshape(n, c, -1)
-    return torch.gather(flat, 2, idx[:, None, :].expand(n, c, idx.shape[1])).permute(0, 2, 1).reshape(-1, c).double().numpy()
+    return (
+        torch.gather(flat, 2, idx[:, None, :].expand(n, c, idx.shape[1]))
+        .permute(0, 2, 1)
+        .reshape(-1, c)
+        .double()
+        .numpy()
+    )
 
 
 def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, groups: int | None = None) -> nn.Conv2d:
@@ -93,8 +99,17 @@ def _bn_subset(bn: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
 
 
 @torch.no_grad()
-def prune_pair(model: nn.Module, original: nn.Module, a: SeparableConv, b: SeparableConv, b_orig: SeparableConv,
-               x: torch.Tensor, keep: int, positions: int = 10, seed: int = 0) -> int:
+def prune_pair(
+    model: nn.Module,
+    original: nn.Module,
+    a: SeparableConv,
+    b: SeparableConv,
+    b_orig: SeparableConv,
+    x: torch.Tensor,
+    keep: int,
+    positions: int = 10,
+    seed: int = 0,
+) -> int:
     """Thin the channels between separable convs ``a`` and ``b`` of ``model`` to ``keep`` (in place)."""
     d_full, _ = _capture(model, b.pw, x)  # B's depthwise output in the current (partly pruned) model
     _, y_full = _capture(original, b_orig.pw, x)  # target: the original model's pointwise output
@@ -116,8 +131,9 @@ def prune_pair(model: nn.Module, original: nn.Module, a: SeparableConv, b: Separ
 
 
 @torch.no_grad()
-def prune_xception(model: nn.Module, images: torch.Tensor, blocks: Sequence[int], keep: float = 0.5,
-                   positions: int = 10) -> nn.Module:
+def prune_xception(
+    model: nn.Module, images: torch.Tensor, blocks: Sequence[int], keep: float = 0.5, positions: int = 10
+) -> nn.Module:
     """A pruned copy of an SE-Xception model: middle modules ``blocks`` keep ``keep`` of their inner channels.
 
     Args:
@@ -143,8 +159,19 @@ def prune_xception(model: nn.Module, images: torch.Tensor, blocks: Sequence[int]
         for j in range(len(blk.convs) - 1):
             c = blk.convs[j].pw.out_channels
             k = max(8, int(round(c * keep)))
-            widths.append(prune_pair(pruned, original, blk.convs[j], blk.convs[j + 1], orig_blk.convs[j + 1],
-                                     images, k, positions, seed=i * 10 + j))
+            widths.append(
+                prune_pair(
+                    pruned,
+                    original,
+                    blk.convs[j],
+                    blk.convs[j + 1],
+                    orig_blk.convs[j + 1],
+                    images,
+                    k,
+                    positions,
+                    seed=i * 10 + j,
+                )
+            )
         mid[str(i)] = widths
         log.info("pruned middle module %d to inner widths %s", i, widths)
     pruned.model_name = getattr(model, "model_name", None)
@@ -152,8 +179,15 @@ def prune_xception(model: nn.Module, images: torch.Tensor, blocks: Sequence[int]
     return pruned
 
 
-def prune_artifact(model_dir: str, shards: str, out: str, blocks: Sequence[int], keep: float = 0.5,
-                   calib_images: int = 256, positions: int = 10) -> dict:
+def prune_artifact(
+    model_dir: str,
+    shards: str,
+    out: str,
+    blocks: Sequence[int],
+    keep: float = 0.5,
+    calib_images: int = 256,
+    positions: int = 10,
+) -> dict:
     """Prune an SE-Xception artifact; write the pruned artifact to ``out``; return before/after figures.
 
     Calibration images come from the training split; accuracy is measured on the validation split, and the
@@ -191,20 +225,41 @@ def prune_artifact(model_dir: str, shards: str, out: str, blocks: Sequence[int],
                 for k, v in m(to_input(val.images[s : s + 256], pre["mean"], pre["std"])).items():
                     logits.setdefault(k, []).append(v.float())
         logits = {k: torch.cat(v) for k, v in logits.items()}
-        probs = {h.name: (torch.softmax(logits[h.name], 1) if h.kind == "single" else
-                          torch.sigmoid(logits[h.name])).numpy() for h in tax.heads}
-        fig = {"params": count_params(m), "flops": count_flops(m, size),
-               # CPU time, not wall time: stays a property of the model on a shared machine
-               "label_img_per_cpu_s": inference_speed(m, size, cpu_time=True)}
+        probs = {
+            h.name: (
+                torch.softmax(logits[h.name], 1) if h.kind == "single" else torch.sigmoid(logits[h.name])
+            ).numpy()
+            for h in tax.heads
+        }
+        fig = {
+            "params": count_params(m),
+            "flops": count_flops(m, size),
+            # CPU time, not wall time: stays a property of the model on a shared machine
+            "label_img_per_cpu_s": inference_speed(m, size, cpu_time=True),
+        }
         fig |= summary_scores(evaluate_probs(tax, probs, val.targets))
         return fig, logits
 
     before, _ = measure(model)
     after, logits = measure(pruned)
-    version = save_artifact(out, pruned, architecture=spec["architecture"], taxonomy=tax, preprocessing=pre,
-                            calibration=calibrate(tax, logits, val.targets), model_kwargs=pruned.model_kwargs,
-                            metrics={"val_before_pruning": before, "val": after},
-                            training=spec.get("training", {}) | {"pruned_from": spec["version"],
-                                                                 "pruned_blocks": list(blocks), "keep": keep})
-    return {"before": before, "after": after, "version": version, "seconds": seconds, "out": out,
-            "val_products": len(val), "mid_channels": pruned.model_kwargs["mid_channels"]}
+    version = save_artifact(
+        out,
+        pruned,
+        architecture=spec["architecture"],
+        taxonomy=tax,
+        preprocessing=pre,
+        calibration=calibrate(tax, logits, val.targets),
+        model_kwargs=pruned.model_kwargs,
+        metrics={"val_before_pruning": before, "val": after},
+        training=spec.get("training", {})
+        | {"pruned_from": spec["version"], "pruned_blocks": list(blocks), "keep": keep},
+    )
+    return {
+        "before": before,
+        "after": after,
+        "version": version,
+        "seconds": seconds,
+        "out": out,
+        "val_products": len(val),
+        "mid_channels": pruned.model_kwargs["mid_channels"],
+    }

@@ -36,8 +36,9 @@ def shards_taxonomy(shards: str) -> Taxonomy:
     return Taxonomy.from_dict(stats["taxonomy"])
 
 
-def train(shards: str, out: str, cfg: TrainConfig, num_cpus: float, checkpoints: str | None = None
-          ) -> dict[str, Any]:
+def train(
+    shards: str, out: str, cfg: TrainConfig, num_cpus: float, checkpoints: str | None = None
+) -> dict[str, Any]:
     """Train on ``shards`` and write the artifact to ``out``; return a summary dict.
 
     Args:
@@ -68,8 +69,9 @@ def export_checkpoint(shards: str, checkpoints: str, out: str) -> dict[str, Any]
     return export_state(shards, out, best, training_taxonomy(shards))
 
 
-def export_state(shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy,
-                 seconds: float | None = None) -> dict[str, Any]:
+def export_state(
+    shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy, seconds: float | None = None
+) -> dict[str, Any]:
     """Calibrate a checkpoint's model on validation, write the artifact, evaluate it on val and test."""
     if best["taxonomy_version"] != taxonomy.version:
         raise ValueError("checkpoint was trained on another taxonomy version than these shards carry")
@@ -86,14 +88,28 @@ def export_state(shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy
     pre = {"size": list(size), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     history = best["history"]
     train_ips = float(np.median([h["train_img_per_s"] for h in history])) if history else 0.0
-    training = {"config": cfg.__dict__, "best_epoch": best["best_epoch"], "epochs_run": len(history),
-                "weights": weights,
-                "starts": best.get("starts", [0]), "train_img_per_s_median": train_ips, "seconds": seconds}
+    training = {
+        "config": cfg.__dict__,
+        "best_epoch": best["best_epoch"],
+        "epochs_run": len(history),
+        "weights": weights,
+        "starts": best.get("starts", [0]),
+        "train_img_per_s_median": train_ips,
+        "seconds": seconds,
+    }
     # Deployment form: re-parameterisable blocks (RepVGG) fused into plain convs; same outputs, faster.
     deploy = reparameterize_model(model)
-    version = save_artifact(out, deploy, architecture=cfg.model, taxonomy=taxonomy, preprocessing=pre,
-                            calibration=calibration, metrics={}, training=training,
-                            model_kwargs=getattr(deploy, "model_kwargs", {}))
+    version = save_artifact(
+        out,
+        deploy,
+        architecture=cfg.model,
+        taxonomy=taxonomy,
+        preprocessing=pre,
+        calibration=calibration,
+        metrics={},
+        training=training,
+        model_kwargs=getattr(deploy, "model_kwargs", {}),
+    )
     Path(out, "curves.json").write_text(json.dumps(history, indent=2))
     _plot_curves(history, Path(out, "curves.png"))
     metrics = {split: evaluate(out, shards, split)["metrics"] for split in ("val", "test")}
@@ -111,8 +127,9 @@ def _logits(model: torch.nn.Module, images: np.ndarray) -> dict[str, torch.Tenso
     return {k: torch.cat([o[k] for o in outs]).float() for k in outs[0]}
 
 
-def evaluate(model_dir: str, shards: str, split: str | None = "test",
-             write_to: str | None = None) -> dict[str, Any]:
+def evaluate(
+    model_dir: str, shards: str, split: str | None = "test", write_to: str | None = None
+) -> dict[str, Any]:
     """Metrics of the artifact on one split of ``shards`` (None: every product). Writes JSON + confusion PNG."""
     pred = Predictor(model_dir)
     tax = pred.taxonomy
@@ -128,13 +145,17 @@ def evaluate(model_dir: str, shards: str, split: str | None = "test",
         y = samples.targets[h.name]
         known = y >= 0
         metrics["heads"][h.name]["top1_consistent"] = (
-            float((chosen[h.name][known] == y[known]).mean()) if known.any() else float("nan"))
+            float((chosen[h.name][known] == y[known]).mean()) if known.any() else float("nan")
+        )
     out_dir = Path(write_to or model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"evaluation-{split or 'all'}.json").write_text(json.dumps(metrics, indent=2, default=float))
     fine = tax.chains()[-1][-1] if tax.chains() else tax.single_heads[0]
-    _plot_confusion(confusion(probs[fine.name].argmax(1), samples.targets[fine.name], fine.num_classes),
-                    fine, out_dir / f"confusion-{fine.name}-{split or 'all'}.png")
+    _plot_confusion(
+        confusion(probs[fine.name].argmax(1), samples.targets[fine.name], fine.num_classes),
+        fine,
+        out_dir / f"confusion-{fine.name}-{split or 'all'}.png",
+    )
     return {"metrics": metrics, "version": pred.version, "n": len(samples)}
 
 
@@ -176,8 +197,11 @@ def _plot_confusion(m: np.ndarray, head, path: Path, top: int = 25) -> None:
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set(title=f"{head.name}: confusion (row-normalised, {len(names)} most frequent)",
-           xlabel="predicted", ylabel="true")
+    ax.set(
+        title=f"{head.name}: confusion (row-normalised, {len(names)} most frequent)",
+        xlabel="predicted",
+        ylabel="true",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

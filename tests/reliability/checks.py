@@ -10,8 +10,11 @@ import duckdb
 
 def visible(root: Path, pattern: str) -> list[Path]:
     """Files a reader's glob finds: not staging folders, not hidden temporaries."""
-    return [p for p in sorted(Path(root).rglob(pattern))
-            if not any(part.startswith(("_tmp", ".")) for part in p.relative_to(root).parts)]
+    return [
+        p
+        for p in sorted(Path(root).rglob(pattern))
+        if not any(part.startswith(("_tmp", ".")) for part in p.relative_to(root).parts)
+    ]
 
 
 def assert_no_torn_files(root: Path) -> int:

@@ -57,12 +57,15 @@ class Ledger:
     def table(self) -> str:
         survived = sum(self.faults.values())
         handled = sum(v is not None for v in self.bad_inputs.values())
-        lines = ["| measure | value |", "|---|---|",
-                 f"| faults injected / survived | {len(self.faults)} / {survived} |",
-                 f"| bad-input kinds tried / handled | {len(self.bad_inputs)} / {handled} |",
-                 f"| product sets checked | {self.checked} |",
-                 f"| products lost | {self.lost} |",
-                 f"| products duplicated | {self.duplicated} |"]
+        lines = [
+            "| measure | value |",
+            "|---|---|",
+            f"| faults injected / survived | {len(self.faults)} / {survived} |",
+            f"| bad-input kinds tried / handled | {len(self.bad_inputs)} / {handled} |",
+            f"| product sets checked | {self.checked} |",
+            f"| products lost | {self.lost} |",
+            f"| products duplicated | {self.duplicated} |",
+        ]
         for what, b in sorted(self.peak_rss.items()):
             lines.append(f"| peak RSS, {what} | {b / 2**30:.2f} GiB |")
         lines += ["", "| fault | survived |", "|---|---|"]

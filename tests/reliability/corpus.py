@@ -37,8 +37,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def bomb_png(side: int = 40_000) -> bytes:
     """A 1.6-gigapixel PNG header with a tiny body: decoding it would need GiBs; its file is < 100 bytes."""
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
-            + png_chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def alpha_png() -> bytes:
@@ -94,7 +98,9 @@ def huge_jpeg() -> bytes:
 
 
 def html_page() -> bytes:
-    return b"<!DOCTYPE html><html><head><title>503 Service Unavailable</title></head><body>Error</body></html>"
+    return (
+        b"<!DOCTYPE html><html><head><title>503 Service Unavailable</title></head><body>Error</body></html>"
+    )
 
 
 # ---- checks on the normalised image (H×W×3 uint8 decoded from the shard) -------------------------------
@@ -118,7 +124,11 @@ def check_cyan(a: np.ndarray) -> bool:
 
 def check_grad(a: np.ndarray) -> bool:
     h, w, _ = a.shape
-    return int(a[h // 2, w - 2].mean()) > 200 and int(a[h // 2, 1].mean()) < 55 and (a[..., 0] == a[..., 2]).all()
+    return (
+        int(a[h // 2, w - 2].mean()) > 200
+        and int(a[h // 2, 1].mean()) < 55
+        and (a[..., 0] == a[..., 2]).all()
+    )
 
 
 def check_color(rgb) -> Callable[[np.ndarray], bool]:
@@ -152,8 +162,12 @@ VALID = [
     Valid("EXIF-rotated JPEG", exif_rotated_jpeg(), check_rotated, ".jpg"),
     Valid("greyscale JPEG", grey_jpeg(), check_color((128, 128, 128)), ".jpg"),
     Valid("huge dimensions under the pixel limit (3000x4000)", huge_jpeg(), check_huge, ".jpg"),
-    Valid("PNG saved with a .jpg extension", _save(Image.new("RGB", (60, 80), BLUE), "PNG"), check_color(BLUE),
-          ".jpg"),
+    Valid(
+        "PNG saved with a .jpg extension",
+        _save(Image.new("RGB", (60, 80), BLUE), "PNG"),
+        check_color(BLUE),
+        ".jpg",
+    ),
 ]
 
 

@@ -39,7 +39,10 @@ def session_pids(sid: int) -> list[int]:
         if d.isdigit():
             with contextlib.suppress(OSError):
                 # zombies (exited, not yet reaped by their parent) hold nothing and cannot be killed
-                if os.getsid(int(d)) == sid and Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                if (
+                    os.getsid(int(d)) == sid
+                    and Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+                ):
                     out.append(int(d))
     return out
 
@@ -49,8 +52,11 @@ def ray_workers(sid: int, name: str = "") -> list[int]:
 
     A busy Ray worker renames itself ``ray::<task or actor>``; idle workers are ``ray::IDLE``.
     """
-    return [p for p in session_pids(sid)
-            if (c := cmdline(p)).startswith("ray::") and "IDLE" not in c and name in c]
+    return [
+        p
+        for p in session_pids(sid)
+        if (c := cmdline(p)).startswith("ray::") and "IDLE" not in c and name in c
+    ]
 
 
 def kill_one(sid: int, name: str) -> bool:
@@ -136,8 +142,14 @@ class Cli:
 
     RAY_START_RETRIES = 3
 
-    def __init__(self, args: Sequence[str], tmp: Path, env: dict[str, str] | None = None, name: str = "cli",
-                 argv: Sequence[str] | None = None):
+    def __init__(
+        self,
+        args: Sequence[str],
+        tmp: Path,
+        env: dict[str, str] | None = None,
+        name: str = "cli",
+        argv: Sequence[str] | None = None,
+    ):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         # Ray's socket paths must fit in 107 bytes: its temp dir is short, under /tmp, removed at exit.
@@ -145,8 +157,11 @@ class Cli:
         atexit.register(shutil.rmtree, self.ray_tmp, True)
         self.log = self.tmp / f"{name}.log"
         self.log.write_bytes(b"")
-        self.env = os.environ | {"PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(self.ray_tmp),
-                                 "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+        self.env = os.environ | {
+            "PYTHONPATH": str(ROOT),
+            "RAY_TMPDIR": str(self.ray_tmp),
+            "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        }
         self.env.pop("RAY_ADDRESS", None)
         self.env |= env or {}
         self.argv = list(argv) if argv else [sys.executable, "-m", "fashionlabel.cli", *args]
@@ -159,8 +174,9 @@ class Cli:
     def _start(self) -> None:
         self._offset = self.log.stat().st_size
         with open(self.log, "ab") as f:
-            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.sid = self.proc.pid
 
     def _restarted(self) -> bool:
@@ -175,13 +191,16 @@ class Cli:
         kill_session(self.sid)
         self.restarts += 1
         with open(self.log, "a") as f:
-            f.write(f"\n[test harness] local Ray did not start in time; starting the command again "
-                    f"({self.restarts}/{self.RAY_START_RETRIES})\n")
+            f.write(
+                f"\n[test harness] local Ray did not start in time; starting the command again "
+                f"({self.restarts}/{self.RAY_START_RETRIES})\n"
+            )
         self._start()
         return True
 
     def sample_memory(self, every: float = 0.25) -> None:
         """Track the peak summed RSS of the whole process tree in a background thread."""
+
         def run() -> None:
             while not self._done:
                 self.peak_rss = max(self.peak_rss, rss_bytes(session_pids(self.sid)))
@@ -232,8 +251,13 @@ class Cli:
         return self.log.read_text(errors="replace")
 
 
-def run_cli(args: Sequence[str], tmp: Path, env: dict[str, str] | None = None, name: str = "cli",
-            timeout: float = 300.0) -> tuple[int, str]:
+def run_cli(
+    args: Sequence[str],
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    name: str = "cli",
+    timeout: float = 300.0,
+) -> tuple[int, str]:
     c = Cli(args, tmp, env, name)
     rc = c.finish(timeout)
     return rc, c.output

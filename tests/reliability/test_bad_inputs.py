@@ -68,33 +68,74 @@ def build_corpus(d: Path, server_url: str) -> tuple[Path, dict, dict, list[str],
     add_bad("zero-byte file", "bad-zero", "image_empty", write(imgs / "zero.jpg", b""))
     add_bad("truncated JPEG", "bad-truncjpg", "image_truncated", write(imgs / "trunc.jpg", _truncated_jpeg()))
     add_bad("truncated PNG", "bad-truncpng", "image_truncated", write(imgs / "trunc.png", _truncated_png()))
-    add_bad("random bytes, not an image", "bad-random", "not_an_image",
-            write(imgs / "random.jpg", np.random.default_rng(1).bytes(5000)))
-    add_bad("PDF saved as .jpg", "bad-pdf", "not_an_image", write(imgs / "doc.jpg", b"%PDF-1.4\n%\xe2\xe3\n1 0 obj"))
-    add_bad("HTML error page saved as .jpg", "bad-htmlfile", "not_an_image", write(imgs / "err.jpg", html_page()))
-    add_bad("HTML error page served as an image (HTTP 200)", "bad-html200", "not_an_image",
-            f"{server_url}/error-page.jpg")
+    add_bad(
+        "random bytes, not an image",
+        "bad-random",
+        "not_an_image",
+        write(imgs / "random.jpg", np.random.default_rng(1).bytes(5000)),
+    )
+    add_bad(
+        "PDF saved as .jpg",
+        "bad-pdf",
+        "not_an_image",
+        write(imgs / "doc.jpg", b"%PDF-1.4\n%\xe2\xe3\n1 0 obj"),
+    )
+    add_bad(
+        "HTML error page saved as .jpg", "bad-htmlfile", "not_an_image", write(imgs / "err.jpg", html_page())
+    )
+    add_bad(
+        "HTML error page served as an image (HTTP 200)",
+        "bad-html200",
+        "not_an_image",
+        f"{server_url}/error-page.jpg",
+    )
     add_bad("HTTP 404", "bad-http404", "image_not_found", f"{server_url}/gone.jpg")
     add_bad("HTTP 500", "bad-http500", "image_unreadable", f"{server_url}/boom.jpg")
-    add_bad("unreachable host (connection refused)", "bad-refused", "image_unreadable",
-            "http://127.0.0.1:9/x.jpg")
-    add_bad("decompression bomb (40000x40000 PNG header)", "bad-bomb", "image_too_large",
-            write(imgs / "bomb.png", bomb_png()))
+    add_bad(
+        "unreachable host (connection refused)", "bad-refused", "image_unreadable", "http://127.0.0.1:9/x.jpg"
+    )
+    add_bad(
+        "decompression bomb (40000x40000 PNG header)",
+        "bad-bomb",
+        "image_too_large",
+        write(imgs / "bomb.png", bomb_png()),
+    )
     add_bad("1x1 image", "bad-1px", "image_too_small", write(imgs / "1px.png", _one_px()))
     add_bad("empty product_id", "", "missing_product_id", str(SAMPLE / "images" / "10020.jpg"))
     add_bad("whitespace product_id", "   ", "missing_product_id", str(SAMPLE / "images" / "10020.jpg"))
     add_bad("product_id with /", "a/b", "invalid_product_id", str(SAMPLE / "images" / "10020.jpg"))
-    add_bad("product_id with ..", "../../etc/cron.d/x", "invalid_product_id", str(SAMPLE / "images" / "10020.jpg"))
-    add_bad("absolute path as product_id", "/etc/passwd", "invalid_product_id", str(SAMPLE / "images" / "10020.jpg"))
+    add_bad(
+        "product_id with ..", "../../etc/cron.d/x", "invalid_product_id", str(SAMPLE / "images" / "10020.jpg")
+    )
+    add_bad(
+        "absolute path as product_id",
+        "/etc/passwd",
+        "invalid_product_id",
+        str(SAMPLE / "images" / "10020.jpg"),
+    )
     add_bad("product_id with spaces", "a b", "invalid_product_id", str(SAMPLE / "images" / "10020.jpg"))
     add_bad("non-ASCII product_id", "café-42", "invalid_product_id", str(SAMPLE / "images" / "10020.jpg"))
-    add_bad("product_id with a dot (tar extension split)", "a.b", "invalid_product_id",
-            str(SAMPLE / "images" / "10020.jpg"))
+    add_bad(
+        "product_id with a dot (tar extension split)",
+        "a.b",
+        "invalid_product_id",
+        str(SAMPLE / "images" / "10020.jpg"),
+    )
     add_bad("product_id with a newline", "x\ny", "invalid_product_id", str(SAMPLE / "images" / "10020.jpg"))
-    add_bad("very long product_id (300 chars)", "L" * 300, "invalid_product_id", str(SAMPLE / "images" / "10020.jpg"))
+    add_bad(
+        "very long product_id (300 chars)",
+        "L" * 300,
+        "invalid_product_id",
+        str(SAMPLE / "images" / "10020.jpg"),
+    )
     add_bad("empty image_uri", "bad-nouri", "missing_image_uri", "")
-    add_bad("label outside the taxonomy", "bad-label", "label_outside_taxonomy", str(SAMPLE / "images" / "10020.jpg"),
-            gender="Martian")
+    add_bad(
+        "label outside the taxonomy",
+        "bad-label",
+        "label_outside_taxonomy",
+        str(SAMPLE / "images" / "10020.jpg"),
+        gender="Martian",
+    )
     # Duplicate id: the first occurrence is kept (a good product below), the second quarantined.
     dup_pid = good[0]["product_id"]
     bad["duplicate product_id"] = (dup_pid, "duplicate_product_id")
@@ -109,9 +150,11 @@ def build_corpus(d: Path, server_url: str) -> tuple[Path, dict, dict, list[str],
         rows.append(row(pid, write(imgs / f"v{i}{v.suffix}", v.data)))
     # Other URI forms of a good image: relative to the catalog, file://, and over HTTP as image/png.
     write(d / "rel" / "ok.jpg", (SAMPLE / "images" / "10020.jpg").read_bytes())
-    for kind, pid, uri in [("image path relative to the catalog", "uri-relative", "rel/ok.jpg"),
-                           ("file:// URI", "uri-file", f"file://{SAMPLE / 'images' / '10026.jpg'}"),
-                           ("image over HTTP (image/png)", "uri-http", f"{server_url}/ok.png")]:
+    for kind, pid, uri in [
+        ("image path relative to the catalog", "uri-relative", "rel/ok.jpg"),
+        ("file:// URI", "uri-file", f"file://{SAMPLE / 'images' / '10026.jpg'}"),
+        ("image over HTTP (image/png)", "uri-http", f"{server_url}/ok.png"),
+    ]:
         valid[kind] = pid
         rows.append(row(pid, uri))
 
@@ -132,9 +175,11 @@ def build_corpus(d: Path, server_url: str) -> tuple[Path, dict, dict, list[str],
 def _hostile_shard(path: Path) -> None:
     """Damage found only at labelling time: a shard with a corrupt JPEG and a sample without any image."""
     with tarfile.open(path, "w") as tar:
-        for name, data in [("labelcorrupt.jpg", b"\xff\xd8\xff\xe0garbage"),
-                           ("labelcorrupt.json", json.dumps({"product_id": "labelcorrupt", "sha256": "x"}).encode()),
-                           ("labelnojpg.json", json.dumps({"product_id": "labelnojpg", "sha256": "y"}).encode())]:
+        for name, data in [
+            ("labelcorrupt.jpg", b"\xff\xd8\xff\xe0garbage"),
+            ("labelcorrupt.json", json.dumps({"product_id": "labelcorrupt", "sha256": "x"}).encode()),
+            ("labelnojpg.json", json.dumps({"product_id": "labelnojpg", "sha256": "y"}).encode()),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -143,9 +188,11 @@ def _hostile_shard(path: Path) -> None:
 def test_bad_input_corpus(ray_session, tiny_model, tmp_path, ledger):
     png = io.BytesIO()
     Image.new("RGB", (60, 80), (0, 0, 255)).save(png, "PNG")
-    routes = {"/error-page.jpg": (200, "text/html; charset=utf-8", html_page()),
-              "/boom.jpg": (500, "text/html", b"<html>Internal Server Error</html>"),
-              "/ok.png": (200, "image/png", png.getvalue())}
+    routes = {
+        "/error-page.jpg": (200, "text/html; charset=utf-8", html_page()),
+        "/boom.jpg": (500, "text/html", b"<html>Internal Server Error</html>"),
+        "/ok.png": (200, "image/png", png.getvalue()),
+    }
     with ImageServer(routes) as srv:
         cat, bad, valid, good, _ = build_corpus(tmp_path, srv.url)
         out = tmp_path / "shards"
@@ -158,7 +205,9 @@ def test_bad_input_corpus(ray_session, tiny_model, tmp_path, ledger):
     q = pq.read_table(out / "quarantine.parquet").to_pylist()
     index = pq.read_table(out / "index.parquet").to_pandas()
     con = duckdb.connect()
-    lab = con.execute(f"SELECT product_id, error FROM read_parquet('{labels}/history/*/*.parquet')").fetchall()
+    lab = con.execute(
+        f"SELECT product_id, error FROM read_parquet('{labels}/history/*/*.parquet')"
+    ).fetchall()
     labelled = [p for p, e in lab if e is None]
     errors = {p: e for p, e in lab if e is not None}
 
@@ -183,15 +232,24 @@ def test_bad_input_corpus(ray_session, tiny_model, tmp_path, ledger):
     checks = {v.kind: v.check for v in VALID}
     for kind, pid in valid.items():
         img = samples.get(pid)
-        ok = (img is not None and img.ndim == 3 and img.shape[2] == 3 and labelled.count(pid) == 1
-              and checks.get(kind, lambda a: True)(img))
+        ok = (
+            img is not None
+            and img.ndim == 3
+            and img.shape[2] == 3
+            and labelled.count(pid) == 1
+            and checks.get(kind, lambda a: True)(img)
+        )
         ledger.bad_input(kind, "packed, normalised to RGB, labelled" if ok else None)
         if not ok:
-            failures.append((kind, pid, None if img is None else img.shape, [r for r in q if r["product_id"] == pid]))
+            failures.append(
+                (kind, pid, None if img is None else img.shape, [r for r in q if r["product_id"] == pid])
+            )
 
     for pid in ("labelcorrupt", "labelnojpg"):
         ok = bool(errors.get(pid)) and pid not in labelled  # an error row that says why, no label
-        kind = {"labelcorrupt": "corrupt JPEG inside a shard", "labelnojpg": "shard sample without an image"}[pid]
+        kind = {"labelcorrupt": "corrupt JPEG inside a shard", "labelnojpg": "shard sample without an image"}[
+            pid
+        ]
         ledger.bad_input(kind, f"error row: {errors.get(pid)}" if ok else None)
         if not ok:
             failures.append((kind, pid, errors.get(pid)))
@@ -205,7 +263,9 @@ def test_bad_input_corpus(ray_session, tiny_model, tmp_path, ledger):
     assert set(labelled) == expected
     assert set(index["product_id"]) == expected and index["product_id"].is_unique
     assert s.packed == len(expected) and s.quarantined == len(q) == len(bad)
-    assert s.catalog_rows == len(good) + len(bad) + len(valid)  # bad includes the duplicate and 2 malformed lines
+    assert s.catalog_rows == len(good) + len(bad) + len(
+        valid
+    )  # bad includes the duplicate and 2 malformed lines
     assert lb["errored"] == 2 and lb["labelled"] == len(expected)
     # quarantine reasons are the stable vocabulary, and each row says why
     assert all(r["reason"] and r["detail"] is not None for r in q)
@@ -232,16 +292,28 @@ def test_mixed_encodings_keep_every_row(tmp_path, ledger):
     rows, bad = read_catalog(tmp_path / "mixed.csv")
     names = {r["product_id"]: r["productDisplayName"] for r in rows}
     ok = not bad and names == {"p1": "Robe brodée", "p2": "Crème tee", "p3": "Café shirt"}
-    ledger.bad_input("mixed encodings (UTF-8 + BOM with a cp1252 line)", "every row read, text intact" if ok else None)
+    ledger.bad_input(
+        "mixed encodings (UTF-8 + BOM with a cp1252 line)", "every row read, text intact" if ok else None
+    )
     assert ok, (names, bad)
 
 
-@pytest.mark.parametrize("kind,data,needle", [
-    ("duplicate header column", _csv(["product_id", "image_uri", "gender", "gender"], [["1", "a.jpg", "Men", "Men"]]),
-     "duplicate columns"),
-    ("catalog without product_id/image_uri columns", _csv(["id", "url"], [["1", "a.jpg"]]), "needs columns"),
-    ("empty catalog file", "", "empty"),
-])
+@pytest.mark.parametrize(
+    "kind,data,needle",
+    [
+        (
+            "duplicate header column",
+            _csv(["product_id", "image_uri", "gender", "gender"], [["1", "a.jpg", "Men", "Men"]]),
+            "duplicate columns",
+        ),
+        (
+            "catalog without product_id/image_uri columns",
+            _csv(["id", "url"], [["1", "a.jpg"]]),
+            "needs columns",
+        ),
+        ("empty catalog file", "", "empty"),
+    ],
+)
 def test_unusable_catalog_fails_clearly(tmp_path, ledger, kind, data, needle):
     path = tmp_path / "c.csv"
     path.write_text(data)
@@ -253,11 +325,17 @@ def test_unusable_catalog_fails_clearly(tmp_path, ledger, kind, data, needle):
 
 
 def test_jsonl_catalog_bad_lines(tmp_path, ledger):
-    lines = [json.dumps({"product_id": "j1", "image_uri": "a.jpg"}), "{not json", "[1, 2]",
-             json.dumps({"product_id": "j2", "image_uri": "b.jpg"})]
+    lines = [
+        json.dumps({"product_id": "j1", "image_uri": "a.jpg"}),
+        "{not json",
+        "[1, 2]",
+        json.dumps({"product_id": "j2", "image_uri": "b.jpg"}),
+    ]
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
     rows, bad = read_catalog(tmp_path / "c.jsonl")
     valid, rejected = validate(rows, str(tmp_path / "c.jsonl"), TAX)
     ok = [r.product_id for r in valid] == ["j1", "j2"] and [b.reason for b in bad] == ["malformed_row"] * 2
-    ledger.bad_input("JSON Lines catalog with broken and non-object lines", "quarantined: malformed_row" if ok else None)
+    ledger.bad_input(
+        "JSON Lines catalog with broken and non-object lines", "quarantined: malformed_row" if ok else None
+    )
     assert ok, (valid, bad, rejected)

@@ -26,11 +26,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def _parts(out: Path) -> int:
-    return len(list((out / "_parts").glob("shard-[0-9][0-9][0-9][0-9][0-9][0-9].parquet"))) if (out / "_parts").is_dir() else 0
+    return (
+        len(list((out / "_parts").glob("shard-[0-9][0-9][0-9][0-9][0-9][0-9].parquet")))
+        if (out / "_parts").is_dir()
+        else 0
+    )
 
 
 def _staging_tar(out: Path) -> bool:
-    return any(p.stat().st_size > 0 for p in (out / "_tmp").glob("*.tar.tmp")) if (out / "_tmp").is_dir() else False
+    return (
+        any(p.stat().st_size > 0 for p in (out / "_tmp").glob("*.tar.tmp"))
+        if (out / "_tmp").is_dir()
+        else False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +56,10 @@ def crashed_shards(crash_catalog, tmp_path_factory, ledger) -> Path:
     out = tmp / "shards"
     args = ["shard", "--catalog", str(cat), "--out", str(out), "--samples-per-shard", "100"]
     faults = [
-        ("shard: kill -9 driver early (plan saved, packing starts)", lambda base: (out / "_parts" / "_plan.json").exists()),
+        (
+            "shard: kill -9 driver early (plan saved, packing starts)",
+            lambda base: (out / "_parts" / "_plan.json").exists(),
+        ),
         ("shard: kill -9 driver while a shard tar is being written", lambda base: _staging_tar(out)),
         ("shard: kill -9 driver midway (8 more shards done)", lambda base: _parts(out) >= 8 + base),
     ]
@@ -66,7 +77,9 @@ def crashed_shards(crash_catalog, tmp_path_factory, ledger) -> Path:
         stack.enter_context(ledger.fault("shard: kill -9 a Ray worker running pack_shard"))
         c = Cli(args, tmp, name="shard-worker-kill")
         base = _parts(out)
-        assert c.wait_for(lambda: _parts(out) >= base + 2 and kill_one(c.sid, "pack_shard"), 180), c.output[-2000:]
+        assert c.wait_for(lambda: _parts(out) >= base + 2 and kill_one(c.sid, "pack_shard"), 180), c.output[
+            -2000:
+        ]
         rc = c.finish(300)
         assert rc == 0, c.output[-3000:]
         index = pq.read_table(out / "index.parquet").column("product_id").to_pylist()
@@ -88,8 +101,19 @@ def test_label_survives_kills(crashed_shards, crash_catalog, tiny_model, tmp_pat
     _, expected = crash_catalog
     labels = tmp_path / "labels"
     run = labels / "history" / "run_date=2026-03-01"
-    args = ["label", "--shards", str(crashed_shards), "--model", str(tiny_model), "--out", str(labels),
-            "--run-date", "2026-03-01", "--batch-size", "64"]
+    args = [
+        "label",
+        "--shards",
+        str(crashed_shards),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(labels),
+        "--run-date",
+        "2026-03-01",
+        "--batch-size",
+        "64",
+    ]
 
     def parts() -> int:
         return len(list(run.glob("part-*.parquet"))) if run.is_dir() else 0
@@ -97,7 +121,9 @@ def test_label_survives_kills(crashed_shards, crash_catalog, tiny_model, tmp_pat
     with contextlib.ExitStack() as stack:
         stack.enter_context(ledger.fault("label: kill -9 driver early (predictor actor starting)"))
         c = Cli(args, tmp_path, name="label-kill0")
-        hit = c.wait_for(lambda: bool(ray_workers(c.sid, "Labeler")) or bool(ray_workers(c.sid, "MapBatches")), 180)
+        hit = c.wait_for(
+            lambda: bool(ray_workers(c.sid, "Labeler")) or bool(ray_workers(c.sid, "MapBatches")), 180
+        )
         c.kill()
         assert hit, c.output[-2000:]
         assert parts() < 26

@@ -40,8 +40,11 @@ def test_100k_products_shard_and_label(tiny_model, tmp_path, ledger):
     expected = {f"L{i:07d}" for i in range(N)}
     shards, labels = tmp_path / "shards", tmp_path / "labels"
 
-    c = Cli(["shard", "--catalog", str(cat), "--out", str(shards), "--samples-per-shard", "2500"], tmp_path,
-            name="load-shard")
+    c = Cli(
+        ["shard", "--catalog", str(cat), "--out", str(shards), "--samples-per-shard", "2500"],
+        tmp_path,
+        name="load-shard",
+    )
     c.sample_memory()
     rc = c.finish(900)
     assert rc == 0, c.output[-3000:]
@@ -49,8 +52,21 @@ def test_100k_products_shard_and_label(tiny_model, tmp_path, ledger):
     index = pq.read_table(shards / "index.parquet", columns=["product_id"]).column("product_id").to_pylist()
     assert ledger.products(expected, index) == (0, 0)
 
-    c = Cli(["label", "--shards", str(shards), "--model", str(tiny_model), "--out", str(labels),
-             "--run-date", "2026-05-01"], tmp_path, name="load-label")
+    c = Cli(
+        [
+            "label",
+            "--shards",
+            str(shards),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(labels),
+            "--run-date",
+            "2026-05-01",
+        ],
+        tmp_path,
+        name="load-label",
+    )
     c.sample_memory()
     rc = c.finish(900)
     assert rc == 0, c.output[-3000:]
@@ -59,4 +75,6 @@ def test_100k_products_shard_and_label(tiny_model, tmp_path, ledger):
     got = [r[0] for r in duckdb.connect().execute(q).fetchall()]
     assert ledger.products(expected, got) == (0, 0) and len(got) == N
     for what, peak in ledger.peak_rss.items():
-        assert peak < RSS_BOUND, f"{what}: peak RSS {peak / 2**30:.2f} GiB over the {RSS_BOUND / 2**30:.0f} GiB bound"
+        assert peak < RSS_BOUND, (
+            f"{what}: peak RSS {peak / 2**30:.2f} GiB over the {RSS_BOUND / 2**30:.0f} GiB bound"
+        )

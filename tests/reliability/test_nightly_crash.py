@@ -35,11 +35,30 @@ def test_nightly_survives_kills(tiny_model, tmp_path, ledger, s3):
     shards_parts = root / "shards" / f"night={DATE}" / "_parts"
     history = root / "labels" / "history" / f"run_date={DATE}"
     manifest = root / "manifests" / f"{DATE}.json"
-    args = ["nightly", "--catalog", str(cat), "--model", str(tiny_model), "--root", str(root), "--date", DATE,
-            "--samples-per-shard", "50", "--batch-size", "64"]
+    args = [
+        "nightly",
+        "--catalog",
+        str(cat),
+        "--model",
+        str(tiny_model),
+        "--root",
+        str(root),
+        "--date",
+        DATE,
+        "--samples-per-shard",
+        "50",
+        "--batch-size",
+        "64",
+    ]
     points = [
-        ("nightly: kill -9 while sharding (2 shards done)", lambda: _count(shards_parts, "shard-[0-9][0-9][0-9][0-9][0-9][0-9].parquet") >= 2),
-        ("nightly: kill -9 while labelling (2 parts written)", lambda: _count(history, "part-*.parquet") >= 2),
+        (
+            "nightly: kill -9 while sharding (2 shards done)",
+            lambda: _count(shards_parts, "shard-[0-9][0-9][0-9][0-9][0-9][0-9].parquet") >= 2,
+        ),
+        (
+            "nightly: kill -9 while labelling (2 parts written)",
+            lambda: _count(history, "part-*.parquet") >= 2,
+        ),
         ("nightly: kill -9 while publishing latest and the report", lambda: (history / "_SUCCESS").exists()),
     ]
     with contextlib.ExitStack() as stack:
@@ -59,8 +78,12 @@ def test_nightly_survives_kills(tiny_model, tmp_path, ledger, s3):
         m = json.loads(manifest.read_text())
         assert m["status"] == "complete"
         con = duckdb.connect()
-        hist = [r[0] for r in con.execute(
-            f"SELECT product_id FROM read_parquet('{history}/*.parquet') WHERE error IS NULL").fetchall()]
+        hist = [
+            r[0]
+            for r in con.execute(
+                f"SELECT product_id FROM read_parquet('{history}/*.parquet') WHERE error IS NULL"
+            ).fetchall()
+        ]
         assert ledger.products(expected, hist) == (0, 0) and set(hist) == expected
         files = latest.current_files(str(root / "labels"))
         snap = con.execute(f"SELECT product_id, active FROM read_parquet({files!r})").fetchall()

@@ -22,13 +22,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 @pytest.fixture(scope="module")
 def s3_catalog(tmp_path_factory) -> tuple[Path, set[str]]:
     rows = [r for r in sample_rows() if Path(r["image_uri"]).exists()][:1200]
-    return write_catalog(tmp_path_factory.mktemp("s3cat") / "catalog.csv", rows), {r["product_id"] for r in rows}
+    return write_catalog(tmp_path_factory.mktemp("s3cat") / "catalog.csv", rows), {
+        r["product_id"] for r in rows
+    }
 
 
 def _objects(s3, bucket: str, prefix: str) -> dict[str, bytes]:
     cli = s3.client()
-    keys = [o["Key"] for page in cli.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in cli.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
     return {k: cli.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
@@ -52,7 +57,11 @@ def _secret_free(texts: list[str], *secrets: str) -> None:
 
 
 def _ray_logs(c: Cli) -> list[str]:
-    return [p.read_text(errors="replace") for p in c.ray_tmp.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt", ".json")]
+    return [
+        p.read_text(errors="replace")
+        for p in c.ray_tmp.rglob("*")
+        if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt", ".json")
+    ]
 
 
 def test_wrong_credentials_fail_clearly(s3, s3_catalog, tmp_path, ledger):
@@ -60,8 +69,12 @@ def test_wrong_credentials_fail_clearly(s3, s3_catalog, tmp_path, ledger):
     bucket = s3.make_bucket("rel-creds")
     wrong = "wrong-secret-0123456789abcdef"
     with ledger.fault("S3: wrong secret key"):
-        c = Cli(["shard", "--catalog", str(cat), "--out", f"s3://{bucket}/shards"], tmp_path, name="wrongcreds",
-                env={"AWS_SECRET_ACCESS_KEY": wrong})
+        c = Cli(
+            ["shard", "--catalog", str(cat), "--out", f"s3://{bucket}/shards"],
+            tmp_path,
+            name="wrongcreds",
+            env={"AWS_SECRET_ACCESS_KEY": wrong},
+        )
         rc = c.finish(180)
         out = c.output
         assert rc != 0 and "fashionlabel shard: error:" in out and f"s3://{bucket}/shards" in out, out[-2000:]
@@ -72,7 +85,11 @@ def test_wrong_credentials_fail_clearly(s3, s3_catalog, tmp_path, ledger):
 def test_missing_bucket_fails_clearly(s3, s3_catalog, tmp_path, ledger):
     cat, _ = s3_catalog
     with ledger.fault("S3: output bucket does not exist"):
-        c = Cli(["shard", "--catalog", str(cat), "--out", "s3://no-such-bucket-fl/shards"], tmp_path, name="nobucket")
+        c = Cli(
+            ["shard", "--catalog", str(cat), "--out", "s3://no-such-bucket-fl/shards"],
+            tmp_path,
+            name="nobucket",
+        )
         rc = c.finish(180)
         out = c.output
         assert rc != 0 and "cannot use output s3://no-such-bucket-fl/shards" in out, out[-2000:]
@@ -88,8 +105,11 @@ def test_server_stopped_mid_run_then_restarted(s3, s3_catalog, tmp_path, ledger)
 
     def parts() -> int:
         r = cli.list_objects_v2(Bucket=bucket, Prefix="shards/_parts/shard-")
-        return sum(1 for o in r.get("Contents", []) if o["Key"].endswith(".parquet")
-                   and not o["Key"].endswith(".quarantine.parquet"))
+        return sum(
+            1
+            for o in r.get("Contents", [])
+            if o["Key"].endswith(".parquet") and not o["Key"].endswith(".quarantine.parquet")
+        )
 
     with ledger.fault("S3: server stopped mid-run, restarted, job re-run"):
         c = Cli(args, tmp_path, name="outage")
@@ -122,4 +142,6 @@ def test_server_stopped_mid_run_then_restarted(s3, s3_catalog, tmp_path, ledger)
                     keys += [m.name[:-5] for m in tar if m.name.endswith(".json")]
         assert ledger.products(expected, keys) == (0, 0)
         # Nothing any job wrote — objects, logs, Ray's session logs — carries the secret key.
-        _secret_free([c.output, *_ray_logs(c)] + [d.decode(errors="replace") for d in objs.values()], SECRET_KEY)
+        _secret_free(
+            [c.output, *_ray_logs(c)] + [d.decode(errors="replace") for d in objs.values()], SECRET_KEY
+        )

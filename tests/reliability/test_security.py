@@ -33,8 +33,10 @@ from fashionlabel.train.export import ArtifactError, load_artifact
 from tests.conftest import SAMPLE, sample_rows, write_catalog
 
 SAFE_MEMBER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.(jpg|json)$")
-SAFE_OUTPUT = re.compile(r"^(shard-\d{6}\.tar|shard-\d{6}(\.quarantine)?\.parquet|index\.parquet|"
-                         r"quarantine\.parquet|stats\.json|part-shard-\d{6}\.parquet|_SUCCESS|\.write-probe|_plan\.(json|parquet))$")
+SAFE_OUTPUT = re.compile(
+    r"^(shard-\d{6}\.tar|shard-\d{6}(\.quarantine)?\.parquet|index\.parquet|"
+    r"quarantine\.parquet|stats\.json|part-shard-\d{6}\.parquet|_SUCCESS|\.write-probe|_plan\.(json|parquet))$"
+)
 
 
 def _tree(root: Path) -> set[Path]:
@@ -51,15 +53,30 @@ def test_hostile_ids_and_paths_never_escape_the_output_root(ray_session, tiny_mo
     os.symlink(outside / "secret.jpg", inside / "imgs" / "link.jpg")  # a symlink out of the catalog root
     rows = sample_rows(20)
     t = rows[0]
-    hostile = ["../../escape", "/tmp/abs", "..", ".", "a/../../b", "x\\..\\y", "shard-000000", "_SUCCESS",
-               "-rf", "CON", "a%2F..%2Fb"]
+    hostile = [
+        "../../escape",
+        "/tmp/abs",
+        "..",
+        ".",
+        "a/../../b",
+        "x\\..\\y",
+        "shard-000000",
+        "_SUCCESS",
+        "-rf",
+        "CON",
+        "a%2F..%2Fb",
+    ]
     rows += [{**t, "product_id": pid, "image_uri": t["image_uri"]} for pid in hostile]
-    rows += [{**t, "product_id": "via-symlink", "image_uri": "imgs/link.jpg"},
-             {**t, "product_id": "up-and-out", "image_uri": "../../elsewhere/secret.jpg"}]
+    rows += [
+        {**t, "product_id": "via-symlink", "image_uri": "imgs/link.jpg"},
+        {**t, "product_id": "up-and-out", "image_uri": "../../elsewhere/secret.jpg"},
+    ]
     cat = write_catalog(inside / "catalog.csv", rows)
     before = _tree(tmp_path)
     shards, labels = sandbox / "shards", sandbox / "labels"
-    shard_catalog(str(cat), str(shards), Taxonomy.load("fashion-product-images"), ShardConfig(samples_per_shard=8))
+    shard_catalog(
+        str(cat), str(shards), Taxonomy.load("fashion-product-images"), ShardConfig(samples_per_shard=8)
+    )
     label_shards(str(shards), str(tiny_model), str(labels), "2026-04-01")
 
     new = _tree(tmp_path) - before
@@ -71,15 +88,19 @@ def test_hostile_ids_and_paths_never_escape_the_output_root(ray_session, tiny_mo
     for t_ in shards.glob("*.tar"):
         with tarfile.open(t_) as tar:
             members += [m.name for m in tar]
-    assert members and all(SAFE_MEMBER.match(m) for m in members), [m for m in members if not SAFE_MEMBER.match(m)]
+    assert members and all(SAFE_MEMBER.match(m) for m in members), [
+        m for m in members if not SAFE_MEMBER.match(m)
+    ]
     # Hostile-looking but safe ids ("-rf", "CON", "shard-000000", "_SUCCESS"?) are judged by SAFE_ID alone;
     # every id with a path character is quarantined.
     for pid in ("../../escape", "/tmp/abs", "..", ".", "a/../../b", "x\\..\\y", "a%2F..%2Fb"):
         assert f"{pid}.jpg" not in members
     # Policy: reading follows the catalog (symlinks, relative paths that leave its folder).
     assert "via-symlink.jpg" in members and "up-and-out.jpg" in members
-    ledger.bad_input("hostile ids / paths (.., absolute, symlink out of root): outputs stay in their roots",
-                     "no file outside the output roots; tar members safe")
+    ledger.bad_input(
+        "hostile ids / paths (.., absolute, symlink out of root): outputs stay in their roots",
+        "no file outside the output roots; tar members safe",
+    )
 
 
 def test_hostile_shard_members_are_never_extracted(ray_session, tiny_model, tmp_path):
@@ -89,8 +110,12 @@ def test_hostile_shard_members_are_never_extracted(ray_session, tiny_model, tmp_
     shards.mkdir()
     jpg = (SAMPLE / "images" / "10020.jpg").read_bytes()
     with tarfile.open(shards / "shard-000000.tar", "w") as tar:
-        for name, data in [("../../evil.jpg", jpg), ("../../evil.json", b'{"product_id": "evil"}'),
-                           (str(tmp_path / "abs.jpg"), jpg), (str(tmp_path / "abs.json"), b'{"product_id": "abs"}')]:
+        for name, data in [
+            ("../../evil.jpg", jpg),
+            ("../../evil.json", b'{"product_id": "evil"}'),
+            (str(tmp_path / "abs.jpg"), jpg),
+            (str(tmp_path / "abs.json"), b'{"product_id": "abs"}'),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -142,7 +167,9 @@ def test_model_files_are_loaded_without_unpickling_objects(tiny_model, tmp_path,
     # The genuine artifact still loads.
     model, spec = load_artifact(tiny_model)
     assert spec["version"] == (tiny_model / "version").read_text().strip()
-    ledger.bad_input("model file carrying a pickled command (weights.pt, last.pt)", "refused; command never ran")
+    ledger.bad_input(
+        "model file carrying a pickled command (weights.pt, last.pt)", "refused; command never ran"
+    )
 
 
 PROBE = """

@@ -17,8 +17,23 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 def test_training_resumes_from_last_checkpoint(small_shards, tmp_path, ledger):
     out = tmp_path / "model"
     last = Path(f"{out}.train") / "checkpoints" / "last.pt"
-    args = ["train", "--shards", str(small_shards), "--out", str(out), "--model", "fl_tiny", "--epochs", "4",
-            "--workers", "2", "--patience", "10", "--batch-size", "32"]
+    args = [
+        "train",
+        "--shards",
+        str(small_shards),
+        "--out",
+        str(out),
+        "--model",
+        "fl_tiny",
+        "--epochs",
+        "4",
+        "--workers",
+        "2",
+        "--patience",
+        "10",
+        "--batch-size",
+        "32",
+    ]
     with ledger.fault("train: kill -9 driver mid-epoch (epoch 0 checkpointed)"):
         c = Cli(args, tmp_path, name="train-kill")
         hit = c.wait_for(lambda: last.exists(), 400, poll=0.05)
