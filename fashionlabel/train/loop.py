@@ -3,7 +3,8 @@
 Each worker decodes only its own share of the training shards into memory (uint8), steps through it with
 random flips and small crops, and all workers take the same number of steps per epoch (shorter shares are
 cycled), so DDP never waits on a rank that ran out of data. The global batch is fixed, not per worker, so
-1 and N workers train the same recipe. Rank 0 validates, checkpoints every epoch and decides early stopping.
+1 and N workers train the same recipe. Rank 0 validates, checkpoints every epoch and decides early stopping;
+with ``ema_epochs`` it also keeps a moving average of the weights, validates both sets and keeps the better.
 """
 
 from __future__ import annotations
