@@ -27,3 +27,13 @@ def test_shard_job_main_and_clear_failure(ray_session, small_catalog, tmp_path, 
     assert "packed" in out and "image_not_found 6" in out
     assert shard_catalog.main(["--catalog", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "t")]) == 1
     assert "catalog not found" in capsys.readouterr().err
+
+
+def test_train_rejects_bad_settings_by_name(ray_session, tmp_path, capsys):
+    from jobs import train
+
+    argv = ["--shards", str(tmp_path), "--out", str(tmp_path / "m"), "--epochs", "0", "--ema-epochs", "-1"]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "invalid training setting(s): epochs=0, ema_epochs=-1.0" in err
+    assert not (tmp_path / "m").exists()

@@ -51,6 +51,28 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ema_epochs: float = 0.0  # horizon of the weights' moving average, in epochs; 0: no average
 
+    def __post_init__(self) -> None:
+        # Checked before any worker starts: a bad value fails in a second with its name, not mid-run.
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= self.workers,
+            "workers": self.workers >= 1,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_epochs": self.warmup_epochs >= 0,
+            "height": self.height >= 16,
+            "width": self.width >= 16,
+            "patience": self.patience >= 1,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "ema_epochs": self.ema_epochs >= 0,
+        }
+        bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                "invalid training setting(s): " + ", ".join(bad) + " (epochs, workers, patience ≥ 1; "
+                "batch size ≥ workers; lr > 0; height, width ≥ 16; 0 ≤ label smoothing < 1; others ≥ 0)"
+            )
+
 
 def same_config(saved: dict[str, Any], cfg: TrainConfig) -> bool:
     """A checkpoint's config equals ``cfg``; options added since it was written count as their defaults."""
