@@ -35,9 +35,7 @@ class EMA:
         self._pairs = self._tensors(model)
 
     def _tensors(self, model: torch.nn.Module):
-        mine, theirs = self.model.state_dict(), model.state_dict()
-        if mine.keys() != theirs.keys():
-            raise ValueError("EMA copy and model have different state keys")
+        mine, theirs = self.model.state_dict(), model.state_dict()  # same keys: one is a deep copy
         floats = [(mine[k], theirs[k]) for k in mine if mine[k].is_floating_point()]
         others = [(mine[k], theirs[k]) for k in mine if not mine[k].is_floating_point()]
         return [a for a, _ in floats], [b for _, b in floats], others
