@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -307,9 +308,9 @@ def compare(
             plain.append(tuple(rates))
         assert n == products
         print(
-            f"  [{name} run {r + 1}/{a.repeats}] ours {ours[-1][0]:,.0f} img/s (steady {ours[-1][1]:,.0f}; "
-            f"{s['actors']} actor(s), reads in {s['read']}, decode {s['decode']}, batch {s['batch_size']})   plain {plain[-1][0]:,.0f}"
-            f" img/s (steady {plain[-1][1]:,.0f})",
+            f"  [{name} run {r + 1}/{a.repeats}] ours {ours[-1][0]:,.0f} img/s (steady {_num(ours[-1][1])}; "
+            f"{s['actors']} actor(s), reads in {s['read']}, decode {s['decode']}, batch {s['batch_size']})"
+            f"   plain {plain[-1][0]:,.0f} img/s (steady {_num(plain[-1][1])})",
             flush=True,
         )
     agree = _agreement(work / "labels-0", work / "plain-0.parquet")
@@ -325,6 +326,11 @@ def compare(
         "steady_plain": ps,
         "agree": agree,
     }
+
+
+def _num(x: float, spec: str = ",.0f", unit: str = "") -> str:
+    """A figure, or a dash where a run was too short to have one (NaN)."""
+    return "—" if math.isnan(x) else f"{x:{spec}}{unit}"
 
 
 def _agreement(ours: Path, plain: Path) -> float:
@@ -419,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(
             f"{r['model']:<28} {r['products']:>9,} {r['ours']:>11,.0f} {r['plain']:>12,.0f} "
-            f"{r['ratio']:>5.2f}×   {r['steady_ours']:>11,.0f} {r['steady_plain']:>7,.0f} "
-            f"{r['steady_ours'] / r['steady_plain']:>5.2f}× {100 * r['agree']:>11.1f}%"
+            f"{r['ratio']:>5.2f}×   {_num(r['steady_ours']):>11} {_num(r['steady_plain']):>7} "
+            f"{_num(r['steady_ours'] / r['steady_plain'], '.2f', '×'):>6} {100 * r['agree']:>11.1f}%"
         )
     return 0
 
