@@ -12,12 +12,14 @@ mining and value checks: per row, costly) runs inside the packing tasks. ``valid
 from __future__ import annotations
 
 import csv
+import hashlib
 import http.client
 import io
 import json
 import os
 import re
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -30,9 +32,14 @@ from fashionlabel import storage
 from fashionlabel.taxonomy import Taxonomy
 
 # A key must be a safe tar member name and a safe file name on every filesystem (no '/', '..', spaces,
-# non-ASCII); webdataset splits extensions at the first dot, so dots are out too. Keys are the ids
-# themselves, so two products can never share a key.
+# non-ASCII); webdataset splits extensions at the first dot, so dots are out too. An id that already is
+# such a name is its own key; any other id gets a derived one (``product_key``).
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_-]+")
+# Real ids are SKUs, EANs, URLs, names with accents: any string is accepted, but not one with control
+# characters (a CSV export broken across lines) or one longer than this (a description pasted as an id).
+MAX_ID_CHARS = 256
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 REMOTE = re.compile(r"^(s3|https?|file)://")
 ANY_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 MAX_SOURCE_BYTES = 128 * 1024 * 1024  # a larger source is refused before it is read into memory
@@ -41,7 +48,7 @@ MAX_SOURCE_BYTES = 128 * 1024 * 1024  # a larger source is refused before it is 
 REASONS = {
     "malformed_row": "a catalog line that cannot be parsed (wrong number of fields, not a JSON object)",
     "missing_product_id": "product_id empty or whitespace",
-    "invalid_product_id": "product_id not 1-128 ASCII letters, digits, '_' or '-'",
+    "invalid_product_id": f"product_id with control characters, leading/trailing spaces or > {MAX_ID_CHARS} characters",
     "duplicate_product_id": "product_id seen earlier in the catalog (the first is kept)",
     "missing_image_uri": "image_uri empty",
     "label_outside_taxonomy": "a label value the taxonomy does not declare",
@@ -216,35 +223,54 @@ class ValidRow:
     meta: dict[str, Any]
 
 
+def id_problem(pid: str) -> str | None:
+    """Why a non-empty ``product_id`` is refused, or None."""
+    if len(pid) > MAX_ID_CHARS:
+        return f"{len(pid)} characters; at most {MAX_ID_CHARS}"
+    if CONTROL.search(pid):
+        return "contains control characters (newline, tab, NUL, …)"
+    if pid != pid.strip():
+        return "leading or trailing spaces (would be a different product than the trimmed id)"
+    return None
+
+
+def product_key(pid: str) -> str:
+    """The product's WebDataset key (tar member stem): the id itself when it already is a safe name
+    (``SAFE_ID``), else a readable ASCII stem of it and a hash of the whole id, e.g. ``SKU.12/A`` →
+    ``SKU_12_A--3f1c…``. Deterministic, so a product keeps its key from night to night."""
+    if SAFE_ID.match(pid):
+        return pid
+    ascii_ = unicodedata.normalize("NFKD", pid).encode("ascii", "ignore").decode()
+    stem = UNSAFE_RUN.sub("_", ascii_).strip("_-")[:48] or "id"
+    return f"{stem}--{hashlib.sha256(pid.encode()).hexdigest()[:16]}"
+
+
 def check_ids(rows: list[dict[str, Any]], catalog_uri: str) -> tuple[list[CatalogRow], list[Rejected]]:
     """Id, duplicate and URI checks (need the whole catalog; cheap). Keeps catalog order."""
     ok: list[CatalogRow] = []
     bad: list[Rejected] = []
     seen: set[str] = set()
+    keys: dict[str, str] = {}
     for r in rows:
         raw_id, raw_uri = r.get("product_id"), r.get("image_uri")
         pid = "" if raw_id is None else str(raw_id)
         uri = "" if raw_uri is None else str(raw_uri)
         if not pid.strip():
             bad.append(Rejected(pid, uri, "missing_product_id", "product_id is empty"))
-        elif not SAFE_ID.match(pid):
-            bad.append(
-                Rejected(
-                    pid,
-                    uri,
-                    "invalid_product_id",
-                    "ids are 1-128 ASCII letters, digits, '_' or '-' (safe tar/file names)",
-                )
-            )
+        elif why := id_problem(pid):
+            bad.append(Rejected(pid, uri, "invalid_product_id", why))
         elif pid in seen:
             bad.append(Rejected(pid, uri, "duplicate_product_id", "first occurrence kept"))
+        elif (key := product_key(pid)) in keys:  # needs a 64-bit hash collision or an id crafted to hit one
+            bad.append(Rejected(pid, uri, "duplicate_product_id", f"its shard key is taken by {keys[key]!r}"))
         elif not uri.strip():
             seen.add(pid)
             bad.append(Rejected(pid, uri, "missing_image_uri", "image_uri is empty"))
         else:
             seen.add(pid)
+            keys[key] = pid
             extra = {k: v for k, v in r.items() if k not in ("product_id", "image_uri")}
-            ok.append(CatalogRow(pid, pid, resolve_uri(uri, catalog_uri), extra))
+            ok.append(CatalogRow(pid, key, resolve_uri(uri, catalog_uri), extra))
     return ok, bad
 
 

@@ -12,10 +12,12 @@ import pytest
 
 from fashionlabel.catalog import (
     REASONS,
+    SAFE_ID,
     CatalogError,
     FetchError,
     check_ids,
     fetch,
+    product_key,
     read_catalog,
     resolve_uri,
     validate,
@@ -109,27 +111,31 @@ def test_ids_duplicates_and_labels():
             ("a/b", "Men"),
             ("..", "Men"),
             ("é", "Men"),
-            ("a b", "Men"),
+            ("SKU.12 A", "Men"),
+            ("x" * 256, "Men"),
             ("", "Men"),
             (" ", "Men"),
-            ("x" * 129, "Men"),
+            (" a2", "Men"),
+            ("a\nb", "Men"),
+            ("x" * 257, "Men"),
             ("ok", "NA"),
         ]
     ]
     valid, bad = validate(rows, "/cat/catalog.csv", tax)
-    assert [(v.product_id, v.labels["gender"]) for v in valid] == [("a1", "Men"), ("ok", None)]
-    assert valid[0].image_uri == "/cat/x.jpg" and valid[0].key == "a1"
+    derived = ["a/b", "..", "é", "SKU.12 A", "x" * 256]
+    assert [(v.product_id, v.labels["gender"]) for v in valid] == [("a1", "Men")] + [
+        (p, "Men") for p in derived
+    ] + [("ok", None)]
+    assert valid[0].image_uri == "/cat/x.jpg" and valid[0].key == "a1" and valid[-1].key == "ok"
     assert sorted((b.product_id, b.reason) for b in bad) == sorted(
         [
             ("a1", "duplicate_product_id"),
             ("a-2_B", "label_outside_taxonomy"),
-            ("a/b", "invalid_product_id"),
-            ("..", "invalid_product_id"),
-            ("é", "invalid_product_id"),
-            ("a b", "invalid_product_id"),
             ("", "missing_product_id"),
             (" ", "missing_product_id"),
-            ("x" * 129, "invalid_product_id"),
+            (" a2", "invalid_product_id"),
+            ("a\nb", "invalid_product_id"),
+            ("x" * 257, "invalid_product_id"),
         ]
     )
     assert {b.reason for b in bad} <= set(REASONS)
@@ -211,3 +217,25 @@ def test_fetch_and_read_catalog_on_s3(s3):
     assert _reason("s3://cat-unit/img/a.jpg", max_bytes=3) == "image_too_large"
     with pytest.raises(CatalogError, match="not found"):
         read_catalog("s3://cat-unit/none.csv")
+
+
+def test_keys_derived_from_any_id_are_safe_stable_and_distinct():
+    ids = ["a/b", "a_b", "a.b", "a b", "..", "../../etc/x", "/etc/passwd", "café-42", "カフェ", "SKU.12/A"]
+    ids += ["x" * 256, "x" * 255 + "y", "_lead", "-rf"]
+    keys = [product_key(p) for p in ids]
+    assert len(set(keys)) == len(ids)  # distinct ids never share a key
+    assert all(SAFE_ID.match(k) for k in keys), keys  # safe tar member / file names, no dots
+    assert product_key("a_b") == "a_b" and product_key("A-1") == "A-1"  # a safe id is its own key
+    assert product_key("café-42").startswith("cafe-42--") and product_key("SKU.12/A").startswith("SKU_12_A--")
+    assert product_key("カフェ").startswith("id--")
+    assert [product_key(p) for p in ids] == keys  # deterministic: the same key every night
+
+
+def test_a_key_collision_is_quarantined_not_merged():
+    tax = Taxonomy.load("fashion-product-images")
+    taken = product_key("a.b")
+    rows = [{"product_id": p, "image_uri": "x.jpg"} for p in ("a.b", taken)]
+    valid, bad = validate(rows, "/cat/catalog.csv", tax)
+    assert [v.product_id for v in valid] == ["a.b"]
+    assert [(b.product_id, b.reason) for b in bad] == [(taken, "duplicate_product_id")]
+    assert "'a.b'" in bad[0].detail

@@ -101,6 +101,10 @@ def _bad_files(folder: Path) -> dict[str, Path]:
     return out
 
 
+# ids that are not safe file names ('/', '..', spaces, non-ASCII, dots): packed under derived keys
+ODD_BUT_VALID = ["a/b", "..", "../etc", "two words", "prodüct", "x.jpg", "SKU 12.5/B"]
+
+
 def build_catalog(folder: Path, http_root: Path, http_base: str) -> tuple[list[dict], dict[str, str]]:
     """Rows for the catalog and ``{product_id: expected reason}`` for every bad row."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,19 +152,16 @@ def build_catalog(folder: Path, http_root: Path, http_base: str) -> tuple[list[d
         row("b-label", good[1]["image_uri"], gender="Martian"),
         row("b-nouri", "  "),
     ]
-    # ids that would break keys: empty, blank, '/', '..', spaces, non-ASCII, dots; and a duplicate
+    # ids no product can have: empty, blank, padded, control characters, too long; and a duplicate
     odd = {
         "": "missing_product_id",
         "   ": "missing_product_id",
-        "a/b": "invalid_product_id",
-        "..": "invalid_product_id",
-        "../etc": "invalid_product_id",
-        "two words": "invalid_product_id",
-        "prodüct": "invalid_product_id",
-        "x.jpg": "invalid_product_id",
         " 123": "invalid_product_id",
+        "tab\tid": "invalid_product_id",
+        "L" * 257: "invalid_product_id",
     }
     bad += [row(pid, good[2]["image_uri"]) for pid in odd]
+    bad += [row(pid, good[2]["image_uri"]) for pid in ODD_BUT_VALID]
     dup = row(good[3]["product_id"], good[4]["image_uri"])  # second occurrence of a packed id
     rows = good[:12] + bad + [dup] + good[12:]
     return rows, expect | odd | {"__dup__": "duplicate_product_id"}
@@ -192,7 +193,7 @@ def test_every_bad_kind_is_quarantined_and_the_rest_packed(ray_session, http_ima
     out = tmp_path / "shards"
     s = shard_catalog(str(catalog), str(out), TAX, ShardConfig(samples_per_shard=10, max_failure_rate=0.9))
 
-    good_ids = [r["product_id"] for r in _good_rows(24)]
+    good_ids = [r["product_id"] for r in _good_rows(24)] + ODD_BUT_VALID
     con = duckdb.connect()
     index = con.execute(f"SELECT product_id, key, shard FROM '{out}/index.parquet'").fetchall()
     assert sorted(p for p, _, _ in index) == sorted(good_ids)  # every good product, once
@@ -216,16 +217,21 @@ def test_every_bad_kind_is_quarantined_and_the_rest_packed(ray_session, http_ima
     assert s.catalog_rows == len(rows) + malformed
     stats = json.loads((out / "stats.json").read_text())
     assert stats["reasons"] == s.reasons and sum(s.reasons.values()) == n_bad
-    assert s.reasons["invalid_product_id"] == 7 and s.reasons["missing_product_id"] == 2
+    assert s.reasons["invalid_product_id"] == 3 and s.reasons["missing_product_id"] == 2
 
     # tars hold exactly the indexed products, under safe member names, grouped by key
-    keys = []
+    keys, owners = [], []
     for uri in list_shards(str(out)):
         with tarfile.open(uri) as tar:
             names = tar.getnames()
         assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*\.(jpg|json)", n) for n in names), names
-        keys += [smp["__key__"] for smp in iter_shard(uri)]
+        samples = list(iter_shard(uri))
+        keys += [smp["__key__"] for smp in samples]
+        owners += [(smp["json"]["product_id"], smp["__key__"]) for smp in samples]
     assert sorted(keys) == sorted(k for _, k, _ in index) and len(set(keys)) == len(keys)
+    # each sample names its product exactly as the catalog spelled it, under the key the index gives it
+    assert sorted(owners) == sorted((p, k) for p, k, _ in index)
+    assert {p for p, k, _ in index if p != k} == set(ODD_BUT_VALID)
     assert not list(out.rglob("*.tmp"))
 
 

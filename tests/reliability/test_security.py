@@ -3,7 +3,7 @@ header, model files are loaded without unpickling objects, and a local Ray liste
 
 Path policy (docs/reliability.md): images are *read* where the catalog says (a path, a symlink, a URL — the
 catalog is the job's input declaration), but everything a job *writes* is named by the job: tar members are
-``<key>.jpg`` / ``<key>.json`` with keys that passed ``SAFE_ID`` (ASCII letters, digits, ``_``, ``-``), output
+``<key>.jpg`` / ``<key>.json`` with keys made of ASCII letters, digits, ``_`` and ``-`` (``product_key``), output
 files are ``shard-NNNNNN.tar`` / ``part-<shard>.parquet``. No catalog value ever becomes part of an output path.
 """
 
@@ -19,11 +19,13 @@ import time
 from pathlib import Path
 
 import faults
+import pyarrow.parquet as pq
 import pytest
 import torch
 from corpus import bomb_png
 from faults import Cli, is_loopback, listening, session_pids
 
+from fashionlabel.catalog import product_key
 from fashionlabel.images import ImageReject, normalise
 from fashionlabel.label.pipeline import label_shards
 from fashionlabel.shards import ShardConfig, shard_catalog
@@ -91,10 +93,12 @@ def test_hostile_ids_and_paths_never_escape_the_output_root(ray_session, tiny_mo
     assert members and all(SAFE_MEMBER.match(m) for m in members), [
         m for m in members if not SAFE_MEMBER.match(m)
     ]
-    # Hostile-looking but safe ids ("-rf", "CON", "shard-000000", "_SUCCESS"?) are judged by SAFE_ID alone;
-    # every id with a path character is quarantined.
+    # Every hostile id is a product like any other: packed under a key derived from it, never under the id
+    # itself, and labelled with the id exactly as the catalog spelled it.
     for pid in ("../../escape", "/tmp/abs", "..", ".", "a/../../b", "x\\..\\y", "a%2F..%2Fb"):
-        assert f"{pid}.jpg" not in members
+        assert f"{pid}.jpg" not in members and f"{product_key(pid)}.jpg" in members
+    labelled = pq.read_table(labels / "history" / "run_date=2026-04-01").column("product_id").to_pylist()
+    assert set(hostile) <= set(labelled) and len(labelled) == len(set(labelled))
     # Policy: reading follows the catalog (symlinks, relative paths that leave its folder).
     assert "via-symlink.jpg" in members and "up-and-out.jpg" in members
     ledger.bad_input(
