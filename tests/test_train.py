@@ -91,3 +91,53 @@ def test_deploy_artifact_holds_reparameterized_weights(tmp_path):
     with torch.no_grad():
         a, b = model(x), loaded(x)
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_an_artifact_appears_only_with_its_metrics(tmp_path):
+    """Files that need the finished model (evaluation, curves) are written before the folder is published:
+    a failure while writing them leaves the previous artifact in place and nothing half-made beside it."""
+    from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
+    from fashionlabel.models import create_model
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.export import save_artifact
+
+    tax = Taxonomy.load("fashion-product-images")
+    pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    torch.manual_seed(0)
+    out = tmp_path / "m"
+    v1 = save_artifact(
+        out, create_model("fl_tiny", tax), architecture="fl_tiny", taxonomy=tax, preprocessing=pre
+    )
+    seen = []
+
+    def evaluate_then_crash(staged):
+        _, spec = load_artifact(staged)  # complete and loadable before publication
+        seen.append(spec["version"])
+        (staged / "metrics.json").write_text('{"test": {}}')
+        raise RuntimeError("killed while evaluating")
+
+    with pytest.raises(RuntimeError, match="killed while evaluating"):
+        save_artifact(
+            out,
+            create_model("fl_tiny", tax),
+            architecture="fl_tiny",
+            taxonomy=tax,
+            preprocessing=pre,
+            finalize=evaluate_then_crash,
+        )
+    assert seen and seen[0] != v1
+    assert (out / "version").read_text().strip() == v1 and json.loads(
+        (out / "metrics.json").read_text()
+    ) == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the staged folder is gone
+
+    v3 = save_artifact(
+        out,
+        create_model("fl_tiny", tax),
+        architecture="fl_tiny",
+        taxonomy=tax,
+        preprocessing=pre,
+        finalize=lambda staged: (staged / "metrics.json").write_text('{"test": {"n": 1}}'),
+    )
+    assert (out / "version").read_text().strip() == v3 != v1
+    assert json.loads((out / "metrics.json").read_text()) == {"test": {"n": 1}}

@@ -5,7 +5,8 @@
     MODEL/metrics.json   validation/test metrics
     MODEL/version        content hash of weights + model.json
 
-The folder is written under a temporary name and renamed into place, so a reader never sees half of one.
+The folder is written under a temporary name and renamed into place, so a reader never sees half of one:
+files that need the finished artifact (evaluation, curves) are written by ``finalize`` before the rename.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import json
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +45,15 @@ def save_artifact(
     metrics: dict[str, Any] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    finalize: Callable[[Path], None] | None = None,
 ) -> str:
-    """Write the artifact atomically; return its version."""
+    """Write the artifact atomically; return its version.
+
+    Args:
+        finalize: called with the staged folder, complete and loadable, before it is published; what it
+            writes there (metrics, evaluation, curves) appears together with the model. If it raises,
+            nothing is published and the staged folder is removed.
+    """
     out = Path(out)
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
@@ -67,6 +76,12 @@ def save_artifact(
     (tmp / "model.json").write_bytes(spec_bytes)
     (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True, default=float))
     (tmp / "version").write_text(version + "\n")
+    if finalize is not None:
+        try:
+            finalize(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if out.exists():
         old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
         out.rename(old)

@@ -99,6 +99,16 @@ def export_state(
     }
     # Deployment form: re-parameterisable blocks (RepVGG) fused into plain convs; same outputs, faster.
     deploy = reparameterize_model(model)
+    metrics: dict[str, Any] = {}
+
+    def finalize(staged: Path) -> None:
+        # Evaluated from the staged folder, so the published artifact arrives with its metrics, curves and
+        # confusion images at once: a crash in between leaves the previous artifact (or none) visible.
+        (staged / "curves.json").write_text(json.dumps(history, indent=2))
+        _plot_curves(history, staged / "curves.png")
+        metrics.update({split: evaluate(str(staged), shards, split)["metrics"] for split in ("val", "test")})
+        (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+
     version = save_artifact(
         out,
         deploy,
@@ -106,14 +116,10 @@ def export_state(
         taxonomy=taxonomy,
         preprocessing=pre,
         calibration=calibration,
-        metrics={},
         training=training,
         model_kwargs=getattr(deploy, "model_kwargs", {}),
+        finalize=finalize,
     )
-    Path(out, "curves.json").write_text(json.dumps(history, indent=2))
-    _plot_curves(history, Path(out, "curves.png"))
-    metrics = {split: evaluate(out, shards, split)["metrics"] for split in ("val", "test")}
-    Path(out, "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     return {"version": version, "metrics": metrics, "training": training, "out": out}
 
 
