@@ -164,6 +164,7 @@ def run_nightly(
 
     history = _read_history(layout, date, taxonomy)
     _assert_unique(history, f"history run_date={date}")
+    _complete_run_manifest(layout, date, history, night_ids=shard["night_ids"])
     prev_dates = [s for s in latest.snapshots(layout.labels) if s < date]
     previous = latest.read_snapshot(layout.labels, prev_dates[-1]) if prev_dates else None
     snap = latest.merge(previous, history, date, members, latest.latest_schema(taxonomy))
@@ -350,6 +351,27 @@ def _relabel(
                     t, storage.join(layout.history(date), f"part-relabel-{night}-{name[5:]}")
                 )
     return totals
+
+
+def _complete_run_manifest(layout: Layout, date: str, history: pa.Table, night_ids: set[str]) -> None:
+    """Bring the run folder's ``_SUCCESS`` (written by the labelling of the night's own shards) up to date
+    with the relabelled parts added beside them: its counts then describe every row of the folder."""
+    path = storage.join(layout.history(date), "_SUCCESS")
+    if not storage.exists(path):
+        return
+    errored = history.num_rows - history["error"].null_count
+    of_night = sum(p in night_ids for p in history["product_id"].to_pylist())
+    storage.write_json(
+        path,
+        storage.read_json(path)
+        | {
+            "rows": history.num_rows,
+            "labelled": history.num_rows - errored,
+            "errored": errored,
+            "relabelled": history.num_rows - of_night,
+            "files": len(storage.listdir(layout.history(date), ".parquet")),
+        },
+    )
 
 
 def _read_history(layout: Layout, date: str, taxonomy: Taxonomy) -> pa.Table:

@@ -4,6 +4,7 @@ re-run of a complete night, a new model version, and gone products kept as inact
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import duckdb
@@ -142,6 +143,10 @@ def test_new_model_version_relabels_every_active_product(nights, tiny_model, tmp
     con = duckdb.connect()
     hist = f"'{root}/labels/history/run_date=2026-03-03/*.parquet'"
     assert con.execute(f"SELECT count(*), count(DISTINCT product_id) FROM {hist}").fetchall() == [(305, 305)]
+    # the run folder's manifest counts the relabelled parts too
+    success = json.loads((root / "labels/history/run_date=2026-03-03/_SUCCESS").read_text())
+    assert (success["rows"], success["labelled"], success["relabelled"]) == (305, 305, 305)
+    assert success["model_version"] == m["model_version"]
     from fashionlabel.query import connect
 
     q = connect(str(root / "labels"))
