@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fashionlabel.data import decode, load_samples
-from fashionlabel.label.pipeline import CRASH_ONCE_ENV, LabelConfig, label_shards, plan_resources
+from fashionlabel.label.pipeline import CRASH_ONCE_ENV, LabelConfig, LabelError, label_shards, plan_resources
 from fashionlabel.label.predictor import Predictor, cpu_piece
 from fashionlabel.label.reader import TarFormatError, read_tar, shard_samples
 from fashionlabel.label.reader import decode as reader_decode
@@ -101,7 +101,9 @@ def test_labels_stream_back_shard_by_shard(ray_session, small_shards, tiny_model
     assert len(sizes) >= 4 and max(sizes) <= 150, sizes
 
 
-def test_label_schema_rows_rerun_and_equal_to_predictor(ray_session, small_shards, tiny_model, tmp_path):
+def test_label_schema_rows_rerun_and_equal_to_predictor(
+    ray_session, small_shards, odd_shards, tiny_model, tmp_path
+):
     out = tmp_path / "labels"
     s = label_shards(str(small_shards), str(tiny_model), str(out), "2026-01-01")
     assert s["labelled"] == 600 and s["errored"] == 0 and s["files"] == 4
@@ -120,6 +122,11 @@ def test_label_schema_rows_rerun_and_equal_to_predictor(ray_session, small_shard
     assert all(sub[a] == s_ and master[s_] == m for a, s_, m in art)
     again = label_shards(str(small_shards), str(tiny_model), str(out), "2026-01-01")
     assert again["shards_done_before"] == 4 and again["labelled"] == 0
+    same = f"{small_shards.parent}/./{small_shards.name}/"  # the same shards, spelled another way
+    assert label_shards(same, str(tiny_model), str(out), "2026-01-01")["shards_done_before"] == 4
+    # other shards whose file names are taken in this run folder are refused, not skipped as "done"
+    with pytest.raises(LabelError, match="already holds labels of other shards under the same names"):
+        label_shards(str(odd_shards), str(tiny_model), str(out), "2026-01-01")
     assert _count(out) == (600, 600)
 
     # the labels are exactly those of the predictor that `fashionlabel evaluate` uses, on the same images

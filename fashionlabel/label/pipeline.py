@@ -42,7 +42,7 @@ import pyarrow as pa
 from fashionlabel import storage
 from fashionlabel.label.reader import read_shards, skip_keys
 from fashionlabel.label.schema import labels_schema
-from fashionlabel.label.writer import PartWriter, labelled_keys, part_name, run_totals
+from fashionlabel.label.writer import PartWriter, foreign_parts, labelled_keys, part_name, run_totals
 from fashionlabel.shards import list_shards
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 # Fault injection for tests: when set to a path, the first labelling call of the run that finds no file
 # there creates it and kills its actor process (to prove restart + retry). Never set in production.
 CRASH_ONCE_ENV = "FASHIONLABEL_CRASH_ONCE_MARKER"
+
+
+class LabelError(RuntimeError):
+    """A labelling run that cannot go ahead as asked (its output folder belongs to other inputs)."""
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,13 @@ def label_shards(
     storage.makedirs(out_dir)
     uris = list_shards(shards)
     done = set(storage.listdir(out_dir, ".parquet"))
+    clashes = foreign_parts(out_dir, uris, done)
+    if clashes:
+        part, holds = clashes[0]
+        raise LabelError(
+            f"{out_dir} already holds labels of other shards under the same names ({len(clashes)} parts, "
+            f"e.g. {part} from {holds}); label {shards} into another --out or --run-date"
+        )
     todo = [u for u in uris if part_name(u) not in done]
     spec = artifact_spec(model_dir)
     run_id = f"{run_date}-{uuid.uuid4().hex[:8]}"

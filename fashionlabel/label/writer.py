@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -72,6 +73,29 @@ class PartWriter:
     @property
     def incomplete(self) -> list[str]:
         return sorted(self.pending)
+
+
+def _same_shard(a: str, b: str) -> bool:
+    return a == b or (
+        not storage.is_s3(a) and not storage.is_s3(b) and os.path.normpath(a) == os.path.normpath(b)
+    )
+
+
+def foreign_parts(out_dir: str, uris: list[str], done: set[str]) -> list[tuple[str, str]]:
+    """(part, shard it holds) for the published parts of ``out_dir`` that carry the name of one of ``uris``
+    but were written from another shard (e.g. a second shards folder labelled into the same run date).
+    Skipping those as done would silently leave the new shards unlabelled."""
+    fs, path = storage.filesystem(out_dir)
+    clashes = []
+    for uri in uris:
+        name = part_name(uri)
+        if name not in done:
+            continue
+        meta = pq.read_metadata(f"{path}/{name}", filesystem=fs).metadata or {}
+        holds = json.loads(meta.get(META_KEY, b"{}")).get("shard")
+        if holds and not _same_shard(holds, uri):
+            clashes.append((name, holds))
+    return clashes
 
 
 def run_totals(out_dir: str) -> dict[str, int]:
