@@ -4,7 +4,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import shard_catalog
+from jobs import shard as shard_job
 
 
 @pytest.mark.parametrize("cmd", ["shard", "train", "evaluate", "label", "report", "demo"])
@@ -17,7 +17,7 @@ def test_help(cmd):
 
 def test_shard_job_main_and_clear_failure(ray_session, small_catalog, tmp_path, capsys):
     assert (
-        shard_catalog.main(
+        shard_job.main(
             ["--catalog", str(small_catalog), "--out", str(tmp_path / "s"), "--samples-per-shard", "400"]
         )
         == 0
@@ -25,7 +25,7 @@ def test_shard_job_main_and_clear_failure(ray_session, small_catalog, tmp_path, 
     assert pq.read_table(tmp_path / "s" / "index.parquet").num_rows == 600
     out = capsys.readouterr().out
     assert "packed" in out and "image_not_found 6" in out
-    assert shard_catalog.main(["--catalog", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "t")]) == 1
+    assert shard_job.main(["--catalog", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "t")]) == 1
     assert "catalog not found" in capsys.readouterr().err
 
 

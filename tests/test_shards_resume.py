@@ -59,7 +59,7 @@ def test_resume_after_kill(ray_session, tmp_path):
         [
             sys.executable,
             "-m",
-            "jobs.shard_catalog",
+            "jobs.shard",
             "--catalog",
             str(catalog),
             "--out",

@@ -1,6 +1,6 @@
 """Sharding from and to S3 against a real S3-compatible server (SeaweedFS), through the job entry point.
 
-The job runs as ``python -m jobs.shard_catalog`` in a subprocess that starts its own local Ray, exactly as
+The job runs as ``python -m jobs.shard`` in a subprocess that starts its own local Ray, exactly as
 ``ray job submit`` would: the catalog, its images (relative keys and absolute ``s3://`` URIs) and the
 output all live in buckets; the test reads the results back with boto3 and DuckDB.
 """
@@ -27,7 +27,7 @@ def _job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="flray") as tmp:
         env = os.environ | env | {"RAY_TMPDIR": tmp, "PYTHONPATH": str(ROOT)}
         return subprocess.run(
-            [sys.executable, "-m", "jobs.shard_catalog", *args],
+            [sys.executable, "-m", "jobs.shard", *args],
             cwd=ROOT,
             env=env,
             capture_output=True,

@@ -1,7 +1,7 @@
 """Job entry point for `fashionlabel shard` (see `fashionlabel shard --help`).
 
     ray job submit --address $RAY_ADDRESS --working-dir . -- \
-        python -m jobs.shard_catalog --catalog s3://BUCKET/catalog.csv --out s3://BUCKET/shards
+        python -m jobs.shard --catalog s3://BUCKET/catalog.csv --out s3://BUCKET/shards
 """
 
 import sys
