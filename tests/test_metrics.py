@@ -117,3 +117,37 @@ def test_hierarchy_consistency_hand_computed_and_after_consistent_choice():
     # product 1: 0.8·0.5 (upper·jeans is inconsistent) → best consistent pair is lower/jeans (0.2·0.5=0.10)
     # vs upper/tee (0.8·0.1=0.08): the fine head's confidence wins; product 3: upper/tee 0.06 vs lower/skirt 0.28
     assert chosen["fine"].tolist() == [0, 1, 2, 2] and chosen["coarse"].tolist() == [0, 1, 1, 1]
+
+
+def test_declared_thresholds_decide_labels_and_review_zero_included():
+    """A taxonomy's threshold is used as declared, 0.0 too; calibration, when fitted, takes precedence."""
+    from fashionlabel.label.postprocess import to_rows
+    from fashionlabel.taxonomy import Taxonomy
+
+    tax = Taxonomy.from_dict(
+        {
+            "name": "t",
+            "heads": [
+                {
+                    "name": "colour",
+                    "kind": "single",
+                    "column": "c",
+                    "values": ["red", "blue"],
+                    "threshold": 0.0,
+                },
+                {"name": "tags", "kind": "multi", "column": "t", "values": ["a", "b", "c"], "threshold": 0.0},
+            ],
+        }
+    )
+    probs = {
+        "colour": np.array([[0.55, 0.45], [0.9, 0.1]]),
+        "tags": np.array([[0.01, 0.2, 0.0], [0.9, 0.0, 0.3]]),
+    }
+    rows = to_rows(tax, probs, {})
+    assert [r["needs_review"] for r in rows] == [False, False]  # nothing scores below 0.0
+    assert [r["tags"] for r in rows] == [["a", "b", "c"], ["a", "b", "c"]]  # every value is >= 0.0
+    calibrated = {"thresholds": {"colour": 0.6, "tags": 0.25}}
+    rows = to_rows(tax, probs, calibrated)
+    assert [r["needs_review"] for r in rows] == [True, False]
+    assert [r["tags"] for r in rows] == [[], ["a", "c"]]
+    assert [[s["label"] for s in r["tags_scores"]] for r in rows] == [["b", "a", "c"], ["a", "c", "b"]]

@@ -77,9 +77,9 @@ def to_columns(
             cols[f"{h.name}_topk"] = _label_scores(
                 names, p, np.argsort(-p, axis=1, kind="stable")[:, :TOPK], rows
             )
-            review |= s < float(thresholds.get(h.name, h.threshold or DEFAULT_SINGLE_THRESHOLD))
+            review |= s < float(thresholds.get(h.name, _declared(h.threshold, DEFAULT_SINGLE_THRESHOLD)))
         else:
-            t = float(thresholds.get(h.name, h.threshold or DEFAULT_MULTI_THRESHOLD))
+            t = float(thresholds.get(h.name, _declared(h.threshold, DEFAULT_MULTI_THRESHOLD)))
             hit = p >= t
             offsets = np.concatenate([[0], np.cumsum(hit.sum(axis=1))]).astype(np.int32)
             cols[h.name] = pa.ListArray.from_arrays(
@@ -89,6 +89,11 @@ def to_columns(
             cols[f"{h.name}_scores"] = _label_scores(names, p, topm, rows)
     cols["needs_review"] = pa.array(review, pa.bool_())
     return cols
+
+
+def _declared(threshold: float | None, default: float) -> float:
+    """A taxonomy's own threshold, 0.0 included (``or`` would read 0.0 as "not declared")."""
+    return default if threshold is None else threshold
 
 
 def _label_scores(names: pa.Array, p: np.ndarray, top: np.ndarray, rows: np.ndarray) -> pa.Array:
