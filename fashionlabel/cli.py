@@ -151,6 +151,11 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
         "errors": s["errored"],
         "skipped": s["skipped"],
         "shards": f"{s['shards']} ({s['shards_done_before']} already done)",
+        **(
+            {"damaged shards": f"{s['damaged_shards']} (readable products labelled, lost ones as error rows)"}
+            if s["damaged_shards"]
+            else {}
+        ),
         "throughput": f"{s['images_per_s']:,.0f} img/s",
         "time": f"{s['seconds']:.1f} s",
         "plan": f"{s['actors']} actor(s) on {s['device']}, reads in {s['read']}, decode on {s['decode']}, "

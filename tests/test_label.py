@@ -209,6 +209,61 @@ def test_corrupt_image_error_row_incremental_and_device_decode(ray_session, odd_
     assert agree[0][1] == 299 and agree[0][0] >= 0.9
 
 
+def test_damaged_shards_are_salvaged_and_their_lost_products_get_error_rows(
+    ray_session, small_shards, tiny_model, tmp_path
+):
+    """A truncated tar and one with a garbled header: the products before the damage are labelled, every
+    product the index places in the shard after it gets an error row, and the run counts both shards."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    uris = list_shards(str(small_shards))
+    (shards / "index.parquet").write_bytes((small_shards / "index.parquet").read_bytes())
+    (shards / "shard-000000.tar").write_bytes(Path(uris[0]).read_bytes())
+    data = Path(uris[1]).read_bytes()
+    cut = data[: len(data) // 2]  # ends inside a member
+    (shards / "shard-000001.tar").write_bytes(cut)
+    garbled = bytearray(Path(uris[2]).read_bytes())
+    with tarfile.open(uris[2]) as tar:
+        at = [m.offset for m in tar][100]  # member 100: sample 50's first member
+    garbled[at + 124 : at + 136] = b"77777777777\0"  # its size field
+    (shards / "shard-000002.tar").write_bytes(bytes(garbled))
+    with pytest.raises(TarFormatError, match="corrupt tar: bad header"):
+        shard_samples(str(shards / "shard-000002.tar"))
+    # samples complete (image and sidecar) before the cut, by the standard library's reader
+    whole: dict[str, set] = {}
+    with tarfile.open(uris[1]) as tar:
+        for m in tar:
+            if m.offset_data + m.size <= len(cut):
+                whole.setdefault(m.name.partition(".")[0], set()).add(m.name.partition(".")[2])
+    readable = sum(exts == {"jpg", "json"} for exts in whole.values())
+    assert 0 < readable < 150
+
+    out = tmp_path / "labels"
+    s = label_shards(str(shards), str(tiny_model), str(out), "2026-01-01")
+    assert s["damaged_shards"] == 2 and s["labelled"] + s["errored"] == 450
+    assert _count(out) == (450, 450)  # every product of the three shards once, lost ones included
+    errors = (
+        duckdb.connect()
+        .execute(
+            f"SELECT split_part(error, ':', 2), count(*), count(articleType) "
+            f"FROM '{out}/history/*/*.parquet' WHERE error LIKE 'unreadable shard:%' GROUP BY 1 ORDER BY 1"
+        )
+        .fetchall()
+    )
+    assert errors == [(" corrupt tar", 100, 0), (" truncated tar", 150 - readable, 0)]
+    success = json.loads((out / "history" / "run_date=2026-01-01" / "_SUCCESS").read_text())
+    assert success["damaged"] == 2 and success["rows"] == 450
+    again = label_shards(str(shards), str(tiny_model), str(out), "2026-01-01")
+    assert again["shards_done_before"] == 3 and _count(out) == (450, 450)
+
+    # without an index the lost products are unknown: the readable ones are labelled, the damage counted
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "shard-000001.tar").write_bytes(cut)
+    b = label_shards(str(bare), str(tiny_model), str(tmp_path / "bare-labels"), "2026-01-01")
+    assert (b["damaged_shards"], b["labelled"], b["errored"]) == (1, readable, 0)
+
+
 def test_dead_actor_is_replaced_and_batch_retried(ray_session, odd_shards, tiny_model, tmp_path, monkeypatch):
     marker = tmp_path / "crashed"
     monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))

@@ -217,6 +217,7 @@ class Labeler:
         out["error"] = pa.array(errors, pa.string())
         for k in ("shard", "shard_rows", "shard_skipped", "marker"):
             out[k] = pa.array(batch[k])
+        out["shard_damage"] = pa.array(_strings(batch["shard_damage"]), pa.string())
         return pa.table(out)
 
 
@@ -308,6 +309,7 @@ def label_shards(
         "labelled": c["labelled"],
         "errored": c["errored"],
         "skipped": c["skipped"],
+        "damaged_shards": c["damaged"],
         "seconds": seconds,
         "images_per_s": (c["labelled"] + c["errored"]) / seconds if seconds else 0.0,
         "decode": plan.decode,

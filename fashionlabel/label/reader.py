@@ -41,12 +41,20 @@ def read_tar(data: bytes) -> Iterator[tuple[str, bytes]]:
         hdr = data[pos : pos + _BLOCK]
         if hdr[0] == 0 and not hdr.strip(b"\0"):
             return  # end-of-archive marker
-        raw_size = hdr[124:136]
-        size = (
-            int.from_bytes(raw_size[1:], "big")
-            if raw_size[0] & 0x80
-            else int(raw_size.split(b"\0", 1)[0].strip() or b"0", 8)
-        )
+        # The header checksum catches a damaged header before its size field sends the walk astray.
+        try:
+            declared = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+            raw_size = hdr[124:136]
+            size = (
+                int.from_bytes(raw_size[1:], "big")
+                if raw_size[0] & 0x80
+                else int(raw_size.split(b"\0", 1)[0].strip() or b"0", 8)
+            )
+        except ValueError:
+            declared, size = -1, 0
+        unsigned = sum(hdr[:148]) + 256 + sum(hdr[156:])
+        if declared != unsigned and declared != unsigned - 256 * sum(b > 127 for b in hdr[:148] + hdr[156:]):
+            raise TarFormatError(f"corrupt tar: bad header at byte {pos}")  # (some tars sum signed bytes)
         kind = hdr[156:157]
         name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         if hdr[257:262] == b"ustar" and hdr[345] != 0:
@@ -83,11 +91,33 @@ def read_shard_bytes(uri: str) -> bytes:
 
 
 def shard_samples(uri: str) -> tuple[list[str], list[str | None], list[bytes | None]]:
-    """(product_ids, image_sha256s, jpg bytes or None) of one shard, grouped by WebDataset key."""
+    """(product_ids, image_sha256s, jpg bytes or None) of one shard, grouped by WebDataset key.
+
+    Raises :class:`TarFormatError` for a damaged shard; :func:`salvage_shard` reads what it can of one."""
+    return _samples(read_tar(read_shard_bytes(uri)))
+
+
+def salvage_shard(uri: str) -> tuple[list[str], list[str | None], list[bytes | None], str | None]:
+    """Like :func:`shard_samples`, but a damaged shard gives the samples before the damage and its reason."""
+    members: list[tuple[str, bytes]] = []
+    try:
+        for m in read_tar(read_shard_bytes(uri)):
+            members.append(m)
+    except TarFormatError as e:
+        # The damage may have cut the last sample short: kept only with both its image and its sidecar.
+        last = members[-1][0].partition(".")[0] if members else None
+        exts = {n.partition(".")[2] for n, _ in members if n.partition(".")[0] == last}
+        if last is not None and not ("json" in exts and exts & {"jpg", "jpeg"}):
+            members = [m for m in members if m[0].partition(".")[0] != last]
+        return (*_samples(iter(members)), str(e))
+    return (*_samples(iter(members)), None)
+
+
+def _samples(members: Iterator[tuple[str, bytes]]) -> tuple[list[str], list[str | None], list[bytes | None]]:
     keys: list[str] = []
     jsons: list[bytes] = []
     jpgs: list[bytes | None] = []
-    for name, payload in read_tar(read_shard_bytes(uri)):
+    for name, payload in members:
         key, _, ext = name.partition(".")
         if not keys or keys[-1] != key:
             keys.append(key)
@@ -97,12 +127,42 @@ def shard_samples(uri: str) -> tuple[list[str], list[str | None], list[bytes | N
             jsons[-1] = payload
         elif ext in ("jpg", "jpeg"):
             jpgs[-1] = payload
-    metas: list[Any] = json.loads(b"[" + b",".join(jsons) + b"]") if jsons else []
+    try:
+        metas: list[Any] = json.loads(b"[" + b",".join(jsons) + b"]") if jsons else []
+    except ValueError:  # one sidecar is not JSON: parse them one by one, the bad one counts as missing
+        metas = [_json_or_none(j) for j in jsons]
     ids = [
         str(m.get("product_id", k)) if isinstance(m, dict) else k for m, k in zip(metas, keys, strict=True)
     ]
     shas = [m.get("sha256") if isinstance(m, dict) else None for m in metas]
     return ids, shas, jpgs
+
+
+def _json_or_none(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def lost_products(uri: str, found: list[str]) -> tuple[list[str], list[str | None]]:
+    """(product_ids, sha256s) that the shard set's ``index.parquet`` places in shard ``uri`` but that are
+    not among ``found``: the products a damaged shard lost. Empty when the shards have no index."""
+    import pyarrow.compute as pc
+
+    folder, _, name = uri.rstrip("/").rpartition("/")
+    index = storage.join(folder, "index.parquet")
+    if not storage.exists(index):
+        return [], []
+    t = storage.read_parquet(index, columns=["product_id", "sha256", "shard"])
+    t = t.filter(pc.equal(t["shard"], name.removesuffix(".tar")))
+    have = set(found)
+    rows = [
+        (p, s)
+        for p, s in zip(t["product_id"].to_pylist(), t["sha256"].to_pylist(), strict=True)
+        if p not in have
+    ]
+    return [p for p, _ in rows], [s for _, s in rows]
 
 
 def decode(jpg: bytes, size: tuple[int, int]) -> np.ndarray:
@@ -150,11 +210,16 @@ def read_shards(
             "shard_rows",
             "shard_skipped",
             "marker",
+            "shard_damage",
         )
     }
     for uri in batch["shard"]:
         uri = str(uri)
-        ids, shas, jpgs = shard_samples(uri)
+        ids, shas, jpgs, damage = salvage_shard(uri)
+        readable = len(ids)
+        if damage:  # the products the index places in this shard but the damage took get error rows
+            lost_ids, lost_shas = lost_products(uri, ids)
+            ids, shas, jpgs = ids + lost_ids, shas + lost_shas, jpgs + [None] * len(lost_ids)
         keep = np.ones(len(ids), dtype=bool)
         if skip is not None and len(skip) and ids:
             import pyarrow.compute as pc
@@ -165,16 +230,18 @@ def read_shards(
         n_rows = len(idx)
         for i in idx:
             err, payload = None, jpgs[i]
-            if payload is None:
+            if i >= readable:
+                err = f"unreadable shard: {damage}"
+            elif payload is None:
                 err = "missing image: the shard has no jpg for this product"
             elif decode_on == "cpu":
                 try:
                     payload = decode(payload, size)
                 except Exception as e:  # noqa: BLE001 - a corrupt image gets an error row, not a crash
                     err, payload = f"undecodable image: {str(e)[:160]}", None
-            _append(cols, ids[i], shas[i], err, payload, uri, n_rows, skipped, False)
+            _append(cols, ids[i], shas[i], err, payload, uri, n_rows, skipped, False, damage)
         if n_rows == 0:
-            _append(cols, None, None, None, None, uri, 0, skipped, True)
+            _append(cols, None, None, None, None, uri, 0, skipped, True, damage)
     return _to_batch(cols, decode_on, size)
 
 
@@ -188,8 +255,9 @@ def _append(
     rows: int,
     skipped: int,
     marker: bool,
+    damage: str | None,
 ) -> None:
-    for k, v in zip(cols, (pid, sha, err, payload, shard, rows, skipped, marker), strict=True):
+    for k, v in zip(cols, (pid, sha, err, payload, shard, rows, skipped, marker, damage), strict=True):
         cols[k].append(v)
 
 

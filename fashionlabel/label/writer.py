@@ -22,7 +22,7 @@ from fashionlabel import storage
 
 log = logging.getLogger(__name__)
 
-SHARD_COLUMNS = ("shard", "shard_rows", "shard_skipped", "marker")
+SHARD_COLUMNS = ("shard", "shard_rows", "shard_skipped", "marker", "shard_damage")
 META_KEY = b"fashionlabel"
 
 
@@ -37,7 +37,8 @@ class PartWriter:
         self.out_dir, self.schema = out_dir, schema
         self.pending: dict[str, list[pa.Table]] = {}
         self.got: dict[str, int] = {}
-        self.counts = {"labelled": 0, "errored": 0, "skipped": 0, "files": 0}
+        self.damage: dict[str, str | None] = {}
+        self.counts = {"labelled": 0, "errored": 0, "skipped": 0, "damaged": 0, "files": 0}
 
     def add(self, batch: pa.Table) -> None:
         if batch.num_rows == 0:
@@ -46,6 +47,7 @@ class PartWriter:
             part = batch.filter(pc.equal(batch["shard"], shard))
             expected = part["shard_rows"][0].as_py()
             skipped = part["shard_skipped"][0].as_py()
+            self.damage.setdefault(shard, part["shard_damage"][0].as_py())
             rows = part.filter(pc.invert(part["marker"]))
             self.pending.setdefault(shard, []).append(rows.select(self.schema.names))
             self.got[shard] = self.got.get(shard, 0) + rows.num_rows
@@ -63,10 +65,13 @@ class PartWriter:
             "labelled": table.num_rows - errored,
             "errored": errored,
             "skipped": skipped,
+            # a damaged tar: its readable products are labelled, those the index lists get error rows
+            "damaged": int(self.damage.get(shard) is not None),
+            "damage": self.damage.pop(shard, None),
         }
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
         storage.write_parquet(table, storage.join(self.out_dir, part_name(shard)))
-        for k in ("labelled", "errored", "skipped"):
+        for k in ("labelled", "errored", "skipped", "damaged"):
             self.counts[k] += meta[k]
         self.counts["files"] += 1
 
@@ -101,12 +106,12 @@ def foreign_parts(out_dir: str, uris: list[str], done: set[str]) -> list[tuple[s
 def run_totals(out_dir: str) -> dict[str, int]:
     """Counts of a run folder summed from its part files' footers (no data pages read)."""
     fs, path = storage.filesystem(out_dir)
-    tot = {"rows": 0, "labelled": 0, "errored": 0, "skipped": 0, "files": 0}
+    tot = {"rows": 0, "labelled": 0, "errored": 0, "skipped": 0, "damaged": 0, "files": 0}
     for name in storage.listdir(out_dir, ".parquet"):
         meta = pq.read_metadata(f"{path}/{name}", filesystem=fs).metadata or {}
         m = json.loads(meta.get(META_KEY, b"{}"))
         tot["files"] += 1
-        for k in ("rows", "labelled", "errored", "skipped"):
+        for k in ("rows", "labelled", "errored", "skipped", "damaged"):
             tot[k] += int(m.get(k, 0))
     return tot
 
