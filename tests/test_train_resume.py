@@ -1,5 +1,5 @@
-"""A killed training run, restarted with the same command, resumes from its last checkpoint (on S3),
-the weights' moving average included."""
+"""A killed training run, restarted with the same command, resumes from its last checkpoint, the weights'
+moving average included. The model goes to S3 and its checkpoints beside it (``MODEL.train/checkpoints``)."""
 
 import json
 import os
@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from fashionlabel.train import checkpoint as ckpt
+from fashionlabel.train.export import fetch_artifact
 from tests.reliability.faults import kill_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train_cmd(shards: Path, out: Path, storage: str) -> list[str]:
+def _train_cmd(shards: Path, out: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -35,21 +36,20 @@ def _train_cmd(shards: Path, out: Path, storage: str) -> list[str]:
         "4",
         "--workers",
         "1",
-        "--storage",
-        storage,
         "--ema-epochs",
         "0.5",
     ]
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_at_the_next_epoch(small_shards, s3, tmp_path):
+def test_killed_run_resumes_at_the_next_epoch(small_shards, s3, tmp_path, monkeypatch):
     bucket = s3.make_bucket("resume")
-    storage = f"s3://{bucket}/run/checkpoints"
-    out = tmp_path / "model"
+    out = f"s3://{bucket}/run/model"
+    storage = f"{out}.train/checkpoints"
     ray_tmp = tempfile.mkdtemp(prefix="flr", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env = os.environ | s3.env() | {"PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp}
-    cmd = _train_cmd(small_shards, out, storage)
+    env["FASHIONLABEL_CACHE"] = str(tmp_path / "cache")
+    cmd = _train_cmd(small_shards, out)
     log = tmp_path / "first.log"
     first = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT
@@ -68,16 +68,18 @@ def test_killed_run_resumes_at_the_next_epoch(small_shards, s3, tmp_path):
     killed = ckpt.load(storage)
     killed_at = killed["epoch"]
     assert killed_at < 3, "the run finished before it could be killed"
-    assert not (out / "weights.pt").exists()
+    assert "Contents" not in s3.client().list_objects_v2(Bucket=bucket, Prefix="run/model/")
 
     second = subprocess.run(
         cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, start_new_session=True
     )
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert second.returncode == 0, second.stderr[-2000:]
-    spec = json.loads((out / "model.json").read_text())
+    monkeypatch.setenv("FASHIONLABEL_CACHE", env["FASHIONLABEL_CACHE"])
+    local = fetch_artifact(out)  # checked against its version on the way
+    spec = json.loads((local / "model.json").read_text())
     assert spec["training"]["starts"] == [0, killed_at + 1]
-    curves = json.loads((out / "curves.json").read_text())
+    curves = json.loads(s3.client().get_object(Bucket=bucket, Key="run/model/curves.json")["Body"].read())
     assert [c["epoch"] for c in curves] == [0, 1, 2, 3]
     final = ckpt.load(storage)
     assert final["epoch"] == 3 and final["optimizer"]["state"] and final["scheduler"]["last_epoch"] > 0
@@ -90,5 +92,5 @@ def test_killed_run_resumes_at_the_next_epoch(small_shards, s3, tmp_path):
     best = ckpt.load(storage, ckpt.BEST)
     assert spec["training"]["weights"] == best["weights"] == curves[best["epoch"]]["weights"]
     chosen = best["ema"]["model"] if best["weights"] == "ema" else best["model"]
-    exported = torch.load(out / "weights.pt", weights_only=True)
+    exported = torch.load(local / "weights.pt", weights_only=True)
     assert exported.keys() == chosen.keys() and all(torch.equal(exported[k], chosen[k]) for k in chosen)

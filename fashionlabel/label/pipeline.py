@@ -344,9 +344,9 @@ def artifact_spec(model_dir: str) -> dict[str, Any]:
     from pathlib import Path
 
     from fashionlabel.taxonomy import Taxonomy
-    from fashionlabel.train.export import ArtifactError
+    from fashionlabel.train.export import ArtifactError, fetch_artifact
 
-    path = Path(model_dir)
+    path = fetch_artifact(model_dir) if storage.is_s3(model_dir) else Path(model_dir)
     try:
         spec = json.loads((path / "model.json").read_text())
         spec["version"] = (path / "version").read_text().strip()

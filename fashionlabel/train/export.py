@@ -7,6 +7,11 @@
 
 The folder is written under a temporary name and renamed into place, so a reader never sees half of one:
 files that need the finished artifact (evaluation, curves) are written by ``finalize`` before the rename.
+
+MODEL may also be an ``s3://`` prefix, so a cluster's nodes take the model from the object store instead of
+from their image. It is staged locally and uploaded with ``version`` last; a reader downloads it once per
+version into a local cache (``$FASHIONLABEL_CACHE``, default ``~/.cache/fashionlabel``). Every load checks
+the content hash, so an upload in progress or a half-overwritten folder is refused, never half-used.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,11 +30,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from fashionlabel import storage
 from fashionlabel.models import create_model
 from fashionlabel.taxonomy import Taxonomy, TaxonomyError
 
 FORMAT = 1
 REQUIRED = ("weights.pt", "model.json", "version")
+DOWNLOADED = (*REQUIRED, "metrics.json")  # what a reader fetches from S3: the rest is for people
 
 
 class ArtifactError(ValueError):
@@ -54,7 +63,8 @@ def save_artifact(
             writes there (metrics, evaluation, curves) appears together with the model. If it raises,
             nothing is published and the staged folder is removed.
     """
-    out = Path(out)
+    remote, remote_out = storage.is_s3(out), out
+    out = Path(tempfile.mkdtemp(prefix="fashionlabel-artifact-")) / "model" if remote else Path(out)
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     weights = buf.getvalue()
@@ -82,6 +92,12 @@ def save_artifact(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    if remote:
+        try:
+            _upload(tmp, str(remote_out))
+        finally:
+            shutil.rmtree(out.parent, ignore_errors=True)
+        return version
     if out.exists():
         old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
         out.rename(old)
@@ -92,9 +108,66 @@ def save_artifact(
     return version
 
 
+def _upload(staged: Path, uri: str) -> None:
+    """Every file of the staged artifact to ``uri``, ``version`` last: until it lands, a reader sees the
+    previous version (whose hash the new files fail) or no artifact at all."""
+    names = sorted(p.name for p in staged.iterdir() if p.is_file() and p.name != "version")
+    for name in [*names, "version"]:
+        storage.write_bytes(storage.join(uri, name), (staged / name).read_bytes())
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FASHIONLABEL_CACHE") or Path.home() / ".cache" / "fashionlabel")
+
+
+def fetch_artifact(uri: str) -> Path:
+    """The local copy of the artifact at an ``s3://`` prefix: downloaded once per version, checked."""
+    try:
+        version = storage.read_bytes(storage.join(uri, "version")).decode().strip()
+    except (OSError, storage.StorageError) as e:
+        raise ArtifactError(f"model artifact {uri}: cannot read its version file ({str(e)[:200]})") from e
+    if not version.isalnum():
+        raise ArtifactError(f"model artifact {uri}: malformed version file")
+    where = hashlib.sha256(uri.encode()).hexdigest()[:8]
+    local = cache_root() / "models" / f"{version}-{where}"
+    if (local / "version").is_file():
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.parent / f".{local.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    try:
+        for name in DOWNLOADED:
+            if name == "metrics.json" and not storage.exists(storage.join(uri, name)):
+                continue
+            try:
+                (tmp / name).write_bytes(storage.read_bytes(storage.join(uri, name)))
+            except (OSError, storage.StorageError) as e:
+                raise ArtifactError(f"model artifact {uri} is incomplete: cannot read {name}") from e
+        _check_version(tmp, uri)
+        try:
+            tmp.rename(local)
+        except OSError:  # another process on this node cached the same version first
+            if not (local / "version").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+def _check_version(path: Path, name: str | Path) -> None:
+    want = (path / "version").read_text().strip()
+    got = hashlib.sha256((path / "weights.pt").read_bytes() + (path / "model.json").read_bytes()).hexdigest()
+    if got[: len(want)] != want or len(want) < 8:
+        raise ArtifactError(
+            f"model artifact {name}: weights.pt and model.json do not match its version {want!r} "
+            "(an export still being written, or files replaced by hand)"
+        )
+
+
 def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Return (model in eval mode, spec incl. ``version`` and ``taxonomy_obj``) or raise ArtifactError."""
-    path = Path(path)
+    """Return (model in eval mode, spec incl. ``version``, ``taxonomy_obj`` and ``local_path``) or raise
+    ArtifactError. ``path``: a folder or an ``s3://`` prefix."""
+    path = fetch_artifact(str(path)) if storage.is_s3(path) else Path(path)
     if not path.is_dir():
         raise ArtifactError(f"model artifact {path} is not a folder")
     missing = [f for f in REQUIRED if not (path / f).is_file()]
@@ -119,6 +192,8 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
         model.load_state_dict(state, strict=True)
     except (KeyError, RuntimeError, TypeError) as e:
         raise ArtifactError(f"model artifact {path}: weights do not fit {arch!r} ({str(e)[:300]})") from e
+    _check_version(path, path)
     spec["version"] = (path / "version").read_text().strip()
     spec["taxonomy_obj"] = taxonomy
+    spec["local_path"] = str(path)
     return model.to(device).eval(), spec

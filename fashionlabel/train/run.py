@@ -24,7 +24,7 @@ from fashionlabel.shards import list_shards
 from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train import checkpoint as ckpt
 from fashionlabel.train.calibrate import calibrate
-from fashionlabel.train.export import save_artifact
+from fashionlabel.train.export import cache_root, save_artifact
 from fashionlabel.train.loop import TrainConfig, fit
 from fashionlabel.train.metrics import confusion, evaluate_probs
 
@@ -46,7 +46,11 @@ def train(
     """
     t0 = time.time()
     taxonomy = training_taxonomy(shards)
-    run_dir = str(Path(out).absolute()) + ".train"
+    if storage.is_s3(out):  # Ray Train's own state stays local; the checkpoints go beside the model
+        run_dir = str(cache_root() / "runs" / out.removeprefix("s3://").replace("/", "_")) + ".train"
+        checkpoints = checkpoints or out.rstrip("/") + ".train/checkpoints"
+    else:
+        run_dir = str(Path(out).absolute()) + ".train"
     best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints)
     return export_state(shards, out, best, taxonomy, seconds=time.time() - t0)
 
@@ -153,7 +157,7 @@ def evaluate(
         metrics["heads"][h.name]["top1_consistent"] = (
             float((chosen[h.name][known] == y[known]).mean()) if known.any() else float("nan")
         )
-    out_dir = Path(write_to or model_dir)
+    out_dir = Path(write_to or pred.spec["local_path"])  # an s3:// model: beside its local copy
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"evaluation-{split or 'all'}.json").write_text(json.dumps(metrics, indent=2, default=float))
     fine = tax.chains()[-1][-1] if tax.chains() else tax.single_heads[0]

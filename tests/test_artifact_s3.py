@@ -1,0 +1,105 @@
+"""Model artifacts in an object store (real SeaweedFS): exported to ``s3://``, downloaded once per version
+into a node's cache, used by a labelling job started as ``python -m jobs.label``; every load checks the
+content hash, so a half-replaced artifact is refused wherever it lives."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import duckdb
+import pytest
+import torch
+from conftest import ROOT
+
+from fashionlabel.train.export import ArtifactError, load_artifact, save_artifact
+
+
+def _resave(src, dest, note: str) -> str:
+    model, spec = load_artifact(src)
+    return save_artifact(
+        dest,
+        model,
+        architecture=spec["architecture"],
+        taxonomy=spec["taxonomy_obj"],
+        preprocessing=spec["preprocessing"],
+        calibration=spec["calibration"],
+        model_kwargs=spec.get("model_kwargs"),
+        training=spec["training"] | {"note": note},
+        finalize=lambda staged: (staged / "metrics.json").write_text('{"test": {"n": 3}}'),
+    )
+
+
+def test_artifact_on_s3_is_cached_checked_and_labels_like_the_local_one(
+    s3, tiny_model, small_shards, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FASHIONLABEL_CACHE", str(tmp_path / "cache"))
+    bucket = s3.make_bucket("models")
+    uri = f"s3://{bucket}/fashion/v2"
+    version = _resave(tiny_model, uri, "v2")
+    keys = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"])
+    assert keys == [f"fashion/v2/{f}" for f in ("metrics.json", "model.json", "version", "weights.pt")]
+
+    model, spec = load_artifact(uri)
+    local, _ = load_artifact(tiny_model)
+    assert spec["version"] == version and spec["local_path"].startswith(str(tmp_path / "cache"))
+    x = torch.randn(3, 3, 80, 60)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(x).values(), local(x).values(), strict=True))
+    # downloaded once per version: with the weights gone from the bucket, the cached copy still loads
+    s3.client().delete_object(Bucket=bucket, Key="fashion/v2/weights.pt")
+    assert load_artifact(uri)[1]["local_path"] == spec["local_path"]
+    version = _resave(tiny_model, uri, "v2")
+
+    # a labelling job on a fresh process (its own local Ray) takes the model from the bucket
+    out = tmp_path / "labels"
+    with tempfile.TemporaryDirectory(prefix="flray") as ray_tmp:
+        env = os.environ | {
+            "RAY_TMPDIR": ray_tmp,
+            "PYTHONPATH": str(ROOT),
+            "FASHIONLABEL_CACHE": str(tmp_path / "job-cache"),
+        }
+        job = subprocess.run(
+            [sys.executable, "-m", "jobs.label", "--shards", str(small_shards), "--model", uri]
+            + ["--out", str(out), "--run-date", "2026-01-01"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert job.returncode == 0, job.stderr[-3000:]
+    con = duckdb.connect()
+    rows = con.execute(
+        f"SELECT count(*), count(DISTINCT product_id), min(model_version), max(model_version), "
+        f"count(error) FROM '{out}/history/*/*.parquet'"
+    ).fetchall()
+    assert rows == [(600, 600, version, version, 0)]
+    assert (tmp_path / "job-cache" / "models").is_dir()  # the job's workers fetched their own copy
+
+
+def test_a_half_replaced_artifact_is_refused(s3, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASHIONLABEL_CACHE", str(tmp_path / "cache"))
+    bucket = s3.make_bucket("models-tampered")
+    uri = f"s3://{bucket}/m"
+    _resave(tiny_model, uri, "first")
+    # an export in progress: the new model.json has landed, the new weights and version have not
+    spec = json.loads(s3.client().get_object(Bucket=bucket, Key="m/model.json")["Body"].read())
+    spec["training"]["note"] = "second"
+    s3.client().put_object(Bucket=bucket, Key="m/model.json", Body=json.dumps(spec).encode())
+    with pytest.raises(ArtifactError, match="do not match its version"):
+        load_artifact(uri)
+    assert not list((tmp_path / "cache" / "models").iterdir())  # nothing unchecked was cached
+
+    # the same check guards a local folder whose file was replaced by hand
+    local = tmp_path / "local"
+    shutil.copytree(tiny_model, local)
+    (local / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(ArtifactError, match="do not match its version"):
+        load_artifact(local)
+    with pytest.raises(ArtifactError, match="cannot read its version file"):
+        load_artifact(f"s3://{bucket}/nothing-here")
