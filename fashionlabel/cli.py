@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--shards", required=True)
     lb.add_argument("--model", required=True)
     lb.add_argument("--out", required=True, help="labels root (history/run_date=… is created under it)")
-    lb.add_argument("--run-date", default=None, help="YYYY-MM-DD (default: today)")
+    lb.add_argument("--run-date", default=None, help="YYYY-MM-DD (default: today, UTC)")
     lb.add_argument("--batch-size", type=int, default=None, help="default: 512 on a GPU, 256 on CPU")
     lb.add_argument("--actors", type=int, default=None, help="predictor actors (default: from resources)")
     lb.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     n.add_argument("--samples-per-shard", type=int, default=1000)
     n.add_argument("--max-side", type=int, default=256)
-    n.add_argument("--batch-size", type=int, default=256)
+    n.add_argument("--batch-size", type=int, default=None, help="default: 512 on a GPU, 256 on CPU")
     n.add_argument("--actors", type=int, default=None)
     n.add_argument("--device", default=None)
     n.add_argument("--keep-snapshots", type=int, default=7, help="latest snapshots kept for readers")
@@ -471,7 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--catalog", default=str(SAMPLE_CATALOG))
     d.add_argument("--out", default="demo-out")
     d.add_argument("--epochs", type=int, default=15)
-    d.add_argument("--run-date", default=time.strftime("%Y-%m-%d"))
+    d.add_argument(
+        "--run-date",
+        default=time.strftime("%Y-%m-%d", time.gmtime()),
+        help="YYYY-MM-DD (default: today, UTC)",
+    )
     return p
 
 

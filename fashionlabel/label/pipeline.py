@@ -260,7 +260,7 @@ def label_shards(
 
     t0 = time.time()
     model_dir = storage.absolute(model_dir)
-    run_date = run_date or dt.date.today().isoformat()
+    run_date = run_date or dt.datetime.now(dt.UTC).date().isoformat()  # UTC, as nightly dates are
     out_dir = storage.join(out, "history", f"run_date={run_date}")
     storage.makedirs(out_dir)
     uris = list_shards(shards)
