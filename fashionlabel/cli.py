@@ -128,6 +128,10 @@ def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
     out["hierarchy (raw argmax) consistency"] = json.dumps(
         {k: round(v, 3) for k, v in r["metrics"]["hierarchy_consistency_raw"].items()}
     )
+    out["time"] = (
+        f"{r['seconds']:.1f} s ({r['n'] / max(r['seconds'], 1e-9):,.0f} products/s, decode included)"
+    )
+    out["output"] = f"{r['out']}/evaluation-{a.split}.json and the confusion matrix PNG beside it"
     _print_summary("evaluate", out)
     return out | {"metrics": r["metrics"]}
 

@@ -141,6 +141,7 @@ def evaluate(
     model_dir: str, shards: str, split: str | None = "test", write_to: str | None = None
 ) -> dict[str, Any]:
     """Metrics of the artifact on one split of ``shards`` (None: every product). Writes JSON + confusion PNG."""
+    t0 = time.time()
     pred = Predictor(model_dir)
     tax = pred.taxonomy
     samples = load_samples(list_shards(shards), tax, pred.size, split=split)
@@ -166,7 +167,13 @@ def evaluate(
         fine,
         out_dir / f"confusion-{fine.name}-{split or 'all'}.png",
     )
-    return {"metrics": metrics, "version": pred.version, "n": len(samples)}
+    return {
+        "metrics": metrics,
+        "version": pred.version,
+        "n": len(samples),
+        "out": str(out_dir),
+        "seconds": time.time() - t0,
+    }
 
 
 def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
