@@ -59,7 +59,7 @@ def main() -> None:
             print(f"{name:22s}" + "".join(f"{r[c]:15.2f}" for c in cols))
         for name in ("flip (logits)", "flip (probs)"):
             print(
-                f"{name + ' − plain':16s}"
+                f"{name + ' − plain':22s}"
                 + "".join(f"{rows[name][c] - rows['plain'][c]:+15.2f}" for c in cols)
             )
 
