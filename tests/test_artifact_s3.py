@@ -15,6 +15,7 @@ import duckdb
 import pytest
 import torch
 from conftest import ROOT
+from procs import stop_processes
 
 from fashionlabel.train.export import ArtifactError, load_artifact, save_artifact
 
@@ -63,15 +64,18 @@ def test_artifact_on_s3_is_cached_checked_and_labels_like_the_local_one(
             "PYTHONPATH": str(ROOT),
             "FASHIONLABEL_CACHE": str(tmp_path / "job-cache"),
         }
-        job = subprocess.run(
-            [sys.executable, "-m", "jobs.label", "--shards", str(small_shards), "--model", uri]
-            + ["--out", str(out), "--run-date", "2026-01-01"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        try:
+            job = subprocess.run(
+                [sys.executable, "-m", "jobs.label", "--shards", str(small_shards), "--model", uri]
+                + ["--out", str(out), "--run-date", "2026-01-01"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        finally:  # the local Ray the job started, even when it timed out
+            stop_processes(ray_tmp)
     assert job.returncode == 0, job.stderr[-3000:]
     con = duckdb.connect()
     rows = con.execute(

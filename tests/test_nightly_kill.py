@@ -23,6 +23,7 @@ from fashionlabel.shards import ShardConfig
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # up to 400 s to the kill moment, then the whole night again in-process
 def test_killed_night_completes_on_rerun(ray_session, tiny_model, tmp_path):
     good = [r for r in sample_rows() if Path(r["image_uri"]).exists()][1500:1620]
     catalog = write_catalog(tmp_path / "catalog.csv", good)

@@ -37,7 +37,7 @@ def _job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
             env=env,
             capture_output=True,
             text=True,
-            timeout=900,
+            timeout=500,
         )
     finally:
         stop_processes(tmp)
@@ -45,6 +45,7 @@ def _job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # two nights, each a job with its own local Ray
 def test_a_night_on_s3(s3, tiny_model):
     bucket = s3.make_bucket("nightly")
     rows = [r for r in sample_rows() if Path(r["image_uri"]).exists()][1400:1420]

@@ -17,8 +17,9 @@ def visible(root: Path, pattern: str) -> list[Path]:
     ]
 
 
-def assert_no_torn_files(root: Path) -> int:
-    """Open every visible tar to its end and read every visible Parquet file with DuckDB; return files read."""
+def assert_no_torn_files(root: Path, at_least: int = 1) -> int:
+    """Open every visible tar to its end and read every visible Parquet file with DuckDB; return files read.
+    Fewer than ``at_least`` files fails too: a wrong root must not pass as "nothing torn"."""
     n = 0
     for t in visible(root, "*.tar"):
         with tarfile.open(t) as tar:
@@ -31,6 +32,7 @@ def assert_no_torn_files(root: Path) -> int:
     for p in visible(root, "*.parquet"):
         con.execute(f"SELECT count(*) FROM read_parquet('{p}')").fetchall()
         n += 1
+    assert n >= at_least, f"{root}: {n} visible tar/Parquet files, expected at least {at_least}"
     return n
 
 

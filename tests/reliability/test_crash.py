@@ -72,7 +72,7 @@ def crashed_shards(crash_catalog, tmp_path_factory, ledger) -> Path:
             c.kill()
             assert hit, f"{name}: moment never reached:\n{c.output[-2000:]}"
             assert _parts(out) < 26, "the kill came after the job had finished"
-            assert_no_torn_files(out)
+            assert_no_torn_files(out, at_least=0)  # the first kill may come before any shard
         # A Ray worker dies mid-task: the task is retried and the same run completes.
         stack.enter_context(ledger.fault("shard: kill -9 a Ray worker running pack_shard"))
         c = Cli(args, tmp, name="shard-worker-kill")
@@ -86,7 +86,7 @@ def crashed_shards(crash_catalog, tmp_path_factory, ledger) -> Path:
         assert ledger.products(expected, index) == (0, 0) and set(index) == expected
         assert ledger.products(expected, tar_keys(out)) == (0, 0)
         assert pq.read_table(out / "quarantine.parquet").num_rows == 6
-        assert_no_torn_files(out)
+        assert_no_torn_files(out, at_least=26)
     return out
 
 
@@ -127,7 +127,7 @@ def test_label_survives_kills(crashed_shards, crash_catalog, tiny_model, tmp_pat
         c.kill()
         assert hit, c.output[-2000:]
         assert parts() < 26
-        assert_no_torn_files(labels)
+        assert_no_torn_files(labels, at_least=0)  # killed as the actors started: maybe nothing written yet
 
         stack.enter_context(ledger.fault("label: kill -9 driver midway (5 shards labelled)"))
         c = Cli(args, tmp_path, name="label-kill1")
@@ -136,7 +136,7 @@ def test_label_survives_kills(crashed_shards, crash_catalog, tiny_model, tmp_pat
         c.kill()
         assert hit, c.output[-2000:]
         assert parts() < 26 and not (run / "_SUCCESS").exists()
-        assert_no_torn_files(labels)
+        assert_no_torn_files(labels, at_least=5)
 
         stack.enter_context(ledger.fault("label: kill -9 the predictor actor's worker"))
         c = Cli(args, tmp_path, name="label-worker-kill")
@@ -147,4 +147,4 @@ def test_label_survives_kills(crashed_shards, crash_catalog, tiny_model, tmp_pat
         assert parts() == 26 and (run / "_SUCCESS").is_file()
         got = label_ids(labels)
         assert ledger.products(expected, got) == (0, 0) and set(got) == expected
-        assert_no_torn_files(labels)
+        assert_no_torn_files(labels, at_least=26)
