@@ -142,10 +142,11 @@ def test_s3_policy_is_least_privilege_and_covers_every_output():
     resources = [r for s in st for r in s["Resource"]]
     assert {r.split(":::")[1].split("/")[0] for r in resources} == {
         "fashionlabel-catalog",
+        "fashionlabel-models",
         "fashionlabel-nightly",
     }
     writes = [r for s in st if {"s3:PutObject", "s3:DeleteObject"} & set(s["Action"]) for r in s["Resource"]]
-    assert writes and not any("fashionlabel-catalog" in r for r in writes)  # the catalog is read-only
+    assert writes and not any("fashionlabel-catalog" in r or "fashionlabel-models" in r for r in writes)
     put = [r.split(":::")[1] for s in st if "s3:PutObject" in s["Action"] for r in s["Resource"]]
     layout = Layout(NIGHTLY_ROOT)
     outputs = [
@@ -160,4 +161,5 @@ def test_s3_policy_is_least_privilege_and_covers_every_output():
         assert any(fnmatch.fnmatch(uri.removeprefix("s3://"), p) for p in put), uri
     get = [r.split(":::")[1] for s in st if "s3:GetObject" in s["Action"] for r in s["Resource"]]
     assert any(fnmatch.fnmatch("fashionlabel-catalog/images/1623.jpg", p) for p in get)
+    assert any(fnmatch.fnmatch("fashionlabel-models/models/fashion/v2/weights.pt", p) for p in get)
     assert not any(fnmatch.fnmatch("fashionlabel-catalog/other/x", p) for p in get)
