@@ -104,3 +104,22 @@ def tiny_model(ray_session, small_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "model"
     train(str(small_shards), str(out), TrainConfig(model="fl_tiny", epochs=2, workers=2), num_cpus=2)
     return out
+
+
+def resave_artifact(src, dest, note: str, finalize=None) -> str:
+    """The artifact at ``src`` saved again to ``dest`` (a folder or s3:// prefix) with a training note:
+    the same weights under a new version, as a retrained model would arrive. Returns the version."""
+    from fashionlabel.train.export import load_artifact, save_artifact
+
+    model, spec = load_artifact(src)
+    return save_artifact(
+        dest,
+        model,
+        architecture=spec["architecture"],
+        taxonomy=spec["taxonomy_obj"],
+        preprocessing=spec["preprocessing"],
+        calibration=spec["calibration"],
+        model_kwargs=spec.get("model_kwargs"),
+        training=spec["training"] | {"note": note},
+        finalize=finalize,
+    )

@@ -40,3 +40,31 @@ def stop_processes(marker: str) -> None:
         deadline = time.time() + wait
         while pids and time.time() < deadline and pids_of(marker):
             time.sleep(0.2)
+
+
+def run_job(module: str, args: list[str], env: dict[str, str] | None = None, timeout: float = 300):
+    """``python -m <module> ARGS`` from the project root, as ``ray job submit`` runs it: its own local Ray in
+    a short temp dir (Ray's socket paths must stay under 108 bytes), stopped afterwards even on a timeout.
+    Returns the CompletedProcess (text output captured)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    tmp = tempfile.mkdtemp(prefix="fljob-", dir="/tmp")
+    full = os.environ | (env or {})
+    full |= {"RAY_TMPDIR": tmp, "PYTHONPATH": str(root), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    full.pop("RAY_ADDRESS", None)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=root,
+            env=full,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    finally:
+        stop_processes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)

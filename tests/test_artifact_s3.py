@@ -5,33 +5,20 @@ content hash, so a half-replaced artifact is refused wherever it lives."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 
 import duckdb
 import pytest
 import torch
-from conftest import ROOT
-from procs import stop_processes
+from conftest import resave_artifact
+from procs import run_job
 
-from fashionlabel.train.export import ArtifactError, load_artifact, save_artifact
+from fashionlabel.train.export import ArtifactError, load_artifact
 
 
 def _resave(src, dest, note: str) -> str:
-    model, spec = load_artifact(src)
-    return save_artifact(
-        dest,
-        model,
-        architecture=spec["architecture"],
-        taxonomy=spec["taxonomy_obj"],
-        preprocessing=spec["preprocessing"],
-        calibration=spec["calibration"],
-        model_kwargs=spec.get("model_kwargs"),
-        training=spec["training"] | {"note": note},
-        finalize=lambda staged: (staged / "metrics.json").write_text('{"test": {"n": 3}}'),
+    return resave_artifact(
+        src, dest, note, lambda staged: (staged / "metrics.json").write_text('{"test": {"n": 3}}')
     )
 
 
@@ -58,24 +45,11 @@ def test_artifact_on_s3_is_cached_checked_and_labels_like_the_local_one(
 
     # a labelling job on a fresh process (its own local Ray) takes the model from the bucket
     out = tmp_path / "labels"
-    with tempfile.TemporaryDirectory(prefix="flray") as ray_tmp:
-        env = os.environ | {
-            "RAY_TMPDIR": ray_tmp,
-            "PYTHONPATH": str(ROOT),
-            "FASHIONLABEL_CACHE": str(tmp_path / "job-cache"),
-        }
-        try:
-            job = subprocess.run(
-                [sys.executable, "-m", "jobs.label", "--shards", str(small_shards), "--model", uri]
-                + ["--out", str(out), "--run-date", "2026-01-01"],
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-        finally:  # the local Ray the job started, even when it timed out
-            stop_processes(ray_tmp)
+    job = run_job(
+        "jobs.label",
+        ["--shards", str(small_shards), "--model", uri, "--out", str(out), "--run-date", "2026-01-01"],
+        {"FASHIONLABEL_CACHE": str(tmp_path / "job-cache")},
+    )
     assert job.returncode == 0, job.stderr[-3000:]
     con = duckdb.connect()
     rows = con.execute(

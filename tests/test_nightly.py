@@ -9,7 +9,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from conftest import sample_rows, write_catalog
+from conftest import resave_artifact, sample_rows, write_catalog
 
 from fashionlabel.label.pipeline import LabelConfig
 from fashionlabel.nightly import NightlyConfig, NightlyError, run_nightly
@@ -121,20 +121,9 @@ def test_new_model_version_relabels_every_active_product(nights, tiny_model, tmp
     import shutil
 
     from fashionlabel.report import write_night_report
-    from fashionlabel.train.export import load_artifact, save_artifact
 
-    model, spec = load_artifact(tiny_model)
     v2 = tmp_path_factory.mktemp("m2") / "model"
-    save_artifact(
-        v2,
-        model,
-        architecture=spec["architecture"],
-        taxonomy=spec["taxonomy_obj"],
-        preprocessing=spec["preprocessing"],
-        calibration=spec["calibration"],
-        model_kwargs=spec.get("model_kwargs"),
-        training=spec["training"] | {"note": "v2"},
-    )
+    resave_artifact(tiny_model, v2, "v2")
     root = tmp_path_factory.mktemp("relabel") / "root"
     shutil.copytree(nights["root"], root)
     m = run_nightly(str(nights["cat2"]), str(v2), str(root), "2026-03-03", CFG)

@@ -5,16 +5,12 @@ queried on S3 and re-run."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, sample_rows
-from procs import stop_processes
+from conftest import sample_rows
+from procs import run_job
 
 from fashionlabel import storage
 from fashionlabel.query import connect
@@ -23,25 +19,7 @@ COLUMNS = ["gender", "masterCategory", "subCategory", "articleType", "baseColour
 
 
 def _job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    tmp = tempfile.mkdtemp(prefix="fls3-", dir="/tmp")
-    try:
-        env = (
-            os.environ
-            | env
-            | {"RAY_TMPDIR": tmp, "PYTHONPATH": str(ROOT), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-        )
-        env.pop("RAY_ADDRESS", None)
-        return subprocess.run(
-            [sys.executable, "-m", "jobs.nightly", *args],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=500,
-        )
-    finally:
-        stop_processes(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+    return run_job("jobs.nightly", args, env, timeout=500)
 
 
 @pytest.mark.slow

@@ -9,35 +9,19 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import subprocess
-import sys
-import tempfile
 
 import duckdb
 import pytest
-from conftest import ROOT, SAMPLE
-from procs import stop_processes
+from conftest import SAMPLE
+from procs import run_job
 
 from fashionlabel.shards import ShardConfig, ShardJobError, iter_shard, list_shards, shard_catalog
 from fashionlabel.taxonomy import Taxonomy
 
 
 def _job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    # Ray's socket paths must stay under 108 bytes: a short temp dir, not pytest's deep one
-    with tempfile.TemporaryDirectory(prefix="flray") as tmp:
-        env = os.environ | env | {"RAY_TMPDIR": tmp, "PYTHONPATH": str(ROOT)}
-        try:
-            return subprocess.run(
-                [sys.executable, "-m", "jobs.shard", *args],
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-        finally:  # the local Ray the job started, even when it timed out
-            stop_processes(tmp)
+    return run_job("jobs.shard", args, env)
 
 
 @pytest.mark.slow
