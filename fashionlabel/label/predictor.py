@@ -19,8 +19,9 @@ from fashionlabel.label.postprocess import scores, to_rows
 from fashionlabel.train.export import load_artifact
 
 # CPU forward passes run in pieces of about this many input pixels: a piece's activations then stay in the
-# core's caches between layers. On one core, pieces of 64 forward 12-21% more images per second than one
-# batch of 256 for fl_small at 80×60 and 14% for a ResNet-50; at 224 px, pieces of 8 do 13% more (fl_small).
+# core's caches between layers. bench/cpu_pieces.py, one core, medians of 5 interleaved rounds: pieces of 64
+# label 1.31x the images per CPU-second of one 256-image pass for fl_small at 80×60 and 1.16x for a
+# ResNet-50; at 224 px pieces of 8 do 1.23x (fl_small, batch 64).
 CPU_PIECE_PIXELS = 300_000
 
 
