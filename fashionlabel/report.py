@@ -107,8 +107,12 @@ def write_report(labels: str, out: str | Path, run_dir: str | None = None) -> di
         "needs review": f"{100 * df['needs_review'].fillna(False).mean():.1f}%",
         "model version": ", ".join(sorted(df["model_version"].unique())),
         "taxonomy version": ", ".join(sorted(df["taxonomy_version"].unique())),
-        "throughput": f"{manifest.get('images_per_s', 0):.0f} img/s" if manifest else "n/a",
-        "run": manifest.get("run_id", Path(str(run_dir)).name),
+        "throughput": (
+            f"{manifest['last_run_images_per_s']:.0f} img/s (the run that completed it)"
+            if "last_run_images_per_s" in manifest
+            else "n/a"
+        ),
+        "run": manifest.get("last_run_id", Path(str(run_dir)).name),
     }
     mean_scores = {h: float(df[f"{h}_score"].mean()) for h in heads}
     rows = "".join(

@@ -3,6 +3,8 @@ from fashionlabel.report import write_report
 
 
 def test_report_has_every_chart(ray_session, small_shards, tiny_model, tmp_path):
+    s = label_shards(str(small_shards), str(tiny_model), str(tmp_path / "labels"), "2026-02-01")
+    # a re-run with nothing to do leaves the manifest (and the throughput it reports) of the run that worked
     label_shards(str(small_shards), str(tiny_model), str(tmp_path / "labels"), "2026-02-01")
     r = write_report(str(tmp_path / "labels"), tmp_path / "report.html")
     html = (tmp_path / "report.html").read_text()
@@ -19,7 +21,11 @@ def test_report_has_every_chart(ray_session, small_shards, tiny_model, tmp_path)
     assert r["charts"] == [f"dist-{h}" for h in heads] + ["review"]
     for c in r["charts"]:
         assert f'id="{c}"><img alt="{c}" src="data:image/png;base64,' in html
-    assert r["products"] == 600 and "run_date=2026-02-01" in html
+    assert r["products"] == 600 and r["run"] == s["run_id"] and s["run_id"] in html
+    assert (
+        r["throughput"] == f"{s['images_per_s']:.0f} img/s (the run that completed it)"
+        and s["images_per_s"] > 0
+    )
 
 
 def test_night_report_has_every_chart_drift_and_counts(tmp_path):

@@ -321,9 +321,11 @@ def label_shards(
     }
     totals = run_totals(out_dir)
     summary["files"] = totals["files"]
-    if totals["files"] >= len(uris):
+    success = storage.join(out_dir, "_SUCCESS")
+    # A re-run with nothing left to do leaves the manifest of the run that did the work as it is.
+    if totals["files"] >= len(uris) and (todo or not storage.exists(success)):
         storage.write_json(
-            storage.join(out_dir, "_SUCCESS"),
+            success,
             {
                 "run_date": run_date,
                 "last_run_id": run_id,
@@ -331,6 +333,9 @@ def label_shards(
                 "taxonomy_version": spec["taxonomy_version"],
                 "shards": len(uris),
                 **totals,
+                # the attempt that completed the folder (earlier attempts of a killed run are not in it)
+                "last_run_seconds": seconds,
+                "last_run_images_per_s": summary["images_per_s"],
                 "plan": asdict(plan),
                 "finished_at": dt.datetime.now(dt.UTC).isoformat(),
             },
