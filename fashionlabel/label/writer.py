@@ -80,6 +80,12 @@ class PartWriter:
         return sorted(self.pending)
 
 
+def _part_meta(fs, folder: str, name: str) -> dict:
+    """The counts a part file carries in its footer (no data pages read)."""
+    meta = pq.read_metadata(f"{folder}/{name}", filesystem=fs).metadata or {}
+    return json.loads(meta.get(META_KEY, b"{}"))
+
+
 def _same_shard(a: str, b: str) -> bool:
     return a == b or (
         not storage.is_s3(a) and not storage.is_s3(b) and os.path.normpath(a) == os.path.normpath(b)
@@ -96,8 +102,7 @@ def foreign_parts(out_dir: str, uris: list[str], done: set[str]) -> list[tuple[s
         name = part_name(uri)
         if name not in done:
             continue
-        meta = pq.read_metadata(f"{path}/{name}", filesystem=fs).metadata or {}
-        holds = json.loads(meta.get(META_KEY, b"{}")).get("shard")
+        holds = _part_meta(fs, path, name).get("shard")
         if holds and not _same_shard(holds, uri):
             clashes.append((name, holds))
     return clashes
@@ -108,8 +113,7 @@ def run_totals(out_dir: str) -> dict[str, int]:
     fs, path = storage.filesystem(out_dir)
     tot = {"rows": 0, "labelled": 0, "errored": 0, "skipped": 0, "damaged": 0, "files": 0}
     for name in storage.listdir(out_dir, ".parquet"):
-        meta = pq.read_metadata(f"{path}/{name}", filesystem=fs).metadata or {}
-        m = json.loads(meta.get(META_KEY, b"{}"))
+        m = _part_meta(fs, path, name)
         tot["files"] += 1
         for k in ("rows", "labelled", "errored", "skipped", "damaged"):
             tot[k] += int(m.get(k, 0))

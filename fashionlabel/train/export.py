@@ -79,7 +79,7 @@ def save_artifact(
         "training": training or {},
     }
     spec_bytes = json.dumps(spec, indent=2, sort_keys=True).encode()
-    version = hashlib.sha256(weights + spec_bytes).hexdigest()[:16]
+    version = content_version(weights, spec_bytes)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir(parents=True)
     (tmp / "weights.pt").write_bytes(weights)
@@ -106,6 +106,11 @@ def save_artifact(
     else:
         tmp.rename(out)
     return version
+
+
+def content_version(weights: bytes, spec_bytes: bytes) -> str:
+    """An artifact's version: the content hash of its weights file and model.json."""
+    return hashlib.sha256(weights + spec_bytes).hexdigest()[:16]
 
 
 def _upload(staged: Path, uri: str) -> None:
@@ -143,7 +148,7 @@ def fetch_artifact(uri: str) -> Path:
                 (tmp / name).write_bytes(storage.read_bytes(storage.join(uri, name)))
             except (OSError, storage.StorageError) as e:
                 raise ArtifactError(f"model artifact {uri} is incomplete: cannot read {name}") from e
-        _check_version(tmp, uri)
+        _check_version((tmp / "weights.pt").read_bytes(), (tmp / "model.json").read_bytes(), tmp, uri)
         try:
             tmp.rename(local)
         except OSError:  # another process on this node cached the same version first
@@ -154,14 +159,15 @@ def fetch_artifact(uri: str) -> Path:
     return local
 
 
-def _check_version(path: Path, name: str | Path) -> None:
+def _check_version(weights: bytes, spec_bytes: bytes, path: Path, name: str | Path) -> str:
+    """The version in ``path/version``, if the weights and model.json bytes hash to it."""
     want = (path / "version").read_text().strip()
-    got = hashlib.sha256((path / "weights.pt").read_bytes() + (path / "model.json").read_bytes()).hexdigest()
-    if got[: len(want)] != want or len(want) < 8:
+    if len(want) < 8 or not content_version(weights, spec_bytes).startswith(want):
         raise ArtifactError(
             f"model artifact {name}: weights.pt and model.json do not match its version {want!r} "
             "(an export still being written, or files replaced by hand)"
         )
+    return want
 
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -173,8 +179,10 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
     missing = [f for f in REQUIRED if not (path / f).is_file()]
     if missing:
         raise ArtifactError(f"model artifact {path} is incomplete: missing {', '.join(missing)}")
+    # Each file is read once: the same bytes are parsed and hashed.
+    spec_bytes, weights = (path / "model.json").read_bytes(), (path / "weights.pt").read_bytes()
     try:
-        spec = json.loads((path / "model.json").read_text())
+        spec = json.loads(spec_bytes)
         taxonomy = Taxonomy.from_dict(spec["taxonomy"])
         arch, pre = spec["architecture"], spec["preprocessing"]
         _ = pre["size"], pre["mean"], pre["std"]
@@ -182,7 +190,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
         raise ArtifactError(f"model artifact {path}: model.json is malformed ({e!r})") from e
     try:
         # weights_only: a tampered file cannot run code on load (no arbitrary unpickling).
-        state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise ArtifactError(
             f"model artifact {path}: weights.pt cannot be loaded safely ({str(e)[:200]})"
@@ -192,8 +200,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
         model.load_state_dict(state, strict=True)
     except (KeyError, RuntimeError, TypeError) as e:
         raise ArtifactError(f"model artifact {path}: weights do not fit {arch!r} ({str(e)[:300]})") from e
-    _check_version(path, path)
-    spec["version"] = (path / "version").read_text().strip()
+    spec["version"] = _check_version(weights, spec_bytes, path, path)
     spec["taxonomy_obj"] = taxonomy
     spec["local_path"] = str(path)
     return model.to(device).eval(), spec
