@@ -26,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,20 +135,28 @@ class Clock:
         return self.n / (t - self.t0), (self.n - self.n_first) / (t - self.first) if ok else float("nan")
 
 
-def plain_loop(
-    shards: Path,
-    model_dir: Path,
-    out: Path,
-    workers: int,
-    batch: int,
-    device: str,
-    compile: bool,
-    clock: Clock,
-) -> int:
+@dataclass(frozen=True)
+class PlainRun:
+    """One run of the plain loop: what it labels, with what, and into which file."""
+
+    shards: str
+    model: str
+    out: str
+    workers: int
+    batch: int
+    device: str
+    compile: bool
+    compile_cache: str | None
+
+
+def plain_loop(run: PlainRun, clock: Clock) -> int:
     """webdataset + DataLoader(workers) + the same Predictor + the same post-processing + pyarrow writer."""
     import webdataset as wds
 
-    pred = Predictor(model_dir, device=device, batch_size=batch, compile=compile)
+    shards, batch, device = Path(run.shards), run.batch, run.device
+    pred = Predictor(
+        run.model, device=device, batch_size=batch, compile=run.compile, compile_cache=run.compile_cache
+    )
     size, tax = pred.size, pred.taxonomy
     schema = labels_schema(tax)
 
@@ -162,21 +171,21 @@ def plain_loop(
     dl = torch.utils.data.DataLoader(
         ds,
         batch_size=batch,
-        num_workers=workers,
+        num_workers=run.workers,
         pin_memory=device == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=4 if run.workers else None,
     )
     n = 0
-    run = {"model_version": pred.version, "taxonomy_version": tax.version, "run_id": "plain"}
-    with pq.ParquetWriter(out, schema, compression="zstd") as w:
+    ident_of_run = {"model_version": pred.version, "taxonomy_version": tax.version, "run_id": "plain"}
+    with pq.ParquetWriter(run.out, schema, compression="zstd") as w:
         for images, pids, shas in dl:
             cols = to_columns(tax, pred.probs_on_device(images), pred.calibration)
             m = len(pids)
             ident = {
                 "product_id": pa.array(list(pids)),
                 "image_sha256": pa.array(list(shas)),
-                **{k: pa.array([v] * m) for k, v in run.items()},
+                **{k: pa.array([v] * m) for k, v in ident_of_run.items()},
                 "labeled_at": pa.array([time.time_ns() // 1000] * m, pa.timestamp("us", tz="UTC")),
                 "error": pa.nulls(m, pa.string()),
             }
@@ -186,30 +195,13 @@ def plain_loop(
     return n
 
 
-def plain_process(
-    shards: Path, model_dir: Path, out: Path, workers: int, batch: int, device: str, compile: bool
-) -> tuple[float, float, int]:
+def plain_process(run: PlainRun) -> tuple[float, float, int]:
     """The plain loop as its user runs it: a fresh Python process (torch import and CUDA start-up included).
 
     Returns (end-to-end img/s from the spawn to the last row written, steady img/s, products)."""
     import subprocess
 
-    cmd = [
-        sys.executable,
-        __file__,
-        "--plain-child",
-        json.dumps(
-            {
-                "shards": str(shards),
-                "model": str(model_dir),
-                "out": str(out),
-                "workers": workers,
-                "batch": batch,
-                "device": device,
-                "compile": compile,
-            }
-        ),
-    ]
+    cmd = [sys.executable, __file__, "--plain-child", json.dumps(asdict(run))]
     clock = Clock()  # started at the spawn
     proc = subprocess.run(
         cmd,
@@ -233,18 +225,8 @@ def plain_process(
 
 def _plain_child(spec: str) -> int:
     """Entry of :func:`plain_process`: run the plain loop, print wall-clock times as one JSON line."""
-    c = json.loads(spec)
     clock = Clock()
-    plain_loop(
-        Path(c["shards"]),
-        Path(c["model"]),
-        Path(c["out"]),
-        c["workers"],
-        c["batch"],
-        c["device"],
-        c["compile"],
-        clock,
-    )
+    plain_loop(PlainRun(**json.loads(spec)), clock)
     print(
         "PLAIN "
         + json.dumps(
@@ -279,32 +261,42 @@ def compare(
         (shards / "_complete").touch()
     model = make_artifact(arch, work / "model", size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = LabelConfig(batch_size=a.batch_size, compile=a.compile, decode=a.decode)
     ours, plain = [], []
     for r in range(a.repeats):
+        # Each path compiles into a folder of its own, never the other's: with torch's one default folder
+        # the path that runs second would start from the first one's kernels. Cold: an empty folder per
+        # run (a fresh node); warm: one folder per path across runs (from run 2 on, a node's next night).
+        cache = {
+            k: str(
+                root / (f"compiled-{arch}-{k}-{r}" if a.compile_cache == "cold" else f"compiled-{arch}-{k}")
+            )
+            for k in ("ours", "plain")
+        }
+        cfg = LabelConfig(
+            batch_size=a.batch_size, compile=a.compile, compile_cache=cache["ours"], decode=a.decode
+        )
         clock = Clock()
         s = label_shards(
             str(shards), str(model), str(work / f"labels-{r}"), "2026-01-01", cfg, progress=clock
         )
         ours.append(clock.rates())
         assert s["labelled"] == products, s
+        run = PlainRun(
+            str(shards),
+            str(model),
+            str(work / f"plain-{r}.parquet"),
+            a.workers,
+            s["batch_size"],
+            device,
+            a.compile,
+            cache["plain"],
+        )
         if a.plain_in_process:
             clock = Clock()
-            n = plain_loop(
-                shards,
-                model,
-                work / f"plain-{r}.parquet",
-                a.workers,
-                s["batch_size"],
-                device,
-                a.compile,
-                clock,
-            )
+            n = plain_loop(run, clock)
             plain.append(clock.rates())
         else:
-            *rates, n = plain_process(
-                shards, model, work / f"plain-{r}.parquet", a.workers, s["batch_size"], device, a.compile
-            )
+            *rates, n = plain_process(run)
             plain.append(tuple(rates))
         assert n == products
         print(
@@ -373,6 +365,13 @@ def main(argv: list[str] | None = None) -> int:
         default=gpu,
         help="torch.compile in both paths (default: on with a GPU)",
     )
+    p.add_argument(
+        "--compile-cache",
+        default="cold",
+        choices=["cold", "warm"],
+        help="where each path keeps its compiled kernels: cold, an empty folder every run (a fresh node); "
+        "warm, one folder per path across runs, so runs after the first start from their own kernels",
+    )
     p.add_argument("--models", nargs="+", default=["small", "resnet50"], choices=["small", "resnet50"])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder)")
@@ -403,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"label throughput: {len(jpegs)} source JPEGs ({side}px), model input {size}, "
         f"{os.cpu_count()} CPUs, {'GPU ' + torch.cuda.get_device_name() if gpu else 'no GPU'}, "
-        f"compile={a.compile}, baseline DataLoader workers={a.workers} "
+        f"compile={a.compile} ({a.compile_cache} cache), baseline DataLoader workers={a.workers} "
         f"({'in this process' if a.plain_in_process else 'in a fresh process'})",
         flush=True,
     )

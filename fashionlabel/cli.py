@@ -136,19 +136,54 @@ def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
     return out | {"metrics": r["metrics"]}
 
 
-def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
-    from fashionlabel.label.pipeline import LabelConfig, label_shards
+def _label_options(p: argparse.ArgumentParser) -> None:
+    """The labelling plan's options, shared by ``label`` and ``nightly``."""
+    p.add_argument("--batch-size", type=int, default=None, help="default: 512 on a GPU, 256 on CPU")
+    p.add_argument("--actors", type=int, default=None, help="predictor actors (default: from resources)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
+    p.add_argument(
+        "--compile-cache",
+        default=None,
+        help="folder for the compiled kernels on each node; a persistent one makes later start-ups skip "
+        "code generation (default: torch's own, in the temp dir)",
+    )
+    p.add_argument(
+        "--decode",
+        default="auto",
+        choices=["cpu", "gpu", "auto"],
+        help="where JPEGs are decoded: CPU read tasks (PIL) or inside the actor on its device "
+        "(nvJPEG on a GPU); auto: gpu when the actors have a GPU",
+    )
+    p.add_argument("--actors-per-gpu", type=int, default=2, help="actors sharing one GPU (overlap)")
+    p.add_argument(
+        "--read",
+        default="auto",
+        choices=["tasks", "actor", "auto"],
+        help="who reads the shards: Ray tasks ahead of the actors, or each actor its own shard; "
+        "auto: tasks with a GPU, actor on CPU (nothing to overlap there)",
+    )
 
-    cfg = LabelConfig(
+
+def _label_config(a: argparse.Namespace) -> Any:
+    from fashionlabel.label.pipeline import LabelConfig
+
+    return LabelConfig(
         batch_size=a.batch_size,
         actors=a.actors,
         device=a.device,
         compile=a.compile,
+        compile_cache=a.compile_cache,
         decode=a.decode,
         actors_per_gpu=a.actors_per_gpu,
         read=a.read,
     )
-    s = label_shards(a.shards, a.model, a.out, a.run_date, cfg, incremental=a.incremental)
+
+
+def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.label.pipeline import label_shards
+
+    s = label_shards(a.shards, a.model, a.out, a.run_date, _label_config(a), incremental=a.incremental)
     out = {
         "run": s["run_id"],
         "labelled": s["labelled"],
@@ -213,13 +248,12 @@ def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
-    from fashionlabel.label.pipeline import LabelConfig
     from fashionlabel.nightly import NightlyConfig, run_nightly
     from fashionlabel.shards import ShardConfig
 
     cfg = NightlyConfig(
         shard=ShardConfig(samples_per_shard=a.samples_per_shard, max_side=a.max_side),
-        label=LabelConfig(batch_size=a.batch_size, actors=a.actors, device=a.device),
+        label=_label_config(a),
         relabel_older_than_days=a.relabel_older_than,
         keep_snapshots=a.keep_snapshots,
     )
@@ -407,25 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--model", required=True)
     lb.add_argument("--out", required=True, help="labels root (history/run_date=… is created under it)")
     lb.add_argument("--run-date", default=None, help="YYYY-MM-DD (default: today, UTC)")
-    lb.add_argument("--batch-size", type=int, default=None, help="default: 512 on a GPU, 256 on CPU")
-    lb.add_argument("--actors", type=int, default=None, help="predictor actors (default: from resources)")
-    lb.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    lb.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
-    lb.add_argument(
-        "--decode",
-        default="auto",
-        choices=["cpu", "gpu", "auto"],
-        help="where JPEGs are decoded: CPU read tasks (PIL) or inside the actor on its device "
-        "(nvJPEG on a GPU); auto: gpu when the actors have a GPU",
-    )
-    lb.add_argument("--actors-per-gpu", type=int, default=2, help="actors sharing one GPU (overlap)")
-    lb.add_argument(
-        "--read",
-        default="auto",
-        choices=["tasks", "actor", "auto"],
-        help="who reads the shards: Ray tasks ahead of the actors, or each actor its own shard; "
-        "auto: tasks with a GPU, actor on CPU (nothing to overlap there)",
-    )
+    _label_options(lb)
     lb.add_argument(
         "--incremental",
         action="store_true",
@@ -451,9 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     n.add_argument("--samples-per-shard", type=int, default=1000)
     n.add_argument("--max-side", type=int, default=256)
-    n.add_argument("--batch-size", type=int, default=None, help="default: 512 on a GPU, 256 on CPU")
-    n.add_argument("--actors", type=int, default=None)
-    n.add_argument("--device", default=None)
+    _label_options(n)
     n.add_argument("--keep-snapshots", type=int, default=7, help="latest snapshots kept for readers")
 
     qy = add("query", cmd_query, "Run SQL (DuckDB) over the views latest and history of a labels root.")

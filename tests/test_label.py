@@ -304,3 +304,29 @@ def test_cpu_forward_in_cache_sized_pieces_gives_the_same_scores(tiny_model):
     whole = pred.probs_on_device(images)
     for k in whole:
         assert np.allclose(pieces[k], whole[k], atol=1e-5), k
+
+
+@pytest.mark.timeout(300)
+def test_compiled_predictor_matches_eager_and_keeps_its_kernels_in_the_compile_cache(
+    tiny_model, tmp_path, monkeypatch
+):
+    import torch
+
+    # Predictor sets the variable for the rest of its process: monkeypatch puts it back after the test.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "not-this-one"))
+    cache = tmp_path / "compiled"
+    images = np.random.default_rng(1).integers(0, 256, (40, 80, 60, 3), dtype=np.uint8)
+    eager = Predictor(tiny_model, device="cpu", batch_size=32).probs_on_device(images)
+    compiled = Predictor(tiny_model, device="cpu", batch_size=32, compile=True, compile_cache=cache)
+    got = compiled.probs_on_device(images)  # 32 + a short batch of 8, padded to the compiled shape
+    for k in eager:
+        assert got[k].shape == eager[k].shape and np.allclose(got[k], eager[k], atol=1e-4), k
+    assert any(cache.rglob("*.py")) and not (tmp_path / "not-this-one").exists()
+    # a second actor (here: a second predictor) compiling the same model finds its graph in the cache
+    torch._dynamo.reset()
+    hits = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
+    again = Predictor(tiny_model, device="cpu", batch_size=32, compile=True, compile_cache=cache)
+    again.probs_on_device(images[:32])
+    assert torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"] > hits
+    with pytest.raises(ValueError, match="without spaces"):  # not a C++ compiler error mid-run
+        Predictor(tiny_model, device="cpu", compile=True, compile_cache=tmp_path / "my kernels")

@@ -63,6 +63,7 @@ class LabelConfig:
     actors: predictor actors (default: ``actors_per_gpu`` per GPU, else from the CPUs).
     device: "cuda" / "cpu" (default: a GPU when the cluster has one).
     compile: ``torch.compile`` the model in each actor (GPU: worth it on long runs).
+    compile_cache: folder for the compiled kernels on every node (default: torch's own, in the temp dir).
     decode: "cpu" (PIL in the read tasks), "gpu" (nvJPEG inside the actor, on its device) or "auto"
         (gpu when the actors have a GPU, else cpu).
     actors_per_gpu: actors sharing one GPU, so decode/post-processing of one overlaps another's forward.
@@ -74,6 +75,7 @@ class LabelConfig:
     actors: int | None = None
     device: str | None = None
     compile: bool = False
+    compile_cache: str | None = None
     decode: str = "auto"
     actors_per_gpu: int = 2
     read: str = "auto"
@@ -93,6 +95,8 @@ class Plan:
     batch_size: int
     threads: int  # torch intra-op threads per actor
     read_in_actor: bool = False
+    compile: bool = False
+    compile_cache: str | None = None
 
 
 def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
@@ -118,6 +122,8 @@ def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
             cfg.batch_size or 512,
             1,
             read_in_actor=cfg.read == "actor",
+            compile=cfg.compile,
+            compile_cache=cfg.compile_cache,
         )
     # Several narrow actors beat one wide one on CPU: a forward pass on one thread spends ~12% less CPU per
     # image than on two (no intra-op barriers), so up to 8 cores every core gets its own actor; beyond, 8
@@ -141,6 +147,8 @@ def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
         cfg.batch_size or 256,
         threads,
         read_in_actor=cfg.read != "tasks",
+        compile=cfg.compile,
+        compile_cache=cfg.compile_cache,
     )
 
 
@@ -150,16 +158,20 @@ class Labeler:
     With ``read`` (the reader's keyword arguments) a call gets shard URIs instead, and reads them first.
     """
 
-    def __init__(
-        self, model_dir: str, run_id: str, plan: Plan, compile: bool, read: dict[str, Any] | None = None
-    ):
+    def __init__(self, model_dir: str, run_id: str, plan: Plan, read: dict[str, Any] | None = None):
         import torch
 
         from fashionlabel.label.predictor import Predictor
 
         if plan.device == "cpu":
             torch.set_num_threads(plan.threads)
-        self.pred = Predictor(model_dir, device=plan.device, batch_size=plan.batch_size, compile=compile)
+        self.pred = Predictor(
+            model_dir,
+            device=plan.device,
+            batch_size=plan.batch_size,
+            compile=plan.compile,
+            compile_cache=plan.compile_cache,
+        )
         self.decode, self.run_id, self.read = plan.decode, run_id, read
         self.ident = {
             "model_version": self.pred.version,
@@ -287,7 +299,7 @@ def label_shards(
     writer = PartWriter(out_dir, labels_schema(spec["taxonomy_obj"]))
     if todo:
         keys = _skip_keys(out, spec["version"], skip, incremental)
-        for batch in _plan(todo, model_dir, run_id, plan, cfg.compile, spec, keys).iter_batches(
+        for batch in _plan(todo, model_dir, run_id, plan, spec, keys).iter_batches(
             batch_size=None, batch_format="pyarrow"
         ):
             writer.add(batch)
@@ -382,7 +394,6 @@ def _plan(
     model_dir: str,
     run_id: str,
     plan: Plan,
-    compile: bool,
     spec: dict[str, Any],
     skip: pa.Array | None,
 ) -> Any:
@@ -392,7 +403,7 @@ def _plan(
     read = {"decode_on": plan.decode, "size": size, "skip": skip}
     ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
     if plan.read_in_actor:
-        return _labelers(ds, model_dir, run_id, plan, compile, read=read, batch_size=1)
+        return _labelers(ds, model_dir, run_id, plan, read=read, batch_size=1)
     # The read's remote args come from a function: Ray Data never fuses an operator that has one into its
     # neighbour. Fused into the actor stage, the read would hand an actor every shard URI in one bundle
     # (batch_size rows of URIs) to label serially, and nothing would stream back until the end. Ray 2.64
@@ -405,7 +416,7 @@ def _plan(
         ray_remote_args_fn=_read_task_args,
         compute=ray.data.TaskPoolStrategy(size=plan.read_tasks),
     )
-    return _labelers(ds, model_dir, run_id, plan, compile, read=None, batch_size=plan.batch_size)
+    return _labelers(ds, model_dir, run_id, plan, read=None, batch_size=plan.batch_size)
 
 
 def _labelers(
@@ -413,7 +424,6 @@ def _labelers(
     model_dir: str,
     run_id: str,
     plan: Plan,
-    compile: bool,
     read: dict[str, Any] | None,
     batch_size: int,
 ) -> Any:
@@ -427,7 +437,6 @@ def _labelers(
             "model_dir": str(model_dir),
             "run_id": run_id,
             "plan": plan,
-            "compile": compile,
             "read": read,
         },
         batch_size=batch_size,

@@ -7,6 +7,7 @@ exactly those that evaluation measured for the same model and images.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,19 @@ class Predictor:
     device: "cuda" / "cpu"; default: a GPU when one is visible.
     batch_size: images per forward pass.
     compile: wrap the model in ``torch.compile`` (GPU: worth it for long runs).
+    compile_cache: folder where ``torch.compile`` keeps the kernels it generates (default: torch's own,
+        under the temp dir). Compiling a model whose kernels are there skips code generation: on one idle
+        CPU core ``fl_small``'s first batch comes after 2.7 s instead of 11.6 s. A folder on a persistent
+        disk keeps a node's next night warm.
     """
 
     def __init__(
-        self, model_dir: str | Path, device: str | None = None, batch_size: int = 256, compile: bool = False
+        self,
+        model_dir: str | Path,
+        device: str | None = None,
+        batch_size: int = 256,
+        compile: bool = False,
+        compile_cache: str | Path | None = None,
     ):
         self.device = pick_device(device)
         model, self.spec = load_artifact(model_dir, self.device)
@@ -65,6 +75,13 @@ class Predictor:
         self.compiled = compile
         self.piece = cpu_piece(self.size, batch_size) if self.device.type == "cpu" and not compile else 0
         if compile:
+            if compile_cache:
+                folder = str(Path(compile_cache).expanduser().resolve())
+                if any(c.isspace() for c in folder):  # inductor hands it to the C++ compiler unquoted
+                    raise ValueError(f"compile cache folder {folder!r}: a path without spaces is needed")
+                # Inductor reads its cache folder (and Triton's, beneath it) from the environment when it
+                # first compiles, so it is set before then; the process keeps it.
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
             self.model = torch.compile(self.model, dynamic=False)
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, torch.get_num_threads()))
