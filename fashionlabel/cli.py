@@ -196,7 +196,12 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
             else {}
         ),
         "throughput": f"{s['images_per_s']:,.0f} img/s",
-        "time": f"{s['seconds']:.1f} s",
+        "time": f"{s['seconds']:.1f} s"
+        + (
+            f" (first labels back after {s['first_batch_seconds']:.1f} s)"
+            if s["first_batch_seconds"] is not None
+            else ""
+        ),
         "plan": f"{s['actors']} actor(s) on {s['device']}, reads in {s['read']}, decode on {s['decode']}, "
         f"batch {s['batch_size']}",
         "model version": s["model_version"],

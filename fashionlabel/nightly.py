@@ -203,7 +203,12 @@ def run_nightly(
         "latest_active": int(pc.sum(snap["active"]).as_py() or 0),
         "latest_inactive": snap.num_rows - int(pc.sum(snap["active"]).as_py() or 0),
         "latest_snapshot": pointer["snapshot"],
-        "seconds": {"shard": t_shard - t0, "label": t_label - t_shard, "total": seconds},
+        "seconds": {
+            "shard": t_shard - t0,
+            "label": t_label - t_shard,
+            "label_first_batch": night["first_batch_seconds"],  # start-up of tonight's labelling run
+            "total": seconds,
+        },
         "shard_images_per_s": shard["packed"] / (t_shard - t0) if shard["packed"] else 0.0,
         "label_images_per_s": done_now / (t_label - t_shard) if done_now else 0.0,
         "config": asdict(cfg),

@@ -108,7 +108,12 @@ def write_report(labels: str, out: str | Path, run_dir: str | None = None) -> di
         "model version": ", ".join(sorted(df["model_version"].unique())),
         "taxonomy version": ", ".join(sorted(df["taxonomy_version"].unique())),
         "throughput": (
-            f"{manifest['last_run_images_per_s']:.0f} img/s (the run that completed it)"
+            f"{manifest['last_run_images_per_s']:.0f} img/s (the run that completed it"
+            + (
+                f"; first labels after {first:.1f} s)"
+                if (first := manifest.get("last_run_first_batch_seconds")) is not None
+                else ")"
+            )
             if "last_run_images_per_s" in manifest
             else "n/a"
         ),

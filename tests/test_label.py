@@ -110,6 +110,8 @@ def test_label_schema_rows_rerun_and_equal_to_predictor(
     run = out / "history" / "run_date=2026-01-01"
     success = json.loads((run / "_SUCCESS").read_text())
     assert success["rows"] == success["labelled"] == 600 and success["files"] == 4
+    assert 0 < s["first_batch_seconds"] < s["seconds"]
+    assert success["last_run_first_batch_seconds"] == s["first_batch_seconds"]
     assert success["model_version"] == s["model_version"] and success["taxonomy_version"]
     tax = Taxonomy.load("fashion-product-images")
     parts = sorted(run.glob("*.parquet"))
@@ -122,6 +124,7 @@ def test_label_schema_rows_rerun_and_equal_to_predictor(
     assert all(sub[a] == s_ and master[s_] == m for a, s_, m in art)
     again = label_shards(str(small_shards), str(tiny_model), str(out), "2026-01-01")
     assert again["shards_done_before"] == 4 and again["labelled"] == 0
+    assert again["first_batch_seconds"] is None  # nothing was labelled
     same = f"{small_shards.parent}/./{small_shards.name}/"  # the same shards, spelled another way
     assert label_shards(same, str(tiny_model), str(out), "2026-01-01")["shards_done_before"] == 4
     # other shards whose file names are taken in this run folder are refused, not skipped as "done"

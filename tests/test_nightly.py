@@ -69,6 +69,7 @@ def test_first_night(nights):
     assert (m["new"], m["changed"], m["unchanged"]) == (300, 0, 0)
     assert m["quarantined"] == 6 and m["reasons"] == {"image_not_found": 6}
     assert m["labelled"] == 300 and m["relabelled"] == 0 and m["errors"] == 0
+    assert 0 < m["seconds"]["label_first_batch"] < m["seconds"]["label"]
     assert m["latest_rows"] == 300 and m["latest_inactive"] == 0
     assert (root / "manifests" / "2026-03-01.json").is_file() and (
         root / "reports" / "2026-03-01.html"

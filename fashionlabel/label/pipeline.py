@@ -297,11 +297,13 @@ def label_shards(
         plan,
     )
     writer = PartWriter(out_dir, labels_schema(spec["taxonomy_obj"]))
+    first = None  # seconds from the call to the first labelled batch: the run's start-up
     if todo:
         keys = _skip_keys(out, spec["version"], skip, incremental)
         for batch in _plan(todo, model_dir, run_id, plan, spec, keys).iter_batches(
             batch_size=None, batch_format="pyarrow"
         ):
+            first = first if first is not None else time.time() - t0
             writer.add(batch)
             if progress:
                 progress(batch.num_rows)
@@ -323,6 +325,7 @@ def label_shards(
         "skipped": c["skipped"],
         "damaged_shards": c["damaged"],
         "seconds": seconds,
+        "first_batch_seconds": first,
         "images_per_s": (c["labelled"] + c["errored"]) / seconds if seconds else 0.0,
         "decode": plan.decode,
         "read": "actors" if plan.read_in_actor else "tasks",
@@ -347,6 +350,7 @@ def label_shards(
                 **totals,
                 # the attempt that completed the folder (earlier attempts of a killed run are not in it)
                 "last_run_seconds": seconds,
+                "last_run_first_batch_seconds": first,
                 "last_run_images_per_s": summary["images_per_s"],
                 "plan": asdict(plan),
                 "finished_at": dt.datetime.now(dt.UTC).isoformat(),
