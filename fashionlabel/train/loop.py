@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -99,6 +99,48 @@ def _shares(index_shards: dict[str, int], world: int) -> list[list[str]] | None:
     return [sorted(s) for s in shares]
 
 
+@dataclass
+class _Parts:
+    """What a worker trains and steps: the (DDP-wrapped) model, its loss, optimiser, LR schedule and, on
+    rank 0 with ``ema_epochs``, the moving average of its weights."""
+
+    model: torch.nn.Module
+    loss_fn: MultiTaskLoss
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA | None
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": ckpt.unwrap(self.model).state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "loss": self.loss_fn.state_dict() if self.loss_fn.log_vars is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        ckpt.unwrap(self.model).load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if state.get("loss") is not None:
+            self.loss_fn.load_state_dict(state["loss"])
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: the epoch to train next, the curves so far and the best epoch."""
+
+    start: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: float = -1.0
+    best_epoch: int = -1
+    starts: list[int] = field(default_factory=list)  # the epoch each (re)start began at
+    stopped: bool = False  # early stopping already ended this run
+
+
 def _worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -121,134 +163,168 @@ def _worker(config: dict[str, Any]) -> None:
     val = load_samples(config["shards"], tax, size, split="val") if rank == 0 else None
 
     device = ray.train.torch.get_device()
+    per_worker = max(1, cfg.batch_size // world)
+    steps = max(1, math.ceil(config["max_share"] / per_worker))
+    parts = _build(cfg, tax, device, steps, rank)
+    progress = _resume(config["ckpt_dir"], parts, cfg, tax, rank)
+    targets = {k: torch.as_tensor(v) for k, v in mine.targets.items()}
+    stop = torch.zeros(1)
+    for epoch in range(progress.start, cfg.epochs):
+        if progress.stopped:
+            break
+        t0 = time.time()
+        loss = _train_epoch(parts, mine.images, targets, len(mine), steps, per_worker, config, device)
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": loss,
+            "train_img_per_s": steps * per_worker * world / (time.time() - t0),
+            "lr": parts.sched.get_last_lr()[0],
+        }
+        if rank == 0:
+            stop[0] = float(_validate_and_save(parts, progress, metrics, val, cfg, tax, config, device))
+        if world > 1:
+            dist.broadcast(stop, src=0)
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if stop.item():
+            break
+
+
+def _build(cfg: TrainConfig, tax: Taxonomy, device: torch.device, steps: int, rank: int) -> _Parts:
+    """The model (``--init-weights`` loaded, DDP-wrapped), loss, AdamW, warm-up + cosine schedule, EMA."""
+    import ray.train.torch
+
     model = create_model(cfg.model, tax)
     if cfg.init_weights:
         state = torch.load(cfg.init_weights, map_location="cpu", weights_only=True)
         own = model.state_dict()
         keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(keep, strict=False)  # heads of another taxonomy are re-initialised
-    model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     loss_fn = MultiTaskLoss(tax, uncertainty=cfg.uncertainty, label_smoothing=cfg.label_smoothing).to(device)
-    params = list(model.parameters()) + list(loss_fn.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per_worker = max(1, cfg.batch_size // world)
-    steps = max(1, math.ceil(config["max_share"] / per_worker))
+    opt = torch.optim.AdamW(
+        list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     total = steps * cfg.epochs
     warm = max(1, int(cfg.warmup_epochs * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
     )
-
     # Only rank 0 validates and checkpoints, and DDP keeps every rank's weights equal: one average is enough.
     ema = (
         EMA(ckpt.unwrap(model), decay_for(cfg.ema_epochs, steps))
         if cfg.ema_epochs > 0 and rank == 0
         else None
     )
+    return _Parts(model, loss_fn, opt, sched, ema)
 
-    start, history, best, best_epoch, starts = 0, [], -1.0, -1, []
-    state = ckpt.load(config["ckpt_dir"])
+
+def _resume(ckpt_dir: str, parts: _Parts, cfg: TrainConfig, tax: Taxonomy, rank: int) -> _Progress:
+    """Load the last checkpoint of this same run (same taxonomy version and config) into ``parts``."""
+    progress = _Progress()
+    state = ckpt.load(ckpt_dir)
     if state is not None and state["taxonomy_version"] == tax.version and same_config(state["config"], cfg):
-        ckpt.unwrap(model).load_state_dict(state["model"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if state.get("loss") is not None:
-            loss_fn.load_state_dict(state["loss"])
-        start, history, starts = state["epoch"] + 1, state["history"], list(state.get("starts", []))
-        best, best_epoch = state["best_score"], state["best_epoch"]
+        parts.load(state)
+        progress = _Progress(
+            start=state["epoch"] + 1,
+            history=state["history"],
+            best=state["best_score"],
+            best_epoch=state["best_epoch"],
+            starts=list(state.get("starts", [])),
+            stopped=bool(state.get("stopped")),
+        )
         if rank == 0:
-            log.info("resuming from checkpoint at epoch %d", start)
+            log.info("resuming from checkpoint at epoch %d", progress.start)
+    progress.starts.append(progress.start)  # resumes stay visible in the artifact afterwards
+    return progress
 
-    starts.append(start)  # the epoch each (re)start of this run began at: resumes are visible afterwards
-    targets = {k: torch.as_tensor(v) for k, v in mine.targets.items()}
-    stop = torch.zeros(1)
-    for epoch in range(start, cfg.epochs):
-        if state is not None and state.get("stopped"):
-            break
-        model.train()
-        t0 = time.time()
-        order = np.concatenate(
-            [
-                np.random.permutation(len(mine))
-                for _ in range(math.ceil(steps * per_worker / max(1, len(mine))))
-            ]
-        )[: steps * per_worker]
-        running = 0.0
-        batches = (order[s * per_worker : (s + 1) * per_worker] for s in range(steps))
-        for images, y in BatchPrefetcher(mine.images, targets, batches, device):
-            x = augment(to_input(images, config["mean"], config["std"], device))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = model(x)
-            loss, _ = loss_fn(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update()
-            running += float(loss.detach())
-        seconds = time.time() - t0
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": running / steps,
-            "train_img_per_s": steps * per_worker * world / seconds,
-            "lr": sched.get_last_lr()[0],
-        }
-        if rank == 0:
-            # With an average, both weight sets are validated and the better one is this epoch's candidate.
-            candidates = {"raw": ckpt.unwrap(model)} | ({"ema": ema.model} if ema is not None else {})
-            scored = {}
-            for name, m in candidates.items():
-                vm = evaluate_probs(tax, _predict(m, val, config, device), val.targets)
-                scored[name] = (val_score(vm), vm)
-                metrics[f"val_score_{name}"] = scored[name][0]
-            weights = max(scored, key=lambda k: scored[k][0])
-            metrics["val_score"], vm = scored[weights]
-            metrics["weights"] = weights
-            metrics["val"] = {
-                h: {k: v for k, v in m.items() if k in ("top1", "recall@3")} for h, m in vm["heads"].items()
-            }
-            history.append(metrics)
-            improved = metrics["val_score"] > best
-            if improved:
-                best, best_epoch = metrics["val_score"], epoch
-            stopped = epoch - best_epoch >= cfg.patience
-            state = {
-                "model": ckpt.unwrap(model).state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "loss": loss_fn.state_dict() if cfg.uncertainty else None,
-                "epoch": epoch,
-                "ema": ema.state_dict() if ema is not None else None,
-                "weights": weights,
-                "config": asdict(cfg),
-                "taxonomy_version": tax.version,
-                "history": history,
-                "starts": starts,
-                "best_score": best,
-                "best_epoch": best_epoch,
-                "stopped": stopped,
-            }
-            if improved:
-                ckpt.save(config["ckpt_dir"], ckpt.BEST, state)
-            ckpt.save(config["ckpt_dir"], ckpt.LAST, state)  # last: written after best, resume point
-            log.info(
-                "epoch %d: loss %.3f, val %.3f (%s weights), %.0f img/s",
-                epoch,
-                metrics["train_loss"],
-                metrics["val_score"],
-                weights,
-                metrics["train_img_per_s"],
-            )
-            stop[0] = float(stopped)
-        if world > 1:
-            dist.broadcast(stop, src=0)
-        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        if stop.item():
-            break
+
+def _train_epoch(
+    parts: _Parts,
+    images: np.ndarray,
+    targets: dict[str, torch.Tensor],
+    n: int,
+    steps: int,
+    per_worker: int,
+    config: dict[str, Any],
+    device: torch.device,
+) -> float:
+    """``steps`` batches of this worker's samples (reshuffled, cycled when the share is short); mean loss."""
+    parts.model.train()
+    order = np.concatenate(
+        [np.random.permutation(n) for _ in range(math.ceil(steps * per_worker / max(1, n)))]
+    )[: steps * per_worker]
+    running = 0.0
+    batches = (order[s * per_worker : (s + 1) * per_worker] for s in range(steps))
+    for batch, y in BatchPrefetcher(images, targets, batches, device):
+        x = augment(to_input(batch, config["mean"], config["std"], device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = parts.model(x)
+        loss, _ = parts.loss_fn(out, y)
+        parts.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        parts.opt.step()
+        parts.sched.step()
+        if parts.ema is not None:
+            parts.ema.update()
+        running += float(loss.detach())
+    return running / steps
+
+
+def _validate_and_save(
+    parts: _Parts,
+    progress: _Progress,
+    metrics: dict[str, Any],
+    val: Any,
+    cfg: TrainConfig,
+    tax: Taxonomy,
+    config: dict[str, Any],
+    device: torch.device,
+) -> bool:
+    """Rank 0 after an epoch: validate, checkpoint (best first, then last) and log; True to stop early."""
+    epoch = metrics["epoch"]
+    # With an average, both weight sets are validated and the better one is this epoch's candidate.
+    candidates = {"raw": ckpt.unwrap(parts.model)} | (
+        {"ema": parts.ema.model} if parts.ema is not None else {}
+    )
+    scored = {}
+    for name, m in candidates.items():
+        vm = evaluate_probs(tax, _predict(m, val, config, device), val.targets)
+        scored[name] = (val_score(vm), vm)
+        metrics[f"val_score_{name}"] = scored[name][0]
+    weights = max(scored, key=lambda k: scored[k][0])
+    metrics["val_score"], vm = scored[weights]
+    metrics["weights"] = weights
+    metrics["val"] = {
+        h: {k: v for k, v in m.items() if k in ("top1", "recall@3")} for h, m in vm["heads"].items()
+    }
+    progress.history.append(metrics)
+    improved = metrics["val_score"] > progress.best
+    if improved:
+        progress.best, progress.best_epoch = metrics["val_score"], epoch
+    stopped = epoch - progress.best_epoch >= cfg.patience
+    state = parts.state() | {
+        "epoch": epoch,
+        "weights": weights,
+        "config": asdict(cfg),
+        "taxonomy_version": tax.version,
+        "history": progress.history,
+        "starts": progress.starts,
+        "best_score": progress.best,
+        "best_epoch": progress.best_epoch,
+        "stopped": stopped,
+    }
+    if improved:
+        ckpt.save(config["ckpt_dir"], ckpt.BEST, state)
+    ckpt.save(config["ckpt_dir"], ckpt.LAST, state)  # last: written after best, resume point
+    log.info(
+        "epoch %d: loss %.3f, val %.3f (%s weights), %.0f img/s",
+        epoch,
+        metrics["train_loss"],
+        metrics["val_score"],
+        weights,
+        metrics["train_img_per_s"],
+    )
+    return stopped
 
 
 @torch.inference_mode()
