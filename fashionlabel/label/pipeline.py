@@ -276,15 +276,7 @@ def label_shards(
     out_dir = storage.join(out, "history", f"run_date={run_date}")
     storage.makedirs(out_dir)
     uris = list_shards(shards)
-    done = set(storage.listdir(out_dir, ".parquet"))
-    clashes = foreign_parts(out_dir, uris, done)
-    if clashes:
-        part, holds = clashes[0]
-        raise LabelError(
-            f"{out_dir} already holds labels of other shards under the same names ({len(clashes)} parts, "
-            f"e.g. {part} from {holds}); label {shards} into another --out or --run-date"
-        )
-    todo = [u for u in uris if part_name(u) not in done]
+    todo = _todo(out_dir, uris, shards)
     spec = artifact_spec(model_dir)
     run_id = f"{run_date}-{uuid.uuid4().hex[:8]}"
     plan = plan_resources(cfg, cluster_cpus(), cluster_gpus())
@@ -334,29 +326,49 @@ def label_shards(
         "batch_size": plan.batch_size,
         "out": out_dir,
     }
+    summary["files"] = _write_manifest(out_dir, summary, plan, did_work=bool(todo))
+    return summary
+
+
+def _todo(out_dir: str, uris: list[str], shards: str) -> list[str]:
+    """The shards of ``uris`` that have no part in ``out_dir`` yet; parts of other shards under the same
+    names are refused (a second shards folder labelled into the same run folder)."""
+    done = set(storage.listdir(out_dir, ".parquet"))
+    clashes = foreign_parts(out_dir, uris, done)
+    if clashes:
+        part, holds = clashes[0]
+        raise LabelError(
+            f"{out_dir} already holds labels of other shards under the same names ({len(clashes)} parts, "
+            f"e.g. {part} from {holds}); label {shards} into another --out or --run-date"
+        )
+    return [u for u in uris if part_name(u) not in done]
+
+
+def _write_manifest(out_dir: str, summary: dict[str, Any], plan: Plan, did_work: bool) -> int:
+    """``_SUCCESS`` once every shard has its part: the folder's totals and the run that completed it.
+    A re-run with nothing left to do leaves the manifest of the run that did the work as it is. Returns
+    the number of parts."""
     totals = run_totals(out_dir)
-    summary["files"] = totals["files"]
     success = storage.join(out_dir, "_SUCCESS")
-    # A re-run with nothing left to do leaves the manifest of the run that did the work as it is.
-    if totals["files"] >= len(uris) and (todo or not storage.exists(success)):
+    if totals["files"] >= summary["shards"] and (did_work or not storage.exists(success)):
         storage.write_json(
             success,
             {
-                "run_date": run_date,
-                "last_run_id": run_id,
-                "model_version": spec["version"],
-                "taxonomy_version": spec["taxonomy_version"],
-                "shards": len(uris),
+                "run_date": summary["run_date"],
+                "last_run_id": summary["run_id"],
+                "model_version": summary["model_version"],
+                "taxonomy_version": summary["taxonomy_version"],
+                "shards": summary["shards"],
                 **totals,
                 # the attempt that completed the folder (earlier attempts of a killed run are not in it)
-                "last_run_seconds": seconds,
-                "last_run_first_batch_seconds": first,
+                "last_run_seconds": summary["seconds"],
+                "last_run_first_batch_seconds": summary["first_batch_seconds"],
                 "last_run_images_per_s": summary["images_per_s"],
                 "plan": asdict(plan),
                 "finished_at": dt.datetime.now(dt.UTC).isoformat(),
             },
         )
-    return summary
+    return totals["files"]
 
 
 def artifact_spec(model_dir: str) -> dict[str, Any]:
