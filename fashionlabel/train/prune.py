@@ -16,12 +16,17 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from fashionlabel.models.xception_se import SeparableConv, XceptionBlock
+
+if TYPE_CHECKING:
+    from fashionlabel.data import Samples
+    from fashionlabel.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +202,9 @@ def prune_artifact(
     import time
 
     from fashionlabel.data import load_samples, to_input
-    from fashionlabel.models.profile import count_flops, count_params, inference_speed
     from fashionlabel.shards import list_shards
     from fashionlabel.train.calibrate import calibrate
     from fashionlabel.train.export import load_artifact, save_artifact
-    from fashionlabel.train.metrics import evaluate_probs, summary_scores
 
     model, spec = load_artifact(model_dir)
     tax, pre = spec["taxonomy_obj"], spec["preprocessing"]
@@ -219,35 +222,11 @@ def prune_artifact(
     pruned = prune_xception(model, x, blocks, keep, positions)
     seconds = time.time() - t0
 
-    def measure(m: nn.Module) -> tuple[dict, dict]:
-        with torch.inference_mode():
-            logits = {}
-            for s in range(0, len(val), 256):
-                for k, v in m(to_input(val.images[s : s + 256], pre["mean"], pre["std"])).items():
-                    logits.setdefault(k, []).append(v.float())
-        logits = {k: torch.cat(v) for k, v in logits.items()}
-        probs = {
-            h.name: (
-                torch.softmax(logits[h.name], 1) if h.kind == "single" else torch.sigmoid(logits[h.name])
-            ).numpy()
-            for h in tax.heads
-        }
-        fig = {"params": count_params(m), "flops": count_flops(m, size)}
-        fig |= summary_scores(evaluate_probs(tax, probs, val.targets))
-        return fig, logits
-
-    before, _ = measure(model)
-    after, logits = measure(pruned)
-    # CPU time, not wall time: stays a property of the model on a shared machine. Rounds alternate which
-    # model goes first, and the medians are kept: one timing each gave 38 vs 60 img per CPU-second for a
-    # 12% FLOPs cut whose interleaved medians differ by 1.1x.
-    speeds: dict[str, list[float]] = {"before": [], "after": []}
-    for r in range(speed_rounds):
-        for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
-            m = model if name == "before" else pruned
-            speeds[name].append(inference_speed(m, size, batch=32, cpu_time=True))
-    before["label_img_per_cpu_s"] = float(np.median(speeds["before"]))
-    after["label_img_per_cpu_s"] = float(np.median(speeds["after"]))
+    before, _ = _measure(model, val, tax, pre)
+    after, logits = _measure(pruned, val, tax, pre)
+    before["label_img_per_cpu_s"], after["label_img_per_cpu_s"] = _cpu_speeds(
+        model, pruned, size, speed_rounds
+    )
     version = save_artifact(
         out,
         pruned,
@@ -269,3 +248,45 @@ def prune_artifact(
         "val_products": len(val),
         "mid_channels": pruned.model_kwargs["mid_channels"],
     }
+
+
+def _measure(m: nn.Module, val: Samples, tax: Taxonomy, pre: dict[str, Any]) -> tuple[dict, dict]:
+    """Params, FLOPs and validation scores of ``m``, and its validation logits (for calibration)."""
+    from fashionlabel.data import to_input
+    from fashionlabel.models.profile import count_flops, count_params
+    from fashionlabel.train.metrics import evaluate_probs, summary_scores
+
+    with torch.inference_mode():
+        logits: dict[str, Any] = {}
+        for s in range(0, len(val), 256):
+            for k, v in m(to_input(val.images[s : s + 256], pre["mean"], pre["std"])).items():
+                logits.setdefault(k, []).append(v.float())
+    logits = {k: torch.cat(v) for k, v in logits.items()}
+    probs = {
+        h.name: (
+            torch.softmax(logits[h.name], 1) if h.kind == "single" else torch.sigmoid(logits[h.name])
+        ).numpy()
+        for h in tax.heads
+    }
+    fig = {"params": count_params(m), "flops": count_flops(m, tuple(pre["size"]))}
+    fig |= summary_scores(evaluate_probs(tax, probs, val.targets))
+    return fig, logits
+
+
+def _cpu_speeds(
+    before: nn.Module, after: nn.Module, size: tuple[int, int], rounds: int
+) -> tuple[float, float]:
+    """Images per CPU-second of both models, medians over ``rounds`` interleaved rounds.
+
+    CPU time, not wall time: stays a property of the model on a shared machine. Rounds alternate which
+    model goes first: one timing each gave 38 vs 60 img per CPU-second for a 12% FLOPs cut whose
+    interleaved medians differ by 1.1x.
+    """
+    from fashionlabel.models.profile import inference_speed
+
+    speeds: dict[str, list[float]] = {"before": [], "after": []}
+    models = {"before": before, "after": after}
+    for r in range(rounds):
+        for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
+            speeds[name].append(inference_speed(models[name], size, batch=32, cpu_time=True))
+    return float(np.median(speeds["before"])), float(np.median(speeds["after"]))
