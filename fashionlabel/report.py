@@ -120,27 +120,33 @@ def write_report(labels: str, out: str | Path, run_dir: str | None = None) -> di
         "run": manifest.get("last_run_id", Path(str(run_dir)).name),
     }
     mean_scores = {h: float(df[f"{h}_score"].mean()) for h in heads}
-    rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()
-    )
     conf = "".join(f"<tr><th>{html.escape(h)}</th><td>{v:.3f}</td></tr>" for h, v in mean_scores.items())
-    imgs = "".join(
-        f'<figure id="{cid}"><img alt="{cid}" src="data:image/png;base64,{b64}"></figure>'
-        for cid, b64 in charts
-    )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fashionlabel report</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
-th,td{{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}}img{{max-width:100%}}</style></head>
-<body><h1>fashionlabel report</h1><p>{html.escape(str(run_dir))} — generated
-{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC</p>
-<h2>Run</h2><table>{rows}</table><h2>Mean confidence per head</h2><table>{conf}</table>
-<h2>Charts</h2>{imgs}</body></html>"""
-    _write(out, page)
+    body = f"<h2>Mean confidence per head</h2><table>{conf}</table>"
+    _write(out, _page("fashionlabel report", str(run_dir), "Run", facts, body, charts))
     return {"out": str(out), "charts": [c for c, _ in charts], **facts}
 
 
 def _write(out: str | Path, page: str) -> None:
     storage.write_bytes(out, page.encode())  # atomic, local or s3://
+
+
+def _page(
+    title: str, source: str, facts_title: str, facts: dict[str, Any], body: str, charts: list[tuple[str, str]]
+) -> str:
+    """One self-contained HTML page: a table of facts, ``body`` (HTML), then the charts inlined as PNGs."""
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()
+    )
+    imgs = "".join(
+        f'<figure id="{cid}"><img alt="{cid}" src="data:image/png;base64,{b64}"></figure>'
+        for cid, b64 in charts
+    )
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+th,td{{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}}img{{max-width:100%}}</style></head>
+<body><h1>{html.escape(title)}</h1><p>{html.escape(source)} — generated
+{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC</p>
+<h2>{html.escape(facts_title)}</h2><table>{rows}</table>{body}<h2>Charts</h2>{imgs}</body></html>"""
 
 
 # ---- the night report ---------------------------------------------------------------------------
@@ -251,9 +257,6 @@ def write_night_report(
         "shard throughput": f"{m.get('shard_images_per_s', 0):.0f} img/s",
         "label throughput": f"{m.get('label_images_per_s', 0):.0f} img/s",
     }
-    rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()
-    )
     flips = "".join(
         f"<tr><th>{html.escape(h)}</th><td>{v['flipped']}</td><td>{v['compared']}</td><td>"
         + html.escape("; ".join(f"{p}: {a} → {b}" for p, a, b in v["examples"][:5]))
@@ -265,17 +268,8 @@ def write_night_report(
         if d
         else "<p>first night: nothing to compare with</p>"
     )
-    imgs = "".join(
-        f'<figure id="{cid}"><img alt="{cid}" src="data:image/png;base64,{b64}"></figure>'
-        for cid, b64 in charts
-    )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fashionlabel night {date}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
-th,td{{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}}img{{max-width:100%}}</style></head>
-<body><h1>fashionlabel night {date}</h1><p>{html.escape(str(labels))} — generated
-{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC</p><h2>Night</h2><table>{rows}</table>
-<h2>Drift against the previous night</h2>{flips}<h2>Charts</h2>{imgs}</body></html>"""
-    _write(out, page)
+    body = f"<h2>Drift against the previous night</h2>{flips}"
+    _write(out, _page(f"fashionlabel night {date}", str(labels), "Night", facts, body, charts))
     return {
         "out": str(out),
         "charts": [c for c, _ in charts],
