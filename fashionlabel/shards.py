@@ -528,9 +528,22 @@ def _merge(
 
 
 # ---- reading shards ----------------------------------------------------------------------------
+class NotAShardSet(FileNotFoundError):
+    """A folder given as shards that ``fashionlabel shard`` did not write."""
+
+
 def list_shards(shards: str) -> list[str]:
-    """Full URIs of the published tars under ``shards``, in order."""
-    return [storage.join(shards, n) for n in storage.listdir(shards, ".tar")]
+    """Full URIs of the published tars under ``shards``, in order.
+
+    A shard set with no tars is valid (a night with nothing new publishes one, with its index); a folder
+    with neither tars nor ``index.parquet`` is a wrong path, and says so rather than giving nothing.
+    """
+    uris = [storage.join(shards, n) for n in storage.listdir(shards, ".tar")]
+    if not uris and not storage.exists(storage.join(shards, "index.parquet")):
+        raise NotAShardSet(
+            f"{shards} is not a shard set: no *.tar and no index.parquet there (write one with `fashionlabel shard`)"
+        )
+    return uris
 
 
 def iter_shard(uri: str) -> Iterator[dict[str, Any]]:

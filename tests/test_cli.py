@@ -37,3 +37,21 @@ def test_train_rejects_bad_settings_by_name(ray_session, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "invalid training setting(s): epochs=0, ema_epochs=-1.0" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_a_folder_that_is_not_a_shard_set_is_refused_by_name(ray_session, tiny_model, tmp_path, capsys):
+    from fashionlabel.cli import run
+
+    empty = tmp_path / "typo"
+    empty.mkdir()
+    before = (tiny_model / "evaluation-test.json").read_bytes()
+    for argv in (
+        ["label", "--shards", str(empty), "--model", str(tiny_model), "--out", str(tmp_path / "labels")],
+        ["evaluate", "--model", str(tiny_model), "--shards", str(empty)],
+        ["train", "--shards", str(empty), "--out", str(tmp_path / "m"), "--epochs", "1"],
+    ):
+        assert run(argv) == 1, argv
+        assert f"{empty} is not a shard set" in capsys.readouterr().err, argv
+    assert not (tmp_path / "labels").exists() and not (tmp_path / "m").exists()
+    # the model's own evaluation is not replaced by one of nothing
+    assert (tiny_model / "evaluation-test.json").read_bytes() == before

@@ -274,8 +274,8 @@ def label_shards(
     model_dir = storage.absolute(model_dir)
     run_date = run_date or dt.datetime.now(dt.UTC).date().isoformat()  # UTC, as nightly dates are
     out_dir = storage.join(out, "history", f"run_date={run_date}")
-    storage.makedirs(out_dir)
     uris = list_shards(shards)
+    storage.makedirs(out_dir)
     todo = _todo(out_dir, uris, shards)
     spec = artifact_spec(model_dir)
     run_id = f"{run_date}-{uuid.uuid4().hex[:8]}"

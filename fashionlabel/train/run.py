@@ -32,8 +32,15 @@ log = logging.getLogger(__name__)
 
 
 def shards_taxonomy(shards: str) -> Taxonomy:
-    stats = storage.read_json(storage.join(shards, "stats.json"))
-    return Taxonomy.from_dict(stats["taxonomy"])
+    """The taxonomy a shard set was written with (its ``stats.json``)."""
+    from fashionlabel.shards import NotAShardSet
+
+    path = storage.join(shards, "stats.json")
+    if not storage.exists(path):
+        raise NotAShardSet(
+            f"{shards} is not a shard set: no stats.json there (write one with `fashionlabel shard`)"
+        )
+    return Taxonomy.from_dict(storage.read_json(path)["taxonomy"])
 
 
 def train(
@@ -145,6 +152,8 @@ def evaluate(
     pred = Predictor(model_dir)
     tax = pred.taxonomy
     samples = load_samples(list_shards(shards), tax, pred.size, split=split)
+    if len(samples) == 0:  # nothing to measure: the artifact's earlier evaluation stays as it is
+        raise ValueError(f"no {split or 'readable'} products in {shards} to evaluate on")
     logits = pred.logits(samples.images)
     probs = scores(tax, logits, pred.calibration)
     metrics = evaluate_probs(tax, probs, samples.targets)
