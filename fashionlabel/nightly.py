@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from fashionlabel import latest, storage
+from fashionlabel import latest, settings, storage
 from fashionlabel.label.pipeline import LabelConfig, label_shards
 from fashionlabel.shards import ShardConfig
 from fashionlabel.taxonomy import Taxonomy
@@ -141,8 +141,7 @@ def run_nightly(
     from fashionlabel.train.export import load_artifact
 
     t0 = time.time()
-    date = date or dt.datetime.now(dt.UTC).date().isoformat()
-    dt.date.fromisoformat(date)  # a clear error for a malformed date, before anything is written
+    date = settings.run_date(date)  # a clear error for a malformed date, before anything is written
     layout = Layout(storage.absolute(root))
     done = _manifest(layout, date)
     if done.get("status") == "complete":

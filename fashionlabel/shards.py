@@ -43,6 +43,7 @@ from fashionlabel.catalog import (
     read_catalog,
 )
 from fashionlabel.images import ImageReject, normalise
+from fashionlabel.settings import check
 from fashionlabel.tarwriter import TarWriter
 from fashionlabel.taxonomy import Taxonomy
 
@@ -67,6 +68,22 @@ class ShardConfig:
     max_pixels: int = 40_000_000
     min_side: int = 8
     max_failure_rate: float = 0.5
+
+    def __post_init__(self) -> None:
+        check(
+            "shard",
+            self,
+            {
+                "samples_per_shard": self.samples_per_shard >= 1,
+                "max_side": self.max_side >= self.min_side,
+                "jpeg_quality": 1 <= self.jpeg_quality <= 100,
+                "max_pixels": self.max_pixels >= 1,
+                "min_side": self.min_side >= 1,
+                "max_failure_rate": 0 <= self.max_failure_rate <= 1,
+            },
+            "samples per shard, min side ≥ 1; max side ≥ min side; JPEG quality 1–100; "
+            "0 ≤ max failure rate ≤ 1",
+        )
 
 
 class ShardJobError(RuntimeError):

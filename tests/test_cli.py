@@ -29,14 +29,39 @@ def test_shard_job_main_and_clear_failure(ray_session, small_catalog, tmp_path, 
     assert "catalog not found" in capsys.readouterr().err
 
 
-def test_train_rejects_bad_settings_by_name(ray_session, tmp_path, capsys):
-    from jobs import train
+def test_bad_settings_are_refused_by_name_before_anything_is_written(
+    ray_session, small_catalog, tiny_model, small_shards, tmp_path, capsys
+):
+    from fashionlabel.cli import run
 
-    argv = ["--shards", str(tmp_path), "--out", str(tmp_path / "m"), "--epochs", "0", "--ema-epochs", "-1"]
-    assert train.main(argv) == 1
-    err = capsys.readouterr().err
-    assert "invalid training setting(s): epochs=0, ema_epochs=-1.0" in err
-    assert not (tmp_path / "m").exists()
+    out = tmp_path / "out"
+    cases = {
+        "invalid training setting(s): epochs=0, ema_epochs=-1.0": [
+            "train", "--shards", str(small_shards), "--out", str(out), "--epochs", "0", "--ema-epochs", "-1"
+        ],
+        "invalid training setting(s): model='resnet5O'": [
+            "train", "--shards", str(small_shards), "--out", str(out), "--model", "resnet5O"
+        ],
+        "invalid shard setting(s): samples_per_shard=0": [
+            "shard", "--catalog", str(small_catalog), "--out", str(out), "--samples-per-shard", "0"
+        ],
+        "invalid label setting(s): batch_size=0": [
+            "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
+            "--batch-size", "0",
+        ],
+        "run date '2026-13-45' is not a date (YYYY-MM-DD)": [
+            "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
+            "--run-date", "2026-13-45",
+        ],
+        "run date 'yesterday' is not a date": [
+            "nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(out),
+            "--date", "yesterday",
+        ],
+    }  # fmt: skip
+    for message, argv in cases.items():
+        assert run(argv) == 1, argv
+        assert message in capsys.readouterr().err, argv
+        assert not out.exists(), argv
 
 
 def test_a_folder_that_is_not_a_shard_set_is_refused_by_name(ray_session, tiny_model, tmp_path, capsys):

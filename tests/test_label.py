@@ -77,10 +77,15 @@ def test_plan_never_takes_every_cpu_and_uses_gpus():
     assert gpu.device == "cuda" and gpu.decode == "gpu" and gpu.actors == 2 and gpu.actor_gpus == 0.5
     assert gpu.read_tasks == 14 and gpu.batch_size == 512 and not gpu.read_in_actor
     assert plan_resources(LabelConfig(decode="cpu", actors_per_gpu=1), 16, 2).actors == 2
-    with pytest.raises(ValueError, match="decode"):
-        plan_resources(LabelConfig(decode="fpga"), 2, 0)
-    with pytest.raises(ValueError, match="read"):
-        plan_resources(LabelConfig(read="driver"), 2, 0)
+    with pytest.raises(ValueError, match="decode='fpga'"):
+        LabelConfig(decode="fpga")
+    with pytest.raises(ValueError, match="read='driver'"):
+        LabelConfig(read="driver")
+    # a zero is refused, not read as "the default"; a GPU asked for where there is none is refused too
+    with pytest.raises(ValueError, match="invalid label setting.*batch_size=0, actors=0"):
+        LabelConfig(batch_size=0, actors=0)
+    with pytest.raises(LabelError, match="no GPU"):
+        plan_resources(LabelConfig(device="cuda"), 2, 0)
 
 
 @pytest.mark.parametrize("read", ["tasks", "actor"])

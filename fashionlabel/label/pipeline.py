@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from fashionlabel import storage
+from fashionlabel import settings, storage
 from fashionlabel.label.reader import read_shards, skip_keys
 from fashionlabel.label.schema import labels_schema
 from fashionlabel.label.writer import PartWriter, foreign_parts, labelled_keys, part_name, run_totals
@@ -80,6 +80,22 @@ class LabelConfig:
     actors_per_gpu: int = 2
     read: str = "auto"
 
+    def __post_init__(self) -> None:
+        settings.check(
+            "label",
+            self,
+            {
+                "batch_size": self.batch_size is None or self.batch_size >= 1,
+                "actors": self.actors is None or self.actors >= 1,
+                "actors_per_gpu": self.actors_per_gpu >= 1,
+                "device": self.device is None or self.device.split(":")[0] in ("cuda", "cpu"),
+                "decode": self.decode in ("cpu", "gpu", "auto"),
+                "read": self.read in ("tasks", "actor", "auto"),
+            },
+            "batch size, actors, actors per GPU ≥ 1; device cuda or cpu; decode cpu, gpu or auto; "
+            "read tasks, actor or auto",
+        )
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -101,10 +117,8 @@ class Plan:
 
 def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
     """Pool size, per-actor resources and batch size from the cluster's CPUs and GPUs."""
-    if cfg.decode not in ("cpu", "gpu", "auto"):
-        raise ValueError(f"decode must be cpu, gpu or auto, not {cfg.decode!r}")
-    if cfg.read not in ("tasks", "actor", "auto"):
-        raise ValueError(f"read must be tasks, actor or auto, not {cfg.read!r}")
+    if (cfg.device or "").startswith("cuda") and gpus < 1:
+        raise LabelError(f"--device {cfg.device} asked for, but the Ray cluster has no GPU")
     use_gpu = gpus >= 1 and (cfg.device or "cuda").startswith("cuda")
     decode = cfg.decode if cfg.decode != "auto" else ("gpu" if use_gpu else "cpu")
     if use_gpu:
@@ -272,14 +286,14 @@ def label_shards(
 
     t0 = time.time()
     model_dir = storage.absolute(model_dir)
-    run_date = run_date or dt.datetime.now(dt.UTC).date().isoformat()  # UTC, as nightly dates are
+    run_date = settings.run_date(run_date)  # today in UTC by default, as nightly dates are
+    plan = plan_resources(cfg, cluster_cpus(), cluster_gpus())
     out_dir = storage.join(out, "history", f"run_date={run_date}")
     uris = list_shards(shards)
     storage.makedirs(out_dir)
     todo = _todo(out_dir, uris, shards)
     spec = artifact_spec(model_dir)
     run_id = f"{run_date}-{uuid.uuid4().hex[:8]}"
-    plan = plan_resources(cfg, cluster_cpus(), cluster_gpus())
     log.info(
         "label: %d shards, %d already done for %s, %d to label; %s",
         len(uris),

@@ -21,7 +21,8 @@ import torch
 
 from fashionlabel import storage
 from fashionlabel.data import BatchPrefetcher, augment, load_samples, split_of, to_input
-from fashionlabel.models import create_model
+from fashionlabel.models import create_model, list_models
+from fashionlabel.settings import check
 from fashionlabel.shards import list_shards
 from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train import checkpoint as ckpt
@@ -65,13 +66,15 @@ class TrainConfig:
             "patience": self.patience >= 1,
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "ema_epochs": self.ema_epochs >= 0,
+            "model": self.model in list_models(),
         }
-        bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                "invalid training setting(s): " + ", ".join(bad) + " (epochs, workers, patience ≥ 1; "
-                "batch size ≥ workers; lr > 0; height, width ≥ 16; 0 ≤ label smoothing < 1; others ≥ 0)"
-            )
+        check(
+            "training",
+            self,
+            checks,
+            "epochs, workers, patience ≥ 1; batch size ≥ workers; lr > 0; height, width ≥ 16; "
+            "0 ≤ label smoothing < 1; others ≥ 0; model: one of `fashionlabel models`",
+        )
 
 
 def same_config(saved: dict[str, Any], cfg: TrainConfig) -> bool:
