@@ -169,7 +169,10 @@ def evaluate(
         )
     out_dir = Path(write_to or pred.spec["local_path"])  # an s3:// model: beside its local copy
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"evaluation-{split or 'all'}.json").write_text(json.dumps(metrics, indent=2, default=float))
+    # Beside a published model: written atomically, so a killed evaluation leaves the previous one whole.
+    storage.write_bytes(
+        out_dir / f"evaluation-{split or 'all'}.json", json.dumps(metrics, indent=2, default=float).encode()
+    )
     fine = tax.chains()[-1][-1] if tax.chains() else tax.single_heads[0]
     _plot_confusion(
         confusion(probs[fine.name].argmax(1), samples.targets[fine.name], fine.num_classes),
@@ -204,9 +207,7 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     else:
         ax[1].plot(ep, [h.get("val_score", np.nan) for h in history])
     ax[1].set(title="validation score (mean top-1 / recall@3)", xlabel="epoch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def _plot_confusion(m: np.ndarray, head, path: Path, top: int = 25) -> None:
@@ -228,6 +229,17 @@ def _plot_confusion(m: np.ndarray, head, path: Path, top: int = 25) -> None:
         xlabel="predicted",
         ylabel="true",
     )
+    _save_png(fig, path)
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    """Render ``fig`` and publish it at ``path`` atomically."""
+    import io
+
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
+    storage.write_bytes(path, buf.getvalue())
