@@ -99,7 +99,7 @@ class LabelConfig:
 
 @dataclass(frozen=True)
 class Plan:
-    """Resources resolved from the config and the cluster."""
+    """Resources resolved from the config and the cluster, and how each actor builds its model."""
 
     device: str
     decode: str
