@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import logging
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +23,8 @@ from PIL import Image
 
 from fashionlabel.shards import iter_shard
 from fashionlabel.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,7 +95,17 @@ def load_samples(
     """Decode the samples of ``shard_uris`` (of one split, optionally every ``world``-th for ``rank``)."""
     images, labels, pids, shas, errors = [], [], [], [], {}
     i = 0
-    for uri in shard_uris:
+    t0 = last = time.time()
+    for n, uri in enumerate(shard_uris, 1):
+        if time.time() - last > 5:  # a large set takes minutes to decode: say how far it is
+            last = time.time()
+            log.info(
+                "read %d/%d shards, %d samples decoded (%.0f/s)",
+                n - 1,
+                len(shard_uris),
+                len(images),
+                len(images) / (last - t0),
+            )
         for s in iter_shard(uri):
             meta = s.get("json", {})
             pid = meta.get("product_id", s["__key__"])

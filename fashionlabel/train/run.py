@@ -154,6 +154,7 @@ def evaluate(
     samples = load_samples(list_shards(shards), tax, pred.size, split=split)
     if len(samples) == 0:  # nothing to measure: the artifact's earlier evaluation stays as it is
         raise ValueError(f"no {split or 'readable'} products in {shards} to evaluate on")
+    log.info("evaluate: %d products decoded in %.1f s; running the model", len(samples), time.time() - t0)
     logits = pred.logits(samples.images)
     probs = scores(tax, logits, pred.calibration)
     metrics = evaluate_probs(tax, probs, samples.targets)
