@@ -330,6 +330,29 @@ def _validate_and_save(
     return stopped
 
 
+def _split_work(shards: str, workers: int) -> tuple[list[list[str]] | None, int]:
+    """Each worker's shards (balanced by training-sample count, from the index) and the largest share's
+    sample count, which sets the steps per epoch of every worker."""
+    index = storage.read_parquet(storage.join(shards, "index.parquet"), columns=["product_id", "shard"])
+    split = np.array([split_of(p) for p in index.column("product_id").to_pylist()])
+    train_idx = index.filter(pc.equal(np.asarray(split == "train"), True)) if len(split) else index
+    counts = dict(
+        zip(
+            *np.unique(train_idx.column("shard").to_numpy(zero_copy_only=False), return_counts=True),
+            strict=True,
+        )
+    )
+    per_shard = {storage.join(shards, f"{s}.tar"): int(n) for s, n in counts.items()}
+    shares = _shares(per_shard, workers)
+    if shares is not None:
+        max_share = max(sum(per_shard[u] for u in sh) for sh in shares)
+    else:
+        max_share = math.ceil(train_idx.num_rows / workers)
+    if max_share == 0:
+        raise ValueError(f"no training samples in {shards}")
+    return shares, max_share
+
+
 @torch.inference_mode()
 def _predict(model: torch.nn.Module, samples, config: dict[str, Any], device) -> dict[str, np.ndarray]:
     model.eval()
@@ -364,24 +387,8 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    index = storage.read_parquet(storage.join(shards, "index.parquet"), columns=["product_id", "shard"])
     uris = list_shards(shards)
-    split = np.array([split_of(p) for p in index.column("product_id").to_pylist()])
-    train_idx = index.filter(pc.equal(np.asarray(split == "train"), True)) if len(split) else index
-    counts = dict(
-        zip(
-            *np.unique(train_idx.column("shard").to_numpy(zero_copy_only=False), return_counts=True),
-            strict=True,
-        )
-    )
-    per_shard = {storage.join(shards, f"{s}.tar"): int(n) for s, n in counts.items()}
-    shares = _shares(per_shard, cfg.workers)
-    if shares is not None:
-        max_share = max(sum(per_shard[u] for u in sh) for sh in shares)
-    else:
-        max_share = math.ceil(train_idx.num_rows / cfg.workers)
-    if max_share == 0:
-        raise ValueError(f"no training samples in {shards}")
+    shares, max_share = _split_work(shards, cfg.workers)
     ckpt_dir = checkpoints or storage.join(run_dir, "checkpoints")
     if not storage.is_s3(ckpt_dir):
         storage.makedirs(ckpt_dir)
