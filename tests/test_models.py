@@ -98,3 +98,15 @@ def test_model_sizes_follow_the_research():
 def test_unknown_model_name():
     with pytest.raises(KeyError, match="unknown model"):
         create_model("nope", TAX)
+
+
+def test_speed_probes_measure_and_leave_the_model_trainable():
+    from fashionlabel.models.profile import inference_speed, train_speed
+
+    model = create_model("fl_tiny", Taxonomy.load("fashion-product-images"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = inference_speed(model, (80, 60), batch=4, repeats=1)
+    assert fast > 0 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # timing the labelling path first must not turn the weights into inference-only tensors
+    assert train_speed(model, (80, 60), batch=4, repeats=1) > 0
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # AdamW stepped

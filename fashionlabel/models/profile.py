@@ -9,6 +9,7 @@ one uncontended core gives, and stays meaningful on a machine shared with other 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -31,12 +32,24 @@ def count_flops(model: nn.Module, size: tuple[int, int]) -> int:
     return int(counter.get_total_flops())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def _rate(
+    step: Callable[[], object], batch: int, repeats: int, device: torch.device, cpu_time: bool
+) -> float:
+    """Images/s of ``step`` (one batch): the median of ``repeats`` timed calls after one untimed warm-up
+    (allocator, oneDNN / cuDNN algorithm choice)."""
+    clock = time.process_time if cpu_time else time.perf_counter
+    times = []
+    for i in range(repeats + 1):
+        t = clock()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(clock() - t)
+    return batch / sorted(times)[len(times) // 2]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: moving the weights under it would leave the model untrainable
 def inference_speed(
     model: nn.Module,
     size: tuple[int, int],
@@ -46,18 +59,11 @@ def inference_speed(
     cpu_time: bool = False,
 ) -> float:
     """Median images/s of eval-mode forward passes on random batches (channels_last; bf16 on GPU)."""
-    dev, clock = torch.device(device), time.process_time if cpu_time else time.perf_counter
+    dev = torch.device(device)
     model = model.eval().to(dev).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, *size, device=dev).contiguous(memory_format=torch.channels_last)
-    times = []
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        for i in range(repeats + 1):
-            t = clock()
-            model(x)
-            _sync(dev)
-            if i:  # the first pass warms up: allocator, oneDNN / cuDNN algorithm choice
-                times.append(clock() - t)
-    return batch / sorted(times)[len(times) // 2]
+        return _rate(lambda: model(x), batch, repeats, dev, cpu_time)
 
 
 def train_speed(
@@ -69,20 +75,17 @@ def train_speed(
     cpu_time: bool = False,
 ) -> float:
     """Median images/s of training steps (forward, summed loss, backward, AdamW) on random batches."""
-    dev, clock = torch.device(device), time.process_time if cpu_time else time.perf_counter
+    dev = torch.device(device)
     model = model.train().to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, *size, device=dev).contiguous(memory_format=torch.channels_last)
-    times = []
-    for i in range(repeats + 1):
-        t = clock()
+
+    def step() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             out = model(x)
         loss = sum(v.float().logsumexp(1).mean() for v in out.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _sync(dev)
-        if i:  # the first step warms up
-            times.append(clock() - t)
-    return batch / sorted(times)[len(times) // 2]
+
+    return _rate(step, batch, repeats, dev, cpu_time)
