@@ -340,7 +340,9 @@ def label_shards(
         "batch_size": plan.batch_size,
         "out": out_dir,
     }
-    summary["files"] = _write_manifest(out_dir, summary, plan, did_work=bool(todo))
+    totals = run_totals(out_dir)
+    summary["files"] = totals["files"]
+    _write_manifest(out_dir, summary, totals, plan, did_work=bool(todo))
     return summary
 
 
@@ -358,11 +360,11 @@ def _todo(out_dir: str, uris: list[str], shards: str) -> list[str]:
     return [u for u in uris if part_name(u) not in done]
 
 
-def _write_manifest(out_dir: str, summary: dict[str, Any], plan: Plan, did_work: bool) -> int:
+def _write_manifest(
+    out_dir: str, summary: dict[str, Any], totals: dict[str, int], plan: Plan, did_work: bool
+) -> None:
     """``_SUCCESS`` once every shard has its part: the folder's totals and the run that completed it.
-    A re-run with nothing left to do leaves the manifest of the run that did the work as it is. Returns
-    the number of parts."""
-    totals = run_totals(out_dir)
+    A re-run with nothing left to do leaves the manifest of the run that did the work as it is."""
     success = storage.join(out_dir, "_SUCCESS")
     if totals["files"] >= summary["shards"] and (did_work or not storage.exists(success)):
         storage.write_json(
@@ -382,7 +384,6 @@ def _write_manifest(out_dir: str, summary: dict[str, Any], plan: Plan, did_work:
                 "finished_at": dt.datetime.now(dt.UTC).isoformat(),
             },
         )
-    return totals["files"]
 
 
 def artifact_spec(model_dir: str) -> dict[str, Any]:

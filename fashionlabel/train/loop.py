@@ -176,7 +176,7 @@ def _worker(config: dict[str, Any]) -> None:
         if progress.stopped:
             break
         t0 = time.time()
-        loss = _train_epoch(parts, mine.images, targets, len(mine), steps, per_worker, config, device)
+        loss = _train_epoch(parts, mine.images, targets, steps, per_worker, config, device)
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": loss,
@@ -245,7 +245,6 @@ def _train_epoch(
     parts: _Parts,
     images: np.ndarray,
     targets: dict[str, torch.Tensor],
-    n: int,
     steps: int,
     per_worker: int,
     config: dict[str, Any],
@@ -253,6 +252,7 @@ def _train_epoch(
 ) -> float:
     """``steps`` batches of this worker's samples (reshuffled, cycled when the share is short); mean loss."""
     parts.model.train()
+    n = len(images)
     order = np.concatenate(
         [np.random.permutation(n) for _ in range(math.ceil(steps * per_worker / max(1, n)))]
     )[: steps * per_worker]
