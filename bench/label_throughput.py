@@ -154,9 +154,11 @@ def plain_loop(run: PlainRun, clock: Clock) -> int:
     import webdataset as wds
 
     shards, batch, device = Path(run.shards), run.batch, run.device
-    pred = Predictor(
-        run.model, device=device, batch_size=batch, compile=run.compile, compile_cache=run.compile_cache
-    )
+    if run.compile_cache:
+        # The plain way to compile: torch.compile in the process, its kernels in inductor's cache folder
+        # (a warm folder saves code generation, not the compile itself). Our path keeps an AOT package there.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = run.compile_cache
+    pred = Predictor(run.model, device=device, batch_size=batch, compile=run.compile)
     size, tax = pred.size, pred.taxonomy
     schema = labels_schema(tax)
 

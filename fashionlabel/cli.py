@@ -141,12 +141,13 @@ def _label_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: 512 on a GPU, 256 on CPU")
     p.add_argument("--actors", type=int, default=None, help="predictor actors (default: from resources)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
+    p.add_argument("--compile", action="store_true", help="compile the model in each actor")
     p.add_argument(
         "--compile-cache",
         default=None,
-        help="folder for the compiled kernels on each node; a persistent one makes later start-ups skip "
-        "code generation (default: torch's own, in the temp dir)",
+        help="with --compile: a folder on each node (best on a persistent disk) where the first actor saves "
+        "the compiled model and every later actor, tonight's or the next night's, loads it in milliseconds "
+        "(default: none, each actor runs torch.compile)",
     )
     p.add_argument(
         "--decode",

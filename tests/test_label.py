@@ -315,26 +315,39 @@ def test_cpu_forward_in_cache_sized_pieces_gives_the_same_scores(tiny_model):
 
 
 @pytest.mark.timeout(300)
-def test_compiled_predictor_matches_eager_and_keeps_its_kernels_in_the_compile_cache(
+def test_compiled_predictor_matches_eager_and_later_ones_load_the_package_the_first_built(
     tiny_model, tmp_path, monkeypatch
 ):
-    import torch
-
     # Predictor sets the variable for the rest of its process: monkeypatch puts it back after the test.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "not-this-one"))
     cache = tmp_path / "compiled"
     images = np.random.default_rng(1).integers(0, 256, (40, 80, 60, 3), dtype=np.uint8)
     eager = Predictor(tiny_model, device="cpu", batch_size=32).probs_on_device(images)
-    compiled = Predictor(tiny_model, device="cpu", batch_size=32, compile=True, compile_cache=cache)
-    got = compiled.probs_on_device(images)  # 32 + a short batch of 8, padded to the compiled shape
-    for k in eager:
-        assert got[k].shape == eager[k].shape and np.allclose(got[k], eager[k], atol=1e-4), k
-    assert any(cache.rglob("*.py")) and not (tmp_path / "not-this-one").exists()
-    # a second actor (here: a second predictor) compiling the same model finds its graph in the cache
-    torch._dynamo.reset()
-    hits = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
-    again = Predictor(tiny_model, device="cpu", batch_size=32, compile=True, compile_cache=cache)
-    again.probs_on_device(images[:32])
-    assert torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"] > hits
+
+    def compiled_probs() -> tuple[dict[str, np.ndarray], str]:
+        p = Predictor(tiny_model, device="cpu", batch_size=32, compile=True, compile_cache=cache)
+        return p.probs_on_device(images), p.compiled_from  # 32 + a short batch of 8, padded to 32
+
+    def same_as_eager(got: dict[str, np.ndarray]) -> bool:
+        return all(got[k].shape == eager[k].shape and np.allclose(got[k], eager[k], atol=1e-4) for k in eager)
+
+    got, how = compiled_probs()
+    assert how == "built" and same_as_eager(got)
+    (package,) = (cache / "packages").glob("*.pt2")  # one file, named for what it fits
+    version = (Path(tiny_model) / "version").read_text().strip()
+    assert package.name.startswith(f"{version}-cpu-") and "-float32-32x3x80x60-" in package.name
+    assert not (tmp_path / "not-this-one").exists()  # the kernels went to the folder asked for too
+    built_at = package.stat().st_mtime_ns
+
+    got, how = compiled_probs()  # the next actor, or the next night, loads what the first one built
+    assert how == "loaded" and same_as_eager(got) and package.stat().st_mtime_ns == built_at
+
+    package.write_bytes(package.read_bytes()[:1000])  # a torn package is rebuilt, not fatal
+    got, how = compiled_probs()
+    assert how == "built" and same_as_eager(got) and package.stat().st_size > 1000
+
     with pytest.raises(ValueError, match="without spaces"):  # not a C++ compiler error mid-run
         Predictor(tiny_model, device="cpu", compile=True, compile_cache=tmp_path / "my kernels")
+    # without a cache folder there is nowhere to keep a package: torch.compile, as before
+    jit = Predictor(tiny_model, device="cpu", batch_size=32, compile=True)
+    assert jit.compiled_from == "jit" and same_as_eager(jit.probs_on_device(images))

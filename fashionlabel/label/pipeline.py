@@ -62,8 +62,10 @@ class LabelConfig:
     batch_size: images per forward pass (default: 512 on a GPU, 256 on CPU).
     actors: predictor actors (default: ``actors_per_gpu`` per GPU, else from the CPUs).
     device: "cuda" / "cpu" (default: a GPU when the cluster has one).
-    compile: ``torch.compile`` the model in each actor (GPU: worth it on long runs).
-    compile_cache: folder for the compiled kernels on every node (default: torch's own, in the temp dir).
+    compile: compile the model in each actor (GPU: worth it on long runs).
+    compile_cache: a folder on every node for the compiled model (an AOT package: built by the first actor
+        that needs it, loaded in milliseconds by every later one) and its kernels; without it every actor
+        runs ``torch.compile`` anew.
     decode: "cpu" (PIL in the read tasks), "gpu" (nvJPEG inside the actor, on its device) or "auto"
         (gpu when the actors have a GPU, else cpu).
     actors_per_gpu: actors sharing one GPU, so decode/post-processing of one overlaps another's forward.

@@ -6,6 +6,7 @@ exactly those that evaluation measured for the same model and images.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from fashionlabel.data import to_input
+from fashionlabel.label import aot
 from fashionlabel.label.postprocess import scores, to_rows
 from fashionlabel.train.export import load_artifact
 
@@ -24,6 +26,8 @@ from fashionlabel.train.export import load_artifact
 # label 1.31x the images per CPU-second of one 256-image pass for fl_small at 80×60 and 1.16x for a
 # ResNet-50; at 224 px pieces of 8 do 1.23x (fl_small, batch 64).
 CPU_PIECE_PIXELS = 300_000
+
+log = logging.getLogger(__name__)
 
 
 def cpu_piece(size: tuple[int, int], batch_size: int) -> int:
@@ -43,11 +47,12 @@ class Predictor:
     model_dir: the artifact folder.
     device: "cuda" / "cpu"; default: a GPU when one is visible.
     batch_size: images per forward pass.
-    compile: wrap the model in ``torch.compile`` (GPU: worth it for long runs).
-    compile_cache: folder where ``torch.compile`` keeps the kernels it generates (default: torch's own,
-        under the temp dir). Compiling a model whose kernels are there skips code generation: on one idle
-        CPU core ``fl_small``'s first batch comes after 2.7 s instead of 11.6 s. A folder on a persistent
-        disk keeps a node's next night warm.
+    compile: run the model compiled by inductor for one fixed batch shape (GPU: worth it for long runs).
+    compile_cache: with ``compile``, a folder (on a persistent disk: it keeps a node's next night warm)
+        for the compiled model as an AOT package (:mod:`fashionlabel.label.aot`) and for the kernels of
+        compiling it. The first predictor builds the package (``fl_small``, one CPU core: ~25 s); every later
+        one loads it in milliseconds. Without it, ``torch.compile`` compiles in every process (11.6 s
+        from torch's empty default cache, 2.7 s from a warm one).
     """
 
     def __init__(
@@ -73,18 +78,38 @@ class Predictor:
             torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
         self.model = model.to(dtype=self.dtype, memory_format=torch.channels_last)
         self.compiled = compile
-        self.piece = cpu_piece(self.size, batch_size) if self.device.type == "cpu" and not compile else 0
+        self.compiled_from = ""  # how the compiled model was had: "jit", "built" or "loaded" (AOT package)
+        # CPU passes run in cache-sized pieces, compiled or not; a compiled model is built for one piece
+        self.piece = cpu_piece(self.size, batch_size) if self.device.type == "cpu" else 0
         if compile:
-            if compile_cache:
-                folder = str(Path(compile_cache).expanduser().resolve())
-                if any(c.isspace() for c in folder):  # inductor hands it to the C++ compiler unquoted
-                    raise ValueError(f"compile cache folder {folder!r}: a path without spaces is needed")
-                # Inductor reads its cache folder (and Triton's, beneath it) from the environment when it
-                # first compiles, so it is set before then; the process keeps it.
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
-            self.model = torch.compile(self.model, dynamic=False)
+            self.model = self._compiled(compile_cache)
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    def _compiled(self, compile_cache: str | Path | None):
+        """The model compiled for one fixed batch shape. With a cache folder: the AOT package kept there
+        (loaded if an earlier actor built it, else built and saved for the next); without: ``torch.compile``.
+        A model that cannot be exported falls back to ``torch.compile``, with a warning."""
+        if not compile_cache:
+            self.compiled_from = "jit"
+            return torch.compile(self.model, dynamic=False)
+        folder = Path(compile_cache).expanduser().resolve()
+        if any(c.isspace() for c in str(folder)):  # inductor hands it to the C++ compiler unquoted
+            raise ValueError(f"compile cache folder {str(folder)!r}: a path without spaces is needed")
+        # Inductor reads its kernel cache folder (and Triton's, beneath it) from the environment when it
+        # first compiles, so it is set before then; the process keeps it.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+        h, w = self.size
+        example = torch.zeros((self.piece or self.batch_size, 3, h, w), dtype=self.dtype, device=self.device)
+        example = example.contiguous(memory_format=torch.channels_last)
+        name = aot.package_name(self.version, self.device, self.dtype, tuple(example.shape))
+        try:
+            runner, self.compiled_from = aot.load_or_build(self.model, example, folder / "packages", name)
+            return runner
+        except Exception as e:  # export refuses some graphs; labelling goes on, compiled the usual way
+            log.warning("no AOT package for this model (%s); using torch.compile", str(e)[:300])
+            self.compiled_from = "jit"
+            return torch.compile(self.model, dynamic=False)
 
     @torch.inference_mode()
     def logits(self, images: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -98,19 +123,21 @@ class Predictor:
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One normalised N×3×H×W batch → logits on the device. A compiled model sees one fixed batch shape
-        (the last, short batch is padded), so it compiles once and never again mid-run. On CPU the batch
-        runs in cache-sized pieces (:func:`cpu_piece`)."""
+        """One normalised N×3×H×W batch → logits on the device. On CPU the batch runs in cache-sized pieces
+        (:func:`cpu_piece`). A compiled model sees one fixed shape (a piece on CPU, the batch on a GPU; a
+        short one is padded), so it compiles once and never again mid-run."""
         n = len(x)
-        if self.compiled and n < self.batch_size:
-            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))]).contiguous(
-                memory_format=torch.channels_last
-            )
-        if self.piece and n > self.piece:
-            pieces = [self.model(x[s : s + self.piece]) for s in range(0, n, self.piece)]
-            out = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
-        else:
-            out = self.model(x)
+        step = self.piece or self.batch_size
+        if n <= step:
+            return self._run(x)
+        pieces = [self._run(x[s : s + step]) for s in range(0, n, step)]
+        return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+
+    def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, want = len(x), self.piece or self.batch_size
+        if self.compiled and n < want:
+            x = torch.cat([x, x.new_zeros((want - n, *x.shape[1:]))])
+        out = self.model(x.contiguous(memory_format=torch.channels_last))
         return {k: v[:n].float() for k, v in out.items()}
 
     @torch.inference_mode()
