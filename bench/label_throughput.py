@@ -371,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         "--compile-cache",
         default="cold",
         choices=["cold", "warm"],
-        help="where each path keeps its compiled kernels: cold, an empty folder every run (a fresh node); "
-        "warm, one folder per path across runs, so runs after the first start from their own kernels",
+        help="where each path keeps what it compiled (ours: an AOT package, plain: torch.compile's kernels): "
+        "cold, an empty folder every run (a fresh node); warm, one folder per path across runs, so runs "
+        "after the first start from what the path itself compiled before",
     )
     p.add_argument("--models", nargs="+", default=["small", "resnet50"], choices=["small", "resnet50"])
     p.add_argument("--repeats", type=int, default=1)
