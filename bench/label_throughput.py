@@ -45,7 +45,9 @@ from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train.export import save_artifact
 
 log = logging.getLogger("bench.label")
-SOURCES = [Path("/tmp/fpi/images"), Path("/work/shared/data/fashion-product-images/images-224.tar")]
+# Extracted 60×80 photos, else the dataset's 224-px tar (FPI_DATA: where the dataset is).
+FPI_DATA = Path(os.environ.get("FPI_DATA", "data/fashion-product-images"))
+SOURCES = [Path("/tmp/fpi/images"), FPI_DATA / "images-224.tar"]
 
 
 # ---- models ------------------------------------------------------------------------------------------
@@ -348,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         help="ResNet-50 products (default: --products on a GPU, 2,000 on CPU: it is slow there)",
     )
     p.add_argument("--samples-per-shard", type=int, default=500)
-    p.add_argument("--images", default=None, help="folder or tar of source JPEGs (default: the shared set)")
+    p.add_argument(
+        "--images",
+        default=None,
+        help="folder or tar of source JPEGs (default: /tmp/fpi/images, else $FPI_DATA/images-224.tar)",
+    )
     p.add_argument("--synthetic", action="store_true", help="use synthetic 256-px JPEGs")
     p.add_argument(
         "--size",

@@ -37,7 +37,8 @@ from fashionlabel.shards import ShardConfig, index_schema, pack_row, shard_catal
 from fashionlabel.tarwriter import TarWriter  # noqa: E402
 from fashionlabel.taxonomy import Taxonomy  # noqa: E402
 
-DATA = Path("/work/shared/data/fashion-product-images")
+# The Fashion Product Images dataset (styles.csv, image tars); FPI_DATA points at another copy.
+DATA = Path(os.environ.get("FPI_DATA", "data/fashion-product-images"))
 COLUMNS = [
     "gender",
     "masterCategory",

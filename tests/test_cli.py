@@ -53,6 +53,14 @@ def test_bad_settings_are_refused_by_name_before_anything_is_written(
             "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
             "--run-date", "2026-13-45",
         ],
+        "invalid label setting(s): compile_cache='s3://bucket/kernels'": [
+            "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
+            "--compile", "--compile-cache", "s3://bucket/kernels",
+        ],
+        "invalid label setting(s): compile_cache='/var/cache/fl'": [  # given, but nothing is compiled
+            "nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(out),
+            "--compile-cache", "/var/cache/fl",
+        ],
         "run date 'yesterday' is not a date": [
             "nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(out),
             "--date", "yesterday",
