@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fashionlabel.data import decode, load_samples
+from fashionlabel.label import aot
 from fashionlabel.label.pipeline import CRASH_ONCE_ENV, LabelConfig, LabelError, label_shards, plan_resources
 from fashionlabel.label.predictor import Predictor, cpu_piece
 from fashionlabel.label.reader import TarFormatError, read_tar, shard_samples
@@ -348,6 +349,14 @@ def test_compiled_predictor_matches_eager_and_later_ones_load_the_package_the_fi
 
     with pytest.raises(ValueError, match="without spaces"):  # not a C++ compiler error mid-run
         Predictor(tiny_model, device="cpu", compile=True, compile_cache=tmp_path / "my kernels")
+
+    # a package that cannot be built (no C++ compiler on the node, say) leaves torch.compile, not a failure
+    def no_compiler(*args):
+        raise RuntimeError("g++: command not found")
+
+    monkeypatch.setattr(aot, "build", no_compiler)
+    fallback = Predictor(tiny_model, device="cpu", batch_size=32, compile=True, compile_cache=tmp_path / "c2")
+    assert fallback.compiled_from == "jit" and same_as_eager(fallback.probs_on_device(images))
     # without a cache folder there is nowhere to keep a package: torch.compile, as before
     jit = Predictor(tiny_model, device="cpu", batch_size=32, compile=True)
     assert jit.compiled_from == "jit" and same_as_eager(jit.probs_on_device(images))

@@ -43,8 +43,9 @@ def test_every_model_takes_a_training_step_in_channels_last(name):
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_every_model_reparameterizes_to_the_same_outputs(name):
-    """The deploy copy matches the training form, and rebuilds from its recorded kwargs."""
+def test_every_model_reparameterizes_and_exports_to_the_same_outputs(name):
+    """The deploy copy matches the training form, rebuilds from its recorded kwargs, and exports (the first
+    step of a compiled labelling package, ``fashionlabel.label.aot``) to a graph with the same outputs."""
     model = create_model(name, TAX)
     _randomise_bn(model)
     model.eval()
@@ -56,6 +57,11 @@ def test_every_model_reparameterizes_to_the_same_outputs(name):
         assert torch.allclose(a[k], b[k], atol=1e-3, rtol=1e-3), k
     rebuilt = create_model(name, TAX, **getattr(deploy, "model_kwargs", {}))
     rebuilt.load_state_dict(deploy.state_dict())  # strict: same structure
+    x, deploy = x.contiguous(memory_format=torch.channels_last), deploy.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref, exported = deploy(x), torch.export.export(deploy, (x,)).module()(x)
+    for k in ref:
+        assert torch.allclose(exported[k], ref[k], atol=1e-4, rtol=1e-4), k
 
 
 def test_repvgg_deploy_form_is_plain_3x3_convs():
