@@ -7,10 +7,11 @@ file: the first actor that needs it exports and compiles the model once and save
 actor (the next batch of actors, the next night) loads it and runs at once (fl_small: a 5 ms load and a
 0.13 s first batch).
 
-A package fits one model version, device (CPU instruction set or CUDA compute capability), dtype, input
-shape and torch build, and all of that is in its file name, so a new model, a new GPU type or an upgraded
-torch builds a package of its own instead of loading a wrong one. A package that cannot be loaded (torn by
-a killed writer of an older version, a disk error) is logged and rebuilt, never fatal.
+A package fits one model version, device (CPU instruction set and thread count, or CUDA compute
+capability), dtype, input shape and torch build, and all of that is in its file name, so a new model, a
+new GPU type or an upgraded torch builds a package of its own instead of loading a wrong one. A package
+that cannot be loaded (torn by a killed writer of an older version, a disk error) is logged and rebuilt,
+never fatal. Packages of old model versions can be deleted at any time: a loaded one is no longer read.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ Runner = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
 def target(device: torch.device) -> str:
-    """What the generated code is specific to: the GPU architecture, or the CPU's vector instruction set."""
+    """What the generated code is specific to: the GPU architecture, or the CPU's vector instructions and
+    the number of threads it runs on."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"sm{major}{minor}"
-    # ATen's dispatch level (avx2, avx512, …): what inductor vectorises for too, known without importing it
-    return f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+    # ATen's dispatch level (avx2, avx512, …): what inductor vectorises for too, known without importing it.
+    # The thread count is compiled in: a package built by a 1-thread actor has no parallel loops at all.
+    return f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}-t{torch.get_num_threads()}"
 
 
 def package_name(version: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> str:
