@@ -11,7 +11,9 @@ A package fits one model version, device (CPU instruction set and thread count, 
 capability), dtype, input shape and torch build, and all of that is in its file name, so a new model, a
 new GPU type or an upgraded torch builds a package of its own instead of loading a wrong one. A package
 that cannot be loaded (torn by a killed writer of an older version, a disk error) is logged and rebuilt,
-never fatal. Packages of old model versions can be deleted at any time: a loaded one is no longer read.
+never fatal; one that cannot be built leaves a ``.failed`` note beside its name, and the predictor compiles
+with ``torch.compile`` instead. Packages of old model versions can be deleted at any time: a loaded one
+is no longer read.
 """
 
 from __future__ import annotations
@@ -65,7 +67,6 @@ class Package:
 def build(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """Export ``model`` at ``example``'s shape, compile it and publish the package at ``path`` atomically:
     actors building the same package at once each write their own temporary file, and a rename is atomic."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.pt2")
     import torch._inductor  # imports dynamo: only a process that compiles pays for it
 
@@ -80,6 +81,7 @@ def build(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 def load_or_build(model: nn.Module, example: torch.Tensor, folder: Path, name: str) -> tuple[Runner, str]:
     """The compiled runner for ``model`` at ``example``'s shape, and how it was had ("loaded"/"built")."""
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     if path.is_file():
         try:
@@ -89,7 +91,18 @@ def load_or_build(model: nn.Module, example: torch.Tensor, folder: Path, name: s
             return runner, "loaded"
         except Exception as e:  # a damaged package is a cache miss, not a failed night
             log.warning("compiled model %s cannot be loaded (%s); building it again", path, str(e)[:200])
+    # A build that failed here once (no C++ compiler or CUDA headers on the node, a graph export refuses)
+    # fails again: its note saves every later actor the attempt. Delete the note to try again.
+    failed = path.with_suffix(".failed")
+    if failed.is_file():
+        raise RuntimeError(f"building it failed before, see {failed}")
     t = time.monotonic()
-    build(model, example, path)
+    try:
+        build(model, example, path)
+    except Exception as e:
+        note = failed.with_name(f".{failed.name}.{uuid.uuid4().hex}")
+        note.write_text(f"{type(e).__name__}: {e}\n")
+        os.replace(note, failed)
+        raise
     log.info("compiled model built in %.1f s and saved as %s", time.monotonic() - t, path)
     return Package(path, example.device), "built"
