@@ -17,8 +17,10 @@ from fashionlabel.label.predictor import Predictor, cpu_piece
 from fashionlabel.label.reader import TarFormatError, read_tar, shard_samples
 from fashionlabel.label.reader import decode as reader_decode
 from fashionlabel.label.schema import labels_schema
+from fashionlabel.models import create_model
 from fashionlabel.shards import iter_shard, list_shards
 from fashionlabel.taxonomy import Taxonomy
+from fashionlabel.train.export import save_artifact
 
 ONE_ROW_PER_PRODUCT = (
     "SELECT count(*), count(DISTINCT product_id) FROM read_parquet('{}/history/*/*.parquet')"
@@ -135,8 +137,22 @@ def test_label_schema_rows_rerun_and_equal_to_predictor(
     same = f"{small_shards.parent}/./{small_shards.name}/"  # the same shards, spelled another way
     assert label_shards(same, str(tiny_model), str(out), "2026-01-01")["shards_done_before"] == 4
     # other shards whose file names are taken in this run folder are refused, not skipped as "done"
-    with pytest.raises(LabelError, match="already holds labels of other shards under the same names"):
+    with pytest.raises(LabelError, match="already holds other labels under the same names .* from /"):
         label_shards(str(odd_shards), str(tiny_model), str(out), "2026-01-01")
+    # and so is another model: its labels must not be taken as written because this model's are there
+    other = tmp_path / "other-model"
+    torch.manual_seed(7)
+    save_artifact(
+        other,
+        create_model("fl_tiny", tax).eval(),
+        architecture="fl_tiny",
+        taxonomy=tax,
+        preprocessing=json.loads((tiny_model / "model.json").read_text())["preprocessing"],
+    )
+    with pytest.raises(
+        LabelError, match=rf"from model version {s['model_version']}\); label .* with model version "
+    ):
+        label_shards(str(small_shards), str(other), str(out), "2026-01-01")
     assert _count(out) == (600, 600)
 
     # the labels are exactly those of the predictor that `fashionlabel evaluate` uses, on the same images

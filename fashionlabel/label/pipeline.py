@@ -299,9 +299,9 @@ def label_shards(
     plan = plan_resources(cfg, cluster_cpus(), cluster_gpus())
     out_dir = storage.join(out, "history", f"run_date={run_date}")
     uris = list_shards(shards)
-    storage.makedirs(out_dir)
-    todo = _todo(out_dir, uris, shards)
     spec = artifact_spec(model_dir)
+    storage.makedirs(out_dir)
+    todo = _todo(out_dir, uris, shards, spec["version"])
     run_id = f"{run_date}-{uuid.uuid4().hex[:8]}"
     log.info(
         "label: %d shards, %d already done for %s, %d to label; %s",
@@ -355,16 +355,18 @@ def label_shards(
     return summary
 
 
-def _todo(out_dir: str, uris: list[str], shards: str) -> list[str]:
-    """The shards of ``uris`` that have no part in ``out_dir`` yet; parts of other shards under the same
-    names are refused (a second shards folder labelled into the same run folder)."""
+def _todo(out_dir: str, uris: list[str], shards: str, model_version: str) -> list[str]:
+    """The shards of ``uris`` that have no part in ``out_dir`` yet. Parts under the same names that hold
+    other shards (a second shards folder labelled into the same run folder) or another model's labels are
+    refused, not skipped as done."""
     done = set(storage.listdir(out_dir, ".parquet"))
-    clashes = foreign_parts(out_dir, uris, done)
+    clashes = foreign_parts(out_dir, uris, done, model_version)
     if clashes:
         part, holds = clashes[0]
         raise LabelError(
-            f"{out_dir} already holds labels of other shards under the same names ({len(clashes)} parts, "
-            f"e.g. {part} from {holds}); label {shards} into another --out or --run-date"
+            f"{out_dir} already holds other labels under the same names ({len(clashes)} parts, e.g. {part} "
+            f"from {holds}); label {shards} with model version {model_version} into another --out or "
+            "--run-date"
         )
     return [u for u in uris if part_name(u) not in done]
 

@@ -61,6 +61,8 @@ class PartWriter:
         errored = table.num_rows - table["error"].null_count
         meta = {
             "shard": shard,
+            # every row of a run carries it; a later run of another model must not take this part as done
+            "model_version": table["model_version"][0].as_py() if table.num_rows else None,
             "rows": table.num_rows,
             "labelled": table.num_rows - errored,
             "errored": errored,
@@ -92,19 +94,23 @@ def _same_shard(a: str, b: str) -> bool:
     )
 
 
-def foreign_parts(out_dir: str, uris: list[str], done: set[str]) -> list[tuple[str, str]]:
-    """(part, shard it holds) for the published parts of ``out_dir`` that carry the name of one of ``uris``
-    but were written from another shard (e.g. a second shards folder labelled into the same run date).
-    Skipping those as done would silently leave the new shards unlabelled."""
+def foreign_parts(out_dir: str, uris: list[str], done: set[str], model_version: str) -> list[tuple[str, str]]:
+    """(part, what it holds instead) for the published parts of ``out_dir`` that carry the name of one of
+    ``uris`` but were written from another shard (e.g. a second shards folder labelled into the same run
+    date) or by another model version. Skipping those as done would silently leave the new shards
+    unlabelled, or this model's labels unwritten."""
     fs, path = storage.filesystem(out_dir)
     clashes = []
     for uri in uris:
         name = part_name(uri)
         if name not in done:
             continue
-        holds = _part_meta(fs, path, name).get("shard")
+        meta = _part_meta(fs, path, name)
+        holds, version = meta.get("shard"), meta.get("model_version")
         if holds and not _same_shard(holds, uri):
             clashes.append((name, holds))
+        elif version and version != model_version:
+            clashes.append((name, f"model version {version}"))
     return clashes
 
 
