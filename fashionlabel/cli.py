@@ -95,7 +95,7 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
         "epochs run": r["training"]["epochs_run"],
         "best epoch": r["training"]["best_epoch"],
         "train throughput": f"{r['training']['train_img_per_s_median']:,.0f} img/s (median epoch)",
-        "time": f"{r['training']['seconds']:.0f} s",
+        "time": f"{r['seconds']:.0f} s",
     }
     if cfg.ema_epochs > 0:
         out["exported weights"] = r["training"]["weights"]

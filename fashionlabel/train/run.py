@@ -59,7 +59,7 @@ def train(
     else:
         run_dir = str(Path(out).absolute()) + ".train"
     best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints)
-    return export_state(shards, out, best, taxonomy, seconds=time.time() - t0)
+    return export_state(shards, out, best, taxonomy) | {"seconds": time.time() - t0}
 
 
 def training_taxonomy(shards: str) -> Taxonomy:
@@ -80,10 +80,12 @@ def export_checkpoint(shards: str, checkpoints: str, out: str) -> dict[str, Any]
     return export_state(shards, out, best, training_taxonomy(shards))
 
 
-def export_state(
-    shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy, seconds: float | None = None
-) -> dict[str, Any]:
-    """Calibrate a checkpoint's model on validation, write the artifact, evaluate it on val and test."""
+def export_state(shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy) -> dict[str, Any]:
+    """Calibrate a checkpoint's model on validation, write the artifact, evaluate it on val and test.
+
+    What goes into model.json is a function of the checkpoint and the shards only (no wall-clock time):
+    the version is its content hash, so re-running a finished training exports the same version and a
+    night does not relabel the catalog for a model that did not change."""
     if best["taxonomy_version"] != taxonomy.version:
         raise ValueError("checkpoint was trained on another taxonomy version than these shards carry")
     cfg = TrainConfig(**best["config"])
@@ -106,7 +108,6 @@ def export_state(
         "weights": weights,
         "starts": best.get("starts", [0]),
         "train_img_per_s_median": train_ips,
-        "seconds": seconds,
     }
     # Deployment form: re-parameterisable blocks (RepVGG) fused into plain convs; same outputs, faster.
     deploy = reparameterize_model(model)
