@@ -1,8 +1,10 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import sample_rows, write_catalog
 
 from jobs import shard as shard_job
 
@@ -88,3 +90,20 @@ def test_a_folder_that_is_not_a_shard_set_is_refused_by_name(ray_session, tiny_m
     assert not (tmp_path / "labels").exists() and not (tmp_path / "m").exists()
     # the model's own evaluation is not replaced by one of nothing
     assert (tiny_model / "evaluation-test.json").read_bytes() == before
+
+
+def test_a_shard_set_too_small_to_validate_on_is_refused_before_training(ray_session, tmp_path, capsys):
+    from fashionlabel.cli import run
+    from fashionlabel.data import split_of
+
+    rows = [
+        r for r in sample_rows() if Path(r["image_uri"]).exists() and split_of(r["product_id"]) == "train"
+    ]
+    catalog = write_catalog(tmp_path / "catalog.csv", rows[:4])
+    assert run(["shard", "--catalog", str(catalog), "--out", str(tmp_path / "shards")]) == 0
+    model = tmp_path / "m"
+    argv = ["train", "--shards", str(tmp_path / "shards"), "--out", str(model), "--epochs", "1"]
+    assert run(argv) == 1
+    err = capsys.readouterr().err
+    assert "holds 4 training and 0 validation products (of 4;" in err and "Traceback" not in err
+    assert not model.exists() and not Path(f"{model}.train").exists()

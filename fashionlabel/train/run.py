@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from fashionlabel import storage
-from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD, load_samples
+from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD, load_samples, split_of
 from fashionlabel.label.postprocess import consistent_choice, scores
 from fashionlabel.label.predictor import Predictor
 from fashionlabel.models import create_model, reparameterize_model
@@ -53,6 +54,7 @@ def train(
     """
     t0 = time.time()
     taxonomy = training_taxonomy(shards)
+    _check_splits(shards)
     if storage.is_s3(out):  # Ray Train's own state stays local; the checkpoints go beside the model
         run_dir = str(cache_root() / "runs" / out.removeprefix("s3://").replace("/", "_")) + ".train"
         checkpoints = checkpoints or out.rstrip("/") + ".train/checkpoints"
@@ -60,6 +62,19 @@ def train(
         run_dir = str(Path(out).absolute()) + ".train"
     best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints)
     return export_state(shards, out, best, taxonomy) | {"seconds": time.time() - t0}
+
+
+def _check_splits(shards: str) -> None:
+    """Refuse, before any worker starts, a shard set too small to hold both training and validation
+    products (the split is by product id, about 80/10/10): the workers would fail on an empty split."""
+    ids = storage.read_parquet(storage.join(shards, "index.parquet"), columns=["product_id"])
+    splits = Counter(split_of(pid) for pid in ids.column("product_id").to_pylist())
+    if not splits["train"] or not splits["val"]:
+        raise ValueError(
+            f"{shards} holds {splits['train']} training and {splits['val']} validation products (of "
+            f"{ids.num_rows}; split by product id, about 80/10/10): training needs both, so shard a larger "
+            "catalog"
+        )
 
 
 def training_taxonomy(shards: str) -> Taxonomy:
