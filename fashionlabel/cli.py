@@ -530,7 +530,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                 args.fn(args)
         else:
             args.fn(args)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        # SystemExit too: while Ray Train runs, its own SIGINT handler aborts the run and calls sys.exit
         print("fashionlabel: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the command line shows one clear line, logs keep the trace

@@ -60,6 +60,19 @@ class NightlyConfig:
     latest_rows_per_file: int = 1_000_000
     keep_snapshots: int = 7
 
+    def __post_init__(self) -> None:
+        settings.check(
+            "nightly",
+            self,
+            {
+                "relabel_older_than_days": self.relabel_older_than_days is None
+                or self.relabel_older_than_days >= 0,
+                "latest_rows_per_file": self.latest_rows_per_file >= 1,
+                "keep_snapshots": self.keep_snapshots >= 1,
+            },
+            "relabel older than ≥ 0 days; latest rows per file, snapshots kept ≥ 1",
+        )
+
 
 @dataclass(frozen=True)
 class Layout:

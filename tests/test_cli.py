@@ -59,9 +59,14 @@ def test_bad_settings_are_refused_by_name_before_anything_is_written(
             "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
             "--compile", "--compile-cache", "s3://bucket/kernels",
         ],
-        "invalid label setting(s): compile_cache='/var/cache/fl'": [  # given, but nothing is compiled
+        "compile_cache='/var/cache/fl' (a compile cache is a local folder on each node, without spaces, and "
+        "needs --compile)": [  # given, but nothing is compiled
             "nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(out),
             "--compile-cache", "/var/cache/fl",
+        ],
+        "invalid nightly setting(s): relabel_older_than_days=-5": [
+            "nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(out),
+            "--relabel-older-than", "-5",
         ],
         "run date 'yesterday' is not a date": [
             "nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(out),

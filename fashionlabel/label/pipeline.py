@@ -93,16 +93,17 @@ class LabelConfig:
                 "device": self.device is None or self.device.split(":")[0] in ("cuda", "cpu"),
                 "decode": self.decode in ("cpu", "gpu", "auto"),
                 "read": self.read in ("tasks", "actor", "auto"),
-                # a folder on each node, handed unquoted to the C++ compiler; pointless without compile
-                "compile_cache": self.compile_cache is None
-                or (
-                    self.compile
-                    and "://" not in self.compile_cache
-                    and not any(map(str.isspace, self.compile_cache))
-                ),
             },
             "batch size, actors, actors per GPU ≥ 1; device cuda or cpu; decode cpu, gpu or auto; "
-            "read tasks, actor or auto; compile cache: with compile, a local folder without spaces",
+            "read tasks, actor or auto",
+        )
+        cache = self.compile_cache
+        settings.check(
+            "label",
+            self,
+            # a folder on each node, handed unquoted to the C++ compiler; pointless without compile
+            {"compile_cache": cache is None or (self.compile and "://" not in cache and " " not in cache)},
+            "a compile cache is a local folder on each node, without spaces, and needs --compile",
         )
 
 
