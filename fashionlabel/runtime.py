@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 
@@ -26,6 +27,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     address = address or os.environ.get("RAY_ADDRESS")
     kw: dict = {"log_to_driver": True, "logging_level": logging.WARNING}
     if address:
+        _check_reachable(address)
         kw["address"] = address
     else:
         kw |= {
@@ -41,6 +43,22 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail at once, by name, when nothing listens at a cluster's ``host:port``: on a refused port Ray's
+    own connect retries for minutes, printing only its GCS timeouts. ("auto", "local" and addresses
+    without a port are left to Ray.)"""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}); check --address / RAY_ADDRESS, "
+            "or leave both unset to run on a local Ray"
+        ) from None
 
 
 def quiet_worker_logs() -> None:

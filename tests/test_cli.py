@@ -112,3 +112,23 @@ def test_a_shard_set_too_small_to_validate_on_is_refused_before_training(ray_ses
     err = capsys.readouterr().err
     assert "holds 4 training and 0 validation products (of 4;" in err and "Traceback" not in err
     assert not model.exists() and not Path(f"{model}.train").exists()
+
+
+def test_a_cluster_address_where_nothing_listens_fails_at_once_by_name():
+    import socket
+    import time
+
+    from fashionlabel.runtime import _check_reachable
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        _check_reachable(f"127.0.0.1:{port}")  # a cluster that answers: nothing to say
+        _check_reachable(f"ray://127.0.0.1:{port}")
+    t = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"no Ray cluster answers at 127.0.0.1:{port} .*RAY_ADDRESS"):
+        _check_reachable(f"127.0.0.1:{port}")  # closed now: refused, not minutes of Ray's retries
+    assert time.monotonic() - t < 5
+    for left_to_ray in ("auto", "local", "10.0.0.1"):
+        _check_reachable(left_to_ray)
