@@ -104,9 +104,13 @@ def write_report(labels: str, out: str | Path, run_dir: str | None = None) -> di
         "products": n,
         "labelled": int(df["error"].isna().sum()),
         "errors": int(df["error"].notna().sum()),
-        "needs review": f"{100 * df['needs_review'].fillna(False).mean():.1f}%",
-        "model version": ", ".join(sorted(df["model_version"].unique())),
-        "taxonomy version": ", ".join(sorted(df["taxonomy_version"].unique())),
+        # an incremental run that found nothing new has no rows: the manifest still names its model
+        "skipped (labelled before by this model)": int(manifest.get("skipped", 0)),
+        "needs review": f"{100 * df['needs_review'].fillna(False).mean():.1f}%" if n else "n/a",
+        "model version": ", ".join(sorted(df["model_version"].unique()))
+        or manifest.get("model_version", "n/a"),
+        "taxonomy version": ", ".join(sorted(df["taxonomy_version"].unique()))
+        or manifest.get("taxonomy_version", "n/a"),
         "throughput": (
             f"{manifest['last_run_images_per_s']:.0f} img/s (the run that completed it"
             + (
@@ -121,7 +125,12 @@ def write_report(labels: str, out: str | Path, run_dir: str | None = None) -> di
     }
     mean_scores = {h: float(df[f"{h}_score"].mean()) for h in heads}
     conf = "".join(f"<tr><th>{html.escape(h)}</th><td>{v:.3f}</td></tr>" for h, v in mean_scores.items())
-    body = f"<h2>Mean confidence per head</h2><table>{conf}</table>"
+    body = (
+        f"<h2>Mean confidence per head</h2><table>{conf}</table>"
+        if n
+        else "<p>This run labelled no products: every product was skipped or the shards were empty. "
+        "The labels of skipped products are in the earlier runs under <code>history/</code>.</p>"
+    )
     _write(out, _page("fashionlabel report", str(run_dir), "Run", facts, body, charts))
     return {"out": str(out), "charts": [c for c, _ in charts], **facts}
 

@@ -1,3 +1,5 @@
+import re
+
 from fashionlabel.label.pipeline import label_shards
 from fashionlabel.report import write_report
 
@@ -22,6 +24,20 @@ def test_report_has_every_chart(ray_session, small_shards, tiny_model, tmp_path)
     for c in r["charts"]:
         assert f'id="{c}"><img alt="{c}" src="data:image/png;base64,' in html
     assert r["products"] == 600 and r["run"] == s["run_id"] and s["run_id"] in html
+    # the next incremental run finds nothing new: its report says so, instead of rates of nothing
+    nothing = label_shards(
+        str(small_shards), str(tiny_model), str(tmp_path / "labels"), "2026-02-02", incremental=True
+    )
+    assert (nothing["labelled"], nothing["skipped"]) == (0, 600)
+    empty = write_report(str(tmp_path / "labels"), tmp_path / "empty.html")
+    assert (empty["products"], empty["skipped (labelled before by this model)"], empty["needs review"]) == (
+        0,
+        600,
+        "n/a",
+    )
+    assert empty["model version"] == s["model_version"] and not re.search(
+        r">nan|nan%", (tmp_path / "empty.html").read_text()
+    )
     assert (
         r["throughput"]
         == f"{s['images_per_s']:.0f} img/s (the run that completed it; first labels after "
