@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from fashionlabel import latest, settings, storage
-from fashionlabel.label.pipeline import LabelConfig, label_shards
+from fashionlabel.label.pipeline import LabelConfig, artifact_spec, label_shards
 from fashionlabel.shards import ShardConfig
 from fashionlabel.taxonomy import Taxonomy
 
@@ -158,6 +158,13 @@ def run_nightly(
     layout = Layout(storage.absolute(root))
     done = _manifest(layout, date)
     if done.get("status") == "complete":
+        asked = artifact_spec(model)["version"]  # a re-run is a no-op for the same model only
+        if asked != done["model_version"]:
+            raise NightlyError(
+                f"night {date} is already complete, labelled by model version {done['model_version']}; "
+                f"{model} is version {asked}. One night has one model: run it on the next night, which "
+                "relabels every active product"
+            )
         log.info("night %s is already complete: nothing to do", date)
         return done | {"already_complete": True}
     _check_earlier_nights(layout, date)

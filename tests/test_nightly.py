@@ -103,11 +103,17 @@ def test_second_night_labels_only_new_and_changed(nights):
     assert all(sha2[p] != sha1[p] for p in nights["changed"])
 
 
-def test_rerun_of_a_complete_night_changes_nothing(nights, tiny_model):
+def test_rerun_of_a_complete_night_changes_nothing(nights, tiny_model, tmp_path):
     root = nights["root"]
     before = _tree(root)
     m = run_nightly(str(nights["cat2"]), str(tiny_model), str(root), "2026-03-02", CFG)
     assert m["already_complete"] and m["labelled"] == 30
+    assert _tree(root) == before
+    # another model for a finished night is refused, not ignored with "nothing to do"
+    other = tmp_path / "model"
+    resave_artifact(tiny_model, other, "another")
+    with pytest.raises(NightlyError, match="2026-03-02 is already complete, labelled by model version"):
+        run_nightly(str(nights["cat2"]), str(other), str(root), "2026-03-02", CFG)
     assert _tree(root) == before
 
 
