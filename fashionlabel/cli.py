@@ -283,10 +283,9 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
-    from fashionlabel.query import connect
+    from fashionlabel.query import query
 
-    con = connect(a.labels)
-    df = con.execute(a.sql).df()
+    df = query(a.labels, a.sql)
     if a.csv:
         print(df.to_csv(index=False), end="")
     else:

@@ -13,6 +13,8 @@ download is needed on a locked-down host.
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -65,6 +67,9 @@ def connect(labels: str):
     import duckdb
 
     con = duckdb.connect()
+    # Without this, a table name DuckDB does not know is looked up among the calling Python frame's
+    # variables (a module named `latest` here): only the registered views are tables.
+    con.execute("SET python_enable_replacements = false")
     found = {"latest": latest_dataset(labels), "history": history_dataset(labels)}
     if not any(v is not None for v in found.values()):
         raise FileNotFoundError(f"no labels under {labels} (expected latest/_CURRENT.json or history/)")
@@ -72,3 +77,28 @@ def connect(labels: str):
         if ds is not None:
             con.register(name, ds)
     return con
+
+
+WHERE = {
+    "latest": "labels/latest is published by `fashionlabel nightly`; a `fashionlabel label` output has "
+    "history only",
+    "history": "labels/history/run_date=D/ is written by `fashionlabel label` and `nightly`",
+}
+
+
+def query(labels: str, sql: str):
+    """``sql`` over the views of ``labels`` as a pandas DataFrame. A view that ``labels`` does not have is
+    named with where it comes from, instead of DuckDB's bare "table does not exist"."""
+    import duckdb
+
+    con = connect(labels)
+    try:
+        return con.execute(sql).df()
+    except duckdb.CatalogException:
+        have = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+        for view in WHERE.keys() - have:
+            if re.search(rf"\b{view}\b", sql, re.IGNORECASE):
+                raise FileNotFoundError(
+                    f"{labels} has no {view} table ({WHERE[view]}); it has: {', '.join(sorted(have))}"
+                ) from None
+        raise

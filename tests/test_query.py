@@ -99,3 +99,15 @@ def test_cli_query(labels, capsys):
     assert capsys.readouterr().out.split() == ["product_id", "p00", "p01"]
     assert run(["query", "--labels", labels, "SELECT nope FROM latest"]) == 1
     assert "error" in capsys.readouterr().err
+
+
+def test_a_view_the_folder_does_not_have_is_named_with_where_it_comes_from(labels, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(f"{labels}/history", tmp_path / "history")  # what `fashionlabel label` writes
+    assert run(["query", "--labels", str(tmp_path), "SELECT count(*) FROM history"]) == 0
+    capsys.readouterr()
+    assert run(["query", "--labels", str(tmp_path), "SELECT count(*) FROM latest"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path} has no latest table (labels/latest is published by `fashionlabel nightly`" in err
+    assert err.rstrip().endswith("it has: history")
