@@ -213,13 +213,13 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
-    from fashionlabel import latest
+    from fashionlabel import latest, storage
     from fashionlabel.report import write_night_report, write_report
 
+    if not storage.is_s3(a.out) and Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a folder: give the report's file name, e.g. {a.out}/report.html")
     snaps = latest.snapshots(a.labels)
     if snaps or a.date:  # a nightly labels root: the night's report with drift against the night before
-        from fashionlabel import storage
-
         date = a.date or snaps[-1]
         m = storage.join(a.labels, "..", "manifests", f"{date}.json")
         manifest = storage.read_json(m) if not storage.is_s3(m) and storage.exists(m) else None
@@ -273,7 +273,11 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
         "labelled": f"{m['labelled']} ({m['relabelled']} relabelled: {m['relabel_reason'] or 'no'})",
         "errors": m["errors"],
         "latest": f"{m['latest_rows']} products ({m['latest_inactive']} inactive)",
-        "throughput": f"shard {m['shard_images_per_s']:,.0f} img/s, label {m['label_images_per_s']:,.0f} img/s",
+        "throughput": (
+            f"shard {m['shard_images_per_s']:,.0f} img/s, label {m['label_images_per_s']:,.0f} img/s"
+            if m["labelled_this_attempt"] or not m["labelled"]
+            else "n/a: an earlier, interrupted attempt wrote this night's labels; this one published them"
+        ),
         "time": f"{m['seconds']['total']:.1f} s",
         "model version": m["model_version"],
         "report": m["report"],

@@ -68,6 +68,9 @@ def test_bad_settings_are_refused_by_name_before_anything_is_written(
             "nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(out),
             "--relabel-older-than", "-5",
         ],
+        f"--out {tmp_path} is a folder: give the report's file name, e.g. {tmp_path}/report.html": [
+            "report", "--labels", str(out / "labels"), "--out", str(tmp_path),
+        ],
         "run date 'yesterday' is not a date": [
             "nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(out),
             "--date", "yesterday",
