@@ -312,7 +312,7 @@ def label_shards(
         len(todo),
         plan,
     )
-    writer = PartWriter(out_dir, labels_schema(spec["taxonomy_obj"]))
+    writer = PartWriter(out_dir, labels_schema(spec["taxonomy_obj"]), spec["version"])
     first = None  # seconds from the call to the first labelled batch: the run's start-up
     if todo:
         keys = _skip_keys(out, spec["version"], skip, incremental)

@@ -33,8 +33,11 @@ def part_name(shard_uri: str) -> str:
 class PartWriter:
     """Collects label rows per shard and publishes each shard's file as soon as it is complete."""
 
-    def __init__(self, out_dir: str, schema: pa.Schema):
+    def __init__(self, out_dir: str, schema: pa.Schema, model_version: str):
         self.out_dir, self.schema = out_dir, schema
+        # recorded in every part's footer, empty parts included: another model's run must not take a part
+        # of this one as done
+        self.model_version = model_version
         self.pending: dict[str, list[pa.Table]] = {}
         self.got: dict[str, int] = {}
         self.damage: dict[str, str | None] = {}
@@ -61,8 +64,7 @@ class PartWriter:
         errored = table.num_rows - table["error"].null_count
         meta = {
             "shard": shard,
-            # every row of a run carries it; a later run of another model must not take this part as done
-            "model_version": table["model_version"][0].as_py() if table.num_rows else None,
+            "model_version": self.model_version,
             "rows": table.num_rows,
             "labelled": table.num_rows - errored,
             "errored": errored,
