@@ -277,7 +277,11 @@ def compare(
             for k in ("ours", "plain")
         }
         cfg = LabelConfig(
-            batch_size=a.batch_size, compile=a.compile, compile_cache=cache["ours"], decode=a.decode
+            batch_size=a.batch_size,
+            compile=a.compile,
+            compile_cache=cache["ours"] if a.compile else None,
+            decode=a.decode,
+            cpu_decode_share=a.cpu_decode_share,
         )
         clock = Clock()
         s = label_shards(
@@ -366,7 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the baseline")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--decode", default="auto", choices=["cpu", "gpu", "auto"])
+    p.add_argument("--decode", default="auto", choices=["cpu", "gpu", "split", "auto"])
+    p.add_argument(
+        "--cpu-decode-share",
+        type=float,
+        default=0.5,
+        help="with --decode split: share decoded by the read tasks",
+    )
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,

@@ -152,9 +152,15 @@ def _label_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--decode",
         default="auto",
-        choices=["cpu", "gpu", "auto"],
-        help="where JPEGs are decoded: CPU read tasks (PIL) or inside the actor on its device "
-        "(nvJPEG on a GPU); auto: gpu when the actors have a GPU",
+        choices=["cpu", "gpu", "split", "auto"],
+        help="where JPEGs are decoded: CPU read tasks (PIL), inside the actor on its device (nvJPEG on a "
+        "GPU) or split between them (--cpu-decode-share); auto: gpu when the actors have a GPU",
+    )
+    p.add_argument(
+        "--cpu-decode-share",
+        type=float,
+        default=0.5,
+        help="with --decode split: the share of images the read tasks decode (default 0.5)",
     )
     p.add_argument("--actors-per-gpu", type=int, default=2, help="actors sharing one GPU (overlap)")
     p.add_argument(
@@ -176,6 +182,7 @@ def _label_config(a: argparse.Namespace) -> Any:
         compile=a.compile,
         compile_cache=a.compile_cache,
         decode=a.decode,
+        cpu_decode_share=a.cpu_decode_share,
         actors_per_gpu=a.actors_per_gpu,
         read=a.read,
     )

@@ -51,6 +51,10 @@ def test_bad_settings_are_refused_by_name_before_anything_is_written(
             "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
             "--batch-size", "0",
         ],
+        "invalid label setting(s): cpu_decode_share=1.5": [
+            "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
+            "--decode", "split", "--cpu-decode-share", "1.5",
+        ],
         "run date '2026-13-45' is not a date (YYYY-MM-DD)": [
             "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
             "--run-date", "2026-13-45",

@@ -14,7 +14,7 @@ from fashionlabel.data import decode, load_samples
 from fashionlabel.label import aot
 from fashionlabel.label.pipeline import CRASH_ONCE_ENV, LabelConfig, LabelError, label_shards, plan_resources
 from fashionlabel.label.predictor import Predictor, cpu_piece
-from fashionlabel.label.reader import TarFormatError, read_tar, shard_samples
+from fashionlabel.label.reader import TarFormatError, read_shards, read_tar, shard_samples
 from fashionlabel.label.reader import decode as reader_decode
 from fashionlabel.label.schema import labels_schema
 from fashionlabel.models import create_model
@@ -233,6 +233,48 @@ def test_corrupt_image_error_row_incremental_and_device_decode(ray_session, odd_
         .fetchall()
     )
     assert agree[0][1] == 299 and agree[0][0] >= 0.9
+
+    # decode split between the read and the device: the same rows and error; the rows decoded by the read
+    # have PIL's pixels, so their labels are those of the CPU-decode run exactly
+    split = label_shards(
+        str(odd_shards),
+        str(tiny_model),
+        str(tmp_path / "split"),
+        "2026-01-01",
+        LabelConfig(decode="split", cpu_decode_share=0.25),
+    )
+    assert (split["labelled"], split["errored"], split["decode"]) == (299, 1, "split (25% in the read tasks)")
+    assert _count(tmp_path / "split") == (300, 300)
+
+
+def test_split_decode_hands_a_share_decoded_and_the_device_decodes_the_rest(odd_shards, tiny_model):
+    uri = str(odd_shards / "shard-000001.tar")  # sample 3's JPEG is corrupt
+    size = (80, 60)
+    read = read_shards({"shard": np.array([uri], dtype=object)}, "split", size, cpu_share=0.25)
+    n = len(read["product_id"])
+    decoded = [i for i in range(n) if len(read["pixels"][i])]
+    # an even interleave: one row in four decoded by the read, never both columns filled
+    assert decoded == [i for i in range(n) if i % 4 == 3 and i != 3] and read["error"][3].startswith(
+        "undecod"
+    )
+    assert all(bool(len(read["jpg"][i])) != bool(len(read["pixels"][i])) for i in range(n) if i != 3)
+    _, _, jpgs = shard_samples(uri)
+    assert np.array_equal(
+        np.frombuffer(read["pixels"][7], np.uint8).reshape(80, 60, 3), reader_decode(jpgs[7], size)
+    )
+
+    # the device gets JPEGs and decoded pixels mixed (the rows without an error, as an actor does), and
+    # gives one image per decodable input, in input order; a JPEG it cannot decode is named by its index
+    pred = Predictor(tiny_model, device="cpu")
+    ok = [i for i in range(n) if i != 3]
+    jpg_in, pix_in = [read["jpg"][i] for i in ok], [read["pixels"][i] for i in ok]
+    jpg_in[0] = b"\xff\xd8 not a JPEG"
+    mixed, bad = pred.decode_on_device(jpg_in, pix_in)
+    assert list(bad) == [0] and len(mixed) == len(ok) - 1
+    everything, _ = pred.decode_on_device([jpgs[i] for i in ok])
+    for k, i in enumerate(ok[1:], start=1):
+        want = torch.from_numpy(reader_decode(jpgs[i], size)) if i in decoded else everything[k]
+        assert torch.equal(mixed[k - 1], want)
 
 
 def test_damaged_shards_are_salvaged_and_their_lost_products_get_error_rows(

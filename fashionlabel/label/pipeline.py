@@ -4,7 +4,7 @@ Plan (Ray's batch-inference shape, restructured so that the accelerator never wa
 
 1. read (one shard at a time; ``label/reader.py``): one sequential read of the whole tar (one GET on S3),
    headers parsed from the buffer, already-labelled products dropped (``--incremental``), and JPEGs
-   decoded with PIL when decode runs on CPU. On a GPU cluster reads are Ray tasks of their own, so that
+   decoded with PIL when decode runs on CPU (all of them, or a share with decode "split"). On a GPU cluster reads are Ray tasks of their own, so that
    they run ahead of the accelerator; on a CPU-only cluster each actor reads its own shard (``read``);
 2. predict (a fixed-size actor pool, sized from the cluster's resources: no autoscaler ramp; the model is
    loaded once per actor, bf16 + channels_last on GPU, optionally ``torch.compile``d): raw JPEGs are
@@ -66,8 +66,10 @@ class LabelConfig:
     compile_cache: a folder on every node for the compiled model (an AOT package: built by the first actor
         that needs it, loaded in milliseconds by every later one) and its kernels; without it every actor
         runs ``torch.compile`` anew.
-    decode: "cpu" (PIL in the read tasks), "gpu" (nvJPEG inside the actor, on its device) or "auto"
-        (gpu when the actors have a GPU, else cpu).
+    decode: "cpu" (PIL in the read tasks), "gpu" (nvJPEG inside the actor, on its device), "split" (the
+        read tasks decode ``cpu_decode_share`` of the images, the actor's device the rest) or "auto" (gpu
+        when the actors have a GPU, else cpu).
+    cpu_decode_share: with decode "split", the share of images the read tasks decode (0 < share < 1).
     actors_per_gpu: actors sharing one GPU, so decode/post-processing of one overlaps another's forward.
     read: "tasks" (Ray tasks of their own, ahead of the actors), "actor" (each actor reads the shard it
         labels) or "auto" (tasks with a GPU, actor on CPU).
@@ -79,6 +81,7 @@ class LabelConfig:
     compile: bool = False
     compile_cache: str | None = None
     decode: str = "auto"
+    cpu_decode_share: float = 0.5
     actors_per_gpu: int = 2
     read: str = "auto"
 
@@ -91,11 +94,12 @@ class LabelConfig:
                 "actors": self.actors is None or self.actors >= 1,
                 "actors_per_gpu": self.actors_per_gpu >= 1,
                 "device": self.device is None or self.device.split(":")[0] in ("cuda", "cpu"),
-                "decode": self.decode in ("cpu", "gpu", "auto"),
+                "decode": self.decode in ("cpu", "gpu", "split", "auto"),
+                "cpu_decode_share": 0 < self.cpu_decode_share < 1,
                 "read": self.read in ("tasks", "actor", "auto"),
             },
-            "batch size, actors, actors per GPU ≥ 1; device cuda or cpu; decode cpu, gpu or auto; "
-            "read tasks, actor or auto",
+            "batch size, actors, actors per GPU ≥ 1; device cuda or cpu; decode cpu, gpu, split or auto; "
+            "CPU decode share between 0 and 1; read tasks, actor or auto",
         )
         cache = self.compile_cache
         settings.check(
@@ -121,6 +125,7 @@ class Plan:
     batch_size: int
     threads: int  # torch intra-op threads per actor
     read_in_actor: bool = False
+    cpu_decode_share: float = 0.5  # decode "split" only
     compile: bool = False
     compile_cache: str | None = None
 
@@ -146,6 +151,7 @@ def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
             cfg.batch_size or 512,
             1,
             read_in_actor=cfg.read == "actor",
+            cpu_decode_share=cfg.cpu_decode_share,
             compile=cfg.compile,
             compile_cache=cfg.compile_cache,
         )
@@ -171,6 +177,7 @@ def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
         cfg.batch_size or 256,
         threads,
         read_in_actor=cfg.read != "tasks",
+        cpu_decode_share=cfg.cpu_decode_share,
         compile=cfg.compile,
         compile_cache=cfg.compile_cache,
     )
@@ -226,8 +233,9 @@ class Labeler:
         n = len(batch["shard"])
         errors = _strings(batch["error"])
         ok = [i for i in range(n) if errors[i] is None and not batch["marker"][i]]
-        if self.decode == "gpu":
-            images, bad = self.pred.decode_on_device([batch["jpg"][i] for i in ok])
+        if self.decode in ("gpu", "split"):
+            pixels = [batch["pixels"][i] for i in ok] if "pixels" in batch else None
+            images, bad = self.pred.decode_on_device([batch["jpg"][i] for i in ok], pixels)
             for j, reason in bad.items():
                 errors[ok[j]] = reason
             ok = [i for j, i in enumerate(ok) if j not in bad]
@@ -343,7 +351,8 @@ def label_shards(
         "seconds": seconds,
         "first_batch_seconds": first,
         "images_per_s": (c["labelled"] + c["errored"]) / seconds if seconds else 0.0,
-        "decode": plan.decode,
+        "decode": plan.decode
+        + (f" ({plan.cpu_decode_share:.0%} in the read tasks)" if plan.decode == "split" else ""),
         "read": "actors" if plan.read_in_actor else "tasks",
         "actors": plan.actors,
         "device": plan.device,
@@ -443,7 +452,7 @@ def _plan(
     import ray
 
     size = tuple(spec["preprocessing"]["size"])
-    read = {"decode_on": plan.decode, "size": size, "skip": skip}
+    read = {"decode_on": plan.decode, "size": size, "skip": skip, "cpu_share": plan.cpu_decode_share}
     ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
     if plan.read_in_actor:
         return _labelers(ds, model_dir, run_id, plan, read=read, batch_size=1)

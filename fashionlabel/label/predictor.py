@@ -141,16 +141,37 @@ class Predictor:
         return {k: v[:n].float() for k, v in out.items()}
 
     @torch.inference_mode()
-    def decode_on_device(self, jpgs: Sequence[bytes]) -> tuple[torch.Tensor, dict[int, str]]:
+    def decode_on_device(
+        self, jpgs: Sequence[bytes], pixels: Sequence[bytes] | None = None
+    ) -> tuple[torch.Tensor, dict[int, str]]:
         """JPEG bytes → N×H×W×3 uint8 at the model's size, decoded on this predictor's device (nvJPEG in
-        one batched call on a GPU, libjpeg-turbo on CPU). Returns the images of the decodable inputs and
-        {index: reason} for the others (their rows are dropped from the tensor)."""
+        one batched call on a GPU, libjpeg-turbo on CPU). ``pixels``: per input, its H×W×3 uint8 bytes when
+        a read task decoded it already (those are only copied to the device), else empty. Returns the images
+        of the decodable inputs, in input order, and {index: reason} for the others (dropped from the
+        tensor)."""
+        h, w = self.size
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        raw = [i for i in range(len(jpgs)) if not (pixels is not None and len(pixels[i]))]
+        done = sorted(set(range(len(jpgs))) - set(raw))
+        decoded, bad = self._decode_jpegs([jpgs[i] for i in raw], dev)
+        errors = {raw[j]: reason for j, reason in bad.items()}
+        raw = [i for j, i in enumerate(raw) if j not in bad]
+        out = torch.empty((len(raw) + len(done), h, w, 3), dtype=torch.uint8, device=dev)
+        keep = sorted(raw + done)  # the position of each decodable input in the output
+        at = {i: k for k, i in enumerate(keep)}
+        if raw:
+            out[[at[i] for i in raw]] = decoded
+        if done:
+            host = np.stack([np.frombuffer(pixels[i], np.uint8) for i in done]).reshape(-1, h, w, 3)
+            out[[at[i] for i in done]] = torch.from_numpy(host).to(dev, non_blocking=True)
+        return out, errors
+
+    def _decode_jpegs(self, jpgs: Sequence[bytes], dev: torch.device) -> tuple[torch.Tensor, dict[int, str]]:
         from torchvision.io import ImageReadMode, decode_jpeg
         from torchvision.transforms.v2.functional import resize
 
-        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpgs]
-        dev = self.device if self.device.type == "cuda" else "cpu"
         h, w = self.size
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpgs]
         errors: dict[int, str] = {}
         if not data:
             return torch.zeros((0, h, w, 3), dtype=torch.uint8, device=dev), errors

@@ -7,7 +7,9 @@ from the buffer, and the per-sample JSON is parsed in one ``json.loads`` call fo
 
 Decode placement (``decode``): ``"cpu"`` decodes and resizes here with PIL (libjpeg DCT scaling), so the
 actor receives N×H×W×3 uint8; ``"gpu"`` hands the raw JPEG bytes on, and the predictor actor decodes them
-in one batched call on its device (nvJPEG), which is cheaper than CPU decode on a GPU machine.
+in one batched call on its device (nvJPEG), which is cheaper than CPU decode on a GPU machine; ``"split"``
+decodes a share of each shard here and hands the rest on raw, so that the read tasks' cores take part of
+the decoding off an accelerator that is busy with the forward passes too.
 """
 
 from __future__ import annotations
@@ -190,14 +192,20 @@ def skip_keys(product_ids: list[str], shas: list[str | None]) -> pa.Array:
 
 
 def read_shards(
-    batch: dict[str, np.ndarray], decode_on: str, size: tuple[int, int], skip: pa.Array | None = None
+    batch: dict[str, np.ndarray],
+    decode_on: str,
+    size: tuple[int, int],
+    skip: pa.Array | None = None,
+    cpu_share: float = 0.5,
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF (tasks): shard URIs → one row per product to label.
 
     Columns: product_id, image_sha256, error (null or reason), ``image`` (N×H×W×3 uint8, decode "cpu") or
-    ``jpg`` (bytes, decode "gpu"), and per row its shard, the shard's row count and skipped count, so the
-    writer on the driver knows when a shard is complete. A shard with nothing to label yields one
-    ``marker`` row, so its (empty) part file is still written and a re-run knows it is done.
+    ``jpg`` (bytes, decode "gpu"; with "split" also ``pixels``: H×W×3 uint8 bytes of the rows decoded here,
+    a ``cpu_share`` of each shard's rows evenly interleaved, and their ``jpg`` empty), and per row its
+    shard, the shard's row count and skipped count, so the writer on the driver knows when a shard is
+    complete. A shard with nothing to label yields one ``marker`` row, so its (empty) part file is still
+    written and a re-run knows it is done.
     """
     cols: dict[str, list] = {
         k: []
@@ -228,13 +236,15 @@ def read_shards(
         idx = np.flatnonzero(keep)
         skipped = len(ids) - len(idx)
         n_rows = len(idx)
-        for i in idx:
+        for j, i in enumerate(idx):
             err, payload = None, jpgs[i]
             if i >= readable:
                 err = f"unreadable shard: {damage}"
             elif payload is None:
                 err = "missing image: the shard has no jpg for this product"
-            elif decode_on == "cpu":
+            elif decode_on == "cpu" or (
+                decode_on == "split" and int((j + 1) * cpu_share) > int(j * cpu_share)
+            ):
                 try:
                     payload = decode(payload, size)
                 except Exception as e:  # noqa: BLE001 - a corrupt image gets an error row, not a crash
@@ -278,6 +288,10 @@ def _to_batch(cols: dict[str, list], decode_on: str, size: tuple[int, int]) -> d
             if payload
             else np.zeros((0, *size, 3), np.uint8)
         )
-    else:
-        out["jpg"] = np.array([b"" if p is None else p for p in payload], dtype=object)
+    else:  # decoded rows (split) carry pixels, the others their JPEG; each leaves the other column empty
+        out["jpg"] = np.array([p if isinstance(p, bytes) else b"" for p in payload], dtype=object)
+        if decode_on == "split":
+            out["pixels"] = np.array(
+                [p.tobytes() if isinstance(p, np.ndarray) else b"" for p in payload], dtype=object
+            )
     return out
