@@ -211,7 +211,7 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
             else ""
         ),
         "plan": f"{s['actors']} actor(s) on {s['device']}, reads in {s['read']}, decode on {s['decode']}, "
-        f"batch {s['batch_size']}",
+        f"batch {s['batch_size']}" + (f", compiled: {s['compiled']}" if s["compiled"] else ""),
         "model version": s["model_version"],
         "output": s["out"],
     }

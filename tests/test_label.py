@@ -429,3 +429,29 @@ def test_compiled_predictor_matches_eager_and_later_ones_load_the_package_the_fi
     # without a cache folder there is nowhere to keep a package: torch.compile, as before
     jit = Predictor(tiny_model, device="cpu", batch_size=32, compile=True)
     assert jit.compiled_from == "jit" and same_as_eager(jit.probs_on_device(images))
+
+
+@pytest.mark.timeout(400)
+def test_compiled_labelling_actors_build_the_package_once_and_the_summary_says_so(
+    ray_session, odd_shards, tiny_model, tmp_path
+):
+    eager = label_shards(
+        str(odd_shards), str(tiny_model), str(tmp_path / "l"), "2026-01-01", LabelConfig(actors=1)
+    )
+    assert eager["compiled"] == ""
+    cfg = LabelConfig(actors=1, compile=True, compile_cache=str(tmp_path / "cache"))
+    for date, how in (("2026-01-02", "AOT package built"), ("2026-01-03", "AOT package loaded")):
+        s = label_shards(str(odd_shards), str(tiny_model), str(tmp_path / "l"), date, cfg)
+        assert (s["labelled"], s["errored"], s["compiled"]) == (299, 1, how)
+    assert len(list((tmp_path / "cache" / "packages").glob("*.pt2"))) == 1
+    agree = (
+        duckdb.connect()
+        .execute(
+            f"SELECT count(*), sum((a.articleType = b.articleType)::INT) "
+            f"FROM '{tmp_path}/l/history/run_date=2026-01-01/*.parquet' a "
+            f"JOIN '{tmp_path}/l/history/run_date=2026-01-03/*.parquet' b USING (product_id) "
+            f"WHERE a.error IS NULL"
+        )
+        .fetchall()
+    )
+    assert agree[0][0] == 299 and agree[0][1] >= 296  # compiled kernels round differently, rarely a label

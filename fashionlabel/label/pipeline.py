@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 CRASH_ONCE_ENV = "FASHIONLABEL_CRASH_ONCE_MARKER"
 
 
+# How the actors of a run had their compiled model (``Predictor.compiled_from``), as the summary says it.
+COMPILED = {"built": "AOT package built", "loaded": "AOT package loaded", "jit": "torch.compile"}
+
+
 class LabelError(RuntimeError):
     """A labelling run that cannot go ahead as asked (its output folder belongs to other inputs)."""
 
@@ -204,6 +208,7 @@ class Labeler:
             compile_cache=plan.compile_cache,
         )
         self.decode, self.run_id, self.read = plan.decode, run_id, read
+        self.compiled_from = self.pred.compiled_from  # told to the driver with every batch
         self.ident = {
             "model_version": self.pred.version,
             "taxonomy_version": self.pred.taxonomy.version,
@@ -262,6 +267,7 @@ class Labeler:
         for k in ("shard", "shard_rows", "shard_skipped", "marker"):
             out[k] = pa.array(batch[k])
         out["shard_damage"] = pa.array(_strings(batch["shard_damage"]), pa.string())
+        out["compiled_from"] = pa.array([self.compiled_from] * n, pa.string())
         return pa.table(out)
 
 
@@ -322,12 +328,14 @@ def label_shards(
     )
     writer = PartWriter(out_dir, labels_schema(spec["taxonomy_obj"]), spec["version"])
     first = None  # seconds from the call to the first labelled batch: the run's start-up
+    compiled: set[str] = set()  # how the actors had their compiled model ("jit", "built", "loaded")
     if todo:
         keys = _skip_keys(out, spec["version"], skip, incremental)
         for batch in _plan(todo, model_dir, run_id, plan, spec, keys).iter_batches(
             batch_size=None, batch_format="pyarrow"
         ):
             first = first if first is not None else time.time() - t0
+            compiled.update(batch["compiled_from"].unique().to_pylist())
             writer.add(batch)
             if progress:
                 progress(batch.num_rows)
@@ -355,6 +363,7 @@ def label_shards(
         + (f" ({plan.cpu_decode_share:.0%} in the read tasks)" if plan.decode == "split" else ""),
         "read": "actors" if plan.read_in_actor else "tasks",
         "actors": plan.actors,
+        "compiled": ", ".join(COMPILED[m] for m in sorted(compiled) if m in COMPILED),
         "device": plan.device,
         "batch_size": plan.batch_size,
         "out": out_dir,
