@@ -30,6 +30,13 @@ def _print_summary(title: str, items: dict[str, Any]) -> None:
         print(f"  {k:<{width}}  {v}")
 
 
+def _non_negative(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is negative")
+    return n
+
+
 def _fmt_reasons(reasons: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in reasons.items()) or "none"
 
@@ -276,7 +283,7 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
         "catalog products": m["catalog_products"],
         "new / changed / unchanged": f"{m['new']} / {m['changed']} / {m['unchanged']}",
         "quarantined": f"{m['quarantined']} ({_fmt_reasons(m['reasons'])})",
-        "sharded": f"{m['sharded']} in {m['shards']} shards",
+        "sharded": f"{m['sharded']} in {m['shards']} shards" if m["shards"] else "0 (no shard tonight)",
         "labelled": f"{m['labelled']} ({m['relabelled']} relabelled: {m['relabel_reason'] or 'no'})",
         "errors": m["errors"],
         "latest": f"{m['latest_rows']} products ({m['latest_inactive']} inactive)",
@@ -490,7 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     qy.add_argument("sql")
     qy.add_argument("--labels", required=True, help="labels root (local or s3://), e.g. ROOT/labels")
     qy.add_argument("--csv", action="store_true", help="print CSV instead of a table")
-    qy.add_argument("--max-rows", type=int, default=60)
+    qy.add_argument(
+        "--max-rows",
+        type=_non_negative,
+        default=60,
+        help="rows printed before the middle of a longer result is cut (default 60; 0: print every row)",
+    )
 
     add("models", cmd_models, "List the registered models.")
 

@@ -345,7 +345,7 @@ class ShardSummary:
     packed: int
     quarantined: int
     reasons: dict[str, int]
-    shards: int
+    shards: int  # tars written (a planned shard whose every row was quarantined has none)
     shards_skipped: int
     seconds: float
     out: str
@@ -426,14 +426,16 @@ def shard_catalog(
     storage.clean_staging(out)
     t_merge = time.time() - t_merge
     reasons = dict(Counter(quarantine.column("reason").to_pylist()).most_common())
+    # A planned shard whose every row was quarantined leaves no tar: count the tars there are.
+    tars = set(index.column("shard").to_pylist())
     seconds = time.time() - t0
     summary = ShardSummary(
         catalog_rows=len(rows) + len(malformed),
         packed=index.num_rows,
         quarantined=quarantine.num_rows,
         reasons=reasons,
-        shards=len(plan.shards),
-        shards_skipped=len(plan.shards) - len(todo),
+        shards=len(tars),
+        shards_skipped=len({t for t in tars if f"{t}.parquet" in done}),
         seconds=seconds,
         out=str(out),
         incremental_from=incremental_from,
