@@ -243,7 +243,7 @@ def test_corrupt_image_error_row_incremental_and_device_decode(ray_session, odd_
         "2026-01-01",
         LabelConfig(decode="split", cpu_decode_share=0.25),
     )
-    assert (split["labelled"], split["errored"], split["decode"]) == (299, 1, "split (25% in the read tasks)")
+    assert (split["labelled"], split["errored"], split["decode"]) == (299, 1, "split (25% decoded at read)")
     assert _count(tmp_path / "split") == (300, 300)
 
 

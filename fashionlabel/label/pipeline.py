@@ -360,7 +360,7 @@ def label_shards(
         "first_batch_seconds": first,
         "images_per_s": (c["labelled"] + c["errored"]) / seconds if seconds else 0.0,
         "decode": plan.decode
-        + (f" ({plan.cpu_decode_share:.0%} in the read tasks)" if plan.decode == "split" else ""),
+        + (f" ({plan.cpu_decode_share:.0%} decoded at read)" if plan.decode == "split" else ""),
         "read": "actors" if plan.read_in_actor else "tasks",
         "actors": plan.actors,
         "compiled": ", ".join(COMPILED[m] for m in sorted(compiled) if m in COMPILED),
