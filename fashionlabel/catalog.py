@@ -68,11 +68,42 @@ class CatalogError(RuntimeError):
 
 
 class FetchError(Exception):
-    """An image that cannot be fetched; ``reason`` is a stable quarantine reason."""
+    """An image that cannot be fetched; ``reason`` is a stable quarantine reason.
 
-    def __init__(self, reason: str, detail: str = "", retryable: bool = False):
+    ``outage``: a failure that a source which is down, or credentials that are wrong, give every image
+    alike (connection errors and timeouts, HTTP 5xx/429 after the retries, 401/403, S3 errors other than a
+    missing key), as opposed to a fault of this one image (missing, too large, not an image).
+    """
+
+    def __init__(self, reason: str, detail: str = "", retryable: bool = False, outage: bool = False):
         super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail, self.retryable = reason, detail, retryable
+        self.reason, self.detail, self.retryable, self.outage = reason, detail, retryable, outage
+
+
+class SourceUnavailable(RuntimeError):
+    """Too many fetches of one unit of work failed as an outage would: the unit fails (and is re-run
+    later) instead of quarantining every image of a source that is only down for now."""
+
+
+class OutageBreaker:
+    """Counts the outage-like fetch failures of one unit of work (a shard, a chunk of the hash pass). A few
+    are quarantined like any bad image (one dead host among many); past ``max(3, share × rows)`` of them
+    the unit raises :class:`SourceUnavailable`, so that nothing is quarantined or marked done because
+    the source was down or the credentials wrong, and a re-run fetches again."""
+
+    def __init__(self, rows: int, what: str, share: float = 0.1):
+        self.limit, self.what, self.seen = max(3, int(share * rows)), what, 0
+
+    def record(self, e: FetchError, uri: str) -> None:
+        if not e.outage:
+            return
+        self.seen += 1
+        if self.seen > self.limit:
+            raise SourceUnavailable(
+                f"cannot fetch the images of {self.what}: {self.seen} fetches failed as if the source were "
+                f"down or the credentials wrong (e.g. {uri[:120]}: {e.reason}, {e.detail[:200]}). Nothing "
+                "was quarantined or marked done for it: re-run the same command once the source answers"
+            )
 
 
 @dataclass(frozen=True)
@@ -350,13 +381,18 @@ def _fetch_once(uri: str, timeout: float, max_bytes: int) -> bytes:
     except urllib.error.HTTPError as e:
         if e.code in (404, 410):
             raise FetchError("image_not_found", f"HTTP {e.code}") from e
+        transient = e.code >= 500 or e.code == 429
         raise FetchError(
-            "image_unreadable", f"HTTP {e.code}", retryable=e.code >= 500 or e.code == 429
+            "image_unreadable",
+            f"HTTP {e.code}",
+            retryable=transient,
+            outage=transient or e.code in (401, 403),
         ) from e
     except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
-        raise FetchError("image_unreadable", storage._clean(e)[:300], retryable=True) from e
+        raise FetchError("image_unreadable", storage._clean(e)[:300], retryable=True, outage=True) from e
     except (OSError, ValueError) as e:
         msg = storage._clean(e)[:300]
         if "NoSuchKey" in msg or "does not exist" in msg or "NOT_FOUND" in msg.upper():
             raise FetchError("image_not_found", msg) from e
-        raise FetchError("image_unreadable", msg) from e
+        # on S3 the rest is the store (network, throttling, access): pyarrow has retried it already
+        raise FetchError("image_unreadable", msg, outage=storage.is_s3(uri)) from e

@@ -36,7 +36,9 @@ from fashionlabel import storage
 from fashionlabel.catalog import (
     CatalogRow,
     FetchError,
+    OutageBreaker,
     Rejected,
+    SourceUnavailable,
     check_ids,
     check_labels,
     fetch,
@@ -152,6 +154,7 @@ def pack_shard(
     name = shard_name(shard_id)
     t0, cpu0 = time.time(), time.thread_time()
     index, rejected = [], []
+    outages = OutageBreaker(len(rows), name)
     tmp = storage.staging_dir(out) / f"{name}.{time.time_ns()}.tar.tmp"
     try:
         with TarWriter(open(tmp, "wb")) as tar:  # noqa: SIM115 - the writer closes it
@@ -163,6 +166,8 @@ def pack_shard(
                 try:
                     jpg, sidecar, entry = pack_row(r, name, cfg)
                 except (FetchError, ImageReject) as e:
+                    if isinstance(e, FetchError):
+                        outages.record(e, r.image_uri)  # raises past a few: the source is down
                     rejected.append(Rejected(r.product_id, r.image_uri, e.reason, e.detail).as_row())
                     continue
                 except Exception as e:  # noqa: BLE001 - one odd row never fails a shard; the detail says why
@@ -215,10 +220,12 @@ def fingerprint_rows(
     source cannot be fetched or the labels are rejected (the row is then packed again, so the pack task
     quarantines it)."""
     out = []
+    outages = OutageBreaker(len(rows), "the known products' hash pass")
     for r in rows:
         try:
             sha = hashlib.sha256(fetch(r.image_uri)).hexdigest()
-        except FetchError:
+        except FetchError as e:
+            outages.record(e, r.image_uri)  # a source that is down does not make every product "changed"
             sha = None
         v = check_labels(r, taxonomy)
         key = None if isinstance(v, Rejected) else _labels_key({h: v.labels.get(h) for h in heads})
@@ -275,7 +282,7 @@ def _select_incremental(
     task = ray.remote(num_cpus=1, max_retries=3)(fingerprint_rows)
     tax_ref = ray.put(taxonomy)
     refs = [task.remote(known[s : s + chunk], tax_ref, heads) for s in range(0, len(known), chunk)]
-    now = {pid: (sha, labels) for part in ray.get(refs) for pid, sha, labels in part}
+    now = {pid: (sha, labels) for part in _get(refs) for pid, sha, labels in part}
     log.info("incremental: fingerprinted %d known products against %s", len(known), prev)
     rows, status = [], []
     for r in valid:
@@ -467,6 +474,18 @@ def shard_catalog(
     return summary
 
 
+def _get(refs: list) -> list:
+    """``ray.get``; a task that found the image source down fails the job with its own message."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, SourceUnavailable):
+            raise ShardJobError(str(e.cause)) from None
+        raise
+
+
 def _warm_up() -> None:
     """Runs in a worker: unpickling this function imports the packing code (PIL, pyarrow, taxonomy)."""
 
@@ -505,7 +524,7 @@ def _run_tasks(
     t_start, last = time.time(), time.time()
     while pending:
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
-        for r in ray.get(ready):  # raises if a task failed for good (e.g. output became unwritable)
+        for r in _get(ready):  # raises if a task failed for good (e.g. output became unwritable)
             finished += 1
             packed += r["packed"]
             rows_done += r["packed"] + r["rejected"]

@@ -265,3 +265,34 @@ def test_job_cannot_proceed(ray_session, tmp_path):
     with pytest.raises(CatalogError, match="needs columns product_id and image_uri"):
         shard_catalog(str(tmp_path / "nocols.csv"), str(tmp_path / "o"), TAX)
     assert not os.path.exists(tmp_path / "o" / "index.parquet")
+
+
+def test_a_source_that_is_down_fails_the_shard_instead_of_quarantining_it(tmp_path):
+    from conftest import sample_rows
+
+    from fashionlabel.catalog import SourceUnavailable, check_ids
+    from fashionlabel.shards import index_schema, pack_shard
+
+    good = [r for r in sample_rows(40) if Path(r["image_uri"]).exists()][:20]
+    # nothing listens on port 9: every fetch is refused, as from a host that is down
+    down = [dict(good[0], product_id=f"down{i}", image_uri=f"http://127.0.0.1:9/{i}.jpg") for i in range(6)]
+
+    def pack(rows, out):
+        valid, _ = check_ids(rows, str(tmp_path / "catalog.csv"))
+        return pack_shard(0, valid, str(out), ShardConfig(), index_schema(TAX), TAX)
+
+    # a couple of unreachable images among many: quarantined like any bad image, the shard is done
+    r = pack(good + down[:2], tmp_path / "few")
+    assert (r["packed"], r["rejected"]) == (20, 2)
+    q = pq.read_table(tmp_path / "few" / "_parts" / "shard-000000.quarantine.parquet").to_pylist()
+    assert {(x["product_id"], x["reason"]) for x in q} == {
+        ("down0", "image_unreadable"),
+        ("down1", "image_unreadable"),
+    }
+    # more than a few: the source is down, so the shard fails with a message that says so, and leaves no
+    # tar, no quarantine and no completion marker behind: a re-run fetches everything again
+    with pytest.raises(
+        SourceUnavailable, match=r"cannot fetch the images of shard-000000: 4 fetches .*re-run"
+    ):
+        pack(good + down, tmp_path / "many")
+    assert not list((tmp_path / "many").rglob("*.parquet")) and not list((tmp_path / "many").rglob("*.tar"))

@@ -108,3 +108,33 @@ def test_s3_output_without_access_stops_before_any_fetch(s3, ray_session, small_
             str(small_catalog), "s3://locked/x", Taxonomy.load("fashion-product-images"), ShardConfig()
         )
     assert "wrong-secret-0123456789" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_images_unreadable_for_wrong_credentials_fail_the_job_and_a_rerun_packs_them(s3, tmp_path):
+    c = s3.client()
+    s3.make_bucket("photos")
+    with open(SAMPLE / "catalog.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if (SAMPLE / r["image_uri"]).exists()][:30]
+    for r in rows:
+        c.put_object(Bucket="photos", Key=r["image_uri"], Body=(SAMPLE / r["image_uri"]).read_bytes())
+        r["image_uri"] = f"s3://photos/{r['image_uri']}"
+    catalog = tmp_path / "catalog.csv"
+    with open(catalog, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "shards"
+    args = ["--catalog", str(catalog), "--out", str(out), "--samples-per-shard", "10"]
+
+    # every fetch is refused (403): not 30 quarantined products and finished shards, but a failed job
+    r = _job(args, s3.env() | {"AWS_SECRET_ACCESS_KEY": "wrong-secret-0123456789"})
+    assert r.returncode == 1, r.stdout + r.stderr[-3000:]
+    assert "cannot fetch the images of shard-" in r.stderr and "re-run the same command" in r.stderr
+    assert "wrong-secret-0123456789" not in r.stdout + r.stderr
+    assert not list(out.glob("_parts/shard-*.parquet")) and not (out / "index.parquet").exists()
+
+    # with the right key the same command fetches them all: nothing was marked done or quarantined
+    r = _job(args, s3.env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "packed        30" in r.stdout and "quarantined   0" in r.stdout, r.stdout
