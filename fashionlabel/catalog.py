@@ -213,7 +213,9 @@ def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure means the catalog is unusable
         raise CatalogError(f"cannot read catalog {uri}: {storage._clean(e)}") from e
-    if (rows or bad) and not {"product_id", "image_uri"} <= set(columns):
+    if not rows and not bad:  # a header and nothing else: usually an export that failed half-way
+        raise CatalogError(f"catalog {uri} has no rows")
+    if not {"product_id", "image_uri"} <= set(columns):
         raise CatalogError(f"catalog {uri} needs columns product_id and image_uri; has {sorted(columns)}")
     if suffix != "csv":  # CSV values are str already; others may hold numbers, bools, nested values
         for r in rows:

@@ -272,10 +272,13 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
     from fashionlabel.shards import ShardConfig
 
     cfg = NightlyConfig(
-        shard=ShardConfig(samples_per_shard=a.samples_per_shard, max_side=a.max_side),
+        shard=ShardConfig(
+            samples_per_shard=a.samples_per_shard, max_side=a.max_side, max_failure_rate=a.max_failure_rate
+        ),
         label=_label_config(a),
         relabel_older_than_days=a.relabel_older_than,
         keep_snapshots=a.keep_snapshots,
+        max_catalog_drop=a.max_catalog_drop,
     )
     m = run_nightly(a.catalog, a.model, a.root, a.date, cfg)
     out = {
@@ -478,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = add("nightly", cmd_nightly, "Label tonight's new and changed products and publish labels/latest.")
     n.add_argument("--catalog", required=True, help="tonight's full catalog (local or s3://)")
-    n.add_argument("--model", required=True, help="model artifact folder")
+    n.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
     n.add_argument("--root", required=True, help="nightly root: shards/, labels/, reports/, manifests/")
     n.add_argument("--date", default=None, help="YYYY-MM-DD (default: today, UTC)")
     n.add_argument(
@@ -490,6 +493,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     n.add_argument("--samples-per-shard", type=int, default=1000)
     n.add_argument("--max-side", type=int, default=256)
+    n.add_argument(
+        "--max-failure-rate",
+        type=float,
+        default=0.5,
+        help="fail the night when more than this share of the catalog's rows is quarantined",
+    )
+    n.add_argument(
+        "--max-catalog-drop",
+        type=float,
+        default=0.5,
+        help="refuse a catalog that lacks more than this share of last night's active products "
+        "(a truncated export); 1 allows any",
+    )
     _label_options(n)
     n.add_argument("--keep-snapshots", type=int, default=7, help="latest snapshots kept for readers")
 

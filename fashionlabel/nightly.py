@@ -59,6 +59,9 @@ class NightlyConfig:
     relabel_older_than_days: int | None = None  # also relabel labels older than this many days
     latest_rows_per_file: int = 1_000_000
     keep_snapshots: int = 7
+    # share of the previous night's active products that may leave the catalog in one night: a truncated
+    # export would otherwise mark most of the catalog inactive
+    max_catalog_drop: float = 0.5
 
     def __post_init__(self) -> None:
         settings.check(
@@ -69,8 +72,9 @@ class NightlyConfig:
                 or self.relabel_older_than_days >= 0,
                 "latest_rows_per_file": self.latest_rows_per_file >= 1,
                 "keep_snapshots": self.keep_snapshots >= 1,
+                "max_catalog_drop": 0 <= self.max_catalog_drop <= 1,
             },
-            "relabel older than ≥ 0 days; latest rows per file, snapshots kept ≥ 1",
+            "relabel older than ≥ 0 days; latest rows per file, snapshots kept ≥ 1; catalog drop 0 to 1",
         )
 
 
@@ -167,14 +171,17 @@ def run_nightly(
             )
         log.info("night %s is already complete: nothing to do", date)
         return done | {"already_complete": True}
-    _check_earlier_nights(layout, date)
+    _check_night_order(layout, date)
     _, spec = load_artifact(model)
     taxonomy: Taxonomy = spec["taxonomy_obj"]
     version = spec["version"]
 
+    members = _catalog_members(catalog)
+    prev_dates = [s for s in latest.snapshots(layout.labels) if s < date]
+    previous = latest.read_snapshot(layout.labels, prev_dates[-1]) if prev_dates else None
+    _check_catalog_drop(catalog, members, previous, cfg.max_catalog_drop)
     before = product_map(layout, date)
     shard = _shard_night(layout, date, catalog, taxonomy, cfg.shard, before)
-    members = shard.pop("members")
     t_shard = time.time()
 
     night = label_shards(layout.night_shards(date), model, layout.labels, date, cfg.label)
@@ -184,8 +191,6 @@ def run_nightly(
     history = _read_history(layout, date, taxonomy)
     _assert_unique(history, f"history run_date={date}")
     _complete_run_manifest(layout, date, history, night_ids=shard["night_ids"])
-    prev_dates = [s for s in latest.snapshots(layout.labels) if s < date]
-    previous = latest.read_snapshot(layout.labels, prev_dates[-1]) if prev_dates else None
     snap = latest.merge(previous, history, date, members, latest.latest_schema(taxonomy))
     _assert_unique(snap, "latest")
     pointer = latest.publish(layout.labels, date, snap, cfg.latest_rows_per_file, cfg.keep_snapshots)
@@ -243,14 +248,50 @@ def _manifest(layout: Layout, date: str) -> dict[str, Any]:
     return storage.read_json(uri) if storage.exists(uri) else {}
 
 
-def _check_earlier_nights(layout: Layout, date: str) -> None:
-    """Nights build on each other: an earlier night that started but never completed must finish first."""
-    for night in layout.nights():
+def _check_night_order(layout: Layout, date: str) -> None:
+    """Nights build on each other, in date order: an earlier night that started but never completed must
+    finish first, and a night older than one that has run is refused (publishing it would roll ``latest``
+    back to older labels)."""
+    nights = layout.nights()
+    later = [n for n in nights if n > date]
+    if later:
+        raise NightlyError(
+            f"night {date} is older than night {later[-1]}, which has run already: nights run in date "
+            f"order, and publishing {date} now would roll latest back to older labels. Run a date after "
+            f"{later[-1]}, or use a new --root to start again from {date}"
+        )
+    for night in nights:
         if night < date and _manifest(layout, night).get("status") != "complete":
             raise NightlyError(
                 f"night {night} started but is not complete: re-run it (same command, "
                 f"--date {night}) before {date}"
             )
+
+
+def _catalog_members(catalog: str) -> set[str]:
+    """Every product id tonight's catalog lists; an empty catalog is refused (it would retire every product)."""
+    from fashionlabel.catalog import CatalogError, read_catalog
+
+    rows, _ = read_catalog(catalog)
+    members = {str(r["product_id"]) for r in rows if r.get("product_id") not in (None, "")}
+    if not members:
+        raise CatalogError(f"catalog {catalog} lists no products")
+    return members
+
+
+def _check_catalog_drop(catalog: str, members: set[str], previous: pa.Table | None, max_drop: float) -> None:
+    """Refuse a catalog that lacks more than ``max_drop`` of the previous night's active products: far
+    more often a truncated export than a retailer retiring most of its catalog overnight."""
+    if previous is None or previous.num_rows == 0:
+        return
+    active = set(previous.filter(previous["active"])["product_id"].to_pylist())
+    gone = len(active - members)
+    if active and gone / len(active) > max_drop:
+        raise NightlyError(
+            f"catalog {catalog} lacks {gone:,} of the {len(active):,} products active last night "
+            f"({gone / len(active):.0%}, above --max-catalog-drop {max_drop:g}): a truncated export? If "
+            "they really left the catalog, re-run with --max-catalog-drop 1"
+        )
 
 
 def _shard_night(
@@ -262,7 +303,6 @@ def _shard_night(
     to :func:`shard_catalog` as ``incremental_from``: only products whose id is new or whose image bytes
     changed (sha256) are packed.
     """
-    from fashionlabel.catalog import read_catalog
     from fashionlabel.shards import ShardJobError, shard_catalog
 
     out = layout.night_shards(date)
@@ -275,13 +315,12 @@ def _shard_night(
     s = shard_catalog(
         catalog, out, taxonomy, dataclasses.replace(cfg, max_failure_rate=1.0), incremental_from=prev
     )
-    rows, _ = read_catalog(catalog)
-    members = {str(r["product_id"]) for r in rows if r.get("product_id") not in (None, "")}
     total = s.catalog_rows
     if total and s.quarantined / total > cfg.max_failure_rate:
         raise ShardJobError(
             f"{s.quarantined}/{total} catalog rows quarantined, above --max-failure-rate "
-            f"{cfg.max_failure_rate}"
+            f"{cfg.max_failure_rate} (the quarantine is in {out}/quarantine.parquet; to publish the night "
+            "anyway, re-run with a higher --max-failure-rate)"
         )
     night_ids = set(
         storage.read_parquet(storage.join(out, "index.parquet"), columns=["product_id"])[
@@ -299,7 +338,6 @@ def _shard_night(
         "quarantined": s.quarantined,
         "reasons": dict(s.reasons),
         "night_ids": night_ids,
-        "members": members,
     }
 
 

@@ -117,6 +117,31 @@ def test_rerun_of_a_complete_night_changes_nothing(nights, tiny_model, tmp_path)
     assert _tree(root) == before
 
 
+def test_a_night_that_would_roll_latest_back_or_retire_most_products_is_refused(nights, tiny_model, tmp_path):
+    from fashionlabel.catalog import CatalogError
+
+    root = nights["root"]
+    before = _tree(root)
+    # an older date (a typo, a backfill) would publish older labels as latest
+    with pytest.raises(NightlyError, match="night 2026-02-28 is older than night 2026-03-02, which has run"):
+        run_nightly(str(nights["cat2"]), str(tiny_model), str(root), "2026-02-28", CFG)
+    # a truncated export: 100 of last night's 305 active products
+    with open(nights["cat2"]) as f:
+        lines = f.read().splitlines(keepends=True)
+    short = tmp_path / "short.csv"
+    short.write_text("".join(lines[:101]))
+    with pytest.raises(
+        NightlyError, match=r"lacks 205 of the 305 products active last night \(67%.*max-catalog-drop 1"
+    ):
+        run_nightly(str(short), str(tiny_model), str(root), "2026-03-03", CFG)
+    # a header and no rows: refused, not every product retired
+    empty = tmp_path / "empty.csv"
+    empty.write_text(lines[0])
+    with pytest.raises(CatalogError, match="has no rows"):
+        run_nightly(str(empty), str(tiny_model), str(root), "2026-03-03", CFG)
+    assert _tree(root) == before
+
+
 def test_an_earlier_incomplete_night_blocks_the_next(nights, tiny_model, tmp_path):
     root = tmp_path / "root"
     (root / "shards" / "night=2026-01-01").mkdir(parents=True)
