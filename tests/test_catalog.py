@@ -87,6 +87,7 @@ def test_jsonl_objects_lists_and_broken_lines(tmp_path):
         (b"", "is empty"),
         (b"id,url\n1,a.jpg\n", "needs columns product_id and image_uri"),
         (b"product_id,product_id,image_uri\n", "duplicate columns"),
+        (b"product_id,image_uri,gender\n", "has no rows"),  # an export cut short after its header
     ],
 )
 def test_unusable_catalogs_raise(tmp_path, content, match):
