@@ -235,8 +235,10 @@ def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
     snaps = latest.snapshots(a.labels)
     if snaps or a.date:  # a nightly labels root: the night's report with drift against the night before
         date = a.date or snaps[-1]
-        m = storage.join(a.labels, "..", "manifests", f"{date}.json")
-        manifest = storage.read_json(m) if not storage.is_s3(m) and storage.exists(m) else None
+        # the nightly root holds labels/ and manifests/
+        root = storage.absolute(a.labels).rstrip("/").rpartition("/")[0]
+        m = storage.join(root, "manifests", f"{date}.json")
+        manifest = storage.read_json(m) if storage.exists(m) else None
         r = write_night_report(a.labels, date, a.out, manifest)
         r.pop("drift")
     else:

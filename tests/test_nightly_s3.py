@@ -24,7 +24,7 @@ def _job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # two nights, each a job with its own local Ray
-def test_a_night_on_s3(s3, tiny_model):
+def test_a_night_on_s3(s3, tiny_model, tmp_path):
     bucket = s3.make_bucket("nightly")
     rows = [r for r in sample_rows() if Path(r["image_uri"]).exists()][1400:1420]
     for r in rows:  # images on S3 too, referenced relative to the catalog
@@ -63,3 +63,10 @@ def test_a_night_on_s3(s3, tiny_model):
     ]
     again = _job(args, s3.env())
     assert again.returncode == 0 and "already complete" in again.stdout
+    # the report command finds the night's manifest beside the S3 labels, as it does on a local root
+    from fashionlabel.cli import run
+
+    report = tmp_path / "night.html"
+    assert run(["report", "--labels", f"s3://{bucket}/root/labels", "--out", str(report)]) == 0
+    html = report.read_text()
+    assert "20 / 0 / 0" in html and "? / ? / ?" not in html
