@@ -49,6 +49,12 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
     """Fail at once, by name, when nothing listens at a cluster's ``host:port``: on a refused port Ray's
     own connect retries for minutes, printing only its GCS timeouts. ("auto", "local" and addresses
     without a port are left to Ray.)"""
+    if address.startswith(("http://", "https://")):
+        raise ConnectionError(
+            f"{address} is a Ray job API (dashboard) address, the one `ray job submit` takes; a command "
+            "connects to the cluster itself (host:6379). Submit it as a job (`ray job submit -- python -m "
+            "jobs.<command> …`), give --address HOST:6379, or unset RAY_ADDRESS to run on a local Ray"
+        )
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit() or not host:
         return

@@ -137,5 +137,8 @@ def test_a_cluster_address_where_nothing_listens_fails_at_once_by_name():
     with pytest.raises(ConnectionError, match=f"no Ray cluster answers at 127.0.0.1:{port} .*RAY_ADDRESS"):
         _check_reachable(f"127.0.0.1:{port}")  # closed now: refused, not minutes of Ray's retries
     assert time.monotonic() - t < 5
+    # the job API address that `ray job submit` takes (and the README exports) is named as such
+    with pytest.raises(ConnectionError, match=r"http://127.0.0.1:8265 is a Ray job API .*ray job submit"):
+        _check_reachable("http://127.0.0.1:8265")
     for left_to_ray in ("auto", "local", "10.0.0.1"):
         _check_reachable(left_to_ray)
