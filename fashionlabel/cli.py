@@ -30,6 +30,12 @@ def _print_summary(title: str, items: dict[str, Any]) -> None:
         print(f"  {k:<{width}}  {v}")
 
 
+def _rate(done_now: int, done: int, rate: float) -> str:
+    from fashionlabel.report import rate_text
+
+    return rate_text(done_now, done, rate)
+
+
 def _non_negative(text: str) -> int:
     n = int(text)
     if n < 0:
@@ -62,7 +68,7 @@ def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
         "reasons": _fmt_reasons(s.reasons),
         "shards": f"{s.shards} ({s.shards_skipped} already done)",
         "time": f"{s.seconds:.1f} s",
-        "throughput": f"{s.images_per_s:,.0f} img/s",
+        "throughput": _rate(s.packed_this_run, s.packed, s.images_per_s),
         "output": s.out,
     }
     if s.incremental_from:
@@ -210,7 +216,7 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
             if s["damaged_shards"]
             else {}
         ),
-        "throughput": f"{s['images_per_s']:,.0f} img/s",
+        "throughput": _rate(s["labelled"] + s["errored"], s["shards_done_before"], s["images_per_s"]),
         "time": f"{s['seconds']:.1f} s"
         + (
             f" (first labels back after {s['first_batch_seconds']:.1f} s)"
@@ -292,11 +298,8 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
         "labelled": f"{m['labelled']} ({m['relabelled']} relabelled: {m['relabel_reason'] or 'no'})",
         "errors": m["errors"],
         "latest": f"{m['latest_rows']} products ({m['latest_inactive']} inactive)",
-        "throughput": (
-            f"shard {m['shard_images_per_s']:,.0f} img/s, label {m['label_images_per_s']:,.0f} img/s"
-            if m["labelled_this_attempt"] or not m["labelled"]
-            else "n/a: an earlier, interrupted attempt wrote this night's labels; this one published them"
-        ),
+        "throughput": f"shard {_rate(m.get('sharded_this_attempt', m['sharded']), m['sharded'], m['shard_images_per_s'])}"
+        f", label {_rate(m['labelled_this_attempt'], m['labelled'], m['label_images_per_s'])}",
         "time": f"{m['seconds']['total']:.1f} s",
         "model version": m["model_version"],
         "report": m["report"],

@@ -203,6 +203,13 @@ def _drift_charts(d: dict[str, dict[str, Any]], prev_date: str) -> list[tuple[st
     return charts
 
 
+def rate_text(done_now: int, done: int, rate: float) -> str:
+    """A stage's rate, or why there is none: a re-run rates only the work it did itself."""
+    if done_now:
+        return f"{rate:,.0f} img/s"
+    return "n/a (an earlier, interrupted attempt did it)" if done else "n/a (nothing to do)"
+
+
 def _run_chart(m: dict[str, Any]) -> tuple[str, str]:
     import matplotlib.pyplot as plt
 
@@ -263,8 +270,20 @@ def write_night_report(
         "quarantined": m.get("quarantined", "?"),
         "needs review": f"{100 * active['needs_review'].fillna(False).mean():.1f}%" if len(active) else "n/a",
         "model version": ", ".join(sorted(active["model_version"].unique())),
-        "shard throughput": f"{m.get('shard_images_per_s', 0):.0f} img/s",
-        "label throughput": f"{m.get('label_images_per_s', 0):.0f} img/s",
+        "shard throughput": rate_text(
+            m.get("sharded_this_attempt", m.get("sharded", 0)),
+            m.get("sharded", 0),
+            m.get("shard_images_per_s", 0),
+        )
+        if m
+        else "?",
+        "label throughput": rate_text(
+            m.get("labelled_this_attempt", m.get("labelled", 0)),
+            m.get("labelled", 0),
+            m.get("label_images_per_s", 0),
+        )
+        if m
+        else "?",
     }
     flips = "".join(
         f"<tr><th>{html.escape(h)}</th><td>{v['flipped']}</td><td>{v['compared']}</td><td>"
