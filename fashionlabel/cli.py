@@ -396,7 +396,10 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
         "total time": f"{time.time() - t0:.0f} s",
     }
     _print_summary("demo summary", out)
-    print(f'\nquery it:  duckdb -c "{q}"')
+    print(
+        "\nquery it:  .venv/bin/fashionlabel query --labels "
+        f'{labels} "SELECT articleType, count(*) FROM history GROUP BY 1 ORDER BY 2 DESC LIMIT 10"'
+    )
     return out
 
 
@@ -514,7 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     _label_options(n)
     n.add_argument("--keep-snapshots", type=int, default=7, help="latest snapshots kept for readers")
 
-    qy = add("query", cmd_query, "Run SQL (DuckDB) over the views latest and history of a labels root.")
+    qy = add(
+        "query", cmd_query, "Run SQL (DuckDB) over the views latest, history and nights of a labels root."
+    )
     qy.add_argument("sql")
     qy.add_argument("--labels", required=True, help="labels root (local or s3://), e.g. ROOT/labels")
     qy.add_argument("--csv", action="store_true", help="print CSV instead of a table")

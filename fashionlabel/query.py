@@ -1,10 +1,12 @@
 """``fashionlabel query``: DuckDB over the labels tables, local or on S3, with no DuckDB extension needed.
 
-Two views are registered on an in-memory DuckDB connection:
+Three views are registered on an in-memory DuckDB connection:
 
 - ``latest``: the published snapshot of ``labels/latest`` (resolved through ``latest/_CURRENT.json``, so a
   query never sees two nights mixed), one row per product, with ``run_date`` and ``active``;
-- ``history``: every ``labels/history/run_date=D/part-*.parquet``, with the hive column ``run_date``.
+- ``history``: every ``labels/history/run_date=D/part-*.parquet``, with the hive column ``run_date``;
+- ``nights``: one ``run_date`` per finished run (``history/run_date=D/_SUCCESS``), quiet nights included:
+  a night that labelled nothing has no rows in ``history``, so "tonight" is ``max(run_date)`` here.
 
 Files are opened through pyarrow datasets (local or ``s3://`` with the storage module's credentials and
 endpoint) and scanned lazily by DuckDB with projection and filter push-down, so no ``httpfs`` extension
@@ -22,18 +24,35 @@ import pyarrow.fs as pafs
 from fashionlabel import latest, storage
 
 
-def history_files(labels: str) -> list[str]:
-    """Every Parquet part under ``labels/history/run_date=*/``, oldest night first."""
-    base = storage.join(labels, "history")
-    fs, path = storage.filesystem(base)
-    runs = sorted(
+def _runs(labels: str) -> list[str]:
+    """The ``run_date=D`` folder names under ``labels/history``, oldest first."""
+    fs, path = storage.filesystem(storage.join(labels, "history"))
+    return sorted(
         i.base_name
         for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         if i.type == pafs.FileType.Directory and i.base_name.startswith("run_date=")
     )
+
+
+def history_files(labels: str) -> list[str]:
+    """Every Parquet part under ``labels/history/run_date=*/``, oldest night first."""
+    base = storage.join(labels, "history")
     return [
-        storage.join(base, r, n) for r in runs for n in storage.listdir(storage.join(base, r), ".parquet")
+        storage.join(base, r, n)
+        for r in _runs(labels)
+        for n in storage.listdir(storage.join(base, r), ".parquet")
     ]
+
+
+def finished_nights(labels: str) -> pa.Table:
+    """``run_date`` of every run folder that holds its ``_SUCCESS`` manifest, oldest first."""
+    base = storage.join(labels, "history")
+    dates = [
+        r.removeprefix("run_date=")
+        for r in _runs(labels)
+        if storage.exists(storage.join(base, r, "_SUCCESS"))
+    ]
+    return pa.table({"run_date": pa.array(dates, pa.string())})
 
 
 def history_dataset(labels: str) -> pads.Dataset | None:
@@ -76,6 +95,7 @@ def connect(labels: str):
     for name, ds in found.items():
         if ds is not None:
             con.register(name, ds)
+    con.register("nights", finished_nights(labels))
     return con
 
 

@@ -41,9 +41,12 @@ def make_rows(ids: list[str], night: str, article: str, sha: str = "a", review: 
 
 
 def add_night(labels: str, night: str, table: pa.Table, members: set[str]) -> None:
-    storage.write_parquet(
-        table, storage.join(labels, "history", f"run_date={night}", "part-shard-000000.parquet")
-    )
+    """A finished night as a run leaves it: its history part (none on a quiet night), its ``_SUCCESS``, and
+    ``latest`` published."""
+    run = storage.join(labels, "history", f"run_date={night}")
+    if table.num_rows:
+        storage.write_parquet(table, storage.join(run, "part-shard-000000.parquet"))
+    storage.write_json(storage.join(run, "_SUCCESS"), {"run_date": night, "rows": table.num_rows})
     prev = latest.snapshots(labels)
     snap = latest.merge(
         latest.read_snapshot(labels, prev[-1]) if prev else None,

@@ -64,6 +64,34 @@ def test_every_analyst_query_in_the_docs_runs_and_answers(labels):
     assert sorted(r[0] for r in review) == ["p02", "p04", "p20"]
 
 
+def test_after_a_quiet_night_the_docs_say_nothing_changed_tonight(tmp_path):
+    from labels_factory import add_night, make_rows
+
+    labels = str(tmp_path / "labels")
+    _two_nights(labels)
+    active = {f"p{i:02d}" for i in range(2, 22)}
+    add_night(labels, "2026-05-03", make_rows([], "2026-05-03", "Tshirts"), active)  # nothing new tonight
+    con = connect(labels)
+    assert con.execute("SELECT max(run_date) FROM nights").fetchall() == [("2026-05-03",)]
+    queries = _doc_queries()
+    # not night 2's six products as if they changed tonight
+    assert con.execute(next(q for q in queries if "AS why" in q)).fetchall() == []
+    assert con.execute(next(q for q in queries if "articleType_flips" in q)).fetchall() == [(0, 0, 0)]
+
+
+def test_the_readme_duckdb_snippet_runs_as_written(labels):
+    import subprocess
+    import sys
+
+    readme = (DOCS.parents[1] / "README.md").read_text()
+    script = re.search(r"\.venv/bin/python - <<'EOF'\n(.*?)\nEOF\n", readme, re.S).group(1)
+    r = subprocess.run(
+        [sys.executable, "-"], input=script.replace("demo-out/labels", labels), capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert "to_review" in r.stdout and "Shirts" in r.stdout
+
+
 def test_query_over_s3(s3, tmp_path):
     bucket = s3.make_bucket("query")
     _two_nights(f"s3://{bucket}/labels")
@@ -110,4 +138,4 @@ def test_a_view_the_folder_does_not_have_is_named_with_where_it_comes_from(label
     assert run(["query", "--labels", str(tmp_path), "SELECT count(*) FROM latest"]) == 1
     err = capsys.readouterr().err
     assert f"{tmp_path} has no latest table (labels/latest is published by `fashionlabel nightly`" in err
-    assert err.rstrip().endswith("it has: history")
+    assert err.rstrip().endswith("it has: history, nights")
