@@ -94,6 +94,68 @@ def test_k8s_manifest_runs_the_nightly_job_with_real_flags():
     } == {image}
 
 
+# kubectl for the CronJob's script (no Kubernetes here): records what it is given, answers from the env.
+FAKE_KUBECTL = r"""#!/bin/sh
+echo "$*" >> "$KLOG"
+case "$*" in
+  "create -f -") [ -n "${EXISTS:-}" ] && { echo "AlreadyExists" >&2; exit 1; }; cat > "$CREATED" ;;
+  *jobDeploymentStatus*) n=$(cat "$POLLS" 2>/dev/null || echo 0); echo $((n + 1)) > "$POLLS"
+                         [ "$n" -ge 2 ] && printf Complete || printf Running ;;
+  *jobStatus*) printf "%s" "$FINAL" ;;
+  "get rayjob "*) ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+def test_the_cronjob_pod_lasts_as_long_as_its_night_and_fails_with_it(tmp_path):
+    import datetime as dt
+    import os
+    import subprocess
+
+    cron = next(d for d in _k8s() if d["kind"] == "CronJob")
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0 and job["template"]["spec"]["restartPolicy"] == "Never"
+    script = job["template"]["spec"]["containers"][0]["args"][0]
+    cm = next(d for d in _k8s() if d["kind"] == "ConfigMap")
+    (tmp_path / "rayjob.yaml").write_text(cm["data"]["rayjob.yaml"])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(FAKE_KUBECTL)
+    (bin_dir / "kubectl").chmod(0o755)
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+
+    def night(final: str, exists: bool = False) -> tuple[int, str]:
+        for f in ("klog", "created", "polls"):
+            (tmp_path / f).unlink(missing_ok=True)
+        env = os.environ | {
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "TEMPLATE": str(tmp_path / "rayjob.yaml"),
+            "POLL_SECONDS": "0",
+            "KLOG": str(tmp_path / "klog"),
+            "CREATED": str(tmp_path / "created"),
+            "POLLS": str(tmp_path / "polls"),
+            "FINAL": final,
+            "EXISTS": "1" if exists else "",
+        }
+        r = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        return r.returncode, (tmp_path / "klog").read_text()
+
+    rc, calls = night("SUCCEEDED")
+    created = yaml.safe_load((tmp_path / "created").read_text())
+    assert rc == 0 and created["metadata"]["name"] == f"fashionlabel-nightly-{today}"
+    assert f"--date {today}" in created["spec"]["entrypoint"]
+    assert calls.count("jobDeploymentStatus") == 3  # waited while the night ran
+    rc, _ = night("FAILED")
+    assert rc != 0  # a failed night is a failed Job in the CronJob's history
+    rc, calls = night("SUCCEEDED", exists=True)  # started before: waits for that RayJob, creates none
+    assert (
+        rc == 0
+        and not (tmp_path / "created").exists()
+        and f"get rayjob fashionlabel-nightly-{today}\n" in calls
+    )
+
+
 def _hive(t: pa.DataType) -> str:
     if pa.types.is_list(t):
         return f"array<{_hive(t.value_type)}>"
