@@ -292,7 +292,7 @@ def write_night_report(
         for h, v in d.items()
     )
     flips = (
-        f"<table><tr><th>head</th><th>flipped</th><th>compared</th><th>examples</th></tr>{flips}</table>"
+        f"<table><tr><th>head</th><th>flipped</th><th>compared (active in both snapshots)</th><th>examples</th></tr>{flips}</table>"
         if d
         else "<p>first night: nothing to compare with</p>"
     )
