@@ -277,6 +277,7 @@ def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
     from fashionlabel.nightly import NightlyConfig, run_nightly
+    from fashionlabel.report import night_rate
     from fashionlabel.shards import ShardConfig
 
     cfg = NightlyConfig(
@@ -298,8 +299,7 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
         "labelled": f"{m['labelled']} ({m['relabelled']} relabelled: {m['relabel_reason'] or 'no'})",
         "errors": m["errors"],
         "latest": f"{m['latest_rows']} products ({m['latest_inactive']} inactive)",
-        "throughput": f"shard {_rate(m.get('sharded_this_attempt', m['sharded']), m['sharded'], m['shard_images_per_s'])}"
-        f", label {_rate(m['labelled_this_attempt'], m['labelled'], m['label_images_per_s'])}",
+        "throughput": f"shard {night_rate(m, 'shard')}, label {night_rate(m, 'label')}",
         "time": f"{m['seconds']['total']:.1f} s",
         "model version": m["model_version"],
         "report": m["report"],

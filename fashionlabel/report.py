@@ -210,6 +210,16 @@ def rate_text(done_now: int, done: int, rate: float) -> str:
     return "n/a (an earlier, interrupted attempt did it)" if done else "n/a (nothing to do)"
 
 
+def night_rate(m: dict[str, Any], stage: str) -> str:
+    """``rate_text`` of a night's "shard" or "label" stage from its manifest ("?" without one)."""
+    if not m:
+        return "?"
+    done = {"shard": "sharded", "label": "labelled"}[stage]
+    return rate_text(
+        m.get(f"{done}_this_attempt", m.get(done, 0)), m.get(done, 0), m.get(f"{stage}_images_per_s", 0)
+    )
+
+
 def _run_chart(m: dict[str, Any]) -> tuple[str, str]:
     import matplotlib.pyplot as plt
 
@@ -270,20 +280,8 @@ def write_night_report(
         "quarantined": m.get("quarantined", "?"),
         "needs review": f"{100 * active['needs_review'].fillna(False).mean():.1f}%" if len(active) else "n/a",
         "model version": ", ".join(sorted(active["model_version"].unique())),
-        "shard throughput": rate_text(
-            m.get("sharded_this_attempt", m.get("sharded", 0)),
-            m.get("sharded", 0),
-            m.get("shard_images_per_s", 0),
-        )
-        if m
-        else "?",
-        "label throughput": rate_text(
-            m.get("labelled_this_attempt", m.get("labelled", 0)),
-            m.get("labelled", 0),
-            m.get("label_images_per_s", 0),
-        )
-        if m
-        else "?",
+        "shard throughput": night_rate(m, "shard"),
+        "label throughput": night_rate(m, "label"),
     }
     flips = "".join(
         f"<tr><th>{html.escape(h)}</th><td>{v['flipped']}</td><td>{v['compared']}</td><td>"
