@@ -4,8 +4,9 @@ Plan (Ray's batch-inference shape, restructured so that the accelerator never wa
 
 1. read (one shard at a time; ``label/reader.py``): one sequential read of the whole tar (one GET on S3),
    headers parsed from the buffer, already-labelled products dropped (``--incremental``), and JPEGs
-   decoded with PIL when decode runs on CPU (all of them, or a share with decode "split"). On a GPU cluster reads are Ray tasks of their own, so that
-   they run ahead of the accelerator; on a CPU-only cluster each actor reads its own shard (``read``);
+   decoded with PIL when decode runs on CPU (all of them, or a share with decode "split"). On a GPU
+   cluster reads are Ray tasks of their own, so that they run ahead of the accelerator; on a CPU-only
+   cluster each actor reads its own shard (``read``);
 2. predict (a fixed-size actor pool, sized from the cluster's resources: no autoscaler ramp; the model is
    loaded once per actor, bf16 + channels_last on GPU, optionally ``torch.compile``d): raw JPEGs are
    decoded in one batched nvJPEG call on the device when decode runs on GPU, then forward, softmax /

@@ -151,19 +151,18 @@ class Predictor:
         tensor)."""
         h, w = self.size
         dev = self.device if self.device.type == "cuda" else torch.device("cpu")
-        raw = [i for i in range(len(jpgs)) if not (pixels is not None and len(pixels[i]))]
-        done = sorted(set(range(len(jpgs))) - set(raw))
+        given = [i for i in range(len(jpgs)) if pixels is not None and len(pixels[i])]
+        raw = sorted(set(range(len(jpgs))) - set(given))
         decoded, bad = self._decode_jpegs([jpgs[i] for i in raw], dev)
         errors = {raw[j]: reason for j, reason in bad.items()}
         raw = [i for j, i in enumerate(raw) if j not in bad]
-        out = torch.empty((len(raw) + len(done), h, w, 3), dtype=torch.uint8, device=dev)
-        keep = sorted(raw + done)  # the position of each decodable input in the output
-        at = {i: k for k, i in enumerate(keep)}
+        at = {i: k for k, i in enumerate(sorted(raw + given))}  # each decodable input's output row
+        out = torch.empty((len(at), h, w, 3), dtype=torch.uint8, device=dev)
         if raw:
             out[[at[i] for i in raw]] = decoded
-        if done:
-            host = np.stack([np.frombuffer(pixels[i], np.uint8) for i in done]).reshape(-1, h, w, 3)
-            out[[at[i] for i in done]] = torch.from_numpy(host).to(dev, non_blocking=True)
+        if given:
+            host = np.stack([np.frombuffer(pixels[i], np.uint8) for i in given]).reshape(-1, h, w, 3)
+            out[[at[i] for i in given]] = torch.from_numpy(host).to(dev)
         return out, errors
 
     def _decode_jpegs(self, jpgs: Sequence[bytes], dev: torch.device) -> tuple[torch.Tensor, dict[int, str]]:
