@@ -465,14 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--storage", default=None, help="checkpoint folder or s3:// prefix (default: OUT.train)")
 
     e = add("evaluate", cmd_evaluate, "Evaluate a model artifact on one split of a shard set.")
-    e.add_argument("--model", required=True)
+    e.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
     e.add_argument("--shards", required=True)
     e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     e.add_argument("--out", default=None, help="folder for metrics JSON and confusion PNG (default: MODEL)")
 
     lb = add("label", cmd_label, "Label shards with a model into Parquet (one file per shard).")
     lb.add_argument("--shards", required=True)
-    lb.add_argument("--model", required=True)
+    lb.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
     lb.add_argument("--out", required=True, help="labels root (history/run_date=… is created under it)")
     lb.add_argument("--run-date", default=None, help="YYYY-MM-DD (default: today, UTC)")
     _label_options(lb)
