@@ -36,6 +36,16 @@ def _rate(done_now: int, done: int, rate: float) -> str:
     return rate_text(done_now, done, rate)
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Help that names each option's default where it has one (not "None" or "False")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _non_negative(text: str) -> int:
     n = int(text)
     if n < 0:
@@ -101,7 +111,7 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
         warmup_epochs=a.warmup_epochs,
         ema_epochs=a.ema_epochs,
     )
-    r = train(a.shards, a.out, cfg, cluster_cpus(), checkpoints=a.storage)
+    r = train(a.shards, a.out, cfg, cluster_cpus(), checkpoints=a.storage, overwrite=a.overwrite)
     out = {
         "model": f"{a.model} → {a.out}",
         "version": r["version"],
@@ -439,22 +449,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     t = add("train", cmd_train, "Train a multi-task model on shards with Ray Train (DDP).")
-    t.add_argument("--shards", required=True)
-    t.add_argument("--out", required=True, help="model artifact folder")
+    t.formatter_class = _ShowDefaults
+    t.add_argument("--shards", required=True, help="a shard set written by `fashionlabel shard`")
+    t.add_argument(
+        "--out",
+        required=True,
+        help="model artifact folder or s3:// prefix: new, empty, or a model trained with the same settings",
+    )
     t.add_argument("--model", default="fl_small", help="a registered model (`fashionlabel models`)")
-    t.add_argument("--epochs", type=int, default=15)
-    t.add_argument("--workers", type=int, default=2)
-    t.add_argument("--gpu", action="store_true")
+    t.add_argument("--epochs", type=int, default=15, help="epochs at most (early stopping may end sooner)")
+    t.add_argument("--workers", type=int, default=2, help="DDP workers (gloo on CPU, NCCL with --gpu)")
+    t.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast, channels_last")
     t.add_argument("--batch-size", type=int, default=64, help="global batch size")
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--height", type=int, default=80)
-    t.add_argument("--width", type=int, default=60)
+    t.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    t.add_argument("--height", type=int, default=80, help="model input height (images are resized to it)")
+    t.add_argument("--width", type=int, default=60, help="model input width")
     t.add_argument("--patience", type=int, default=5, help="early stopping: epochs without improvement")
     t.add_argument("--uncertainty", action="store_true", help="learn head weights (Kendall et al.)")
-    t.add_argument("--init-weights", default=None, help="a local state_dict to start from")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--init-weights",
+        default=None,
+        help="start from these weights: a model's weights.pt (not a fused deployment form) or a run's "
+        "checkpoints/best.pt; refused when it fits less than half of the model",
+    )
+    t.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
     t.add_argument("--label-smoothing", type=float, default=0.0, help="for single heads' cross-entropy")
-    t.add_argument("--warmup-epochs", type=float, default=1.0, help="linear learning-rate warm-up")
+    t.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=1.0,
+        help="linear learning-rate warm-up to --lr, then a cosine to 0 at the last epoch",
+    )
     t.add_argument(
         "--ema-epochs",
         type=float,
@@ -462,7 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also validate a moving average of the weights over this many epochs and keep the "
         "better weights (0: off)",
     )
-    t.add_argument("--storage", default=None, help="checkpoint folder or s3:// prefix (default: OUT.train)")
+    t.add_argument(
+        "--storage", default=None, help="checkpoint folder or s3:// prefix (default: OUT.train/checkpoints)"
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a model in --out and checkpoints that were trained with other settings",
+    )
 
     e = add("evaluate", cmd_evaluate, "Evaluate a model artifact on one split of a shard set.")
     e.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
@@ -535,8 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr = add("prune", cmd_prune, "Channel-prune an SE-Xception artifact (LASSO selection + least squares).")
     pr.add_argument("--model", required=True, help="an xception_se / xception_se_s artifact")
     pr.add_argument("--shards", required=True, help="shards: train split calibrates, val split measures")
-    pr.add_argument("--out", required=True, help="folder for the pruned artifact")
-    pr.add_argument("--blocks", default="3,5,7", help="middle modules to prune (comma separated)")
+    pr.add_argument("--out", required=True, help="a new folder for the pruned artifact")
+    pr.add_argument(
+        "--blocks",
+        default="3,5,7",
+        help="middle modules to prune, comma separated, counted from 0 (default 3,5,7: xception_se's 8 "
+        "modules; xception_se_s has 4, 0..3)",
+    )
     pr.add_argument("--keep", type=float, default=0.5, help="fraction of channels kept in each pruned layer")
     pr.add_argument("--calib-images", type=int, default=256, help="training images used for the regressions")
 

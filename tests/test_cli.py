@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,9 @@ def test_bad_settings_are_refused_by_name_before_anything_is_written(
     from fashionlabel.cli import run
 
     out = tmp_path / "out"
+    half = tmp_path / "half-model"  # an artifact whose weights are gone
+    shutil.copytree(tiny_model, half)
+    (half / "weights.pt").unlink()
     cases = {
         "invalid training setting(s): epochs=0, ema_epochs=-1.0": [
             "train", "--shards", str(small_shards), "--out", str(out), "--epochs", "0", "--ema-epochs", "-1"
@@ -54,6 +58,12 @@ def test_bad_settings_are_refused_by_name_before_anything_is_written(
         "invalid label setting(s): cpu_decode_share=1.5": [
             "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
             "--decode", "split", "--cpu-decode-share", "1.5",
+        ],
+        f"model artifact {half} is incomplete: missing weights.pt": [
+            "label", "--shards", str(small_shards), "--model", str(half), "--out", str(out),
+        ],
+        "invalid prune setting(s): keep=1.5": [
+            "prune", "--model", str(tiny_model), "--shards", str(small_shards), "--out", str(out), "--keep", "1.5"
         ],
         "run date '2026-13-45' is not a date (YYYY-MM-DD)": [
             "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),

@@ -141,3 +141,82 @@ def test_an_artifact_appears_only_with_its_metrics(tmp_path):
     )
     assert (out / "version").read_text().strip() == v3 != v1
     assert json.loads((out / "metrics.json").read_text()) == {"test": {"n": 1}}
+
+
+def test_train_refuses_an_out_it_would_destroy_and_settings_it_cannot_run(
+    ray_session, small_shards, tiny_model, tmp_path
+):
+    from fashionlabel.train.loop import TrainConfig
+    from fashionlabel.train.run import train
+
+    cfg = TrainConfig(model="fl_tiny", epochs=2, workers=2)
+    notes = tmp_path / "mine"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "notes.txt").write_text("important")
+    with pytest.raises(
+        ArtifactError, match=r"mine exists and is not a model artifact \(it holds notes.txt, sub\)"
+    ):
+        train(str(small_shards), str(notes), cfg, 2)
+    assert (notes / "notes.txt").read_text() == "important"  # nothing touched
+    with pytest.raises(ValueError, match="is the shard set, inside it, or holds it"):
+        train(str(small_shards), str(small_shards), cfg, 2)
+    # another model's artifact, and its checkpoints: named, not silently replaced
+    before = (tiny_model / "version").read_text()
+    with pytest.raises(
+        ValueError, match=r"holds a model trained with other settings \(epochs 2 → 3\).*--overwrite"
+    ):
+        train(str(small_shards), str(tiny_model), TrainConfig(model="fl_tiny", epochs=3, workers=2), 2)
+    assert (tiny_model / "version").read_text() == before
+    with pytest.raises(ValueError, match=r"--gpu with --workers 2 needs 2 GPU\(s\); the Ray cluster has 0"):
+        train(str(small_shards), str(tmp_path / "g"), TrainConfig(model="fl_tiny", gpu=True), 2)
+    assert not (tmp_path / "g").exists() and not (tmp_path / "g.train").exists()
+
+
+def test_init_weights_are_checked_before_training(tiny_model, tmp_path):
+    from fashionlabel.models import create_model
+    from fashionlabel.train.run import check_init_weights
+
+    tax = load_artifact(tiny_model)[1]["taxonomy_obj"]
+    with pytest.raises(ValueError, match="no such file"):
+        check_init_weights(str(tmp_path / "none.pt"), "fl_tiny", tax)
+    with pytest.raises(ValueError, match="is not a weights file torch loads safely"):
+        check_init_weights(str(tiny_model / "model.json"), "fl_tiny", tax)
+    other = tmp_path / "other.pt"
+    torch.save(create_model("xception_se_s", tax).state_dict(), other)
+    with pytest.raises(
+        ValueError, match=r"fits \d+% of fl_tiny's weights \(\d+ of \d+ tensors\): weights of another"
+    ):
+        check_init_weights(str(other), "fl_tiny", tax)
+    # a model's weights and a run's checkpoint both fit; a relative path comes back absolute (workers run
+    # in other folders)
+    assert check_init_weights(str(tiny_model / "weights.pt"), "fl_tiny", tax) == str(
+        tiny_model / "weights.pt"
+    )
+    best = tiny_model.parent / "model.train" / "checkpoints" / "best.pt"
+    assert check_init_weights(str(best), "fl_tiny", tax) == str(best)
+
+
+def test_lr_schedule_warms_up_to_the_peak_then_decays():
+    from fashionlabel.train.loop import lr_schedule
+
+    steps = 10  # one epoch of 10 steps, a 1-epoch warm-up, 3 epochs
+    share = lr_schedule(total=30, warm=10)
+    assert [round(share(s), 2) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # the peak is --lr itself
+    after = [share(s) for s in range(steps, 30)]
+    assert after[0] == 1.0 and all(a > b for a, b in zip(after, after[1:], strict=False)) and after[-1] < 0.01
+
+
+def test_the_same_weights_export_to_the_same_version_whatever_the_speed(small_shards, tiny_model, tmp_path):
+    from fashionlabel.train import checkpoint as ckpt
+    from fashionlabel.train.run import export_state, training_taxonomy
+
+    checkpoints = tiny_model.parent / "model.train" / "checkpoints"
+    tax = training_taxonomy(str(small_shards))
+    versions = []
+    for speed in (100.0, 250.0):  # two runs of the same training on a busy and on an idle machine
+        best, last = ckpt.load(str(checkpoints), ckpt.BEST), ckpt.load(str(checkpoints), ckpt.LAST)
+        best["history"] = [h | {"train_img_per_s": speed} for h in last["history"]]
+        r = export_state(str(small_shards), str(tmp_path / f"m{speed:.0f}"), best, tax)
+        assert r["training"]["train_img_per_s_median"] == speed  # still in the summary and curves.json
+        versions.append(r["version"])
+    assert versions[0] == versions[1]

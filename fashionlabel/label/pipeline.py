@@ -418,20 +418,12 @@ def _write_manifest(
 
 
 def artifact_spec(model_dir: str) -> dict[str, Any]:
-    """The artifact's model.json, version and taxonomy, without loading the weights on the driver."""
-    import json
-    from pathlib import Path
+    """The artifact's model.json, version and taxonomy, checked on the driver as every actor will check it
+    (files present, weights that load safely and fit, content hash): a broken artifact is refused before
+    any folder is made, not in every actor's traceback."""
+    from fashionlabel.train.export import load_artifact
 
-    from fashionlabel.taxonomy import Taxonomy
-    from fashionlabel.train.export import ArtifactError, fetch_artifact
-
-    path = fetch_artifact(model_dir) if storage.is_s3(model_dir) else Path(model_dir)
-    try:
-        spec = json.loads((path / "model.json").read_text())
-        spec["version"] = (path / "version").read_text().strip()
-        spec["taxonomy_obj"] = Taxonomy.from_dict(spec["taxonomy"])
-    except (OSError, ValueError, KeyError) as e:
-        raise ArtifactError(f"model artifact {path} is missing or malformed: {e}") from e
+    _, spec = load_artifact(model_dir)
     return spec
 
 

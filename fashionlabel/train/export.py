@@ -63,6 +63,7 @@ def save_artifact(
             writes there (metrics, evaluation, curves) appears together with the model. If it raises,
             nothing is published and the staged folder is removed.
     """
+    check_replaceable(out)
     remote, remote_out = storage.is_s3(out), out
     out = Path(tempfile.mkdtemp(prefix="fashionlabel-artifact-")) / "model" if remote else Path(out)
     buf = io.BytesIO()
@@ -106,6 +107,22 @@ def save_artifact(
     else:
         tmp.rename(out)
     return version
+
+
+def check_replaceable(out: str | Path) -> None:
+    """Refuse an ``out`` whose contents an export would destroy: a local path that exists and is not a
+    folder, or a folder that holds files and is not a model artifact (an export replaces the whole folder).
+    An ``s3://`` prefix is only added to, never cleared."""
+    if storage.is_s3(out):
+        return
+    o = Path(out)
+    if o.exists() and (not o.is_dir() or (any(o.iterdir()) and not (o / "model.json").is_file())):
+        held = sorted(p.name for p in o.iterdir())[:3] if o.is_dir() else []
+        raise ArtifactError(
+            f"{out} exists and is not a model artifact"
+            + (f" (it holds {', '.join(held)})" if held else "")
+            + ": a model replaces the whole folder, so give a new one"
+        )
 
 
 def content_version(weights: bytes, spec_bytes: bytes) -> str:
@@ -193,7 +210,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise ArtifactError(
-            f"model artifact {path}: weights.pt cannot be loaded safely ({str(e)[:200]})"
+            f"model artifact {path}: weights.pt cannot be loaded safely ({type(e).__name__}: {str(e)[:200]})"
         ) from e
     try:
         model = create_model(arch, taxonomy, **spec.get("model_kwargs", {}))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -197,8 +198,8 @@ def _build(cfg: TrainConfig, tax: Taxonomy, device: torch.device, steps: int, ra
     import ray.train.torch
 
     model = create_model(cfg.model, tax)
-    if cfg.init_weights:
-        state = torch.load(cfg.init_weights, map_location="cpu", weights_only=True)
+    if cfg.init_weights:  # checked on the driver (train/run.py): loadable, and fits most of the model
+        state = init_state(cfg.init_weights)
         own = model.state_dict()
         keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(keep, strict=False)  # heads of another taxonomy are re-initialised
@@ -207,10 +208,8 @@ def _build(cfg: TrainConfig, tax: Taxonomy, device: torch.device, steps: int, ra
     opt = torch.optim.AdamW(
         list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
-    total = steps * cfg.epochs
-    warm = max(1, int(cfg.warmup_epochs * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+        opt, lr_schedule(steps * cfg.epochs, int(cfg.warmup_epochs * steps))
     )
     # Only rank 0 validates and checkpoints, and DDP keeps every rank's weights equal: one average is enough.
     ema = (
@@ -219,6 +218,28 @@ def _build(cfg: TrainConfig, tax: Taxonomy, device: torch.device, steps: int, ra
         else None
     )
     return _Parts(model, loss_fn, opt, sched, ema)
+
+
+def lr_schedule(total: int, warm: int) -> Callable[[int], float]:
+    """The learning rate of step s as a share of ``--lr``: a linear warm-up to 1 over ``warm`` steps, then a
+    cosine to 0 at ``total`` (the cosine starts where the warm-up ends, so a short run reaches ``--lr``)."""
+
+    def share(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
+
+    return share
+
+
+def init_state(path: str) -> dict[str, torch.Tensor]:
+    """The state_dict in an ``--init-weights`` file: a saved state_dict, or a training checkpoint's model."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TypeError("not a state_dict")
+    return state
 
 
 def _resume(ckpt_dir: str, parts: _Parts, cfg: TrainConfig, tax: Taxonomy, rank: int) -> _Progress:
@@ -405,7 +426,12 @@ def fit(
         "threads": threads,
         "single": [h.name for h in taxonomy.single_heads],
     }
-    res_per_worker = {"CPU": max(0.5, num_cpus / cfg.workers)} if not cfg.gpu else {"CPU": 2, "GPU": 1}
+    # Shares of the cluster's CPUs, so that any worker count fits (more workers than CPUs only time-slice).
+    res_per_worker = (
+        {"CPU": num_cpus / cfg.workers}
+        if not cfg.gpu
+        else {"CPU": min(2.0, num_cpus / cfg.workers), "GPU": 1}
+    )
     trainer = TorchTrainer(
         _worker,
         train_loop_config=config,

@@ -200,12 +200,23 @@ def prune_artifact(
     pruned model's temperatures and thresholds are refitted there.
     """
     import time
+    from types import SimpleNamespace
 
+    from fashionlabel import settings, storage
     from fashionlabel.data import load_samples, to_input
     from fashionlabel.shards import list_shards
     from fashionlabel.train.calibrate import calibrate
-    from fashionlabel.train.export import load_artifact, save_artifact
+    from fashionlabel.train.export import check_replaceable, load_artifact, save_artifact
 
+    settings.check(
+        "prune",
+        SimpleNamespace(keep=keep, calib_images=calib_images),
+        {"keep": 0 < keep < 1, "calib_images": calib_images >= 1},
+        "0 < keep < 1; calib images ≥ 1",
+    )
+    if storage.absolute(out).rstrip("/") == storage.absolute(model_dir).rstrip("/"):
+        raise ValueError(f"--out {out} is the model being pruned: give the pruned model a folder of its own")
+    check_replaceable(out)
     model, spec = load_artifact(model_dir)
     tax, pre = spec["taxonomy_obj"], spec["preprocessing"]
     size = tuple(pre["size"])

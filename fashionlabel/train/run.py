@@ -6,6 +6,7 @@ out by the split, never trained on) → model artifact (+ curves.json / curves.p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -25,8 +26,8 @@ from fashionlabel.shards import list_shards
 from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train import checkpoint as ckpt
 from fashionlabel.train.calibrate import calibrate
-from fashionlabel.train.export import cache_root, save_artifact
-from fashionlabel.train.loop import TrainConfig, fit
+from fashionlabel.train.export import cache_root, check_replaceable, save_artifact
+from fashionlabel.train.loop import TrainConfig, fit, same_config
 from fashionlabel.train.metrics import confusion, evaluate_probs
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,19 @@ def shards_taxonomy(shards: str) -> Taxonomy:
 
 
 def train(
-    shards: str, out: str, cfg: TrainConfig, num_cpus: float, checkpoints: str | None = None
+    shards: str,
+    out: str,
+    cfg: TrainConfig,
+    num_cpus: float,
+    checkpoints: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train on ``shards`` and write the artifact to ``out``; return a summary dict.
 
     Args:
         checkpoints: folder or ``s3://`` prefix for the per-epoch checkpoints (default ``OUT.train/checkpoints``).
+        overwrite: replace a model in ``out`` and checkpoints that were trained with other settings
+            (without it they are refused by name: a re-run with the same settings resumes or re-exports).
     """
     t0 = time.time()
     taxonomy = training_taxonomy(shards)
@@ -60,8 +68,88 @@ def train(
         checkpoints = checkpoints or out.rstrip("/") + ".train/checkpoints"
     else:
         run_dir = str(Path(out).absolute()) + ".train"
+    if cfg.init_weights:
+        cfg = dataclasses.replace(cfg, init_weights=check_init_weights(cfg.init_weights, cfg.model, taxonomy))
+    _check_resources(cfg, num_cpus)
+    _check_out(shards, out, cfg, checkpoints or storage.join(run_dir, "checkpoints"), overwrite)
     best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints)
     return export_state(shards, out, best, taxonomy) | {"seconds": time.time() - t0}
+
+
+def _differences(saved: dict[str, Any], cfg: TrainConfig) -> str:
+    """The settings in which a saved training config differs from ``cfg``, as "name old → new"."""
+    now = dataclasses.asdict(cfg)
+    was = {**dataclasses.asdict(TrainConfig()), **saved}
+    return ", ".join(f"{k} {was[k]} → {now[k]}" for k in now if was.get(k) != now[k])
+
+
+def _check_out(shards: str, out: str, cfg: TrainConfig, checkpoints: str, overwrite: bool) -> None:
+    """Refuse, before any worker starts, an ``--out`` that training would destroy: anything but a new or
+    empty folder or a model artifact (the artifact is replaced atomically, and the folder with it), the
+    shard set itself, or a model or checkpoints trained with other settings (unless ``overwrite``)."""
+    if not storage.is_s3(out):
+        o, sh = Path(out).absolute(), Path(shards.removeprefix("file://")).absolute()
+        if o == sh or o in sh.parents or sh in o.parents:
+            raise ValueError(
+                f"--out {out} is the shard set, inside it, or holds it: give the model a folder of its own"
+            )
+    check_replaceable(out)
+    spec = storage.join(out, "model.json")
+    saved = storage.read_json(spec).get("training", {}).get("config") if storage.exists(spec) else None
+    if saved is not None and not same_config(saved, cfg) and not overwrite:
+        raise ValueError(
+            f"--out {out} holds a model trained with other settings ({_differences(saved, cfg)}): give "
+            "another --out, or add --overwrite to replace it"
+        )
+    state = ckpt.load(checkpoints)
+    if state is not None and not same_config(state["config"], cfg) and not overwrite:
+        raise ValueError(
+            f"{checkpoints} holds the checkpoints of a run with other settings ({_differences(state['config'], cfg)}),"
+            " which this run would replace: run the same command as before to resume it, give another --out "
+            "(or --storage), or add --overwrite to start again"
+        )
+
+
+def _check_resources(cfg: TrainConfig, num_cpus: float) -> None:
+    """A worker group the cluster cannot place waits for ever (Ray Train retries its start): refuse it."""
+    if cfg.gpu:
+        from fashionlabel.runtime import cluster_gpus
+
+        gpus = cluster_gpus()
+        if gpus < cfg.workers:
+            raise ValueError(
+                f"--gpu with --workers {cfg.workers} needs {cfg.workers} GPU(s); the Ray cluster has {gpus:g}"
+            )
+
+
+def check_init_weights(path: str, model_name: str, taxonomy: Taxonomy) -> str:
+    """``--init-weights`` made absolute (workers run elsewhere) and checked on the driver: a file that
+    torch loads safely as a state_dict (or a training checkpoint's ``model``) and that fits most of the
+    model; a file of another architecture would otherwise load silently as almost nothing."""
+    from fashionlabel.train.loop import init_state
+
+    p = Path(path).expanduser().absolute()
+    if not p.is_file():
+        raise ValueError(f"--init-weights {path}: no such file")
+    try:
+        state = init_state(str(p))
+    except Exception as e:  # noqa: BLE001 - one clear line, not torch's advice to unpickle it unsafely
+        raise ValueError(
+            f"--init-weights {path} is not a weights file torch loads safely ({type(e).__name__})"
+        ) from None
+    own = create_model(model_name, taxonomy).state_dict()
+    fits = {k for k, v in state.items() if k in own and getattr(v, "shape", None) == own[k].shape}
+    share = sum(own[k].numel() for k in fits) / max(1, sum(v.numel() for v in own.values()))
+    if share < 0.5:
+        raise ValueError(
+            f"--init-weights {path} fits {share:.0%} of {model_name}'s weights ({len(fits)} of {len(own)} "
+            "tensors): weights of another architecture, or an exported artifact in deployment form (fused; "
+            "start from its run's checkpoints/best.pt instead)?"
+        )
+    log.info(
+        "init weights: %d of %d tensors (%.0f%% of the weights) from %s", len(fits), len(own), 100 * share, p
+    )
+    return str(p)
 
 
 def _check_splits(shards: str) -> None:
@@ -122,8 +210,7 @@ def export_state(shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy
         "epochs_run": len(history),
         "weights": weights,
         "starts": best.get("starts", [0]),
-        "train_img_per_s_median": train_ips,
-    }
+    }  # no throughput: a measured rate would give the same weights another version
     # Deployment form: re-parameterisable blocks (RepVGG) fused into plain convs; same outputs, faster.
     deploy = reparameterize_model(model)
     metrics: dict[str, Any] = {}
@@ -147,7 +234,12 @@ def export_state(shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy
         model_kwargs=getattr(deploy, "model_kwargs", {}),
         finalize=finalize,
     )
-    return {"version": version, "metrics": metrics, "training": training, "out": out}
+    return {
+        "version": version,
+        "metrics": metrics,
+        "training": training | {"train_img_per_s_median": train_ips},  # per epoch in curves.json
+        "out": out,
+    }
 
 
 @torch.inference_mode()
