@@ -220,3 +220,16 @@ def test_the_same_weights_export_to_the_same_version_whatever_the_speed(small_sh
         assert r["training"]["train_img_per_s_median"] == speed  # still in the summary and curves.json
         versions.append(r["version"])
     assert versions[0] == versions[1]
+
+
+def test_ranks_take_whole_shards_only_while_that_keeps_them_balanced():
+    from fashionlabel.train.loop import _shares
+
+    # the bundled sample's shards: 2 ranks on whole shards would hold 1,500 and 1,000 products, and the
+    # smaller share would be cycled 1.5 times an epoch: every rank takes every 2nd product instead
+    assert _shares({"a": 1000, "b": 1000, "c": 500}, 2) is None
+    assert _shares({"a": 10, "b": 10}, 3) is None  # fewer shards than ranks
+    many = {f"s{i:02d}": 2000 for i in range(16)} | {"tail": 500}  # a full catalog: 16,500 / 16,000
+    shares = _shares(many, 2)
+    assert shares is not None and sorted(sum(shares, [])) == sorted(many)
+    assert {len(s) for s in shares} == {8, 9}

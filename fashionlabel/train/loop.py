@@ -90,8 +90,15 @@ def val_score(metrics: dict[str, Any]) -> float:
     return float(np.mean(vals)) if vals else 0.0
 
 
+# Whole shards per rank only while the ranks' training-sample counts stay this close: every rank runs the
+# steps of the largest share, so a smaller one is cycled and its products are seen more often per epoch.
+SHARE_BALANCE = 0.95
+
+
 def _shares(index_shards: dict[str, int], world: int) -> list[list[str]] | None:
-    """Greedy balance of shards over ranks by train-sample count; None when shards < ranks."""
+    """Greedy balance of shards over ranks by train-sample count. None (every rank then takes every
+    world-th product of all shards, an exact balance) when there are fewer shards than ranks or the
+    smallest share would fall below ``SHARE_BALANCE`` of the largest."""
     if len(index_shards) < world:
         return None
     shares: list[list[str]] = [[] for _ in range(world)]
@@ -100,6 +107,8 @@ def _shares(index_shards: dict[str, int], world: int) -> list[list[str]] | None:
         r = int(np.argmin(load))
         shares[r].append(shard)
         load[r] += n
+    if min(load) < SHARE_BALANCE * max(load):
+        return None
     return [sorted(s) for s in shares]
 
 
@@ -162,7 +171,7 @@ def _worker(config: dict[str, Any]) -> None:
     shares = config["shares"]
     if shares is not None:
         mine = load_samples(shares[rank], tax, size, split="train")
-    else:  # fewer shards than workers: interleave samples instead
+    else:  # too few shards to balance whole ones: interleave samples instead
         mine = load_samples(config["shards"], tax, size, split="train", rank=rank, world=world)
     val = load_samples(config["shards"], tax, size, split="val") if rank == 0 else None
 
