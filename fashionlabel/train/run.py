@@ -307,15 +307,25 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
         return
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax[0].plot(ep, [h["train_loss"] for h in history])
+    ax[0].plot(ep, [h["train_loss"] for h in history], marker="o")  # markers: one epoch is a point
     ax[0].set(title="training loss", xlabel="epoch")
     if any("val_score_ema" in h for h in history):  # both weight sets were validated
         for name in ("raw", "ema"):
-            ax[1].plot(ep, [h.get(f"val_score_{name}", np.nan) for h in history], label=f"{name} weights")
+            ax[1].plot(
+                ep, [h.get(f"val_score_{name}", np.nan) for h in history], marker="o", label=f"{name} weights"
+            )
         ax[1].legend()
     else:
-        ax[1].plot(ep, [h.get("val_score", np.nan) for h in history])
+        ax[1].plot(ep, [h.get("val_score", np.nan) for h in history], marker="o")
     ax[1].set(title="validation score (mean top-1 / recall@3)", xlabel="epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    for a in ax:  # whole epochs on the axis, not −0.04 … 0.04 around a single one
+        if len(ep) <= 12:
+            a.set_xticks(ep)
+        else:
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.set_xlim(min(ep) - 0.5, max(ep) + 0.5)
     _save_png(fig, path)
 
 
