@@ -131,8 +131,12 @@ def _accuracy_lines(m: dict[str, Any], split: str) -> dict[str, str]:
     lines = {}
     for h, hm in m["heads"].items():
         if "top1" in hm:
+            # what labelling writes for a head with a parent: the hierarchy-consistent choice
+            consistent = (
+                f" ({100 * hm['top1_consistent']:.1f}% as labelled)" if "top1_consistent" in hm else ""
+            )
             lines[f"{split} {h}"] = (
-                f"top-1 {100 * hm['top1']:.1f}%  top-5 {100 * hm['top5']:.1f}%  "
+                f"top-1 {100 * hm['top1']:.1f}%{consistent}  top-5 {100 * hm['top5']:.1f}%  "
                 f"macro-F1 {hm['macro_f1']:.2f}  (n={hm['n']})"
             )
         else:
