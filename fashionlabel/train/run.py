@@ -70,7 +70,7 @@ def train(
         run_dir = str(Path(out).absolute()) + ".train"
     if cfg.init_weights:
         cfg = dataclasses.replace(cfg, init_weights=check_init_weights(cfg.init_weights, cfg.model, taxonomy))
-    _check_resources(cfg, num_cpus)
+    _check_resources(cfg)
     _check_out(shards, out, cfg, checkpoints or storage.join(run_dir, "checkpoints"), overwrite)
     best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints)
     return export_state(shards, out, best, taxonomy) | {"seconds": time.time() - t0}
@@ -110,7 +110,7 @@ def _check_out(shards: str, out: str, cfg: TrainConfig, checkpoints: str, overwr
         )
 
 
-def _check_resources(cfg: TrainConfig, num_cpus: float) -> None:
+def _check_resources(cfg: TrainConfig) -> None:
     """A worker group the cluster cannot place waits for ever (Ray Train retries its start): refuse it."""
     if cfg.gpu:
         from fashionlabel.runtime import cluster_gpus
