@@ -30,12 +30,6 @@ def _print_summary(title: str, items: dict[str, Any]) -> None:
         print(f"  {k:<{width}}  {v}")
 
 
-def _rate(done_now: int, done: int, rate: float) -> str:
-    from fashionlabel.report import rate_text
-
-    return rate_text(done_now, done, rate)
-
-
 class _ShowDefaults(argparse.HelpFormatter):
     """Help that names each option's default where it has one (not "None" or "False")."""
 
@@ -59,6 +53,7 @@ def _fmt_reasons(reasons: dict[str, int]) -> str:
 
 # ---- subcommands ---------------------------------------------------------------------------------
 def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.report import rate_text
     from fashionlabel.shards import ShardConfig, shard_catalog
     from fashionlabel.taxonomy import Taxonomy
 
@@ -78,7 +73,7 @@ def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
         "reasons": _fmt_reasons(s.reasons),
         "shards": f"{s.shards} ({s.shards_skipped} already done)",
         "time": f"{s.seconds:.1f} s",
-        "throughput": _rate(s.packed_this_run, s.packed, s.images_per_s),
+        "throughput": rate_text(s.packed_this_run, s.packed, s.images_per_s),
         "output": s.out,
     }
     if s.incremental_from:
@@ -217,6 +212,7 @@ def _label_config(a: argparse.Namespace) -> Any:
 
 def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
     from fashionlabel.label.pipeline import label_shards
+    from fashionlabel.report import rate_text
 
     s = label_shards(a.shards, a.model, a.out, a.run_date, _label_config(a), incremental=a.incremental)
     out = {
@@ -230,7 +226,7 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
             if s["damaged_shards"]
             else {}
         ),
-        "throughput": _rate(s["labelled"] + s["errored"], s["shards_done_before"], s["images_per_s"]),
+        "throughput": rate_text(s["labelled"] + s["errored"], s["shards_done_before"], s["images_per_s"]),
         "time": f"{s['seconds']:.1f} s"
         + (
             f" (first labels back after {s['first_batch_seconds']:.1f} s)"

@@ -155,8 +155,6 @@ def run_nightly(
         root: the nightly root (local folder or s3:// prefix), see :class:`Layout`.
         date: YYYY-MM-DD (default: today, UTC).
     """
-    from fashionlabel.train.export import load_artifact
-
     t0 = time.time()
     date = settings.run_date(date)  # a clear error for a malformed date, before anything is written
     layout = Layout(storage.absolute(root))
@@ -172,7 +170,7 @@ def run_nightly(
         log.info("night %s is already complete: nothing to do", date)
         return done | {"already_complete": True}
     _check_night_order(layout, date)
-    _, spec = load_artifact(model)
+    spec = artifact_spec(model)  # checked on the driver; the actors build the model
     taxonomy: Taxonomy = spec["taxonomy_obj"]
     version = spec["version"]
 

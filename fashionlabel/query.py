@@ -24,39 +24,33 @@ import pyarrow.fs as pafs
 from fashionlabel import latest, storage
 
 
-def _runs(labels: str) -> list[str]:
-    """The ``run_date=D`` folder names under ``labels/history``, oldest first."""
-    fs, path = storage.filesystem(storage.join(labels, "history"))
-    return sorted(
+def run_folders(labels: str) -> dict[str, list[str]]:
+    """The file names in each ``labels/history/run_date=D/`` folder, oldest night first: one listing per
+    folder, shared by the ``history`` and ``nights`` views."""
+    base = storage.join(labels, "history")
+    fs, path = storage.filesystem(base)
+    runs = sorted(
         i.base_name
         for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         if i.type == pafs.FileType.Directory and i.base_name.startswith("run_date=")
     )
+    return {r: storage.listdir(storage.join(base, r)) for r in runs}
 
 
-def history_files(labels: str) -> list[str]:
-    """Every Parquet part under ``labels/history/run_date=*/``, oldest night first."""
+def history_files(labels: str, runs: dict[str, list[str]]) -> list[str]:
+    """Every Parquet part of the run folders ``runs`` (:func:`run_folders`), oldest night first."""
     base = storage.join(labels, "history")
-    return [
-        storage.join(base, r, n)
-        for r in _runs(labels)
-        for n in storage.listdir(storage.join(base, r), ".parquet")
-    ]
+    return [storage.join(base, r, n) for r, names in runs.items() for n in names if n.endswith(".parquet")]
 
 
-def finished_nights(labels: str) -> pa.Table:
+def finished_nights(runs: dict[str, list[str]]) -> pa.Table:
     """``run_date`` of every run folder that holds its ``_SUCCESS`` manifest, oldest first."""
-    base = storage.join(labels, "history")
-    dates = [
-        r.removeprefix("run_date=")
-        for r in _runs(labels)
-        if storage.exists(storage.join(base, r, "_SUCCESS"))
-    ]
+    dates = [r.removeprefix("run_date=") for r, names in runs.items() if "_SUCCESS" in names]
     return pa.table({"run_date": pa.array(dates, pa.string())})
 
 
-def history_dataset(labels: str) -> pads.Dataset | None:
-    files = history_files(labels)
+def history_dataset(labels: str, runs: dict[str, list[str]]) -> pads.Dataset | None:
+    files = history_files(labels, runs)
     if not files:
         return None
     fs, root = storage.filesystem(storage.join(labels, "history"))
@@ -89,13 +83,14 @@ def connect(labels: str):
     # Without this, a table name DuckDB does not know is looked up among the calling Python frame's
     # variables (a module named `latest` here): only the registered views are tables.
     con.execute("SET python_enable_replacements = false")
-    found = {"latest": latest_dataset(labels), "history": history_dataset(labels)}
+    runs = run_folders(labels)
+    found = {"latest": latest_dataset(labels), "history": history_dataset(labels, runs)}
     if not any(v is not None for v in found.values()):
         raise FileNotFoundError(f"no labels under {labels} (expected latest/_CURRENT.json or history/)")
     for name, ds in found.items():
         if ds is not None:
             con.register(name, ds)
-    con.register("nights", finished_nights(labels))
+    con.register("nights", finished_nights(runs))
     return con
 
 

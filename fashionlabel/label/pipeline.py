@@ -418,13 +418,12 @@ def _write_manifest(
 
 
 def artifact_spec(model_dir: str) -> dict[str, Any]:
-    """The artifact's model.json, version and taxonomy, checked on the driver as every actor will check it
-    (files present, weights that load safely and fit, content hash): a broken artifact is refused before
-    any folder is made, not in every actor's traceback."""
-    from fashionlabel.train.export import load_artifact
+    """The artifact's model.json, version and taxonomy, checked on the driver (files present, content
+    hash) without building the model: a broken artifact is refused before any folder is made, not in
+    every actor's traceback."""
+    from fashionlabel.train import export
 
-    _, spec = load_artifact(model_dir)
-    return spec
+    return export.artifact_spec(model_dir)
 
 
 def _skip_keys(

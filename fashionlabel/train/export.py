@@ -187,9 +187,9 @@ def _check_version(weights: bytes, spec_bytes: bytes, path: Path, name: str | Pa
     return want
 
 
-def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Return (model in eval mode, spec incl. ``version``, ``taxonomy_obj`` and ``local_path``) or raise
-    ArtifactError. ``path``: a folder or an ``s3://`` prefix."""
+def _read(path: str | Path) -> tuple[Path, dict[str, Any], bytes, bytes]:
+    """(local folder, parsed model.json with ``taxonomy_obj``, its bytes, the weights' bytes) of an
+    artifact, or ArtifactError for a missing folder or file or a malformed model.json."""
     path = fetch_artifact(str(path)) if storage.is_s3(path) else Path(path)
     if not path.is_dir():
         raise ArtifactError(f"model artifact {path} is not a folder")
@@ -200,11 +200,27 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
     spec_bytes, weights = (path / "model.json").read_bytes(), (path / "weights.pt").read_bytes()
     try:
         spec = json.loads(spec_bytes)
-        taxonomy = Taxonomy.from_dict(spec["taxonomy"])
-        arch, pre = spec["architecture"], spec["preprocessing"]
-        _ = pre["size"], pre["mean"], pre["std"]
+        spec["taxonomy_obj"] = Taxonomy.from_dict(spec["taxonomy"])
+        pre = spec["preprocessing"]
+        _ = spec["architecture"], pre["size"], pre["mean"], pre["std"]
     except (json.JSONDecodeError, KeyError, TypeError, TaxonomyError) as e:
         raise ArtifactError(f"model artifact {path}: model.json is malformed ({e!r})") from e
+    return path, spec, spec_bytes, weights
+
+
+def artifact_spec(path: str | Path) -> dict[str, Any]:
+    """The spec of :func:`load_artifact` (``version`` and ``taxonomy_obj`` included), checked as far as a
+    driver needs without building the model: files present, model.json well formed, content hash."""
+    local, spec, spec_bytes, weights = _read(path)
+    spec["version"] = _check_version(weights, spec_bytes, local, local)
+    return spec
+
+
+def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Return (model in eval mode, spec incl. ``version``, ``taxonomy_obj`` and ``local_path``) or raise
+    ArtifactError. ``path``: a folder or an ``s3://`` prefix."""
+    path, spec, spec_bytes, weights = _read(path)
+    taxonomy, arch = spec["taxonomy_obj"], spec["architecture"]
     try:
         # weights_only: a tampered file cannot run code on load (no arbitrary unpickling).
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
@@ -218,6 +234,5 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
     except (KeyError, RuntimeError, TypeError) as e:
         raise ArtifactError(f"model artifact {path}: weights do not fit {arch!r} ({str(e)[:300]})") from e
     spec["version"] = _check_version(weights, spec_bytes, path, path)
-    spec["taxonomy_obj"] = taxonomy
     spec["local_path"] = str(path)
     return model.to(device).eval(), spec
