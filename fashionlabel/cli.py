@@ -130,8 +130,12 @@ def _accuracy_lines(m: dict[str, Any], split: str) -> dict[str, str]:
             consistent = (
                 f" ({100 * hm['top1_consistent']:.1f}% as labelled)" if "top1_consistent" in hm else ""
             )
+            # top-k of a head with k classes or fewer is 100% by definition: not worth a column
+            topk = "".join(
+                f"  top-{k} {100 * hm[f'top{k}']:.1f}%" for k in (3, 5) if hm.get("classes", 0) > k
+            )
             lines[f"{split} {h}"] = (
-                f"top-1 {100 * hm['top1']:.1f}%{consistent}  top-5 {100 * hm['top5']:.1f}%  "
+                f"top-1 {100 * hm['top1']:.1f}%{consistent}{topk}  "
                 f"macro-F1 {hm['macro_f1']:.2f}  (n={hm['n']})"
             )
         else:
@@ -280,6 +284,7 @@ def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
     for k in b:
         if " top1" in k or " recall@3" in k:
             out[f"val {k}"] = f"{100 * b[k]:.1f}% → {100 * f[k]:.1f}%"
+    out |= _accuracy_lines(r["metrics"]["test"], "test (pruned)")
     out["time"] = f"{r['seconds']:.1f} s"
     _print_summary("prune", out)
     return out | {"raw": r}

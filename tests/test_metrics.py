@@ -73,7 +73,7 @@ def test_single_head_metrics_and_confusion_match_sklearn():
     y = rng.integers(-1, head.num_classes, 250)  # -1: unknown, masked
     m = head_metrics(head, p, y)
     known = y >= 0
-    assert m["n"] == known.sum()
+    assert m["n"] == known.sum() and m["classes"] == head.num_classes
     for k in (1, 3, 5):
         assert np.isclose(
             m[f"top{k}"], top_k_accuracy_score(y[known], p[known], k=k, labels=range(head.num_classes))
@@ -151,3 +151,23 @@ def test_declared_thresholds_decide_labels_and_review_zero_included():
     assert [r["needs_review"] for r in rows] == [True, False]
     assert [r["tags"] for r in rows] == [[], ["a", "c"]]
     assert [[s["label"] for s in r["tags_scores"]] for r in rows] == [["b", "a", "c"], ["a", "c", "b"]]
+
+
+def test_summaries_give_top_k_only_for_heads_with_more_than_k_classes():
+    from fashionlabel.cli import _accuracy_lines
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.metrics import head_metrics
+
+    tax = Taxonomy.load("fashion-product-images")
+    rng = np.random.default_rng(5)
+    heads = {}
+    for name in ("gender", "usage", "articleType"):
+        head = tax.head(name)
+        heads[name] = head_metrics(
+            head, rng.random((40, head.num_classes)), rng.integers(0, head.num_classes, 40)
+        )
+    lines = _accuracy_lines({"heads": heads}, "test")
+    assert tax.head("gender").num_classes == 5  # top-5 of 5 classes is always 100%
+    assert "top-3" in lines["test gender"] and "top-5" not in lines["test gender"]
+    assert "top-3" in lines["test usage"] and "top-5" in lines["test usage"]
+    assert f"top-5 {100 * heads['articleType']['top5']:.1f}%" in lines["test articleType"]

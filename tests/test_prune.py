@@ -105,8 +105,14 @@ def test_prune_command_writes_a_loadable_smaller_artifact(small_shards, tmp_path
     pruned, spec = load_artifact(out)
     assert spec["model_kwargs"]["mid_channels"] == {"0": [46, 46], "3": [46, 46]}
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["val"]["params"] < metrics["val_before_pruning"]["params"]
-    assert metrics["val"]["flops"] < metrics["val_before_pruning"]["flops"]
+    pruning = metrics.pop("pruning")
+    assert pruning["after"]["params"] < pruning["before"]["params"]
+    assert pruning["after"]["flops"] < pruning["before"]["flops"]
+    # the rest has a trained artifact's shape: the calibrated pruned model evaluated on val and test
+    assert set(metrics) == {"val", "test"}
+    assert metrics == {s: json.loads((out / f"evaluation-{s}.json").read_text()) for s in ("val", "test")}
+    assert metrics["test"]["n_products"] > 0 and "articleType" in metrics["test"]["heads"]
+    assert "test (pruned) articleType" in printed
     assert set(spec["calibration"]["temperature"]) == {h.name for h in TAX.single_heads}
     assert (
         run(

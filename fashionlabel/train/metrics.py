@@ -68,6 +68,7 @@ def head_metrics(head: Head, probs: np.ndarray, y: np.ndarray) -> dict[str, Any]
         pred = probs.argmax(axis=1)
         return {
             "n": known,
+            "classes": head.num_classes,
             "top1": topk_accuracy(probs, y, 1),
             "top3": topk_accuracy(probs, y, 3),
             "top5": topk_accuracy(probs, y, 5),

@@ -14,8 +14,10 @@ Sampling: ``positions`` random spatial positions per calibration image (the pape
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -238,6 +240,17 @@ def prune_artifact(
     before["label_img_per_cpu_s"], after["label_img_per_cpu_s"] = _cpu_speeds(
         model, pruned, size, speed_rounds
     )
+    metrics: dict[str, Any] = {}
+
+    def finalize(staged: Path) -> None:
+        # The same metrics.json as a trained artifact's (val and test of the calibrated model, plus the
+        # evaluation files), with the before/after figures beside them; written before publishing.
+        from fashionlabel.train.run import evaluate
+
+        metrics.update({s: evaluate(str(staged), shards, s)["metrics"] for s in ("val", "test")})
+        metrics["pruning"] = {"before": before, "after": after}
+        (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+
     version = save_artifact(
         out,
         pruned,
@@ -246,13 +259,14 @@ def prune_artifact(
         preprocessing=pre,
         calibration=calibrate(tax, logits, val.targets),
         model_kwargs=pruned.model_kwargs,
-        metrics={"val_before_pruning": before, "val": after},
         training=spec.get("training", {})
         | {"pruned_from": spec["version"], "pruned_blocks": list(blocks), "keep": keep},
+        finalize=finalize,
     )
     return {
         "before": before,
         "after": after,
+        "metrics": metrics,
         "version": version,
         "seconds": seconds,
         "out": out,
