@@ -18,6 +18,7 @@ import io
 import json
 import os
 import re
+import stat
 import time
 import unicodedata
 import urllib.error
@@ -371,11 +372,21 @@ def _fetch_once(uri: str, timeout: float, max_bytes: int) -> bytes:
                 return f.read()
         if ANY_SCHEME.match(uri) and not REMOTE.match(uri):
             raise FetchError("image_unreadable", f"unsupported URI scheme in {uri[:80]}")
-        with open(uri.removeprefix("file://"), "rb") as f:  # one open + fstat: this runs per image
-            size = os.fstat(f.fileno()).st_size
-            if size > max_bytes:
-                raise FetchError("image_too_large", f"{size} bytes, limit {max_bytes}")
-            return f.read()
+        # One open + fstat: this runs per image. Non-blocking, so a FIFO cannot hang the task; only regular
+        # files are read (a device like /dev/zero has size 0 and never ends), and never past the limit.
+        fd = os.open(uri.removeprefix("file://"), os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise FetchError("image_not_found", "a folder, not a file")
+            if not stat.S_ISREG(st.st_mode):
+                raise FetchError("image_unreadable", "not a regular file")
+            if st.st_size > max_bytes:
+                raise FetchError("image_too_large", f"{st.st_size} bytes, limit {max_bytes}")
+            data = f.read(max_bytes + 1)
+            if len(data) > max_bytes:  # grew since fstat
+                raise FetchError("image_too_large", f"over {max_bytes} bytes")
+            return data
     except FetchError:
         raise
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:

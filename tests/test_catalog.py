@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -164,6 +166,12 @@ def test_fetch_local(tmp_path):
     assert _reason(str(tmp_path)) == "image_not_found"  # a folder is not an image file
     assert _reason(str(tmp_path / "a.jpg"), max_bytes=2) == "image_too_large"
     assert _reason("gs://bucket/a.jpg") == "image_unreadable"
+    # not regular files: a device never ends and a FIFO blocks a plain open; both must be refused at once
+    os.mkfifo(tmp_path / "pipe.jpg")
+    t0 = time.time()
+    assert _reason(str(tmp_path / "pipe.jpg")) == "image_unreadable"
+    assert _reason("/dev/zero") == "image_unreadable"
+    assert time.time() - t0 < 5
 
 
 class _Flaky(http.server.BaseHTTPRequestHandler):

@@ -233,3 +233,50 @@ def test_ranks_take_whole_shards_only_while_that_keeps_them_balanced():
     shares = _shares(many, 2)
     assert shares is not None and sorted(sum(shares, [])) == sorted(many)
     assert {len(s) for s in shares} == {8, 9}
+
+
+def test_replacing_an_artifact_never_leaves_the_folder_empty(tmp_path, monkeypatch):
+    """The new artifact is swapped in with one rename-exchange: at no moment is there no model at ``out``.
+    Where the filesystem cannot swap, a kill between the two renames is undone by the next export."""
+    from pathlib import Path
+
+    from fashionlabel import storage
+    from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
+    from fashionlabel.models import create_model
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.export import save_artifact
+
+    tax = Taxonomy.load("fashion-product-images")
+    pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    out = tmp_path / "m"
+
+    def save(seed: int) -> str:
+        torch.manual_seed(seed)
+        model = create_model("fl_tiny", tax)
+        return save_artifact(out, model, architecture="fl_tiny", taxonomy=tax, preprocessing=pre)
+
+    v1 = save(1)
+    real_rename = Path.rename
+    with monkeypatch.context() as m:  # any rename of the published folder would now kill the export
+        m.setattr(Path, "rename", lambda self, target: (_ for _ in ()).throw(AssertionError("rename")))
+        v2 = save(2)
+    assert (out / "version").read_text().strip() == v2 != v1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the previous artifact is gone too
+
+    calls = []
+
+    def die_on_second_rename(self, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        return real_rename(self, target)
+
+    with monkeypatch.context() as m:
+        m.setattr(storage, "exchange", lambda a, b: False)
+        m.setattr(Path, "rename", die_on_second_rename)
+        with pytest.raises(KeyboardInterrupt):
+            save(3)
+    assert not out.exists()  # the window the exchange closes
+    v4 = save(4)  # the next export puts the previous artifact back first, then replaces it
+    assert (out / "version").read_text().strip() == v4
+    assert not list(tmp_path.glob(".m.*.old"))

@@ -5,8 +5,9 @@
     MODEL/metrics.json   validation/test metrics
     MODEL/version        content hash of weights + model.json
 
-The folder is written under a temporary name and renamed into place, so a reader never sees half of one:
-files that need the finished artifact (evaluation, curves) are written by ``finalize`` before the rename.
+The folder is written under a temporary name and swapped into place in one step, so a reader sees the
+previous artifact or the new one, never half of one and never none: files that need the finished artifact
+(evaluation, curves) are written by ``finalize`` before the swap.
 
 MODEL may also be an ``s3://`` prefix, so a cluster's nodes take the model from the object store instead of
 from their image. It is staged locally and uploaded with ``version`` last; a reader downloads it once per
@@ -99,14 +100,30 @@ def save_artifact(
         finally:
             shutil.rmtree(out.parent, ignore_errors=True)
         return version
-    if out.exists():
+    _publish(tmp, out)
+    return version
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Put the staged folder at ``out`` so that ``out`` always holds a whole artifact, old or new."""
+    _restore_interrupted(out)
+    if not out.exists():
+        tmp.rename(out)
+    elif storage.exchange(tmp, out):  # one step: the previous artifact is now at tmp
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:  # a filesystem that cannot swap: two renames, undone by the next export if killed between
         old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return version
+
+
+def _restore_interrupted(out: Path) -> None:
+    """An export killed between its two renames left the previous artifact at ``.<name>.*.old``: put it back."""
+    if not out.exists():
+        olds = sorted(out.parent.glob(f".{out.name}.*.old"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            olds[-1].rename(out)
 
 
 def check_replaceable(out: str | Path) -> None:
