@@ -154,6 +154,11 @@ class Taxonomy:
             parent = self.head(h.parent)
             if parent.kind != "single" or h.kind != "single":
                 raise TaxonomyError(f"hierarchy {h.parent} -> {h.name}: both heads must be single")
+            seen = [h.name]
+            while (up := self.head(seen[-1]).parent) is not None:  # coarse → fine must end somewhere
+                if up in seen:
+                    raise TaxonomyError(f"parents loop: {' -> parent '.join([*seen, up])}")
+                seen.append(up)
             if h.values is not None and parent.values is not None:
                 bad = [v for v in h.values if h.parent_map.get(v) not in parent.index]
                 if bad:
@@ -194,19 +199,15 @@ class Taxonomy:
         return tuple(h for h in self.heads if h.kind == "single")
 
     @property
-    def multi_heads(self) -> tuple[Head, ...]:
-        return tuple(h for h in self.heads if h.kind == "multi")
-
-    @property
     def columns(self) -> set[str]:
         return {h.column for h in self.heads}
 
     def chains(self) -> list[list[Head]]:
         """Hierarchies as coarse → fine chains, one per leaf head that has a parent."""
-        children = {h.parent for h in self.heads if h.parent}
+        parents = {h.parent for h in self.heads if h.parent}
         chains = []
         for leaf in self.heads:
-            if leaf.parent is None or leaf.name in children:
+            if leaf.parent is None or leaf.name in parents:
                 continue
             chain = [leaf]
             while chain[-1].parent:

@@ -62,6 +62,16 @@ def test_invalid_label_and_hierarchy_check():
     art["parent_map"]["Tshirts"] = "Nowhere"
     with pytest.raises(TaxonomyError, match="without a parent"):
         Taxonomy.from_dict(d)
+    # a loop of parents would never end a coarse → fine chain (chains() would spin for ever)
+    loop = {
+        "name": "loop",
+        "heads": [
+            {"name": "b", "kind": "single", "values": ["y"], "parent": "c", "parent_map": {"y": "z"}},
+            {"name": "c", "kind": "single", "values": ["z"], "parent": "b", "parent_map": {"z": "y"}},
+        ],
+    }
+    with pytest.raises(TaxonomyError, match="parents loop: b -> parent c -> parent b"):
+        Taxonomy.from_dict(loop)
 
 
 def test_learn_values_keeps_not_visible_first():

@@ -280,3 +280,23 @@ def test_replacing_an_artifact_never_leaves_the_folder_empty(tmp_path, monkeypat
     v4 = save(4)  # the next export puts the previous artifact back first, then replaces it
     assert (out / "version").read_text().strip() == v4
     assert not list(tmp_path.glob(".m.*.old"))
+
+
+def test_a_taxonomy_of_multi_label_heads_only_evaluates(small_shards, tmp_path):
+    """No single head: no confusion matrix to draw, but every metric of the multi head is there."""
+    from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
+    from fashionlabel.models import create_model
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.export import save_artifact
+    from fashionlabel.train.run import evaluate
+
+    full = Taxonomy.load("fashion-product-images").to_dict()
+    tax = Taxonomy.from_dict(full | {"heads": [h for h in full["heads"] if h["kind"] == "multi"]})
+    assert not tax.single_heads
+    pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    save_artifact(
+        tmp_path / "m", create_model("fl_tiny", tax), architecture="fl_tiny", taxonomy=tax, preprocessing=pre
+    )
+    r = evaluate(str(tmp_path / "m"), str(small_shards), "test")
+    assert set(r["metrics"]["heads"]) == {"attributes"} and r["metrics"]["heads"]["attributes"]["n"] > 0
+    assert not list((tmp_path / "m").glob("confusion-*.png"))

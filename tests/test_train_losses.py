@@ -63,5 +63,21 @@ def test_label_smoothing_applies_to_single_heads():
     y = {"cat": torch.tensor([0]), "att": torch.zeros(1, 2)}
     plain = MultiTaskLoss(TAX)(z, y)[1]["cat"]
     smooth = MultiTaskLoss(TAX, label_smoothing=0.1)(z, y)[1]["cat"]
-    assert math.isclose(smooth, float(F.cross_entropy(z["cat"], y["cat"], label_smoothing=0.1)), rel_tol=1e-6)
+    assert math.isclose(
+        float(smooth), float(F.cross_entropy(z["cat"], y["cat"], label_smoothing=0.1)), rel_tol=1e-6
+    )
     assert smooth > plain
+
+
+def test_a_head_without_known_labels_in_the_batch_adds_nothing():
+    z = {"cat": torch.randn(3, 3), "att": torch.randn(3, 2)}
+    nan = float("nan")
+    y = {"cat": torch.tensor([-1, -1, -1]), "att": torch.tensor([[1.0, 0], [nan, nan], [0, 1]])}
+    total, parts = MultiTaskLoss(TAX)(z, y)
+    assert float(parts["cat"]) == 0.0 and torch.isfinite(total)
+    assert math.isclose(float(total), 10.0 * float(parts["att"]), rel_tol=1e-6)
+    only_att = MultiTaskLoss(TAX, uncertainty=True)
+    total, parts = only_att(z, y)
+    total.backward()  # the unlabelled head's log-variance gets no gradient: nothing was observed
+    assert only_att.log_vars.grad[0] == 0 and only_att.log_vars.grad[1] != 0
+    assert math.isclose(float(total.detach()), float(parts["att"]), rel_tol=1e-6)  # exp(-0)·L + 0

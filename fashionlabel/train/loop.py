@@ -174,6 +174,17 @@ def _worker(config: dict[str, Any]) -> None:
     else:  # too few shards to balance whole ones: interleave samples instead
         mine = load_samples(config["shards"], tax, size, split="train", rank=rank, world=world)
     val = load_samples(config["shards"], tax, size, split="val") if rank == 0 else None
+    for name, part in (("training", mine), ("validation", val)):
+        if part is not None and part.errors:  # packed but undecodable: trained without, and said so
+            pid, why = next(iter(part.errors.items()))
+            log.warning(
+                "rank %d: %d %s images could not be decoded and are left out (e.g. %s: %s)",
+                rank,
+                len(part.errors),
+                name,
+                pid,
+                why,
+            )
 
     device = ray.train.torch.get_device()
     per_worker = max(1, cfg.batch_size // world)
@@ -181,7 +192,7 @@ def _worker(config: dict[str, Any]) -> None:
     parts = _build(cfg, tax, device, steps, rank)
     progress = _resume(config["ckpt_dir"], parts, cfg, tax, rank)
     targets = {k: torch.as_tensor(v) for k, v in mine.targets.items()}
-    stop = torch.zeros(1)
+    stop = torch.zeros(1, device=device)  # NCCL (--gpu) broadcasts device tensors only
     for epoch in range(progress.start, cfg.epochs):
         if progress.stopped:
             break
@@ -286,7 +297,7 @@ def _train_epoch(
     order = np.concatenate(
         [np.random.permutation(n) for _ in range(math.ceil(steps * per_worker / max(1, n)))]
     )[: steps * per_worker]
-    running = 0.0
+    running = torch.zeros((), device=device)  # summed on the device: one host sync per epoch, not per step
     batches = (order[s * per_worker : (s + 1) * per_worker] for s in range(steps))
     for batch, y in BatchPrefetcher(images, targets, batches, device):
         x = augment(to_input(batch, config["mean"], config["std"], device))
@@ -299,8 +310,8 @@ def _train_epoch(
         parts.sched.step()
         if parts.ema is not None:
             parts.ema.update()
-        running += float(loss.detach())
-    return running / steps
+        running += loss.detach()
+    return float(running) / steps
 
 
 def _validate_and_save(

@@ -26,26 +26,32 @@ class MultiTaskLoss(nn.Module):
 
     def forward(
         self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total loss and each head's (detached) loss.
+
+        Unknowns are masked arithmetically, not by boolean indexing or ``if known.any()``: either would
+        wait for the GPU at every head of every step. A head with no known label in the batch adds 0.
+        """
         total = torch.zeros((), device=next(iter(logits.values())).device)
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor] = {}
         for i, h in enumerate(self.heads):
             z, y = logits[h.name].float(), targets[h.name]
             if h.kind == "single":
-                known = y >= 0
-                if not known.any():
-                    continue
-                loss = F.cross_entropy(z[known], y[known], label_smoothing=self.label_smoothing)
+                known = (y >= 0).float()
+                per = F.cross_entropy(
+                    z, y.clamp(min=0), reduction="none", label_smoothing=self.label_smoothing
+                )
+                loss = (per * known).sum() / known.sum().clamp(min=1)
             else:
-                known = ~torch.isnan(y).any(dim=1)
-                if not known.any():
-                    continue
-                z, y = z[known], y[known]
-                w = torch.where(y > 0.5, h.w_pos, h.w_neg)
-                loss = F.binary_cross_entropy_with_logits(z, y, weight=w)
-            parts[h.name] = float(loss.detach())
+                known = (~torch.isnan(y).any(dim=1)).float()
+                y = torch.nan_to_num(y, nan=0.0)
+                w = torch.where(y > 0.5, h.w_pos, h.w_neg) * known[:, None]
+                per = F.binary_cross_entropy_with_logits(z, y, weight=w, reduction="sum")
+                loss = per / (known.sum() * y.shape[1]).clamp(min=1)
+            parts[h.name] = loss.detach()
             if self.log_vars is not None:
-                total = total + torch.exp(-self.log_vars[i]) * loss + self.log_vars[i]
+                present = (known.sum() > 0).float()  # no labels, no evidence about this head's variance
+                total = total + present * (torch.exp(-self.log_vars[i]) * loss + self.log_vars[i])
             else:
                 total = total + self.weights[h.name] * loss
         return total, parts

@@ -282,12 +282,14 @@ def evaluate(
     storage.write_bytes(
         out_dir / f"evaluation-{split or 'all'}.json", json.dumps(metrics, indent=2, default=float).encode()
     )
-    fine = tax.chains()[-1][-1] if tax.chains() else tax.single_heads[0]
-    _plot_confusion(
-        confusion(probs[fine.name].argmax(1), samples.targets[fine.name], fine.num_classes),
-        fine,
-        out_dir / f"confusion-{fine.name}-{split or 'all'}.png",
-    )
+    # the finest level of the hierarchy, else the first single head; a multi-label-only taxonomy has none
+    fine = tax.chains()[-1][-1] if tax.chains() else next(iter(tax.single_heads), None)
+    if fine is not None:
+        _plot_confusion(
+            confusion(probs[fine.name].argmax(1), samples.targets[fine.name], fine.num_classes),
+            fine,
+            out_dir / f"confusion-{fine.name}-{split or 'all'}.png",
+        )
     return {
         "metrics": metrics,
         "version": pred.version,
