@@ -6,7 +6,7 @@ reason string (``REASONS``). It raises ``CatalogError`` only when the catalog as
 
 Validation is split in two so that the driver of a sharding job stays light (Amdahl): ``check_ids`` (ids,
 duplicates, URIs: needs the whole catalog, cheap) runs once on the driver; ``check_labels`` (taxonomy
-mining and value checks: per row, costly) runs inside the packing tasks. ``validate`` does both.
+mining and value checks: per row, costly) runs inside the packing tasks. ``validate`` does both, for callers that hold a whole catalog in hand.
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ def check_ids(rows: list[dict[str, Any]], catalog_uri: str) -> tuple[list[Catalo
     """Id, duplicate and URI checks (need the whole catalog; cheap). Keeps catalog order."""
     ok: list[CatalogRow] = []
     bad: list[Rejected] = []
-    seen: set[str] = set()
+    seen: dict[str, str | None] = {}  # product id -> None if its first row was kept, else why it was not
     keys: dict[str, str] = {}
     for r in rows:
         raw_id, raw_uri = r.get("product_id"), r.get("image_uri")
@@ -294,14 +294,15 @@ def check_ids(rows: list[dict[str, Any]], catalog_uri: str) -> tuple[list[Catalo
         elif why := id_problem(pid):
             bad.append(Rejected(pid, uri, "invalid_product_id", why))
         elif pid in seen:
-            bad.append(Rejected(pid, uri, "duplicate_product_id", "first occurrence kept"))
+            first = "first occurrence kept" if seen[pid] is None else f"first occurrence was {seen[pid]}"
+            bad.append(Rejected(pid, uri, "duplicate_product_id", first))
         elif (key := product_key(pid)) in keys:  # needs a 64-bit hash collision or an id crafted to hit one
             bad.append(Rejected(pid, uri, "duplicate_product_id", f"its shard key is taken by {keys[key]!r}"))
         elif not uri.strip():
-            seen.add(pid)
+            seen[pid] = "missing_image_uri"
             bad.append(Rejected(pid, uri, "missing_image_uri", "image_uri is empty"))
         else:
-            seen.add(pid)
+            seen[pid] = None
             keys[key] = pid
             extra = {k: v for k, v in r.items() if k not in ("product_id", "image_uri")}
             ok.append(CatalogRow(pid, key, resolve_uri(uri, catalog_uri), extra))

@@ -347,7 +347,8 @@ def cmd_models(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
-    """Shard → train → evaluate → label → report on the bundled sample, then check the table in DuckDB."""
+    """Shard → train (with its held-out test metrics) → label → report on the bundled sample, then check the
+    table in DuckDB."""
     import duckdb
 
     t0 = time.time()
@@ -609,7 +610,6 @@ def run(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     # Ray Train gives a worker group 60 s to start; a busy machine needs longer (read by the local Ray).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     try:

@@ -38,10 +38,6 @@ def latest_schema(taxonomy: Taxonomy) -> pa.Schema:
     return pa.schema(list(labels_schema(taxonomy)) + LATEST_EXTRA)
 
 
-def latest_dir(labels: str) -> str:
-    return storage.join(labels, "latest")
-
-
 def snapshot_dir(labels: str, date: str) -> str:
     return storage.join(labels, "latest", "snapshots", date)
 
@@ -53,11 +49,6 @@ def snapshots(labels: str) -> list[str]:
     dirs = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     dates = sorted(i.base_name for i in dirs if i.type == pafs.FileType.Directory)
     return [d for d in dates if storage.exists(storage.join(base, d, "_SUCCESS"))]
-
-
-def snapshot_files(labels: str, date: str) -> list[str]:
-    d = snapshot_dir(labels, date)
-    return [storage.join(d, n) for n in storage.listdir(d, ".parquet")]
 
 
 def current(labels: str) -> dict | None:
@@ -73,7 +64,10 @@ def current_files(labels: str) -> list[str]:
 
 
 def read_snapshot(labels: str, date: str) -> pa.Table:
-    files = snapshot_files(labels, date)
+    """The rows of complete snapshot ``date``: the files its ``_SUCCESS`` names, not whatever the folder
+    holds (a killed earlier publish of the same night may have left more parts there)."""
+    pointer = storage.read_json(storage.join(snapshot_dir(labels, date), "_SUCCESS"))
+    files = [storage.join(labels, "latest", f) for f in pointer["files"]]
     return pa.concat_tables([storage.read_parquet(f) for f in files]) if files else pa.table({})
 
 

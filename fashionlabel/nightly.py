@@ -31,9 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from fashionlabel import latest, settings, storage
-from fashionlabel.label.pipeline import LabelConfig, artifact_spec, label_shards
+from fashionlabel.label.pipeline import LabelConfig, label_shards
 from fashionlabel.shards import ShardConfig
 from fashionlabel.taxonomy import Taxonomy
+from fashionlabel.train.export import artifact_spec
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,18 @@ def run_nightly(
     t_shard = time.time()
 
     night = label_shards(layout.night_shards(date), model, layout.labels, date, cfg.label)
-    relabel = _relabel(layout, date, model, version, before, shard["night_ids"], members, cfg)
+    relabel = _relabel(
+        layout,
+        date,
+        model,
+        version,
+        previous,
+        before,
+        shard["night_ids"],
+        members,
+        cfg.relabel_older_than_days,
+        cfg.label,
+    )
     t_label = time.time()
 
     history = _read_history(layout, date, taxonomy)
@@ -346,19 +358,24 @@ def _relabel(
     date: str,
     model: str,
     version: str,
+    snap: pa.Table | None,
     before: pa.Table,
     night_ids: set[str],
     members: set[str],
-    cfg: NightlyConfig,
+    older_than_days: int | None,
+    label_cfg: LabelConfig,
 ) -> dict[str, Any]:
-    """Relabel active products whose current label is from another model (or too old), from their shards."""
-    prev_dates = [s for s in latest.snapshots(layout.labels) if s < date]
-    if not prev_dates:
+    """Relabel active products whose current label is from another model (or too old), from their shards.
+
+    Args:
+        snap: the previous night's ``latest`` snapshot (None on the first night: nothing to relabel).
+        before: where each product's current image was sharded (``product_map``).
+    """
+    if snap is None:
         return {"labelled": 0, "errored": 0, "reason": None, "products": 0}
-    snap = latest.read_snapshot(layout.labels, prev_dates[-1])
     cutoff = None
-    if cfg.relabel_older_than_days is not None:
-        cutoff = dt.date.fromisoformat(date) - dt.timedelta(days=cfg.relabel_older_than_days)
+    if older_than_days is not None:
+        cutoff = dt.date.fromisoformat(date) - dt.timedelta(days=older_than_days)
     old_model = {
         p
         for p, v in zip(snap["product_id"].to_pylist(), snap["model_version"].to_pylist(), strict=True)
@@ -380,7 +397,7 @@ def _relabel(
         r
         for r, s in (
             ("model version changed", old_model & want),
-            (f"labels older than {cfg.relabel_older_than_days} days", too_old & want),
+            (f"labels older than {older_than_days} days", too_old & want),
             ("never labelled", missing & want),
         )
         if s
@@ -402,7 +419,7 @@ def _relabel(
             if not (p in want and p in here and here[p]["sha256"] == s)
         }
         work = layout.relabel_work(date, night)
-        s = label_shards(layout.night_shards(night), model, work, date, cfg.label, skip=skip)
+        s = label_shards(layout.night_shards(night), model, work, date, label_cfg, skip=skip)
         totals["labelled"] += s["labelled"]
         totals["errored"] += s["errored"]
         # Publish the parts into the night's history under names that cannot collide with its own shards.

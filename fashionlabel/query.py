@@ -73,7 +73,7 @@ def latest_dataset(labels: str) -> pads.Dataset | None:
 
 
 def connect(labels: str):
-    """A DuckDB connection with the views ``latest`` and ``history`` of ``labels`` registered.
+    """A DuckDB connection with the views ``latest``, ``history`` and ``nights`` of ``labels`` registered.
 
     Raises FileNotFoundError when neither table has any file yet.
     """

@@ -99,6 +99,13 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
+def cluster_nodes() -> int:
+    """Nodes of the cluster that are alive."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
 def cluster_gpus() -> float:
     import ray
 

@@ -395,7 +395,7 @@ def shard_catalog(
         taxonomy: label columns are validated against it; it is saved in ``stats.json``.
         cfg: packing settings.
         incremental_from: a previous shards folder (or its ``index.parquet``): pack only products that are
-            new or whose source bytes changed (sha256).
+            new, whose source bytes changed (sha256) or whose labels changed.
     """
     import ray
 

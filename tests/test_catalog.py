@@ -142,6 +142,15 @@ def test_ids_duplicates_and_labels():
         ]
     )
     assert {b.reason for b in bad} <= set(REASONS)
+    assert next(b.detail for b in bad if b.product_id == "a1") == "first occurrence kept"
+    # the first row of an id quarantined: the duplicate says so instead of claiming a kept row
+    _, bad = validate(
+        [{"product_id": "b", "image_uri": ""}, {"product_id": "b", "image_uri": "b.jpg"}], "/c.csv", tax
+    )
+    assert [(b.reason, b.detail) for b in bad] == [
+        ("missing_image_uri", "image_uri is empty"),
+        ("duplicate_product_id", "first occurrence was missing_image_uri"),
+    ]
 
 
 def test_resolve_uri(tmp_path):

@@ -455,3 +455,35 @@ def test_compiled_labelling_actors_build_the_package_once_and_the_summary_says_s
         .fetchall()
     )
     assert agree[0][0] == 299 and agree[0][1] >= 296  # compiled kernels round differently, rarely a label
+
+
+def test_a_batch_delivered_twice_neither_duplicates_nor_completes_a_shard_early(tmp_path):
+    from fashionlabel.label.writer import PartWriter
+
+    tax = Taxonomy.load("fashion-product-images")
+    schema = labels_schema(tax)
+
+    def batch(ids: list[str]) -> pa.Table:
+        n = len(ids)
+        cols = {f.name: pa.nulls(n, f.type) for f in schema}
+        cols |= {
+            "product_id": pa.array(ids),
+            "model_version": pa.array(["v"] * n),
+            "taxonomy_version": pa.array([tax.version] * n),
+            "run_id": pa.array(["r"] * n),
+            "labeled_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
+            "shard": pa.array(["/s/shard-000000.tar"] * n),
+            "shard_rows": pa.array([4] * n),
+            "shard_skipped": pa.array([0] * n),
+            "marker": pa.array([False] * n),
+            "shard_damage": pa.nulls(n, pa.string()),
+        }
+        return pa.table(cols)
+
+    w = PartWriter(str(tmp_path), schema, "v")
+    w.add(batch(["a", "b"]))
+    w.add(batch(["a", "b"]))  # the same batch again: 4 rows arrived, but only 2 of the 4 products
+    assert w.counts["files"] == 0 and w.incomplete == ["/s/shard-000000.tar"]
+    w.add(batch(["c", "d"]))
+    assert w.counts["files"] == 1 and w.counts["labelled"] == 4
+    assert pq.read_table(tmp_path / "part-shard-000000.parquet")["product_id"].to_pylist() == list("abcd")

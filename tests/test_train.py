@@ -56,6 +56,18 @@ def test_malformed_artifacts_are_rejected(tiny_model, tmp_path):
     torch.save({"x": Evil()}, bad / "weights.pt")
     with pytest.raises(ArtifactError, match="cannot be loaded safely"):
         load_artifact(bad)
+    import shutil
+
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    version = (copy / "version").read_text().strip()
+    (copy / "version").write_text(version[:8] + "\n")  # a prefix: two versions for one set of weights
+    with pytest.raises(ArtifactError, match="do not match its version"):
+        load_artifact(copy)
+    (copy / "version").write_text(version + "\n")
+    spec = json.loads((copy / "model.json").read_text())
+    (copy / "model.json").write_text(json.dumps(spec | {"format": 2}))
+    with pytest.raises(ArtifactError, match="has format 2; this fashionlabel reads format 1 and earlier"):
+        load_artifact(copy)
 
 
 def test_deploy_artifact_holds_reparameterized_weights(tmp_path):
@@ -170,6 +182,16 @@ def test_train_refuses_an_out_it_would_destroy_and_settings_it_cannot_run(
     with pytest.raises(ValueError, match=r"--gpu with --workers 2 needs 2 GPU\(s\); the Ray cluster has 0"):
         train(str(small_shards), str(tmp_path / "g"), TrainConfig(model="fl_tiny", gpu=True), 2)
     assert not (tmp_path / "g").exists() and not (tmp_path / "g.train").exists()
+    # on several nodes a default local checkpoint folder is a different folder on each node
+    from fashionlabel.train.run import _check_checkpoint_reach
+
+    _check_checkpoint_reach(str(tmp_path / "m"), None)  # this cluster: one node
+    with pytest.raises(
+        ValueError, match=r"has 3 nodes and --out .*m is a local folder: give --storage s3://"
+    ):
+        _check_checkpoint_reach(str(tmp_path / "m"), None, nodes=3)
+    _check_checkpoint_reach(str(tmp_path / "m"), "/mnt/shared/ckpt", nodes=3)
+    _check_checkpoint_reach("s3://bucket/m", None, nodes=3)
 
 
 def test_init_weights_are_checked_before_training(tiny_model, tmp_path):

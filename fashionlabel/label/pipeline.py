@@ -308,6 +308,7 @@ def label_shards(
         progress: called with the row count of every batch that comes back from the actors.
     """
     from fashionlabel.runtime import cluster_cpus, cluster_gpus
+    from fashionlabel.train.export import artifact_spec  # torch: not in the read tasks that import this
 
     t0 = time.time()
     model_dir = storage.absolute(model_dir)
@@ -315,6 +316,8 @@ def label_shards(
     plan = plan_resources(cfg, cluster_cpus(), cluster_gpus())
     out_dir = storage.join(out, "history", f"run_date={run_date}")
     uris = list_shards(shards)
+    # the artifact is checked on the driver (files, content hash) without building the model: a broken
+    # one is refused before any folder is made, not in every actor's traceback
     spec = artifact_spec(model_dir)
     storage.makedirs(out_dir)
     todo = _todo(out_dir, uris, shards, spec["version"])
@@ -417,15 +420,6 @@ def _write_manifest(
         )
 
 
-def artifact_spec(model_dir: str) -> dict[str, Any]:
-    """The artifact's model.json, version and taxonomy, checked on the driver (files present, content
-    hash) without building the model: a broken artifact is refused before any folder is made, not in
-    every actor's traceback."""
-    from fashionlabel.train import export
-
-    return export.artifact_spec(model_dir)
-
-
 def _skip_keys(
     out: str, model_version: str, skip: dict[str, str] | None, incremental: bool
 ) -> pa.Array | None:
@@ -459,8 +453,8 @@ def _plan(
         return _labelers(ds, model_dir, run_id, plan, read=read, batch_size=1)
     # The read's remote args come from a function: Ray Data never fuses an operator that has one into its
     # neighbour. Fused into the actor stage, the read would hand an actor every shard URI in one bundle
-    # (batch_size rows of URIs) to label serially, and nothing would stream back until the end. Ray 2.64
-    # drops ray_remote_args_fn; test_labels_stream_back_shard_by_shard fails if the stages fuse again.
+    # (batch_size rows of URIs) to label serially, and nothing would stream back until the end. That is
+    # Ray 2.60's fusion rule; test_labels_stream_back_shard_by_shard fails if a Ray upgrade changes it.
     ds = ds.map_batches(
         read_shards,
         batch_size=1,

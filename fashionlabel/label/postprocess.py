@@ -111,6 +111,7 @@ def to_rows(
 ) -> list[dict[str, Any]]:
     """One dict per product with the label columns of the labels table (no identity columns).
 
-    Derived from :func:`to_columns`, so evaluation and labelling share one code path.
+    Derived from :func:`to_columns`, so in-process labelling (``Predictor.label_rows``) gives exactly the
+    rows the labelling actors write.
     """
     return pa.table(to_columns(taxonomy, probs, calibration)).to_pylist()

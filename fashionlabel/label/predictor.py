@@ -1,7 +1,9 @@
 """The predictor: loads a model artifact once, turns decoded images into label rows.
 
-Used by ``fashionlabel evaluate`` and by the labelling actors alike, so the labels a night writes are
-exactly those that evaluation measured for the same model and images.
+Used by ``fashionlabel evaluate`` and by the labelling actors alike: the same weights, calibration and
+post-processing, so a night's labels are those evaluation measured for the same decoded pixels. (With
+``--decode gpu`` the actors decode and resize with nvJPEG on the device instead of PIL: where a shard's
+images need resizing to the model's input, pixels and so a few borderline labels may differ.)
 """
 
 from __future__ import annotations
@@ -83,8 +85,6 @@ class Predictor:
         self.piece = cpu_piece(self.size, batch_size) if self.device.type == "cpu" else 0
         if compile:
             self.model = self._compiled(compile_cache)
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, torch.get_num_threads()))
 
     def _compiled(self, compile_cache: str | Path | None):
         """The model compiled for one fixed batch shape. With a cache folder: the AOT package kept there

@@ -40,6 +40,7 @@ class PartWriter:
         self.model_version = model_version
         self.pending: dict[str, list[pa.Table]] = {}
         self.got: dict[str, int] = {}
+        self.seen: dict[str, set[str]] = {}  # product ids received per pending shard
         self.damage: dict[str, str | None] = {}
         self.counts = {"labelled": 0, "errored": 0, "skipped": 0, "damaged": 0, "files": 0}
 
@@ -51,7 +52,7 @@ class PartWriter:
             expected = part["shard_rows"][0].as_py()
             skipped = part["shard_skipped"][0].as_py()
             self.damage.setdefault(shard, part["shard_damage"][0].as_py())
-            rows = part.filter(pc.invert(part["marker"]))
+            rows = self._new_rows(shard, part.filter(pc.invert(part["marker"])))
             self.pending.setdefault(shard, []).append(rows.select(self.schema.names))
             self.got[shard] = self.got.get(shard, 0) + rows.num_rows
             if self.got[shard] > expected:
@@ -59,7 +60,21 @@ class PartWriter:
             if self.got[shard] == expected:
                 self._publish(shard, skipped)
 
+    def _new_rows(self, shard: str, rows: pa.Table) -> pa.Table:
+        """``rows`` less products this shard already has: a batch delivered twice (a retried task whose
+        first attempt had delivered) must neither duplicate a product nor complete the shard early."""
+        seen = self.seen.setdefault(shard, set())
+        fresh = []
+        for pid in rows["product_id"].to_pylist():
+            fresh.append(pid not in seen)
+            seen.add(pid)
+        if not all(fresh):
+            log.warning("%s: %d label rows received twice, kept once", shard, fresh.count(False))
+            rows = rows.filter(pa.array(fresh))
+        return rows
+
     def _publish(self, shard: str, skipped: int) -> None:
+        self.seen.pop(shard, None)
         table = pa.concat_tables(self.pending.pop(shard)).cast(self.schema)
         errored = table.num_rows - table["error"].null_count
         meta = {

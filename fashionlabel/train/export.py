@@ -196,7 +196,7 @@ def fetch_artifact(uri: str) -> Path:
 def _check_version(weights: bytes, spec_bytes: bytes, path: Path, name: str | Path) -> str:
     """The version in ``path/version``, if the weights and model.json bytes hash to it."""
     want = (path / "version").read_text().strip()
-    if len(want) < 8 or not content_version(weights, spec_bytes).startswith(want):
+    if want != content_version(weights, spec_bytes):  # the whole hash: one set of weights, one version
         raise ArtifactError(
             f"model artifact {name}: weights.pt and model.json do not match its version {want!r} "
             "(an export still being written, or files replaced by hand)"
@@ -222,6 +222,11 @@ def _read(path: str | Path) -> tuple[Path, dict[str, Any], bytes, bytes]:
         _ = spec["architecture"], pre["size"], pre["mean"], pre["std"]
     except (json.JSONDecodeError, KeyError, TypeError, TaxonomyError) as e:
         raise ArtifactError(f"model artifact {path}: model.json is malformed ({e!r})") from e
+    if not isinstance(spec.get("format"), int) or spec["format"] > FORMAT:
+        raise ArtifactError(
+            f"model artifact {path} has format {spec.get('format')!r}; this fashionlabel reads format "
+            f"{FORMAT} and earlier: upgrade fashionlabel to label with it"
+        )
     return path, spec, spec_bytes, weights
 
 

@@ -25,7 +25,7 @@ def topk_accuracy(probs: np.ndarray, y: np.ndarray, k: int) -> float:
     return float((top == t[:, None]).any(axis=1).mean())
 
 
-def macro_f1(pred: np.ndarray, y: np.ndarray, num_classes: int) -> float:
+def macro_f1(pred: np.ndarray, y: np.ndarray) -> float:
     """Macro-F1 over the classes present in the labels or predictions (sklearn's 'macro')."""
     known = y >= 0
     p, t = pred[known], y[known]
@@ -72,7 +72,7 @@ def head_metrics(head: Head, probs: np.ndarray, y: np.ndarray) -> dict[str, Any]
             "top1": topk_accuracy(probs, y, 1),
             "top3": topk_accuracy(probs, y, 3),
             "top5": topk_accuracy(probs, y, 5),
-            "macro_f1": macro_f1(pred, y, head.num_classes),
+            "macro_f1": macro_f1(pred, y),
         }
     out: dict[str, Any] = {"n": int((~np.isnan(y).any(axis=1) & (np.nan_to_num(y).sum(axis=1) > 0)).sum())}
     for k in (3, 5):

@@ -71,6 +71,7 @@ def train(
     if cfg.init_weights:
         cfg = dataclasses.replace(cfg, init_weights=check_init_weights(cfg.init_weights, cfg.model, taxonomy))
     _check_resources(cfg)
+    _check_checkpoint_reach(out, checkpoints)
     _check_out(shards, out, cfg, checkpoints or storage.join(run_dir, "checkpoints"), overwrite)
     best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints)
     return export_state(shards, out, best, taxonomy) | {"seconds": time.time() - t0}
@@ -120,6 +121,22 @@ def _check_resources(cfg: TrainConfig) -> None:
             raise ValueError(
                 f"--gpu with --workers {cfg.workers} needs {cfg.workers} GPU(s); the Ray cluster has {gpus:g}"
             )
+
+
+def _check_checkpoint_reach(out: str, checkpoints: str | None, nodes: int | None = None) -> None:
+    """Rank 0 writes the checkpoints where it runs and the driver exports from them, and a resumed run's
+    ranks each read them: on several nodes a default local folder would be a different one on each."""
+    if storage.is_s3(out) or checkpoints is not None:
+        return  # S3, or a folder named on purpose (a filesystem every node mounts)
+    if nodes is None:
+        from fashionlabel.runtime import cluster_nodes
+
+        nodes = cluster_nodes()
+    if nodes > 1:
+        raise ValueError(
+            f"the Ray cluster has {nodes} nodes and --out {out} is a local folder: give --storage s3://… "
+            "(or a folder every node mounts) for the checkpoints, or an s3:// --out"
+        )
 
 
 def check_init_weights(path: str, model_name: str, taxonomy: Taxonomy) -> str:
@@ -172,15 +189,6 @@ def training_taxonomy(shards: str) -> Taxonomy:
         idx = storage.read_parquet(storage.join(shards, "index.parquet")).to_pylist()
         taxonomy = taxonomy.learn(idx)
     return taxonomy
-
-
-def export_checkpoint(shards: str, checkpoints: str, out: str) -> dict[str, Any]:
-    """Artifact from a run's best checkpoint (e.g. of a run stopped early); same steps as after ``train``."""
-    best, last = ckpt.load(checkpoints, ckpt.BEST), ckpt.load(checkpoints, ckpt.LAST)
-    if best is None or last is None:
-        raise FileNotFoundError(f"no checkpoints in {checkpoints}")
-    best["history"], best["starts"] = last["history"], last.get("starts", [0])
-    return export_state(shards, out, best, training_taxonomy(shards))
 
 
 def export_state(shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy) -> dict[str, Any]:
