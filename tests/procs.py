@@ -42,6 +42,19 @@ def stop_processes(marker: str) -> None:
             time.sleep(0.2)
 
 
+def assert_none_left(marker: str, grace: float = 20.0) -> None:
+    """Fail when processes holding ``marker`` (a command's own Ray temp dir) outlive ``grace`` seconds."""
+    deadline = time.time() + grace
+    while (left := pids_of(marker)) and time.time() < deadline:
+        time.sleep(0.2)
+    if left:
+        cmds = []
+        for pid in left[:5]:
+            with contextlib.suppress(OSError):
+                cmds.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:100])
+        raise AssertionError(f"{len(left)} processes outlived the command: {cmds}")
+
+
 def run_job(module: str, args: list[str], env: dict[str, str] | None = None, timeout: float = 300):
     """``python -m <module> ARGS`` from the project root, as ``ray job submit`` runs it: its own local Ray in
     a short temp dir (Ray's socket paths must stay under 108 bytes), stopped afterwards even on a timeout.
@@ -57,7 +70,7 @@ def run_job(module: str, args: list[str], env: dict[str, str] | None = None, tim
     full |= {"RAY_TMPDIR": tmp, "PYTHONPATH": str(root), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     full.pop("RAY_ADDRESS", None)
     try:
-        return subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", module, *args],
             cwd=root,
             env=full,
@@ -65,6 +78,9 @@ def run_job(module: str, args: list[str], env: dict[str, str] | None = None, tim
             text=True,
             timeout=timeout,
         )
+        if done.returncode == 0:  # a finished job stops the local Ray it started: nothing may outlive it
+            assert_none_left(tmp)
+        return done
     finally:
         stop_processes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)

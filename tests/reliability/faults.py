@@ -236,6 +236,8 @@ class Cli:
             while True:
                 rc = self.proc.wait(max(1.0, deadline - time.time()))
                 if not self._restarted():
+                    if rc == 0:  # a finished command stops the local Ray it started
+                        self._assert_session_empty()
                     return rc
         except subprocess.TimeoutExpired:
             self.kill()
@@ -245,6 +247,15 @@ class Cli:
             self._done = True
             if self._sampler:
                 self._sampler.join(5)
+
+    def _assert_session_empty(self, grace: float = 20.0) -> None:
+        deadline = time.time() + grace
+        while (left := session_pids(self.sid)) and time.time() < deadline:
+            time.sleep(0.2)
+        if left:
+            raise AssertionError(
+                f"{len(left)} processes outlived the command: {[cmdline(p) for p in left[:5]]}"
+            )
 
     @property
     def output(self) -> str:

@@ -1,0 +1,73 @@
+import os
+
+import pyarrow as pa
+import pytest
+
+from fashionlabel import latest, storage
+from fashionlabel.latest import latest_schema, publish
+from fashionlabel.taxonomy import Taxonomy
+
+
+def test_write_bytes_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    dest = tmp_path / "stats.json"
+    storage.write_bytes(dest, b"old")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            storage.write_bytes(dest, b"new and longer")
+    assert dest.read_bytes() == b"old"  # never truncated in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.json"]  # and no temp file left
+    storage.write_bytes(dest, b"new")
+    assert dest.read_bytes() == b"new"
+
+
+def _snapshot(tax: Taxonomy, ids: list[str]) -> pa.Table:
+    schema = latest_schema(tax)
+    rows = [
+        {f.name: None for f in schema}
+        | {
+            "product_id": p,
+            "model_version": "v",
+            "taxonomy_version": tax.version,
+            "run_id": "r",
+            "labeled_at": 0,
+            "run_date": 0,
+            "active": True,
+        }
+        for p in ids
+    ]
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def test_latest_pointers_move_only_after_every_snapshot_file_is_written(tmp_path, monkeypatch):
+    """A publish that dies after some of its files leaves both pointers on the previous snapshot, every
+    file they name still there; the same night published again then moves them."""
+    tax = Taxonomy.load("fashion-product-images")
+    root = str(tmp_path)
+    publish(root, "2026-05-01", _snapshot(tax, ["a", "b"]), rows_per_file=1)
+    manifest = tmp_path / "latest/_symlink_format_manifest/manifest"
+    before = (latest.current(root), manifest.read_text())
+
+    real, calls = storage.write_parquet, []
+
+    def dies_on_the_second_file(table, uri, *a, **kw):
+        calls.append(uri)
+        if len(calls) == 2:
+            raise OSError("killed while publishing")
+        return real(table, uri, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(storage, "write_parquet", dies_on_the_second_file)
+        with pytest.raises(OSError, match="killed while publishing"):
+            publish(root, "2026-05-02", _snapshot(tax, ["a", "b", "c"]), rows_per_file=1)
+    assert (latest.current(root), manifest.read_text()) == before
+    assert all(storage.exists(f) for f in latest.current_files(root))
+    assert latest.snapshots(root) == ["2026-05-01"]  # the half-written night is not a snapshot
+
+    publish(root, "2026-05-02", _snapshot(tax, ["a", "b", "c"]), rows_per_file=1)
+    assert latest.current(root)["snapshot"] == "2026-05-02" and latest.current(root)["rows"] == 3
+    assert sorted(latest.read_snapshot(root, "2026-05-02")["product_id"].to_pylist()) == ["a", "b", "c"]
