@@ -152,3 +152,33 @@ def test_a_cluster_address_where_nothing_listens_fails_at_once_by_name():
         _check_reachable("http://127.0.0.1:8265")
     for left_to_ray in ("auto", "local", "10.0.0.1"):
         _check_reachable(left_to_ray)
+
+
+@pytest.mark.parametrize(
+    "job", ["shard", "train", "evaluate", "label", "nightly", "report", "query", "prune"]
+)
+def test_every_job_entry_point_runs_its_own_command(job, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"jobs.{job}").main(["--help"])
+    assert e.value.code == 0 and f"usage: fashionlabel {job}" in capsys.readouterr().out
+
+
+def test_evaluate_job_prints_and_writes_the_metrics(ray_session, small_shards, tiny_model, tmp_path, capsys):
+    import json
+
+    from fashionlabel.data import split_of
+    from jobs import evaluate as evaluate_job
+
+    assert (
+        evaluate_job.main(["--model", str(tiny_model), "--shards", str(small_shards), "--out", str(tmp_path)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    m = json.loads((tmp_path / "evaluation-test.json").read_text())
+    index = pq.read_table(small_shards / "index.parquet").column("product_id").to_pylist()
+    assert m["n_products"] == sum(split_of(p) == "test" for p in index) > 0
+    art = m["heads"]["articleType"]
+    assert f"top-1 {100 * art['top1']:.1f}%" in printed and f"(n={art['n']})" in printed
+    assert list(tmp_path.glob("confusion-articleType-test.png"))
