@@ -20,7 +20,6 @@ completes on re-run without duplicates, and re-running a complete night changes 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,25 +27,16 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 from fashionlabel import latest, settings, storage
 from fashionlabel.label.pipeline import LabelConfig, label_shards
+from fashionlabel.layout import Layout
+from fashionlabel.relabel import product_map, relabel_products
 from fashionlabel.shards import ShardConfig
 from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train.export import artifact_spec
 
 log = logging.getLogger(__name__)
-
-MAP_SCHEMA = pa.schema(
-    [
-        ("product_id", pa.string()),
-        ("key", pa.string()),
-        ("sha256", pa.string()),
-        ("shard", pa.string()),
-        ("night", pa.string()),
-    ]
-)
 
 
 class NightlyError(RuntimeError):
@@ -77,71 +67,6 @@ class NightlyConfig:
             },
             "relabel older than ≥ 0 days; latest rows per file, snapshots kept ≥ 1; catalog drop 0 to 1",
         )
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a nightly ROOT keeps everything (README "Nightly layout")."""
-
-    root: str
-
-    def night_shards(self, date: str) -> str:
-        return storage.join(self.root, "shards", f"night={date}")
-
-    @property
-    def labels(self) -> str:
-        return storage.join(self.root, "labels")
-
-    def history(self, date: str) -> str:
-        return storage.join(self.labels, "history", f"run_date={date}")
-
-    def relabel_work(self, date: str, night: str) -> str:
-        return storage.join(self.root, "work", f"relabel-{date}", f"night={night}")
-
-    def manifest(self, date: str) -> str:
-        return storage.join(self.root, "manifests", f"{date}.json")
-
-    def report(self, date: str) -> str:
-        return storage.join(self.root, "reports", f"{date}.html")
-
-    def nights(self) -> list[str]:
-        """Dates of every night folder under ``shards/``, oldest first."""
-        fs, path = storage.filesystem(storage.join(self.root, "shards"))
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        return sorted(
-            i.base_name.removeprefix("night=")
-            for i in infos
-            if i.type == pafs.FileType.Directory and i.base_name.startswith("night=")
-        )
-
-
-# ---- the product map ----------------------------------------------------------------------------
-def product_map(layout: Layout, before: str) -> pa.Table:
-    """product → (key, sha256, shard URI, night) over every night < ``before``; newest night wins."""
-    parts = []
-    for night in layout.nights():
-        idx = storage.join(layout.night_shards(night), "index.parquet")
-        if night >= before or not storage.exists(idx):
-            continue
-        t = storage.read_parquet(idx, columns=["product_id", "key", "sha256", "shard"])
-        uris = pc.binary_join_element_wise(layout.night_shards(night) + "/", t["shard"], ".tar", "")
-        parts.append(
-            pa.table(
-                [t["product_id"], t["key"], t["sha256"], uris, pa.array([night] * t.num_rows, pa.string())],
-                schema=MAP_SCHEMA,
-            )
-        )
-    if not parts:
-        return MAP_SCHEMA.empty_table()
-    import duckdb
-
-    con = duckdb.connect()
-    con.register("m", pa.concat_tables(parts))
-    q = (
-        "SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (PARTITION BY product_id ORDER BY night DESC)"
-        " AS rn FROM m) WHERE rn = 1 ORDER BY product_id"
-    )
-    return con.sql(q).to_arrow_table().cast(MAP_SCHEMA)
 
 
 # ---- the night ----------------------------------------------------------------------------------
@@ -184,7 +109,7 @@ def run_nightly(
     t_shard = time.time()
 
     night = label_shards(layout.night_shards(date), model, layout.labels, date, cfg.label)
-    relabel = _relabel(
+    relabel = relabel_products(
         layout,
         date,
         model,
@@ -351,85 +276,6 @@ def _shard_night(
         "reasons": dict(s.reasons),
         "night_ids": night_ids,
     }
-
-
-def _relabel(
-    layout: Layout,
-    date: str,
-    model: str,
-    version: str,
-    snap: pa.Table | None,
-    before: pa.Table,
-    night_ids: set[str],
-    members: set[str],
-    older_than_days: int | None,
-    label_cfg: LabelConfig,
-) -> dict[str, Any]:
-    """Relabel active products whose current label is from another model (or too old), from their shards.
-
-    Args:
-        snap: the previous night's ``latest`` snapshot (None on the first night: nothing to relabel).
-        before: where each product's current image was sharded (``product_map``).
-    """
-    if snap is None:
-        return {"labelled": 0, "errored": 0, "reason": None, "products": 0}
-    cutoff = None
-    if older_than_days is not None:
-        cutoff = dt.date.fromisoformat(date) - dt.timedelta(days=older_than_days)
-    old_model = {
-        p
-        for p, v in zip(snap["product_id"].to_pylist(), snap["model_version"].to_pylist(), strict=True)
-        if v != version
-    }
-    too_old = set()
-    if cutoff is not None:
-        too_old = {
-            p
-            for p, d in zip(snap["product_id"].to_pylist(), snap["run_date"].to_pylist(), strict=True)
-            if d < cutoff
-        }
-    labelled_ids = set(snap["product_id"].to_pylist())
-    mapped = before.to_pylist()
-    # Products whose current image was sharded but never got a label (a night lost before its labels).
-    missing = {r["product_id"] for r in mapped} - labelled_ids
-    want = ((old_model | too_old | missing) & members) - night_ids
-    reasons = [
-        r
-        for r, s in (
-            ("model version changed", old_model & want),
-            (f"labels older than {older_than_days} days", too_old & want),
-            ("never labelled", missing & want),
-        )
-        if s
-    ]
-    totals = {"labelled": 0, "errored": 0, "reason": "; ".join(reasons) or None, "products": len(want)}
-    if not want:
-        return totals
-    log.info("relabel: %d products (%s)", len(want), totals["reason"])
-    for night in sorted({r["night"] for r in mapped if r["product_id"] in want}):
-        idx = storage.read_parquet(
-            storage.join(layout.night_shards(night), "index.parquet"),
-            columns=["product_id", "sha256", "shard"],
-        )
-        here = {r["product_id"]: r for r in mapped if r["night"] == night}
-        # skip= every row of this night's shards except the current image of a product to relabel.
-        skip = {
-            p: s
-            for p, s in zip(idx["product_id"].to_pylist(), idx["sha256"].to_pylist(), strict=True)
-            if not (p in want and p in here and here[p]["sha256"] == s)
-        }
-        work = layout.relabel_work(date, night)
-        s = label_shards(layout.night_shards(night), model, work, date, label_cfg, skip=skip)
-        totals["labelled"] += s["labelled"]
-        totals["errored"] += s["errored"]
-        # Publish the parts into the night's history under names that cannot collide with its own shards.
-        for name in storage.listdir(s["out"], ".parquet"):
-            t = storage.read_parquet(storage.join(s["out"], name))
-            if t.num_rows:
-                storage.write_parquet(
-                    t, storage.join(layout.history(date), f"part-relabel-{night}-{name[5:]}")
-                )
-    return totals
 
 
 def _complete_run_manifest(layout: Layout, date: str, history: pa.Table, night_ids: set[str]) -> None:

@@ -16,7 +16,7 @@ import yaml
 from fashionlabel.cli import build_parser
 from fashionlabel.label.schema import labels_schema
 from fashionlabel.latest import latest_schema, publish
-from fashionlabel.nightly import Layout
+from fashionlabel.layout import Layout
 from fashionlabel.taxonomy import Taxonomy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -154,7 +154,7 @@ def test_declared_thresholds_decide_labels_and_review_zero_included():
 
 
 def test_summaries_give_top_k_only_for_heads_with_more_than_k_classes():
-    from fashionlabel.cli import _accuracy_lines
+    from fashionlabel.commands import _accuracy_lines
     from fashionlabel.taxonomy import Taxonomy
     from fashionlabel.train.metrics import head_metrics
 

@@ -245,7 +245,7 @@ def test_the_same_weights_export_to_the_same_version_whatever_the_speed(small_sh
 
 
 def test_ranks_take_whole_shards_only_while_that_keeps_them_balanced():
-    from fashionlabel.train.loop import _shares
+    from fashionlabel.train.shares import shares_of as _shares
 
     # the bundled sample's shards: 2 ranks on whole shards would hold 1,500 and 1,000 products, and the
     # smaller share would be cycled 1.5 times an epoch: every rank takes every 2nd product instead

@@ -22,8 +22,9 @@ per GPU (``actors_per_gpu``) overlap one actor's decode and post-processing with
 On a CPU-only cluster the actors take part of the CPUs (fractional), never all of them, so read tasks
 (``read="tasks"``) cannot starve.
 
-An actor that dies is restarted and its in-flight batches are retried (``max_restarts`` /
-``max_task_retries``); the writer refuses more rows than a shard has, so a retry cannot duplicate a product.
+The plan's arithmetic is ``label/plan.py``, the actor ``label/actor.py``. An actor that dies is restarted
+and its in-flight batches are retried (``max_restarts`` / ``max_task_retries``); the writer keeps each
+product of a shard once, so a retry cannot duplicate one.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from fashionlabel import settings, storage
+from fashionlabel.label.actor import COMPILED, CRASH_ONCE_ENV, Labeler
+from fashionlabel.label.plan import LabelConfig, LabelError, Plan, plan_resources
 from fashionlabel.label.reader import read_shards, skip_keys
 from fashionlabel.label.schema import labels_schema
 from fashionlabel.label.writer import PartWriter, foreign_parts, labelled_keys, part_name, run_totals
@@ -48,245 +50,8 @@ from fashionlabel.shards import list_shards
 
 log = logging.getLogger(__name__)
 
-# Fault injection for tests: when set to a path, the first labelling call of the run that finds no file
-# there creates it and kills its actor process (to prove restart + retry). Never set in production.
-CRASH_ONCE_ENV = "FASHIONLABEL_CRASH_ONCE_MARKER"
-
-
-# How the actors of a run had their compiled model (``Predictor.compiled_from``), as the summary says it.
-COMPILED = {"built": "AOT package built", "loaded": "AOT package loaded", "jit": "torch.compile"}
-
-
-class LabelError(RuntimeError):
-    """A labelling run that cannot go ahead as asked (its output folder belongs to other inputs)."""
-
-
-@dataclass(frozen=True)
-class LabelConfig:
-    """Args:
-    batch_size: images per forward pass (default: 512 on a GPU, 256 on CPU).
-    actors: predictor actors (default: ``actors_per_gpu`` per GPU, else from the CPUs).
-    device: "cuda" / "cpu" (default: a GPU when the cluster has one).
-    compile: compile the model in each actor (GPU: worth it on long runs).
-    compile_cache: a folder on every node for the compiled model (an AOT package: built by the first actor
-        that needs it, loaded in milliseconds by every later one) and its kernels; without it every actor
-        runs ``torch.compile`` anew.
-    decode: "cpu" (PIL in the read tasks), "gpu" (nvJPEG inside the actor, on its device), "split" (the
-        read tasks decode ``cpu_decode_share`` of the images, the actor's device the rest) or "auto" (gpu
-        when the actors have a GPU, else cpu).
-    cpu_decode_share: with decode "split", the share of images the read tasks decode (0 < share < 1).
-    actors_per_gpu: actors sharing one GPU, so decode/post-processing of one overlaps another's forward.
-    read: "tasks" (Ray tasks of their own, ahead of the actors), "actor" (each actor reads the shard it
-        labels) or "auto" (tasks with a GPU, actor on CPU).
-    """
-
-    batch_size: int | None = None
-    actors: int | None = None
-    device: str | None = None
-    compile: bool = False
-    compile_cache: str | None = None
-    decode: str = "auto"
-    cpu_decode_share: float = 0.5
-    actors_per_gpu: int = 2
-    read: str = "auto"
-
-    def __post_init__(self) -> None:
-        settings.check(
-            "label",
-            self,
-            {
-                "batch_size": self.batch_size is None or self.batch_size >= 1,
-                "actors": self.actors is None or self.actors >= 1,
-                "actors_per_gpu": self.actors_per_gpu >= 1,
-                "device": self.device is None or self.device.split(":")[0] in ("cuda", "cpu"),
-                "decode": self.decode in ("cpu", "gpu", "split", "auto"),
-                "cpu_decode_share": 0 < self.cpu_decode_share < 1,
-                "read": self.read in ("tasks", "actor", "auto"),
-            },
-            "batch size, actors, actors per GPU ≥ 1; device cuda or cpu; decode cpu, gpu, split or auto; "
-            "CPU decode share between 0 and 1; read tasks, actor or auto",
-        )
-        cache = self.compile_cache
-        settings.check(
-            "label",
-            self,
-            # a folder on each node, handed unquoted to the C++ compiler; pointless without compile
-            {"compile_cache": cache is None or (self.compile and "://" not in cache and " " not in cache)},
-            "a compile cache is a local folder on each node, without spaces, and needs --compile",
-        )
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Resources resolved from the config and the cluster, and how each actor builds its model."""
-
-    device: str
-    decode: str
-    actors: int
-    actor_cpus: float
-    actor_gpus: float
-    read_cpus: float
-    read_tasks: int
-    batch_size: int
-    threads: int  # torch intra-op threads per actor
-    read_in_actor: bool = False
-    cpu_decode_share: float = 0.5  # decode "split" only
-    compile: bool = False
-    compile_cache: str | None = None
-
-
-def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
-    """Pool size, per-actor resources and batch size from the cluster's CPUs and GPUs."""
-    if (cfg.device or "").startswith("cuda") and gpus < 1:
-        raise LabelError(f"--device {cfg.device} asked for, but the Ray cluster has no GPU")
-    use_gpu = gpus >= 1 and (cfg.device or "cuda").startswith("cuda")
-    decode = cfg.decode if cfg.decode != "auto" else ("gpu" if use_gpu else "cpu")
-    if use_gpu:
-        per_gpu = max(1, cfg.actors_per_gpu)
-        actors = cfg.actors or int(gpus) * per_gpu
-        # Read tasks get the CPUs the actors leave; with CPU decode they are the decoders.
-        return Plan(
-            "cuda",
-            decode,
-            actors,
-            1.0,
-            1.0 / per_gpu,
-            1.0,
-            max(1, int(cpus) - actors),
-            cfg.batch_size or 512,
-            1,
-            read_in_actor=cfg.read == "actor",
-            cpu_decode_share=cfg.cpu_decode_share,
-            compile=cfg.compile,
-            compile_cache=cfg.compile_cache,
-        )
-    # Several narrow actors beat one wide one on CPU: a forward pass on one thread spends ~12% less CPU per
-    # image than on two (no intra-op barriers), so up to 8 cores every core gets its own actor; beyond, 8
-    # actors share the cores.
-    if cfg.actors:
-        actors, threads = cfg.actors, max(1, int(round(cpus / cfg.actors)))
-    else:
-        actors = max(1, min(8, int(cpus)))
-        threads = max(1, int(cpus) // actors)
-    # Actors hold half of the CPUs between them (fractional, so that reads always find a slot); torch
-    # threads use the actor's share of cores, the read tasks fill the gaps between forward passes.
-    actor_cpus = max(0.25, cpus * 0.5 / actors)
-    return Plan(
-        "cpu",
-        decode,
-        actors,
-        actor_cpus,
-        0.0,
-        min(1.0, max(0.25, cpus * 0.25)),
-        max(1, int(cpus)),
-        cfg.batch_size or 256,
-        threads,
-        read_in_actor=cfg.read != "tasks",
-        cpu_decode_share=cfg.cpu_decode_share,
-        compile=cfg.compile,
-        compile_cache=cfg.compile_cache,
-    )
-
-
-class Labeler:
-    """Ray actor: loads the model once; each call labels one batch of products into label columns.
-
-    With ``read`` (the reader's keyword arguments) a call gets shard URIs instead, and reads them first.
-    """
-
-    def __init__(self, model_dir: str, run_id: str, plan: Plan, read: dict[str, Any] | None = None):
-        import torch
-
-        from fashionlabel.label.predictor import Predictor
-
-        if plan.device == "cpu":
-            torch.set_num_threads(plan.threads)
-        self.pred = Predictor(
-            model_dir,
-            device=plan.device,
-            batch_size=plan.batch_size,
-            compile=plan.compile,
-            compile_cache=plan.compile_cache,
-        )
-        self.decode, self.run_id, self.read = plan.decode, run_id, read
-        self.compiled_from = self.pred.compiled_from  # told to the driver with every batch
-        self.ident = {
-            "model_version": self.pred.version,
-            "taxonomy_version": self.pred.taxonomy.version,
-            "run_id": run_id,
-        }
-        self.label_fields = [
-            f
-            for f in labels_schema(self.pred.taxonomy)
-            if f.name
-            not in (
-                "product_id",
-                "image_sha256",
-                "model_version",
-                "taxonomy_version",
-                "run_id",
-                "labeled_at",
-                "error",
-            )
-        ]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from fashionlabel.label.postprocess import to_columns
-
-        _crash_once()
-        if self.read is not None:
-            batch = read_shards(batch, **self.read)
-        n = len(batch["shard"])
-        errors = _strings(batch["error"])
-        ok = [i for i in range(n) if errors[i] is None and not batch["marker"][i]]
-        if self.decode in ("gpu", "split"):
-            pixels = [batch["pixels"][i] for i in ok] if "pixels" in batch else None
-            images, bad = self.pred.decode_on_device([batch["jpg"][i] for i in ok], pixels)
-            for j, reason in bad.items():
-                errors[ok[j]] = reason
-            ok = [i for j, i in enumerate(ok) if j not in bad]
-        else:
-            images = batch["image"][ok]
-        cols = to_columns(self.pred.taxonomy, self.pred.probs_on_device(images), self.pred.calibration)
-        # Rows in batch order: labelled rows take their labels, the others (errors, markers) nulls.
-        order = np.full(n, len(ok), dtype=np.int64)
-        order[ok] = np.arange(len(ok))
-        others = np.flatnonzero(order == len(ok))
-        order[others] = len(ok) + np.arange(len(others))
-        take = pa.array(order)
-        out = {
-            "product_id": pa.array(_strings(batch["product_id"]), pa.string()),
-            "image_sha256": pa.array(_strings(batch["image_sha256"]), pa.string()),
-            **{k: pa.array([v] * n, pa.string()) for k, v in self.ident.items()},
-            "labeled_at": pa.array([dt.datetime.now(dt.UTC)] * n, pa.timestamp("us", tz="UTC")),
-        }
-        for f in self.label_fields:
-            arr = cols[f.name]
-            out[f.name] = pa.concat_arrays([arr.cast(f.type), pa.nulls(len(others), f.type)]).take(take)
-        out["needs_review"] = out["needs_review"].fill_null(True)  # an unlabelled product needs a look
-        out["error"] = pa.array(errors, pa.string())
-        for k in ("shard", "shard_rows", "shard_skipped", "marker"):
-            out[k] = pa.array(batch[k])
-        out["shard_damage"] = pa.array(_strings(batch["shard_damage"]), pa.string())
-        out["compiled_from"] = pa.array([self.compiled_from] * n, pa.string())
-        return pa.table(out)
-
-
-def _strings(col: np.ndarray) -> list[str | None]:
-    """A string column as Python values; an all-null column comes back from Arrow as NaN floats."""
-    return [v if isinstance(v, str) else None for v in col]
-
-
-def _crash_once() -> None:
-    marker = os.environ.get(CRASH_ONCE_ENV)
-    if not marker:
-        return
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    os._exit(1)
+# the labelling API, wherever its parts live (plan.py, actor.py)
+__all__ = ["CRASH_ONCE_ENV", "LabelConfig", "LabelError", "label_shards", "plan_resources"]
 
 
 def label_shards(

@@ -17,70 +17,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
 from fashionlabel import storage
-from fashionlabel.data import BatchPrefetcher, augment, load_samples, split_of, to_input
-from fashionlabel.models import create_model, list_models
-from fashionlabel.settings import check
+from fashionlabel.data import BatchPrefetcher, augment, load_samples, to_input
+from fashionlabel.models import create_model
 from fashionlabel.shards import list_shards
 from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train import checkpoint as ckpt
+from fashionlabel.train.config import TrainConfig, same_config
 from fashionlabel.train.ema import EMA, decay_for
 from fashionlabel.train.losses import MultiTaskLoss
 from fashionlabel.train.metrics import evaluate_probs
+from fashionlabel.train.shares import split_work
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: str = "fl_small"
-    epochs: int = 15
-    batch_size: int = 64  # global, split across workers
-    lr: float = 3e-3
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    workers: int = 2
-    gpu: bool = False
-    height: int = 80
-    width: int = 60
-    patience: int = 5
-    uncertainty: bool = False
-    seed: int = 0
-    init_weights: str | None = None
-    label_smoothing: float = 0.0
-    ema_epochs: float = 0.0  # horizon of the weights' moving average, in epochs; 0: no average
-
-    def __post_init__(self) -> None:
-        # Checked before any worker starts: a bad value fails in a second with its name, not mid-run.
-        checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= self.workers,
-            "workers": self.workers >= 1,
-            "lr": self.lr > 0,
-            "weight_decay": self.weight_decay >= 0,
-            "warmup_epochs": self.warmup_epochs >= 0,
-            "height": self.height >= 16,
-            "width": self.width >= 16,
-            "patience": self.patience >= 1,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
-            "ema_epochs": self.ema_epochs >= 0,
-            "model": self.model in list_models(),
-        }
-        check(
-            "training",
-            self,
-            checks,
-            "epochs, workers, patience ≥ 1; batch size ≥ workers; lr > 0; height, width ≥ 16; "
-            "0 ≤ label smoothing < 1; others ≥ 0; model: one of `fashionlabel models`",
-        )
-
-
-def same_config(saved: dict[str, Any], cfg: TrainConfig) -> bool:
-    """A checkpoint's config equals ``cfg``; options added since it was written count as their defaults."""
-    return {**asdict(TrainConfig()), **saved} == asdict(cfg)
 
 
 def val_score(metrics: dict[str, Any]) -> float:
@@ -88,28 +39,6 @@ def val_score(metrics: dict[str, Any]) -> float:
     vals = [m.get("top1", m.get("recall@3")) for m in metrics["heads"].values()]
     vals = [v for v in vals if v is not None and not math.isnan(v)]
     return float(np.mean(vals)) if vals else 0.0
-
-
-# Whole shards per rank only while the ranks' training-sample counts stay this close: every rank runs the
-# steps of the largest share, so a smaller one is cycled and its products are seen more often per epoch.
-SHARE_BALANCE = 0.95
-
-
-def _shares(index_shards: dict[str, int], world: int) -> list[list[str]] | None:
-    """Greedy balance of shards over ranks by train-sample count. None (every rank then takes every
-    world-th product of all shards, an exact balance) when there are fewer shards than ranks or the
-    smallest share would fall below ``SHARE_BALANCE`` of the largest."""
-    if len(index_shards) < world:
-        return None
-    shares: list[list[str]] = [[] for _ in range(world)]
-    load = [0] * world
-    for shard, n in sorted(index_shards.items(), key=lambda kv: -kv[1]):
-        r = int(np.argmin(load))
-        shares[r].append(shard)
-        load[r] += n
-    if min(load) < SHARE_BALANCE * max(load):
-        return None
-    return [sorted(s) for s in shares]
 
 
 @dataclass
@@ -371,29 +300,6 @@ def _validate_and_save(
     return stopped
 
 
-def _split_work(shards: str, workers: int) -> tuple[list[list[str]] | None, int]:
-    """Each worker's shards (balanced by training-sample count, from the index) and the largest share's
-    sample count, which sets the steps per epoch of every worker."""
-    index = storage.read_parquet(storage.join(shards, "index.parquet"), columns=["product_id", "shard"])
-    split = np.array([split_of(p) for p in index.column("product_id").to_pylist()])
-    train_idx = index.filter(pc.equal(np.asarray(split == "train"), True)) if len(split) else index
-    counts = dict(
-        zip(
-            *np.unique(train_idx.column("shard").to_numpy(zero_copy_only=False), return_counts=True),
-            strict=True,
-        )
-    )
-    per_shard = {storage.join(shards, f"{s}.tar"): int(n) for s, n in counts.items()}
-    shares = _shares(per_shard, workers)
-    if shares is not None:
-        max_share = max(sum(per_shard[u] for u in sh) for sh in shares)
-    else:
-        max_share = math.ceil(train_idx.num_rows / workers)
-    if max_share == 0:
-        raise ValueError(f"no training samples in {shards}")
-    return shares, max_share
-
-
 @torch.inference_mode()
 def _predict(model: torch.nn.Module, samples, config: dict[str, Any], device) -> dict[str, np.ndarray]:
     model.eval()
@@ -429,7 +335,7 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     uris = list_shards(shards)
-    shares, max_share = _split_work(shards, cfg.workers)
+    shares, max_share = split_work(shards, cfg.workers)
     ckpt_dir = checkpoints or storage.join(run_dir, "checkpoints")
     if not storage.is_s3(ckpt_dir):
         storage.makedirs(ckpt_dir)

@@ -26,8 +26,9 @@ from fashionlabel.shards import list_shards
 from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train import checkpoint as ckpt
 from fashionlabel.train.calibrate import calibrate
+from fashionlabel.train.config import TrainConfig, same_config
 from fashionlabel.train.export import cache_root, check_replaceable, save_artifact
-from fashionlabel.train.loop import TrainConfig, fit, same_config
+from fashionlabel.train.loop import fit
 from fashionlabel.train.metrics import confusion, evaluate_probs
 
 log = logging.getLogger(__name__)

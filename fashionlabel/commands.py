@@ -1,0 +1,362 @@
+"""What each ``fashionlabel`` subcommand does: call the library, then print a one-screen summary.
+
+One ``cmd_<subcommand>`` function each, taking the parsed arguments (``cli.py`` declares them) and
+returning the summary it printed (tests and the demo read it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fashionlabel")
+
+
+def _print_summary(title: str, items: dict[str, Any]) -> None:
+    width = max(len(k) for k in items) if items else 0
+    print(f"\n== {title} " + "=" * max(0, 60 - len(title)))
+    for k, v in items.items():
+        if isinstance(v, float):
+            v = f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+        print(f"  {k:<{width}}  {v}")
+
+
+def _fmt_reasons(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in reasons.items()) or "none"
+
+
+def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.report import rate_text
+    from fashionlabel.shards import ShardConfig, shard_catalog
+    from fashionlabel.taxonomy import Taxonomy
+
+    cfg = ShardConfig(
+        samples_per_shard=a.samples_per_shard,
+        max_side=a.max_side,
+        jpeg_quality=a.jpeg_quality,
+        max_pixels=a.max_pixels,
+        max_failure_rate=a.max_failure_rate,
+        min_side=a.min_side,
+    )
+    s = shard_catalog(a.catalog, a.out, Taxonomy.load(a.taxonomy), cfg, incremental_from=a.incremental)
+    out = {
+        "catalog rows": s.catalog_rows,
+        "packed": s.packed,
+        "quarantined": s.quarantined,
+        "reasons": _fmt_reasons(s.reasons),
+        "shards": f"{s.shards} ({s.shards_skipped} already done)",
+        "time": f"{s.seconds:.1f} s",
+        "throughput": rate_text(s.packed_this_run, s.packed, s.images_per_s),
+        "output": s.out,
+    }
+    if s.incremental_from:
+        out["incremental"] = (
+            f"{s.new} new, {s.changed} changed, {s.unchanged} unchanged vs {s.incremental_from}"
+        )
+    _print_summary("shard", out)
+    return out
+
+
+def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.runtime import cluster_cpus
+    from fashionlabel.train.config import TrainConfig
+    from fashionlabel.train.run import train
+
+    cfg = TrainConfig(
+        model=a.model,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        workers=a.workers,
+        gpu=a.gpu,
+        height=a.height,
+        width=a.width,
+        patience=a.patience,
+        uncertainty=a.uncertainty,
+        init_weights=a.init_weights,
+        seed=a.seed,
+        label_smoothing=a.label_smoothing,
+        warmup_epochs=a.warmup_epochs,
+        ema_epochs=a.ema_epochs,
+    )
+    r = train(a.shards, a.out, cfg, cluster_cpus(), checkpoints=a.storage, overwrite=a.overwrite)
+    out = {
+        "model": f"{a.model} → {a.out}",
+        "version": r["version"],
+        "epochs run": r["training"]["epochs_run"],
+        "best epoch": r["training"]["best_epoch"],
+        "train throughput": f"{r['training']['train_img_per_s_median']:,.0f} img/s (median epoch)",
+        "time": f"{r['seconds']:.0f} s",
+    }
+    if cfg.ema_epochs > 0:
+        out["exported weights"] = r["training"]["weights"]
+    out |= _accuracy_lines(r["metrics"]["test"], "test")
+    _print_summary("train", out)
+    return out | {"metrics": r["metrics"]}
+
+
+def _accuracy_lines(m: dict[str, Any], split: str) -> dict[str, str]:
+    lines = {}
+    for h, hm in m["heads"].items():
+        if "top1" in hm:
+            # what labelling writes for a head with a parent: the hierarchy-consistent choice
+            consistent = (
+                f" ({100 * hm['top1_consistent']:.1f}% as labelled)" if "top1_consistent" in hm else ""
+            )
+            # top-k of a head with k classes or fewer is 100% by definition: not worth a column
+            topk = "".join(
+                f"  top-{k} {100 * hm[f'top{k}']:.1f}%" for k in (3, 5) if hm.get("classes", 0) > k
+            )
+            lines[f"{split} {h}"] = (
+                f"top-1 {100 * hm['top1']:.1f}%{consistent}{topk}  "
+                f"macro-F1 {hm['macro_f1']:.2f}  (n={hm['n']})"
+            )
+        else:
+            lines[f"{split} {h}"] = (
+                f"recall@3 {100 * hm['recall@3']:.1f}%  recall@5 {100 * hm['recall@5']:.1f}%  (n={hm['n']})"
+            )
+    return lines
+
+
+def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.train.run import evaluate
+
+    split = None if a.split == "all" else a.split
+    r = evaluate(a.model, a.shards, split, write_to=a.out)
+    out = {"model version": r["version"], "products": r["n"]} | _accuracy_lines(r["metrics"], a.split)
+    out["hierarchy (raw argmax) consistency"] = json.dumps(
+        {k: round(v, 3) for k, v in r["metrics"]["hierarchy_consistency_raw"].items()}
+    )
+    out["time"] = (
+        f"{r['seconds']:.1f} s ({r['n'] / max(r['seconds'], 1e-9):,.0f} products/s, decode included)"
+    )
+    out["output"] = f"{r['out']}/evaluation-{a.split}.json and the confusion matrix PNG beside it"
+    _print_summary("evaluate", out)
+    return out | {"metrics": r["metrics"]}
+
+
+def _label_config(a: argparse.Namespace) -> Any:
+    from fashionlabel.label.pipeline import LabelConfig
+
+    return LabelConfig(
+        batch_size=a.batch_size,
+        actors=a.actors,
+        device=a.device,
+        compile=a.compile,
+        compile_cache=a.compile_cache,
+        decode=a.decode,
+        cpu_decode_share=a.cpu_decode_share,
+        actors_per_gpu=a.actors_per_gpu,
+        read=a.read,
+    )
+
+
+def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.label.pipeline import label_shards
+    from fashionlabel.report import rate_text
+
+    s = label_shards(a.shards, a.model, a.out, a.run_date, _label_config(a), incremental=a.incremental)
+    out = {
+        "run": s["run_id"],
+        "labelled": s["labelled"],
+        "errors": s["errored"],
+        "skipped": s["skipped"],
+        "shards": f"{s['shards']} ({s['shards_done_before']} already done)",
+        **(
+            {"damaged shards": f"{s['damaged_shards']} (readable products labelled, lost ones as error rows)"}
+            if s["damaged_shards"]
+            else {}
+        ),
+        "throughput": rate_text(s["labelled"] + s["errored"], s["shards_done_before"], s["images_per_s"]),
+        "time": f"{s['seconds']:.1f} s"
+        + (
+            f" (first labels back after {s['first_batch_seconds']:.1f} s)"
+            if s["first_batch_seconds"] is not None
+            else ""
+        ),
+        "plan": f"{s['actors']} actor(s) on {s['device']}, reads in {s['read']}, decode on {s['decode']}, "
+        f"batch {s['batch_size']}" + (f", compiled: {s['compiled']}" if s["compiled"] else ""),
+        "model version": s["model_version"],
+        "output": s["out"],
+    }
+    _print_summary("label", out)
+    return out | {"raw": s}
+
+
+def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel import latest, storage
+    from fashionlabel.layout import Layout
+    from fashionlabel.report import write_night_report, write_report
+
+    if not storage.is_s3(a.out) and Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a folder: give the report's file name, e.g. {a.out}/report.html")
+    snaps = latest.snapshots(a.labels)
+    if snaps or a.date:  # a nightly labels root: the night's report with drift against the night before
+        date = a.date or snaps[-1]
+        # --labels is ROOT/labels of a nightly root, whose manifests are beside it
+        m = Layout(storage.absolute(a.labels).rstrip("/").rpartition("/")[0]).manifest(date)
+        manifest = storage.read_json(m) if storage.exists(m) else None
+        r = write_night_report(a.labels, date, a.out, manifest)
+        r.pop("drift")
+    else:
+        r = write_report(a.labels, a.out)
+    _print_summary("report", {k: v for k, v in r.items() if k != "charts"} | {"charts": len(r["charts"])})
+    return r
+
+
+def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.train.prune import prune_artifact
+
+    blocks = [int(b) for b in a.blocks.split(",") if b.strip()]
+    r = prune_artifact(a.model, a.shards, a.out, blocks, a.keep, a.calib_images)
+    b, f = r["before"], r["after"]
+    out = {
+        "pruned": f"{a.model} → {a.out} (middle modules {blocks}, keep {a.keep:.0%})",
+        "version": r["version"],
+        "inner widths": json.dumps(r["mid_channels"]),
+        "params": f"{b['params'] / 1e6:.2f} M → {f['params'] / 1e6:.2f} M",
+        "FLOPs / image": f"{b['flops'] / 1e6:.1f} M → {f['flops'] / 1e6:.1f} M",
+        "labelling speed": f"{b['label_img_per_cpu_s']:,.0f} → {f['label_img_per_cpu_s']:,.0f} img per CPU-second",
+    }
+    for k in b:
+        if " top1" in k or " recall@3" in k:
+            out[f"val {k}"] = f"{100 * b[k]:.1f}% → {100 * f[k]:.1f}%"
+    out |= _accuracy_lines(r["metrics"]["test"], "test (pruned)")
+    out["time"] = f"{r['seconds']:.1f} s"
+    _print_summary("prune", out)
+    return out | {"raw": r}
+
+
+def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.nightly import NightlyConfig, run_nightly
+    from fashionlabel.report import night_rate
+    from fashionlabel.shards import ShardConfig
+
+    cfg = NightlyConfig(
+        shard=ShardConfig(
+            samples_per_shard=a.samples_per_shard, max_side=a.max_side, max_failure_rate=a.max_failure_rate
+        ),
+        label=_label_config(a),
+        relabel_older_than_days=a.relabel_older_than,
+        keep_snapshots=a.keep_snapshots,
+        max_catalog_drop=a.max_catalog_drop,
+    )
+    m = run_nightly(a.catalog, a.model, a.root, a.date, cfg)
+    out = {
+        "night": m["run_date"] + (" (already complete: nothing done)" if m["already_complete"] else ""),
+        "catalog products": m["catalog_products"],
+        "new / changed / unchanged": f"{m['new']} / {m['changed']} / {m['unchanged']}",
+        "quarantined": f"{m['quarantined']} ({_fmt_reasons(m['reasons'])})",
+        "sharded": f"{m['sharded']} in {m['shards']} shards" if m["shards"] else "0 (no shard tonight)",
+        "labelled": f"{m['labelled']} ({m['relabelled']} relabelled: {m['relabel_reason'] or 'no'})",
+        "errors": m["errors"],
+        "latest": f"{m['latest_rows']} products ({m['latest_inactive']} inactive)",
+        "throughput": f"shard {night_rate(m, 'shard')}, label {night_rate(m, 'label')}",
+        "time": f"{m['seconds']['total']:.1f} s",
+        "model version": m["model_version"],
+        "report": m["report"],
+    }
+    _print_summary("nightly", out)
+    return m
+
+
+def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.query import query
+
+    df = query(a.labels, a.sql)
+    if a.csv:
+        print(df.to_csv(index=False), end="")
+    else:
+        import pandas as pd
+
+        with pd.option_context(
+            "display.max_rows", a.max_rows, "display.max_columns", 50, "display.width", 200
+        ):
+            print(df)
+    return {"rows": len(df)}
+
+
+def cmd_models(a: argparse.Namespace) -> dict[str, Any]:
+    from fashionlabel.models import list_models
+
+    print("\n".join(list_models()))
+    return {}
+
+
+def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
+    """Shard → train (with its held-out test metrics) → label → report on the bundled sample, then check the
+    table in DuckDB."""
+    import duckdb
+
+    from fashionlabel.cli import parse  # each step parsed as typed, so the demo runs the commands' defaults
+
+    t0 = time.time()
+    root = Path(a.out)
+    shards, model, labels = root / "shards", root / "model", root / "labels"
+    sh = cmd_shard(
+        parse(["shard", "--catalog", str(a.catalog), "--out", str(shards), "--samples-per-shard", "500"])
+    )
+    tr = cmd_train(
+        parse(
+            [
+                "train",
+                "--shards",
+                str(shards),
+                "--out",
+                str(model),
+                "--epochs",
+                str(a.epochs),
+                "--workers",
+                "2",
+            ]
+        )
+    )
+    lb = cmd_label(
+        parse(
+            [
+                "label",
+                "--shards",
+                str(shards),
+                "--model",
+                str(model),
+                "--out",
+                str(labels),
+                "--run-date",
+                a.run_date,
+            ]
+        )
+    )
+    rp = cmd_report(parse(["report", "--labels", str(labels), "--out", str(root / "report.html")]))
+    q = f"SELECT count(*), count(DISTINCT product_id) FROM read_parquet('{labels}/history/*/*.parquet')"
+    rows, distinct = duckdb.connect().execute(q).fetchall()[0]
+    test = tr["metrics"]["test"]["heads"]
+    out = {
+        "catalog": str(a.catalog),
+        "products packed": sh["packed"],
+        "quarantined": f"{sh['quarantined']} ({sh['reasons']})",
+        "labels rows / distinct": f"{rows} / {distinct} (DuckDB)",
+        "label throughput": lb["throughput"],
+        "train throughput": tr["train throughput"],
+    }
+    out |= {
+        f"held-out {h}": (
+            f"top-1 {100 * m['top1']:.1f}%" if "top1" in m else f"recall@3 {100 * m['recall@3']:.1f}%"
+        )
+        for h, m in test.items()
+    }
+    out |= {
+        "labels": str(labels / "history"),
+        "report": rp["out"],
+        "model": str(model),
+        "total time": f"{time.time() - t0:.0f} s",
+    }
+    _print_summary("demo summary", out)
+    print(
+        "\nquery it:  .venv/bin/fashionlabel query --labels "
+        f'{labels} "SELECT articleType, count(*) FROM history GROUP BY 1 ORDER BY 2 DESC LIMIT 10"'
+    )
+    return out

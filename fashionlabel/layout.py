@@ -1,0 +1,51 @@
+"""Where a nightly ROOT keeps everything, in one place for the night, the report and the commands.
+
+ROOT/shards/night=D/          the night's shards (new and changed products only)
+ROOT/labels/history/run_date=D/, ROOT/labels/latest/
+ROOT/work/relabel-D/          labels of a relabel, before they join the night's history
+ROOT/manifests/D.json, ROOT/reports/D.html
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from fashionlabel import storage
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a nightly ROOT keeps everything (README "Nightly layout")."""
+
+    root: str
+
+    def night_shards(self, date: str) -> str:
+        return storage.join(self.root, "shards", f"night={date}")
+
+    @property
+    def labels(self) -> str:
+        return storage.join(self.root, "labels")
+
+    def history(self, date: str) -> str:
+        return storage.join(self.labels, "history", f"run_date={date}")
+
+    def relabel_work(self, date: str, night: str) -> str:
+        return storage.join(self.root, "work", f"relabel-{date}", f"night={night}")
+
+    def manifest(self, date: str) -> str:
+        return storage.join(self.root, "manifests", f"{date}.json")
+
+    def report(self, date: str) -> str:
+        return storage.join(self.root, "reports", f"{date}.html")
+
+    def nights(self) -> list[str]:
+        """Dates of every night folder under ``shards/``, oldest first."""
+        fs, path = storage.filesystem(storage.join(self.root, "shards"))
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return sorted(
+            i.base_name.removeprefix("night=")
+            for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("night=")
+        )

@@ -1,0 +1,60 @@
+"""The training job's settings: one frozen config, checked when it is made (a bad value fails in a second
+with its name, before any worker starts), saved in every checkpoint and in the artifact's ``model.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fashionlabel.models import list_models
+from fashionlabel.settings import check
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "fl_small"
+    epochs: int = 15
+    batch_size: int = 64  # global, split across workers
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    workers: int = 2
+    gpu: bool = False
+    height: int = 80
+    width: int = 60
+    patience: int = 5
+    uncertainty: bool = False
+    seed: int = 0
+    init_weights: str | None = None
+    label_smoothing: float = 0.0
+    ema_epochs: float = 0.0  # horizon of the weights' moving average, in epochs; 0: no average
+
+    def __post_init__(self) -> None:
+        # Checked before any worker starts: a bad value fails in a second with its name, not mid-run.
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= self.workers,
+            "workers": self.workers >= 1,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_epochs": self.warmup_epochs >= 0,
+            "height": self.height >= 16,
+            "width": self.width >= 16,
+            "patience": self.patience >= 1,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "ema_epochs": self.ema_epochs >= 0,
+            "model": self.model in list_models(),
+        }
+        check(
+            "training",
+            self,
+            checks,
+            "epochs, workers, patience ≥ 1; batch size ≥ workers; lr > 0; height, width ≥ 16; "
+            "0 ≤ label smoothing < 1; others ≥ 0; model: one of `fashionlabel models`",
+        )
+
+
+def same_config(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    """A checkpoint's config equals ``cfg``; options added since it was written count as their defaults."""
+    return {**asdict(TrainConfig()), **saved} == asdict(cfg)
