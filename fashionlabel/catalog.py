@@ -186,9 +186,24 @@ def _read_jsonl(uri: str) -> tuple[list[dict[str, Any]], list[Rejected], list[st
         if not isinstance(obj, dict):
             bad.append(Rejected("", "", "malformed_row", f"line {lineno}: not a JSON object"))
             continue
+        if "\\u" in line and not _utf8_clean(obj):  # an escaped lone surrogate is no text at all
+            bad.append(
+                Rejected("", "", "malformed_row", f"line {lineno}: a \\u escape that is not a character")
+            )
+            continue
         rows.append(obj)
         columns.update(dict.fromkeys(obj))
     return rows, bad, list(columns)
+
+
+def _utf8_clean(obj: Any) -> bool:
+    """Every string in ``obj`` (keys included) encodes to UTF-8: JSON lets ``"\\udc80"`` through, and
+    hashing or writing such a value later would fail the whole job instead of this one row."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]:

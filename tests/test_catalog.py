@@ -73,12 +73,16 @@ def test_jsonl_objects_lists_and_broken_lines(tmp_path):
                 '{"product_id": "6", "image_uri": ',
                 "[1, 2]",
                 json.dumps({"image_uri": "b.jpg"}),  # no product_id key at all
+                '{"product_id": "7", "image_uri": "c.jpg", "note": "\\udc80"}',  # a lone surrogate
+                '{"product_id": "8", "image_uri": "d.jpg", "note": "caf\\u00e9"}',  # an escaped é is fine
             ]
         )
     )
     rows, bad = read_catalog(p)
     assert rows[0] == {"product_id": "5", "image_uri": "a.jpg", "tags": ["x", "y"]}
-    assert [b.reason for b in bad] == ["malformed_row", "malformed_row"]
+    assert [b.reason for b in bad] == ["malformed_row"] * 3
+    assert bad[2].detail == "line 5: a \\u escape that is not a character"
+    assert rows[-1]["note"] == "café"
     _, rej = check_ids(rows, str(p))
     assert [r.reason for r in rej] == ["missing_product_id"]
 

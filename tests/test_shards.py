@@ -1,9 +1,15 @@
+import csv
+import hashlib
+import io
 import json
 import logging
+from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+from conftest import sample_rows, write_catalog
+from PIL import Image
 
 from fashionlabel.shards import ShardConfig, ShardJobError, iter_shard, list_shards, shard_catalog
 from fashionlabel.taxonomy import Taxonomy
@@ -52,7 +58,16 @@ def test_rerun_skips_finished_shards(ray_session, small_catalog, small_shards):
     assert n == [(600, 600)]
 
 
-def test_rerun_with_other_settings_is_refused(ray_session, small_catalog, small_shards, caplog):
+def _tar_state(folder: Path) -> dict[str, tuple[str, int]]:
+    return {
+        p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in folder.glob("*.tar")
+    }
+
+
+def test_rerun_with_other_settings_is_refused(ray_session, small_catalog, small_shards):
+    before = _tar_state(small_shards)
+    assert len(before) == 4
     with pytest.raises(ShardJobError, match="different catalog or settings"):
         shard_catalog(
             str(small_catalog),
@@ -60,8 +75,8 @@ def test_rerun_with_other_settings_is_refused(ray_session, small_catalog, small_
             Taxonomy.load("fashion-product-images"),
             ShardConfig(samples_per_shard=100),
         )
-    # the refusal happens before any packing: the finished shards are untouched
-    assert len(list_shards(str(small_shards))) == 4
+    # the refusal happens before any packing: the finished shards are untouched, byte for byte
+    assert _tar_state(small_shards) == before
 
 
 def test_progress_is_logged(ray_session, small_catalog, tmp_path, caplog):
@@ -75,3 +90,45 @@ def test_progress_is_logged(ray_session, small_catalog, tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if "img/s" in r.getMessage()]
     assert lines and lines[-1].startswith("shard: 3/3 shards, 606/606 products (600 packed)")
     assert s.packed_this_run == 600 and s.images_per_s > 0
+
+
+def test_max_side_bounds_every_packed_image(ray_session, tmp_path):
+    rows = [r for r in sample_rows(40) if Path(r["image_uri"]).exists()][:20]
+    catalog = write_catalog(tmp_path / "catalog.csv", rows)
+    out = tmp_path / "shards"
+    s = shard_catalog(
+        str(catalog),
+        str(out),
+        Taxonomy.load("fashion-product-images"),
+        ShardConfig(samples_per_shard=8, max_side=64),
+    )
+    assert s.packed == len(rows)
+    index = {r["key"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
+    sizes = {}
+    for u in list_shards(str(out)):
+        for smp in iter_shard(u):
+            sizes[smp["__key__"]] = Image.open(io.BytesIO(smp["jpg"])).size
+    assert sizes.keys() == index.keys()
+    for key, (w, h) in sizes.items():
+        row = index[key]
+        # the sample photos are larger than 64 px, so each one was scaled down to exactly the bound
+        assert max(row["orig_width"], row["orig_height"]) > 64
+        assert max(w, h) == 64 and (row["width"], row["height"]) == (w, h), (key, w, h, row)
+    assert json.loads((out / "stats.json").read_text())["config"]["max_side"] == 64
+
+
+def test_sidecar_carries_the_metadata_columns(small_shards, small_catalog):
+    tax = Taxonomy.load("fashion-product-images")
+    with open(small_catalog, newline="") as f:
+        catalog = {r["product_id"]: r for r in csv.DictReader(f)}
+    # every column that is neither the id, the image nor a label source travels as metadata
+    extra = set(next(iter(catalog.values()))) - {"product_id", "image_uri"} - tax.columns
+    assert "year" in extra
+    n = 0
+    for u in list_shards(str(small_shards)):
+        for smp in iter_shard(u):
+            row = catalog[smp["json"]["product_id"]]
+            meta = smp["json"]["meta"]
+            assert {c: meta.get(c) for c in extra} == {c: row[c] for c in extra}
+            n += 1
+    assert n == 600

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,16 +45,8 @@ def _markers(out: Path) -> list[Path]:
     return [p for p in (out / "_parts").glob("shard-*.parquet") if not p.name.endswith(".quarantine.parquet")]
 
 
-@pytest.mark.slow
-def test_resume_after_kill(ray_session, tmp_path):
-    base = [r for r in sample_rows() if Path(r["image_uri"]).exists()]
-    rows = [
-        dict(base[i % len(base)], product_id=f"{base[i % len(base)]['product_id']}r{i // len(base)}")
-        for i in range(N)
-    ]
-    catalog = write_catalog(tmp_path / "catalog.csv", rows)
-    out = tmp_path / "shards"
-    ray_tmp = tempfile.mkdtemp(prefix="flray")
+def _start_and_kill(catalog: Path, out: Path, ray_tmp: str, tmp_path: Path) -> int:
+    """Start the shard job in its own session, SIGKILL it after a few shards; the shards done by then."""
     env = os.environ | {"RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [
@@ -82,7 +75,25 @@ def test_resume_after_kill(ray_session, tmp_path):
         )
     finally:
         _kill_tree(ray_tmp, proc)
-    done_at_kill = len(_markers(out))
+    return len(_markers(out))
+
+
+@pytest.mark.slow
+def test_resume_after_kill(ray_session, tmp_path):
+    base = [r for r in sample_rows() if Path(r["image_uri"]).exists()]
+    rows = [
+        dict(base[i % len(base)], product_id=f"{base[i % len(base)]['product_id']}r{i // len(base)}")
+        for i in range(N)
+    ]
+    catalog = write_catalog(tmp_path / "catalog.csv", rows)
+    out = tmp_path / "shards"
+    # The job's own Ray temp folder, directly under /tmp: Ray's socket paths must stay short, and the kill
+    # finds the job's Ray processes by this path
+    ray_tmp = tempfile.mkdtemp(prefix="flray")
+    try:
+        done_at_kill = _start_and_kill(catalog, out, ray_tmp, tmp_path)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert 3 <= done_at_kill < N // PER_SHARD and not (out / "index.parquet").exists()
     # whatever was visible at the kill is whole: every published tar reads to its end
     published = list_shards(str(out))

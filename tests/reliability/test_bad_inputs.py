@@ -218,13 +218,14 @@ def test_bad_input_corpus(ray_session, tiny_model, tmp_path, ledger):
         if not ok:
             failures.append((kind, pid, reason, [r for r in q if r["product_id"] == pid]))
 
-    samples = {}
+    samples, sidecars = {}, {}
     for u in list_shards(str(out)):
         if u.endswith("shard-000900.tar"):  # the hand-damaged one
             continue
         for smp in iter_shard(u):
             if "jpg" in smp:
                 samples[smp["json"]["product_id"]] = np.asarray(Image.open(io.BytesIO(smp["jpg"])))
+                sidecars[smp["json"]["product_id"]] = smp["json"]
     checks = {v.kind: v.check for v in VALID}
     for kind, pid in valid.items():
         img = samples.get(pid)
@@ -254,7 +255,16 @@ def test_bad_input_corpus(ray_session, tiny_model, tmp_path, ledger):
         ledger.bad_input(kind, f"error row: {errors.get(pid)}" if ok else None)
         if not ok:
             failures.append((kind, pid, errors.get(pid)))
-    ledger.bad_input("catalog with a UTF-8 BOM", "read; product_id column found" if s.catalog_rows else None)
+    # The BOM sits right before the header's first column and the first product follows it: both must come
+    # through intact, and no column name may carry the BOM along.
+    first = sidecars.get(good[0], {})
+    columns = [*read_catalog(cat)[0][0], *first.get("meta", {})]
+    bom_ok = good[0] in set(index["product_id"]) and not any("\ufeff" in c for c in columns)
+    ledger.bad_input(
+        "catalog with a UTF-8 BOM", "read; first product and column names intact" if bom_ok else None
+    )
+    if not bom_ok:
+        failures.append(("catalog with a UTF-8 BOM", good[0], columns))
 
     assert not failures, failures
     # The rest of the catalog is labelled, each product exactly once; nothing is silently dropped.

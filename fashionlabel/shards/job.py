@@ -1,0 +1,236 @@
+"""The shard job on the driver: read and check the catalog, plan, run one Ray task per shard to pack,
+merge the index and quarantine parts, write ``stats.json`` (with the taxonomy, so training needs nothing
+but the shard folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from fashionlabel import storage
+from fashionlabel.catalog import CatalogRow, Rejected, check_ids, read_catalog
+from fashionlabel.shards.pack import pack_shard
+from fashionlabel.shards.plan import make_plan
+from fashionlabel.shards.spec import (
+    QUARANTINE_SCHEMA,
+    ShardConfig,
+    ShardJobError,
+    index_schema,
+    ray_get,
+    shard_name,
+)
+from fashionlabel.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardSummary:
+    catalog_rows: int
+    packed: int
+    quarantined: int
+    reasons: dict[str, int]
+    shards: int  # tars written (a planned shard whose every row was quarantined has none)
+    shards_skipped: int
+    seconds: float
+    out: str
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    incremental_from: str | None = None
+    packed_this_run: int = 0  # products packed by this attempt (a re-run skips finished shards)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.packed_this_run / self.seconds if self.seconds else 0.0
+
+
+def _open_output(out: str) -> set[str]:
+    """Check that ``out`` is writable before any fetch; return the completion markers already there."""
+    try:
+        storage.makedirs(out)
+        probe = storage.join(out, "_parts", ".write-probe")
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+        return set(storage.listdir(storage.join(out, "_parts"), ".parquet"))
+    except (OSError, storage.StorageError) as e:
+        raise ShardJobError(f"cannot use output {out}: {storage._clean(e)}") from e
+
+
+def shard_catalog(
+    catalog: str,
+    out: str,
+    taxonomy: Taxonomy,
+    cfg: ShardConfig = ShardConfig(),
+    incremental_from: str | None = None,
+) -> ShardSummary:
+    """Pack ``catalog`` into shards under ``out`` with Ray tasks. Re-runnable: finished shards are kept.
+
+    Args:
+        catalog: CSV / Parquet / JSON Lines catalog, local path or ``s3://`` URI.
+        out: output folder or ``s3://`` prefix.
+        taxonomy: label columns are validated against it; it is saved in ``stats.json``.
+        cfg: packing settings.
+        incremental_from: a previous shards folder (or its ``index.parquet``): pack only products that are
+            new, whose source bytes changed (sha256) or whose labels changed.
+    """
+    import ray
+
+    t0 = time.time()
+    warm = _warm_workers()  # workers import this module while the driver reads the catalog
+    out = storage.absolute(out)
+    incremental_from = storage.absolute(incremental_from) if incremental_from else None
+    rows, malformed = read_catalog(catalog)
+    valid, rejected = check_ids(rows, catalog)  # label checks run in the tasks: the driver stays light
+    rejected = malformed + rejected
+    done = _open_output(out)
+    t_read = time.time() - t0
+    plan = make_plan(valid, out, cfg, taxonomy, incremental_from)
+    t_plan = time.time() - t0 - t_read
+    schema = index_schema(taxonomy)
+    todo = [(i, rs) for i, rs in enumerate(plan.shards) if f"{shard_name(i)}.parquet" not in done]
+    log.info(
+        "catalog %s: %d rows, %d valid, %d rejected before fetch; %s; %d shards, %d to pack",
+        catalog,
+        len(rows) + len(malformed),
+        len(valid),
+        len(rejected),
+        plan.counts,
+        len(plan.shards),
+        len(todo),
+    )
+    t_tasks = time.time()
+    packed_now, task_cpu, span = _run_tasks(todo, out, cfg, schema, taxonomy)
+    ray.get(warm)
+
+    t_merge = time.time()
+    index, quarantine = _merge(out, len(plan.shards), schema, rejected)
+    storage.write_parquet(index, storage.join(out, "index.parquet"))
+    storage.write_parquet(quarantine, storage.join(out, "quarantine.parquet"))
+    storage.clean_staging(out)
+    t_merge = time.time() - t_merge
+    reasons = dict(Counter(quarantine.column("reason").to_pylist()).most_common())
+    # A planned shard whose every row was quarantined leaves no tar: count the tars there are.
+    tars = set(index.column("shard").to_pylist())
+    seconds = time.time() - t0
+    summary = ShardSummary(
+        catalog_rows=len(rows) + len(malformed),
+        packed=index.num_rows,
+        quarantined=quarantine.num_rows,
+        reasons=reasons,
+        shards=len(tars),
+        shards_skipped=len({t for t in tars if f"{t}.parquet" in done}),
+        seconds=seconds,
+        out=str(out),
+        incremental_from=incremental_from,
+        **plan.counts,
+        packed_this_run=packed_now,
+        timings={
+            "read_validate_s": t_read,
+            "plan_s": t_plan,
+            "tasks_cpu_s": task_cpu,
+            "first_task_start_s": span[0] - t_tasks,
+            "tasks_wall_s": span[1] - span[0],
+            "merge_s": t_merge,
+            "total_s": seconds,
+        },
+    )
+    # The taxonomy travels with the shards, so training needs nothing but this folder.
+    stats = asdict(summary) | {
+        "images_per_s": summary.images_per_s,
+        "taxonomy": taxonomy.to_dict(),
+        "taxonomy_version": taxonomy.version,
+        "config": asdict(cfg),
+    }
+    storage.write_json(storage.join(out, "stats.json"), stats)
+    total = summary.packed + summary.quarantined
+    if total and summary.quarantined / total > cfg.max_failure_rate:
+        raise ShardJobError(
+            f"{summary.quarantined}/{total} rows quarantined, above --max-failure-rate {cfg.max_failure_rate}"
+        )
+    return summary
+
+
+def _warm_up() -> None:
+    """Runs in a worker: unpickling this function imports the packing code (PIL, pyarrow, taxonomy)."""
+
+
+def _warm_workers() -> list:
+    import ray
+
+    cpus = int(ray.available_resources().get("CPU", 1))
+    task = ray.remote(num_cpus=1)(_warm_up)
+    return [task.remote() for _ in range(max(1, min(cpus, 64)))]
+
+
+def _run_tasks(
+    todo: list[tuple[int, list[CatalogRow]]],
+    out: str,
+    cfg: ShardConfig,
+    schema: pa.Schema,
+    taxonomy: Taxonomy,
+) -> tuple[int, float, tuple[float, float]]:
+    """One Ray task per shard; progress logged every few seconds; a task that fails for good fails the job.
+
+    Returns the number of products packed, the CPU seconds the tasks used and (first start, last end).
+    """
+    import ray
+
+    now = time.time()
+    if not todo:
+        return 0, 0.0, (now, now)
+    task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(pack_shard)
+    cfg_ref, schema_ref, tax_ref = ray.put(cfg), ray.put(schema), ray.put(taxonomy)
+    pending = [task.remote(i, rs, out, cfg_ref, schema_ref, tax_ref) for i, rs in todo]
+    total_rows = sum(len(rs) for _, rs in todo)
+    finished = rows_done = packed = 0
+    cpu = 0.0
+    span = [float("inf"), 0.0]
+    t_start, last = time.time(), time.time()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+        for r in ray_get(ready):  # raises if a task failed for good (e.g. output became unwritable)
+            finished += 1
+            packed += r["packed"]
+            rows_done += r["packed"] + r["rejected"]
+            cpu += r["cpu_s"]
+            span = [min(span[0], r["start"]), max(span[1], r["end"])]
+        if time.time() - last > 5 or not pending:
+            rate = rows_done / max(time.time() - t_start, 1e-9)
+            eta = (total_rows - rows_done) / rate if rate else float("nan")
+            log.info(
+                "shard: %d/%d shards, %d/%d products (%d packed), %.0f img/s, eta %.0f s",
+                finished,
+                len(todo),
+                rows_done,
+                total_rows,
+                packed,
+                rate,
+                eta,
+            )
+            last = time.time()
+    return packed, cpu, (span[0], span[1])
+
+
+def _merge(
+    out: str, n_shards: int, schema: pa.Schema, catalog_rejects: list[Rejected]
+) -> tuple[pa.Table, pa.Table]:
+    parts = storage.join(out, "_parts")
+    index = [
+        storage.read_parquet(storage.join(parts, f"{shard_name(i)}.parquet"), schema=schema)
+        for i in range(n_shards)
+    ]
+    quarantine = [pa.Table.from_pylist([r.as_row() for r in catalog_rejects], schema=QUARANTINE_SCHEMA)]
+    quarantine += [
+        storage.read_parquet(
+            storage.join(parts, f"{shard_name(i)}.quarantine.parquet"), schema=QUARANTINE_SCHEMA
+        )
+        for i in range(n_shards)
+    ]
+    return (pa.concat_tables(index) if index else schema.empty_table(), pa.concat_tables(quarantine))

@@ -1,0 +1,116 @@
+"""One shard, inside a Ray task: check each row's labels, fetch and normalise its image, write the tar;
+publish the tar, then its index part (the completion marker). A bad row is quarantined with its reason and
+never fails the shard; only an image source that looks down does (``OutageBreaker``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from fashionlabel import storage
+from fashionlabel.catalog import CatalogRow, FetchError, OutageBreaker, Rejected, check_labels, fetch
+from fashionlabel.images import ImageReject, normalise
+from fashionlabel.shards.spec import QUARANTINE_SCHEMA, ShardConfig, shard_name
+from fashionlabel.tarwriter import TarWriter
+from fashionlabel.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+
+def pack_row(r: CatalogRow, shard: str, cfg: ShardConfig) -> tuple[bytes, bytes, dict[str, Any]]:
+    """Fetch and normalise one checked row: (JPEG, JSON sidecar, index row). Raises ``FetchError`` or
+    ``ImageReject`` with the quarantine reason."""
+    src = fetch(r.image_uri)
+    jpg, (ow, oh), (w, h) = normalise(
+        src, max_side=cfg.max_side, quality=cfg.jpeg_quality, max_pixels=cfg.max_pixels, min_side=cfg.min_side
+    )
+    sha = hashlib.sha256(src).hexdigest()
+    meta = {
+        "product_id": r.product_id,
+        "labels": r.labels,
+        "source_uri": r.image_uri,
+        "sha256": sha,
+        "orig_size": [ow, oh],
+        "meta": r.meta,
+    }
+    index = {
+        "key": r.key,
+        "product_id": r.product_id,
+        "shard": shard,
+        "image_uri": r.image_uri,
+        "sha256": sha,
+        "bytes": len(src),
+        "orig_width": ow,
+        "orig_height": oh,
+        "width": w,
+        "height": h,
+        **r.labels,
+    }
+    return jpg, json.dumps(meta, ensure_ascii=False).encode(), index
+
+
+def pack_shard(
+    shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig, schema: pa.Schema, taxonomy: Taxonomy
+) -> dict[str, Any]:
+    """Check labels, fetch, normalise and pack ``rows`` into one tar; publish it and its index part."""
+    name = shard_name(shard_id)
+    t0, cpu0 = time.time(), time.thread_time()
+    index, rejected = [], []
+    outages = OutageBreaker(len(rows), name)
+    tmp = storage.staging_dir(out) / f"{name}.{time.time_ns()}.tar.tmp"
+    try:
+        with TarWriter(open(tmp, "wb")) as tar:  # noqa: SIM115 - the writer closes it
+            for row in rows:
+                r = check_labels(row, taxonomy)
+                if isinstance(r, Rejected):
+                    rejected.append(r.as_row())
+                    continue
+                try:
+                    jpg, sidecar, entry = pack_row(r, name, cfg)
+                except (FetchError, ImageReject) as e:
+                    if isinstance(e, FetchError):
+                        outages.record(e, r.image_uri)  # raises past a few: the source is down
+                    rejected.append(Rejected(r.product_id, r.image_uri, e.reason, e.detail).as_row())
+                    continue
+                except Exception as e:  # noqa: BLE001 - one odd row never fails a shard; the detail says why
+                    log.warning("unexpected error on %s", r.product_id, exc_info=True)
+                    rejected.append(
+                        Rejected(
+                            r.product_id,
+                            r.image_uri,
+                            "processing_error",
+                            f"{type(e).__name__}: {str(e)[:200]}",
+                        ).as_row()
+                    )
+                    continue
+                tar.add(f"{r.key}.jpg", jpg)
+                tar.add(f"{r.key}.json", sidecar)
+                index.append(entry)
+        if index:
+            storage.publish_file(tmp, storage.join(out, f"{name}.tar"))
+        else:  # a killed earlier attempt may have published this tar before its marker
+            storage.delete(storage.join(out, f"{name}.tar"))
+    finally:
+        tmp.unlink(missing_ok=True)
+    # The index part is the completion marker: written last, so its presence means the tar is complete.
+    storage.write_parquet(
+        pa.Table.from_pylist(rejected, schema=QUARANTINE_SCHEMA),
+        storage.join(out, "_parts", f"{name}.quarantine.parquet"),
+    )
+    storage.write_parquet(
+        pa.Table.from_pylist(index, schema=schema), storage.join(out, "_parts", f"{name}.parquet")
+    )
+    return {
+        "shard": name,
+        "packed": len(index),
+        "rejected": len(rejected),
+        "start": t0,
+        "end": time.time(),
+        "cpu_s": time.thread_time() - cpu0,
+    }

@@ -1,0 +1,160 @@
+"""Which rows go into which shard: a deterministic plan, saved so that a re-run rebuilds the same shards,
+and refused when the catalog or the settings changed. In incremental mode only new products and those whose
+source bytes or labels changed are planned; known products are fingerprinted in Ray tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from fashionlabel import storage
+from fashionlabel.catalog import CatalogRow, FetchError, OutageBreaker, Rejected, check_labels, fetch
+from fashionlabel.shards.spec import ShardConfig, ShardJobError, ray_get
+from fashionlabel.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+PLAN_SCHEMA = pa.schema([("product_id", pa.string()), ("status", pa.string())])
+
+
+def _labels_key(labels: dict[str, Any]) -> str:
+    """One comparable string for a product's labels (as the index stores them)."""
+    return json.dumps({k: v for k, v in labels.items() if v not in (None, [])}, sort_keys=True)
+
+
+def fingerprint_rows(
+    rows: list[CatalogRow], taxonomy: Taxonomy, heads: list[str]
+) -> list[tuple[str, str | None, str | None]]:
+    """(product_id, sha256 of the source bytes, key of the labels of ``heads``) per row; None when the
+    source cannot be fetched or the labels are rejected (the row is then packed again, so the pack task
+    quarantines it)."""
+    out = []
+    outages = OutageBreaker(len(rows), "the known products' hash pass")
+    for r in rows:
+        try:
+            sha = hashlib.sha256(fetch(r.image_uri)).hexdigest()
+        except FetchError as e:
+            outages.record(e, r.image_uri)  # a source that is down does not make every product "changed"
+            sha = None
+        v = check_labels(r, taxonomy)
+        key = None if isinstance(v, Rejected) else _labels_key({h: v.labels.get(h) for h in heads})
+        out.append((r.product_id, sha, key))
+    return out
+
+
+@dataclass
+class Plan:
+    shards: list[list[CatalogRow]]
+    counts: dict[str, int]  # new / changed / unchanged
+
+
+def _fingerprint(valid: list[CatalogRow], cfg: ShardConfig, taxonomy: Taxonomy, prev: str | None) -> str:
+    h = hashlib.sha256()
+    packing = {k: v for k, v in asdict(cfg).items() if k != "max_failure_rate"}
+    h.update(json.dumps([packing, taxonomy.version, prev], sort_keys=True).encode())
+    for r in valid:
+        h.update("\x1f".join([r.product_id, r.image_uri, *map(str, r.raw.values()), "\x1e"]).encode())
+    return h.hexdigest()
+
+
+def previous_index(prev: str, taxonomy: Taxonomy) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """product_id → (sha256, labels key) from a previous run's ``index.parquet`` (``prev``: its folder or
+    the file), and the taxonomy heads it holds. Only those heads are compared: an index without label
+    columns (a product map) compares image bytes alone."""
+    uri = prev if str(prev).endswith(".parquet") else storage.join(prev, "index.parquet")
+    try:
+        names = set(storage.read_parquet_schema(uri).names)
+        heads = [h.name for h in taxonomy.heads if h.name in names]
+        t = storage.read_parquet(uri, columns=["product_id", "sha256", *heads])
+    except (OSError, pa.ArrowException) as e:
+        raise ShardJobError(f"cannot read the previous index {uri}: {storage._clean(e)}") from e
+    cols = {h: t.column(h).to_pylist() for h in heads}
+    before = {
+        pid: (sha, _labels_key({h: cols[h][i] for h in heads}))
+        for i, (pid, sha) in enumerate(
+            zip(t.column("product_id").to_pylist(), t.column("sha256").to_pylist(), strict=True)
+        )
+    }
+    return before, heads
+
+
+def _select_incremental(
+    valid: list[CatalogRow], prev: str, chunk: int, taxonomy: Taxonomy
+) -> tuple[list[CatalogRow], list[str]]:
+    """The rows to pack (new, or changed: other source bytes or other labels; in catalog order) and their
+    status. Known products are fingerprinted in Ray tasks (one fetch each), the driver only compares."""
+    import ray
+
+    before, heads = previous_index(prev, taxonomy)
+    known = [r for r in valid if r.product_id in before]
+    task = ray.remote(num_cpus=1, max_retries=3)(fingerprint_rows)
+    tax_ref = ray.put(taxonomy)
+    refs = [task.remote(known[s : s + chunk], tax_ref, heads) for s in range(0, len(known), chunk)]
+    now = {pid: (sha, labels) for part in ray_get(refs) for pid, sha, labels in part}
+    log.info("incremental: fingerprinted %d known products against %s", len(known), prev)
+    rows, status = [], []
+    for r in valid:
+        old = before.get(r.product_id)
+        if old is None:
+            rows.append(r)
+            status.append("new")
+        elif now[r.product_id] != old:
+            rows.append(r)
+            status.append("changed")
+    return rows, status
+
+
+def make_plan(
+    valid: list[CatalogRow],
+    out: str,
+    cfg: ShardConfig,
+    taxonomy: Taxonomy,
+    incremental_from: str | None = None,
+) -> Plan:
+    """The deterministic shard plan: reused from ``out/_parts/_plan.*`` when a previous attempt saved one.
+
+    A saved plan from a different catalog or different settings is refused rather than mixed into the
+    same output folder.
+    """
+    fp = _fingerprint(valid, cfg, taxonomy, incremental_from)
+    meta_uri = storage.join(out, "_parts", "_plan.json")
+    rows_uri = storage.join(out, "_parts", "_plan.parquet")
+    if storage.exists(meta_uri):
+        saved = storage.read_json(meta_uri)
+        if saved.get("fingerprint") != fp:
+            raise ShardJobError(f"{out} holds shards of a different catalog or settings; use a new --out")
+        t = storage.read_parquet(rows_uri, schema=PLAN_SCHEMA)
+        by_id = {r.product_id: r for r in valid}
+        rows = [by_id[p] for p in t.column("product_id").to_pylist()]
+        counts = saved["counts"]
+    else:
+        if incremental_from:
+            rows, status = _select_incremental(
+                valid, incremental_from, max(cfg.samples_per_shard, 1000), taxonomy
+            )
+        else:
+            rows, status = valid, ["new"] * len(valid)
+        c = Counter(status)
+        counts = {"new": c["new"], "changed": c["changed"], "unchanged": len(valid) - len(rows)}
+        storage.write_parquet(
+            pa.table({"product_id": [r.product_id for r in rows], "status": status}, schema=PLAN_SCHEMA),
+            rows_uri,
+        )
+        storage.write_json(
+            meta_uri,
+            {
+                "fingerprint": fp,
+                "counts": counts,
+                "rows": len(rows),
+                "samples_per_shard": cfg.samples_per_shard,
+            },
+        )  # written last
+    n = cfg.samples_per_shard
+    return Plan([rows[s : s + n] for s in range(0, len(rows), n)], counts)

@@ -1,0 +1,86 @@
+"""What a shard set is made of: the packing settings, the index and quarantine schemas, shard names, and
+the job's one error (a task that found the image source down becomes it, with the task's own message).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from fashionlabel.catalog import SourceUnavailable
+from fashionlabel.settings import check
+from fashionlabel.taxonomy import Taxonomy
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("product_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    samples_per_shard: int = 1000
+    max_side: int = 256
+    jpeg_quality: int = 90
+    max_pixels: int = 40_000_000
+    min_side: int = 8
+    max_failure_rate: float = 0.5
+
+    def __post_init__(self) -> None:
+        check(
+            "shard",
+            self,
+            {
+                "samples_per_shard": self.samples_per_shard >= 1,
+                "max_side": self.max_side >= self.min_side,
+                "jpeg_quality": 1 <= self.jpeg_quality <= 100,
+                "max_pixels": self.max_pixels >= 1,
+                "min_side": self.min_side >= 1,
+                "max_failure_rate": 0 <= self.max_failure_rate <= 1,
+            },
+            "samples per shard, min side ≥ 1; max side ≥ min side; JPEG quality 1–100; "
+            "0 ≤ max failure rate ≤ 1",
+        )
+
+
+class ShardJobError(RuntimeError):
+    """The shard job cannot proceed or failed past its allowed failure rate."""
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}"
+
+
+def index_schema(taxonomy: Taxonomy) -> pa.Schema:
+    fields = [
+        ("key", pa.string()),
+        ("product_id", pa.string()),
+        ("shard", pa.string()),
+        ("image_uri", pa.string()),
+        ("sha256", pa.string()),
+        ("bytes", pa.int64()),
+        ("orig_width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+    for h in taxonomy.heads:
+        fields.append((h.name, pa.string() if h.kind == "single" else pa.list_(pa.string())))
+    return pa.schema(fields)
+
+
+def ray_get(refs: list) -> list:
+    """``ray.get``; a task that found the image source down fails the job with its own message."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, SourceUnavailable):
+            raise ShardJobError(str(e.cause)) from None
+        raise
