@@ -17,6 +17,7 @@ import errno
 import io
 import json
 import os
+import time
 import uuid
 from functools import cache
 from pathlib import Path
@@ -165,18 +166,29 @@ def publish_file(local: str | Path, uri: str | Path) -> None:
     os.replace(local, dest)
 
 
+STALE_STAGING_S = 24 * 3600
+
+
 def staging_dir(out: str | Path) -> Path:
     """A local folder for files in progress: beside the output when local (so rename is atomic)."""
     if is_s3(out):
         d = Path(os.environ.get("FASHIONLABEL_TMP", "/tmp")) / "fashionlabel-staging"
-    else:
-        d = Path(str(out).removeprefix("file://")) / "_tmp"
+        d.mkdir(parents=True, exist_ok=True)
+        # Shared by every job on the node: files of killed tasks are dropped once surely abandoned (a shard
+        # takes minutes), never those of a task that may still be writing.
+        for f in d.glob("*.tmp"):
+            with contextlib.suppress(OSError):
+                if time.time() - f.stat().st_mtime > STALE_STAGING_S:
+                    f.unlink()
+        return d
+    d = Path(str(out).removeprefix("file://")) / "_tmp"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 def clean_staging(out: str | Path) -> None:
-    """Drop staging files left by killed attempts (local outputs only; S3 staging files are per task)."""
+    """Drop staging files left by killed attempts of this output (local outputs; the node-wide staging
+    folder of S3 outputs drops abandoned files in ``staging_dir``)."""
     if not is_s3(out):
         d = Path(str(out).removeprefix("file://")) / "_tmp"
         if d.is_dir():

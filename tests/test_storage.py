@@ -71,3 +71,14 @@ def test_latest_pointers_move_only_after_every_snapshot_file_is_written(tmp_path
     publish(root, "2026-05-02", _snapshot(tax, ["a", "b", "c"]), rows_per_file=1)
     assert latest.current(root)["snapshot"] == "2026-05-02" and latest.current(root)["rows"] == 3
     assert sorted(latest.read_snapshot(root, "2026-05-02")["product_id"].to_pylist()) == ["a", "b", "c"]
+
+
+def test_node_staging_for_s3_outputs_drops_only_abandoned_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASHIONLABEL_TMP", str(tmp_path))
+    d = storage.staging_dir("s3://bucket/shards")
+    old, fresh = d / "shard-000001.1.tar.tmp", d / "shard-000002.2.tar.tmp"
+    old.write_bytes(b"killed two days ago")
+    fresh.write_bytes(b"being written")
+    os.utime(old, (0, os.path.getmtime(old) - 2 * storage.STALE_STAGING_S))
+    assert storage.staging_dir("s3://bucket/other") == d
+    assert sorted(p.name for p in d.iterdir()) == [fresh.name]
