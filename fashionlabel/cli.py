@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(fn=fn)
-        # Every command takes it (design.md); those outside NEEDS_RAY run in this process and need no cluster.
+        # Every command takes it; those outside NEEDS_RAY run in this process and need no cluster.
         sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
         return sp
 

@@ -273,8 +273,17 @@ def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
     else:
         import pandas as pd
 
+        # pandas cuts a longer result down to display.min_rows (10), not to max_rows; 0 means no limit
+        limit = a.max_rows or None
         with pd.option_context(
-            "display.max_rows", a.max_rows, "display.max_columns", 50, "display.width", 200
+            "display.max_rows",
+            limit,
+            "display.min_rows",
+            limit,
+            "display.max_columns",
+            50,
+            "display.width",
+            200,
         ):
             print(df)
     return {"rows": len(df)}

@@ -38,6 +38,10 @@ from fashionlabel.train.export import artifact_spec
 
 log = logging.getLogger(__name__)
 
+# The manifest of a night's own labelling, until its relabelled parts are in too and it becomes _SUCCESS.
+# A leading underscore keeps it out of Athena/Hive tables, as _SUCCESS is.
+NIGHT_LABELLED = "_NIGHT_LABELLED"
+
 
 class NightlyError(RuntimeError):
     """A night that cannot run (an earlier night incomplete, unusable root or model)."""
@@ -108,7 +112,9 @@ def run_nightly(
     shard = _shard_night(layout, date, catalog, taxonomy, cfg.shard, before)
     t_shard = time.time()
 
-    night = label_shards(layout.night_shards(date), model, layout.labels, date, cfg.label)
+    night = label_shards(
+        layout.night_shards(date), model, layout.labels, date, cfg.label, manifest=NIGHT_LABELLED
+    )
     relabel = relabel_products(
         layout,
         date,
@@ -279,16 +285,16 @@ def _shard_night(
 
 
 def _complete_run_manifest(layout: Layout, date: str, history: pa.Table, night_ids: set[str]) -> None:
-    """Bring the run folder's ``_SUCCESS`` (written by the labelling of the night's own shards) up to date
-    with the relabelled parts added beside them: its counts then describe every row of the folder."""
-    path = storage.join(layout.history(date), "_SUCCESS")
-    if not storage.exists(path):
-        return
+    """Write the run folder's ``_SUCCESS`` once the relabelled parts are in beside the night's own: the
+    manifest of the night's labelling (``NIGHT_LABELLED``) with counts of every row of the folder. Only
+    then does the folder count as a finished night for readers (the ``nights`` view, Athena)."""
+    labelled, success = (storage.join(layout.history(date), n) for n in (NIGHT_LABELLED, "_SUCCESS"))
+    source = labelled if storage.exists(labelled) else success  # a re-run after the swap below
     errored = history.num_rows - history["error"].null_count
     of_night = sum(p in night_ids for p in history["product_id"].to_pylist())
     storage.write_json(
-        path,
-        storage.read_json(path)
+        success,
+        storage.read_json(source)
         | {
             "rows": history.num_rows,
             "labelled": history.num_rows - errored,
@@ -297,6 +303,8 @@ def _complete_run_manifest(layout: Layout, date: str, history: pa.Table, night_i
             "files": len(storage.listdir(layout.history(date), ".parquet")),
         },
     )
+    if source == labelled:
+        storage.delete(labelled)
 
 
 def _read_history(layout: Layout, date: str, taxonomy: Taxonomy) -> pa.Table:

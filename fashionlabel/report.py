@@ -207,7 +207,7 @@ def rate_text(done_now: int, done: int, rate: float) -> str:
     """A stage's rate, or why there is none: a re-run rates only the work it did itself."""
     if done_now:
         return f"{rate:,.0f} img/s"
-    return "n/a (an earlier, interrupted attempt did it)" if done else "n/a (nothing to do)"
+    return "n/a (done by an earlier run)" if done else "n/a (nothing to do)"
 
 
 def night_rate(m: dict[str, Any], stage: str) -> str:

@@ -1,6 +1,6 @@
 """Taxonomies: the heads a model predicts, declared in YAML, versioned by content hash.
 
-Kinds of head (design.md, research.md):
+Kinds of head (docs/models.md):
 - ``single``: one value out of N (softmax). May declare ``not_visible`` (FashionAI's "defined for this view
   but not visible" value), which is an ordinary class the model can predict.
 - ``multi``: a set of values out of N (sigmoid each), optionally grouped (texture, fabric, ...). Values come

@@ -81,7 +81,7 @@ def test_killed_night_completes_on_rerun(ray_session, tiny_model, tmp_path):
     # the killed attempt had packed every shard: this one rates only what it did, and says so
     assert (m["sharded"], m["sharded_this_attempt"], m["shard_images_per_s"]) == (120, 0, 0)
     report = (root / "reports" / "2026-06-01.html").read_text()
-    assert "n/a (an earlier, interrupted attempt did it)" in report
+    assert "n/a (done by an earlier run)" in report
     con = duckdb.connect()
     rows = con.execute(f"SELECT product_id FROM '{history}/*.parquet'").fetchall()
     assert len(rows) == 120 and {p for (p,) in rows} == {r["product_id"] for r in good}

@@ -128,6 +128,19 @@ def test_cli_query(labels, capsys):
     assert capsys.readouterr().out.split() == ["product_id", "p00", "p01"]
     assert run(["query", "--labels", labels, "SELECT nope FROM latest"]) == 1
     assert "error" in capsys.readouterr().err
+    # --max-rows: that many rows printed (a longer result cut in the middle), 0 for all of them
+    sql = "SELECT i FROM range(100) t(i) ORDER BY i"
+    for argv, shown in (
+        ([], 60),
+        (["--max-rows", "20"], 20),
+        (["--max-rows", "0"], 100),
+        (["--max-rows", "200"], 100),
+    ):
+        assert run(["query", "--labels", labels, *argv, sql]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        printed = [ln for ln in lines[1:] if re.fullmatch(r"\d+\s+\d+", ln.strip())]
+        assert len(printed) == shown, (argv, lines[:3], len(printed))
+        assert any(ln.strip().startswith("..") for ln in lines) == (shown < 100)  # where rows were cut
 
 
 def test_a_view_the_folder_does_not_have_is_named_with_where_it_comes_from(labels, tmp_path, capsys):

@@ -63,6 +63,7 @@ def label_shards(
     skip: dict[str, str] | None = None,
     incremental: bool = False,
     progress: Callable[[int], None] | None = None,
+    manifest: str = "_SUCCESS",
 ) -> dict[str, Any]:
     """Label every shard of ``shards`` into ``out/history/run_date=D/``; return the run summary.
 
@@ -71,6 +72,9 @@ def label_shards(
         incremental: also skip every product that this model version already labelled without error
             under ``out/history`` (any run date), with the same image_sha256.
         progress: called with the row count of every batch that comes back from the actors.
+        manifest: the name of the run folder's manifest, written once every shard has its part. A caller
+            that adds more parts afterwards (a nightly relabel) gives another name and writes ``_SUCCESS``
+            itself, last, since readers take ``_SUCCESS`` to mean the folder is complete.
     """
     from fashionlabel.runtime import cluster_cpus, cluster_gpus
     from fashionlabel.train.export import artifact_spec  # torch: not in the read tasks that import this
@@ -139,7 +143,7 @@ def label_shards(
     }
     totals = run_totals(out_dir)
     summary["files"] = totals["files"]
-    _write_manifest(out_dir, summary, totals, plan, did_work=bool(todo))
+    _write_manifest(storage.join(out_dir, manifest), summary, totals, plan, did_work=bool(todo))
     return summary
 
 
@@ -160,11 +164,10 @@ def _todo(out_dir: str, uris: list[str], shards: str, model_version: str) -> lis
 
 
 def _write_manifest(
-    out_dir: str, summary: dict[str, Any], totals: dict[str, int], plan: Plan, did_work: bool
+    success: str, summary: dict[str, Any], totals: dict[str, int], plan: Plan, did_work: bool
 ) -> None:
-    """``_SUCCESS`` once every shard has its part: the folder's totals and the run that completed it.
-    A re-run with nothing left to do leaves the manifest of the run that did the work as it is."""
-    success = storage.join(out_dir, "_SUCCESS")
+    """The manifest (``_SUCCESS``) once every shard has its part: the folder's totals and the run that
+    completed it. A re-run with nothing left to do leaves the manifest of the run that did the work."""
     if totals["files"] >= summary["shards"] and (did_work or not storage.exists(success)):
         storage.write_json(
             success,

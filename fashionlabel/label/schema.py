@@ -1,4 +1,4 @@
-"""The labels table's explicit pyarrow schema (design.md "Labels table")."""
+"""The labels table's explicit pyarrow schema (its columns for analysts: docs/analysts.md "Columns")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The model artifact (design.md): a folder with everything needed to label, nothing looked up elsewhere.
+"""The model artifact: a folder with everything needed to label, nothing looked up elsewhere.
 
     MODEL/weights.pt     state_dict, loadable with torch.load(..., weights_only=True) (no pickled objects)
     MODEL/model.json     architecture, taxonomy with values, preprocessing, calibration

@@ -1,4 +1,4 @@
-"""Metrics, following the DeepFashion protocol plus per-head accuracy/F1 (research.md).
+"""Metrics, following the DeepFashion protocol plus per-head accuracy/F1.
 
 - single heads: top-1/3/5 accuracy and macro-F1 over products with a known label;
 - multi heads: top-k recall — rank all values of a product by score, count its true values in the top k,
