@@ -109,12 +109,15 @@ class OutageBreaker:
 
 @dataclass(frozen=True)
 class Rejected:
+    """A catalog row that is quarantined, with its stable ``reason`` (a key of ``REASONS``)."""
+
     product_id: str
     image_uri: str
     reason: str
     detail: str
 
     def as_row(self) -> dict[str, str]:
+        """The quarantine record as a plain dict, one column per field."""
         return {
             "product_id": self.product_id,
             "image_uri": self.image_uri,
@@ -265,11 +268,13 @@ class CatalogRow:
 
 @dataclass(frozen=True)
 class ValidRow:
+    """A row that passed every check that needs no image: its labels by head and its other columns."""
+
     product_id: str
     key: str
     image_uri: str  # resolved
-    labels: dict[str, Any]
-    meta: dict[str, Any]
+    labels: dict[str, Any]  # head name -> value, list of values (multi heads) or None
+    meta: dict[str, Any]  # every column that is not a label column
 
 
 def id_problem(pid: str) -> str | None:

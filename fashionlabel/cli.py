@@ -76,6 +76,7 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
 
 # ---- parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fashionlabel`` argument parser: one subparser per subcommand, bound to its ``cmd_*`` function."""
     p = argparse.ArgumentParser(prog="fashionlabel", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
@@ -295,6 +296,7 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The parsed command line; ``fn`` is the subcommand's function."""
     return build_parser().parse_args(list(argv))
 
 
@@ -333,6 +335,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
+    """Entry point of the ``fashionlabel`` command: run ``sys.argv`` and exit with its code."""
     sys.exit(run())
 
 

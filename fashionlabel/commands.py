@@ -30,6 +30,7 @@ def _fmt_reasons(reasons: dict[str, int]) -> str:
 
 
 def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
+    """``shard``: pack a catalog into shards; return the printed summary."""
     from fashionlabel.report import rate_text
     from fashionlabel.shards import ShardConfig, shard_catalog
     from fashionlabel.taxonomy import Taxonomy
@@ -62,6 +63,7 @@ def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
+    """``train``: train a model into an artifact; return the printed summary plus ``metrics``."""
     from fashionlabel.runtime import cluster_cpus
     from fashionlabel.train.config import TrainConfig
     from fashionlabel.train.run import train
@@ -123,6 +125,7 @@ def _accuracy_lines(m: dict[str, Any], split: str) -> dict[str, str]:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
+    """``evaluate``: score an artifact on one split of shards; return the printed summary plus ``metrics``."""
     from fashionlabel.train.run import evaluate
 
     split = None if a.split == "all" else a.split
@@ -156,6 +159,7 @@ def _label_config(a: argparse.Namespace) -> Any:
 
 
 def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
+    """``label``: label shards into Parquet; return the printed summary plus the run's ``raw`` summary."""
     from fashionlabel.label.pipeline import label_shards
     from fashionlabel.report import rate_text
 
@@ -188,6 +192,11 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
+    """``report``: write the HTML report of a labels root; return the report's summary.
+
+    A labels root with nightly snapshots (or a ``--date``) gets the night's report, drift included;
+    any other gets the report of its newest run. Raises ValueError when ``--out`` is a folder.
+    """
     from fashionlabel import latest, storage
     from fashionlabel.layout import Layout
     from fashionlabel.report import write_night_report, write_report
@@ -209,6 +218,7 @@ def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
+    """``prune``: channel-prune an artifact into a new one; return the printed summary plus ``raw``."""
     from fashionlabel.train.prune import prune_artifact
 
     blocks = [int(b) for b in a.blocks.split(",") if b.strip()]
@@ -232,6 +242,7 @@ def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
+    """``nightly``: run one night end to end; return the night's manifest (not only the printed lines)."""
     from fashionlabel.nightly import NightlyConfig, run_nightly
     from fashionlabel.report import night_rate
     from fashionlabel.shards import ShardConfig
@@ -265,6 +276,7 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
+    """``query``: print the result of SQL over a labels root (a table or CSV); return its row count."""
     from fashionlabel.query import query
 
     df = query(a.labels, a.sql)
@@ -290,6 +302,7 @@ def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_models(a: argparse.Namespace) -> dict[str, Any]:
+    """``models``: print the registered model names, one a line."""
     from fashionlabel.models import list_models
 
     print("\n".join(list_models()))

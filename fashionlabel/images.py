@@ -29,6 +29,8 @@ FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF") 
 
 
 class ImageReject(Exception):
+    """An image ``normalise`` refuses; ``reason`` is a stable quarantine reason (``catalog.REASONS``)."""
+
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail

@@ -39,6 +39,7 @@ def latest_schema(taxonomy: Taxonomy) -> pa.Schema:
 
 
 def snapshot_dir(labels: str, date: str) -> str:
+    """The folder of snapshot ``date``: ``<labels>/latest/snapshots/<date>``."""
     return storage.join(labels, "latest", "snapshots", date)
 
 

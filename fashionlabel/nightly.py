@@ -49,11 +49,13 @@ class NightlyError(RuntimeError):
 
 @dataclass(frozen=True)
 class NightlyConfig:
+    """Settings of one night (:func:`run_nightly`): how it shards, how it labels, what ``latest`` keeps."""
+
     shard: ShardConfig = field(default_factory=ShardConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     relabel_older_than_days: int | None = None  # also relabel labels older than this many days
-    latest_rows_per_file: int = 1_000_000
-    keep_snapshots: int = 7
+    latest_rows_per_file: int = 1_000_000  # rows per Parquet file of a latest snapshot
+    keep_snapshots: int = 7  # latest snapshots kept: a reader holding an older pointer finds its files
     # share of the previous night's active products that may leave the catalog in one night: a truncated
     # export would otherwise mark most of the catalog inactive
     max_catalog_drop: float = 0.5

@@ -16,12 +16,17 @@ download is needed on a locked-down host.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from fashionlabel import latest, storage
+
+if TYPE_CHECKING:
+    import duckdb
+    import pandas as pd
 
 
 def run_folders(labels: str) -> dict[str, list[str]]:
@@ -50,6 +55,8 @@ def finished_nights(runs: dict[str, list[str]]) -> pa.Table:
 
 
 def history_dataset(labels: str, runs: dict[str, list[str]]) -> pads.Dataset | None:
+    """The Parquet parts of ``runs`` (:func:`run_folders`) as one dataset with the hive column ``run_date``,
+    or None when there is none."""
     files = history_files(labels, runs)
     if not files:
         return None
@@ -65,6 +72,7 @@ def history_dataset(labels: str, runs: dict[str, list[str]]) -> pads.Dataset | N
 
 
 def latest_dataset(labels: str) -> pads.Dataset | None:
+    """The files of the published ``latest`` snapshot as one dataset, or None before the first night."""
     files = latest.current_files(labels)
     if not files:
         return None
@@ -72,7 +80,7 @@ def latest_dataset(labels: str) -> pads.Dataset | None:
     return pads.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
 
 
-def connect(labels: str):
+def connect(labels: str) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views ``latest``, ``history`` and ``nights`` of ``labels`` registered.
 
     Raises FileNotFoundError when neither table has any file yet.
@@ -101,7 +109,7 @@ WHERE = {
 }
 
 
-def query(labels: str, sql: str):
+def query(labels: str, sql: str) -> pd.DataFrame:
     """``sql`` over the views of ``labels`` as a pandas DataFrame. A view that ``labels`` does not have is
     named with where it comes from, instead of DuckDB's bare "table does not exist"."""
     import duckdb

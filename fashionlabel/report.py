@@ -37,6 +37,7 @@ def latest_run(labels: str) -> str:
 
 
 def read_run(run_dir: str) -> pd.DataFrame:
+    """Every label row of the Parquet files in ``run_dir``; FileNotFoundError when it holds none."""
     fs, path = storage.filesystem(run_dir)
     files = [storage.join(run_dir, n) for n in storage.listdir(run_dir, ".parquet")]
     if not files:

@@ -19,6 +19,14 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Ray for the duration of the block: connect to ``address`` (or ``RAY_ADDRESS``), else start a local
+    Ray; ``ray.shutdown()`` when the block ends. A Ray already initialised is used and left running.
+
+    Args:
+        num_cpus: CPUs of a local Ray (default: all of this machine's); ignored for a cluster.
+
+    Raises ConnectionError when nothing listens at ``address`` or it is a dashboard (http) address.
+    """
     import ray
 
     if ray.is_initialized():  # already inside a driver (tests, notebooks): reuse it
@@ -94,6 +102,7 @@ def _single_node_loopback() -> None:
 
 
 def cluster_cpus() -> float:
+    """CPUs of the connected Ray cluster (1 if it reports none)."""
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1.0))
@@ -107,6 +116,7 @@ def cluster_nodes() -> int:
 
 
 def cluster_gpus() -> float:
+    """GPUs of the connected Ray cluster (0 if it has none)."""
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))

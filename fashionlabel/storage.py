@@ -33,6 +33,7 @@ class StorageError(RuntimeError):
 
 
 def is_s3(uri: str | Path) -> bool:
+    """Whether ``uri`` is an ``s3://`` URI."""
     return str(uri).startswith("s3://")
 
 
@@ -43,6 +44,7 @@ def absolute(uri: str | Path) -> str:
 
 
 def join(base: str | Path, *parts: str) -> str:
+    """``parts`` appended to ``base`` with ``/``: an ``s3://`` URI, or an absolute local path."""
     base = str(base)
     if is_s3(base):
         return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
@@ -79,11 +81,13 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
 
 
 def exists(uri: str | Path) -> bool:
+    """Whether a file or folder (an S3 object or prefix) is at ``uri``."""
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def makedirs(uri: str | Path) -> None:
+    """Create a local folder and its parents; nothing to do on S3, which has no folders."""
     if not is_s3(uri):
         Path(str(uri).removeprefix("file://")).mkdir(parents=True, exist_ok=True)
 
@@ -99,6 +103,7 @@ def listdir(uri: str | Path, suffix: str = "") -> list[str]:
 
 
 def read_bytes(uri: str | Path) -> bytes:
+    """The whole content of the file or object at ``uri``."""
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
@@ -206,25 +211,30 @@ def delete(uri: str | Path) -> None:
 
 
 def write_json(uri: str | Path, obj: Any) -> None:
+    """Publish ``obj`` as indented JSON with sorted keys, atomically; other values are written as ``str``."""
     write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
 
 def read_json(uri: str | Path) -> Any:
+    """The parsed JSON file at ``uri``."""
     return json.loads(read_bytes(uri))
 
 
 def write_parquet(table: pa.Table, uri: str | Path) -> None:
+    """Publish ``table`` as one zstd-compressed Parquet file, atomically."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     write_bytes(uri, buf.getvalue())
 
 
 def read_parquet(uri: str | Path, **kw: Any) -> pa.Table:
+    """The Parquet file at ``uri`` as a table; ``kw`` go to ``pyarrow.parquet.read_table``."""
     fs, path = filesystem(uri)
     return pq.read_table(path, filesystem=fs, **kw)
 
 
 def read_parquet_schema(uri: str | Path) -> pa.Schema:
+    """The schema of the Parquet file at ``uri``, read from its footer alone."""
     fs, path = filesystem(uri)
     return pq.read_schema(path, filesystem=fs)
 

@@ -37,18 +37,20 @@ class TaxonomyError(ValueError):
 
 @dataclass(frozen=True)
 class Head:
+    """One output of the model: the catalog column it is read from and the values it may take."""
+
     name: str
     kind: str  # "single" | "multi"
-    column: str
+    column: str  # the catalog column holding its labels (default: ``name``)
     values: tuple[str, ...] | None = None  # None: learn from the training catalog
-    weight: float = 1.0
-    parent: str | None = None
-    parent_map: Mapping[str, str] = field(default_factory=dict)
-    not_visible: str | None = None
-    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    weight: float = 1.0  # the head's weight in the summed loss (unused with learned uncertainty weights)
+    parent: str | None = None  # the coarser single head of a hierarchy
+    parent_map: Mapping[str, str] = field(default_factory=dict)  # own value -> parent's value
+    not_visible: str | None = None  # the "defined but not visible" value; kept as class 0 when learned
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # group -> values (multi heads)
     patterns: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # group -> value -> regex
-    w_pos: float = 1.0
-    w_neg: float = 1.0
+    w_pos: float = 1.0  # BCE weight of positive labels (multi heads)
+    w_neg: float = 1.0  # BCE weight of negative labels (multi heads)
     threshold: float | None = None  # default confidence threshold; calibration may refine it
 
     @property
@@ -80,6 +82,9 @@ class Head:
 
 @dataclass(frozen=True)
 class Taxonomy:
+    """The heads a model predicts, from a dict (:meth:`from_dict`) or a built-in name or file (:meth:`load`);
+    its ``version`` is a content hash."""
+
     name: str
     heads: tuple[Head, ...]
     unknown_values: tuple[str, ...] = DEFAULT_UNKNOWN

@@ -46,6 +46,8 @@ def target(device: torch.device) -> str:
 
 
 def package_name(version: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> str:
+    """The package's file name: model version, :func:`target`, dtype, input shape and torch build, so a
+    package is only ever loaded where it fits."""
     torch_build = torch.__version__.replace("+", "-")
     dims = "x".join(str(d) for d in shape)
     return f"{version}-{target(device)}-{str(dtype).removeprefix('torch.')}-{dims}-torch{torch_build}.pt2"

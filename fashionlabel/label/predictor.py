@@ -39,6 +39,7 @@ def cpu_piece(size: tuple[int, int], batch_size: int) -> int:
 
 
 def pick_device(requested: str | None = None) -> torch.device:
+    """The ``requested`` device, or a GPU when one is visible and the CPU otherwise."""
     if requested:
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

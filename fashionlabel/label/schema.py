@@ -10,6 +10,9 @@ LABEL_SCORE = pa.struct([("label", pa.string()), ("score", pa.float32())])
 
 
 def labels_schema(taxonomy: Taxonomy) -> pa.Schema:
+    """The labels table's schema for ``taxonomy``: ids, versions and run, then per head its label and
+    score(s) (``_score`` and ``_topk`` for a single head, ``_scores`` for a multi head), then
+    ``needs_review`` and ``error``."""
     fields = [
         pa.field("product_id", pa.string(), nullable=False),
         pa.field("image_sha256", pa.string()),

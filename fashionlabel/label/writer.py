@@ -27,6 +27,7 @@ META_KEY = b"fashionlabel"
 
 
 def part_name(shard_uri: str) -> str:
+    """The labels file name of a shard: ``.../shard-000042.tar`` → ``part-shard-000042.parquet``."""
     return "part-" + shard_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar") + ".parquet"
 
 

@@ -8,6 +8,7 @@ taxonomy (to size the heads) and keyword options, and returns an ``nn.Module`` w
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch.nn as nn
 
@@ -17,6 +18,7 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: register ``fn`` as a model under its function name (ValueError if it is taken)."""
     name = fn.__name__
     if name in _MODELS:
         raise ValueError(f"model {name!r} registered twice")
@@ -29,7 +31,7 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, taxonomy: Taxonomy, **kwargs) -> nn.Module:
+def create_model(name: str, taxonomy: Taxonomy, **kwargs: Any) -> nn.Module:
     """Build model ``name`` with heads sized by ``taxonomy``; ``kwargs`` go to its constructor."""
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")

@@ -18,6 +18,8 @@ from fashionlabel.taxonomy import Taxonomy
 
 
 class MultiTaskHeads(nn.Module):
+    """One linear layer per taxonomy head on the shared feature (after dropout) → ``{head: logits}``."""
+
     def __init__(self, in_features: int, taxonomy: Taxonomy, dropout: float = 0.2):
         super().__init__()
         self.drop = nn.Dropout(dropout)

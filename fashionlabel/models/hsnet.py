@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -19,6 +21,9 @@ from fashionlabel.taxonomy import Taxonomy
 
 
 class Stem(nn.Module):
+    """Two stride-2 paths of the image, a 3×3 conv (``cout - 3`` channels) and a max pool (its 3
+    channels), concatenated and mixed by a 1×1 conv into ``cout`` channels."""
+
     def __init__(self, cout: int):
         super().__init__()
         self.conv = conv_bn(3, cout - 3, 3, stride=2)
@@ -67,6 +72,6 @@ def _create_hsnet(
 
 
 @register_model
-def hsnet(taxonomy: Taxonomy, **kw) -> nn.Module:
+def hsnet(taxonomy: Taxonomy, **kw: Any) -> nn.Module:
     """Ghost/heterogeneous-kernel/ECA network, 4 stages (ECA in 1–3)."""
     return _create_hsnet(taxonomy, (24, 40, 80, 160, 320), (2, 3, 4, 2), **kw)

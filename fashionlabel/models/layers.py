@@ -20,6 +20,7 @@ import torch.nn as nn
 def conv_bn(
     cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True
 ) -> nn.Sequential:
+    """Conv (``k``×``k``, "same" padding, no bias) → BatchNorm → ReLU unless ``act`` is False."""
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -30,6 +31,9 @@ def conv_bn(
 
 
 class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: rescale channels by an MLP of their global mean (hidden width
+    ``max(8, channels // reduction)``)."""
+
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
         hidden = max(8, channels // reduction)

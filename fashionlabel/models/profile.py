@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def count_params(model: nn.Module) -> int:
+    """Number of parameters of ``model`` (trainable or not; buffers excluded)."""
     return sum(p.numel() for p in model.parameters())
 
 

@@ -10,6 +10,8 @@ A0: widths 48/48/96/192/1280, depths 1/2/4/14/1.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,6 +23,8 @@ from fashionlabel.taxonomy import Taxonomy
 
 
 class RepVGGBlock(nn.Module):
+    """3×3 conv+BN + 1×1 conv+BN [+ identity BN] → ReLU; ``deploy=True`` builds the fused one-conv form."""
+
     def __init__(self, cin: int, cout: int, stride: int = 1, deploy: bool = False):
         super().__init__()
         self.cin, self.cout, self.stride = cin, cout, stride
@@ -81,6 +85,6 @@ def _create_repvgg(
 
 
 @register_model
-def repvgg_a0(taxonomy: Taxonomy, **kw) -> nn.Module:
+def repvgg_a0(taxonomy: Taxonomy, **kw: Any) -> nn.Module:
     """RepVGG-A0 trunk (8.3 M trunk params) + taxonomy heads; ``deploy=True`` for the fused form."""
     return _create_repvgg(taxonomy, (48, 48, 96, 192, 1280), (1, 2, 4, 14, 1), **kw)

@@ -10,6 +10,8 @@ pooling serves both.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn as nn
 
 from fashionlabel.models._registry import register_model
@@ -30,12 +32,12 @@ def _create_resnet(taxonomy: Taxonomy, variant: str, dropout: float = 0.2) -> nn
 
 
 @register_model
-def cloth_resnet_a(taxonomy: Taxonomy, **kw) -> nn.Module:
+def cloth_resnet_a(taxonomy: Taxonomy, **kw: Any) -> nn.Module:
     """ResNet-50 trunk + avg pool + one linear head per taxonomy head (research §2, "Cloth ResNet A")."""
     return _create_resnet(taxonomy, "resnet50", **kw)
 
 
 @register_model
-def resnet18_heads(taxonomy: Taxonomy, **kw) -> nn.Module:
+def resnet18_heads(taxonomy: Taxonomy, **kw: Any) -> nn.Module:
     """ResNet-18 trunk + one linear head per taxonomy head: the plain baseline's architecture."""
     return _create_resnet(taxonomy, "resnet18", **kw)

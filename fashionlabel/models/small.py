@@ -8,6 +8,8 @@ attention heads (research §3) on the same trunk.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn as nn
 
 from fashionlabel.models._registry import register_model
@@ -30,17 +32,18 @@ def _create_small(
 
 
 @register_model
-def fl_small(taxonomy: Taxonomy, **kw) -> nn.Module:
+def fl_small(taxonomy: Taxonomy, **kw: Any) -> nn.Module:
+    """The default model: a 24-wide stem, three conv-conv stages (48/96/192 wide) and taxonomy heads."""
     return _create_small(taxonomy, (24, 48, 96, 192), **kw)
 
 
 @register_model
-def fl_small_hier(taxonomy: Taxonomy, **kw) -> nn.Module:
+def fl_small_hier(taxonomy: Taxonomy, **kw: Any) -> nn.Module:
     """fl_small's trunk with hierarchical coarse/fine attention heads."""
     return _create_small(taxonomy, (24, 48, 96, 192), hierarchical=True, **kw)
 
 
 @register_model
-def fl_tiny(taxonomy: Taxonomy, **kw) -> nn.Module:
+def fl_tiny(taxonomy: Taxonomy, **kw: Any) -> nn.Module:
     """Smaller still: for tests and very small machines."""
     return _create_small(taxonomy, (8, 16, 32, 64), **kw)

@@ -11,6 +11,8 @@ rebuilds its exact structure. ``xception_se_s`` is a quarter-width, 4-middle-mod
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -60,6 +62,15 @@ class XceptionBlock(nn.Module):
 
 
 class XceptionTrunk(nn.Module):
+    """Stem, entry, middle and exit flows of Xception-SE; ``features`` is its output channel count.
+
+    Args:
+        width: multiplier of every channel count (rounded to a multiple of 8, at least 8).
+        middle: number of middle-flow modules.
+        mid_channels: the two inner widths of pruned middle modules, by module index as a string
+            (``{"3": [c1, c2]}``); other modules keep the full middle width.
+    """
+
     def __init__(self, width: float = 1.0, middle: int = 8, mid_channels: dict[str, list[int]] | None = None):
         super().__init__()
 
@@ -109,12 +120,12 @@ def _create_xception(
 
 
 @register_model
-def xception_se(taxonomy: Taxonomy, **kw) -> nn.Module:
+def xception_se(taxonomy: Taxonomy, **kw: Any) -> nn.Module:
     """Full Xception (8 middle modules, 728 wide) with SE in the 1536/2048-channel separable convs."""
     return _create_xception(taxonomy, 1.0, 8, **kw)
 
 
 @register_model
-def xception_se_s(taxonomy: Taxonomy, **kw) -> nn.Module:
+def xception_se_s(taxonomy: Taxonomy, **kw: Any) -> nn.Module:
     """Quarter-width Xception-SE with 4 middle modules: the same structure at CPU cost."""
     return _create_xception(taxonomy, 0.25, 4, **kw)

@@ -31,15 +31,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ShardSummary:
-    catalog_rows: int
-    packed: int
+    """What a shard job did, as :func:`shard_catalog` returns it and ``stats.json`` records it."""
+
+    catalog_rows: int  # malformed lines included
+    packed: int  # products in the index, this run's and earlier attempts'
     quarantined: int
-    reasons: dict[str, int]
+    reasons: dict[str, int]  # quarantine reason -> rows, most frequent first
     shards: int  # tars written (a planned shard whose every row was quarantined has none)
-    shards_skipped: int
-    seconds: float
+    shards_skipped: int  # tars an earlier attempt had already finished
+    seconds: float  # wall time of this run
     out: str
-    new: int = 0
+    new: int = 0  # the plan's counts; without ``incremental_from`` every planned row is new
     changed: int = 0
     unchanged: int = 0
     incremental_from: str | None = None
@@ -48,6 +50,7 @@ class ShardSummary:
 
     @property
     def images_per_s(self) -> float:
+        """Products packed by this run per wall-clock second."""
         return self.packed_this_run / self.seconds if self.seconds else 0.0
 
 

@@ -51,6 +51,8 @@ def fingerprint_rows(
 
 @dataclass
 class Plan:
+    """The rows of each shard, in shard order, and how many catalog rows are new, changed or unchanged."""
+
     shards: list[list[CatalogRow]]
     counts: dict[str, int]  # new / changed / unchanged
 

@@ -24,12 +24,15 @@ QUARANTINE_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class ShardConfig:
+    """Packing settings of a shard job. All but ``max_failure_rate`` are part of the saved plan's
+    fingerprint: a re-run into the same folder with other settings is refused."""
+
     samples_per_shard: int = 1000
-    max_side: int = 256
+    max_side: int = 256  # longest side of a stored image, in pixels
     jpeg_quality: int = 90
-    max_pixels: int = 40_000_000
-    min_side: int = 8
-    max_failure_rate: float = 0.5
+    max_pixels: int = 40_000_000  # larger sources are quarantined before decoding (decompression bombs)
+    min_side: int = 8  # sources with a shorter side are quarantined
+    max_failure_rate: float = 0.5  # the job fails when a larger share of its rows is quarantined
 
     def __post_init__(self) -> None:
         check(
@@ -53,10 +56,13 @@ class ShardJobError(RuntimeError):
 
 
 def shard_name(i: int) -> str:
+    """The name of shard ``i`` without extension: ``shard-000042``."""
     return f"shard-{i:06d}"
 
 
 def index_schema(taxonomy: Taxonomy) -> pa.Schema:
+    """The schema of a shard set's ``index.parquet``: one row per packed product (key, shard, source URI,
+    sha256 and size of the source bytes, original and stored pixel size), then one column per head."""
     fields = [
         ("key", pa.string()),
         ("product_id", pa.string()),

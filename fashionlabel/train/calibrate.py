@@ -17,6 +17,10 @@ TEMPS = np.exp(np.linspace(np.log(0.25), np.log(8.0), 61))
 
 
 def fit_temperature(logits: torch.Tensor, y: np.ndarray) -> float:
+    """The temperature of ``TEMPS`` (0.25 to 8) minimising the NLL of softmax(logits / T) on known labels.
+
+    ``y`` holds class indices, -1 for unknown; with fewer than 10 known labels the answer is 1.
+    """
     known = torch.as_tensor(y >= 0)
     if int(known.sum()) < 10:
         return 1.0
@@ -45,6 +49,10 @@ def single_threshold(probs: np.ndarray, y: np.ndarray, error_cut: float = 0.5) -
 
 
 def multi_threshold(probs: np.ndarray, y: np.ndarray) -> float:
+    """The threshold (0.05 to 0.95 in steps of 0.05) maximising micro-F1 over the rows with known labels.
+
+    ``y`` is N×C of 0/1, a row holding NaN is unknown; with fewer than 10 known rows the answer is 0.5.
+    """
     known = ~np.isnan(y).any(axis=1)
     if known.sum() < 10:
         return 0.5
@@ -65,6 +73,8 @@ def calibrate(
     targets: dict[str, np.ndarray],
     error_cut: float = 0.5,
 ) -> dict[str, dict[str, float]]:
+    """The artifact's ``calibration`` from validation logits: a temperature per single head and a
+    threshold per head (:func:`single_threshold`, :func:`multi_threshold`), and ``error_cut``."""
     temps, thresholds = {}, {}
     for h in taxonomy.heads:
         if h.kind == "single":

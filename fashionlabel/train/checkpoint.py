@@ -19,12 +19,14 @@ BEST = "best.pt"
 
 
 def save(ckpt_dir: str, name: str, state: dict[str, Any]) -> None:
+    """Publish ``state`` as ``ckpt_dir/name`` (``torch.save`` format), atomically."""
     buf = io.BytesIO()
     torch.save(state, buf)
     storage.write_bytes(storage.join(ckpt_dir, name), buf.getvalue())
 
 
 def load(ckpt_dir: str, name: str = LAST) -> dict[str, Any] | None:
+    """The checkpoint ``ckpt_dir/name`` loaded onto the CPU, or None when there is none."""
     uri = storage.join(ckpt_dir, name)
     if not storage.exists(uri):
         return None
@@ -33,8 +35,10 @@ def load(ckpt_dir: str, name: str = LAST) -> dict[str, Any] | None:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (its ``module``), or ``model`` itself."""
     return model.module if hasattr(model, "module") else model
 
 
 def local_dir(path: str | Path) -> str:
+    """``path`` as every Ray worker can use it: an ``s3://`` URI as given, a local path made absolute."""
     return str(path) if storage.is_s3(path) else str(Path(path).absolute())

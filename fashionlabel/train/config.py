@@ -13,21 +13,23 @@ from fashionlabel.settings import check
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "fl_small"
-    epochs: int = 15
+    """Settings of one training run (``fashionlabel train``); invalid values raise when it is made."""
+
+    model: str = "fl_small"  # a registered model name
+    epochs: int = 15  # at most: early stopping may end sooner
     batch_size: int = 64  # global, split across workers
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak AdamW learning rate
     weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    workers: int = 2
-    gpu: bool = False
-    height: int = 80
+    warmup_epochs: float = 1.0  # linear warm-up to ``lr``, then a cosine to 0 at the last epoch
+    workers: int = 2  # DDP workers
+    gpu: bool = False  # one GPU per worker
+    height: int = 80  # model input size, in pixels
     width: int = 60
-    patience: int = 5
-    uncertainty: bool = False
-    seed: int = 0
-    init_weights: str | None = None
-    label_smoothing: float = 0.0
+    patience: int = 5  # early stopping: epochs without improvement
+    uncertainty: bool = False  # learn the head weights (Kendall et al.) instead of the taxonomy's
+    seed: int = 0  # seed of weights and data order
+    init_weights: str | None = None  # start from this weights.pt or checkpoint
+    label_smoothing: float = 0.0  # for single heads' cross-entropy
     ema_epochs: float = 0.0  # horizon of the weights' moving average, in epochs; 0: no average
 
     def __post_init__(self) -> None:

@@ -156,6 +156,7 @@ def _upload(staged: Path, uri: str) -> None:
 
 
 def cache_root() -> Path:
+    """The local cache folder: ``$FASHIONLABEL_CACHE``, default ``~/.cache/fashionlabel``."""
     return Path(os.environ.get("FASHIONLABEL_CACHE") or Path.home() / ".cache" / "fashionlabel")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -319,8 +319,8 @@ def fit(
     run_dir: str,
     taxonomy: Taxonomy,
     cfg: TrainConfig,
-    mean,
-    std,
+    mean: Sequence[float],
+    std: Sequence[float],
     num_cpus: float,
     checkpoints: str | None = None,
 ) -> dict[str, Any]:
@@ -328,6 +328,7 @@ def fit(
 
     Args:
         run_dir: local folder for Ray Train's own run state.
+        mean, std: per-channel (RGB) normalisation of the model's input.
         checkpoints: folder or ``s3://`` prefix for last.pt / best.pt (default ``run_dir/checkpoints``);
             a run restarted with the same command and storage resumes from its last.pt.
     """

@@ -17,6 +17,9 @@ from fashionlabel.taxonomy import Taxonomy
 
 
 class MultiTaskLoss(nn.Module):
+    """Sum of the heads' losses, weighted by the taxonomy's ``weight`` or, with ``uncertainty``, by learned
+    log-variances (a parameter the optimiser must also step)."""
+
     def __init__(self, taxonomy: Taxonomy, uncertainty: bool = False, label_smoothing: float = 0.0):
         super().__init__()
         self.label_smoothing = label_smoothing

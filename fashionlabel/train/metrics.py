@@ -16,6 +16,7 @@ from fashionlabel.taxonomy import Head, Taxonomy
 
 
 def topk_accuracy(probs: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Share of known labels (``y`` ≥ 0) among the ``k`` highest scores; NaN when none is known."""
     known = y >= 0
     if not known.any():
         return float("nan")
@@ -56,6 +57,7 @@ def topk_recall(scores: np.ndarray, y: np.ndarray, k: int, cols: np.ndarray | No
 
 
 def confusion(pred: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts of (true class, predicted class) over the known labels: rows are truth, columns predictions."""
     known = y >= 0
     m = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(m, (y[known], pred[known]), 1)
@@ -63,6 +65,8 @@ def confusion(pred: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def head_metrics(head: Head, probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """One head's metrics: top-1/3/5 and macro-F1 for a single head (``n``: known labels); recall@3/5,
+    overall and per group, for a multi head (``n``: products with at least one true value)."""
     if head.kind == "single":
         known = int((y >= 0).sum())
         pred = probs.argmax(axis=1)
@@ -103,6 +107,7 @@ def hierarchy_consistency(taxonomy: Taxonomy, probs: dict[str, np.ndarray]) -> d
 def evaluate_probs(
     taxonomy: Taxonomy, probs: dict[str, np.ndarray], targets: dict[str, np.ndarray]
 ) -> dict[str, Any]:
+    """Every head's :func:`head_metrics` under ``heads`` and the raw hierarchy consistency per edge."""
     return {
         "heads": {h.name: head_metrics(h, probs[h.name], targets[h.name]) for h in taxonomy.heads},
         "hierarchy_consistency_raw": hierarchy_consistency(taxonomy, probs),
