@@ -78,12 +78,16 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``fashionlabel`` argument parser: one subparser per subcommand, bound to its ``cmd_*`` function."""
     p = argparse.ArgumentParser(prog="fashionlabel", description=__doc__.split("\n\n")[0])
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+        sp = sub.add_parser(name, help=help, description=help, formatter_class=_ShowDefaults)
         sp.set_defaults(fn=fn)
+        # after the subcommand too; SUPPRESS keeps a -v given before it from being reset to False
+        sp.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+        )
         # Every command takes it; those outside NEEDS_RAY run in this process and need no cluster.
         sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
         return sp
@@ -133,9 +137,9 @@ def _shard_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", required=True, help="CSV, Parquet or JSON Lines catalog (local or s3://)")
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     p.add_argument("--taxonomy", default="fashion-product-images", help="built-in name or YAML file")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="products per tar")
     p.add_argument("--max-side", type=int, default=256, help="longest image side after normalisation")
-    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--jpeg-quality", type=int, default=90, help="quality of the normalised JPEGs")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb guard")
     p.add_argument(
         "--max-failure-rate",
@@ -153,7 +157,6 @@ def _shard_options(p: argparse.ArgumentParser) -> None:
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = _ShowDefaults
     p.add_argument("--shards", required=True, help="a shard set written by `fashionlabel shard`")
     p.add_argument(
         "--out",
@@ -203,13 +206,18 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 def _evaluate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
-    p.add_argument("--shards", required=True)
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--shards", required=True, help="a shard set written by `fashionlabel shard`")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test", "all"],
+        help="products split by product id",
+    )
     p.add_argument("--out", default=None, help="folder for metrics JSON and confusion PNG (default: MODEL)")
 
 
 def _label_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shards", required=True)
+    p.add_argument("--shards", required=True, help="a shard set written by `fashionlabel shard`")
     p.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
     p.add_argument("--out", required=True, help="labels root (history/run_date=… is created under it)")
     p.add_argument("--run-date", default=None, help="YYYY-MM-DD (default: today, UTC)")
@@ -222,8 +230,8 @@ def _label_options(p: argparse.ArgumentParser) -> None:
 
 
 def _report_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--labels", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--labels", required=True, help="labels root of `label`, or ROOT/labels of a nightly root")
+    p.add_argument("--out", required=True, help="the report's HTML file (its charts go beside it)")
     p.add_argument("--date", default=None, help="night (nightly roots; default: the newest night)")
 
 
@@ -239,8 +247,8 @@ def _nightly_options(p: argparse.ArgumentParser) -> None:
         metavar="DAYS",
         help="also relabel active products whose label is older than DAYS",
     )
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--max-side", type=int, default=256)
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="products per tar")
+    p.add_argument("--max-side", type=int, default=256, help="longest image side after normalisation")
     p.add_argument(
         "--max-failure-rate",
         type=float,
@@ -259,7 +267,7 @@ def _nightly_options(p: argparse.ArgumentParser) -> None:
 
 
 def _query_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sql")
+    p.add_argument("sql", help="a DuckDB query over the views latest, history and nights")
     p.add_argument("--labels", required=True, help="labels root (local or s3://), e.g. ROOT/labels")
     p.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     p.add_argument(
@@ -285,9 +293,9 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--catalog", default=str(SAMPLE_CATALOG))
-    p.add_argument("--out", default="demo-out")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--catalog", default=str(SAMPLE_CATALOG), help="the catalog to run on")
+    p.add_argument("--out", default="demo-out", help="folder for shards, model, labels and report")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs")
     p.add_argument(
         "--run-date",
         default=time.strftime("%Y-%m-%d", time.gmtime()),

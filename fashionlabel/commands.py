@@ -197,15 +197,22 @@ def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
     A labels root with nightly snapshots (or a ``--date``) gets the night's report, drift included;
     any other gets the report of its newest run. Raises ValueError when ``--out`` is a folder.
     """
-    from fashionlabel import latest, storage
+    from fashionlabel import latest, settings, storage
     from fashionlabel.layout import Layout
     from fashionlabel.report import write_night_report, write_report
 
     if not storage.is_s3(a.out) and Path(a.out).is_dir():
         raise ValueError(f"--out {a.out} is a folder: give the report's file name, e.g. {a.out}/report.html")
     snaps = latest.snapshots(a.labels)
-    if snaps or a.date:  # a nightly labels root: the night's report with drift against the night before
-        date = a.date or snaps[-1]
+    if a.date and not snaps:
+        raise ValueError(
+            f"--date needs the labels of a nightly root (ROOT/labels, with latest/ snapshots); {a.labels} "
+            "has none: leave --date out for the report of its newest run"
+        )
+    if not snaps and storage.exists(storage.join(a.labels, "labels", "latest")):
+        raise ValueError(f"{a.labels} is a nightly root: give --labels {storage.join(a.labels, 'labels')}")
+    if snaps:  # a nightly labels root: the night's report with drift against the night before
+        date = settings.run_date(a.date) if a.date else snaps[-1]
         # --labels is ROOT/labels of a nightly root, whose manifests are beside it
         m = Layout(storage.absolute(a.labels).rstrip("/").rpartition("/")[0]).manifest(date)
         manifest = storage.read_json(m) if storage.exists(m) else None
@@ -353,7 +360,9 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
         )
     )
     rp = cmd_report(parse(["report", "--labels", str(labels), "--out", str(root / "report.html")]))
-    q = f"SELECT count(*), count(DISTINCT product_id) FROM read_parquet('{labels}/history/*/*.parquet')"
+    # this run's folder: a demo run again on another day adds a second run folder beside it
+    run_dir = labels / "history" / f"run_date={a.run_date}"
+    q = f"SELECT count(*), count(DISTINCT product_id) FROM read_parquet('{run_dir}/*.parquet')"
     rows, distinct = duckdb.connect().execute(q).fetchall()[0]
     test = tr["metrics"]["test"]["heads"]
     out = {

@@ -31,8 +31,16 @@ class Layout:
     def history(self, date: str) -> str:
         return storage.join(self.labels, "history", f"run_date={date}")
 
+    def relabel_dir(self, date: str) -> str:
+        """Night ``date``'s relabel labels, one folder per night whose shards they are read from."""
+        return storage.join(self.root, "work", f"relabel-{date}")
+
     def relabel_work(self, date: str, night: str) -> str:
-        return storage.join(self.root, "work", f"relabel-{date}", f"night={night}")
+        return storage.join(self.relabel_dir(date), f"night={night}")
+
+    def map_before(self, date: str) -> str:
+        """The product map of the nights before ``date``, saved as one index for the night's shard job."""
+        return storage.join(self.root, "work", f"map-before-{date}.parquet")
 
     def manifest(self, date: str) -> str:
         return storage.join(self.root, "manifests", f"{date}.json")

@@ -184,6 +184,9 @@ def run_nightly(
     }
     _write_report(layout, date, manifest, prev_dates[-1] if prev_dates else None)
     storage.write_json(layout.manifest(date), manifest)
+    # The night is complete: what only a re-run of it would need goes (it would otherwise grow every night).
+    storage.delete_tree(layout.relabel_dir(date))
+    storage.delete(layout.map_before(date))
     return manifest | {"already_complete": False}
 
 
@@ -252,7 +255,7 @@ def _shard_night(
     out = layout.night_shards(date)
     prev = None
     if before.num_rows:
-        prev = storage.join(layout.root, "work", f"map-before-{date}.parquet")
+        prev = layout.map_before(date)
         if not storage.exists(prev):  # written once: a re-run must see the same previous index
             storage.write_parquet(before, prev)
     # The failure-rate guard applies to the whole catalog, not to tonight's (small) share of it.

@@ -103,7 +103,7 @@ def relabel_products(
         r
         for r, s in (
             ("model version changed", old_model & want),
-            (f"labels older than {older_than_days} days", too_old & want),
+            (f"labels older than {older_than_days} day{'' if older_than_days == 1 else 's'}", too_old & want),
             ("never labelled", missing & want),
         )
         if s

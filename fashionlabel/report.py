@@ -119,6 +119,8 @@ def write_report(labels: str, out: str | Path, run_dir: str | None = None) -> di
                 if (first := manifest.get("last_run_first_batch_seconds")) is not None
                 else ")"
             )
+            if manifest.get("last_run_images_per_s")
+            else "n/a (nothing to do)"
             if "last_run_images_per_s" in manifest
             else "n/a"
         ),

@@ -210,6 +210,14 @@ def delete(uri: str | Path) -> None:
         fs.delete_file(path)
 
 
+def delete_tree(uri: str | Path) -> None:
+    """Remove a folder (an S3 prefix) and everything under it; absent is fine."""
+    fs, path = filesystem(uri)
+    with contextlib.suppress(FileNotFoundError):
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+
+
 def write_json(uri: str | Path, obj: Any) -> None:
     """Publish ``obj`` as indented JSON with sorted keys, atomically; other values are written as ``str``."""
     write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())

@@ -18,6 +18,19 @@ def test_help(cmd):
     assert r.returncode == 0 and "usage: fashionlabel" in r.stdout
 
 
+def test_verbose_before_or_after_the_subcommand_and_defaults_in_every_help():
+    from fashionlabel.cli import build_parser, parse
+
+    base = ["shard", "--catalog", "c.csv", "--out", "o"]
+    assert parse(base).verbose is False
+    assert parse(["-v", *base]).verbose is True and parse([*base, "-v"]).verbose is True
+    helps = {
+        c: build_parser()._subparsers._group_actions[0].choices[c].format_help() for c in ("shard", "nightly")
+    }
+    assert "products per tar (default: 1000)" in helps["shard"]
+    assert "(default: 0.5)" in helps["nightly"] and "(default: 7)" in helps["nightly"]
+
+
 def test_shard_job_main_and_clear_failure(ray_session, small_catalog, tmp_path, capsys):
     assert (
         shard_job.main(

@@ -1,4 +1,5 @@
 import re
+import shutil
 
 from fashionlabel.label.pipeline import label_shards
 from fashionlabel.report import write_report
@@ -110,3 +111,15 @@ def test_cli_report_on_a_nightly_root_renders_the_newest_night(tmp_path, capsys)
         == 1
     )
     assert "no latest snapshot for 2026-04-01" in capsys.readouterr().err
+    # a date that is not one, a nightly root given for its labels, --date on the labels of `label`
+    report = ["report", "--out", str(tmp_path / "y.html")]
+    assert run([*report, "--labels", str(tmp_path / "labels"), "--date", "2026-5-2"]) == 1
+    assert "run date '2026-5-2' is not a date (YYYY-MM-DD)" in capsys.readouterr().err
+    assert run([*report, "--labels", str(tmp_path)]) == 1
+    assert f"{tmp_path} is a nightly root: give --labels {tmp_path}/labels" in capsys.readouterr().err
+    plain = tmp_path / "plain" / "history" / "run_date=2026-05-01"
+    plain.mkdir(parents=True)
+    shutil.copy(next((tmp_path / "labels/history/run_date=2026-05-01").glob("*.parquet")), plain)
+    assert run([*report, "--labels", str(tmp_path / "plain"), "--date", "2026-05-01"]) == 1
+    assert "--date needs the labels of a nightly root" in capsys.readouterr().err
+    assert not (tmp_path / "y.html").exists()

@@ -80,3 +80,22 @@ def test_incremental_packs_only_new_and_changed(ray_session, tmp_path):
         str(cat2), str(tmp_path / "night3"), TAX, CFG, incremental_from=str(out / "index.parquet")
     )
     assert (s4.new, s4.changed, s4.unchanged, s4.packed) == (34, 0, 9, 34)
+
+
+def test_a_previous_index_that_is_not_there_is_refused_before_anything_is_written(ray_session, tmp_path):
+    import pytest
+
+    from fashionlabel.shards import ShardJobError
+
+    catalog = write_catalog(tmp_path / "catalog.csv", sample_rows(5))
+    out = tmp_path / "shards"
+    with pytest.raises(
+        ShardJobError, match=r"--incremental .*nope: no previous index at .*nope/index.parquet"
+    ):
+        shard_catalog(
+            str(catalog),
+            str(out),
+            Taxonomy.load("fashion-product-images"),
+            incremental_from=str(tmp_path / "nope"),
+        )
+    assert not out.exists()

@@ -206,7 +206,8 @@ def test_init_weights_are_checked_before_training(tiny_model, tmp_path):
     other = tmp_path / "other.pt"
     torch.save(create_model("xception_se_s", tax).state_dict(), other)
     with pytest.raises(
-        ValueError, match=r"fits \d+% of fl_tiny's weights \(\d+ of \d+ tensors\): weights of another"
+        ValueError,
+        match=r"fits \d+% of fl_tiny's parameters \(only \d+ of its \d+ tensors, by name and shape\): weights of",
     ):
         check_init_weights(str(other), "fl_tiny", tax)
     # a model's weights and a run's checkpoint both fit; a relative path comes back absolute (workers run

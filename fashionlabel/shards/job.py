@@ -89,6 +89,14 @@ def shard_catalog(
     warm = _warm_workers()  # workers import this module while the driver reads the catalog
     out = storage.absolute(out)
     incremental_from = storage.absolute(incremental_from) if incremental_from else None
+    if incremental_from:  # a typo is refused before anything is written
+        prev_index = (
+            incremental_from
+            if incremental_from.endswith(".parquet")
+            else storage.join(incremental_from, "index.parquet")
+        )
+        if not storage.exists(prev_index):
+            raise ShardJobError(f"--incremental {incremental_from}: no previous index at {prev_index}")
     rows, malformed = read_catalog(catalog)
     valid, rejected = check_ids(rows, catalog)  # label checks run in the tasks: the driver stays light
     rejected = malformed + rejected

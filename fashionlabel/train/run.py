@@ -160,8 +160,8 @@ def check_init_weights(path: str, model_name: str, taxonomy: Taxonomy) -> str:
     share = sum(own[k].numel() for k in fits) / max(1, sum(v.numel() for v in own.values()))
     if share < 0.5:
         raise ValueError(
-            f"--init-weights {path} fits {share:.0%} of {model_name}'s weights ({len(fits)} of {len(own)} "
-            "tensors): weights of another architecture, or an exported artifact in deployment form (fused; "
+            f"--init-weights {path} fits {share:.0%} of {model_name}'s parameters (only {len(fits)} of its "
+            f"{len(own)} tensors, by name and shape): weights of another architecture, or an exported artifact in deployment form (fused; "
             "start from its run's checkpoints/best.pt instead)?"
         )
     log.info(
