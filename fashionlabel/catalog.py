@@ -231,7 +231,7 @@ def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]
     except CatalogError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure means the catalog is unusable
-        raise CatalogError(f"cannot read catalog {uri}: {storage._clean(e)}") from e
+        raise CatalogError(f"cannot read catalog {uri}: {storage.redact(e)}") from e
     if not rows and not bad:  # a header and nothing else: usually an export that failed half-way
         raise CatalogError(f"catalog {uri} has no rows")
     if not {"product_id", "image_uri"} <= set(columns):
@@ -411,7 +411,7 @@ def _fetch_once(uri: str, timeout: float, max_bytes: int) -> bytes:
     except FetchError:
         raise
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise FetchError("image_not_found", storage._clean(e)[:300]) from e
+        raise FetchError("image_not_found", storage.redact(e)[:300]) from e
     except urllib.error.HTTPError as e:
         if e.code in (404, 410):
             raise FetchError("image_not_found", f"HTTP {e.code}") from e
@@ -423,9 +423,9 @@ def _fetch_once(uri: str, timeout: float, max_bytes: int) -> bytes:
             outage=transient or e.code in (401, 403),
         ) from e
     except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
-        raise FetchError("image_unreadable", storage._clean(e)[:300], retryable=True, outage=True) from e
+        raise FetchError("image_unreadable", storage.redact(e)[:300], retryable=True, outage=True) from e
     except (OSError, ValueError) as e:
-        msg = storage._clean(e)[:300]
+        msg = storage.redact(e)[:300]
         if "NoSuchKey" in msg or "does not exist" in msg or "NOT_FOUND" in msg.upper():
             raise FetchError("image_not_found", msg) from e
         # on S3 the rest is the store (network, throttling, access): pyarrow has retried it already

@@ -335,9 +335,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - the command line shows one clear line, logs keep the trace
         log.debug("failure", exc_info=True)
-        from fashionlabel.storage import _clean
+        from fashionlabel.storage import redact
 
-        print(f"fashionlabel {args.command}: error: {_clean(e)}", file=sys.stderr)
+        print(f"fashionlabel {args.command}: error: {redact(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -98,7 +98,7 @@ def listdir(uri: str | Path, suffix: str = "") -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as e:
-        raise StorageError(f"cannot list {uri}: {_clean(e)}") from e
+        raise StorageError(f"cannot list {uri}: {redact(e)}") from e
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
 
 
@@ -118,7 +118,7 @@ def write_bytes(uri: str | Path, data: bytes) -> None:
             with fs.open_output_stream(path) as f:
                 f.write(data)
         except OSError as e:
-            raise StorageError(f"cannot write {uri}: {_clean(e)}") from e
+            raise StorageError(f"cannot write {uri}: {redact(e)}") from e
         return
     dest = Path(uri.removeprefix("file://"))
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,7 @@ def publish_file(local: str | Path, uri: str | Path) -> None:
         try:
             pafs.copy_files(str(local), path, destination_filesystem=fs)
         except OSError as e:
-            raise StorageError(f"cannot upload to {uri}: {_clean(e)}") from e
+            raise StorageError(f"cannot upload to {uri}: {redact(e)}") from e
         local.unlink(missing_ok=True)
         return
     dest = Path(uri.removeprefix("file://"))
@@ -247,7 +247,7 @@ def read_parquet_schema(uri: str | Path) -> pa.Schema:
     return pq.read_schema(path, filesystem=fs)
 
 
-def _clean(e: BaseException) -> str:
+def redact(e: BaseException) -> str:
     """An error message safe to log: never echo credentials that the SDK may embed."""
     msg = str(e)
     for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):

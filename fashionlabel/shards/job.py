@@ -63,7 +63,7 @@ def _open_output(out: str) -> set[str]:
         storage.delete(probe)
         return set(storage.listdir(storage.join(out, "_parts"), ".parquet"))
     except (OSError, storage.StorageError) as e:
-        raise ShardJobError(f"cannot use output {out}: {storage._clean(e)}") from e
+        raise ShardJobError(f"cannot use output {out}: {storage.redact(e)}") from e
 
 
 def shard_catalog(

@@ -76,7 +76,7 @@ def previous_index(prev: str, taxonomy: Taxonomy) -> tuple[dict[str, tuple[str, 
         heads = [h.name for h in taxonomy.heads if h.name in names]
         t = storage.read_parquet(uri, columns=["product_id", "sha256", *heads])
     except (OSError, pa.ArrowException) as e:
-        raise ShardJobError(f"cannot read the previous index {uri}: {storage._clean(e)}") from e
+        raise ShardJobError(f"cannot read the previous index {uri}: {storage.redact(e)}") from e
     cols = {h: t.column(h).to_pylist() for h in heads}
     before = {
         pid: (sha, _labels_key({h: cols[h][i] for h in heads}))
