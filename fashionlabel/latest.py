@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from fashionlabel import storage
 from fashionlabel.label.schema import labels_schema
@@ -46,10 +45,7 @@ def snapshot_dir(labels: str, date: str) -> str:
 def snapshots(labels: str) -> list[str]:
     """Dates of the complete snapshots (with ``_SUCCESS``), oldest first."""
     base = storage.join(labels, "latest", "snapshots")
-    fs, path = storage.filesystem(base)
-    dirs = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    dates = sorted(i.base_name for i in dirs if i.type == pafs.FileType.Directory)
-    return [d for d in dates if storage.exists(storage.join(base, d, "_SUCCESS"))]
+    return [d for d in storage.listdirs(base) if storage.exists(storage.join(base, d, "_SUCCESS"))]
 
 
 def current(labels: str) -> dict | None:

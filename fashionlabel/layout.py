@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pyarrow.fs as pafs
-
 from fashionlabel import storage
 
 
@@ -50,10 +48,5 @@ class Layout:
 
     def nights(self) -> list[str]:
         """Dates of every night folder under ``shards/``, oldest first."""
-        fs, path = storage.filesystem(storage.join(self.root, "shards"))
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        return sorted(
-            i.base_name.removeprefix("night=")
-            for i in infos
-            if i.type == pafs.FileType.Directory and i.base_name.startswith("night=")
-        )
+        nights = storage.listdirs(storage.join(self.root, "shards"), "night=")
+        return [n.removeprefix("night=") for n in nights]

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 
 from fashionlabel import latest, storage
 
@@ -33,13 +32,7 @@ def run_folders(labels: str) -> dict[str, list[str]]:
     """The file names in each ``labels/history/run_date=D/`` folder, oldest night first: one listing per
     folder, shared by the ``history`` and ``nights`` views."""
     base = storage.join(labels, "history")
-    fs, path = storage.filesystem(base)
-    runs = sorted(
-        i.base_name
-        for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        if i.type == pafs.FileType.Directory and i.base_name.startswith("run_date=")
-    )
-    return {r: storage.listdir(storage.join(base, r)) for r in runs}
+    return {r: storage.listdir(storage.join(base, r)) for r in storage.listdirs(base, "run_date=")}
 
 
 def history_files(labels: str, runs: dict[str, list[str]]) -> list[str]:

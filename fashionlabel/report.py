@@ -25,14 +25,7 @@ from fashionlabel import storage
 def latest_run(labels: str) -> str:
     """The newest ``history/run_date=…`` folder under ``labels``, or ``labels`` itself if it holds parts."""
     hist = storage.join(labels, "history")
-    fs, path = storage.filesystem(hist)
-    import pyarrow.fs as pafs
-
-    runs = sorted(
-        i.base_name
-        for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        if i.type == pafs.FileType.Directory and i.base_name.startswith("run_date=")
-    )
+    runs = storage.listdirs(hist, "run_date=")
     return storage.join(hist, runs[-1]) if runs else str(labels)
 
 

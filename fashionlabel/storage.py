@@ -102,6 +102,18 @@ def listdir(uri: str | Path, suffix: str = "") -> list[str]:
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
 
 
+def listdirs(uri: str | Path, prefix: str = "") -> list[str]:
+    """Names of the folders (S3: common prefixes) directly under ``uri`` starting with ``prefix``; [] if absent."""
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"cannot list {uri}: {redact(e)}") from e
+    return sorted(
+        i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)
+    )
+
+
 def read_bytes(uri: str | Path) -> bytes:
     """The whole content of the file or object at ``uri``."""
     fs, path = filesystem(uri)
