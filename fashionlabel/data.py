@@ -7,7 +7,6 @@ whatever the shard layout, and a product keeps its split across re-shards and ni
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import logging
 import time
@@ -19,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
+from fashionlabel.images import decode
 from fashionlabel.shards import iter_shard
 from fashionlabel.taxonomy import Taxonomy
 
@@ -34,16 +33,6 @@ def split_of(product_id: str, val: float = 0.1, test: float = 0.1) -> str:
     """'train' | 'val' | 'test' from a stable hash of the product id."""
     b = int.from_bytes(hashlib.sha1(product_id.encode()).digest()[:4], "big") / 2**32
     return "test" if b < test else "val" if b < test + val else "train"
-
-
-def decode(jpg: bytes, size: tuple[int, int]) -> np.ndarray:
-    """JPEG bytes → H×W×3 uint8 at ``size`` = (height, width). Raises on undecodable bytes."""
-    img = Image.open(io.BytesIO(jpg))
-    img.draft("RGB", (size[1], size[0]))  # let libjpeg downscale by 2/4/8 while decoding: much faster
-    img = img.convert("RGB")
-    if img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
 
 
 def encode_targets(labels: Sequence[dict[str, Any]], taxonomy: Taxonomy) -> dict[str, np.ndarray]:

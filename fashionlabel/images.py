@@ -114,3 +114,18 @@ def normalise(
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue(), (w, h), img.size
+
+
+def decode(jpg: bytes, size: tuple[int, int]) -> np.ndarray:
+    """JPEG bytes → H×W×3 uint8 at ``size`` = (height, width); raises on undecodable bytes.
+
+    The one decode of model inputs (training, evaluation, labelling read tasks), so the pixels a model is
+    measured on are those it labels. Free of torch, so read tasks never import it (seconds each on a
+    busy machine before their first shard).
+    """
+    img = Image.open(io.BytesIO(jpg))
+    img.draft("RGB", (size[1], size[0]))  # libjpeg downscales by 2/4/8 while decoding: much faster
+    img = img.convert("RGB")
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)

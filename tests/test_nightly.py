@@ -1,5 +1,5 @@
 """Nightly runs on a 300-product catalog: first night, a night with 5% new and 5% changed products, a
-re-run of a complete night, a new model version, and gone products kept as inactive."""
+re-run of a complete night, a new model version, relabelling by age, and gone products kept as inactive."""
 
 from __future__ import annotations
 
@@ -149,15 +149,32 @@ def test_an_earlier_incomplete_night_blocks_the_next(nights, tiny_model, tmp_pat
         run_nightly(str(nights["cat2"]), str(tiny_model), str(root), "2026-01-02", CFG)
 
 
-def test_new_model_version_relabels_every_active_product(nights, tiny_model, tmp_path_factory):
+def test_new_model_version_relabels_every_active_product(nights, tiny_model, tmp_path_factory, monkeypatch):
     import shutil
 
+    from fashionlabel import nightly
+    from fashionlabel.query import connect
     from fashionlabel.report import write_night_report
 
     v2 = tmp_path_factory.mktemp("m2") / "model"
     resave_artifact(tiny_model, v2, "v2")
     root = tmp_path_factory.mktemp("relabel") / "root"
     shutil.copytree(nights["root"], root)
+    run_dir = root / "labels/history/run_date=2026-03-03"
+
+    # Killed while relabelling: the night's own labelling is done, the relabel parts are not all in. The
+    # folder must not count as a finished night yet (readers take _SUCCESS, and the nights view, as that).
+    def killed(*a, **kw):
+        raise KeyboardInterrupt("killed while relabelling")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(nightly, "relabel_products", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_nightly(str(nights["cat2"]), str(v2), str(root), "2026-03-03", CFG)
+    assert run_dir.is_dir() and not (run_dir / "_SUCCESS").exists()
+    nights_seen = connect(str(root / "labels")).execute("SELECT max(run_date) FROM nights").fetchall()
+    assert str(nights_seen[0][0]) == "2026-03-02"
+
     m = run_nightly(str(nights["cat2"]), str(v2), str(root), "2026-03-03", CFG)
     assert (m["new"], m["changed"], m["labelled_new_or_changed"]) == (0, 0, 0)
     assert m["relabelled"] == 305 and m["relabel_reason"] == "model version changed"
@@ -168,7 +185,9 @@ def test_new_model_version_relabels_every_active_product(nights, tiny_model, tmp
     success = json.loads((root / "labels/history/run_date=2026-03-03/_SUCCESS").read_text())
     assert (success["rows"], success["labelled"], success["relabelled"]) == (305, 305, 305)
     assert success["model_version"] == m["model_version"]
-    from fashionlabel.query import connect
+    assert not list(run_dir.glob("_NIGHT*"))  # the night's own manifest became _SUCCESS
+    assert not (root / "work" / "relabel-2026-03-03").exists()  # a complete night's scratch is gone
+    assert not (root / "work" / "map-before-2026-03-03.parquet").exists()
 
     q = connect(str(root / "labels"))
     versions = q.execute(
@@ -177,12 +196,31 @@ def test_new_model_version_relabels_every_active_product(nights, tiny_model, tmp
     assert versions == [(False, False, 10), (True, True, 305)]  # gone products are not relabelled
     r = write_night_report(str(root / "labels"), "2026-03-03", root / "r.html", m)
     assert "model version changed" in (root / "r.html").read_text() and r["relabelled"] == 305
-    # the policy on age: with the same model, labels older than 1 day are relabelled (night 1's 260 active)
-    m4 = run_nightly(
+
+
+def test_labels_older_than_the_age_limit_are_relabelled_and_no_others(nights, tiny_model, tmp_path_factory):
+    import shutil
+
+    from fashionlabel.query import connect
+
+    # latest holds labels of two ages: 2026-03-01 (night 1's products still active, image unchanged) and
+    # 2026-03-02 (night 2's new and changed products)
+    root = tmp_path_factory.mktemp("age") / "root"
+    shutil.copytree(nights["root"], root)
+    old = nights["all"] - nights["gone"] - nights["new"] - nights["changed"]
+    assert len(old) == 275
+    # the same model on 2026-03-03: the cutoff is 2026-03-02, so only labels from before it are relabelled
+    m = run_nightly(
         str(nights["cat2"]),
-        str(v2),
+        str(tiny_model),
         str(root),
-        "2026-03-05",
+        "2026-03-03",
         NightlyConfig(shard=CFG.shard, label=CFG.label, relabel_older_than_days=1),
     )
-    assert m4["relabelled"] == 305 and m4["relabel_reason"] == "labels older than 1 days"
+    assert (m["labelled_new_or_changed"], m["relabelled"]) == (0, 275)
+    assert m["relabel_reason"] == "labels older than 1 day"
+    q = connect(str(root / "labels"))
+    night = q.execute("SELECT product_id FROM history WHERE run_date = '2026-03-03'").fetchall()
+    assert {p for (p,) in night} == old and len(night) == 275
+    dates = q.execute("SELECT run_date::VARCHAR, count(*) FROM latest WHERE active GROUP BY 1 ORDER BY 1")
+    assert dates.fetchall() == [("2026-03-02", 30), ("2026-03-03", 275)]  # a day old is not older than 1 day

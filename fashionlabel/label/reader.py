@@ -14,7 +14,6 @@ the decoding off an accelerator that is busy with the forward passes too.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from fashionlabel import storage
+from fashionlabel.images import decode
 
 _BLOCK = 512
 
@@ -165,21 +164,6 @@ def lost_products(uri: str, found: list[str]) -> tuple[list[str], list[str | Non
         if p not in have
     ]
     return [p for p, _ in rows], [s for _, s in rows]
-
-
-def decode(jpg: bytes, size: tuple[int, int]) -> np.ndarray:
-    """JPEG bytes → H×W×3 uint8 at ``size`` = (height, width); raises on undecodable bytes.
-
-    The same steps as ``fashionlabel.data.decode`` (what evaluation uses; a test holds them pixel-equal),
-    kept here so that read tasks never import torch: on a busy machine that import costs a read task
-    seconds before its first shard.
-    """
-    img = Image.open(io.BytesIO(jpg))
-    img.draft("RGB", (size[1], size[0]))  # libjpeg downscales by 2/4/8 while decoding
-    img = img.convert("RGB")
-    if img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
 
 
 def skip_keys(product_ids: list[str], shas: list[str | None]) -> pa.Array:
