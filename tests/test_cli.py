@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import sample_rows, write_catalog
@@ -195,3 +196,58 @@ def test_evaluate_job_prints_and_writes_the_metrics(ray_session, small_shards, t
     art = m["heads"]["articleType"]
     assert f"top-1 {100 * art['top1']:.1f}%" in printed and f"(n={art['n']})" in printed
     assert list(tmp_path.glob("confusion-articleType-test.png"))
+
+
+def test_a_taxonomy_of_ones_own_runs_shard_train_and_label(ray_session, small_catalog, tmp_path, capsys):
+    """A user's YAML taxonomy (other head names over the same columns, a mined multi-label head) travels
+    with the shards into the model and decides the labels table's columns."""
+    import json
+
+    from fashionlabel.cli import run
+
+    tax = tmp_path / "store.yaml"
+    tax.write_text(
+        """name: store-lite
+heads:
+- {name: department, kind: single, column: gender, values: [Men, Women, Boys, Girls, Unisex]}
+- name: family
+  kind: single
+  column: masterCategory
+  values: [Accessories, Apparel, Footwear, Free Items, Home, Personal Care, Sporting Goods]
+- name: tones
+  kind: multi
+  column: productDisplayName
+  patterns:
+    tone: {black: black, white: white, blue: blue|navy}
+"""
+    )
+    shards, model, labels = tmp_path / "shards", tmp_path / "model", tmp_path / "labels"
+    assert run(["shard", "--catalog", str(small_catalog), "--out", str(shards), "--taxonomy", str(tax)]) == 0
+    stats = json.loads((shards / "stats.json").read_text())
+    assert stats["taxonomy"]["name"] == "store-lite"
+    argv = ["train", "--shards", str(shards), "--out", str(model), "--model", "fl_tiny", "--epochs", "1"]
+    assert run([*argv, "--workers", "1"]) == 0
+    assert "test department" in capsys.readouterr().out
+    argv = [
+        "label",
+        "--shards",
+        str(shards),
+        "--model",
+        str(model),
+        "--out",
+        str(labels),
+        "--run-date",
+        "2026-02-01",
+    ]
+    assert run(argv) == 0
+    t = pq.read_table(labels / "history" / "run_date=2026-02-01")
+    heads = [c for c in t.column_names if c.startswith(("department", "family", "tones"))]
+    assert heads == [
+        *("department", "department_score", "department_topk"),
+        *("family", "family_score", "family_topk"),
+        *("tones", "tones_scores"),
+    ]
+    assert "gender" not in t.column_names and t.num_rows == 600
+    ok = t.filter(pc.is_null(t["error"]))
+    assert set(ok["department"].to_pylist()) <= {"Men", "Women", "Boys", "Girls", "Unisex"}
+    assert {v for vs in ok["tones"].to_pylist() for v in vs} <= {"black", "white", "blue"}
