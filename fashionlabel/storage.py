@@ -92,25 +92,25 @@ def makedirs(uri: str | Path) -> None:
         Path(str(uri).removeprefix("file://")).mkdir(parents=True, exist_ok=True)
 
 
-def listdir(uri: str | Path, suffix: str = "") -> list[str]:
-    """Names (not paths) of the files directly under ``uri`` ending with ``suffix``; [] if absent."""
+def _entries(uri: str | Path) -> list[pafs.FileInfo]:
     fs, path = filesystem(uri)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as e:
         raise StorageError(f"cannot list {uri}: {redact(e)}") from e
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+
+
+def listdir(uri: str | Path, suffix: str = "") -> list[str]:
+    """Names (not paths) of the files directly under ``uri`` ending with ``suffix``; [] if absent."""
+    found = _entries(uri)
+    return sorted(i.base_name for i in found if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
 
 
 def listdirs(uri: str | Path, prefix: str = "") -> list[str]:
     """Names of the folders (S3: common prefixes) directly under ``uri`` starting with ``prefix``; [] if absent."""
-    fs, path = filesystem(uri)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError as e:
-        raise StorageError(f"cannot list {uri}: {redact(e)}") from e
+    found = _entries(uri)
     return sorted(
-        i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)
+        i.base_name for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)
     )
 
 

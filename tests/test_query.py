@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 from labels_factory import two_nights as _two_nights
 
@@ -153,30 +152,3 @@ def test_a_view_the_folder_does_not_have_is_named_with_where_it_comes_from(label
     err = capsys.readouterr().err
     assert f"{tmp_path} has no latest table (labels/latest is published by `fashionlabel nightly`" in err
     assert err.rstrip().endswith("it has: history, nights")
-
-
-def test_a_snapshot_reads_the_files_its_success_names_not_leftovers(tmp_path):
-    """A night published again (killed after writing more parts than the final run writes) leaves parts
-    that its ``_SUCCESS`` does not name: the next night must not merge them in."""
-    from fashionlabel.latest import latest_schema, publish
-    from fashionlabel.taxonomy import Taxonomy
-
-    tax = Taxonomy.load("fashion-product-images")
-    empty = latest_schema(tax).empty_table()
-    rows = [{f.name: None for f in empty.schema} for _ in range(3)]
-    for i, r in enumerate(rows):
-        r |= {
-            "product_id": f"p{i}",
-            "model_version": "v",
-            "taxonomy_version": tax.version,
-            "run_id": "r",
-            "labeled_at": 0,
-            "run_date": 0,
-            "active": True,
-        }
-    table = pa.Table.from_pylist(rows, schema=empty.schema)
-    root = str(tmp_path)
-    publish(root, "2026-05-01", table, rows_per_file=1)  # three parts: the earlier, killed attempt
-    publish(root, "2026-05-01", table, rows_per_file=3)  # one part: what _SUCCESS names
-    assert len(list((tmp_path / "latest/snapshots/2026-05-01").glob("*.parquet"))) == 3
-    assert sorted(latest.read_snapshot(root, "2026-05-01")["product_id"].to_pylist()) == ["p0", "p1", "p2"]

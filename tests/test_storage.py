@@ -82,3 +82,15 @@ def test_node_staging_for_s3_outputs_drops_only_abandoned_files(tmp_path, monkey
     os.utime(old, (0, os.path.getmtime(old) - 2 * storage.STALE_STAGING_S))
     assert storage.staging_dir("s3://bucket/other") == d
     assert sorted(p.name for p in d.iterdir()) == [fresh.name]
+
+
+def test_a_snapshot_reads_the_files_its_success_names_not_leftovers(tmp_path):
+    """A night published again (killed after writing more parts than the final run writes) leaves parts
+    that its ``_SUCCESS`` does not name: the next night must not merge them in."""
+    tax = Taxonomy.load("fashion-product-images")
+    table = _snapshot(tax, ["p0", "p1", "p2"])
+    root = str(tmp_path)
+    publish(root, "2026-05-01", table, rows_per_file=1)  # three parts: the earlier, killed attempt
+    publish(root, "2026-05-01", table, rows_per_file=3)  # one part: what _SUCCESS names
+    assert len(list((tmp_path / "latest/snapshots/2026-05-01").glob("*.parquet"))) == 3
+    assert sorted(latest.read_snapshot(root, "2026-05-01")["product_id"].to_pylist()) == ["p0", "p1", "p2"]
