@@ -6,6 +6,7 @@ whatever the shard layout, and a product keeps its split across re-shards and ni
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -125,9 +126,19 @@ def to_input(
     """N×H×W×3 uint8 → normalised N×3×H×W float in channels_last (faster convs on CPU and GPU)."""
     x = torch.as_tensor(images).to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).to(dtype).div_(255.0)
-    m = torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1)
+    m, s = _moments(tuple(mean), tuple(std), str(x.device), dtype)
     return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+
+
+@functools.cache
+def _moments(
+    mean: tuple[float, ...], std: tuple[float, ...], device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as 1×3×1×1 tensors on ``device``, made once: building them from Python lists at every
+    batch would copy host memory to the GPU, which waits for the GPU to finish its queued work each step."""
+    m = torch.tensor(mean, dtype=dtype).view(1, 3, 1, 1).to(device)
+    s = torch.tensor(std, dtype=dtype).view(1, 3, 1, 1).to(device)
+    return m, s
 
 
 class BatchPrefetcher:
@@ -195,8 +206,10 @@ class BatchPrefetcher:
 def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random horizontal flips and small random crops (pad + crop back), per batch."""
     n, _, h, w = x.shape
-    flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip.view(n, 1, 1, 1).to(x.device), x.flip(3), x)
+    # drawn on the batch's device unless a (CPU) generator is given: a host-to-GPU copy would wait for
+    # the GPU's queue at every step
+    flip = torch.rand(n, generator=generator).to(x.device) if generator else torch.rand(n, device=x.device)
+    x = torch.where((flip < 0.5).view(n, 1, 1, 1), x.flip(3), x)
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
     dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
     return xp[:, :, dy : dy + h, dx : dx + w].contiguous(memory_format=torch.channels_last)

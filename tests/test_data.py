@@ -1,0 +1,27 @@
+import numpy as np
+import torch
+
+from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD, augment, to_input
+
+
+def test_to_input_normalises_per_channel_in_channels_last():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 8, 6, 3), dtype=np.uint8)
+    x = to_input(images, IMAGENET_MEAN, IMAGENET_STD)
+    want = (images / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    assert x.shape == (3, 3, 8, 6) and x.is_contiguous(memory_format=torch.channels_last)
+    assert np.allclose(x.permute(0, 2, 3, 1).numpy(), want, atol=1e-6)
+    again = to_input(images, IMAGENET_MEAN, IMAGENET_STD)  # the cached moments are not modified by use
+    assert torch.equal(x, again)
+
+
+def test_augment_flips_or_keeps_each_image_and_crops_within_the_padding():
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    out = augment(x, pad=0, generator=torch.Generator().manual_seed(1))
+    for i in range(2):  # no padding: each image is itself or its mirror
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(2))
+    seen = {tuple(augment(x, pad=0)[0].flatten().tolist()) for _ in range(40)}
+    assert len(seen) == 2  # device-side draws give both outcomes
+    a = augment(x, generator=torch.Generator().manual_seed(7))
+    b = augment(x, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and a.shape == x.shape
