@@ -169,6 +169,12 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast, channels_last")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=5e-4,
+        help="AdamW's decoupled weight decay, on conv and linear weights only (not norms, biases)",
+    )
     p.add_argument("--height", type=int, default=80, help="model input height (images are resized to it)")
     p.add_argument("--width", type=int, default=60, help="model input width")
     p.add_argument("--patience", type=int, default=5, help="early stopping: epochs without improvement")

@@ -73,6 +73,7 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
         epochs=a.epochs,
         batch_size=a.batch_size,
         lr=a.lr,
+        weight_decay=a.weight_decay,
         workers=a.workers,
         gpu=a.gpu,
         height=a.height,

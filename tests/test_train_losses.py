@@ -81,3 +81,21 @@ def test_a_head_without_known_labels_in_the_batch_adds_nothing():
     total.backward()  # the unlabelled head's log-variance gets no gradient: nothing was observed
     assert only_att.log_vars.grad[0] == 0 and only_att.log_vars.grad[1] != 0
     assert math.isclose(float(total.detach()), float(parts["att"]), rel_tol=1e-6)  # exp(-0)·L + 0
+
+
+def test_weight_decay_reaches_conv_and_linear_weights_only():
+    from fashionlabel.models import create_model
+    from fashionlabel.train.loop import make_optimizer
+
+    tax = Taxonomy.load("fashion-product-images")
+    model = create_model("fl_tiny", tax)
+    loss_fn = MultiTaskLoss(tax, uncertainty=True)
+    opt = make_optimizer(model, loss_fn, lr=1e-3, weight_decay=0.05)
+    decayed, free = opt.param_groups
+    assert decayed["weight_decay"] == 0.05 and free["weight_decay"] == 0.0
+    ids = {id(p) for p in decayed["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in ids) == (p.ndim > 1), name  # BatchNorm scales and biases are not decayed
+    assert any(p is loss_fn.log_vars for p in free["params"])
+    n_all = sum(1 for _ in model.parameters()) + 1
+    assert len(decayed["params"]) + len(free["params"]) == n_all

@@ -65,7 +65,10 @@ class _Parts:
         ckpt.unwrap(self.model).load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["optimizer"])
+        if len(state["optimizer"]["param_groups"]) == len(self.opt.param_groups):
+            self.opt.load_state_dict(state["optimizer"])
+        else:  # a checkpoint from before decay was split by parameter kind: its moments do not map
+            log.warning("checkpoint optimizer state has other parameter groups: AdamW's moments start afresh")
         self.sched.load_state_dict(state["scheduler"])
         if state.get("loss") is not None:
             self.loss_fn.load_state_dict(state["loss"])
@@ -154,9 +157,7 @@ def _build(cfg: TrainConfig, tax: Taxonomy, device: torch.device, steps: int, ra
         model.load_state_dict(keep, strict=False)  # heads of another taxonomy are re-initialised
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     loss_fn = MultiTaskLoss(tax, uncertainty=cfg.uncertainty, label_smoothing=cfg.label_smoothing).to(device)
-    opt = torch.optim.AdamW(
-        list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    opt = make_optimizer(model, loss_fn, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_schedule(steps * cfg.epochs, int(cfg.warmup_epochs * steps))
     )
@@ -167,6 +168,21 @@ def _build(cfg: TrainConfig, tax: Taxonomy, device: torch.device, steps: int, ra
         else None
     )
     return _Parts(model, loss_fn, opt, sched, ema)
+
+
+def make_optimizer(
+    model: torch.nn.Module, loss_fn: torch.nn.Module, lr: float, weight_decay: float
+) -> torch.optim.AdamW:
+    """AdamW that decays only the weights of convs and linear layers: decaying BatchNorm scales, biases or
+    the learned loss weights (``--uncertainty``) pulls them towards 0 for no regularising gain."""
+    params = list(model.parameters())
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1] + list(loss_fn.parameters()), "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
 
 
 def lr_schedule(total: int, warm: int) -> Callable[[int], float]:
