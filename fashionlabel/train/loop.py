@@ -67,9 +67,11 @@ class _Parts:
             self.ema.load_state_dict(state["ema"])
         if len(state["optimizer"]["param_groups"]) == len(self.opt.param_groups):
             self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
         else:  # a checkpoint from before decay was split by parameter kind: its moments do not map
             log.warning("checkpoint optimizer state has other parameter groups: AdamW's moments start afresh")
-        self.sched.load_state_dict(state["scheduler"])
+            self.sched.last_epoch = state["scheduler"]["last_epoch"] - 1  # the schedule goes on where it was
+            self.sched.step()
         if state.get("loss") is not None:
             self.loss_fn.load_state_dict(state["loss"])
 
