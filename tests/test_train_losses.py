@@ -99,3 +99,26 @@ def test_weight_decay_reaches_conv_and_linear_weights_only():
     assert any(p is loss_fn.log_vars for p in free["params"])
     n_all = sum(1 for _ in model.parameters()) + 1
     assert len(decayed["params"]) + len(free["params"]) == n_all
+
+
+def test_a_checkpoint_of_the_single_group_optimizer_resumes_its_schedule():
+    from fashionlabel.models import create_model
+    from fashionlabel.train.loop import _Parts, lr_schedule, make_optimizer
+
+    tax = Taxonomy.load("fashion-product-images")
+    model, loss_fn = create_model("fl_tiny", tax), MultiTaskLoss(tax)
+    old_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # one group, as checkpoints once held
+    old_sched = torch.optim.lr_scheduler.LambdaLR(old_opt, lr_schedule(100, 10))
+    for _ in range(30):
+        old_opt.step()
+        old_sched.step()
+    state = {
+        "model": model.state_dict(),
+        "optimizer": old_opt.state_dict(),
+        "scheduler": old_sched.state_dict(),
+    }
+    opt = make_optimizer(model, loss_fn, lr=1e-3, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(100, 10))
+    _Parts(model, loss_fn, opt, sched, None).load(state)
+    assert sched.last_epoch == 30
+    assert [g["lr"] for g in opt.param_groups] == [old_opt.param_groups[0]["lr"]] * 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -71,7 +72,9 @@ class _Parts:
         else:  # a checkpoint from before decay was split by parameter kind: its moments do not map
             log.warning("checkpoint optimizer state has other parameter groups: AdamW's moments start afresh")
             self.sched.last_epoch = state["scheduler"]["last_epoch"] - 1  # the schedule goes on where it was
-            self.sched.step()
+            with warnings.catch_warnings():  # "step() before optimizer.step()": by design, here
+                warnings.simplefilter("ignore", UserWarning)
+                self.sched.step()
         if state.get("loss") is not None:
             self.loss_fn.load_state_dict(state["loss"])
 
