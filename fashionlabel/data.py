@@ -203,13 +203,33 @@ class BatchPrefetcher:
                 yield x, y
 
 
-def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random horizontal flips and small random crops (pad + crop back), per batch."""
-    n, _, h, w = x.shape
-    # drawn on the batch's device unless a (CPU) generator is given: a host-to-GPU copy would wait for
-    # the GPU's queue at every step
-    flip = torch.rand(n, generator=generator).to(x.device) if generator else torch.rand(n, device=x.device)
-    x = torch.where((flip < 0.5).view(n, 1, 1, 1), x.flip(3), x)
+def augment(
+    x: torch.Tensor, pad: int | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random horizontal flips and random crops (pad by replication, crop back), drawn per image.
+
+    Args:
+        pad: the largest shift in pixels; default 5% of the height (at least 4), so that the shift is the
+            same share of the image at 80×60 as at 160×120.
+        generator: a CPU generator for reproducible draws; without one they are drawn on the batch's
+            device (a host-to-GPU copy of the draws would wait for the GPU's queue at every step).
+    """
+    n, c, h, w = x.shape
+    pad = max(4, round(0.05 * h)) if pad is None else pad
+    dev = x.device
+
+    def draw(fn, *args, **kw):
+        return fn(*args, generator=generator, **kw).to(dev) if generator else fn(*args, device=dev, **kw)
+
+    flip = draw(torch.rand, n) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    if pad == 0:
+        return x.contiguous(memory_format=torch.channels_last)
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
-    dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
-    return xp[:, :, dy : dy + h, dx : dx + w].contiguous(memory_format=torch.channels_last)
+    dy, dx = draw(torch.randint, 0, 2 * pad + 1, (2, n))
+    # one gather for the whole batch: image i is read from rows dy[i]…dy[i]+h and columns dx[i]…dx[i]+w
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+    idx_n = torch.arange(n, device=dev)[:, None, None, None]
+    idx_c = torch.arange(c, device=dev)[None, :, None, None]
+    return xp[idx_n, idx_c, rows, cols].contiguous(memory_format=torch.channels_last)

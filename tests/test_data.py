@@ -25,3 +25,17 @@ def test_augment_flips_or_keeps_each_image_and_crops_within_the_padding():
     a = augment(x, generator=torch.Generator().manual_seed(7))
     b = augment(x, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b) and a.shape == x.shape
+
+
+def test_each_image_gets_its_own_crop_of_its_padded_self():
+    x = torch.rand(1, 3, 10, 8).expand(16, 3, 10, 8).contiguous()  # 16 copies of one image
+    out = augment(x, pad=2, generator=torch.Generator().manual_seed(3))
+    xp = torch.nn.functional.pad(x[:1], (2, 2, 2, 2), mode="replicate")[0]
+    crops = {}
+    for dy in range(5):
+        for dx in range(5):
+            c = xp[:, dy : dy + 10, dx : dx + 8]
+            crops[(dy, dx, False)], crops[(dy, dx, True)] = c, c.flip(2)
+    found = [next(k for k, c in crops.items() if torch.equal(out[i], c)) for i in range(16)]
+    assert len({(dy, dx) for dy, dx, _ in found}) > 4  # shifts drawn per image, not one per batch
+    assert augment(torch.zeros(2, 3, 80, 60)).shape == (2, 3, 80, 60)  # default pad: 5% of the height
