@@ -116,6 +116,10 @@ def normalise(
     return buf.getvalue(), (w, h), img.size
 
 
+# Shard images are normalised to a few hundred pixels a side; anything past this is not one of them.
+DECODE_MAX_PIXELS = 40_000_000
+
+
 def decode(jpg: bytes, size: tuple[int, int]) -> np.ndarray:
     """JPEG bytes → H×W×3 uint8 at ``size`` = (height, width); raises on undecodable bytes.
 
@@ -124,6 +128,10 @@ def decode(jpg: bytes, size: tuple[int, int]) -> np.ndarray:
     busy machine before their first shard).
     """
     img = Image.open(io.BytesIO(jpg))
+    # PIL's own guard is off in this module (see above): check the header before any pixel is decoded, so
+    # a tampered shard member cannot take a read task's memory
+    if img.size[0] * img.size[1] > DECODE_MAX_PIXELS:
+        raise ValueError(f"{img.size[0]}x{img.size[1]} pixels, over {DECODE_MAX_PIXELS:,}")
     img.draft("RGB", (size[1], size[0]))  # libjpeg downscales by 2/4/8 while decoding: much faster
     img = img.convert("RGB")
     if img.size != (size[1], size[0]):

@@ -100,6 +100,7 @@ def run_nightly(
                 "relabels every active product"
             )
         log.info("night %s is already complete: nothing to do", date)
+        _drop_scratch(layout, date)  # an attempt killed right after the manifest may have left it
         return done | {"already_complete": True}
     _check_night_order(layout, date)
     spec = artifact_spec(model)  # checked on the driver; the actors build the model
@@ -114,8 +115,16 @@ def run_nightly(
     shard = _shard_night(layout, date, catalog, taxonomy, cfg.shard, before)
     t_shard = time.time()
 
+    # Until the relabelled parts are in too, the night's labelling has a manifest of its own; a re-run after
+    # _SUCCESS was written (killed before the night's manifest) keeps that _SUCCESS as it is.
+    swapped = storage.exists(storage.join(layout.history(date), "_SUCCESS"))
     night = label_shards(
-        layout.night_shards(date), model, layout.labels, date, cfg.label, manifest=NIGHT_LABELLED
+        layout.night_shards(date),
+        model,
+        layout.labels,
+        date,
+        cfg.label,
+        manifest="_SUCCESS" if swapped else NIGHT_LABELLED,
     )
     relabel = relabel_products(
         layout,
@@ -184,10 +193,14 @@ def run_nightly(
     }
     _write_report(layout, date, manifest, prev_dates[-1] if prev_dates else None)
     storage.write_json(layout.manifest(date), manifest)
-    # The night is complete: what only a re-run of it would need goes (it would otherwise grow every night).
+    _drop_scratch(layout, date)
+    return manifest | {"already_complete": False}
+
+
+def _drop_scratch(layout: Layout, date: str) -> None:
+    """A complete night's scratch goes: only a re-run of it would need it, and it would grow every night."""
     storage.delete_tree(layout.relabel_dir(date))
     storage.delete(layout.map_before(date))
-    return manifest | {"already_complete": False}
 
 
 def _manifest(layout: Layout, date: str) -> dict[str, Any]:

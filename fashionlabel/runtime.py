@@ -16,6 +16,9 @@ from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
+# Set by ray_session: True while a local Ray it started runs, False while connected to a cluster.
+_STARTED_HERE: bool | None = None
+
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
@@ -32,6 +35,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if ray.is_initialized():  # already inside a driver (tests, notebooks): reuse it
         yield
         return
+    global _STARTED_HERE
     address = address or os.environ.get("RAY_ADDRESS")
     kw: dict = {"log_to_driver": True, "logging_level": logging.WARNING}
     if address:
@@ -46,10 +50,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         _single_node_loopback()
     t0 = time.time()
     ray.init(**kw)
+    _STARTED_HERE = not address
     log.info("ray ready in %.1fs: %s", time.time() - t0, ray.cluster_resources())
     try:
         yield
     finally:
+        _STARTED_HERE = None
         ray.shutdown()
 
 
@@ -108,11 +114,12 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
-def cluster_nodes() -> int:
-    """Nodes of the cluster that are alive."""
+def may_span_nodes() -> bool:
+    """Whether tasks of this driver may run on another node: on a cluster it connected to (which has, or
+    may autoscale to, other nodes), or wherever more than one node is alive now."""
     import ray
 
-    return sum(1 for n in ray.nodes() if n.get("Alive"))
+    return _STARTED_HERE is False or sum(1 for n in ray.nodes() if n.get("Alive")) > 1
 
 
 def cluster_gpus() -> float:

@@ -42,7 +42,7 @@ def stop_processes(marker: str) -> None:
             time.sleep(0.2)
 
 
-def assert_none_left(marker: str, grace: float = 20.0) -> None:
+def assert_none_left(marker: str, grace: float = 60.0) -> None:
     """Fail when processes holding ``marker`` (a command's own Ray temp dir) outlive ``grace`` seconds."""
     deadline = time.time() + grace
     while (left := pids_of(marker)) and time.time() < deadline:

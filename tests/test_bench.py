@@ -30,6 +30,7 @@ def test_every_bench_script_imports_and_parses(script):
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_label_bench_prints_ours_plain_and_their_ratio():
     tmp = tempfile.mkdtemp(prefix="flbench-", dir="/tmp")  # Ray's socket paths must stay short
     try:

@@ -76,7 +76,7 @@ def _copy_run(labels: dict, out: Path) -> Path:
     return out
 
 
-# The labels table of the built-in taxonomy as design.md ("Labels table") and infra/athena/tables.sql
+# The labels table of the built-in taxonomy as docs/analysts.md ("Columns") and infra/athena/tables.sql
 # state it, written out here rather than taken from labels_schema(): a change to the schema module must
 # show up as a change to the contract.
 LABEL_SCORE = pa.struct([("label", pa.string()), ("score", pa.float32())])
@@ -622,5 +622,7 @@ def test_a_batch_delivered_twice_neither_duplicates_nor_completes_a_shard_early(
     w.add(batch(["a", "b"]))  # the same batch again: 4 rows arrived, but only 2 of the 4 products
     assert w.counts["files"] == 0 and w.incomplete == ["/s/shard-000000.tar"]
     w.add(batch(["c", "d"]))
+    assert w.counts["files"] == 1 and w.counts["labelled"] == 4
+    w.add(batch(["c", "d"]))  # and once more after the shard was written: dropped, not an error
     assert w.counts["files"] == 1 and w.counts["labelled"] == 4
     assert pq.read_table(tmp_path / "part-shard-000000.parquet")["product_id"].to_pylist() == list("abcd")

@@ -261,6 +261,7 @@ def test_ranks_take_whole_shards_only_while_that_keeps_them_balanced():
 def test_replacing_an_artifact_never_leaves_the_folder_empty(tmp_path, monkeypatch):
     """The new artifact is swapped in with one rename-exchange: at no moment is there no model at ``out``.
     Where the filesystem cannot swap, a kill between the two renames is undone by the next export."""
+    import shutil
     from pathlib import Path
 
     from fashionlabel import storage
@@ -280,10 +281,15 @@ def test_replacing_an_artifact_never_leaves_the_folder_empty(tmp_path, monkeypat
 
     v1 = save(1)
     real_rename = Path.rename
-    with monkeypatch.context() as m:  # any rename of the published folder would now kill the export
-        m.setattr(Path, "rename", lambda self, target: (_ for _ in ()).throw(AssertionError("rename")))
-        v2 = save(2)
-    assert (out / "version").read_text().strip() == v2 != v1
+    probe = tmp_path / "probe"
+    (probe / "a").mkdir(parents=True)
+    (probe / "b").mkdir()
+    if storage.exchange(probe / "a", probe / "b"):  # this filesystem swaps (ext4, xfs, tmpfs, …)
+        with monkeypatch.context() as m:  # any rename of the published folder would now kill the export
+            m.setattr(Path, "rename", lambda self, target: (_ for _ in ()).throw(AssertionError("rename")))
+            v2 = save(2)
+        assert (out / "version").read_text().strip() == v2 != v1
+    shutil.rmtree(probe)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the previous artifact is gone too
 
     calls = []
@@ -300,6 +306,7 @@ def test_replacing_an_artifact_never_leaves_the_folder_empty(tmp_path, monkeypat
         with pytest.raises(KeyboardInterrupt):
             save(3)
     assert not out.exists()  # the window the exchange closes
+    assert not list(tmp_path.glob(".m.*.tmp"))  # the staged folder of the killed export is gone
     v4 = save(4)  # the next export puts the previous artifact back first, then replaces it
     assert (out / "version").read_text().strip() == v4
     assert not list(tmp_path.glob(".m.*.old"))

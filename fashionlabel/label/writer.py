@@ -42,6 +42,7 @@ class PartWriter:
         self.pending: dict[str, list[pa.Table]] = {}
         self.got: dict[str, int] = {}
         self.seen: dict[str, set[str]] = {}  # product ids received per pending shard
+        self.published: set[str] = set()
         self.damage: dict[str, str | None] = {}
         self.counts = {"labelled": 0, "errored": 0, "skipped": 0, "damaged": 0, "files": 0}
 
@@ -50,6 +51,11 @@ class PartWriter:
             return
         for shard in pc.unique(batch["shard"]).to_pylist():
             part = batch.filter(pc.equal(batch["shard"], shard))
+            if shard in self.published:  # a copy of a batch of a shard already written: nothing new in it
+                log.warning(
+                    "%s: %d label rows received after the shard was written, dropped", shard, part.num_rows
+                )
+                continue
             expected = part["shard_rows"][0].as_py()
             skipped = part["shard_skipped"][0].as_py()
             self.damage.setdefault(shard, part["shard_damage"][0].as_py())
@@ -76,6 +82,7 @@ class PartWriter:
 
     def _publish(self, shard: str, skipped: int) -> None:
         self.seen.pop(shard, None)
+        self.published.add(shard)
         table = pa.concat_tables(self.pending.pop(shard)).cast(self.schema)
         errored = table.num_rows - table["error"].null_count
         meta = {

@@ -100,7 +100,10 @@ def save_artifact(
         finally:
             shutil.rmtree(out.parent, ignore_errors=True)
         return version
-    _publish(tmp, out)
+    try:
+        _publish(tmp, out)
+    finally:  # published (renamed away) or failed: nothing of this export stays behind under its name
+        shutil.rmtree(tmp, ignore_errors=True)
     return version
 
 

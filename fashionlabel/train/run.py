@@ -124,19 +124,20 @@ def _check_resources(cfg: TrainConfig) -> None:
             )
 
 
-def _check_checkpoint_reach(out: str, checkpoints: str | None, nodes: int | None = None) -> None:
+def _check_checkpoint_reach(out: str, checkpoints: str | None, spans: bool | None = None) -> None:
     """Rank 0 writes the checkpoints where it runs and the driver exports from them, and a resumed run's
-    ranks each read them: on several nodes a default local folder would be a different one on each."""
+    ranks each read them: across nodes a default local folder would be a different one on each."""
     if storage.is_s3(out) or checkpoints is not None:
         return  # S3, or a folder named on purpose (a filesystem every node mounts)
-    if nodes is None:
-        from fashionlabel.runtime import cluster_nodes
+    if spans is None:
+        from fashionlabel.runtime import may_span_nodes
 
-        nodes = cluster_nodes()
-    if nodes > 1:
+        spans = may_span_nodes()
+    if spans:
         raise ValueError(
-            f"the Ray cluster has {nodes} nodes and --out {out} is a local folder: give --storage s3://… "
-            "(or a folder every node mounts) for the checkpoints, or an s3:// --out"
+            f"training on a Ray cluster may place workers on other nodes, where --out {out}'s checkpoint "
+            "folder would be another one: give --storage s3://… (or a folder every node mounts), or an "
+            "s3:// --out"
         )
 
 

@@ -248,7 +248,7 @@ class Cli:
             if self._sampler:
                 self._sampler.join(5)
 
-    def _assert_session_empty(self, grace: float = 20.0) -> None:
+    def _assert_session_empty(self, grace: float = 60.0) -> None:
         deadline = time.time() + grace
         while (left := session_pids(self.sid)) and time.time() < deadline:
             time.sleep(0.2)

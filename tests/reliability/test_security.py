@@ -131,6 +131,30 @@ def test_hostile_shard_members_are_never_extracted(ray_session, tiny_model, tmp_
     assert not (tmp_path / "abs.jpg").exists() and not (tmp_path.parent / "evil.jpg").exists()
 
 
+def test_a_bomb_inside_a_shard_gets_an_error_row_and_is_never_decoded(ray_session, tiny_model, tmp_path):
+    """A tampered shard member that declares 3.6 gigapixels: the labelling read decodes nothing of it (the
+    header is checked first) and the product gets an error row, the others their labels."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    jpg = (SAMPLE / "images" / "10020.jpg").read_bytes()
+    members = [("ok1", jpg), ("bomb", bomb_png(60_000)), ("ok2", jpg)]
+    with tarfile.open(shards / "shard-000000.tar", "w") as tar:
+        for key, data in members:
+            for name, payload in (
+                (f"{key}.jpg", data),
+                (f"{key}.json", f'{{"product_id": "{key}"}}'.encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    labels = tmp_path / "labels"
+    s = label_shards(str(shards), str(tiny_model), str(labels), "2026-04-03")
+    rows = {r["product_id"]: r for r in pq.read_table(labels / "history").to_pylist()}
+    assert (s["labelled"], s["errored"]) == (2, 1)
+    assert "60000x60000 pixels" in rows["bomb"]["error"] and rows["bomb"]["articleType"] is None
+    assert rows["ok1"]["error"] is None and rows["ok2"]["articleType"] is not None
+
+
 def test_decompression_bomb_refused_from_header(ledger):
     data = bomb_png(60_000)  # 3.6 gigapixels declared, 87 bytes on disk
     with pytest.raises(ImageReject) as e:
