@@ -185,13 +185,13 @@ def test_train_refuses_an_out_it_would_destroy_and_settings_it_cannot_run(
     # on several nodes a default local checkpoint folder is a different folder on each node
     from fashionlabel.train.run import _check_checkpoint_reach
 
-    _check_checkpoint_reach(str(tmp_path / "m"), None)  # this cluster: one node
+    _check_checkpoint_reach(str(tmp_path / "m"), None)  # a local Ray of one node, started for the tests
     with pytest.raises(
-        ValueError, match=r"has 3 nodes and --out .*m is a local folder: give --storage s3://"
+        ValueError, match=r"other nodes, where --out .*m's checkpoint folder .*--storage s3://"
     ):
-        _check_checkpoint_reach(str(tmp_path / "m"), None, nodes=3)
-    _check_checkpoint_reach(str(tmp_path / "m"), "/mnt/shared/ckpt", nodes=3)
-    _check_checkpoint_reach("s3://bucket/m", None, nodes=3)
+        _check_checkpoint_reach(str(tmp_path / "m"), None, spans=True)
+    _check_checkpoint_reach(str(tmp_path / "m"), "/mnt/shared/ckpt", spans=True)
+    _check_checkpoint_reach("s3://bucket/m", None, spans=True)
 
 
 def test_init_weights_are_checked_before_training(tiny_model, tmp_path):
