@@ -225,9 +225,8 @@ def delete(uri: str | Path) -> None:
 def delete_tree(uri: str | Path) -> None:
     """Remove a folder (an S3 prefix) and everything under it; absent is fine."""
     fs, path = filesystem(uri)
-    with contextlib.suppress(FileNotFoundError):
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            fs.delete_dir(path)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
 
 
 def write_json(uri: str | Path, obj: Any) -> None:

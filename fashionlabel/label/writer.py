@@ -40,7 +40,6 @@ class PartWriter:
         # of this one as done
         self.model_version = model_version
         self.pending: dict[str, list[pa.Table]] = {}
-        self.got: dict[str, int] = {}
         self.seen: dict[str, set[str]] = {}  # product ids received per pending shard
         self.published: set[str] = set()
         self.damage: dict[str, str | None] = {}
@@ -61,10 +60,10 @@ class PartWriter:
             self.damage.setdefault(shard, part["shard_damage"][0].as_py())
             rows = self._new_rows(shard, part.filter(pc.invert(part["marker"])))
             self.pending.setdefault(shard, []).append(rows.select(self.schema.names))
-            self.got[shard] = self.got.get(shard, 0) + rows.num_rows
-            if self.got[shard] > expected:
-                raise RuntimeError(f"{shard}: {self.got[shard]} label rows for {expected} products")
-            if self.got[shard] == expected:
+            got = len(self.seen[shard])
+            if got > expected:
+                raise RuntimeError(f"{shard}: {got} label rows for {expected} products")
+            if got == expected:
                 self._publish(shard, skipped)
 
     def _new_rows(self, shard: str, rows: pa.Table) -> pa.Table:

@@ -15,7 +15,7 @@ import pyarrow as pa
 from fashionlabel import storage
 from fashionlabel.catalog import CatalogRow, Rejected, check_ids, read_catalog
 from fashionlabel.shards.pack import pack_shard
-from fashionlabel.shards.plan import make_plan
+from fashionlabel.shards.plan import make_plan, previous_index_uri
 from fashionlabel.shards.spec import (
     QUARANTINE_SCHEMA,
     ShardConfig,
@@ -90,11 +90,7 @@ def shard_catalog(
     out = storage.absolute(out)
     incremental_from = storage.absolute(incremental_from) if incremental_from else None
     if incremental_from:  # a typo is refused before anything is written
-        prev_index = (
-            incremental_from
-            if incremental_from.endswith(".parquet")
-            else storage.join(incremental_from, "index.parquet")
-        )
+        prev_index = previous_index_uri(incremental_from)
         if not storage.exists(prev_index):
             raise ShardJobError(f"--incremental {incremental_from}: no previous index at {prev_index}")
     rows, malformed = read_catalog(catalog)

@@ -66,11 +66,16 @@ def _fingerprint(valid: list[CatalogRow], cfg: ShardConfig, taxonomy: Taxonomy, 
     return h.hexdigest()
 
 
+def previous_index_uri(prev: str) -> str:
+    """The ``index.parquet`` that ``--incremental PREV`` names: PREV itself, or the one in folder PREV."""
+    return prev if str(prev).endswith(".parquet") else storage.join(prev, "index.parquet")
+
+
 def previous_index(prev: str, taxonomy: Taxonomy) -> tuple[dict[str, tuple[str, str]], list[str]]:
     """product_id → (sha256, labels key) from a previous run's ``index.parquet`` (``prev``: its folder or
     the file), and the taxonomy heads it holds. Only those heads are compared: an index without label
     columns (a product map) compares image bytes alone."""
-    uri = prev if str(prev).endswith(".parquet") else storage.join(prev, "index.parquet")
+    uri = previous_index_uri(prev)
     try:
         names = set(storage.read_parquet_schema(uri).names)
         heads = [h.name for h in taxonomy.heads if h.name in names]

@@ -112,9 +112,9 @@ def _publish(tmp: Path, out: Path) -> None:
     _restore_interrupted(out)
     if not out.exists():
         tmp.rename(out)
-    elif storage.exchange(tmp, out):  # one step: the previous artifact is now at tmp
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:  # a filesystem that cannot swap: two renames, undone by the next export if killed between
+    # One step where the filesystem swaps (the previous artifact is then at tmp, which the caller removes);
+    # else two renames, undone by the next export if killed between them.
+    elif not storage.exchange(tmp, out):
         old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
         out.rename(old)
         tmp.rename(out)

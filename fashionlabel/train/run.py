@@ -162,8 +162,8 @@ def check_init_weights(path: str, model_name: str, taxonomy: Taxonomy) -> str:
     if share < 0.5:
         raise ValueError(
             f"--init-weights {path} fits {share:.0%} of {model_name}'s parameters (only {len(fits)} of its "
-            f"{len(own)} tensors, by name and shape): weights of another architecture, or an exported artifact in deployment form (fused; "
-            "start from its run's checkpoints/best.pt instead)?"
+            f"{len(own)} tensors, by name and shape): weights of another architecture, or an exported "
+            "artifact in deployment form (fused; start from its run's checkpoints/best.pt instead)?"
         )
     log.info(
         "init weights: %d of %d tensors (%.0f%% of the weights) from %s", len(fits), len(own), 100 * share, p
