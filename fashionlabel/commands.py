@@ -122,6 +122,14 @@ def _accuracy_lines(m: dict[str, Any], split: str) -> dict[str, str]:
             lines[f"{split} {h}"] = (
                 f"recall@3 {100 * hm['recall@3']:.1f}%  recall@5 {100 * hm['recall@5']:.1f}%  (n={hm['n']})"
             )
+            # per group: the same ranking of all values, counting the group's true values (the DeepFashion protocol)
+            for g in sorted(k[: -len("_n")] for k in hm if k.endswith("_n")):
+                lines[f"{split} {h} {g}"] = (
+                    f"recall@3 {100 * hm[f'{g}_recall@3']:.1f}%  recall@5 {100 * hm[f'{g}_recall@5']:.1f}%  "
+                    f"(n={hm[f'{g}_n']})"
+                    if hm[f"{g}_n"]
+                    else "no product with one of these values"
+                )
     return lines
 
 

@@ -195,6 +195,13 @@ def test_evaluate_job_prints_and_writes_the_metrics(ray_session, small_shards, t
     assert m["n_products"] == sum(split_of(p) == "test" for p in index) > 0
     art = m["heads"]["articleType"]
     assert f"top-1 {100 * art['top1']:.1f}%" in printed and f"(n={art['n']})" in printed
+    attrs = m["heads"]["attributes"]  # each group's recall is printed, not only kept in the JSON
+    for g in ("fabric", "part", "shape", "texture"):
+        if attrs[f"{g}_n"]:
+            line = next(x for x in printed.splitlines() if f"test attributes {g} " in x)
+            assert (
+                f"recall@3 {100 * attrs[f'{g}_recall@3']:.1f}%" in line and f"(n={attrs[f'{g}_n']})" in line
+            )
     assert list(tmp_path.glob("confusion-articleType-test.png"))
 
 

@@ -66,6 +66,7 @@ def test_topk_recall_matches_the_protocol_per_group():
         for g in ("texture", "fabric", "shape", "part"):
             cols = [i for i, v in enumerate(head.values) if group[v] == g]
             assert np.isclose(m[f"{g}_recall@{k}"], _recall_by_loop(scores, y, k, set(cols))), g
+            assert m[f"{g}_n"] == int((y[20:, cols].sum(axis=1) > 0).sum()) > 0, g
     assert m["n"] == int((y[20:].sum(axis=1) > 0).sum())
 
 

@@ -73,7 +73,7 @@ def confusion(pred: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
 
 def head_metrics(head: Head, probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """One head's metrics: top-1/3/5 and macro-F1 for a single head (``n``: known labels); recall@3/5,
-    overall and per group, for a multi head (``n``: products with at least one true value)."""
+    overall and per group, for a multi head (``n``, ``<group>_n``: products with at least one true value)."""
     if head.kind == "single":
         known = int((y >= 0).sum())
         pred = probs.argmax(axis=1)
@@ -92,6 +92,7 @@ def head_metrics(head: Head, probs: np.ndarray, y: np.ndarray) -> dict[str, Any]
     for group in head.groups:
         cols = np.array([i for i, v in enumerate(head.values) if g.get(v) == group], dtype=np.int64)
         if len(cols):
+            out[f"{group}_n"] = int((np.nan_to_num(y[:, cols]).sum(axis=1) > 0).sum())
             for k in (3, 5):
                 out[f"{group}_recall@{k}"] = topk_recall(probs, y, k, cols)
     return out

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Every GPU figure of docs/models.md and bench/README.md, phase by phase, on one GPU machine.
+#
+#   bash bench/gpu_suite.sh DATA RESULTS PHASE...
+#
+# DATA holds the data set's styles.csv, images-60x80.tar and images-224.tar. RESULTS receives one log per
+# phase (PHASE.log) and the JSON the phase writes; WORK (default /tmp/flgpu) holds images, shards and
+# models between phases, so phases can run in separate calls on the same machine. Phases, in the order
+# that gets the most out of a short lease:
+#
+#   prep              unpack the images, write the catalogs, shard them (60×80 full catalog; 224-px subset)
+#   evaluate          re-evaluate a trained model on the held-out split (MODEL=..., default WORK/m_a)
+#   train_throughput  bench/train_throughput.py: ResNet-50, 224 px, real shards against synthetic tensors
+#   accuracy          cloth_resnet_a, 160×120, the long recipe (EPOCHS, default 45), then evaluate
+#   hier              the same recipe with cloth_resnet_a_hier
+#   baseline          bench/train_baseline.py, 30 epochs, side by side with WORK/m_a (--against)
+#   label             bench/label_throughput.py, 200,000 products of the 224-px images, both models, 2 runs
+#   split             the decode-placement sweep: nvJPEG in the actor against a share decoded on the CPU
+#   compile           bench/compile_startup.py: the AOT package against torch.compile at actor start
+#
+# EPOCHS (default 45) and GPU (default --gpu; empty for a CPU smoke run) set the training phases.
+# Each phase has a time limit (LIMIT seconds, default 570) so that it ends inside a 10-minute command;
+# `accuracy` and `hier` resume from their checkpoints when run again with the same settings.
+set -euo pipefail
+[ $# -ge 3 ] || { sed -n 2,22p "$0"; exit 2; }
+data=$(realpath "$1"); results=$(realpath -m "$2"); shift 2
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=${WORK:-/tmp/flgpu}
+limit=${LIMIT:-570}
+epochs=${EPOCHS:-45}
+gpu=${GPU---gpu}  # GPU= (empty) trains on the CPU: a smoke run of the script itself
+mkdir -p "$results" "$work"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RAY_TMPDIR=${RAY_TMPDIR:-/tmp/flray}
+fl() { python -m fashionlabel.cli "$@"; }
+
+catalog() {  # catalog(images_dir, out_csv, all|present): every styles row, or those whose image is there
+  python - "$data/styles.csv" "$1" "$2" "$3" <<'PY'
+import csv, sys
+from pathlib import Path
+styles, images, out, which = sys.argv[1:]
+with open(styles, newline="", encoding="utf-8", errors="replace") as f:
+    rows = list(csv.DictReader(f))
+have = {p.stem for p in Path(images).glob("*.jpg")}
+cols = ["gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "year", "usage",
+        "productDisplayName"]
+with open(out, "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["product_id", "image_uri", *cols])
+    for r in rows:  # "all": a row without its image stays in, and the shard job quarantines it
+        if which == "all" or r["id"] in have:
+            w.writerow([r["id"], f"{images}/{r['id']}.jpg", *(r.get(c, "") for c in cols)])
+print(f"{out}: {len(rows)} rows, {sum(r['id'] in have for r in rows)} with an image")
+PY
+}
+
+recipe() {  # recipe(model, out): the long 160×120 GPU recipe of docs/models.md
+  fl train --shards "$work/s80" --out "$2" --model "$1" $gpu --workers 1 --epochs "$epochs" \
+    --batch-size 128 --lr 2e-3 --weight-decay 0.05 --ema-epochs 3 --warmup-epochs 2 \
+    --label-smoothing 0.1 --patience "$epochs" --height 160 --width 120
+  fl evaluate --model "$2" --shards "$work/s80" --split test --out "$results/$(basename "$2")-eval"
+}
+
+phase() {
+  case "$1" in
+    prep)
+      mkdir -p "$work/images" "$work/images224"
+      tar -xf "$data/images-60x80.tar" -C "$work/images" --strip-components=1
+      tar -xf "$data/images-224.tar" -C "$work/images224" --strip-components=1
+      catalog "$work/images" "$work/catalog.csv" all
+      catalog "$work/images224" "$work/catalog224.csv" present  # a subset of the products
+      fl shard --catalog "$work/catalog.csv" --out "$work/s80" --max-side 80 --samples-per-shard 2000
+      fl shard --catalog "$work/catalog224.csv" --out "$work/s224" --max-side 224 --samples-per-shard 1000
+      ;;
+    evaluate) fl evaluate --model "${MODEL:-$work/m_a}" --shards "$work/s80" --split test --out "$results/eval" ;;
+    train_throughput)
+      python bench/train_throughput.py --shards "$work/s224" --model cloth_resnet_a --size 224 224 \
+        --batch 256 --steps 50 --device cuda
+      ;;
+    accuracy) recipe cloth_resnet_a "$work/m_a" ;;
+    hier) recipe cloth_resnet_a_hier "$work/m_hier" ;;
+    baseline)
+      python bench/train_baseline.py --styles "$data/styles.csv" --images "$work/images" --epochs 30 \
+        --out "$results/baseline.json" --against "${MODEL:-$work/m_a}" --shards "$work/s80"
+      ;;
+    label)
+      python bench/label_throughput.py --images "$data/images-224.tar" --products 200000 --repeats 2 \
+        --compile-cache warm
+      ;;
+    split)
+      for share in 0 0.3 0.5 0.65; do
+        python bench/label_throughput.py --images "$data/images-224.tar" --products 200000 --models resnet50 \
+          --decode split --cpu-decode-share "$share" --compile-cache warm
+      done
+      ;;
+    compile) python bench/compile_startup.py --models resnet50 ;;
+    *) echo "unknown phase: $1 (see: bash $0)" >&2; return 2 ;;
+  esac
+}
+
+cd "$root"
+if [ "$1" = --one ]; then phase "$2"; exit; fi  # one phase, under the loop's time limit below
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no GPU visible: figures say nothing about one"
+for p in "$@"; do
+  echo "== $p ($(date -u +%FT%TZ), limit ${limit}s)"
+  start=$SECONDS
+  # One log per phase. A phase that fails or runs out of time does not stop the next one: a training
+  # phase stopped here resumes from its last epoch's checkpoint when run again.
+  set +e
+  timeout --kill-after=20 "$limit" bash "$0" "$data" "$results" --one "$p" 2>&1 | tee "$results/$p.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  echo "== $p: exit $rc after $((SECONDS - start)) s" | tee -a "$results/$p.log"
+done
