@@ -56,3 +56,49 @@ def test_label_bench_prints_ours_plain_and_their_ratio():
     ours, plain = (float(x.replace(",", "")) for x in (ours, plain))
     assert ours > 0 and plain > 0 and abs(float(ratio) - ours / plain) < 0.01 + 0.005 * float(ratio)
     assert row.rstrip().endswith("100.0%")  # the same labels from both paths
+
+
+def _suite_commands() -> list[list[str]]:
+    """The `fl SUBCOMMAND --flag ...` and `python bench/X.py --flag ...` calls of bench/gpu_suite.sh, one
+    list of words per call (continuation lines joined)."""
+    text = (ROOT / "bench" / "gpu_suite.sh").read_text().replace("\\\n", " ")
+    calls = re.findall(r"^\s*(?:\w+\)\s*)?(?:fl (\w+)|python (bench/\w+\.py))([^\n|;]*)", text, flags=re.M)
+    return [[sub or script, *re.findall(r"--[\w-]+", rest)] for sub, script, rest in calls]
+
+
+def test_gpu_suite_calls_only_options_that_exist(tmp_path):
+    """The suite runs on a machine where a wrong flag costs a lease: every option it passes must parse."""
+    from fashionlabel.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if a.choices and "train" in a.choices).choices
+    calls = _suite_commands()
+    assert {c[0] for c in calls} >= {"shard", "train", "evaluate", "bench/train_baseline.py"}
+    for name, *flags in calls:
+        if name.startswith("bench/"):
+            known = subprocess.run(
+                [sys.executable, str(ROOT / name), "--help"],
+                env=os.environ | {"PYTHONPATH": str(ROOT)},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            ).stdout
+        else:
+            known = subparsers[name].format_help()
+        for f in flags:
+            assert re.search(rf"{re.escape(f)}\b", known), f"{name} has no option {f}"
+
+
+def test_gpu_suite_logs_each_phase_and_goes_on_after_a_failed_one(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    r = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_suite.sh"), str(data), str(tmp_path / "res"), "nosuch", "nosuch2"],
+        env=os.environ | {"WORK": str(tmp_path / "work"), "LIMIT": "60"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    for phase in ("nosuch", "nosuch2"):
+        log = (tmp_path / "res" / f"{phase}.log").read_text()
+        assert f"unknown phase: {phase}" in log and f"== {phase}: exit 2" in log
