@@ -13,6 +13,7 @@
 #   train_throughput  bench/train_throughput.py: ResNet-50, 224 px, real shards against synthetic tensors
 #   accuracy          cloth_resnet_a, 160×120, the long recipe (EPOCHS, default 45), then evaluate
 #   hier              the same recipe with cloth_resnet_a_hier
+#   cutmix            the same recipe with CutMix on half the batches (--cutmix 0.5), against `accuracy`
 #   baseline          bench/train_baseline.py, 30 epochs, side by side with WORK/m_a (--against)
 #   label             bench/label_throughput.py, 200,000 products of the 224-px images, both models, 2 runs
 #   split             the decode-placement sweep: nvJPEG in the actor against a share decoded on the CPU
@@ -53,10 +54,10 @@ print(f"{out}: {len(rows)} rows, {sum(r['id'] in have for r in rows)} with an im
 PY
 }
 
-recipe() {  # recipe(model, out): the long 160×120 GPU recipe of docs/models.md
+recipe() {  # recipe(model, out, [option...]): the long 160×120 GPU recipe of docs/models.md
   fl train --shards "$work/s80" --out "$2" --model "$1" $gpu --workers 1 --epochs "$epochs" \
     --batch-size 128 --lr 2e-3 --weight-decay 0.05 --ema-epochs 3 --warmup-epochs 2 \
-    --label-smoothing 0.1 --patience "$epochs" --height 160 --width 120
+    --label-smoothing 0.1 --patience "$epochs" --height 160 --width 120 "${@:3}"
   fl evaluate --model "$2" --shards "$work/s80" --split test --out "$results/$(basename "$2")-eval"
 }
 
@@ -78,6 +79,7 @@ phase() {
       ;;
     accuracy) recipe cloth_resnet_a "$work/m_a" ;;
     hier) recipe cloth_resnet_a_hier "$work/m_hier" ;;
+    cutmix) recipe cloth_resnet_a "$work/m_cutmix" --cutmix 0.5 ;;
     baseline)
       python bench/train_baseline.py --styles "$data/styles.csv" --images "$work/images" --epochs 30 \
         --out "$results/baseline.json" --against "${MODEL:-$work/m_a}" --shards "$work/s80"

@@ -201,6 +201,13 @@ def _train_options(p: argparse.ArgumentParser) -> None:
         "better weights (0: off)",
     )
     p.add_argument(
+        "--cutmix",
+        type=float,
+        default=0.0,
+        help="share of batches in which each image gets a box cut from another and the loss mixes both "
+        "products' labels by area (0: off)",
+    )
+    p.add_argument(
         "--storage", default=None, help="checkpoint folder or s3:// prefix (default: OUT.train/checkpoints)"
     )
     p.add_argument(

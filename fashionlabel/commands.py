@@ -85,6 +85,7 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
         label_smoothing=a.label_smoothing,
         warmup_epochs=a.warmup_epochs,
         ema_epochs=a.ema_epochs,
+        cutmix=a.cutmix,
     )
     r = train(a.shards, a.out, cfg, cluster_cpus(), checkpoints=a.storage, overwrite=a.overwrite)
     out = {

@@ -203,6 +203,33 @@ class BatchPrefetcher:
                 yield x, y
 
 
+def cutmix(
+    x: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CutMix (Yun et al. 2019): each image gets one box, the same for the batch, cut from another image
+    of the batch. Returns the mixed batch, the permutation that says where each box came from, and the
+    share of each image that is still its own (the weight of its own labels in the loss).
+
+    The box is drawn on the host (its bounds are slice ends) and the permutation on the batch's device,
+    so nothing waits for the GPU. Area share 1 − λ with λ ~ U(0, 1) (Beta(1, 1), the paper's choice),
+    centred anywhere and clipped at the border, so the returned share is the area actually kept.
+    """
+    n, _, h, w = x.shape
+    g = generator or torch.default_generator
+    lam, cy, cx = torch.rand(3, generator=g).tolist()
+    bh, bw = round(h * (1 - lam) ** 0.5), round(w * (1 - lam) ** 0.5)
+    y0, y1 = max(0, round(cy * h - bh / 2)), min(h, round(cy * h + bh / 2))
+    x0, x1 = max(0, round(cx * w - bw / 2)), min(w, round(cx * w + bw / 2))
+    perm = (
+        torch.randperm(n, generator=generator).to(x.device)
+        if generator
+        else torch.randperm(n, device=x.device)
+    )
+    out = x.clone()
+    out[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+    return out, perm, 1 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
 def augment(
     x: torch.Tensor, pad: int | None = None, generator: torch.Generator | None = None
 ) -> torch.Tensor:

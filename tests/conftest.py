@@ -97,12 +97,14 @@ def small_shards(ray_session, small_catalog, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(ray_session, small_shards, tmp_path_factory) -> Path:
-    """fl_tiny trained for 2 epochs with 2 DDP workers: enough to exercise every stage quickly."""
+    """fl_tiny trained for 2 epochs with 2 DDP workers: enough to exercise every stage quickly (CutMix on
+    half the batches included)."""
     from fashionlabel.train.loop import TrainConfig
     from fashionlabel.train.run import train
 
     out = tmp_path_factory.mktemp("model") / "model"
-    train(str(small_shards), str(out), TrainConfig(model="fl_tiny", epochs=2, workers=2), num_cpus=2)
+    cfg = TrainConfig(model="fl_tiny", epochs=2, workers=2, cutmix=0.5)
+    train(str(small_shards), str(out), cfg, num_cpus=2)
     return out
 
 

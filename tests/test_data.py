@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD, augment, to_input
+from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD, augment, cutmix, to_input
 
 
 def test_to_input_normalises_per_channel_in_channels_last():
@@ -39,3 +39,26 @@ def test_each_image_gets_its_own_crop_of_its_padded_self():
     found = [next(k for k, c in crops.items() if torch.equal(out[i], c)) for i in range(16)]
     assert len({(dy, dx) for dy, dx, _ in found}) > 4  # shifts drawn per image, not one per batch
     assert augment(torch.zeros(2, 3, 80, 60)).shape == (2, 3, 80, 60)  # default pad: 5% of the height
+
+
+def test_cutmix_pastes_one_box_from_another_image_and_returns_the_share_kept():
+    n, h, w = 6, 20, 15
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, h, w).contiguous()  # image i is i
+    shares = []
+    for seed in range(30):
+        out, perm, own = cutmix(x, generator=torch.Generator().manual_seed(seed))
+        assert sorted(perm.tolist()) == list(range(n))
+        for i in range(n):
+            mine, theirs = out[i] == i, out[i] == perm[i]
+            assert torch.all(mine | theirs)  # every pixel is the image's own or its partner's
+            if perm[i] != i:  # the share of its own pixels is the weight of its own labels
+                assert abs(mine.float().mean().item() - own) < 1e-6
+            box = (~mine[0]).nonzero()
+            if len(box):  # what was replaced is one rectangle, the same for every image
+                (y0, x0), (y1, x1) = box.min(0).values.tolist(), box.max(0).values.tolist()
+                assert (~mine[0])[y0 : y1 + 1, x0 : x1 + 1].all()
+        shares.append(own)
+    assert torch.equal(
+        x, torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, h, w)
+    )  # input kept
+    assert min(shares) < 0.5 < max(shares) <= 1.0  # area drawn over the whole range

@@ -11,7 +11,7 @@ def test_ddp_training_writes_a_complete_artifact(tiny_model):
         assert (tiny_model / f).is_file(), f
     spec = json.loads((tiny_model / "model.json").read_text())
     assert spec["architecture"] == "fl_tiny" and spec["preprocessing"]["size"] == [80, 60]
-    assert spec["training"]["config"]["workers"] == 2
+    assert spec["training"]["config"]["workers"] == 2 and spec["training"]["config"]["cutmix"] == 0.5
     assert set(spec["calibration"]["temperature"]) == {
         "gender",
         "masterCategory",
@@ -177,7 +177,12 @@ def test_train_refuses_an_out_it_would_destroy_and_settings_it_cannot_run(
     with pytest.raises(
         ValueError, match=r"holds a model trained with other settings \(epochs 2 → 3\).*--overwrite"
     ):
-        train(str(small_shards), str(tiny_model), TrainConfig(model="fl_tiny", epochs=3, workers=2), 2)
+        train(
+            str(small_shards),
+            str(tiny_model),
+            TrainConfig(model="fl_tiny", epochs=3, workers=2, cutmix=0.5),
+            2,
+        )
     assert (tiny_model / "version").read_text() == before
     with pytest.raises(ValueError, match=r"--gpu with --workers 2 needs 2 GPU\(s\); the Ray cluster has 0"):
         train(str(small_shards), str(tmp_path / "g"), TrainConfig(model="fl_tiny", gpu=True), 2)

@@ -1,5 +1,7 @@
 import math
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -122,3 +124,44 @@ def test_a_checkpoint_of_the_single_group_optimizer_resumes_its_schedule():
     _Parts(model, loss_fn, opt, sched, None).load(state)
     assert sched.last_epoch == 30
     assert [g["lr"] for g in opt.param_groups] == [old_opt.param_groups[0]["lr"]] * 2
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_a_cutmix_step_mixes_the_losses_of_both_products_labels_by_area(share):
+    """With --cutmix every step's loss is own·L(labels) + (1 − own)·L(partners' labels); without, L alone."""
+    from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
+    from fashionlabel.models import create_model
+    from fashionlabel.train.loop import _Parts, _train_epoch, make_optimizer
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    tax = Taxonomy.load("fashion-product-images")
+    model = create_model("fl_tiny", tax)
+    calls: list[dict[str, torch.Tensor]] = []
+
+    class Recording(MultiTaskLoss):
+        def forward(self, logits, targets):
+            calls.append({k: v.clone() for k, v in targets.items()})
+            return super().forward(logits, targets)
+
+    loss_fn = Recording(tax)
+    opt = make_optimizer(model, loss_fn, 1e-3, 0.0)
+    parts = _Parts(model, loss_fn, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), None)
+    n = 8
+    images = np.random.default_rng(0).integers(0, 256, (n, 80, 60, 3), dtype=np.uint8)
+    targets = {"gender": torch.arange(n) % 5}
+    for h in tax.heads:
+        if h.name != "gender":
+            targets[h.name] = (
+                torch.full((n, h.num_classes), float("nan"))
+                if h.kind == "multi"
+                else -torch.ones(n, dtype=torch.long)
+            )
+    config = {"cfg": {"cutmix": share}, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    loss = _train_epoch(parts, images, targets, 3, n, config, torch.device("cpu"))
+    assert np.isfinite(loss)
+    assert len(calls) == 3 * (2 if share else 1)  # one loss per step, two when the step is mixed
+    if share:
+        for own, other in zip(calls[::2], calls[1::2], strict=True):
+            assert sorted(other["gender"].tolist()) == sorted(own["gender"].tolist())  # a permutation
+            assert not torch.equal(other["gender"], own["gender"])  # seeded: these draws move labels

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fashionlabel import storage
-from fashionlabel.data import BatchPrefetcher, augment, load_samples, to_input
+from fashionlabel.data import BatchPrefetcher, augment, cutmix, load_samples, to_input
 from fashionlabel.models import create_model
 from fashionlabel.shards import list_shards
 from fashionlabel.taxonomy import Taxonomy
@@ -247,13 +247,20 @@ def _train_epoch(
     order = np.concatenate(
         [np.random.permutation(n) for _ in range(math.ceil(steps * per_worker / max(1, n)))]
     )[: steps * per_worker]
+    cutmix_share = config["cfg"].get("cutmix", 0.0)
     running = torch.zeros((), device=device)  # summed on the device: one host sync per epoch, not per step
     batches = (order[s * per_worker : (s + 1) * per_worker] for s in range(steps))
     for batch, y in BatchPrefetcher(images, targets, batches, device):
         x = augment(to_input(batch, config["mean"], config["std"], device))
+        mix = cutmix_share > 0 and np.random.random() < cutmix_share
+        if mix:
+            x, perm, own = cutmix(x)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = parts.model(x)
         loss, _ = parts.loss_fn(out, y)
+        if mix:  # each head's loss is linear in the label weights: mix the two losses by area
+            other, _ = parts.loss_fn(out, {k: v[perm] for k, v in y.items()})
+            loss = own * loss + (1 - own) * other
         parts.opt.zero_grad(set_to_none=True)
         loss.backward()
         parts.opt.step()
