@@ -336,7 +336,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     try:
         if args.command in NEEDS_RAY:
+            from fashionlabel.commands import check_settings
             from fashionlabel.runtime import ray_session
+
+            check_settings(args)  # a bad value fails now, not after Ray has started
 
             with ray_session(args.address):
                 args.fn(args)

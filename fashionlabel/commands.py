@@ -29,13 +29,23 @@ def _fmt_reasons(reasons: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in reasons.items()) or "none"
 
 
-def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
-    """``shard``: pack a catalog into shards; return the printed summary."""
-    from fashionlabel.report import rate_text
-    from fashionlabel.shards import ShardConfig, shard_catalog
-    from fashionlabel.taxonomy import Taxonomy
+def check_settings(a: argparse.Namespace) -> None:
+    """Build the subcommand's settings object, which checks every value: run before a Ray cluster is
+    started or joined, so that a bad option fails at once, with its name."""
+    build = {
+        "shard": _shard_config,
+        "train": _train_config,
+        "label": _label_config,
+        "nightly": _nightly_config,
+    }
+    if a.command in build:
+        build[a.command](a)
 
-    cfg = ShardConfig(
+
+def _shard_config(a: argparse.Namespace) -> Any:
+    from fashionlabel.shards import ShardConfig
+
+    return ShardConfig(
         samples_per_shard=a.samples_per_shard,
         max_side=a.max_side,
         jpeg_quality=a.jpeg_quality,
@@ -43,6 +53,15 @@ def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
         max_failure_rate=a.max_failure_rate,
         min_side=a.min_side,
     )
+
+
+def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
+    """``shard``: pack a catalog into shards; return the printed summary."""
+    from fashionlabel.report import rate_text
+    from fashionlabel.shards import shard_catalog
+    from fashionlabel.taxonomy import Taxonomy
+
+    cfg = _shard_config(a)
     s = shard_catalog(a.catalog, a.out, Taxonomy.load(a.taxonomy), cfg, incremental_from=a.incremental)
     out = {
         "catalog rows": s.catalog_rows,
@@ -62,13 +81,10 @@ def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
-    """``train``: train a model into an artifact; return the printed summary plus ``metrics``."""
-    from fashionlabel.runtime import cluster_cpus
+def _train_config(a: argparse.Namespace) -> Any:
     from fashionlabel.train.config import TrainConfig
-    from fashionlabel.train.run import train
 
-    cfg = TrainConfig(
+    return TrainConfig(
         model=a.model,
         epochs=a.epochs,
         batch_size=a.batch_size,
@@ -87,6 +103,14 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
         ema_epochs=a.ema_epochs,
         cutmix=a.cutmix,
     )
+
+
+def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
+    """``train``: train a model into an artifact; return the printed summary plus ``metrics``."""
+    from fashionlabel.runtime import cluster_cpus
+    from fashionlabel.train.run import train
+
+    cfg = _train_config(a)
     r = train(a.shards, a.out, cfg, cluster_cpus(), checkpoints=a.storage, overwrite=a.overwrite)
     out = {
         "model": f"{a.model} → {a.out}",
@@ -258,13 +282,11 @@ def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
     return out | {"raw": r}
 
 
-def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
-    """``nightly``: run one night end to end; return the night's manifest (not only the printed lines)."""
-    from fashionlabel.nightly import NightlyConfig, run_nightly
-    from fashionlabel.report import night_rate
+def _nightly_config(a: argparse.Namespace) -> Any:
+    from fashionlabel.nightly import NightlyConfig
     from fashionlabel.shards import ShardConfig
 
-    cfg = NightlyConfig(
+    return NightlyConfig(
         shard=ShardConfig(
             samples_per_shard=a.samples_per_shard, max_side=a.max_side, max_failure_rate=a.max_failure_rate
         ),
@@ -273,6 +295,14 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
         keep_snapshots=a.keep_snapshots,
         max_catalog_drop=a.max_catalog_drop,
     )
+
+
+def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
+    """``nightly``: run one night end to end; return the night's manifest (not only the printed lines)."""
+    from fashionlabel.nightly import run_nightly
+    from fashionlabel.report import night_rate
+
+    cfg = _nightly_config(a)
     m = run_nightly(a.catalog, a.model, a.root, a.date, cfg)
     out = {
         "night": m["run_date"] + (" (already complete: nothing done)" if m["already_complete"] else ""),

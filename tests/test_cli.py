@@ -108,6 +108,16 @@ def test_bad_settings_are_refused_by_name_before_anything_is_written(
         assert run(argv) == 1, argv
         assert message in capsys.readouterr().err, argv
         assert not out.exists(), argv
+    # checked before a cluster is started or joined: named at once even where no cluster answers
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    for message, argv in cases.items():
+        if "setting(s)" in message and argv[0] in ("train", "shard", "label", "nightly"):
+            assert run([*argv, "--address", closed]) == 1, argv
+            assert message in capsys.readouterr().err, argv
 
 
 def test_a_folder_that_is_not_a_shard_set_is_refused_by_name(ray_session, tiny_model, tmp_path, capsys):
