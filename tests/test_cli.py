@@ -108,16 +108,36 @@ def test_bad_settings_are_refused_by_name_before_anything_is_written(
         assert run(argv) == 1, argv
         assert message in capsys.readouterr().err, argv
         assert not out.exists(), argv
-    # checked before a cluster is started or joined: named at once even where no cluster answers
+
+
+def test_bad_settings_are_refused_before_a_cluster_is_joined(small_catalog, tmp_path):
+    """In a fresh process (this one already has Ray), pointed at an address where no cluster answers: the
+    bad value is named, not the address, so no cluster was started or joined before the check."""
+    import os
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{s.getsockname()[1]}"
+    out = str(tmp_path / "out")
+    cases = {
+        "invalid training setting(s): cutmix=2.0": ["train", "--shards", out, "--out", out, "--cutmix", "2"],
+        "invalid shard setting(s): samples_per_shard=0": [
+            "shard", "--catalog", str(small_catalog), "--out", out, "--samples-per-shard", "0"
+        ],
+        "invalid nightly setting(s): relabel_older_than_days=-5": [
+            "nightly", "--catalog", str(small_catalog), "--model", out, "--root", out, "--relabel-older-than", "-5"
+        ],
+    }  # fmt: skip
     for message, argv in cases.items():
-        if "setting(s)" in message and argv[0] in ("train", "shard", "label", "nightly"):
-            assert run([*argv, "--address", closed]) == 1, argv
-            assert message in capsys.readouterr().err, argv
+        r = subprocess.run(
+            [sys.executable, "-m", "fashionlabel.cli", *argv, "--address", closed],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
+        assert r.returncode == 1 and message in r.stderr, (argv, r.stderr[-1000:])
 
 
 def test_a_folder_that_is_not_a_shard_set_is_refused_by_name(ray_session, tiny_model, tmp_path, capsys):
