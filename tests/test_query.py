@@ -79,6 +79,34 @@ def test_after_a_quiet_night_the_docs_say_nothing_changed_tonight(tmp_path):
     assert con.execute(next(q for q in queries if "articleType_flips" in q)).fetchall() == [(0, 0, 0)]
 
 
+def test_the_docs_analyst_sql_is_also_athena_sql():
+    # docs/analysts.md says its queries run on Athena (Trino) too: none of DuckDB's own syntax
+    duckdb_only = {
+        "GROUP BY ALL": r"GROUP\s+BY\s+ALL\b",
+        "QUALIFY": r"\bQUALIFY\b",
+        ":: cast": r"::",
+        "unnest() in a select list": r"SELECT\s+unnest\(",
+    }
+    for q in _doc_queries():
+        used = [name for name, rx in duckdb_only.items() if re.search(rx, q, re.I)]
+        assert not used, (used, q)
+
+
+def test_a_product_back_in_the_catalog_flips_in_the_docs_query_not_in_the_report(tmp_path):
+    from labels_factory import add_night, make_rows
+
+    from fashionlabel.report import write_night_report
+
+    labels = str(tmp_path / "labels")
+    _two_nights(labels)  # p00 left the catalog on night 2
+    active = {f"p{i:02d}" for i in range(22)}
+    add_night(labels, "2026-05-03", make_rows(["p00"], "2026-05-03", "Shirts", sha="c"), active)
+    flips = connect(labels).execute(next(q for q in _doc_queries() if "articleType_flips" in q)).fetchall()
+    assert flips == [(1, 0, 1)]  # p00: Tshirts (night 1) → Shirts
+    r = write_night_report(labels, "2026-05-03", str(tmp_path / "r.html"))
+    assert r["drift"]["articleType"] == 0  # p00 was not active on night 2: not compared
+
+
 def test_the_readme_duckdb_snippet_runs_as_written(labels):
     import subprocess
     import sys
