@@ -6,7 +6,9 @@ Three views are registered on an in-memory DuckDB connection:
   query never sees two nights mixed), one row per product, with ``run_date`` and ``active``;
 - ``history``: every ``labels/history/run_date=D/part-*.parquet``, with the hive column ``run_date``;
 - ``nights``: one ``run_date`` per finished run (``history/run_date=D/_SUCCESS``), quiet nights included:
-  a night that labelled nothing has no rows in ``history``, so "tonight" is ``max(run_date)`` here.
+  a night that labelled nothing has no rows in ``history``, so "tonight" is ``max(run_date)`` here. Where
+  ``latest`` is published, a night after its snapshot is not listed yet: ``_SUCCESS`` of the run folder is
+  written before the night's snapshot, and "tonight" must be the night that ``latest`` shows.
 
 Files are opened through pyarrow datasets (local or ``s3://`` with the storage module's credentials and
 endpoint) and scanned lazily by DuckDB with projection and filter push-down, so no ``httpfs`` extension
@@ -41,9 +43,11 @@ def history_files(labels: str, runs: dict[str, list[str]]) -> list[str]:
     return [storage.join(base, r, n) for r, names in runs.items() for n in names if n.endswith(".parquet")]
 
 
-def finished_nights(runs: dict[str, list[str]]) -> pa.Table:
-    """``run_date`` of every run folder that holds its ``_SUCCESS`` manifest, oldest first."""
+def finished_nights(runs: dict[str, list[str]], upto: str | None = None) -> pa.Table:
+    """``run_date`` of every run folder that holds its ``_SUCCESS`` manifest, oldest first; with ``upto``
+    (the published ``latest`` snapshot), none after it."""
     dates = [r.removeprefix("run_date=") for r, names in runs.items() if "_SUCCESS" in names]
+    dates = [d for d in dates if upto is None or d <= upto]
     return pa.table({"run_date": pa.array(dates, pa.string())})
 
 
@@ -64,9 +68,11 @@ def history_dataset(labels: str, runs: dict[str, list[str]]) -> pads.Dataset | N
     )
 
 
-def latest_dataset(labels: str) -> pads.Dataset | None:
-    """The files of the published ``latest`` snapshot as one dataset, or None before the first night."""
-    files = latest.current_files(labels)
+def latest_dataset(labels: str, pointer: dict | None = None) -> pads.Dataset | None:
+    """The files of the published ``latest`` snapshot (``pointer``, default: read ``latest/_CURRENT.json``)
+    as one dataset, or None before the first night."""
+    cur = pointer if pointer is not None else latest.current(labels)
+    files = [storage.join(labels, "latest", f) for f in cur["files"]] if cur else []
     if not files:
         return None
     fs, _ = storage.filesystem(files[0])
@@ -84,14 +90,17 @@ def connect(labels: str) -> duckdb.DuckDBPyConnection:
     # Without this, a table name DuckDB does not know is looked up among the calling Python frame's
     # variables (a module named `latest` here): only the registered views are tables.
     con.execute("SET python_enable_replacements = false")
+    # The pointer first, read once: the run folders listed after it hold its night, and `latest` and
+    # `nights` name the same night.
+    pointer = latest.current(labels)
     runs = run_folders(labels)
-    found = {"latest": latest_dataset(labels), "history": history_dataset(labels, runs)}
+    found = {"latest": latest_dataset(labels, pointer), "history": history_dataset(labels, runs)}
     if not any(v is not None for v in found.values()):
         raise FileNotFoundError(f"no labels under {labels} (expected latest/_CURRENT.json or history/)")
     for name, ds in found.items():
         if ds is not None:
             con.register(name, ds)
-    con.register("nights", finished_nights(runs))
+    con.register("nights", finished_nights(runs, pointer["snapshot"] if pointer else None))
     return con
 
 

@@ -79,6 +79,28 @@ def test_after_a_quiet_night_the_docs_say_nothing_changed_tonight(tmp_path):
     assert con.execute(next(q for q in queries if "articleType_flips" in q)).fetchall() == [(0, 0, 0)]
 
 
+def test_tonight_is_the_night_latest_shows_until_its_snapshot_is_published(labels, tmp_path):
+    import shutil
+
+    from labels_factory import make_rows
+
+    root = str(tmp_path / "labels")
+    shutil.copytree(labels, root)
+    # night 3 as nightly leaves it between the run folder's _SUCCESS and the publication of its snapshot
+    run = storage.join(root, "history", "run_date=2026-05-03")
+    storage.write_parquet(
+        make_rows(["p06"], "2026-05-03", "Jeans"), storage.join(run, "part-shard-000000.parquet")
+    )
+    storage.write_json(storage.join(run, "_SUCCESS"), {"run_date": "2026-05-03", "rows": 1})
+    con = connect(root)
+    assert con.execute("SELECT max(run_date) FROM nights").fetchall() == [("2026-05-02",)]
+    assert con.execute("SELECT max(run_date)::VARCHAR FROM latest").fetchall() == [("2026-05-02",)]
+    changed = con.execute(next(q for q in _doc_queries() if "AS why" in q)).fetchall()
+    assert len(changed) == 6  # night 2's changes, as latest and the night report show them
+    latest.publish(root, "2026-05-03", latest.read_snapshot(root, "2026-05-02"))
+    assert connect(root).execute("SELECT max(run_date) FROM nights").fetchall() == [("2026-05-03",)]
+
+
 def test_the_docs_analyst_sql_is_also_athena_sql():
     # docs/analysts.md says its queries run on Athena (Trino) too: none of DuckDB's own syntax
     duckdb_only = {
