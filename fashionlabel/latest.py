@@ -73,6 +73,9 @@ def merge(
 ) -> pa.Table:
     """Newest label per product from ``previous`` ∪ ``night``; ``active`` = product in ``members``.
 
+    An error row does not replace a label of the same image (same ``image_sha256``): a relabel that could
+    not read a shard leaves the product's last good label in place (the error stays in ``history``).
+
     Args:
         previous: the previous snapshot (latest schema) or None on the first night.
         night: the night's history rows (labels schema); they get ``run_date``.
@@ -92,10 +95,16 @@ def merge(
     if previous is not None and previous.num_rows:
         con.register("prev", previous)
     q = f"""
+        WITH s AS ({sources}),
+             good AS (SELECT DISTINCT product_id, image_sha256 FROM s WHERE error IS NULL)
         SELECT w.* EXCLUDE (rn), (m.product_id IS NOT NULL) AS active
         FROM (SELECT *, row_number() OVER (PARTITION BY product_id
                                           ORDER BY run_date DESC, labeled_at DESC, run_id DESC) AS rn
-              FROM ({sources})) AS w
+              FROM s
+              WHERE error IS NULL OR NOT EXISTS (
+                  SELECT 1 FROM good g
+                  WHERE g.product_id = s.product_id AND g.image_sha256 IS NOT DISTINCT FROM s.image_sha256)
+             ) AS w
         LEFT JOIN members AS m USING (product_id)
         WHERE rn = 1 ORDER BY product_id"""
     got = con.sql(q).to_arrow_table()

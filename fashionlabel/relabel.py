@@ -1,8 +1,9 @@
 """Relabelling: which products a night labels again besides its new and changed ones, and from where.
 
 The product map says where each product's current image was sharded (its newest night). A product is
-relabelled when its label in ``latest`` comes from another model version, is older than a set age, or is
-missing (a night lost before its labels); its image is read again from the shards of that night.
+relabelled when its label in ``latest`` comes from another model version, is older than a set age, is an
+error (a shard that could not be read when the image was new), or is missing (a night lost before its
+labels); its image is read again from the shards of that night.
 """
 
 from __future__ import annotations
@@ -59,6 +60,45 @@ def product_map(layout: Layout, before: str) -> pa.Table:
     return con.sql(q).to_arrow_table().cast(MAP_SCHEMA)
 
 
+def selection(
+    snap: pa.Table,
+    sharded: set[str],
+    night_ids: set[str],
+    members: set[str],
+    version: str,
+    date: str,
+    older_than_days: int | None,
+) -> tuple[set[str], str]:
+    """The active products to relabel tonight (not labelled tonight already) and why, as one phrase.
+
+    Args:
+        snap: the previous ``latest`` snapshot.
+        sharded: every product whose current image is in some night's shards.
+    """
+    ids = snap["product_id"].to_pylist()
+    old_model = {p for p, v in zip(ids, snap["model_version"].to_pylist(), strict=True) if v != version}
+    too_old = set()
+    if older_than_days is not None:
+        cutoff = dt.date.fromisoformat(date) - dt.timedelta(days=older_than_days)
+        too_old = {p for p, d in zip(ids, snap["run_date"].to_pylist(), strict=True) if d < cutoff}
+    # An error row in latest is the only label its image has (merge keeps a good one over it): try again.
+    errored = {p for p, e in zip(ids, snap["error"].to_pylist(), strict=True) if e is not None}
+    # Products whose current image was sharded but never got a label (a night lost before its labels).
+    missing = sharded - set(ids)
+    want = ((old_model | too_old | errored | missing) & members) - night_ids
+    reasons = [
+        r
+        for r, s in (
+            ("model version changed", old_model & want),
+            (f"labels older than {older_than_days} day{'' if older_than_days == 1 else 's'}", too_old & want),
+            ("an error last time", errored & want),
+            ("never labelled", missing & want),
+        )
+        if s
+    ]
+    return want, "; ".join(reasons)
+
+
 def relabel_products(
     layout: Layout,
     date: str,
@@ -71,7 +111,8 @@ def relabel_products(
     older_than_days: int | None,
     label_cfg: LabelConfig,
 ) -> dict[str, Any]:
-    """Relabel active products whose current label is from another model (or too old), from their shards.
+    """Relabel active products whose current label is from another model, too old or an error, from their
+    shards.
 
     Args:
         snap: the previous night's ``latest`` snapshot (None on the first night: nothing to relabel).
@@ -79,36 +120,11 @@ def relabel_products(
     """
     if snap is None:
         return {"labelled": 0, "errored": 0, "reason": None, "products": 0}
-    cutoff = None
-    if older_than_days is not None:
-        cutoff = dt.date.fromisoformat(date) - dt.timedelta(days=older_than_days)
-    old_model = {
-        p
-        for p, v in zip(snap["product_id"].to_pylist(), snap["model_version"].to_pylist(), strict=True)
-        if v != version
-    }
-    too_old = set()
-    if cutoff is not None:
-        too_old = {
-            p
-            for p, d in zip(snap["product_id"].to_pylist(), snap["run_date"].to_pylist(), strict=True)
-            if d < cutoff
-        }
-    labelled_ids = set(snap["product_id"].to_pylist())
     mapped = before.to_pylist()
-    # Products whose current image was sharded but never got a label (a night lost before its labels).
-    missing = {r["product_id"] for r in mapped} - labelled_ids
-    want = ((old_model | too_old | missing) & members) - night_ids
-    reasons = [
-        r
-        for r, s in (
-            ("model version changed", old_model & want),
-            (f"labels older than {older_than_days} day{'' if older_than_days == 1 else 's'}", too_old & want),
-            ("never labelled", missing & want),
-        )
-        if s
-    ]
-    totals = {"labelled": 0, "errored": 0, "reason": "; ".join(reasons) or None, "products": len(want)}
+    want, reasons = selection(
+        snap, {r["product_id"] for r in mapped}, night_ids, members, version, date, older_than_days
+    )
+    totals = {"labelled": 0, "errored": 0, "reason": reasons or None, "products": len(want)}
     if not want:
         return totals
     log.info("relabel: %d products (%s)", len(want), totals["reason"])

@@ -224,3 +224,41 @@ def test_labels_older_than_the_age_limit_are_relabelled_and_no_others(nights, ti
     assert {p for (p,) in night} == old and len(night) == 275
     dates = q.execute("SELECT run_date::VARCHAR, count(*) FROM latest WHERE active GROUP BY 1 ORDER BY 1")
     assert dates.fetchall() == [("2026-03-02", 30), ("2026-03-03", 275)]  # a day old is not older than 1 day
+
+
+def test_a_relabel_that_cannot_read_a_shard_keeps_the_last_good_labels(nights, tiny_model, tmp_path_factory):
+    import shutil
+
+    from fashionlabel.query import connect
+
+    root = tmp_path_factory.mktemp("damaged") / "root"
+    shutil.copytree(nights["root"], root)
+    old = nights["all"] - nights["gone"] - nights["new"] - nights["changed"]
+    shard = root / "shards" / "night=2026-03-01" / "shard-000000.tar"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])  # the disk lost the second half of night 1's first shard
+    age = NightlyConfig(shard=CFG.shard, label=CFG.label, relabel_older_than_days=1)
+    m = run_nightly(str(nights["cat2"]), str(tiny_model), str(root), "2026-03-03", age)
+    assert m["relabelled"] == 275 and m["errors"] > 0
+    q = connect(str(root / "labels"))
+    failed = {
+        p
+        for (p,) in q.execute(
+            "SELECT product_id FROM history WHERE run_date = '2026-03-03' AND error IS NOT NULL"
+        ).fetchall()
+    }
+    assert len(failed) == m["errors"] and failed <= old
+    rows = q.execute(
+        "SELECT product_id, run_date::VARCHAR, error, articleType FROM latest WHERE active"
+    ).fetchall()
+    by = {p: (d, e, a) for p, d, e, a in rows}
+    for p in failed:  # the image did not change: its good label from night 1 stays in latest
+        assert by[p][:2] == ("2026-03-01", None) and by[p][2] is not None, p
+    assert all(by[p][0] == "2026-03-03" and by[p][1] is None for p in old - failed)
+    # repaired: the next night with the same rule relabels the products it could not read (still on their
+    # 03-01 labels) and night 2's, now a day old too; no others
+    shard.write_bytes(whole)
+    m = run_nightly(str(nights["cat2"]), str(tiny_model), str(root), "2026-03-04", age)
+    assert m["relabelled"] == len(failed) + len(nights["new"] | nights["changed"]) and m["errors"] == 0
+    q = connect(str(root / "labels"))
+    assert q.execute("SELECT count(*) FROM latest WHERE active AND error IS NOT NULL").fetchall() == [(0,)]

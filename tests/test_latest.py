@@ -1,0 +1,77 @@
+"""``latest`` merging and the nightly relabel choice, on small tables of the real schemas (no Ray)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from labels_factory import TAX, make_rows
+
+from fashionlabel import latest
+from fashionlabel.relabel import selection
+
+
+def _errors(t: pa.Table, why: str = "shard unreadable") -> pa.Table:
+    """The same products as error rows: ``error`` set, labels null, as the labelling writes them."""
+    cols = []
+    for f in t.schema:
+        if f.name == "error":
+            cols.append(pa.array([why] * t.num_rows, f.type))
+        elif f.name in (
+            "product_id",
+            "image_sha256",
+            "model_version",
+            "taxonomy_version",
+            "run_id",
+            "labeled_at",
+        ):
+            cols.append(t[f.name])
+        elif f.name == "needs_review":
+            cols.append(pa.array([True] * t.num_rows))
+        else:
+            cols.append(pa.nulls(t.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=t.schema)
+
+
+def _snapshot(night: pa.Table, date: str, members: set[str], previous: pa.Table | None = None) -> pa.Table:
+    return latest.merge(previous, night, date, members, latest.latest_schema(TAX))
+
+
+def test_an_error_keeps_the_last_good_label_of_the_same_image_and_no_other():
+    members = {"a", "b", "c"}
+    first = _snapshot(make_rows(["a", "b"], "2026-05-01", "Shirts"), "2026-05-01", members)
+    # 05-02: a's image unchanged but unreadable; b has a new image that fails; c is new and fails
+    night = pa.concat_tables(
+        [
+            _errors(make_rows(["a"], "2026-05-02", "Shirts")),
+            _errors(make_rows(["b", "c"], "2026-05-02", "Shirts", sha="new")),
+        ]
+    )
+    rows = {r["product_id"]: r for r in _snapshot(night, "2026-05-02", members, first).to_pylist()}
+    assert rows["a"]["error"] is None and str(rows["a"]["run_date"]) == "2026-05-01"  # the good label stays
+    assert rows["a"]["articleType"] == "Shirts"
+    for p in ("b", "c"):  # a label of another image, or none: the error is what there is
+        assert rows[p]["error"] == "shard unreadable" and rows[p]["articleType"] is None
+        assert str(rows[p]["run_date"]) == "2026-05-02"
+    # a later good label of the same image replaces an error as usual
+    again = _snapshot(make_rows(["b"], "2026-05-03", "Jeans", sha="new"), "2026-05-03", members, first)
+    assert {r["product_id"]: r["articleType"] for r in again.to_pylist()}["b"] == "Jeans"
+
+
+def test_relabel_takes_products_whose_latest_row_is_an_error():
+    members = {"a", "b", "c", "gone"}
+    snap = _snapshot(
+        pa.concat_tables(
+            [
+                make_rows(["a"], "2026-05-01", "Shirts"),
+                _errors(make_rows(["b", "gone"], "2026-05-01", "Shirts")),
+            ]
+        ),
+        "2026-05-01",
+        members - {"gone"},
+    )
+    want, why = selection(snap, {"a", "b", "gone"}, set(), members - {"gone"}, "m1", "2026-05-02", None)
+    assert (want, why) == ({"b"}, "an error last time")  # not a good label, not a product that left
+    # labelled tonight already (a new image): nothing to do again
+    assert selection(snap, {"a", "b"}, {"b"}, members - {"gone"}, "m1", "2026-05-02", None) == (set(), "")
+    # with another model every active product, errors included, for the one reason that covers them all
+    want, why = selection(snap, {"a", "b"}, set(), {"a", "b"}, "m2", "2026-05-02", None)
+    assert want == {"a", "b"} and why == "model version changed; an error last time"
