@@ -22,6 +22,7 @@ import stat
 import time
 import unicodedata
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,27 +354,71 @@ def validate(
 
 
 # ---- fetching -----------------------------------------------------------------------------------
-def _http_get(uri: str, timeout: float, max_bytes: int) -> bytes:
-    req = urllib.request.Request(uri, headers={"User-Agent": "fashionlabel"})
+def _http_url(uri: str) -> str:
+    """``uri`` as a request carries it: path and query percent-encoded (a space, non-ASCII), as a browser
+    sends them. A URL with no host or a port that is no number is this row's fault: ``FetchError``, never
+    retried nor counted as the source being down."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as e:
+        raise FetchError("image_unreadable", f"malformed URL: {e}") from e
+    if not parts.hostname:
+        raise FetchError("image_unreadable", f"malformed URL: no host in {uri[:80]}")
+    path = urllib.parse.quote(parts.path, safe="/%:@!$&'()*+,;=~")
+    query = urllib.parse.quote(parts.query, safe="/%:@!$&'()*+,;=~?")
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, ""))
+
+
+def _http_get(uri: str, timeout: float, max_bytes: int, deadline: float) -> bytes:
+    req = urllib.request.Request(_http_url(uri), headers={"User-Agent": "fashionlabel"})
+    end = time.monotonic() + deadline
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         ctype = resp.headers.get("Content-Type", "") or ""
-        data = resp.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise FetchError("image_too_large", f"more than {max_bytes} bytes")
-    if ctype.startswith("text/"):
-        raise FetchError("not_an_image", f"server sent {ctype}")
-    return data
+        if ctype.startswith("text/"):
+            raise FetchError("not_an_image", f"server sent {ctype}")
+        declared = resp.headers.get("Content-Length")
+        chunks, size = [], 0
+        # read1: at most one socket read per call, so a server that trickles bytes (never idle for
+        # ``timeout``) meets the deadline of the whole download instead of holding the task for hours
+        while chunk := resp.read1(1 << 16):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise FetchError("image_too_large", f"more than {max_bytes} bytes")
+            if time.monotonic() > end:
+                raise FetchError(
+                    "image_unreadable",
+                    f"download past its {deadline:g} s deadline ({size} bytes received)",
+                    outage=True,
+                )
+    if declared and declared.isdigit() and size < int(declared):
+        # a connection cut mid-body: the transfer failed, the image may be fine
+        raise FetchError(
+            "image_unreadable",
+            f"connection closed after {size} of {declared} bytes",
+            retryable=True,
+            outage=True,
+        )
+    return b"".join(chunks)
 
 
-def fetch(uri: str, timeout: float = 20.0, retries: int = 2, max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
+def fetch(
+    uri: str,
+    timeout: float = 20.0,
+    retries: int = 2,
+    max_bytes: int = MAX_SOURCE_BYTES,
+    deadline: float = 120.0,
+) -> bytes:
     """Bytes of an image at a local path, file://, s3:// or http(s):// URI; ``FetchError`` otherwise.
 
     Transient HTTP failures (5xx, 429, connection errors) are retried with back-off; S3 retries are in
-    the pyarrow filesystem (storage.py).
+    the pyarrow filesystem (storage.py). ``timeout`` bounds each network wait, ``deadline`` the seconds
+    of one HTTP download's body.
     """
     for attempt in range(retries + 1):
         try:
-            return _fetch_once(uri, timeout, max_bytes)
+            return _fetch_once(uri, timeout, max_bytes, deadline)
         except FetchError as e:
             if not e.retryable or attempt == retries:
                 raise
@@ -381,11 +426,36 @@ def fetch(uri: str, timeout: float = 20.0, retries: int = 2, max_bytes: int = MA
     raise AssertionError("unreachable")
 
 
-def _fetch_once(uri: str, timeout: float, max_bytes: int) -> bytes:
+def _local_path(uri: str) -> str:
+    """The file a local path or ``file:`` URI names. A ``file://`` URI is read as RFC 8089 says: its path
+    percent-decoded, its host empty or ``localhost``; any other host (``file://img/a.jpg`` is host ``img``)
+    is refused rather than read relative to whichever folder the worker runs in."""
+    if not uri.startswith("file://"):
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise FetchError(
+            "image_unreadable",
+            f"file URI with host {parts.netloc[:60]!r}: only local files are read (file:///absolute/path)",
+        )
+    return urllib.parse.unquote(parts.path)
+
+
+def _s3_object(uri: str) -> None:
+    """Refuse, from its form alone, an s3:// URI that names no object (no bucket, no key, a folder)."""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise FetchError("image_unreadable", f"no bucket in {uri[:80]}")
+    if not key or key.endswith("/"):
+        raise FetchError("image_not_found", f"a bucket or folder, not an object: {uri[:80]}")
+
+
+def _fetch_once(uri: str, timeout: float, max_bytes: int, deadline: float) -> bytes:
     try:
         if uri.startswith(("http://", "https://")):
-            return _http_get(uri, timeout, max_bytes)
+            return _http_get(uri, timeout, max_bytes, deadline)
         if storage.is_s3(uri):
+            _s3_object(uri)
             fs, path = storage.filesystem(uri)
             with fs.open_input_file(path) as f:
                 if f.size() > max_bytes:
@@ -395,8 +465,10 @@ def _fetch_once(uri: str, timeout: float, max_bytes: int) -> bytes:
             raise FetchError("image_unreadable", f"unsupported URI scheme in {uri[:80]}")
         # One open + fstat: this runs per image. Non-blocking, so a FIFO cannot hang the task; only regular
         # files are read (a device like /dev/zero has size 0 and never ends), and never past the limit.
-        fd = os.open(uri.removeprefix("file://"), os.O_RDONLY | os.O_NONBLOCK)
-        with open(fd, "rb") as f:
+        # The descriptor is checked before it is wrapped, and closed on every path: a folder would
+        # otherwise leave it open (the wrapper refuses it without closing it).
+        fd = os.open(_local_path(uri), os.O_RDONLY | os.O_NONBLOCK)
+        try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise FetchError("image_not_found", "a folder, not a file")
@@ -404,6 +476,11 @@ def _fetch_once(uri: str, timeout: float, max_bytes: int) -> bytes:
                 raise FetchError("image_unreadable", "not a regular file")
             if st.st_size > max_bytes:
                 raise FetchError("image_too_large", f"{st.st_size} bytes, limit {max_bytes}")
+            f = open(fd, "rb")  # noqa: SIM115 - closed below, with the descriptor it now owns
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
             data = f.read(max_bytes + 1)
             if len(data) > max_bytes:  # grew since fstat
                 raise FetchError("image_too_large", f"over {max_bytes} bytes")
@@ -412,6 +489,8 @@ def _fetch_once(uri: str, timeout: float, max_bytes: int) -> bytes:
         raise
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise FetchError("image_not_found", storage.redact(e)[:300]) from e
+    except http.client.InvalidURL as e:  # a URL no server could be asked for: this row's fault
+        raise FetchError("image_unreadable", f"malformed URL: {storage.redact(e)[:200]}") from e
     except urllib.error.HTTPError as e:
         if e.code in (404, 410):
             raise FetchError("image_not_found", f"HTTP {e.code}") from e

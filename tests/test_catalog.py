@@ -261,3 +261,96 @@ def test_a_key_collision_is_quarantined_not_merged():
     assert [v.product_id for v in valid] == ["a.b"]
     assert [(b.product_id, b.reason) for b in bad] == [(taken, "duplicate_product_id")]
     assert "'a.b'" in bad[0].detail
+
+
+def test_a_folder_uri_leaks_no_file_descriptor(tmp_path):
+    # every row whose image_uri names a folder ("images/", ".") must not keep a descriptor open: a worker
+    # that packs thousands of them would run out and then fail every good image after them
+    (tmp_path / "a.jpg").write_bytes(b"abc")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        with pytest.raises(FetchError) as e:
+            fetch(str(tmp_path))
+    assert e.value.reason == "image_not_found" and e.value.detail == "a folder, not a file"
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert fetch(str(tmp_path / "a.jpg")) == b"abc"
+
+
+def test_file_uris_are_read_as_rfc_8089_says(tmp_path):
+    (tmp_path / "a shirt.jpg").write_bytes(b"abc")
+    (tmp_path / "été.jpg").write_bytes(b"def")
+    assert fetch(f"file://{tmp_path}/a%20shirt.jpg") == b"abc"  # percent-encoded, as file URIs are
+    assert fetch(f"file://localhost{tmp_path}/%C3%A9t%C3%A9.jpg") == b"def"  # the local host named
+    assert fetch(f"file://{tmp_path}/été.jpg") == b"def"  # unencoded text is taken as it is
+    # a host other than this one, or a relative "file://img/a.jpg", is not read relative to the worker's
+    # folder (which differs from node to node): refused with a reason that says why
+    with pytest.raises(FetchError, match="host 'img'") as e:
+        fetch("file://img/a.jpg")
+    assert e.value.reason == "image_unreadable" and not e.value.outage
+
+
+class _Lying(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):  # noqa: N802
+        body = b"\xff\xd8" + b"x" * 998
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        if self.path == "/short.jpg":  # says 1000 bytes, sends 100, hangs up
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(body[:100])
+            self.close_connection = True
+        elif self.path == "/trickle.jpg":  # one byte every 0.2 s: never idle long enough to time out
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for i in range(1000):
+                try:
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+        else:  # any other path exists, so a URL that reaches the server is fetched
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+
+def test_fetch_http_hostile_servers_and_urls():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Lying)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        # a body cut short is a failed transfer (retried, then unreadable), not an image that is "not one"
+        with pytest.raises(FetchError, match="100 of 1000 bytes") as e:
+            fetch(f"{base}/short.jpg", retries=0)
+        assert e.value.reason == "image_unreadable"
+        # a server that trickles never trips the per-read timeout: the whole download has a deadline
+        t0 = time.time()
+        with pytest.raises(FetchError, match="deadline") as e:
+            fetch(f"{base}/trickle.jpg", timeout=1.0, deadline=2.0, retries=0)
+        assert e.value.reason == "image_unreadable" and time.time() - t0 < 5
+        # spaces and non-ASCII in a URL are sent percent-encoded, as a browser sends them
+        assert fetch(f"{base}/a shirt.jpg").startswith(b"\xff\xd8")
+        assert fetch(f"{base}/été.jpg?v=1 2").startswith(b"\xff\xd8")
+    finally:
+        server.shutdown()
+    # a URL that is malformed is this row's fault: never retried, never counted as the source being down
+    for bad in ("http://127.0.0.1:port/a.jpg", "http:///a.jpg", "http://"):
+        with pytest.raises(FetchError) as e:
+            fetch(bad)
+        assert (e.value.reason, e.value.outage, e.value.retryable) == ("image_unreadable", False, False), bad
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/folder/", "s3://bucket", "s3:///a.jpg", "s3://"])
+def test_an_s3_uri_that_names_no_object_is_the_rows_fault(uri):
+    # refused from its form, before any request: not an outage, so a few such rows never fail a shard
+    with pytest.raises(FetchError) as e:
+        fetch(uri)
+    assert e.value.reason in ("image_not_found", "image_unreadable") and not e.value.outage
+    assert "s3://bucket/" in uri or "bucket" in e.value.detail

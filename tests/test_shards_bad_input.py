@@ -344,3 +344,21 @@ def test_an_unexpected_error_on_one_row_is_quarantined_and_the_rest_packed(
     ]
     packed = [smp["json"]["product_id"] for u in list_shards(str(out)) for smp in iter_shard(u)]
     assert packed == [g["product_id"] for g in good if g is not odd]
+
+
+def test_malformed_image_uris_are_quarantined_not_taken_for_a_source_that_is_down(tmp_path):
+    from conftest import sample_rows
+
+    from fashionlabel.catalog import check_ids
+    from fashionlabel.shards import pack_shard
+
+    good = [r for r in sample_rows(40) if Path(r["image_uri"]).exists()][:20]
+    odd = ["s3://bucket/folder/", "s3://bucket", "s3:///a.jpg", "http:///a.jpg", "http://h:port/a.jpg"]
+    odd += ["file://img/a.jpg"]
+    bad = [dict(good[0], product_id=f"odd{i}", image_uri=u) for i, u in enumerate(odd)]
+    valid, _ = check_ids(good + bad, str(tmp_path / "catalog.csv"))
+    # each is one row's mistake: more of them than the outage limit (3) still leave a finished shard
+    r = pack_shard(0, valid, str(tmp_path), ShardConfig(), index_schema(TAX), TAX)
+    assert (r["packed"], r["rejected"]) == (20, len(odd))
+    q = pq.read_table(tmp_path / "_parts" / "shard-000000.quarantine.parquet").to_pylist()
+    assert {x["product_id"] for x in q} == {f"odd{i}" for i in range(len(odd))}
