@@ -145,35 +145,83 @@ def _decode_line(line: bytes) -> str:
         return line.decode("cp1252", errors="replace")
 
 
+def _csv_records(lines: list[str], first: int) -> Any:
+    """(first line, end line, fields) of each CSV record of ``lines[first:]``; line indexes from 0, the end
+    exclusive, so ``lines[a:b]`` is the record's text."""
+    reader = csv.reader(iter(lines[first:]))
+    prev = 0
+    for fields in reader:
+        yield first + prev, first + reader.line_num, fields
+        prev = reader.line_num
+
+
+def _stray_quote(record: str) -> str | None:
+    """Why a record of several lines is one only because of a stray quote, or None. A quote that never
+    closes runs to the end of the file; one closed by a later quote (usually the opening quote of another
+    row's field) closes in the middle of a field: both break the CSV rules that a strict read enforces."""
+    try:
+        for _ in csv.reader(io.StringIO(record, newline=""), strict=True):
+            pass
+    except csv.Error as e:
+        return "is never closed" if "end of data" in str(e) else f"closes mid-field ({e})"
+    return None
+
+
 def _read_csv(uri: str) -> tuple[list[dict[str, Any]], list[Rejected], list[str]]:
     rows, bad = [], []
-    reader = csv.reader(io.StringIO(_read_text(uri), newline=""))
-    header = next(reader, None)
-    if not header:
-        raise CatalogError(f"catalog {uri} is empty")
-    header = [h.strip() for h in header]
-    if len(set(header)) != len(header):
-        dup = sorted({h for h in header if header.count(h) > 1})
-        raise CatalogError(f"catalog {uri} has duplicate columns: {dup}")
-    at = {c: header.index(c) for c in ("product_id", "image_uri") if c in header}
-    for fields in reader:
-        if not fields:
-            continue
-        if len(fields) != len(header):
+    lines = list(io.StringIO(_read_text(uri), newline=""))  # the csv module's own line breaks
+    # The whole file is in memory already: the csv module's 128 KiB per field protects nothing here, and
+    # one stray quote makes the rest of the file one field (handled below) rather than a failed catalog.
+    limit = csv.field_size_limit(max(csv.field_size_limit(), sum(map(len, lines)) + 1))
+    try:
+        # the header is the first line that is not blank (an export may begin with empty lines)
+        _, start, header = next((r for r in _csv_records(lines, 0) if r[2]), (0, 0, None))
+        if not header:
+            raise CatalogError(f"catalog {uri} is empty")
+        header = [h.strip() for h in header]
+        if len(set(header)) != len(header):
+            dup = sorted({h for h in header if header.count(h) > 1})
+            raise CatalogError(f"catalog {uri} has duplicate columns: {dup}")
+        at = {c: header.index(c) for c in ("product_id", "image_uri") if c in header}
+
+        def ids(fields: list[str]) -> tuple[str, str]:
             pid, img = (
                 fields[at[c]].strip() if at.get(c, len(fields)) < len(fields) else ""
                 for c in ("product_id", "image_uri")
             )
-            bad.append(
-                Rejected(
-                    pid,
-                    img,
-                    "malformed_row",
-                    f"line {reader.line_num}: {len(fields)} fields, header has {len(header)}",
-                )
-            )
-            continue
-        rows.append(dict(zip(header, fields, strict=True)))
+            return pid, img
+
+        while start is not None:
+            resume, start = start, None
+            for a, b, fields in _csv_records(lines, resume):
+                if b - a > 1 and (why := _stray_quote("".join(lines[a:b]))):
+                    # A quote opened on line a+1 swallows the lines after it into one field of this row.
+                    # Quarantine that line alone and read the lines after it as rows again.
+                    bad.append(
+                        Rejected(
+                            *ids(next(csv.reader([lines[a]]), [])),
+                            "malformed_row",
+                            f"line {a + 1}: a quoted field opened on this line {why}; lines {a + 1}-{b} "
+                            "would be one row",
+                        )
+                    )
+                    start = a + 1
+                    break
+                if not fields:
+                    continue
+                if len(fields) != len(header):
+                    where = f"line {b}" if b - a == 1 else f"lines {a + 1}-{b}"
+                    bad.append(
+                        Rejected(
+                            *ids(fields),
+                            "malformed_row",
+                            f"{where}: {len(fields)} fields, header has {len(header)}",
+                        )
+                    )
+                    continue
+                rows.append(dict(zip(header, fields, strict=True)))
+    finally:
+        csv.field_size_limit(limit)
     return rows, bad, header
 
 

@@ -44,6 +44,36 @@ def test_csv_bom_quotes_and_malformed_lines(tmp_path):
     assert "line 3" in bad[0].detail and "2 fields" in bad[0].detail
 
 
+def test_csv_quote_never_closed_loses_no_row(tmp_path):
+    # one stray quote would make every line after it part of one field: the rows below it vanish
+    p = tmp_path / "c.csv"
+    rest = "".join(f"A{i},{i}.jpg,Men\n" for i in range(3, 9))
+    p.write_text('product_id,image_uri,gender\nA1,1.jpg,Men\nA2,2.jpg,"Men\n' + rest)
+    rows, bad = read_catalog(p)
+    assert [r["product_id"] for r in rows] == ["A1"] + [f"A{i}" for i in range(3, 9)]
+    assert [(b.product_id, b.image_uri, b.reason) for b in bad] == [("A2", "2.jpg", "malformed_row")]
+    assert "line 3" in bad[0].detail and "never closed" in bad[0].detail
+    # the same with more text after it than one field may hold (the csv module's 128 KiB): not a failure
+    # of the whole catalog, and the rows are all there
+    big = "".join(f"B{i},{i}.jpg,Men\n" for i in range(20000))
+    p.write_text('product_id,image_uri,gender\nA2,2.jpg,"Men\n' + big)
+    rows, bad = read_catalog(p)
+    assert len(rows) == 20000 and [(b.product_id, b.reason) for b in bad] == [("A2", "malformed_row")]
+    # blank lines before the header are skipped, not taken for an empty catalog
+    p.write_text("\n\nproduct_id,image_uri\nA1,1.jpg\n")
+    assert [r["product_id"] for r in read_catalog(p)[0]] == ["A1"]
+    # a quoted newline that does close is one field, as before, even on the last line
+    p.write_text('product_id,image_uri,name\nA1,1.jpg,"two\nlines"\nA2,2.jpg,"end\n"\n')
+    rows, bad = read_catalog(p)
+    assert [r["name"] for r in rows] == ["two\nlines", "end\n"] and bad == []
+    # a stray quote closed by the opening quote of a later field: the lines between are rows again
+    p.write_text('product_id,image_uri,name\nA1,1.jpg,"x\nA2,2.jpg,y\nA3,3.jpg,"z"\nA4,4.jpg,w\n')
+    rows, bad = read_catalog(p)
+    assert [r["product_id"] for r in rows] == ["A2", "A3", "A4"] and rows[1]["name"] == "z"
+    assert [(b.product_id, b.reason) for b in bad] == [("A1", "malformed_row")]
+    assert "closes mid-field" in bad[0].detail and "lines 2-4" in bad[0].detail
+
+
 def test_parquet_keeps_ids_exact_and_nulls(tmp_path):
     t = pa.table(
         {
