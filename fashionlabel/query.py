@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from fashionlabel import latest, storage
 
@@ -59,12 +60,18 @@ def history_dataset(labels: str, runs: dict[str, list[str]]) -> pads.Dataset | N
         return None
     fs, root = storage.filesystem(storage.join(labels, "history"))
     part = pads.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive")
+    paths = [storage.filesystem(f)[1] for f in files]
+    # A dataset takes its columns from its first file: a head that a later taxonomy added would be
+    # missing. Every part of a night is written by one model, so one footer per night gives them all.
+    first = {}
+    for p in paths:
+        first.setdefault(p.rsplit("/", 2)[-2], p)
+    schema = pa.unify_schemas(
+        [pq.read_schema(p, filesystem=fs) for p in first.values()] + [pa.schema([("run_date", pa.string())])],
+        promote_options="permissive",  # a column whose type widened between nights is read as the wider
+    )
     return pads.dataset(
-        [storage.filesystem(f)[1] for f in files],
-        filesystem=fs,
-        format="parquet",
-        partitioning=part,
-        partition_base_dir=root,
+        paths, schema=schema, filesystem=fs, format="parquet", partitioning=part, partition_base_dir=root
     )
 
 

@@ -79,6 +79,30 @@ def test_after_a_quiet_night_the_docs_say_nothing_changed_tonight(tmp_path):
     assert con.execute(next(q for q in queries if "articleType_flips" in q)).fetchall() == [(0, 0, 0)]
 
 
+def test_history_has_the_columns_of_every_night_a_head_added_later_included(labels, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    from labels_factory import make_rows
+
+    root = str(tmp_path / "labels")
+    shutil.copytree(labels, root)
+    # night 3 labelled with a taxonomy that added a head `fit` (the newest files are not the first listed)
+    t = make_rows(["p06", "p07"], "2026-05-03", "Jeans")
+    t = t.append_column("fit", pa.array(["slim", "loose"])).append_column("fit_score", pa.array([0.9, 0.8]))
+    run = storage.join(root, "history", "run_date=2026-05-03")
+    storage.write_parquet(t, storage.join(run, "part-shard-000000.parquet"))
+    storage.write_json(storage.join(run, "_SUCCESS"), {"run_date": "2026-05-03", "rows": 2})
+    q = "SELECT run_date, product_id, fit, fit_score FROM history WHERE fit IS NOT NULL ORDER BY 2"
+    assert connect(root).execute(q).fetchall() == [
+        ("2026-05-03", "p06", "slim", 0.9),
+        ("2026-05-03", "p07", "loose", 0.8),
+    ]
+    older = connect(root).execute("SELECT count(*), count(fit) FROM history WHERE run_date < '2026-05-03'")
+    n, with_fit = older.fetchall()[0]
+    assert n > 0 and with_fit == 0  # older nights: the column is there, null
+
+
 def test_tonight_is_the_night_latest_shows_until_its_snapshot_is_published(labels, tmp_path):
     import shutil
 
