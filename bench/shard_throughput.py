@@ -8,6 +8,11 @@ Both paths read and validate the same catalog with the same code, then run the s
 
     PYTHONPATH=$PWD python bench/shard_throughput.py                      # 50,000 products, all cores
     PYTHONPATH=$PWD python bench/shard_throughput.py --products 200000 --repeats 3
+    PYTHONPATH=$PWD python bench/shard_throughput.py --products 5000 --http-latency 30   # a distant CDN
+
+With ``--http-latency MS`` both paths fetch the images over HTTP from a local server that answers each
+request after MS milliseconds, as a CDN or object store across a network does: there the fetches of a
+shard task overlap (``--fetches-in-flight``), the plain loop's do not.
 
 Ray is started once before timing (a job runs against a running cluster); worker start-up, task
 scheduling, the catalog read, the plan, the merge and stats are all inside the timed job run.
@@ -17,12 +22,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import http.server
 import logging
 import os
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,8 +60,9 @@ COLUMNS = [
 ]
 
 
-def build_catalog(images: Path, styles: Path, n: int, out: Path) -> Path:
-    """``n`` rows over the available images (absolute paths), repeated under new ids ``<id>r<k>``."""
+def build_catalog(images: Path, styles: Path, n: int, out: Path, base: str | None = None) -> Path:
+    """``n`` rows over the available images (absolute paths, or URLs under ``base``), repeated under new
+    ids ``<id>r<k>``."""
     with open(styles, newline="", encoding="utf-8", errors="replace") as f:
         meta = {r["id"]: r for r in csv.DictReader(f)}
     ids = sorted(p.stem for p in images.glob("*.jpg") if p.stem in meta)
@@ -66,9 +75,34 @@ def build_catalog(images: Path, styles: Path, n: int, out: Path) -> Path:
         for i in range(n):
             src = ids[i % len(ids)]
             w.writerow(
-                [f"{src}r{i // len(ids)}", str(images / f"{src}.jpg"), *(meta[src][c] for c in COLUMNS)]
+                [
+                    f"{src}r{i // len(ids)}",
+                    f"{base}/{src}.jpg" if base else str(images / f"{src}.jpg"),
+                    *(meta[src][c] for c in COLUMNS),
+                ]
             )
     return path
+
+
+class _Distant(http.server.SimpleHTTPRequestHandler):
+    """Serves the image folder, each answer after ``latency`` seconds (a network round trip away)."""
+
+    latency = 0.0
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        time.sleep(self.latency)
+        super().do_GET()
+
+
+def serve(images: Path, latency_ms: float) -> tuple[http.server.ThreadingHTTPServer, str]:
+    handler = type("Handler", (_Distant,), {"latency": latency_ms / 1000})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=images))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def baseline(catalog: Path, out: Path, taxonomy: Taxonomy, cfg: ShardConfig) -> tuple[int, float]:
@@ -111,18 +145,26 @@ def main() -> None:
     p.add_argument("--max-side", type=int, default=256)
     p.add_argument("--repeats", type=int, default=1, help="alternate baseline/job runs; medians are quoted")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    p.add_argument(
+        "--http-latency", type=float, default=0, help="serve the images over HTTP, MS ms a request"
+    )
+    p.add_argument("--fetches-in-flight", type=int, default=ShardConfig().fetches_in_flight)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     import ray
 
     load0 = os.getloadavg()[0]  # other work on the machine takes cores from both paths: print it
+    server = None
     work = Path(tempfile.mkdtemp(prefix="shard-bench-", dir=a.work))
     try:
-        catalog = build_catalog(a.images, a.styles, a.products, work)
+        server, base = serve(a.images, a.http_latency) if a.http_latency else (None, None)
+        catalog = build_catalog(a.images, a.styles, a.products, work, base)
         taxonomy = Taxonomy.load("fashion-product-images")
         per_shard = a.samples_per_shard or max(100, min(1000, a.products // (4 * a.workers)))
-        cfg = ShardConfig(samples_per_shard=per_shard, max_side=a.max_side)
+        cfg = ShardConfig(
+            samples_per_shard=per_shard, max_side=a.max_side, fetches_in_flight=a.fetches_in_flight
+        )
         (work / "ray").mkdir()
         ray.init(
             num_cpus=a.workers,
@@ -163,7 +205,9 @@ def main() -> None:
         print(
             f"\nproducts {a.products:,}  cores {os.cpu_count()}  ray workers {a.workers}  "
             f"load average before/after {load0:.1f}/{os.getloadavg()[0]:.1f}  "
-            f"samples/shard {per_shard}  repeats {a.repeats}"
+            f"samples/shard {per_shard}  repeats {a.repeats}  "
+            + (f"images over HTTP, {a.http_latency:g} ms a request  " if server else "images on local disk  ")
+            + f"fetches in flight per task {a.fetches_in_flight}"
         )
         print(f"single process : {b:,.0f} img/s (median)")
         print(f"shard_catalog  : {j:,.0f} img/s (median)")
@@ -173,6 +217,8 @@ def main() -> None:
             f"ratios: each pair ran back to back, so drift in the machine's speed cancels)"
         )
     finally:
+        if server:
+            server.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
 

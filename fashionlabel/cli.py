@@ -149,6 +149,12 @@ def _shard_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--min-side", type=int, default=8, help="smaller images are quarantined")
     p.add_argument(
+        "--fetches-in-flight",
+        type=int,
+        default=8,
+        help="image fetches each shard task keeps going at once (lower it for a rate-limited image host)",
+    )
+    p.add_argument(
         "--incremental",
         default=None,
         metavar="PREV",
@@ -267,6 +273,12 @@ def _nightly_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.5,
         help="fail the night when more than this share of the catalog's rows is quarantined",
+    )
+    p.add_argument(
+        "--fetches-in-flight",
+        type=int,
+        default=8,
+        help="image fetches each shard task keeps going at once (lower it for a rate-limited image host)",
     )
     p.add_argument(
         "--max-catalog-drop",

@@ -52,6 +52,7 @@ def _shard_config(a: argparse.Namespace) -> Any:
         max_pixels=a.max_pixels,
         max_failure_rate=a.max_failure_rate,
         min_side=a.min_side,
+        fetches_in_flight=a.fetches_in_flight,
     )
 
 
@@ -288,7 +289,10 @@ def _nightly_config(a: argparse.Namespace) -> Any:
 
     return NightlyConfig(
         shard=ShardConfig(
-            samples_per_shard=a.samples_per_shard, max_side=a.max_side, max_failure_rate=a.max_failure_rate
+            samples_per_shard=a.samples_per_shard,
+            max_side=a.max_side,
+            max_failure_rate=a.max_failure_rate,
+            fetches_in_flight=a.fetches_in_flight,
         ),
         label=_label_config(a),
         relabel_older_than_days=a.relabel_older_than,

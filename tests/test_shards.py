@@ -77,6 +77,14 @@ def test_rerun_with_other_settings_is_refused(ray_session, small_catalog, small_
         )
     # the refusal happens before any packing: the finished shards are untouched, byte for byte
     assert _tar_state(small_shards) == before
+    # how many fetches overlap does not change what the shards hold: a finished set, nothing to do
+    s = shard_catalog(
+        str(small_catalog),
+        str(small_shards),
+        Taxonomy.load("fashion-product-images"),
+        ShardConfig(samples_per_shard=150, fetches_in_flight=1),
+    )
+    assert s.shards_skipped == len(before) and _tar_state(small_shards) == before
 
 
 def test_progress_is_logged(ray_session, small_catalog, tmp_path, caplog):

@@ -362,3 +362,72 @@ def test_malformed_image_uris_are_quarantined_not_taken_for_a_source_that_is_dow
     assert (r["packed"], r["rejected"]) == (20, len(odd))
     q = pq.read_table(tmp_path / "_parts" / "shard-000000.quarantine.parquet").to_pylist()
     assert {x["product_id"] for x in q} == {f"odd{i}" for i in range(len(odd))}
+
+
+class _Slow(http.server.SimpleHTTPRequestHandler):
+    """Answers after 0.2 s, as a distant CDN would, and counts how many requests it holds at once."""
+
+    lock, now, most = threading.Lock(), 0, 0
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        cls = type(self)
+        with cls.lock:
+            cls.now += 1
+            cls.most = max(cls.most, cls.now)
+        try:
+            threading.Event().wait(0.2)
+            super().do_GET()
+        finally:
+            with cls.lock:
+                cls.now -= 1
+
+
+def test_a_shard_fetches_remote_images_several_at_a_time_and_packs_them_in_catalog_order(
+    tmp_path, monkeypatch
+):
+    from conftest import sample_rows
+
+    from fashionlabel.catalog import check_ids
+    from fashionlabel.shards import pack as shard_pack
+
+    www = tmp_path / "www"
+    www.mkdir()
+    good = [r for r in sample_rows(60) if Path(r["image_uri"]).exists()][:24]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Slow, directory=www))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    rows = []
+    for r in good:
+        shutil.copy(r["image_uri"], www / Path(r["image_uri"]).name)
+        rows.append(dict(r, image_uri=f"{base}/{Path(r['image_uri']).name}"))
+    odd = rows[7]["image_uri"]
+    fetch = shard_pack.fetch
+
+    def fails_on_one(uri, *a, **kw):  # a fault no reason foresees, raised inside a fetch thread
+        if uri == odd:
+            raise RuntimeError("resolver state corrupted")
+        return fetch(uri, *a, **kw)
+
+    monkeypatch.setattr(shard_pack, "fetch", fails_on_one)
+    try:
+        valid, _ = check_ids(rows, str(tmp_path / "catalog.csv"))
+        r = shard_pack.pack_shard(0, valid, str(tmp_path / "out"), ShardConfig(), index_schema(TAX), TAX)
+        most, _Slow.most = _Slow.most, 0
+        # a rate-limited host: one fetch at a time when asked
+        one = shard_pack.pack_shard(
+            0, valid[:4], str(tmp_path / "one"), ShardConfig(fetches_in_flight=1), index_schema(TAX), TAX
+        )
+    finally:
+        server.shutdown()
+    assert (r["packed"], r["rejected"]) == (23, 1)
+    assert most >= 4  # one at a time, 24 images would take 4.8 s of waiting
+    assert one["packed"] == 4 and _Slow.most == 1
+    packed = [s["json"]["product_id"] for s in iter_shard(str(tmp_path / "out" / "shard-000000.tar"))]
+    assert packed == [x["product_id"] for x in rows if x["image_uri"] != odd]
+    q = pq.read_table(tmp_path / "out" / "_parts" / "shard-000000.quarantine.parquet").to_pylist()
+    assert [(x["reason"], x["detail"]) for x in q] == [
+        ("processing_error", "RuntimeError: resolver state corrupted")
+    ]

@@ -9,6 +9,10 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from typing import Any
 
 import pyarrow as pa
@@ -23,10 +27,43 @@ from fashionlabel.taxonomy import Taxonomy
 log = logging.getLogger(__name__)
 
 
-def pack_row(r: CatalogRow, shard: str, cfg: ShardConfig) -> tuple[bytes, bytes, dict[str, Any]]:
-    """Fetch and normalise one checked row: (JPEG, JSON sidecar, index row). Raises ``FetchError`` or
-    ``ImageReject`` with the quarantine reason."""
-    src = fetch(r.image_uri)
+def fetched(rows: Iterable[CatalogRow], in_flight: int) -> Iterator[tuple[CatalogRow, bytes | Exception]]:
+    """``(row, source bytes or the exception its fetch raised)`` for each row, in order, with up to
+    ``in_flight`` fetches running ahead on threads. A fetch from S3 or HTTP mostly waits on the network (tens
+    of ms a request, a minute for a host that never answers): one at a time would leave the task idle. At
+    most ``in_flight`` sources are held in memory at once (each refused past MAX_SOURCE_BYTES). Closing the iterator early (an outage raised by the
+    caller) cancels the fetches not yet started and does not wait for those under way."""
+
+    def one(r: CatalogRow) -> bytes | Exception:
+        try:
+            return fetch(r.image_uri)
+        except Exception as e:  # noqa: BLE001 - handed to the caller, which quarantines the row
+            return e
+
+    pool = ThreadPoolExecutor(in_flight, thread_name_prefix="fetch")
+    ahead: deque[tuple[CatalogRow, Future]] = deque()
+    it = iter(rows)
+    try:
+        for r in it:
+            ahead.append((r, pool.submit(one, r)))
+            if len(ahead) >= in_flight:
+                break
+        while ahead:
+            r, fut = ahead.popleft()
+            for nxt in it:  # keep the window full: the next row starts before this one is used
+                ahead.append((nxt, pool.submit(one, nxt)))
+                break
+            yield r, fut.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def pack_row(
+    r: CatalogRow, shard: str, cfg: ShardConfig, src: bytes | None = None
+) -> tuple[bytes, bytes, dict[str, Any]]:
+    """Fetch (unless ``src`` is given) and normalise one checked row: (JPEG, JSON sidecar, index row).
+    Raises ``FetchError`` or ``ImageReject`` with the quarantine reason."""
+    src = fetch(r.image_uri) if src is None else src
     jpg, (ow, oh), (w, h) = normalise(
         src, max_side=cfg.max_side, quality=cfg.jpeg_quality, max_pixels=cfg.max_pixels, min_side=cfg.min_side
     )
@@ -65,14 +102,21 @@ def pack_shard(
     outages = OutageBreaker(len(rows), name)
     tmp = storage.staging_dir(out) / f"{name}.{time.time_ns()}.tar.tmp"
     try:
-        with TarWriter(open(tmp, "wb")) as tar:  # noqa: SIM115 - the writer closes it
-            for row in rows:
-                r = check_labels(row, taxonomy)
-                if isinstance(r, Rejected):
-                    rejected.append(r.as_row())
-                    continue
+        checked = []
+        for row in rows:
+            r = check_labels(row, taxonomy)
+            if isinstance(r, Rejected):
+                rejected.append(r.as_row())
+            else:
+                checked.append(r)
+        # the writer closes the file; closing the fetches cancels those not started when an outage raises
+        sources = fetched(checked, cfg.fetches_in_flight)
+        with TarWriter(open(tmp, "wb")) as tar, closing(sources):  # noqa: SIM115
+            for r, src in sources:
                 try:
-                    jpg, sidecar, entry = pack_row(r, name, cfg)
+                    if isinstance(src, Exception):
+                        raise src
+                    jpg, sidecar, entry = pack_row(r, name, cfg, src)
                 except (FetchError, ImageReject) as e:
                     if isinstance(e, FetchError):
                         outages.record(e, r.image_uri)  # raises past a few: the source is down

@@ -59,7 +59,8 @@ class Plan:
 
 def _fingerprint(valid: list[CatalogRow], cfg: ShardConfig, taxonomy: Taxonomy, prev: str | None) -> str:
     h = hashlib.sha256()
-    packing = {k: v for k, v in asdict(cfg).items() if k != "max_failure_rate"}
+    # what the shards hold depends on these; not on how failures are judged or how many fetches overlap
+    packing = {k: v for k, v in asdict(cfg).items() if k not in ("max_failure_rate", "fetches_in_flight")}
     h.update(json.dumps([packing, taxonomy.version, prev], sort_keys=True).encode())
     for r in valid:
         h.update("\x1f".join([r.product_id, r.image_uri, *map(str, r.raw.values()), "\x1e"]).encode())

@@ -24,8 +24,8 @@ QUARANTINE_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class ShardConfig:
-    """Packing settings of a shard job. All but ``max_failure_rate`` are part of the saved plan's
-    fingerprint: a re-run into the same folder with other settings is refused."""
+    """Packing settings of a shard job. All but ``max_failure_rate`` and ``fetches_in_flight`` are part of
+    the saved plan's fingerprint: a re-run into the same folder with other settings is refused."""
 
     samples_per_shard: int = 1000
     max_side: int = 256  # longest side of a stored image, in pixels
@@ -33,6 +33,8 @@ class ShardConfig:
     max_pixels: int = 40_000_000  # larger sources are quarantined before decoding (decompression bombs)
     min_side: int = 8  # sources with a shorter side are quarantined
     max_failure_rate: float = 0.5  # the job fails when a larger share of its rows is quarantined
+    # image fetches a shard task keeps going at once: network waits overlap (fewer for a rate-limited host)
+    fetches_in_flight: int = 8
 
     def __post_init__(self) -> None:
         check(
@@ -45,8 +47,9 @@ class ShardConfig:
                 "max_pixels": self.max_pixels >= 1,
                 "min_side": self.min_side >= 1,
                 "max_failure_rate": 0 <= self.max_failure_rate <= 1,
+                "fetches_in_flight": self.fetches_in_flight >= 1,
             },
-            "samples per shard, min side ≥ 1; max side ≥ min side; JPEG quality 1–100; "
+            "samples per shard, min side, fetches in flight ≥ 1; max side ≥ min side; JPEG quality 1–100; "
             "0 ≤ max failure rate ≤ 1",
         )
 
