@@ -225,8 +225,11 @@ def delete(uri: str | Path) -> None:
 def delete_tree(uri: str | Path) -> None:
     """Remove a folder (an S3 prefix) and everything under it; absent is fine."""
     fs, path = filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
+    # An object store may still list a prefix whose objects were just deleted (SeaweedFS drops empty
+    # folders lazily), or another attempt may delete it first: gone by the time we delete is absent too.
+    with contextlib.suppress(FileNotFoundError):
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
 
 
 def write_json(uri: str | Path, obj: Any) -> None:

@@ -94,3 +94,20 @@ def test_a_snapshot_reads_the_files_its_success_names_not_leftovers(tmp_path):
     publish(root, "2026-05-01", table, rows_per_file=3)  # one part: what _SUCCESS names
     assert len(list((tmp_path / "latest/snapshots/2026-05-01").glob("*.parquet"))) == 3
     assert sorted(latest.read_snapshot(root, "2026-05-01")["product_id"].to_pylist()) == ["p0", "p1", "p2"]
+
+
+def test_delete_tree_of_a_prefix_that_vanishes_before_the_delete(monkeypatch):
+    """An object store that still lists a prefix whose objects were just deleted (SeaweedFS drops empty
+    folders lazily), or a second attempt deleting it first: the folder is gone, which is what was asked
+    (a re-run of a complete night drops its scratch this way)."""
+    import pyarrow.fs as pafs
+
+    class StaleListing:
+        def get_file_info(self, path):
+            return pafs.FileInfo(path, pafs.FileType.Directory)
+
+        def delete_dir(self, path):
+            raise FileNotFoundError(f"Path does not exist '{path}/'")
+
+    monkeypatch.setattr(storage, "filesystem", lambda uri: (StaleListing(), "bucket/root/work/relabel-d"))
+    storage.delete_tree("s3://bucket/root/work/relabel-d")
