@@ -13,6 +13,7 @@ import torch
 from conftest import resave_artifact
 from procs import run_job
 
+from fashionlabel import storage
 from fashionlabel.train.export import ArtifactError, load_artifact
 
 
@@ -81,3 +82,34 @@ def test_a_half_replaced_artifact_is_refused(s3, tiny_model, tmp_path, monkeypat
         load_artifact(local)
     with pytest.raises(ArtifactError, match="cannot read its version file"):
         load_artifact(f"s3://{bucket}/nothing-here")
+
+
+def test_train_refuses_an_s3_model_or_checkpoint_prefix_it_cannot_write(
+    s3, small_shards, tmp_path, monkeypatch
+):
+    """A missing bucket for ``--out`` or ``--storage`` is named before any worker starts, not by rank 0's
+    first checkpoint write an epoch later (a traceback through Ray Train)."""
+    from fashionlabel.train import run as train_run
+    from fashionlabel.train.loop import TrainConfig
+
+    def no_fit(*a, **kw):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train_run, "fit", no_fit)
+    cfg = TrainConfig(model="fl_tiny", epochs=1, workers=1)
+    with pytest.raises(
+        storage.StorageError, match=r"s3://no-such-models/m\.train/checkpoints is not writable"
+    ):
+        train_run.train(str(small_shards), "s3://no-such-models/m", cfg, 2)
+    bucket = s3.make_bucket("models-writable")
+    with pytest.raises(
+        storage.StorageError, match=r"s3://no-such-checkpoints/c is not writable: .*NO_SUCH_BUCKET"
+    ):
+        train_run.train(
+            str(small_shards), f"s3://{bucket}/m", cfg, 2, checkpoints="s3://no-such-checkpoints/c"
+        )
+    with pytest.raises(storage.StorageError, match=r"s3://no-such-checkpoints/c is not writable"):
+        train_run.train(
+            str(small_shards), str(tmp_path / "m"), cfg, 2, checkpoints="s3://no-such-checkpoints/c"
+        )
+    assert not s3.client().list_objects_v2(Bucket=bucket).get("Contents")  # the probe left nothing

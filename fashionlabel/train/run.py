@@ -74,6 +74,7 @@ def train(
     _check_resources(cfg)
     _check_checkpoint_reach(out, checkpoints)
     _check_out(shards, out, cfg, checkpoints or storage.join(run_dir, "checkpoints"), overwrite)
+    _check_writable(out, checkpoints)
     best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints)
     return export_state(shards, out, best, taxonomy) | {"seconds": time.time() - t0}
 
@@ -110,6 +111,18 @@ def _check_out(shards: str, out: str, cfg: TrainConfig, checkpoints: str, overwr
             " which this run would replace: run the same command as before to resume it, give another --out "
             "(or --storage), or add --overwrite to start again"
         )
+
+
+def _check_writable(out: str, checkpoints: str | None) -> None:
+    """Probe the ``s3://`` model and checkpoint prefixes before any worker starts: a missing bucket or
+    credentials without write access would otherwise fail rank 0 at its first checkpoint, an epoch in."""
+    for uri in dict.fromkeys(u for u in (checkpoints, out) if u and storage.is_s3(u)):
+        probe = storage.join(uri, ".write-probe")
+        try:
+            storage.write_bytes(probe, b"")
+            storage.delete(probe)
+        except (OSError, storage.StorageError) as e:
+            raise storage.StorageError(f"{uri} is not writable: {storage.redact(e)}") from None
 
 
 def _check_resources(cfg: TrainConfig) -> None:
