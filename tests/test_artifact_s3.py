@@ -113,3 +113,18 @@ def test_train_refuses_an_s3_model_or_checkpoint_prefix_it_cannot_write(
             str(small_shards), str(tmp_path / "m"), cfg, 2, checkpoints="s3://no-such-checkpoints/c"
         )
     assert not s3.client().list_objects_v2(Bucket=bucket).get("Contents")  # the probe left nothing
+
+
+def test_evaluate_writes_to_an_s3_out(s3, tiny_model, small_shards, tmp_path, monkeypatch):
+    """``evaluate --out s3://…`` puts the metrics and the confusion PNG on S3, not in a local folder
+    named ``s3:`` under the current directory."""
+    from fashionlabel.train.run import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    bucket = s3.make_bucket("evaluations")
+    r = evaluate(str(tiny_model), str(small_shards), "test", write_to=f"s3://{bucket}/ev")
+    assert r["out"] == f"s3://{bucket}/ev"
+    keys = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"])
+    assert "ev/evaluation-test.json" in keys and any(k.endswith("-test.png") for k in keys)
+    assert json.loads(storage.read_bytes(f"s3://{bucket}/ev/evaluation-test.json"))["n_products"] == r["n"]
+    assert not (tmp_path / "s3:").exists()

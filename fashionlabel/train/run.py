@@ -299,11 +299,13 @@ def evaluate(
         metrics["heads"][h.name]["top1_consistent"] = (
             float((chosen[h.name][known] == y[known]).mean()) if known.any() else float("nan")
         )
-    out_dir = Path(write_to or pred.spec["local_path"])  # an s3:// model: beside its local copy
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # a local folder or an s3:// prefix; an s3:// model's default is beside its local copy
+    out_dir = storage.absolute(write_to or pred.spec["local_path"])
+    storage.makedirs(out_dir)
     # Beside a published model: written atomically, so a killed evaluation leaves the previous one whole.
     storage.write_bytes(
-        out_dir / f"evaluation-{split or 'all'}.json", json.dumps(metrics, indent=2, default=float).encode()
+        storage.join(out_dir, f"evaluation-{split or 'all'}.json"),
+        json.dumps(metrics, indent=2, default=float).encode(),
     )
     # the finest level of the hierarchy, else the first single head; a multi-label-only taxonomy has none
     fine = tax.chains()[-1][-1] if tax.chains() else next(iter(tax.single_heads), None)
@@ -311,7 +313,7 @@ def evaluate(
         _plot_confusion(
             confusion(probs[fine.name].argmax(1), samples.targets[fine.name], fine.num_classes),
             fine,
-            out_dir / f"confusion-{fine.name}-{split or 'all'}.png",
+            storage.join(out_dir, f"confusion-{fine.name}-{split or 'all'}.png"),
         )
     return {
         "metrics": metrics,
@@ -354,7 +356,7 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     _save_png(fig, path)
 
 
-def _plot_confusion(m: np.ndarray, head, path: Path, top: int = 25) -> None:
+def _plot_confusion(m: np.ndarray, head, path: str | Path, top: int = 25) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,7 +378,7 @@ def _plot_confusion(m: np.ndarray, head, path: Path, top: int = 25) -> None:
     _save_png(fig, path)
 
 
-def _save_png(fig: Any, path: Path) -> None:
+def _save_png(fig: Any, path: str | Path) -> None:
     """Render ``fig`` and publish it at ``path`` atomically."""
     import io
 
