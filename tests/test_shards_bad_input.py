@@ -248,7 +248,10 @@ def test_failure_rate_fails_the_job_after_writing_its_outputs(ray_session, tmp_p
         r["image_uri"] = str(SAMPLE / r["image_uri"])
     rows += [{**rows[0], "product_id": f"gone-{i}", "image_uri": f"/nonexistent/{i}.jpg"} for i in range(6)]
     catalog = _write(rows, tmp_path / "c.csv")
-    with pytest.raises(ShardJobError, match="above --max-failure-rate 0.5"):
+    with pytest.raises(
+        ShardJobError,
+        match=r"8/12 rows quarantined \(image_not_found 6, malformed_row 2\), above --max-failure-rate 0.5; why each row is in .*/o/quarantine.parquet",
+    ):
         shard_catalog(str(catalog), str(tmp_path / "o"), TAX, ShardConfig(samples_per_shard=5))
     q = pq.read_table(tmp_path / "o" / "quarantine.parquet")
     assert q.num_rows == 8  # 6 missing + 2 malformed lines the CSV writer appends

@@ -158,8 +158,12 @@ def shard_catalog(
     storage.write_json(storage.join(out, "stats.json"), stats)
     total = summary.packed + summary.quarantined
     if total and summary.quarantined / total > cfg.max_failure_rate:
+        reasons = ", ".join(f"{k} {v}" for k, v in summary.reasons.items())  # most frequent first
         raise ShardJobError(
-            f"{summary.quarantined}/{total} rows quarantined, above --max-failure-rate {cfg.max_failure_rate}"
+            f"{summary.quarantined}/{total} rows quarantined ({reasons}), above --max-failure-rate "
+            f"{cfg.max_failure_rate}; why each row is in {storage.join(out, 'quarantine.parquet')}. This "
+            "output keeps them quarantined (a re-run skips its finished shards): once the images are "
+            "fixed, shard into a new --out, or accept them with a higher --max-failure-rate"
         )
     return summary
 
