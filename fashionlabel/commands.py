@@ -366,7 +366,14 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
     import duckdb
 
     from fashionlabel.cli import parse  # each step parsed as typed, so the demo runs the commands' defaults
+    from fashionlabel.runtime import may_span_nodes
 
+    if may_span_nodes():  # refused now, not by train after the shards are written
+        raise ValueError(
+            f"demo writes its shards, model and labels to the local folder {a.out}, which the other nodes "
+            "of a Ray cluster do not see: run it on a local Ray (leave --address and RAY_ADDRESS unset), or "
+            "run the commands as jobs with s3:// outputs (README, Running on a cluster)"
+        )
     t0 = time.time()
     root = Path(a.out)
     shards, model, labels = root / "shards", root / "model", root / "labels"

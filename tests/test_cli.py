@@ -288,3 +288,16 @@ heads:
     ok = t.filter(pc.is_null(t["error"]))
     assert set(ok["department"].to_pylist()) <= {"Men", "Women", "Boys", "Girls", "Unisex"}
     assert {v for vs in ok["tones"].to_pylist() for v in vs} <= {"black", "white", "blue"}
+
+
+def test_demo_on_a_cluster_is_refused_before_anything_is_written(ray_session, tmp_path, capsys, monkeypatch):
+    """The demo's folders are local: on a cluster its train step would refuse them after the shards were
+    written, naming a --storage option the demo does not have."""
+    from fashionlabel import runtime
+    from fashionlabel.cli import run
+
+    monkeypatch.setattr(runtime, "may_span_nodes", lambda: True)
+    assert run(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "run it on a local Ray (leave --address and RAY_ADDRESS unset)" in err and "--storage" not in err
+    assert not (tmp_path / "demo").exists()
