@@ -263,7 +263,7 @@ def _shard_night(
     to :func:`shard_catalog` as ``incremental_from``: only products whose id is new or whose image bytes
     changed (sha256) are packed.
     """
-    from fashionlabel.shards import ShardJobError, shard_catalog
+    from fashionlabel.shards import PlanMismatchError, ShardJobError, shard_catalog
 
     out = layout.night_shards(date)
     prev = None
@@ -272,9 +272,18 @@ def _shard_night(
         if not storage.exists(prev):  # written once: a re-run must see the same previous index
             storage.write_parquet(before, prev)
     # The failure-rate guard applies to the whole catalog, not to tonight's (small) share of it.
-    s = shard_catalog(
-        catalog, out, taxonomy, dataclasses.replace(cfg, max_failure_rate=1.0), incremental_from=prev
-    )
+    try:
+        s = shard_catalog(
+            catalog, out, taxonomy, dataclasses.replace(cfg, max_failure_rate=1.0), incremental_from=prev
+        )
+    except PlanMismatchError:
+        # the night has no --out to change: name what differs and the two ways on
+        raise NightlyError(
+            f"night {date} started with another catalog content or other shard settings "
+            "(--samples-per-shard, --max-side) and is not complete: re-run it with the catalog and settings "
+            f"it started with, or start the night again from this catalog by deleting {out}, "
+            f"{layout.history(date)} and {layout.relabel_dir(date)} first"
+        ) from None
     total = s.catalog_rows
     if total and s.quarantined / total > cfg.max_failure_rate:
         raise ShardJobError(

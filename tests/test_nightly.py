@@ -262,3 +262,43 @@ def test_a_relabel_that_cannot_read_a_shard_keeps_the_last_good_labels(nights, t
     assert m["relabelled"] == len(failed) + len(nights["new"] | nights["changed"]) and m["errors"] == 0
     q = connect(str(root / "labels"))
     assert q.execute("SELECT count(*) FROM latest WHERE active AND error IS NOT NULL").fetchall() == [(0,)]
+
+
+def test_a_killed_night_rerun_with_another_catalog_names_the_way_on(
+    ray_session, tiny_model, tmp_path, monkeypatch
+):
+    """The catalog at a fixed path is replaced by the next export before a killed night is re-run: the
+    refusal names the night and how to go on (the night has no --out to change), and following it
+    completes the night from the new catalog."""
+    import shutil
+
+    from fashionlabel import nightly
+
+    good, _ = _good_and_bad()
+    cfg = NightlyConfig(
+        shard=ShardConfig(samples_per_shard=10, max_side=96), label=LabelConfig(batch_size=64)
+    )
+    root = tmp_path / "root"
+    run_nightly(
+        str(write_catalog(tmp_path / "c1.csv", good[:20])), str(tiny_model), str(root), "2026-03-01", cfg
+    )
+    first = write_catalog(tmp_path / "c2.csv", good[:30])
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # killed once the night's shards are packed
+        m.setattr(nightly, "label_shards", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_nightly(str(first), str(tiny_model), str(root), "2026-03-02", cfg)
+    export = write_catalog(tmp_path / "c2.csv", good[:35])  # the next export lands at the same path
+    with pytest.raises(
+        NightlyError, match=r"night 2026-03-02 started with another catalog .* deleting (.*)"
+    ) as e:
+        run_nightly(str(export), str(tiny_model), str(root), "2026-03-02", cfg)
+    named = str(e.value).rpartition("deleting ")[2].removesuffix(" first").replace(" and ", ", ").split(", ")
+    assert named[0] == str(root / "shards" / "night=2026-03-02")
+    for p in named:
+        shutil.rmtree(p, ignore_errors=True)
+    m = run_nightly(str(export), str(tiny_model), str(root), "2026-03-02", cfg)
+    assert m["status"] == "complete" and (m["new"], m["unchanged"], m["latest_rows"]) == (15, 20, 35)

@@ -23,11 +23,19 @@ from fashionlabel.shards.job import ShardSummary, shard_catalog
 from fashionlabel.shards.pack import pack_row, pack_shard
 from fashionlabel.shards.plan import fingerprint_rows, make_plan, previous_index
 from fashionlabel.shards.read import NotAShardSet, iter_shard, list_shards
-from fashionlabel.shards.spec import QUARANTINE_SCHEMA, ShardConfig, ShardJobError, index_schema, shard_name
+from fashionlabel.shards.spec import (
+    QUARANTINE_SCHEMA,
+    PlanMismatchError,
+    ShardConfig,
+    ShardJobError,
+    index_schema,
+    shard_name,
+)
 
 __all__ = [
     "QUARANTINE_SCHEMA",
     "NotAShardSet",
+    "PlanMismatchError",
     "ShardConfig",
     "ShardJobError",
     "ShardSummary",

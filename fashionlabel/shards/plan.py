@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from fashionlabel import storage
 from fashionlabel.catalog import CatalogRow, FetchError, OutageBreaker, Rejected, check_labels, fetch
-from fashionlabel.shards.spec import ShardConfig, ShardJobError, ray_get
+from fashionlabel.shards.spec import PlanMismatchError, ShardConfig, ShardJobError, ray_get
 from fashionlabel.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def make_plan(
     if storage.exists(meta_uri):
         saved = storage.read_json(meta_uri)
         if saved.get("fingerprint") != fp:
-            raise ShardJobError(f"{out} holds shards of a different catalog or settings; use a new --out")
+            raise PlanMismatchError(f"{out} holds shards of a different catalog or settings; use a new --out")
         t = storage.read_parquet(rows_uri, schema=PLAN_SCHEMA)
         by_id = {r.product_id: r for r in valid}
         rows = [by_id[p] for p in t.column("product_id").to_pylist()]

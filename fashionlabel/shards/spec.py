@@ -58,6 +58,10 @@ class ShardJobError(RuntimeError):
     """The shard job cannot proceed or failed past its allowed failure rate."""
 
 
+class PlanMismatchError(ShardJobError):
+    """The output holds the saved plan of another catalog or other settings."""
+
+
 def shard_name(i: int) -> str:
     """The name of shard ``i`` without extension: ``shard-000042``."""
     return f"shard-{i:06d}"
