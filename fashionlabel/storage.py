@@ -146,6 +146,17 @@ def write_bytes(uri: str | Path, data: bytes) -> None:
         raise
 
 
+def check_writable(uri: str | Path) -> None:
+    """Write and delete a probe object under ``uri``: a missing bucket or credentials without write access
+    fail here, by name, before a job starts its workers."""
+    probe = join(uri, ".write-probe")
+    try:
+        write_bytes(probe, b"")
+        delete(probe)
+    except (OSError, StorageError) as e:
+        raise StorageError(f"{uri} is not writable: {redact(e)}") from None
+
+
 def exchange(a: str | Path, b: str | Path) -> bool:
     """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported.
 

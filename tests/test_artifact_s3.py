@@ -128,3 +128,19 @@ def test_evaluate_writes_to_an_s3_out(s3, tiny_model, small_shards, tmp_path, mo
     assert "ev/evaluation-test.json" in keys and any(k.endswith("-test.png") for k in keys)
     assert json.loads(storage.read_bytes(f"s3://{bucket}/ev/evaluation-test.json"))["n_products"] == r["n"]
     assert not (tmp_path / "s3:").exists()
+
+
+def test_label_refuses_an_s3_out_it_cannot_write_before_its_actors_start(
+    s3, tiny_model, small_shards, monkeypatch
+):
+    from fashionlabel.label import pipeline
+
+    def no_actors(*a, **kw):
+        raise AssertionError("labelling started")
+
+    monkeypatch.setattr(pipeline, "_plan", no_actors)
+    with pytest.raises(
+        storage.StorageError,
+        match=r"s3://no-such-labels/l/history/run_date=2026-03-01 is not writable: .*NO_SUCH_BUCKET",
+    ):
+        pipeline.label_shards(str(small_shards), str(tiny_model), "s3://no-such-labels/l", "2026-03-01")

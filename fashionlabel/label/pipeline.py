@@ -103,6 +103,8 @@ def label_shards(
     first = None  # seconds from the call to the first labelled batch: the run's start-up
     compiled: set[str] = set()  # how the actors had their compiled model ("jit", "built", "loaded")
     if todo:
+        if storage.is_s3(out_dir):  # a missing bucket is named now, not after the actors labelled a shard
+            storage.check_writable(out_dir)
         keys = _skip_keys(out, spec["version"], skip, incremental)
         for batch in _plan(todo, model_dir, run_id, plan, spec, keys).iter_batches(
             batch_size=None, batch_format="pyarrow"

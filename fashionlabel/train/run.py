@@ -117,12 +117,7 @@ def _check_writable(out: str, checkpoints: str | None) -> None:
     """Probe the ``s3://`` model and checkpoint prefixes before any worker starts: a missing bucket or
     credentials without write access would otherwise fail rank 0 at its first checkpoint, an epoch in."""
     for uri in dict.fromkeys(u for u in (checkpoints, out) if u and storage.is_s3(u)):
-        probe = storage.join(uri, ".write-probe")
-        try:
-            storage.write_bytes(probe, b"")
-            storage.delete(probe)
-        except (OSError, storage.StorageError) as e:
-            raise storage.StorageError(f"{uri} is not writable: {storage.redact(e)}") from None
+        storage.check_writable(uri)
 
 
 def _check_resources(cfg: TrainConfig) -> None:
