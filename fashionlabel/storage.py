@@ -147,9 +147,12 @@ def write_bytes(uri: str | Path, data: bytes) -> None:
 
 
 def check_writable(uri: str | Path) -> None:
-    """Write and delete a probe object under ``uri``: a missing bucket or credentials without write access
-    fail here, by name, before a job starts its workers."""
-    probe = join(uri, ".write-probe")
+    """Write and delete a probe object beside ``uri``: a missing bucket or credentials without write access
+    fail here, by name, before a job starts its workers.
+
+    Beside, not under: deleting an object's last sibling leaves an empty folder marker on S3, and a marker
+    under ``uri`` would make a new output look already started."""
+    probe = f"{str(uri).rstrip('/')}.write-probe"
     try:
         write_bytes(probe, b"")
         delete(probe)
