@@ -40,6 +40,9 @@ def fetched(rows: Iterable[CatalogRow], in_flight: int) -> Iterator[tuple[Catalo
         except Exception as e:  # noqa: BLE001 - handed to the caller, which quarantines the row
             return e
 
+    if in_flight <= 1:  # no threads: a local read takes microseconds, and eight threads cost more than that
+        yield from ((r, one(r)) for r in rows)
+        return
     pool = ThreadPoolExecutor(in_flight, thread_name_prefix="fetch")
     ahead: deque[tuple[CatalogRow, Future]] = deque()
     it = iter(rows)
@@ -110,7 +113,8 @@ def pack_shard(
             else:
                 checked.append(r)
         # the writer closes the file; closing the fetches cancels those not started when an outage raises
-        sources = fetched(checked, cfg.fetches_in_flight)
+        remote = any(r.image_uri.startswith(("http://", "https://", "s3://")) for r in checked)
+        sources = fetched(checked, cfg.fetches_in_flight if remote else 1)
         with TarWriter(open(tmp, "wb")) as tar, closing(sources):  # noqa: SIM115
             for r, src in sources:
                 try:
