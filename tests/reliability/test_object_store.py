@@ -34,7 +34,24 @@ def _objects(s3, bucket: str, prefix: str) -> dict[str, bytes]:
         for page in cli.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         for o in page.get("Contents", [])
     ]
-    return {k: cli.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+    return {k: _get(cli, bucket, k) for k in keys}
+
+
+def _get(cli, bucket: str, key: str, tries: int = 20) -> bytes:
+    """One object's bytes. Just after a restart the server answers some reads with InternalError while it
+    reloads its volumes: that is the server warming up, so the read is tried again for a few seconds."""
+    import time
+
+    from botocore.exceptions import ClientError
+
+    for attempt in range(tries):
+        try:
+            return cli.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "InternalError" or attempt == tries - 1:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def _assert_objects_complete(objs: dict[str, bytes]) -> None:
