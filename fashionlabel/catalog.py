@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fashionlabel import storage
@@ -498,6 +499,34 @@ def _s3_object(uri: str) -> None:
         raise FetchError("image_not_found", f"a bucket or folder, not an object: {uri[:80]}")
 
 
+_BUCKETS_SEEN: set[str] = set()  # buckets known to exist, per worker process
+
+
+def _bucket_exists(uri: str) -> bool:
+    """Whether the bucket of an s3:// URI exists. Asked only after a "not found", and remembered only
+    when it does exist: one extra request per bucket, not per missing image, and a bucket created later
+    is seen at the next miss."""
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    if bucket in _BUCKETS_SEEN:
+        return True
+    fs, _ = storage.filesystem(uri)
+    try:
+        found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError:  # cannot tell (no rights to list it): leave the verdict to the object's own error
+        return True
+    if found:
+        _BUCKETS_SEEN.add(bucket)
+    return found
+
+
+def _not_found(uri: str, msg: str) -> FetchError:
+    # pyarrow says "does not exist" alike for a missing key and a missing bucket; a missing bucket (a
+    # typo, the wrong endpoint or account) is every image's fault, not this one's: an outage
+    if storage.is_s3(uri) and not _bucket_exists(uri):
+        return FetchError("image_unreadable", f"no such bucket: {msg}", outage=True)
+    return FetchError("image_not_found", msg)
+
+
 def _fetch_once(uri: str, timeout: float, max_bytes: int, deadline: float) -> bytes:
     try:
         if uri.startswith(("http://", "https://")):
@@ -536,7 +565,7 @@ def _fetch_once(uri: str, timeout: float, max_bytes: int, deadline: float) -> by
     except FetchError:
         raise
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise FetchError("image_not_found", storage.redact(e)[:300]) from e
+        raise _not_found(uri, storage.redact(e)[:300]) from e
     except http.client.InvalidURL as e:  # a URL no server could be asked for: this row's fault
         raise FetchError("image_unreadable", f"malformed URL: {storage.redact(e)[:200]}") from e
     except urllib.error.HTTPError as e:
@@ -554,6 +583,6 @@ def _fetch_once(uri: str, timeout: float, max_bytes: int, deadline: float) -> by
     except (OSError, ValueError) as e:
         msg = storage.redact(e)[:300]
         if "NoSuchKey" in msg or "does not exist" in msg or "NOT_FOUND" in msg.upper():
-            raise FetchError("image_not_found", msg) from e
+            raise _not_found(uri, msg) from e
         # on S3 the rest is the store (network, throttling, access): pyarrow has retried it already
         raise FetchError("image_unreadable", msg, outage=storage.is_s3(uri)) from e

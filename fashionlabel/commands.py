@@ -25,10 +25,6 @@ def _print_summary(title: str, items: dict[str, Any]) -> None:
         print(f"  {k:<{width}}  {v}")
 
 
-def _fmt_reasons(reasons: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in reasons.items()) or "none"
-
-
 def check_settings(a: argparse.Namespace) -> None:
     """Build the subcommand's settings object, which checks every value: run before a Ray cluster is
     started or joined, so that a bad option fails at once, with its name."""
@@ -60,6 +56,7 @@ def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
     """``shard``: pack a catalog into shards; return the printed summary."""
     from fashionlabel.report import rate_text
     from fashionlabel.shards import shard_catalog
+    from fashionlabel.shards.job import fmt_reasons
     from fashionlabel.taxonomy import Taxonomy
 
     cfg = _shard_config(a)
@@ -68,7 +65,7 @@ def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
         "catalog rows": s.catalog_rows,
         "packed": s.packed,
         "quarantined": s.quarantined,
-        "reasons": _fmt_reasons(s.reasons),
+        "reasons": fmt_reasons(s.reasons),
         "shards": f"{s.shards} ({s.shards_skipped} already done)",
         "time": f"{s.seconds:.1f} s",
         "throughput": rate_text(s.packed_this_run, s.packed, s.images_per_s),
@@ -305,6 +302,7 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
     """``nightly``: run one night end to end; return the night's manifest (not only the printed lines)."""
     from fashionlabel.nightly import run_nightly
     from fashionlabel.report import night_rate
+    from fashionlabel.shards.job import fmt_reasons
 
     cfg = _nightly_config(a)
     m = run_nightly(a.catalog, a.model, a.root, a.date, cfg)
@@ -312,7 +310,7 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
         "night": m["run_date"] + (" (already complete: nothing done)" if m["already_complete"] else ""),
         "catalog products": m["catalog_products"],
         "new / changed / unchanged": f"{m['new']} / {m['changed']} / {m['unchanged']}",
-        "quarantined": f"{m['quarantined']} ({_fmt_reasons(m['reasons'])})",
+        "quarantined": f"{m['quarantined']} ({fmt_reasons(m['reasons'])})",
         "sharded": f"{m['sharded']} in {m['shards']} shards" if m["shards"] else "0 (no shard tonight)",
         "labelled": f"{m['labelled']} ({m['relabelled']} relabelled: {m['relabel_reason'] or 'no'})",
         "errors": m["errors"],

@@ -266,6 +266,15 @@ def test_fetch_and_read_catalog_on_s3(s3):
     ok, _ = check_ids(rows, "s3://cat-unit/c.jsonl")
     assert ok[0].image_uri == "s3://cat-unit/img/a.jpg" and fetch(ok[0].image_uri) == b"\xff\xd8bytes"
     assert _reason("s3://cat-unit/img/none.jpg") == "image_not_found"
+    # a missing bucket is not this image's fault: an outage (a shard fails rather than quarantine it all)
+    with pytest.raises(FetchError) as e:
+        fetch("s3://no-such-bucket-here/img/a.jpg")
+    assert (e.value.reason, e.value.outage) == (
+        "image_unreadable",
+        True,
+    ) and "no such bucket" in e.value.detail
+    s3.make_bucket("no-such-bucket-here")  # created later: the next miss is this image's own again
+    assert _reason("s3://no-such-bucket-here/img/a.jpg") == "image_not_found"
     assert _reason("s3://cat-unit/img/a.jpg", max_bytes=3) == "image_too_large"
     with pytest.raises(CatalogError, match="not found"):
         read_catalog("s3://cat-unit/none.csv")

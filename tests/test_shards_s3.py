@@ -13,7 +13,7 @@ import subprocess
 
 import duckdb
 import pytest
-from conftest import SAMPLE
+from conftest import SAMPLE, sample_rows, write_catalog
 from procs import run_job
 
 from fashionlabel.shards import ShardConfig, ShardJobError, iter_shard, list_shards, shard_catalog
@@ -138,3 +138,17 @@ def test_images_unreadable_for_wrong_credentials_fail_the_job_and_a_rerun_packs_
     r = _job(args, s3.env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert "packed        30" in r.stdout and "quarantined   0" in r.stdout, r.stdout
+
+
+def test_images_in_a_missing_bucket_fail_the_shard_instead_of_quarantining_every_row(
+    s3, ray_session, tmp_path
+):
+    rows = sample_rows(30)
+    for r in rows:  # the bucket's name mistyped in the catalog export
+        r["image_uri"] = "s3://photos-typo/images/" + r["image_uri"].rsplit("/", 1)[-1]
+    catalog = write_catalog(tmp_path / "catalog.csv", rows)
+    out = tmp_path / "shards"
+    with pytest.raises(Exception, match="no such bucket") as e:
+        shard_catalog(str(catalog), str(out), Taxonomy.load("fashion-product-images"), ShardConfig())
+    assert "re-run the same command" in str(e.value)
+    assert not list(out.glob("_parts/shard-*.parquet")) and not (out / "quarantine.parquet").exists()

@@ -54,13 +54,17 @@ class ShardSummary:
         return self.packed_this_run / self.seconds if self.seconds else 0.0
 
 
+def fmt_reasons(reasons: dict[str, int]) -> str:
+    """``reason count, …`` in the order given (the summaries keep the most frequent first)."""
+    return ", ".join(f"{k} {v}" for k, v in reasons.items()) or "none"
+
+
 def _open_output(out: str) -> set[str]:
     """Check that ``out`` is writable before any fetch; return the completion markers already there."""
     try:
         storage.makedirs(out)
-        probe = storage.join(out, "_parts", ".write-probe")
-        storage.write_bytes(probe, b"")
-        storage.delete(probe)
+        # the probe goes under _parts/: on S3 the folder marker its deletion may leave stays out of sight
+        storage.check_writable(storage.join(out, "_parts", "output"))
         return set(storage.listdir(storage.join(out, "_parts"), ".parquet"))
     except (OSError, storage.StorageError) as e:
         raise ShardJobError(f"cannot use output {out}: {storage.redact(e)}") from e
@@ -158,9 +162,8 @@ def shard_catalog(
     storage.write_json(storage.join(out, "stats.json"), stats)
     total = summary.packed + summary.quarantined
     if total and summary.quarantined / total > cfg.max_failure_rate:
-        reasons = ", ".join(f"{k} {v}" for k, v in summary.reasons.items())  # most frequent first
         raise ShardJobError(
-            f"{summary.quarantined}/{total} rows quarantined ({reasons}), above --max-failure-rate "
+            f"{summary.quarantined}/{total} rows quarantined ({fmt_reasons(summary.reasons)}), above --max-failure-rate "
             f"{cfg.max_failure_rate}; why each row is in {storage.join(out, 'quarantine.parquet')}. This "
             "output keeps them quarantined (a re-run skips its finished shards): once the images are "
             "fixed, shard into a new --out, or accept them with a higher --max-failure-rate"
