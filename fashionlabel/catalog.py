@@ -19,6 +19,7 @@ import json
 import os
 import re
 import stat
+import threading
 import time
 import unicodedata
 import urllib.error
@@ -473,6 +474,59 @@ def fetch(
                 raise
             time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")
+
+
+class HostGate:
+    """``fetch`` for one unit of work (a shard, a chunk of the hash pass) that stops asking a source which
+    has stopped answering. A host that never answers costs a minute per image (the timeout, twice retried);
+    with thousands of its images in a shard, the ``OutageBreaker`` would reach its verdict only after
+    hours. After ``after`` outage-like failures in a row from one source (an HTTP host, an S3 bucket), its
+    next fetches fail at once with an outage ``FetchError`` for ``cooldown`` seconds, then it is asked
+    again (and trusted again at its first answer). So a dead source fails the shard in about a minute, and
+    a dead host among many has its few images quarantined at the same pace as bad images. Thread-safe:
+    the fetch threads of one task share it."""
+
+    def __init__(self, after: int = 3, cooldown: float = 30.0, **fetch_kwargs: Any):
+        self.after, self.cooldown, self.fetch_kwargs = after, cooldown, fetch_kwargs
+        self._lock = threading.Lock()
+        self._failures: dict[str, int] = {}
+        self._shut_until: dict[str, float] = {}
+
+    @staticmethod
+    def source(uri: str) -> str | None:
+        if uri.startswith(("http://", "https://")):
+            parts = urllib.parse.urlsplit(uri)
+            return f"{parts.scheme}://{parts.netloc}"
+        if storage.is_s3(uri):
+            return "s3://" + uri[len("s3://") :].split("/", 1)[0]
+        return None  # local files answer or fail at once
+
+    def fetch(self, uri: str) -> bytes:
+        src = self.source(uri)
+        if src is None:
+            return fetch(uri, **self.fetch_kwargs)
+        with self._lock:
+            shut = self._shut_until.get(src, 0.0) > time.monotonic()
+            failures = self._failures.get(src, 0)
+        if shut:
+            raise FetchError(
+                "image_unreadable",
+                f"{src[:80]} failed its last {failures} fetches: not asked again for {self.cooldown:g} s",
+                outage=True,
+            )
+        try:
+            data = fetch(uri, **self.fetch_kwargs)
+        except FetchError as e:
+            if e.outage:
+                with self._lock:
+                    n = self._failures[src] = self._failures.get(src, 0) + 1
+                    if n >= self.after:
+                        self._shut_until[src] = time.monotonic() + self.cooldown
+            raise
+        with self._lock:
+            self._failures.pop(src, None)
+            self._shut_until.pop(src, None)
+        return data
 
 
 def _local_path(uri: str) -> str:

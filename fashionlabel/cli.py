@@ -336,9 +336,24 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 NEEDS_RAY = {"shard", "train", "label", "demo", "nightly"}
 
 
+# settings fields whose option has another name
+_FIELD_DEST = {"relabel_older_than_days": "relabel_older_than"}
+
+
+def _flag_of(parser: argparse.ArgumentParser, command: str, field: str) -> str | None:
+    """The option of ``command`` that sets a settings field (``batch_size`` → ``--batch-size``), if any."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    dest = _FIELD_DEST.get(field, field)
+    for action in sub.choices[command]._actions:
+        if action.dest == dest and action.option_strings:
+            return max(action.option_strings, key=len)
+    return None
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the subcommand, return the exit code."""
-    args = parse(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -363,8 +378,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - the command line shows one clear line, logs keep the trace
         log.debug("failure", exc_info=True)
+        from fashionlabel.settings import SettingsError
         from fashionlabel.storage import redact
 
+        if isinstance(e, SettingsError):  # named as the flags typed, not as the library's fields
+            e = e.render(lambda field: _flag_of(parser, args.command, field))
         print(f"fashionlabel {args.command}: error: {redact(e)}", file=sys.stderr)
         return 1
     return 0

@@ -7,20 +7,35 @@ is not one) is refused before anything starts or is written, with the setting's 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 
+class SettingsError(ValueError):
+    """Settings out of their range. ``bad`` maps each field to its value, so that the command line can
+    name them as the flags the user typed (``--batch-size 0``) where the library names fields."""
+
+    def __init__(self, what: str, bad: dict[str, Any], rules: str):
+        self.what, self.bad, self.rules = what, bad, rules
+        super().__init__(self.render())
+
+    def render(self, flag: Callable[[str], str | None] = lambda field: None) -> str:
+        """The message; ``flag(field)`` gives the option that sets a field (None: name the field)."""
+        named = [f"{flag(k)} {v}" if flag(k) else f"{k}={v!r}" for k, v in self.bad.items()]
+        return f"invalid {self.what} setting(s): " + ", ".join(named) + f" ({self.rules})"
+
+
 def check(what: str, obj: Any, checks: dict[str, bool], rules: str) -> None:
-    """Raise ``ValueError`` naming every field of ``obj`` whose check is False.
+    """Raise ``SettingsError`` (a ``ValueError``) naming every field of ``obj`` whose check is False.
 
     Args:
         what: the kind of settings ("training", "shard", "label"), for the message.
         checks: field name → whether its value is allowed.
         rules: the rules in words, appended to the message.
     """
-    bad = [f"{k}={getattr(obj, k)!r}" for k, ok in checks.items() if not ok]
+    bad = {k: getattr(obj, k) for k, ok in checks.items() if not ok}
     if bad:
-        raise ValueError(f"invalid {what} setting(s): " + ", ".join(bad) + f" ({rules})")
+        raise SettingsError(what, bad, rules)
 
 
 def run_date(date: str | None) -> str:

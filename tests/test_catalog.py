@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import socket
 import threading
 import time
 
@@ -16,7 +17,9 @@ from fashionlabel.catalog import (
     REASONS,
     SAFE_ID,
     CatalogError,
+    CatalogRow,
     FetchError,
+    HostGate,
     check_ids,
     fetch,
     product_key,
@@ -24,6 +27,7 @@ from fashionlabel.catalog import (
     resolve_uri,
     validate,
 )
+from fashionlabel.shards.pack import fetched
 from fashionlabel.taxonomy import Taxonomy
 
 
@@ -384,6 +388,37 @@ def test_fetch_http_hostile_servers_and_urls():
         with pytest.raises(FetchError) as e:
             fetch(bad)
         assert (e.value.reason, e.value.outage, e.value.retryable) == ("image_unreadable", False, False), bad
+
+
+def test_a_source_that_stops_answering_is_not_asked_again_for_a_while():
+    silent = socket.socket()  # connections queue in its backlog and never get an answer
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(128)
+    dead = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Lying)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    live = f"http://127.0.0.1:{server.server_address[1]}"
+    gate = HostGate(after=3, cooldown=1.0, timeout=0.5, retries=0)
+    try:
+        rows = [CatalogRow(str(i), str(i), f"{dead}/{i}.jpg", {}) for i in range(40)]
+        rows.insert(20, CatalogRow("ok", "ok", f"{live}/a.jpg", {}))
+        t0 = time.monotonic()
+        got = dict((r.product_id, v) for r, v in fetched(rows, 4, gate))
+        took = time.monotonic() - t0
+        # only the first wave waits for the timeout: about 0.5 s, not 40 × 0.5 s / 4 threads
+        assert took < 2.5, took
+        errors = [got[str(i)] for i in range(40)]
+        assert all(isinstance(e, FetchError) and e.outage for e in errors)
+        assert sum("not asked again" in e.detail for e in errors) >= 30
+        assert got["ok"].startswith(b"\xff\xd8")  # another source is asked as usual
+        time.sleep(1.1)  # after the cool-down the source is asked again
+        with pytest.raises(FetchError) as e:
+            gate.fetch(f"{dead}/again.jpg")
+        assert "not asked again" not in e.value.detail
+    finally:
+        server.shutdown()
+        silent.close()
 
 
 @pytest.mark.parametrize("uri", ["s3://bucket/folder/", "s3://bucket", "s3:///a.jpg", "s3://"])

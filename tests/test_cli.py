@@ -56,43 +56,43 @@ def test_bad_settings_are_refused_by_name_before_anything_is_written(
     shutil.copytree(tiny_model, half)
     (half / "weights.pt").unlink()
     cases = {
-        "invalid training setting(s): epochs=0, ema_epochs=-1.0": [
+        "invalid training setting(s): --epochs 0, --ema-epochs -1.0": [
             "train", "--shards", str(small_shards), "--out", str(out), "--epochs", "0", "--ema-epochs", "-1"
         ],
-        "invalid training setting(s): model='resnet5O'": [
+        "invalid training setting(s): --model resnet5O": [
             "train", "--shards", str(small_shards), "--out", str(out), "--model", "resnet5O"
         ],
-        "invalid shard setting(s): samples_per_shard=0": [
+        "invalid shard setting(s): --samples-per-shard 0": [
             "shard", "--catalog", str(small_catalog), "--out", str(out), "--samples-per-shard", "0"
         ],
-        "invalid label setting(s): batch_size=0": [
+        "invalid label setting(s): --batch-size 0": [
             "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
             "--batch-size", "0",
         ],
-        "invalid label setting(s): cpu_decode_share=1.5": [
+        "invalid label setting(s): --cpu-decode-share 1.5": [
             "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
             "--decode", "split", "--cpu-decode-share", "1.5",
         ],
         f"model artifact {half} is incomplete: missing weights.pt": [
             "label", "--shards", str(small_shards), "--model", str(half), "--out", str(out),
         ],
-        "invalid prune setting(s): keep=1.5": [
+        "invalid prune setting(s): --keep 1.5": [
             "prune", "--model", str(tiny_model), "--shards", str(small_shards), "--out", str(out), "--keep", "1.5"
         ],
         "run date '2026-13-45' is not a date (YYYY-MM-DD)": [
             "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
             "--run-date", "2026-13-45",
         ],
-        "invalid label setting(s): compile_cache='s3://bucket/kernels'": [
+        "invalid label setting(s): --compile-cache s3://bucket/kernels": [
             "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
             "--compile", "--compile-cache", "s3://bucket/kernels",
         ],
-        "compile_cache='/var/cache/fl' (a compile cache is a local folder on each node, without spaces, and "
+        "--compile-cache /var/cache/fl (a compile cache is a local folder on each node, without spaces, and "
         "needs --compile)": [  # given, but nothing is compiled
             "nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(out),
             "--compile-cache", "/var/cache/fl",
         ],
-        "invalid nightly setting(s): relabel_older_than_days=-5": [
+        "invalid nightly setting(s): --relabel-older-than -5": [
             "nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(out),
             "--relabel-older-than", "-5",
         ],
@@ -121,11 +121,11 @@ def test_bad_settings_are_refused_before_a_cluster_is_joined(small_catalog, tmp_
         closed = f"127.0.0.1:{s.getsockname()[1]}"
     out = str(tmp_path / "out")
     cases = {
-        "invalid training setting(s): cutmix=2.0": ["train", "--shards", out, "--out", out, "--cutmix", "2"],
-        "invalid shard setting(s): samples_per_shard=0": [
+        "invalid training setting(s): --cutmix 2.0": ["train", "--shards", out, "--out", out, "--cutmix", "2"],
+        "invalid shard setting(s): --samples-per-shard 0": [
             "shard", "--catalog", str(small_catalog), "--out", out, "--samples-per-shard", "0"
         ],
-        "invalid nightly setting(s): relabel_older_than_days=-5": [
+        "invalid nightly setting(s): --relabel-older-than -5": [
             "nightly", "--catalog", str(small_catalog), "--model", out, "--root", out, "--relabel-older-than", "-5"
         ],
     }  # fmt: skip

@@ -393,6 +393,7 @@ def test_a_shard_fetches_remote_images_several_at_a_time_and_packs_them_in_catal
 ):
     from conftest import sample_rows
 
+    from fashionlabel import catalog
     from fashionlabel.catalog import check_ids
     from fashionlabel.shards import pack as shard_pack
 
@@ -407,14 +408,14 @@ def test_a_shard_fetches_remote_images_several_at_a_time_and_packs_them_in_catal
         shutil.copy(r["image_uri"], www / Path(r["image_uri"]).name)
         rows.append(dict(r, image_uri=f"{base}/{Path(r['image_uri']).name}"))
     odd = rows[7]["image_uri"]
-    fetch = shard_pack.fetch
+    fetch = catalog.fetch  # what the shard's fetch threads call, through their HostGate
 
     def fails_on_one(uri, *a, **kw):  # a fault no reason foresees, raised inside a fetch thread
         if uri == odd:
             raise RuntimeError("resolver state corrupted")
         return fetch(uri, *a, **kw)
 
-    monkeypatch.setattr(shard_pack, "fetch", fails_on_one)
+    monkeypatch.setattr(catalog, "fetch", fails_on_one)
     try:
         valid, _ = check_ids(rows, str(tmp_path / "catalog.csv"))
         r = shard_pack.pack_shard(0, valid, str(tmp_path / "out"), ShardConfig(), index_schema(TAX), TAX)

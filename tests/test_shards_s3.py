@@ -140,15 +140,13 @@ def test_images_unreadable_for_wrong_credentials_fail_the_job_and_a_rerun_packs_
     assert "packed        30" in r.stdout and "quarantined   0" in r.stdout, r.stdout
 
 
-def test_images_in_a_missing_bucket_fail_the_shard_instead_of_quarantining_every_row(
-    s3, ray_session, tmp_path
-):
+def test_images_in_a_missing_bucket_fail_the_shard_instead_of_quarantining_every_row(s3, tmp_path):
     rows = sample_rows(30)
     for r in rows:  # the bucket's name mistyped in the catalog export
         r["image_uri"] = "s3://photos-typo/images/" + r["image_uri"].rsplit("/", 1)[-1]
     catalog = write_catalog(tmp_path / "catalog.csv", rows)
     out = tmp_path / "shards"
-    with pytest.raises(Exception, match="no such bucket") as e:
-        shard_catalog(str(catalog), str(out), Taxonomy.load("fashion-product-images"), ShardConfig())
-    assert "re-run the same command" in str(e.value)
+    r = _job(["--catalog", str(catalog), "--out", str(out), "--samples-per-shard", "10"], s3.env())
+    assert r.returncode == 1, r.stdout + r.stderr[-3000:]
+    assert "no such bucket" in r.stderr and "re-run the same command" in r.stderr, r.stderr[-3000:]
     assert not list(out.glob("_parts/shard-*.parquet")) and not (out / "quarantine.parquet").exists()

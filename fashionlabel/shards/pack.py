@@ -18,7 +18,15 @@ from typing import Any
 import pyarrow as pa
 
 from fashionlabel import storage
-from fashionlabel.catalog import CatalogRow, FetchError, OutageBreaker, Rejected, check_labels, fetch
+from fashionlabel.catalog import (
+    CatalogRow,
+    FetchError,
+    HostGate,
+    OutageBreaker,
+    Rejected,
+    check_labels,
+    fetch,
+)
 from fashionlabel.images import ImageReject, normalise
 from fashionlabel.shards.spec import QUARANTINE_SCHEMA, ShardConfig, shard_name
 from fashionlabel.tarwriter import TarWriter
@@ -27,16 +35,20 @@ from fashionlabel.taxonomy import Taxonomy
 log = logging.getLogger(__name__)
 
 
-def fetched(rows: Iterable[CatalogRow], in_flight: int) -> Iterator[tuple[CatalogRow, bytes | Exception]]:
+def fetched(
+    rows: Iterable[CatalogRow], in_flight: int, gate: HostGate | None = None
+) -> Iterator[tuple[CatalogRow, bytes | Exception]]:
     """``(row, source bytes or the exception its fetch raised)`` for each row, in order, with up to
     ``in_flight`` fetches running ahead on threads. A fetch from S3 or HTTP mostly waits on the network (tens
     of ms a request, a minute for a host that never answers): one at a time would leave the task idle. At
     most ``in_flight`` sources are held in memory at once (each refused past MAX_SOURCE_BYTES). Closing the iterator early (an outage raised by the
-    caller) cancels the fetches not yet started and does not wait for those under way."""
+    caller) cancels the fetches not yet started and does not wait for those under way. ``gate`` (one per
+    task) stops asking a source that has stopped answering."""
+    gate = gate or HostGate()
 
     def one(r: CatalogRow) -> bytes | Exception:
         try:
-            return fetch(r.image_uri)
+            return gate.fetch(r.image_uri)
         except Exception as e:  # noqa: BLE001 - handed to the caller, which quarantines the row
             return e
 

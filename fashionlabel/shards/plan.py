@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from fashionlabel import storage
-from fashionlabel.catalog import CatalogRow, FetchError, OutageBreaker, Rejected, check_labels, fetch
+from fashionlabel.catalog import CatalogRow, FetchError, HostGate, OutageBreaker, Rejected, check_labels
 from fashionlabel.shards.spec import PlanMismatchError, ShardConfig, ShardJobError, ray_get
 from fashionlabel.taxonomy import Taxonomy
 
@@ -37,9 +37,10 @@ def fingerprint_rows(
     quarantines it)."""
     out = []
     outages = OutageBreaker(len(rows), "the known products' hash pass")
+    gate = HostGate()
     for r in rows:
         try:
-            sha = hashlib.sha256(fetch(r.image_uri)).hexdigest()
+            sha = hashlib.sha256(gate.fetch(r.image_uri)).hexdigest()
         except FetchError as e:
             outages.record(e, r.image_uri)  # a source that is down does not make every product "changed"
             sha = None
