@@ -3,6 +3,7 @@
 ROOT/shards/night=D/          the night's shards (new and changed products only)
 ROOT/labels/history/run_date=D/, ROOT/labels/latest/
 ROOT/work/relabel-D/          labels of a relabel, before they join the night's history
+ROOT/work/_nightly.lease      held by the nightly job running on this root
 ROOT/manifests/D.json, ROOT/reports/D.html
 """
 
@@ -39,6 +40,11 @@ class Layout:
     def map_before(self, date: str) -> str:
         """The product map of the nights before ``date``, saved as one index for the night's shard job."""
         return storage.join(self.root, "work", f"map-before-{date}.parquet")
+
+    @property
+    def lease(self) -> str:
+        """Held by the nightly job running on this root (:mod:`fashionlabel.lease`)."""
+        return storage.join(self.root, "work", "_nightly.lease")
 
     def manifest(self, date: str) -> str:
         return storage.join(self.root, "manifests", f"{date}.json")

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 from fashionlabel import latest, settings, storage
 from fashionlabel.label.pipeline import LabelConfig, label_shards
 from fashionlabel.layout import Layout
+from fashionlabel.lease import Lease, LeaseHeld
 from fashionlabel.relabel import product_map, relabel_products
 from fashionlabel.shards import ShardConfig
 from fashionlabel.taxonomy import Taxonomy
@@ -87,9 +88,18 @@ def run_nightly(
         root: the nightly root (local folder or s3:// prefix), see :class:`Layout`.
         date: YYYY-MM-DD (default: today, UTC).
     """
-    t0 = time.time()
     date = settings.run_date(date)  # a clear error for a malformed date, before anything is written
     layout = Layout(storage.absolute(root))
+    # one job per root: a second one (a manual re-run while the scheduled one runs) is refused by name
+    try:
+        with Lease(layout.lease, f"the nightly root {layout.root}"):
+            return _run_night(catalog, model, layout, date, cfg)
+    except LeaseHeld as e:
+        raise NightlyError(str(e)) from None
+
+
+def _run_night(catalog: str, model: str, layout: Layout, date: str, cfg: NightlyConfig) -> dict[str, Any]:
+    t0 = time.time()
     done = _manifest(layout, date)
     if done.get("status") == "complete":
         asked = artifact_spec(model)["version"]  # a re-run is a no-op for the same model only

@@ -1,0 +1,113 @@
+"""One nightly job at a time per root: a lease object with a heartbeat, on a local folder or S3 alike.
+
+Two jobs on the same root (a manual re-run while the scheduled one still runs) would each read the other's
+half-written parts. The lease makes the second one stop at once, naming the first. It has to survive
+``kill -9`` without a janitor, so it is not a lock that someone must release:
+
+- the holder rewrites it every ``beat`` seconds; a lease not rewritten for ``ttl`` seconds is free
+  (a job killed on another node, or a node that died);
+- a lease of a process on this host that no longer exists is free at once, so the usual "killed, run the
+  same command again" on one machine never waits;
+- a lease that missed two beats is waited out rather than refused (a retry on a new node after its first
+  attempt's node died starts once it lapses); one renewed lately is refused at once;
+- two jobs that start in the same second both write it; each reads it back after ``settle`` seconds and
+  only the one whose write landed last goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from fashionlabel import storage
+
+log = logging.getLogger(__name__)
+
+
+class LeaseHeld(RuntimeError):
+    """Another live job holds the lease."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+class Lease:
+    """``with Lease(uri, what):`` holds ``uri`` for the block, or raises :class:`LeaseHeld` naming the holder."""
+
+    def __init__(self, uri: str, what: str, ttl: float = 120.0, beat: float = 20.0, settle: float = 1.0):
+        self.uri, self.what, self.ttl, self.beat, self.settle = uri, what, ttl, beat, settle
+        self.me = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            held = storage.read_json(self.uri)
+        except (OSError, storage.StorageError, ValueError):  # absent, or cut short by a kill mid-write
+            return None
+        return held if isinstance(held, dict) and "owner" in held else None
+
+    def _free(self, held: dict[str, Any]) -> bool:
+        if held["owner"] == self.me["owner"]:
+            return True
+        if time.time() - float(held.get("heartbeat", 0)) > self.ttl:
+            return True
+        return held.get("host") == self.me["host"] and not _alive(int(held.get("pid", -1)))
+
+    def _refuse(self, held: dict[str, Any]) -> LeaseHeld:
+        age = time.time() - float(held.get("heartbeat", 0))
+        return LeaseHeld(
+            f"{self.what} is being run by another job (pid {held.get('pid')} on {held.get('host')}, started "
+            f"{held.get('started', '?')}, last seen {age:.0f} s ago): wait for it to finish. If that job is "
+            f"gone, its lease {self.uri} lapses {self.ttl:.0f} s after it was last seen"
+        )
+
+    def _write(self) -> None:
+        storage.write_json(self.uri, self.me | {"heartbeat": time.time()})
+
+    def __enter__(self) -> Lease:
+        while (held := self._read()) and not self._free(held):
+            age = time.time() - float(held.get("heartbeat", 0))
+            if age < 2 * self.beat:  # renewed lately: its holder is at work
+                raise self._refuse(held)
+            # two beats missed: a holder killed on another node (a retry on a new cluster). Wait for its
+            # lease to lapse rather than fail the retry; a holder that beats again is refused above
+            wait = min(self.ttl - age, self.beat) + 0.1
+            log.info("%s: waiting %.0f s for the lease of a job last seen %.0f s ago", self.what, wait, age)
+            time.sleep(wait)
+        self.me["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._write()
+        time.sleep(self.settle)  # a job that wrote in the same moment: the last write wins
+        held = self._read()
+        if not held or held["owner"] != self.me["owner"]:
+            raise self._refuse(held or self.me)
+        self._thread = threading.Thread(target=self._heartbeat, name="lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.beat):
+            try:
+                self._write()
+            except (OSError, storage.StorageError) as e:  # a store that blinks: the next beat tries again
+                log.warning("cannot renew the lease %s: %s", self.uri, storage.redact(e))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        held = self._read()
+        if held and held["owner"] == self.me["owner"]:
+            storage.delete(self.uri)

@@ -1,0 +1,94 @@
+"""The nightly lease: one job per root, free again at once after a local kill, after its TTL elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from fashionlabel.lease import Lease, LeaseHeld
+from fashionlabel.nightly import NightlyError, run_nightly
+
+
+def _read(uri):
+    with open(uri) as f:
+        return json.load(f)
+
+
+def test_a_live_holder_is_refused_by_name_and_the_lease_goes_with_its_block(tmp_path):
+    uri = str(tmp_path / "lease")
+    with Lease(uri, "root R", settle=0.05) as first:
+        with pytest.raises(LeaseHeld, match=rf"root R is being run by another job \(pid {os.getpid()} on "):
+            Lease(uri, "root R", settle=0.05).__enter__()
+        assert _read(uri)["owner"] == first.me["owner"]  # untouched by the refusal
+    assert not os.path.exists(uri)
+    with Lease(uri, "root R", settle=0.05):  # free again
+        pass
+
+
+def test_a_holder_killed_on_this_host_frees_it_at_once(tmp_path):
+    uri = tmp_path / "lease"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)  # a process that has exited: what a kill -9 leaves behind
+    uri.write_text(
+        json.dumps({"owner": "x", "host": socket.gethostname(), "pid": pid, "heartbeat": time.time()})
+    )
+    with Lease(str(uri), "root R", settle=0.05) as lease:
+        assert json.loads(uri.read_text())["owner"] == lease.me["owner"]
+
+
+def test_a_holder_on_another_host_holds_it_until_its_heartbeat_lapses(tmp_path):
+    uri = tmp_path / "lease"
+    other = {"owner": "x", "host": "node-7", "pid": 1, "started": "2026-11-24T01:00:00Z"}
+    uri.write_text(json.dumps(other | {"heartbeat": time.time() - 30}))
+    with pytest.raises(LeaseHeld, match=r"pid 1 on node-7, started 2026-11-24T01:00:00Z, last seen 30 s ago"):
+        Lease(str(uri), "root R", ttl=120, beat=20, settle=0.05).__enter__()
+    uri.write_text(json.dumps(other | {"heartbeat": time.time() - 121}))
+    with Lease(str(uri), "root R", ttl=120, settle=0.05):
+        pass
+    # two beats missed: the holder is taken for dead and its lease waited out, not refused
+    uri.write_text(json.dumps(other | {"heartbeat": time.time() - 2.5}))
+    t0 = time.time()
+    with Lease(str(uri), "root R", ttl=4, beat=1, settle=0.05):
+        assert 1.0 < time.time() - t0 < 3.5
+
+
+def test_the_holder_renews_it_and_of_two_at_once_only_one_goes_on(tmp_path):
+    uri = str(tmp_path / "lease")
+    with Lease(uri, "root R", beat=0.1, settle=0.05):
+        t = _read(uri)["heartbeat"]
+        time.sleep(0.5)
+        assert _read(uri)["heartbeat"] > t  # a long night is not taken as dead
+    results = []
+
+    def start():
+        try:
+            with Lease(uri, "root R", settle=0.5):
+                results.append("ran")
+                time.sleep(0.5)
+        except LeaseHeld:
+            results.append("refused")
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(results) == ["ran", "refused"]
+
+
+def test_a_second_nightly_on_the_same_root_is_refused_before_it_does_anything(tmp_path):
+    root = tmp_path / "root"
+    lease = Lease(str(root / "work" / "_nightly.lease"), "the scheduled night", settle=0.05)
+    refusal = pytest.raises(NightlyError, match=r"is being run by another job \(pid \d+ on .*wait for it")
+    with lease, refusal:
+        run_nightly(str(tmp_path / "catalog.csv"), str(tmp_path / "model"), str(root), "2026-11-24")
+    assert sorted(p.name for p in root.rglob("*")) == ["work"]  # nothing written but the lease's folder
