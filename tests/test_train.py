@@ -335,3 +335,55 @@ def test_a_taxonomy_of_multi_label_heads_only_evaluates(small_shards, tmp_path):
     r = evaluate(str(tmp_path / "m"), str(small_shards), "test")
     assert set(r["metrics"]["heads"]) == {"attributes"} and r["metrics"]["heads"]["attributes"]["n"] > 0
     assert not list((tmp_path / "m").glob("confusion-*.png"))
+
+
+def test_a_model_or_checkpoints_of_other_shards_are_refused_not_resumed(
+    ray_session, small_catalog, small_shards, tiny_model, tmp_path
+):
+    """The same settings on another shard set would resume the finished (or killed) run's checkpoints and
+    export them calibrated and measured on the new shards, as if trained on them: refused by name."""
+    import csv
+    import shutil
+
+    from conftest import write_catalog
+
+    from fashionlabel.shards import ShardConfig, shard_catalog
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train import checkpoint as ckpt
+    from fashionlabel.train.loop import TrainConfig
+    from fashionlabel.train.run import train
+
+    with open(small_catalog, newline="") as f:
+        rows = list(csv.DictReader(f))[:400]  # another catalog: a part of the first one
+    other = tmp_path / "other-shards"
+    tax = Taxonomy.load("fashion-product-images")
+    shard_catalog(str(write_catalog(tmp_path / "c.csv", rows)), str(other), tax, ShardConfig())
+    cfg = TrainConfig(model="fl_tiny", epochs=2, workers=2, cutmix=0.5)  # tiny_model's settings
+    before = (tiny_model / "version").read_text()
+    with pytest.raises(ValueError, match=r"holds a model trained on other shards than .*--overwrite"):
+        train(str(other), str(tiny_model), cfg, 2)
+    assert (tiny_model / "version").read_text() == before
+    assert json.loads((tiny_model / "model.json").read_text())["training"]["shards_fingerprint"]
+    # a killed run's checkpoints (no model yet), re-run on other shards
+    killed = tmp_path / "killed"
+    shutil.copytree(
+        tiny_model.parent / "model.train" / "checkpoints", tmp_path / "killed.train" / "checkpoints"
+    )
+    with pytest.raises(
+        ValueError, match=r"checkpoints of a run on other shards than .*resume it on the shards"
+    ):
+        train(str(other), str(killed), cfg, 2)
+    assert not killed.exists()
+    assert ckpt.load(str(tmp_path / "killed.train" / "checkpoints"))["epoch"] == 1  # untouched
+
+    from fashionlabel.train.run import shards_fingerprint, training_taxonomy
+
+    assert shards_fingerprint(str(other), training_taxonomy(str(other))) != shards_fingerprint(
+        str(small_shards), training_taxonomy(str(small_shards))
+    )
+    # the same shard set elsewhere is the same data: its run would resume
+    moved = tmp_path / "moved"
+    shutil.copytree(small_shards, moved)
+    assert shards_fingerprint(str(moved), training_taxonomy(str(moved))) == shards_fingerprint(
+        str(small_shards), training_taxonomy(str(small_shards))
+    )

@@ -127,7 +127,7 @@ def _worker(config: dict[str, Any]) -> None:
     per_worker = max(1, cfg.batch_size // world)
     steps = max(1, math.ceil(config["max_share"] / per_worker))
     parts = _build(cfg, tax, device, steps, rank)
-    progress = _resume(config["ckpt_dir"], parts, cfg, tax, rank)
+    progress = _resume(config["ckpt_dir"], parts, cfg, tax, rank, config.get("shards_fingerprint"))
     targets = {k: torch.as_tensor(v) for k, v in mine.targets.items()}
     stop = torch.zeros(1, device=device)  # NCCL (--gpu) broadcasts device tensors only
     for epoch in range(progress.start, cfg.epochs):
@@ -212,11 +212,19 @@ def init_state(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _resume(ckpt_dir: str, parts: _Parts, cfg: TrainConfig, tax: Taxonomy, rank: int) -> _Progress:
-    """Load the last checkpoint of this same run (same taxonomy version and config) into ``parts``."""
+def _resume(
+    ckpt_dir: str, parts: _Parts, cfg: TrainConfig, tax: Taxonomy, rank: int, data: str | None
+) -> _Progress:
+    """Load the last checkpoint of this same run (same taxonomy version, config and shards: ``data``, their
+    fingerprint) into ``parts``. Another run's checkpoints are refused on the driver unless --overwrite."""
     progress = _Progress()
     state = ckpt.load(ckpt_dir)
-    if state is not None and state["taxonomy_version"] == tax.version and same_config(state["config"], cfg):
+    if (
+        state is not None
+        and state["taxonomy_version"] == tax.version
+        and same_config(state["config"], cfg)
+        and state.get("shards_fingerprint", data) == data
+    ):
         parts.load(state)
         progress = _Progress(
             start=state["epoch"] + 1,
@@ -308,6 +316,7 @@ def _validate_and_save(
         "weights": weights,
         "config": asdict(cfg),
         "taxonomy_version": tax.version,
+        "shards_fingerprint": config.get("shards_fingerprint"),
         "history": progress.history,
         "starts": progress.starts,
         "best_score": progress.best,
@@ -351,6 +360,7 @@ def fit(
     std: Sequence[float],
     num_cpus: float,
     checkpoints: str | None = None,
+    data: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) training; return the best checkpoint's state.
 
@@ -359,6 +369,8 @@ def fit(
         mean, std: per-channel (RGB) normalisation of the model's input.
         checkpoints: folder or ``s3://`` prefix for last.pt / best.pt (default ``run_dir/checkpoints``);
             a run restarted with the same command and storage resumes from its last.pt.
+        data: the shards' fingerprint (``run.shards_fingerprint``), kept in the checkpoints: a run resumes
+            only the checkpoints of the same shards.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -380,6 +392,7 @@ def fit(
         "std": list(std),
         "threads": threads,
         "single": [h.name for h in taxonomy.single_heads],
+        "shards_fingerprint": data,
     }
     # Shares of the cluster's CPUs, so that any worker count fits (more workers than CPUs only time-slice).
     res_per_worker = (

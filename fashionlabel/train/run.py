@@ -73,10 +73,34 @@ def train(
         cfg = dataclasses.replace(cfg, init_weights=check_init_weights(cfg.init_weights, cfg.model, taxonomy))
     _check_resources(cfg)
     _check_checkpoint_reach(out, checkpoints)
-    _check_out(shards, out, cfg, checkpoints or storage.join(run_dir, "checkpoints"), overwrite)
+    data = shards_fingerprint(shards, taxonomy)
+    _check_out(shards, out, cfg, checkpoints or storage.join(run_dir, "checkpoints"), overwrite, data)
     _check_writable(out, checkpoints)
-    best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints)
+    best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints, data)
     return export_state(shards, out, best, taxonomy) | {"seconds": time.time() - t0}
+
+
+def shards_fingerprint(shards: str, taxonomy: Taxonomy) -> str:
+    """What a run learns from, as a hash: the taxonomy version, the shard set's image settings and every
+    packed product's id, source image (sha256), size and labels (``index.parquet``). Where the shards lie
+    is left out, so a moved copy of the same shard set resumes its run; a shard set of another catalog,
+    other labels or another taxonomy does not (resuming on it would mix two data sets in one model)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    stats = storage.read_json(storage.join(shards, "stats.json"))
+    settings = {k: stats.get("config", {}).get(k) for k in ("max_side", "jpeg_quality")}
+    idx = storage.read_parquet(storage.join(shards, "index.parquet"))
+    idx = idx.drop_columns([c for c in ("key", "shard", "image_uri") if c in idx.column_names])
+    idx = idx.select(sorted(idx.column_names)).sort_by("product_id").combine_chunks()
+    idx = idx.replace_schema_metadata(None)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, idx.schema) as w:
+        w.write_table(idx)
+    h = hashlib.sha256(json.dumps([taxonomy.version, settings], sort_keys=True).encode())
+    h.update(sink.getvalue().to_pybytes())
+    return h.hexdigest()[:16]
 
 
 def _differences(saved: dict[str, Any], cfg: TrainConfig) -> str:
@@ -86,10 +110,11 @@ def _differences(saved: dict[str, Any], cfg: TrainConfig) -> str:
     return ", ".join(f"{k} {was[k]} → {now[k]}" for k in now if was.get(k) != now[k])
 
 
-def _check_out(shards: str, out: str, cfg: TrainConfig, checkpoints: str, overwrite: bool) -> None:
+def _check_out(shards: str, out: str, cfg: TrainConfig, checkpoints: str, overwrite: bool, data: str) -> None:
     """Refuse, before any worker starts, an ``--out`` that training would destroy: anything but a new or
     empty folder or a model artifact (the artifact is replaced atomically, and the folder with it), the
-    shard set itself, or a model or checkpoints trained with other settings (unless ``overwrite``)."""
+    shard set itself, or a model or checkpoints trained with other settings or on other shards (``data``:
+    their :func:`shards_fingerprint`), unless ``overwrite``."""
     if not storage.is_s3(out):
         o, sh = Path(out).absolute(), Path(shards.removeprefix("file://")).absolute()
         if o == sh or o in sh.parents or sh in o.parents:
@@ -98,11 +123,19 @@ def _check_out(shards: str, out: str, cfg: TrainConfig, checkpoints: str, overwr
             )
     check_replaceable(out)
     spec = storage.join(out, "model.json")
-    saved = storage.read_json(spec).get("training", {}).get("config") if storage.exists(spec) else None
+    held = storage.read_json(spec).get("training", {}) if storage.exists(spec) else {}
+    saved = held.get("config")
     if saved is not None and not same_config(saved, cfg) and not overwrite:
         raise ValueError(
             f"--out {out} holds a model trained with other settings ({_differences(saved, cfg)}): give "
             "another --out, or add --overwrite to replace it"
+        )
+    # A model of the same settings trained on other shards: a re-run would resume its finished
+    # checkpoints and export them calibrated and measured on these shards, as if trained on them.
+    if held.get("shards_fingerprint") not in (None, data) and not overwrite:
+        raise ValueError(
+            f"--out {out} holds a model trained on other shards than {shards} (another catalog, other "
+            "labels, images or taxonomy): give another --out, or add --overwrite to replace it"
         )
     state = ckpt.load(checkpoints)
     if state is not None and not same_config(state["config"], cfg) and not overwrite:
@@ -110,6 +143,13 @@ def _check_out(shards: str, out: str, cfg: TrainConfig, checkpoints: str, overwr
             f"{checkpoints} holds the checkpoints of a run with other settings ({_differences(state['config'], cfg)}),"
             " which this run would replace: run the same command as before to resume it, give another --out "
             "(or --storage), or add --overwrite to start again"
+        )
+    # (a checkpoint written before fingerprints were kept is taken as the same run, as it always was)
+    if state is not None and state.get("shards_fingerprint", data) != data and not overwrite:
+        raise ValueError(
+            f"{checkpoints} holds the checkpoints of a run on other shards than {shards} (another catalog, "
+            "other labels, images or taxonomy), which this run would replace: resume it on the shards it "
+            "started with, give another --out (or --storage), or add --overwrite to start again"
         )
 
 
@@ -228,6 +268,7 @@ def export_state(shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy
         "epochs_run": len(history),
         "weights": weights,
         "starts": best.get("starts", [0]),
+        "shards_fingerprint": shards_fingerprint(shards, taxonomy),  # what it was calibrated and measured on
     }  # no throughput: a measured rate would give the same weights another version
     # Deployment form: re-parameterisable blocks (RepVGG) fused into plain convs; same outputs, faster.
     deploy = reparameterize_model(model)
