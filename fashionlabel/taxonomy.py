@@ -80,6 +80,46 @@ class Head:
         return out
 
 
+def _check_head(h: Head) -> None:
+    """One head's own declaration: values, weights, threshold, "not visible" value and groups. Each of
+    these mistakes would otherwise train silently wrong (a duplicate value is a class no label reaches, a
+    weight ≤ 0 trains the head away from its labels) or fail mid-run (a head without values)."""
+    where = f"head {h.name!r}"
+    if h.values is not None:
+        if not h.values:
+            raise TaxonomyError(
+                f"{where} has no values (learned ones come from its catalog column {h.column!r}: "
+                "is that column in the catalog, with labels in its training products?)"
+            )
+        dup = sorted({v for v in h.values if h.values.count(v) > 1})
+        if dup:
+            raise TaxonomyError(f"{where}: duplicate values {dup[:5]}")
+    for name, w in (("weight", h.weight), ("w_pos", h.w_pos)):
+        if not w > 0:  # NaN fails too
+            raise TaxonomyError(f"{where}: {name} must be > 0, not {w}")
+    if not h.w_neg >= 0:
+        raise TaxonomyError(f"{where}: w_neg must be ≥ 0, not {h.w_neg}")
+    if h.threshold is not None and not (isinstance(h.threshold, int | float) and 0 <= h.threshold <= 1):
+        raise TaxonomyError(f"{where}: threshold must be a probability in [0, 1], not {h.threshold!r}")
+    if h.not_visible is not None:
+        if h.kind != "single":
+            raise TaxonomyError(f"{where}: only a single head declares a 'not_visible' value")
+        if h.values is not None and h.not_visible not in h.values:
+            raise TaxonomyError(f"{where}: its not_visible value {h.not_visible!r} is not one of its values")
+    if h.groups and h.kind != "multi":
+        raise TaxonomyError(f"{where}: only a multi head has groups")
+    seen: dict[str, str] = {}
+    for g, vals in h.groups.items():
+        for v in vals:
+            if v in seen and seen[v] != g:
+                raise TaxonomyError(f"{where}: value {v!r} is in two groups, {seen[v]!r} and {g!r}")
+            seen[v] = g
+    if h.values is not None and not h.patterns:
+        stray = [v for v in seen if v not in h.index]
+        if stray:
+            raise TaxonomyError(f"{where}: groups name values it does not have: {stray[:5]}")
+
+
 @dataclass(frozen=True)
 class Taxonomy:
     """The heads a model predicts, from a dict (:meth:`from_dict`) or a built-in name or file (:meth:`load`);
@@ -95,13 +135,21 @@ class Taxonomy:
     def from_dict(cls, d: Mapping[str, Any]) -> Taxonomy:
         if not isinstance(d, Mapping) or "heads" not in d or "name" not in d:
             raise TaxonomyError("a taxonomy needs 'name' and 'heads'")
+        if not isinstance(d["heads"], list) or not d["heads"]:
+            raise TaxonomyError(f"taxonomy {d['name']!r}: 'heads' must be a non-empty list of heads")
         heads = []
         for h in d["heads"]:
+            if not isinstance(h, Mapping) or not isinstance(h.get("name"), str) or not h["name"]:
+                raise TaxonomyError(f"taxonomy {d['name']!r}: every head needs a 'name' (got {h!r:.80})")
             h = dict(h)
             kind = h.get("kind", "single")
             if kind not in ("single", "multi"):
                 raise TaxonomyError(f"head {h.get('name')!r}: kind must be 'single' or 'multi', not {kind!r}")
             values = h.get("values", "learn")
+            if values != "learn" and not isinstance(values, list):  # a bare string would become its letters
+                raise TaxonomyError(
+                    f"head {h['name']!r}: values must be a list or 'learn', not {values!r:.80}"
+                )
             patterns = {g: dict(p) for g, p in (h.get("patterns") or {}).items()}
             groups = {g: tuple(v) for g, v in (h.get("groups") or {}).items()}
             if patterns:  # mined heads: values and groups follow from the patterns
@@ -152,10 +200,17 @@ class Taxonomy:
     def _check(self) -> None:
         names = [h.name for h in self.heads]
         if len(set(names)) != len(names):
-            raise TaxonomyError(f"taxonomy {self.name!r}: duplicate head names")
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise TaxonomyError(f"taxonomy {self.name!r}: duplicate head names {dup}")
         for h in self.heads:
+            _check_head(h)
             if h.parent is None:
                 continue
+            if h.parent not in names:
+                raise TaxonomyError(
+                    f"head {h.name!r}: parent {h.parent!r} is not a head of taxonomy {self.name!r} "
+                    f"(its heads: {', '.join(names)})"
+                )
             parent = self.head(h.parent)
             if parent.kind != "single" or h.kind != "single":
                 raise TaxonomyError(f"hierarchy {h.parent} -> {h.name}: both heads must be single")

@@ -103,3 +103,50 @@ def test_bad_taxonomy_files(tmp_path):
     p.write_text("name: x\nheads: [{name: a, kind: ranking}]\n")
     with pytest.raises(TaxonomyError, match="kind must be"):
         Taxonomy.load(p)
+
+
+@pytest.mark.parametrize(
+    "heads, error",
+    [
+        ("[{name: s, values: [short, long, short]}]", r"head 's': duplicate values \['short'\]"),
+        ("[{name: t, kind: multi, values: [red, blue, red]}]", r"head 't': duplicate values \['red'\]"),
+        ("[{name: s, values: []}]", r"head 's' has no values .*catalog column 's'"),
+        ("[{name: s, values: short}]", r"head 's': values must be a list or 'learn', not 'short'"),
+        ("[{name: s, values: [a, b], weight: 0}]", r"head 's': weight must be > 0, not 0.0"),
+        ("[{name: s, values: [a, b], weight: -1}]", r"head 's': weight must be > 0, not -1.0"),
+        ("[{name: t, kind: multi, values: [a], w_pos: -1}]", r"head 't': w_pos must be > 0"),
+        ("[{name: t, kind: multi, values: [a], w_neg: -0.1}]", r"head 't': w_neg must be ≥ 0"),
+        ("[{name: t, kind: multi, values: [a], threshold: 7}]", r"threshold must be a probability"),
+        ("[{name: s, values: [a, b], not_visible: hidden}]", r"not_visible value 'hidden' is not one of"),
+        (
+            "[{name: t, kind: multi, values: [red, blue], groups: {colour: [red, green]}}]",
+            r"head 't': groups name values it does not have: \['green'\]",
+        ),
+        (
+            "[{name: t, kind: multi, values: [red], groups: {a: [red], b: [red]}}]",
+            r"value 'red' is in two groups, 'a' and 'b'",
+        ),
+        (
+            "[{name: sub, values: [Topwear], parent: nosuch, parent_map: {Topwear: Apparel}}]",
+            r"head 'sub': parent 'nosuch' is not a head of taxonomy 'x' \(its heads: sub\)",
+        ),
+        ("[{name: a, values: [x]}, {name: a, values: [y]}]", r"duplicate head names \['a'\]"),
+        ("[{kind: single, values: [x]}]", r"every head needs a 'name'"),
+        ("{a: {values: [x]}}", r"'heads' must be a non-empty list"),
+    ],
+)
+def test_taxonomy_mistakes_are_named(tmp_path, heads, error):
+    """Each mistake is refused by name when the file is loaded: none trains silently wrong (a duplicate
+    value is a class no label reaches, a weight ≤ 0 trains a head away from its labels)."""
+    p = tmp_path / "t.yaml"
+    p.write_text(f"name: x\nheads: {heads}\n")
+    with pytest.raises(TaxonomyError, match=error):
+        Taxonomy.load(p)
+
+
+def test_learning_no_values_for_a_head_names_its_column():
+    """A head that learns its values from a column the catalog lacks has none to learn: named, not a
+    model with an empty head."""
+    tax = Taxonomy.from_dict({"name": "x", "heads": [{"name": "sleeve", "column": "sleeveLength"}]})
+    with pytest.raises(TaxonomyError, match=r"head 'sleeve' has no values .*column 'sleeveLength'"):
+        tax.learn([{"sleeve": None}, {"sleeve": None}])
