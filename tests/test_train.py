@@ -387,3 +387,48 @@ def test_a_model_or_checkpoints_of_other_shards_are_refused_not_resumed(
     assert shards_fingerprint(str(moved), training_taxonomy(str(moved))) == shards_fingerprint(
         str(small_shards), training_taxonomy(str(small_shards))
     )
+
+
+def test_evaluate_refuses_shards_whose_labels_the_model_cannot_be_measured_on(small_shards, tmp_path):
+    """Shards of another taxonomy gave NaN metrics (written over the model's evaluation), or quietly left
+    out the products whose label the model lacks; now each case is named before anything is written."""
+    from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
+    from fashionlabel.models import create_model
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.export import save_artifact
+    from fashionlabel.train.run import evaluate
+
+    pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    full = Taxonomy.load("fashion-product-images").to_dict()
+
+    def model_of(name: str, heads: list[dict]) -> str:
+        tax = Taxonomy.from_dict({"name": name, "heads": heads})
+        out = tmp_path / name
+        save_artifact(
+            out, create_model("fl_tiny", tax), architecture="fl_tiny", taxonomy=tax, preprocessing=pre
+        )
+        return str(out)
+
+    other = model_of("sleeves", [{"name": "sleeveLength", "values": ["not visible", "short", "long"]}])
+    with pytest.raises(
+        ValueError, match=r"none of the model's heads \(sleeveLength\) is labelled in .*gender"
+    ):
+        evaluate(other, str(small_shards), "test")
+    assert not list((tmp_path / "sleeves").glob("evaluation-*"))
+    fewer = model_of("two-genders", [{"name": "gender", "values": ["Men", "Women"]}])
+    with pytest.raises(
+        ValueError, match=r"head 'gender': .* holds labels the model cannot predict \(.*Unisex"
+    ):
+        evaluate(fewer, str(small_shards), "test")
+    attrs = next(h for h in full["heads"] if h["name"] == "attributes")
+    few_attrs = {"name": "attributes", "kind": "multi", "values": attrs["values"][:3]}
+    with pytest.raises(ValueError, match=r"head 'attributes': .* holds labels the model cannot predict"):
+        evaluate(model_of("few-attributes", [few_attrs]), str(small_shards), "test")
+    kind = model_of("kind", [{"name": "gender", "kind": "multi", "values": ["Men", "Women", "Unisex"]}])
+    with pytest.raises(ValueError, match=r"head 'gender' is a multi head in the model and a single one"):
+        evaluate(kind, str(small_shards), "test")
+    # a subset of the shards' heads with all their values measures as before
+    r = evaluate(
+        model_of("subset", [h for h in full["heads"] if h["name"] == "usage"]), str(small_shards), "test"
+    )
+    assert r["metrics"]["heads"]["usage"]["n"] > 0

@@ -221,6 +221,9 @@ def prune_artifact(
     check_replaceable(out)
     model, spec = load_artifact(model_dir)
     tax, pre = spec["taxonomy_obj"], spec["preprocessing"]
+    from fashionlabel.train.run import check_shard_labels
+
+    check_shard_labels(tax, shards)  # accuracy and the refitted calibration need the model's labels
     size = tuple(pre["size"])
     uris = list_shards(shards)
     train = load_samples(uris, tax, size, split="train")

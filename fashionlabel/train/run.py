@@ -232,6 +232,44 @@ def _check_splits(shards: str) -> None:
         )
 
 
+def check_shard_labels(taxonomy: Taxonomy, shards: str) -> None:
+    """Refuse a shard set whose labels a model of ``taxonomy`` cannot be measured or calibrated on: none of
+    its heads labelled there, a head of another kind, or labels outside a head's values. Metrics would
+    otherwise come out NaN, or quietly leave those products out of a single head's figures and score them
+    as negatives on a multi head; a calibration fitted there would be fitted on nothing."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if training_taxonomy(shards).version == taxonomy.version:
+        return
+    idx = storage.read_parquet(storage.join(shards, "index.parquet"))
+    labelled = [h for h in taxonomy.heads if h.name in idx.column_names]
+    if not labelled:
+        raise ValueError(
+            f"none of the model's heads ({', '.join(h.name for h in taxonomy.heads)}) is labelled in "
+            f"{shards} (its taxonomy {shards_taxonomy(shards).name!r} has "
+            f"{', '.join(h.name for h in shards_taxonomy(shards).heads)}): give shards written with the "
+            "model's taxonomy (`fashionlabel shard --taxonomy …`)"
+        )
+    for h in labelled:
+        col = idx.column(h.name)
+        is_list = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+        if is_list != (h.kind == "multi"):
+            raise ValueError(
+                f"head {h.name!r} is a {h.kind} head in the model and a "
+                f"{'multi' if is_list else 'single'} one in {shards}: give shards of the model's taxonomy"
+            )
+        seen = pc.unique(pc.list_flatten(col) if is_list else col).to_pylist()
+        extra = sorted(v for v in seen if v is not None and v not in h.index)
+        if extra:
+            raise ValueError(
+                f"head {h.name!r}: {shards} holds labels the model cannot predict ({', '.join(extra[:5])}"
+                f"{', …' if len(extra) > 5 else ''}; its values are those of taxonomy {taxonomy.name!r} "
+                f"{taxonomy.version}): those products would drop out of its figures, so give shards of "
+                "the model's taxonomy"
+            )
+
+
 def training_taxonomy(shards: str) -> Taxonomy:
     """The shards' taxonomy, with values learned from the index where a head declares none."""
     taxonomy = shards_taxonomy(shards)
@@ -318,6 +356,7 @@ def evaluate(
     t0 = time.time()
     pred = Predictor(model_dir)
     tax = pred.taxonomy
+    check_shard_labels(tax, shards)
     samples = load_samples(list_shards(shards), tax, pred.size, split=split)
     if len(samples) == 0:  # nothing to measure: the artifact's earlier evaluation stays as it is
         raise ValueError(f"no {split or 'readable'} products in {shards} to evaluate on")
