@@ -432,3 +432,35 @@ def test_evaluate_refuses_shards_whose_labels_the_model_cannot_be_measured_on(sm
         model_of("subset", [h for h in full["heads"] if h["name"] == "usage"]), str(small_shards), "test"
     )
     assert r["metrics"]["heads"]["usage"]["n"] > 0
+
+
+def test_train_refuses_a_head_no_training_product_is_labelled_for(ray_session, small_catalog, tmp_path):
+    """A taxonomy head whose column the catalog lacks trained on nothing, and the model then labelled
+    every product with the untrained head's guesses: refused by name before any worker starts."""
+    from fashionlabel.shards import ShardConfig, shard_catalog
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.loop import TrainConfig
+    from fashionlabel.train.run import train
+
+    tax = Taxonomy.from_dict(
+        {
+            "name": "sleeves",
+            "heads": [
+                {
+                    "name": "sleeveLength",
+                    "values": ["not visible", "short", "long"],
+                    "not_visible": "not visible",
+                },
+                {"name": "gender"},
+            ],
+        }
+    )
+    shards = tmp_path / "shards"
+    shard_catalog(str(small_catalog), str(shards), tax, ShardConfig())
+    with pytest.raises(
+        ValueError,
+        match=r"head 'sleeveLength' \(column 'sleeveLength'\) of taxonomy 'sleeves': no training product "
+        r"in .* has a label.*missing from the catalog",
+    ):
+        train(str(shards), str(tmp_path / "m"), TrainConfig(model="fl_tiny", epochs=1, workers=1), 2)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.train").exists()

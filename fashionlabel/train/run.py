@@ -64,6 +64,7 @@ def train(
     t0 = time.time()
     taxonomy = training_taxonomy(shards)
     _check_splits(shards)
+    _check_head_labels(shards, taxonomy)
     if storage.is_s3(out):  # Ray Train's own state stays local; the checkpoints go beside the model
         run_dir = str(cache_root() / "runs" / out.removeprefix("s3://").replace("/", "_")) + ".train"
         checkpoints = checkpoints or out.rstrip("/") + ".train/checkpoints"
@@ -268,6 +269,27 @@ def check_shard_labels(taxonomy: Taxonomy, shards: str) -> None:
                 f"{taxonomy.version}): those products would drop out of its figures, so give shards of "
                 "the model's taxonomy"
             )
+
+
+def _check_head_labels(shards: str, taxonomy: Taxonomy) -> None:
+    """Refuse, before any worker starts, a head that no training product is labelled for (its catalog
+    column missing or blank): it would train on nothing, and the model would label every product with
+    its untrained guesses."""
+    idx = storage.read_parquet(storage.join(shards, "index.parquet"))
+    train_rows = np.array([split_of(p) == "train" for p in idx.column("product_id").to_pylist()])
+    empty = [
+        h
+        for h in taxonomy.heads
+        if h.name not in idx.column_names
+        or not np.asarray(idx.column(h.name).is_valid().to_numpy(zero_copy_only=False))[train_rows].any()
+    ]
+    if empty:
+        raise ValueError(
+            f"{', '.join(f'head {h.name!r} (column {h.column!r})' for h in empty)} of taxonomy "
+            f"{taxonomy.name!r}: no training product in {shards} has a label, so the head would train on "
+            "nothing: is the column missing from the catalog, or blank? Add its labels, or drop the head "
+            "from the taxonomy"
+        )
 
 
 def training_taxonomy(shards: str) -> Taxonomy:
