@@ -166,6 +166,11 @@ def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
     out["hierarchy (raw argmax) consistency"] = json.dumps(
         {k: round(v, 3) for k, v in r["metrics"]["hierarchy_consistency_raw"].items()}
     )
+    for head, values in r["metrics"]["labels_outside_model"].items():
+        out[f"{head}: not scored"] = (
+            f"{sum(values.values())} product(s) of the shard set labelled with values the model lacks "
+            f"({', '.join(list(values)[:5])}{', …' if len(values) > 5 else ''})"
+        )
     out["time"] = (
         f"{r['seconds']:.1f} s ({r['n'] / max(r['seconds'], 1e-9):,.0f} products/s, decode included)"
     )

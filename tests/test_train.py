@@ -389,9 +389,19 @@ def test_a_model_or_checkpoints_of_other_shards_are_refused_not_resumed(
     )
 
 
+def _index_rows(shards, split=None):
+    import pyarrow.parquet as pq
+
+    from fashionlabel.data import split_of
+
+    rows = pq.read_table(shards / "index.parquet").to_pylist()
+    return [r for r in rows if split is None or split_of(r["product_id"]) == split]
+
+
 def test_evaluate_refuses_shards_whose_labels_the_model_cannot_be_measured_on(small_shards, tmp_path):
-    """Shards of another taxonomy gave NaN metrics (written over the model's evaluation), or quietly left
-    out the products whose label the model lacks; now each case is named before anything is written."""
+    """Shards of another taxonomy gave NaN metrics (written over the model's evaluation): refused before
+    anything is written. Labels outside a head's values (unseen products may carry one) are counted in
+    the evaluation instead of quietly left out."""
     from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
     from fashionlabel.models import create_model
     from fashionlabel.taxonomy import Taxonomy
@@ -415,15 +425,20 @@ def test_evaluate_refuses_shards_whose_labels_the_model_cannot_be_measured_on(sm
     ):
         evaluate(other, str(small_shards), "test")
     assert not list((tmp_path / "sleeves").glob("evaluation-*"))
+    # labels no training product had (unseen data may have them): measured on the rest, and counted
     fewer = model_of("two-genders", [{"name": "gender", "values": ["Men", "Women"]}])
-    with pytest.raises(
-        ValueError, match=r"head 'gender': .* holds labels the model cannot predict \(.*Unisex"
-    ):
-        evaluate(fewer, str(small_shards), "test")
+    r = evaluate(fewer, str(small_shards), "test")
+    unisex = r["metrics"]["labels_outside_model"]["gender"]["Unisex"]
+    assert unisex == sum(row["gender"] == "Unisex" for row in _index_rows(small_shards))
+    assert r["metrics"]["heads"]["gender"]["n"] == sum(
+        row["gender"] in ("Men", "Women") for row in _index_rows(small_shards, split="test")
+    )
     attrs = next(h for h in full["heads"] if h["name"] == "attributes")
     few_attrs = {"name": "attributes", "kind": "multi", "values": attrs["values"][:3]}
-    with pytest.raises(ValueError, match=r"head 'attributes': .* holds labels the model cannot predict"):
-        evaluate(model_of("few-attributes", [few_attrs]), str(small_shards), "test")
+    r = evaluate(model_of("few-attributes", [few_attrs]), str(small_shards), "test")
+    assert set(r["metrics"]["labels_outside_model"]["attributes"]) == set(attrs["values"][3:]) & {
+        v for row in _index_rows(small_shards) for v in row["attributes"] or []
+    }
     kind = model_of("kind", [{"name": "gender", "kind": "multi", "values": ["Men", "Women", "Unisex"]}])
     with pytest.raises(ValueError, match=r"head 'gender' is a multi head in the model and a single one"):
         evaluate(kind, str(small_shards), "test")

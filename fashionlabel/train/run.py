@@ -233,16 +233,20 @@ def _check_splits(shards: str) -> None:
         )
 
 
-def check_shard_labels(taxonomy: Taxonomy, shards: str) -> None:
+def check_shard_labels(taxonomy: Taxonomy, shards: str) -> dict[str, dict[str, int]]:
     """Refuse a shard set whose labels a model of ``taxonomy`` cannot be measured or calibrated on: none of
-    its heads labelled there, a head of another kind, or labels outside a head's values. Metrics would
-    otherwise come out NaN, or quietly leave those products out of a single head's figures and score them
-    as negatives on a multi head; a calibration fitted there would be fitted on nothing."""
+    its heads labelled there, or a head of another kind (metrics would come out NaN; a calibration fitted
+    there would be fitted on nothing).
+
+    Returns the labels outside a head's values, per head (value → products): products of unseen data
+    may carry a value no training product had. They cannot be scored against the model's values, so they
+    are left out of that head's figures, and the evaluation says how many, rather than refusing to
+    measure the rest."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if training_taxonomy(shards).version == taxonomy.version:
-        return
+        return {}
     idx = storage.read_parquet(storage.join(shards, "index.parquet"))
     labelled = [h for h in taxonomy.heads if h.name in idx.column_names]
     if not labelled:
@@ -252,6 +256,7 @@ def check_shard_labels(taxonomy: Taxonomy, shards: str) -> None:
             f"{', '.join(h.name for h in shards_taxonomy(shards).heads)}): give shards written with the "
             "model's taxonomy (`fashionlabel shard --taxonomy …`)"
         )
+    outside: dict[str, dict[str, int]] = {}
     for h in labelled:
         col = idx.column(h.name)
         is_list = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
@@ -260,15 +265,20 @@ def check_shard_labels(taxonomy: Taxonomy, shards: str) -> None:
                 f"head {h.name!r} is a {h.kind} head in the model and a "
                 f"{'multi' if is_list else 'single'} one in {shards}: give shards of the model's taxonomy"
             )
-        seen = pc.unique(pc.list_flatten(col) if is_list else col).to_pylist()
-        extra = sorted(v for v in seen if v is not None and v not in h.index)
+        counts = pc.value_counts(pc.list_flatten(col) if is_list else col).to_pylist()
+        extra = {c["values"]: c["counts"] for c in counts if c["values"] is not None}
+        extra = {v: n for v, n in sorted(extra.items()) if v not in h.index}
         if extra:
-            raise ValueError(
-                f"head {h.name!r}: {shards} holds labels the model cannot predict ({', '.join(extra[:5])}"
-                f"{', …' if len(extra) > 5 else ''}; its values are those of taxonomy {taxonomy.name!r} "
-                f"{taxonomy.version}): those products would drop out of its figures, so give shards of "
-                "the model's taxonomy"
+            outside[h.name] = extra
+            log.warning(
+                "head %s: %d product(s) of %s hold labels the model cannot predict (%s): they are left out "
+                "of its figures",
+                h.name,
+                sum(extra.values()),
+                shards,
+                ", ".join(list(extra)[:5]) + (", …" if len(extra) > 5 else ""),
             )
+    return outside
 
 
 def _check_head_labels(shards: str, taxonomy: Taxonomy) -> None:
@@ -378,7 +388,7 @@ def evaluate(
     t0 = time.time()
     pred = Predictor(model_dir)
     tax = pred.taxonomy
-    check_shard_labels(tax, shards)
+    outside = check_shard_labels(tax, shards)
     samples = load_samples(list_shards(shards), tax, pred.size, split=split)
     if len(samples) == 0:  # nothing to measure: the artifact's earlier evaluation stays as it is
         raise ValueError(f"no {split or 'readable'} products in {shards} to evaluate on")
@@ -388,6 +398,8 @@ def evaluate(
     metrics = evaluate_probs(tax, probs, samples.targets)
     metrics["n_products"] = len(samples)
     metrics["decode_errors"] = len(samples.errors)
+    # whole shard set, every split: labels no training product had, left out of their head's figures
+    metrics["labels_outside_model"] = outside
     # The hierarchy-consistent choice is what labelling writes: report its accuracy too.
     chosen = consistent_choice(tax, probs)
     for h in tax.single_heads:
