@@ -91,11 +91,23 @@ class _Progress:
     stopped: bool = False  # early stopping already ended this run
 
 
+def _quiet_ray_train() -> None:
+    """Ray Train logs every ``report`` call of every rank at INFO, with its whole metrics dict: two long
+    lines per epoch on the driver's console that repeat our own one-line epoch log. Its logger is named
+    after its file; where that module moves, this does nothing."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
 
+    _quiet_ray_train()
     cfg = TrainConfig(**config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
