@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> None:
             f,
             indent=2,
         )
+    unit = "img/CPU-s" if a.cpu_time else "img/s"
     print(
-        "| model | params (M) | GFLOPs 60×80 | GFLOPs 224 | train img/s 60×80 | label img/s 60×80 | "
-        "train img/s 224 | label img/s 224 |"
+        f"| model | params (M) | GFLOPs 60×80 | GFLOPs 224 | train {unit} 60×80 | label {unit} 60×80 | "
+        f"train {unit} 224 | label {unit} 224 |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -102,3 +102,26 @@ def test_gpu_suite_logs_each_phase_and_goes_on_after_a_failed_one(tmp_path):
     for phase in ("nosuch", "nosuch2"):
         log = (tmp_path / "res" / f"{phase}.log").read_text()
         assert f"unknown phase: {phase}" in log and f"== {phase}: exit 2" in log
+
+
+def test_models_table_names_the_unit_it_measured(tmp_path):
+    """With --cpu-time the figures are images per CPU-second, and the printed table's header says so (the
+    table of docs/models.md); without it, wall-clock images per second."""
+    headers = {}
+    for flag in ("--cpu-time", None):
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "models_table.py"),
+                *("--models", "fl_tiny", "--threads", "1", "--batch", "4", "--out", str(tmp_path / "t.json")),
+                *([flag] if flag else []),
+            ],
+            env=os.environ | {"PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        headers[flag] = next(ln for ln in r.stdout.splitlines() if ln.startswith("| model |"))
+    assert "train img/CPU-s 60×80 | label img/CPU-s 60×80" in headers["--cpu-time"]
+    assert "img/CPU-s" not in headers[None] and "train img/s 60×80" in headers[None]
