@@ -250,7 +250,9 @@ def _label_options(p: argparse.ArgumentParser) -> None:
 
 def _report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", required=True, help="labels root of `label`, or ROOT/labels of a nightly root")
-    p.add_argument("--out", required=True, help="the report's HTML file (its charts go beside it)")
+    p.add_argument(
+        "--out", required=True, help="the report's HTML file (self-contained: its charts are embedded in it)"
+    )
     p.add_argument("--date", default=None, help="night (nightly roots; default: the newest night)")
 
 
