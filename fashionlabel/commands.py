@@ -33,9 +33,22 @@ def check_settings(a: argparse.Namespace) -> None:
         "train": _train_config,
         "label": _label_config,
         "nightly": _nightly_config,
+        "demo": _demo_check,
     }
     if a.command in build:
         build[a.command](a)
+
+
+def _demo_check(a: argparse.Namespace) -> None:
+    """The demo's own settings (its epochs, its run date), checked as its train and label steps would
+    check them, but before its shard step writes anything."""
+    from fashionlabel import settings
+    from fashionlabel.cli import parse
+
+    _train_config(
+        parse(["train", "--shards", a.out, "--out", a.out, "--epochs", str(a.epochs), "--workers", "2"])
+    )
+    settings.run_date(a.run_date)
 
 
 def _shard_config(a: argparse.Namespace) -> Any:

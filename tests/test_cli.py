@@ -301,3 +301,31 @@ def test_demo_on_a_cluster_is_refused_before_anything_is_written(ray_session, tm
     err = capsys.readouterr().err
     assert "run it on a local Ray (leave --address and RAY_ADDRESS unset)" in err and "--storage" not in err
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_bad_settings_are_refused_before_its_shards_are_written(small_catalog, tmp_path):
+    """The demo runs shard, train and label in turn: epochs that training refuses, or a run date that is not
+    one, are named before the shard step writes anything (not after minutes of sharding and training), and
+    before a cluster is joined (the address here answers nothing)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    out = tmp_path / "demo"
+    cases = {
+        "invalid training setting(s): epochs=0": ["--epochs", "0"],
+        "run date '2026-02-30' is not a date (YYYY-MM-DD)": ["--run-date", "2026-02-30"],
+    }
+    for message, extra in cases.items():
+        argv = ["demo", "--catalog", str(small_catalog), "--out", str(out), "--address", closed, *extra]
+        r = subprocess.run(
+            [sys.executable, "-m", "fashionlabel.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
+        assert r.returncode == 1 and message in r.stderr, (extra, r.stderr[-1000:])
+        assert "Traceback" not in r.stderr and not out.exists(), extra
