@@ -38,6 +38,19 @@ def _non_negative(text: str) -> int:
     return n
 
 
+def _module_list(text: str) -> list[int]:
+    """``--blocks``: module indices, comma separated (``3,5,7``)."""
+    try:
+        blocks = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of module numbers"
+        ) from None
+    if not blocks:
+        raise argparse.ArgumentTypeError("names no module")
+    return blocks
+
+
 def _plan_options(p: argparse.ArgumentParser) -> None:
     """The labelling plan's options, shared by ``label`` and ``nightly``."""
     p.add_argument("--batch-size", type=int, default=None, help="default: 512 on a GPU, 256 on CPU")
@@ -311,6 +324,7 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="a new folder for the pruned artifact")
     p.add_argument(
         "--blocks",
+        type=_module_list,
         default="3,5,7",
         help="middle modules to prune, comma separated, counted from 0 (default 3,5,7: xception_se's 8 "
         "modules; xception_se_s has 4, 0..3)",

@@ -171,8 +171,11 @@ def _accuracy_lines(m: dict[str, Any], split: str) -> dict[str, str]:
 
 def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
     """``evaluate``: score an artifact on one split of shards; return the printed summary plus ``metrics``."""
+    from fashionlabel import storage
     from fashionlabel.train.run import evaluate
 
+    if a.out and not storage.is_s3(a.out) and Path(a.out).exists() and not Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a file: give a folder for the evaluation JSON and confusion PNG")
     split = None if a.split == "all" else a.split
     r = evaluate(a.model, a.shards, split, write_to=a.out)
     out = {"model version": r["version"], "products": r["n"]} | _accuracy_lines(r["metrics"], a.split)
@@ -278,7 +281,7 @@ def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
     """``prune``: channel-prune an artifact into a new one; return the printed summary plus ``raw``."""
     from fashionlabel.train.prune import prune_artifact
 
-    blocks = [int(b) for b in a.blocks.split(",") if b.strip()]
+    blocks = a.blocks
     r = prune_artifact(a.model, a.shards, a.out, blocks, a.keep, a.calib_images)
     b, f = r["before"], r["after"]
     out = {

@@ -329,3 +329,23 @@ def test_demo_bad_settings_are_refused_before_its_shards_are_written(small_catal
         )
         assert r.returncode == 1 and message in r.stderr, (extra, r.stderr[-1000:])
         assert "Traceback" not in r.stderr and not out.exists(), extra
+
+
+def test_evaluate_out_that_is_a_file_and_prune_blocks_that_are_not_numbers_are_named(tmp_path, capsys):
+    """Refused at once, naming the option: not after the whole evaluation with a bare "File exists", nor as
+    Python's "invalid literal for int()"."""
+    from fashionlabel.cli import parse, run
+
+    report = tmp_path / "report.html"
+    report.write_text("<html></html>")
+    argv = ["evaluate", "--model", str(tmp_path / "model"), "--shards", str(tmp_path / "shards")]
+    assert run([*argv, "--out", str(report)]) == 1
+    assert f"--out {report} is a file: give a folder" in capsys.readouterr().err
+    assert report.read_text() == "<html></html>"
+
+    prune = ["prune", "--model", "m", "--shards", "s", "--out", "o"]
+    assert parse(prune).blocks == [3, 5, 7] and parse([*prune, "--blocks", "1, 2"]).blocks == [1, 2]
+    for bad in ("a,b", ","):
+        with pytest.raises(SystemExit) as e:
+            run([*prune, "--blocks", bad])
+        assert e.value.code == 2 and "argument --blocks:" in capsys.readouterr().err
