@@ -65,11 +65,9 @@ class Head:
 
     @cached_property
     def _compiled(self) -> list[tuple[str, re.Pattern]]:
-        return [
-            (value, re.compile(rf"\b({rx})\b"))
-            for group in self.patterns.values()
-            for value, rx in group.items()
-        ]
+        """(value, its pattern) in the order of ``values``: mined labels list values in the head's order."""
+        rx = {value: r for group in self.patterns.values() for value, r in group.items()}
+        return [(value, re.compile(rf"\b({rx[value]})\b")) for value in self.values or rx]
 
     def group_of(self) -> dict[str, str]:
         """value -> group name (multi heads). Learned values may carry their group as ``group:value``."""
@@ -153,8 +151,18 @@ class Taxonomy:
             patterns = {g: dict(p) for g, p in (h.get("patterns") or {}).items()}
             groups = {g: tuple(v) for g, v in (h.get("groups") or {}).items()}
             if patterns:  # mined heads: values and groups follow from the patterns
-                groups = {g: tuple(p) for g, p in patterns.items()}
-                values = [v for g in patterns.values() for v in g]
+                # ... in the order the dict gives with them, when it does (a saved taxonomy: stats.json and
+                # model.json are written with sorted keys, which reorders the patterns but not these lists)
+                mined = {g: list(p) for g, p in patterns.items()}
+                given = h.get("groups") or {}
+                groups = {
+                    g: tuple(given[g] if sorted(given.get(g) or ()) == sorted(vs) else vs)
+                    for g, vs in mined.items()
+                }
+                flat = [v for vs in mined.values() for v in vs]
+                given_values = h.get("values")
+                ordered = isinstance(given_values, list) and sorted(map(str, given_values)) == sorted(flat)
+                values = given_values if ordered else flat
             heads.append(
                 Head(
                     name=h["name"],

@@ -36,6 +36,27 @@ def test_version_is_a_content_hash():
     assert Taxonomy.from_dict(a.to_dict()).version == a.version  # round trip keeps the version
 
 
+def test_version_survives_json_with_sorted_keys(tmp_path):
+    """A shard set records its taxonomy in stats.json and a model in model.json, both written with sorted
+    keys (which reorders a mined head's patterns): read back, every built-in keeps its values' order and the
+    version it was written with, so the shards, the model and the labels name one taxonomy by one version."""
+    from fashionlabel import storage
+
+    for name in BUILTINS:
+        t = Taxonomy.load(name)
+        storage.write_json(
+            tmp_path / f"{name}.json", {"taxonomy": t.to_dict(), "taxonomy_version": t.version}
+        )
+        saved = storage.read_json(tmp_path / f"{name}.json")
+        back = Taxonomy.from_dict(saved["taxonomy"])
+        assert back.version == saved["taxonomy_version"] == t.version, name
+        assert [(h.values, dict(h.groups)) for h in back.heads] == [
+            (h.values, dict(h.groups)) for h in t.heads
+        ]
+        row = {"productDisplayName": "Nike Men Striped Polo T-shirt with Logo Print"}
+        assert back.labels_from_row(row) == t.labels_from_row(row), name
+
+
 def test_labels_from_row_masks_unknowns_and_mines_attributes():
     t = Taxonomy.load("fashion-product-images")
     labels = t.labels_from_row(
