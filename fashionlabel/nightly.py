@@ -76,6 +76,15 @@ class NightlyConfig:
         )
 
 
+def _check_label_plan(cfg: LabelConfig) -> None:
+    """Refuse labelling settings that this cluster cannot run (``--device cuda`` without a GPU) before the
+    night's shards are written, as ``label`` does before it labels."""
+    from fashionlabel.label.plan import plan_resources
+    from fashionlabel.runtime import cluster_cpus, cluster_gpus
+
+    plan_resources(cfg, cluster_cpus(), cluster_gpus())
+
+
 # ---- the night ----------------------------------------------------------------------------------
 def run_nightly(
     catalog: str, model: str, root: str, date: str | None = None, cfg: NightlyConfig = NightlyConfig()
@@ -114,6 +123,7 @@ def _run_night(catalog: str, model: str, layout: Layout, date: str, cfg: Nightly
         return done | {"already_complete": True}
     _check_night_order(layout, date)
     spec = artifact_spec(model)  # checked on the driver; the actors build the model
+    _check_label_plan(cfg.label)
     taxonomy: Taxonomy = spec["taxonomy_obj"]
     version = spec["version"]
 

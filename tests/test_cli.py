@@ -349,3 +349,21 @@ def test_evaluate_out_that_is_a_file_and_prune_blocks_that_are_not_numbers_are_n
         with pytest.raises(SystemExit) as e:
             run([*prune, "--blocks", bad])
         assert e.value.code == 2 and "argument --blocks:" in capsys.readouterr().err
+
+
+def test_nightly_refuses_a_gpu_the_cluster_lacks_before_its_shards_are_written(
+    ray_session, small_catalog, tiny_model, tmp_path, capsys
+):
+    """As `label` does: --device cuda on a cluster without a GPU is named before the night shards anything
+    (not after a whole night's shards are written and left as an incomplete night)."""
+    import ray
+
+    from fashionlabel.cli import run
+
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        pytest.skip("this cluster has a GPU")
+    root = tmp_path / "root"
+    argv = ["nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(root)]
+    assert run([*argv, "--date", "2026-03-01", "--device", "cuda"]) == 1
+    assert "--device cuda asked for, but the Ray cluster has no GPU" in capsys.readouterr().err
+    assert not root.exists() or not any(root.rglob("*"))
