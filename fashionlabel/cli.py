@@ -245,7 +245,12 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
         choices=["train", "val", "test", "all"],
         help="products split by product id",
     )
-    p.add_argument("--out", default=None, help="folder for metrics JSON and confusion PNG (default: MODEL)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for metrics JSON and confusion PNG (default: MODEL; for an s3:// model, its local copy "
+        "in $FASHIONLABEL_CACHE)",
+    )
 
 
 def _label_options(p: argparse.ArgumentParser) -> None:
