@@ -151,6 +151,10 @@ def main() -> None:
     p.add_argument("--fetches-in-flight", type=int, default=ShardConfig().fetches_in_flight)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # the catalog is written elsewhere: a relative image folder would resolve against it and miss them all
+    a.images = a.images.absolute()
+    if a.work:
+        a.work.mkdir(parents=True, exist_ok=True)
 
     import ray
 
