@@ -37,6 +37,11 @@ def check_settings(a: argparse.Namespace) -> None:
     }
     if a.command in build:
         build[a.command](a)
+    date = {"label": "run_date", "nightly": "date"}.get(a.command)
+    if date:  # a date that is not one names the output folder: refused before a cluster is joined too
+        from fashionlabel import settings
+
+        settings.run_date(getattr(a, date))
 
 
 def _demo_check(a: argparse.Namespace) -> None:

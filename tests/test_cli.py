@@ -128,6 +128,12 @@ def test_bad_settings_are_refused_before_a_cluster_is_joined(small_catalog, tmp_
         "invalid nightly setting(s): --relabel-older-than -5": [
             "nightly", "--catalog", str(small_catalog), "--model", out, "--root", out, "--relabel-older-than", "-5"
         ],
+        "run date '2026-02-30' is not a date": [
+            "label", "--shards", out, "--model", out, "--out", out, "--run-date", "2026-02-30"
+        ],
+        "run date 'tonight' is not a date": [
+            "nightly", "--catalog", str(small_catalog), "--model", out, "--root", out, "--date", "tonight"
+        ],
     }  # fmt: skip
     for message, argv in cases.items():
         r = subprocess.run(
