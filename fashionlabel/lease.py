@@ -46,7 +46,7 @@ def _alive(pid: int) -> bool:
 class Lease:
     """``with Lease(uri, what):`` holds ``uri`` for the block, or raises :class:`LeaseHeld` naming the holder."""
 
-    def __init__(self, uri: str, what: str, ttl: float = 120.0, beat: float = 20.0, settle: float = 1.0):
+    def __init__(self, uri: str, what: str, ttl: float = 120.0, beat: float = 20.0, settle: float = 0.5):
         self.uri, self.what, self.ttl, self.beat, self.settle = uri, what, ttl, beat, settle
         self.me = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         self._stop = threading.Event()
