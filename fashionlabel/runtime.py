@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -49,14 +51,68 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         }
         _single_node_loopback()
     t0 = time.time()
-    ray.init(**kw)
-    _STARTED_HERE = not address
-    log.info("ray ready in %.1fs: %s", time.time() - t0, ray.cluster_resources())
-    try:
-        yield
+    local = not address
+    try:  # a failed or interrupted start stops what it had started, too
+        with _interrupts_after_start(local):
+            ray.init(**kw)
+            _STARTED_HERE = local
+            log.info("ray ready in %.1fs: %s", time.time() - t0, ray.cluster_resources())
+        with _sigterm_as_interrupt(local):
+            yield
     finally:
         _STARTED_HERE = None
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _interrupts_after_start(local: bool) -> Iterator[None]:
+    """Hold a Ctrl-C that arrives while a local Ray starts until it has started (a second one is not held).
+
+    Interrupted half-way, ``ray.init`` has started processes that ``ray.shutdown`` cannot reach yet: its
+    agents outlived the command by a minute, and the interpreter could crash at exit (SIGSEGV instead of
+    exit 130). Raised once Ray is up, the interrupt stops it whole, as at any later moment.
+    """
+    if not local or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        if held:  # asked twice: do not wait for the start
+            raise KeyboardInterrupt
+        held.append(signum)
+        log.warning("interrupted: stopping once Ray has started (Ctrl-C again to stop now)")
+
+    before = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is hold:
+            signal.signal(signal.SIGINT, before)
+    if held:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(local: bool) -> Iterator[None]:
+    """A SIGTERM (``kill``, ``timeout``, a scheduler) stops the command as Ctrl-C does.
+
+    Left to Ray, a SIGTERM to the command's process group while it labels killed the driver with SIGABRT
+    (Ray's own signal handler, its raylet gone), no message, the local Ray's processes left running.
+    Raised as KeyboardInterrupt, it stops the job where it is, and the local Ray is shut down whole.
+    """
+    if not local or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:

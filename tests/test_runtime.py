@@ -1,0 +1,77 @@
+"""The local Ray a command starts is stopped whole however the command is stopped: Ctrl-C while Ray is still
+starting, or a SIGTERM (``kill``, ``timeout``, a scheduler) to the command's process group mid-run. The
+command exits 130 with one line, nothing outlives it, and the same command re-run completes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import duckdb
+import pytest
+
+from tests.reliability.faults import Cli, cmdline, ray_workers, run_cli, session_pids
+
+
+def _left_after(c: Cli, grace: float) -> list[str]:
+    """Command lines of the processes of the command's session still alive ``grace`` seconds on."""
+    deadline = time.time() + grace
+    while (left := session_pids(c.sid)) and time.time() < deadline:
+        time.sleep(0.2)
+    return [cmdline(p)[:80] for p in left]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_the_local_ray_starts_stops_it_whole(small_catalog, tmp_path):
+    out = tmp_path / "shards"
+    c = Cli(["shard", "--catalog", str(small_catalog), "--out", str(out)], tmp_path)
+    try:
+        # Ray's agents are up (renamed ray::…Agent once started), ray.init has not returned yet
+        started = c.wait_for(
+            lambda: (
+                "ray ready" not in c.output
+                and any(cmdline(p).startswith("ray::") and "Agent" in cmdline(p) for p in session_pids(c.sid))
+            ),
+            timeout=120,
+            poll=0.005,
+        )
+        assert started, c.output[-2000:]
+        os.killpg(c.sid, signal.SIGINT)  # what a terminal sends on Ctrl-C
+        rc = c.proc.wait(120)
+        # the agents of a start cut short outlived the command for a minute
+        left = _left_after(c, 15)
+    finally:
+        c.kill()
+    assert rc == 130 and "fashionlabel: interrupted" in c.output, (rc, c.output[-2000:])
+    assert not left, left
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_to_the_process_group_stops_a_job_like_ctrl_c(small_shards, tiny_model, tmp_path):
+    out = tmp_path / "labels"
+    args = ["label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out)]
+    args += ["--run-date", "2026-06-01", "--batch-size", "16"]
+    c = Cli(args, tmp_path, name="killed")
+    try:
+        assert c.wait_for(lambda: bool(ray_workers(c.sid, "MapBatches(Labeler)")), timeout=300), c.output
+        os.killpg(c.sid, signal.SIGTERM)  # `timeout`, systemd and a shell's `kill %1` signal the group
+        rc = c.proc.wait(120)
+        left = _left_after(c, 15)
+    finally:
+        c.kill()
+    # the driver used to die of SIGABRT in Ray's own SIGTERM handling, its local Ray left running
+    assert rc == 130 and "fashionlabel: interrupted" in c.output, (rc, c.output[-2000:])
+    assert not left, left
+
+    rc, log = run_cli(args, tmp_path, name="rerun")
+    assert rc == 0, log[-2000:]
+    run = out / "history" / "run_date=2026-06-01"
+    con = duckdb.connect()
+    rows, distinct = con.execute(
+        f"SELECT count(*), count(DISTINCT product_id) FROM '{run}/*.parquet'"
+    ).fetchone()
+    packed = con.execute(f"SELECT count(*) FROM '{small_shards}/index.parquet'").fetchone()[0]
+    assert rows == distinct == packed
