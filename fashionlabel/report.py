@@ -13,6 +13,7 @@ import base64
 import datetime as dt
 import html
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,33 @@ import pyarrow.dataset as pads
 
 from fashionlabel import storage
 
+log = logging.getLogger(__name__)
+
 
 def latest_run(labels: str) -> str:
-    """The newest ``history/run_date=…`` folder under ``labels``, or ``labels`` itself if it holds parts."""
+    """The newest finished ``history/run_date=…`` folder under ``labels`` (its ``_SUCCESS`` written), or
+    ``labels`` itself if it holds parts.
+
+    A run folder without ``_SUCCESS`` is still being written, or its run was killed: reported, it would
+    show part of a run as a whole one. Raises FileNotFoundError when no run folder is finished.
+    """
     hist = storage.join(labels, "history")
     runs = storage.listdirs(hist, "run_date=")
-    return storage.join(hist, runs[-1]) if runs else str(labels)
+    if not runs:
+        return str(labels)
+    done = [r for r in runs if storage.exists(storage.join(hist, r, "_SUCCESS"))]
+    if not done:
+        raise FileNotFoundError(
+            f"no finished run under {hist}: {runs[-1]} has no _SUCCESS (its run is still labelling, or was "
+            "stopped: the same label command re-run completes it)"
+        )
+    if done[-1] != runs[-1]:
+        log.warning(
+            "report: %s is not finished (no _SUCCESS); reporting %s, the newest finished run",
+            runs[-1],
+            done[-1],
+        )
+    return storage.join(hist, done[-1])
 
 
 def read_run(run_dir: str) -> pd.DataFrame:

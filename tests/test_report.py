@@ -1,6 +1,8 @@
 import re
 import shutil
 
+import pytest
+
 from fashionlabel.label.pipeline import label_shards
 from fashionlabel.report import write_report
 
@@ -123,3 +125,19 @@ def test_cli_report_on_a_nightly_root_renders_the_newest_night(tmp_path, capsys)
     assert run([*report, "--labels", str(tmp_path / "plain"), "--date", "2026-05-01"]) == 1
     assert "--date needs the labels of a nightly root" in capsys.readouterr().err
     assert not (tmp_path / "y.html").exists()
+
+
+def test_report_skips_a_run_that_is_not_finished(ray_session, small_shards, tiny_model, tmp_path):
+    labels = tmp_path / "labels"
+    done = label_shards(str(small_shards), str(tiny_model), str(labels), "2026-02-01")
+    # a newer run stopped after its parts, before its manifest: every part there, no _SUCCESS
+    label_shards(str(small_shards), str(tiny_model), str(labels), "2026-02-03")
+    (labels / "history" / "run_date=2026-02-03" / "_SUCCESS").unlink()
+    r = write_report(str(labels), tmp_path / "report.html")
+    assert r["run"] == done["run_id"] and r["products"] == 600
+    assert "run_date=2026-02-01" in (tmp_path / "report.html").read_text()
+    # no finished run at all: refused by name, not reported as a whole run
+    shutil.rmtree(labels / "history" / "run_date=2026-02-01")
+    with pytest.raises(FileNotFoundError, match=r"no finished run .*run_date=2026-02-03 has no _SUCCESS"):
+        write_report(str(labels), tmp_path / "partial.html")
+    assert not (tmp_path / "partial.html").exists()
