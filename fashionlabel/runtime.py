@@ -72,7 +72,12 @@ def _interrupts_after_start(local: bool) -> Iterator[None]:
     agents outlived the command by a minute, and the interpreter could crash at exit (SIGSEGV instead of
     exit 130). Raised once Ray is up, the interrupt stops it whole, as at any later moment.
     """
-    if not local or threading.current_thread() is not threading.main_thread():
+    # SIGINT ignored (a background job of a script) or handled by the caller: left as it is
+    if (
+        not local
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
     held: list[int] = []
