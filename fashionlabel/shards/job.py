@@ -163,8 +163,8 @@ def shard_catalog(
     total = summary.packed + summary.quarantined
     if total and summary.quarantined / total > cfg.max_failure_rate:
         raise ShardJobError(
-            f"{summary.quarantined}/{total} rows quarantined ({fmt_reasons(summary.reasons)}), above --max-failure-rate "
-            f"{cfg.max_failure_rate}; why each row is in {storage.join(out, 'quarantine.parquet')}. This "
+            f"{summary.quarantined}/{total} rows quarantined ({fmt_reasons(summary.reasons)}), above "
+            f"--max-failure-rate {cfg.max_failure_rate}; why each row is in {storage.join(out, 'quarantine.parquet')}. This "
             "output keeps them quarantined (a re-run skips its finished shards): once the images are "
             "fixed, shard into a new --out, or accept them with a higher --max-failure-rate"
         )

@@ -41,9 +41,9 @@ def fetched(
     """``(row, source bytes or the exception its fetch raised)`` for each row, in order, with up to
     ``in_flight`` fetches running ahead on threads. A fetch from S3 or HTTP mostly waits on the network (tens
     of ms a request, a minute for a host that never answers): one at a time would leave the task idle. At
-    most ``in_flight`` sources are held in memory at once (each refused past MAX_SOURCE_BYTES). Closing the iterator early (an outage raised by the
-    caller) cancels the fetches not yet started and does not wait for those under way. ``gate`` (one per
-    task) stops asking a source that has stopped answering."""
+    most ``in_flight`` sources are held in memory at once (each refused past MAX_SOURCE_BYTES). Closing
+    the iterator early (an outage raised by the caller) cancels the fetches not yet started and does not
+    wait for those under way. ``gate`` (one per task) stops asking a source that has stopped answering."""
     gate = gate or HostGate()
 
     def one(r: CatalogRow) -> bytes | Exception:
