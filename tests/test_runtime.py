@@ -22,6 +22,13 @@ def _left_after(c: Cli, grace: float) -> list[str]:
     return [cmdline(p)[:80] for p in left]
 
 
+def _stop(c: Cli, send) -> tuple[int, list[str]]:
+    """Send the signal; the command's exit code and what of it is still alive 15 s later."""
+    send()
+    rc = c.proc.wait(120)
+    return rc, _left_after(c, 15)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ctrl_c_while_the_local_ray_starts_stops_it_whole(small_catalog, tmp_path):
@@ -38,10 +45,8 @@ def test_ctrl_c_while_the_local_ray_starts_stops_it_whole(small_catalog, tmp_pat
             poll=0.005,
         )
         assert started, c.output[-2000:]
-        os.killpg(c.sid, signal.SIGINT)  # what a terminal sends on Ctrl-C
-        rc = c.proc.wait(120)
-        # the agents of a start cut short outlived the command for a minute
-        left = _left_after(c, 15)
+        # what a terminal sends on Ctrl-C; the agents of a start cut short outlived the command for a minute
+        rc, left = _stop(c, lambda: os.killpg(c.sid, signal.SIGINT))
     finally:
         c.kill()
     assert rc == 130 and "fashionlabel: interrupted" in c.output, (rc, c.output[-2000:])
@@ -60,9 +65,7 @@ def test_sigterm_stops_a_job_like_ctrl_c(small_shards, tiny_model, tmp_path):
         # To the command alone, as `kill PID` and a container runtime send it. (Sent to the whole group,
         # it also reaches the raylet, and when that dies first Ray ends the driver itself with exit 1:
         # docs/reliability.md. That race is Ray's, so the test leaves it out.)
-        os.kill(c.proc.pid, signal.SIGTERM)
-        rc = c.proc.wait(120)
-        left = _left_after(c, 15)
+        rc, left = _stop(c, lambda: os.kill(c.proc.pid, signal.SIGTERM))
     finally:
         c.kill()
     # the driver used to die of SIGABRT in Ray's own SIGTERM handling, its local Ray left running

@@ -63,8 +63,11 @@ def train(
     """
     t0 = time.time()
     taxonomy = training_taxonomy(shards)
-    _check_splits(shards)
-    _check_head_labels(shards, taxonomy)
+    # the index, read once for the checks below and the fingerprint; each product's split computed once
+    index = storage.read_parquet(storage.join(shards, "index.parquet"))
+    splits = np.array([split_of(pid) for pid in index.column("product_id").to_pylist()])
+    _check_splits(shards, splits)
+    _check_head_labels(shards, taxonomy, index, splits == "train")
     if storage.is_s3(out):  # Ray Train's own state stays local; the checkpoints go beside the model
         run_dir = str(cache_root() / "runs" / out.removeprefix("s3://").replace("/", "_")) + ".train"
         checkpoints = checkpoints or out.rstrip("/") + ".train/checkpoints"
@@ -74,25 +77,26 @@ def train(
         cfg = dataclasses.replace(cfg, init_weights=check_init_weights(cfg.init_weights, cfg.model, taxonomy))
     _check_resources(cfg)
     _check_checkpoint_reach(out, checkpoints)
-    data = shards_fingerprint(shards, taxonomy)
+    data = shards_fingerprint(shards, taxonomy, index)
     _check_out(shards, out, cfg, checkpoints or storage.join(run_dir, "checkpoints"), overwrite, data)
     _check_writable(out, checkpoints)
     best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints, data)
-    return export_state(shards, out, best, taxonomy) | {"seconds": time.time() - t0}
+    return export_state(shards, out, best, taxonomy, data) | {"seconds": time.time() - t0}
 
 
-def shards_fingerprint(shards: str, taxonomy: Taxonomy) -> str:
+def shards_fingerprint(shards: str, taxonomy: Taxonomy, index: Any = None) -> str:
     """What a run learns from, as a hash: the taxonomy version, the shard set's image settings and every
     packed product's id, source image (sha256), size and labels (``index.parquet``). Where the shards lie
     is left out, so a moved copy of the same shard set resumes its run; a shard set of another catalog,
-    other labels or another taxonomy does not (resuming on it would mix two data sets in one model)."""
+    other labels or another taxonomy does not (resuming on it would mix two data sets in one model).
+    ``index``: the shard set's index table when the caller has read it already."""
     import hashlib
 
     import pyarrow as pa
 
     stats = storage.read_json(storage.join(shards, "stats.json"))
     settings = {k: stats.get("config", {}).get(k) for k in ("max_side", "jpeg_quality")}
-    idx = storage.read_parquet(storage.join(shards, "index.parquet"))
+    idx = index if index is not None else storage.read_parquet(storage.join(shards, "index.parquet"))
     idx = idx.drop_columns([c for c in ("key", "shard", "image_uri") if c in idx.column_names])
     idx = idx.select(sorted(idx.column_names)).sort_by("product_id").combine_chunks()
     idx = idx.replace_schema_metadata(None)
@@ -220,15 +224,15 @@ def check_init_weights(path: str, model_name: str, taxonomy: Taxonomy) -> str:
     return str(p)
 
 
-def _check_splits(shards: str) -> None:
+def _check_splits(shards: str, split: np.ndarray) -> None:
     """Refuse, before any worker starts, a shard set too small to hold both training and validation
-    products (the split is by product id, about 80/10/10): the workers would fail on an empty split."""
-    ids = storage.read_parquet(storage.join(shards, "index.parquet"), columns=["product_id"])
-    splits = Counter(split_of(pid) for pid in ids.column("product_id").to_pylist())
+    products (the split is by product id, about 80/10/10): the workers would fail on an empty split.
+    ``split``: each indexed product's split."""
+    splits = Counter(split.tolist())
     if not splits["train"] or not splits["val"]:
         raise ValueError(
             f"{shards} holds {splits['train']} training and {splits['val']} validation products (of "
-            f"{ids.num_rows}; split by product id, about 80/10/10): training needs both, so shard a larger "
+            f"{len(split)}; split by product id, about 80/10/10): training needs both, so shard a larger "
             "catalog"
         )
 
@@ -281,12 +285,10 @@ def check_shard_labels(taxonomy: Taxonomy, shards: str) -> dict[str, dict[str, i
     return outside
 
 
-def _check_head_labels(shards: str, taxonomy: Taxonomy) -> None:
+def _check_head_labels(shards: str, taxonomy: Taxonomy, idx: Any, train_rows: np.ndarray) -> None:
     """Refuse, before any worker starts, a head that no training product is labelled for (its catalog
     column missing or blank): it would train on nothing, and the model would label every product with
-    its untrained guesses."""
-    idx = storage.read_parquet(storage.join(shards, "index.parquet"))
-    train_rows = np.array([split_of(p) == "train" for p in idx.column("product_id").to_pylist()])
+    its untrained guesses. ``idx``: the shard set's index; ``train_rows``: which of its rows train."""
     empty = [
         h
         for h in taxonomy.heads
@@ -311,7 +313,9 @@ def training_taxonomy(shards: str) -> Taxonomy:
     return taxonomy
 
 
-def export_state(shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy) -> dict[str, Any]:
+def export_state(
+    shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy, data: str | None = None
+) -> dict[str, Any]:
     """Calibrate a checkpoint's model on validation, write the artifact, evaluate it on val and test.
 
     What goes into model.json is a function of the checkpoint and the shards only (no wall-clock time):
@@ -338,7 +342,8 @@ def export_state(shards: str, out: str, best: dict[str, Any], taxonomy: Taxonomy
         "epochs_run": len(history),
         "weights": weights,
         "starts": best.get("starts", [0]),
-        "shards_fingerprint": shards_fingerprint(shards, taxonomy),  # what it was calibrated and measured on
+        # what it was calibrated and measured on (``data``: the fingerprint, when the caller has it)
+        "shards_fingerprint": data or shards_fingerprint(shards, taxonomy),
     }  # no throughput: a measured rate would give the same weights another version
     # Deployment form: re-parameterisable blocks (RepVGG) fused into plain convs; same outputs, faster.
     deploy = reparameterize_model(model)
