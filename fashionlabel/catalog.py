@@ -47,6 +47,10 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 REMOTE = re.compile(r"^(s3|https?|file)://")
 ANY_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 MAX_SOURCE_BYTES = 128 * 1024 * 1024  # a larger source is refused before it is read into memory
+# Label columns repeat a few values over millions of rows ("Men", "Tshirts", "2011"): each row holding
+# one shared string instead of its own copy is most of the driver's catalog memory. A column with more
+# distinct values than this (names, descriptions) stops being shared: its values are unique anyway.
+SHARED_VALUES_PER_COLUMN = 4096
 
 # The quarantine vocabulary: stable strings that dashboards and tests may rely on.
 REASONS = {
@@ -169,8 +173,28 @@ def _stray_quote(record: str) -> str | None:
     return None
 
 
+class _SharedValues:
+    """Hands out one string object per distinct value of a column (see ``SHARED_VALUES_PER_COLUMN``)."""
+
+    def __init__(self) -> None:
+        self.memo: dict[str, dict[str, str]] = {}  # column -> value -> the one string kept for it
+        self.stopped: set[str] = set(ID_COLUMNS)  # ids and URIs are unique: never shared
+
+    def row(self, row: dict[str, Any]) -> dict[str, Any]:
+        for k, v in row.items():
+            if k in self.stopped or not isinstance(v, str):
+                continue
+            memo = self.memo.setdefault(k, {})
+            row[k] = memo.setdefault(v, v)  # same key, so the dict is not resized while iterating
+            if len(memo) > SHARED_VALUES_PER_COLUMN:
+                self.stopped.add(k)
+                del self.memo[k]
+        return row
+
+
 def _read_csv(uri: str) -> tuple[list[dict[str, Any]], list[Rejected], list[str]]:
     rows, bad = [], []
+    shared = _SharedValues()
     lines = list(io.StringIO(_read_text(uri), newline=""))  # the csv module's own line breaks
     # The whole file is in memory already: the csv module's 128 KiB per field protects nothing here, and
     # one stray quote makes the rest of the file one field (handled below) rather than a failed catalog.
@@ -221,7 +245,7 @@ def _read_csv(uri: str) -> tuple[list[dict[str, Any]], list[Rejected], list[str]
                         )
                     )
                     continue
-                rows.append(dict(zip(header, fields, strict=True)))
+                rows.append(shared.row(dict(zip(header, fields, strict=True))))
     finally:
         csv.field_size_limit(limit)
     return rows, bad, header
@@ -288,10 +312,12 @@ def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]
     if not {"product_id", "image_uri"} <= set(columns):
         raise CatalogError(f"catalog {uri} needs columns product_id and image_uri; has {sorted(columns)}")
     if suffix != "csv":  # CSV values are str already; others may hold numbers, bools, nested values
+        shared = _SharedValues()
         for r in rows:
             for k, v in r.items():
                 if v is not None and not isinstance(v, str | list):
                     r[k] = str(v)
+            shared.row(r)
     return rows, bad
 
 
@@ -307,9 +333,14 @@ def resolve_uri(image_uri: str, catalog_uri: str) -> str:
 
 
 # ---- validation ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
+ID_COLUMNS = ("product_id", "image_uri")
+
+
+# slots: a million rows sit on the driver while it plans, and a per-object __dict__ is a third of a row
+@dataclass(frozen=True, slots=True)
 class CatalogRow:
-    """A row whose id and URI passed ``check_ids``; ``raw`` holds every other column, unparsed."""
+    """A row whose id and URI passed ``check_ids``. ``raw`` is the row as read (shared with the caller,
+    not copied), so it still holds the unresolved ``product_id`` and ``image_uri`` (``ID_COLUMNS``)."""
 
     product_id: str
     key: str
@@ -317,7 +348,7 @@ class CatalogRow:
     raw: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ValidRow:
     """A row that passed every check that needs no image: its labels by head and its other columns."""
 
@@ -375,8 +406,7 @@ def check_ids(rows: list[dict[str, Any]], catalog_uri: str) -> tuple[list[Catalo
         else:
             seen[pid] = None
             keys[key] = pid
-            extra = {k: v for k, v in r.items() if k not in ("product_id", "image_uri")}
-            ok.append(CatalogRow(pid, key, resolve_uri(uri, catalog_uri), extra))
+            ok.append(CatalogRow(pid, key, resolve_uri(uri, catalog_uri), r))
     return ok, bad
 
 
@@ -386,8 +416,8 @@ def check_labels(row: CatalogRow, taxonomy: Taxonomy) -> ValidRow | Rejected:
     why = taxonomy.invalid_label(labels)
     if why:
         return Rejected(row.product_id, row.image_uri, "label_outside_taxonomy", why)
-    label_cols = taxonomy.columns
-    meta = {k: v for k, v in row.raw.items() if k not in label_cols}
+    skip = {*taxonomy.columns, *ID_COLUMNS}
+    meta = {k: v for k, v in row.raw.items() if k not in skip}
     return ValidRow(row.product_id, row.key, row.image_uri, labels, meta)
 
 

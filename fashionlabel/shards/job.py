@@ -99,6 +99,8 @@ def shard_catalog(
             raise ShardJobError(f"--incremental {incremental_from}: no previous index at {prev_index}")
     rows, malformed = read_catalog(catalog)
     valid, rejected = check_ids(rows, catalog)  # label checks run in the tasks: the driver stays light
+    catalog_rows = len(rows) + len(malformed)
+    del rows  # the rejected rows' dicts go now; the valid ones live on in ``valid``
     rejected = malformed + rejected
     done = _open_output(out)
     t_read = time.time() - t0
@@ -109,7 +111,7 @@ def shard_catalog(
     log.info(
         "catalog %s: %d rows, %d valid, %d rejected before fetch; %s; %d shards, %d to pack",
         catalog,
-        len(rows) + len(malformed),
+        catalog_rows,
         len(valid),
         len(rejected),
         plan.counts,
@@ -131,7 +133,7 @@ def shard_catalog(
     tars = set(index.column("shard").to_pylist())
     seconds = time.time() - t0
     summary = ShardSummary(
-        catalog_rows=len(rows) + len(malformed),
+        catalog_rows=catalog_rows,
         packed=index.num_rows,
         quarantined=quarantine.num_rows,
         reasons=reasons,

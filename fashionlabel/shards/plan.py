@@ -15,7 +15,15 @@ from typing import Any
 import pyarrow as pa
 
 from fashionlabel import storage
-from fashionlabel.catalog import CatalogRow, FetchError, HostGate, OutageBreaker, Rejected, check_labels
+from fashionlabel.catalog import (
+    ID_COLUMNS,
+    CatalogRow,
+    FetchError,
+    HostGate,
+    OutageBreaker,
+    Rejected,
+    check_labels,
+)
 from fashionlabel.shards.spec import PlanMismatchError, ShardConfig, ShardJobError, ray_get
 from fashionlabel.taxonomy import Taxonomy
 
@@ -29,12 +37,22 @@ def _labels_key(labels: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in labels.items() if v not in (None, [])}, sort_keys=True)
 
 
+def _state(sha: str | None, labels_key: str | None) -> bytes | None:
+    """What makes a known product "changed", in 16 bytes: the sha256 of its source and its labels. None
+    when either is unknown (a failed fetch, rejected labels): such a product is always packed again.
+    Sixteen bytes rather than the two strings: the driver holds one per known product (a million of
+    them: about 0.8 GB as strings)."""
+    if sha is None or labels_key is None:
+        return None
+    return hashlib.blake2b(f"{sha}\x1f{labels_key}".encode(), digest_size=16).digest()
+
+
 def fingerprint_rows(
     rows: list[CatalogRow], taxonomy: Taxonomy, heads: list[str]
-) -> list[tuple[str, str | None, str | None]]:
-    """(product_id, sha256 of the source bytes, key of the labels of ``heads``) per row; None when the
-    source cannot be fetched or the labels are rejected (the row is then packed again, so the pack task
-    quarantines it)."""
+) -> list[tuple[str, bytes | None]]:
+    """(product_id, ``_state`` of its source bytes and the labels of ``heads``) per row; the state is None
+    when the source cannot be fetched or the labels are rejected (the row is then packed again, so the
+    pack task quarantines it)."""
     out = []
     outages = OutageBreaker(len(rows), "the known products' hash pass")
     gate = HostGate()
@@ -46,7 +64,7 @@ def fingerprint_rows(
             sha = None
         v = check_labels(r, taxonomy)
         key = None if isinstance(v, Rejected) else _labels_key({h: v.labels.get(h) for h in heads})
-        out.append((r.product_id, sha, key))
+        out.append((r.product_id, _state(sha, key)))
     return out
 
 
@@ -64,7 +82,8 @@ def _fingerprint(valid: list[CatalogRow], cfg: ShardConfig, taxonomy: Taxonomy, 
     packing = {k: v for k, v in asdict(cfg).items() if k not in ("max_failure_rate", "fetches_in_flight")}
     h.update(json.dumps([packing, taxonomy.version, prev], sort_keys=True).encode())
     for r in valid:
-        h.update("\x1f".join([r.product_id, r.image_uri, *map(str, r.raw.values()), "\x1e"]).encode())
+        extra = (str(v) for k, v in r.raw.items() if k not in ID_COLUMNS)
+        h.update("\x1f".join([r.product_id, r.image_uri, *extra, "\x1e"]).encode())
     return h.hexdigest()
 
 
@@ -73,10 +92,10 @@ def previous_index_uri(prev: str) -> str:
     return prev if str(prev).endswith(".parquet") else storage.join(prev, "index.parquet")
 
 
-def previous_index(prev: str, taxonomy: Taxonomy) -> tuple[dict[str, tuple[str, str]], list[str]]:
-    """product_id → (sha256, labels key) from a previous run's ``index.parquet`` (``prev``: its folder or
-    the file), and the taxonomy heads it holds. Only those heads are compared: an index without label
-    columns (a product map) compares image bytes alone."""
+def previous_index(prev: str, taxonomy: Taxonomy) -> tuple[dict[str, bytes], list[str]]:
+    """product_id → ``_state`` (source sha256 and labels) from a previous run's ``index.parquet``
+    (``prev``: its folder or the file), and the taxonomy heads it holds. Only those heads are compared: an
+    index without label columns (a product map) compares image bytes alone."""
     uri = previous_index_uri(prev)
     try:
         names = set(storage.read_parquet_schema(uri).names)
@@ -84,13 +103,12 @@ def previous_index(prev: str, taxonomy: Taxonomy) -> tuple[dict[str, tuple[str, 
         t = storage.read_parquet(uri, columns=["product_id", "sha256", *heads])
     except (OSError, pa.ArrowException) as e:
         raise ShardJobError(f"cannot read the previous index {uri}: {storage.redact(e)}") from e
-    cols = {h: t.column(h).to_pylist() for h in heads}
-    before = {
-        pid: (sha, _labels_key({h: cols[h][i] for h in heads}))
-        for i, (pid, sha) in enumerate(
-            zip(t.column("product_id").to_pylist(), t.column("sha256").to_pylist(), strict=True)
-        )
-    }
+    before: dict[str, bytes] = {}
+    for batch in t.to_batches(max_chunksize=65_536):  # Python objects for one batch at a time
+        cols = {h: batch.column(h).to_pylist() for h in heads}
+        pids, shas = batch.column("product_id").to_pylist(), batch.column("sha256").to_pylist()
+        for i, (pid, sha) in enumerate(zip(pids, shas, strict=True)):
+            before[pid] = _state(sha, _labels_key({h: cols[h][i] for h in heads})) or b""
     return before, heads
 
 
@@ -106,7 +124,7 @@ def _select_incremental(
     task = ray.remote(num_cpus=1, max_retries=3)(fingerprint_rows)
     tax_ref = ray.put(taxonomy)
     refs = [task.remote(known[s : s + chunk], tax_ref, heads) for s in range(0, len(known), chunk)]
-    now = {pid: (sha, labels) for part in ray_get(refs) for pid, sha, labels in part}
+    now = {pid: state for part in ray_get(refs) for pid, state in part}
     log.info("incremental: fingerprinted %d known products against %s", len(known), prev)
     rows, status = [], []
     for r in valid:
