@@ -163,6 +163,13 @@ def _accuracy_lines(m: dict[str, Any], split: str) -> dict[str, str]:
             lines[f"{split} {h}"] = (
                 f"recall@3 {100 * hm['recall@3']:.1f}%  recall@5 {100 * hm['recall@5']:.1f}%  (n={hm['n']})"
             )
+            if hm.get("at_threshold", {}).get("n"):  # the lists labelling writes
+                t = hm["at_threshold"]
+                lines[f"{split} {h} as labelled"] = (
+                    f"at score ≥ {t['threshold']:.2f}: precision {100 * t['micro_precision']:.1f}%  "
+                    f"recall {100 * t['micro_recall']:.1f}%  F1 {t['micro_f1']:.2f} (micro), "
+                    f"{t['macro_f1']:.2f} (macro); {100 * t['empty']:.1f}% get no value  (n={t['n']})"
+                )
             # per group: the same ranking of all values, counting the group's true values (the DeepFashion protocol)
             for g in sorted(k[: -len("_n")] for k in hm if k.endswith("_n")):
                 lines[f"{split} {h} {g}"] = (
@@ -171,6 +178,13 @@ def _accuracy_lines(m: dict[str, Any], split: str) -> dict[str, str]:
                     if hm[f"{g}_n"]
                     else "no product with one of these values"
                 )
+    if "needs_review" in m:  # labelling flags a product when any head is below its threshold
+        accepted = ", ".join(
+            f"{h} {100 * hm['top1_accepted']:.1f}%" for h, hm in m["heads"].items() if hm.get("n_accepted")
+        )
+        lines[f"{split} needs review"] = f"{100 * m['needs_review']:.1f}% of products" + (
+            f"; top-1 of the rest, as labelled: {accepted}" if accepted else ""
+        )
     return lines
 
 

@@ -216,6 +216,36 @@ def test_label_schema_rows_rerun_and_equal_to_predictor(
     for h in tax.single_heads:
         assert np.allclose(got[f"{h.name}_score"].to_numpy(), want[f"{h.name}_score"].to_numpy(), atol=1e-5)
 
+    # evaluate's "as labelled" figures are those of the table labelling wrote, on the test products
+    from fashionlabel.train.run import evaluate
+
+    m = evaluate(str(tiny_model), str(small_shards), "test", write_to=str(tmp_path / "eval"))["metrics"]
+    test = load_samples(list_shards(str(small_shards)), pred.taxonomy, pred.size, split="test")
+    by_id = {r["product_id"]: r for r in got.to_pylist()}
+    rows = [by_id[p] for p in test.product_ids]
+    assert m["needs_review"] == pytest.approx(np.mean([r["needs_review"] for r in rows]))
+    for h in tax.single_heads:
+        y = test.targets[h.name]
+        right = [
+            r[h.name] == h.values[t] for r, t in zip(rows, y, strict=True) if t >= 0 and not r["needs_review"]
+        ]
+        assert m["heads"][h.name]["n_accepted"] == len(right)
+        if right:
+            assert m["heads"][h.name]["top1_accepted"] == pytest.approx(np.mean(right))
+    attrs = tax.head("attributes")
+    tp = n_pred = n_true = 0
+    for r, t in zip(rows, test.targets["attributes"], strict=True):
+        if not np.isnan(t).any():
+            truth = {attrs.values[i] for i in np.nonzero(t > 0.5)[0]}
+            tp, n_pred, n_true = (
+                tp + len(truth & set(r["attributes"])),
+                n_pred + len(r["attributes"]),
+                n_true + len(truth),
+            )
+    at = m["heads"]["attributes"]["at_threshold"]
+    assert at["micro_precision"] == pytest.approx(tp / n_pred if n_pred else 0.0)
+    assert at["micro_recall"] == pytest.approx(tp / n_true if n_true else 0.0)
+
 
 def test_corrupt_image_error_row_incremental_and_device_decode(odd_labels, odd_shards, tiny_model, tmp_path):
     out = _copy_run(odd_labels, tmp_path / "labels")

@@ -1,7 +1,7 @@
 import numpy as np
-from sklearn.metrics import f1_score, top_k_accuracy_score
+from sklearn.metrics import f1_score, precision_recall_fscore_support, top_k_accuracy_score
 
-from fashionlabel.train.metrics import macro_f1, topk_accuracy, topk_recall
+from fashionlabel.train.metrics import macro_f1, macro_prf, thresholded_prf, topk_accuracy, topk_recall
 
 
 def test_topk_accuracy_matches_sklearn():
@@ -19,6 +19,34 @@ def test_macro_f1_matches_sklearn():
     rng = np.random.default_rng(1)
     y, pred = rng.integers(0, 5, 300), rng.integers(0, 5, 300)
     assert np.isclose(macro_f1(pred, y), f1_score(y, pred, average="macro"))
+
+
+def test_macro_precision_recall_f1_match_sklearn():
+    rng = np.random.default_rng(4)
+    y, pred = rng.integers(-1, 6, 300), rng.integers(0, 5, 300)  # class 5 is never predicted; -1 unknown
+    known = y >= 0
+    want = precision_recall_fscore_support(y[known], pred[known], average="macro", zero_division=0)[:3]
+    assert np.allclose(macro_prf(pred, y), want)
+
+
+def test_thresholded_lists_match_sklearn_micro_and_macro():
+    rng = np.random.default_rng(5)
+    n, c = 400, 12
+    probs = rng.random((n, c))
+    y = (rng.random((n, c)) < 0.15).astype(np.float32)
+    y[:, 11] = 0  # a value no product has and none is given at 0.6 below: outside the macro average
+    probs[:, 11] = 0.0
+    y[:40] = np.nan  # unknown rows are left out
+    m = thresholded_prf(probs, y, 0.6)
+    t, p = y[40:] > 0.5, probs[40:] >= 0.6
+    for avg in ("micro", "macro"):
+        cols = slice(None) if avg == "micro" else slice(0, 11)
+        want = precision_recall_fscore_support(t[:, cols], p[:, cols], average=avg, zero_division=0)[:3]
+        assert np.allclose([m[f"{avg}_{k}"] for k in ("precision", "recall", "f1")], want), avg
+    assert m["n"] == 360 and m["threshold"] == 0.6
+    # hand-computed: one product gets {0}, one gets nothing: half the products get no value
+    two = thresholded_prf(np.array([[0.9, 0.2], [0.1, 0.3]]), np.array([[1, 1], [0, 1]], np.float32), 0.5)
+    assert (two["micro_precision"], two["micro_recall"], two["empty"]) == (1.0, 1 / 3, 0.5)
 
 
 def test_topk_recall_hand_computed():
@@ -88,6 +116,8 @@ def test_single_head_metrics_and_confusion_match_sklearn():
             m[f"top{k}"], top_k_accuracy_score(y[known], p[known], k=k, labels=range(head.num_classes))
         )
     assert np.isclose(m["macro_f1"], f1_score(y[known], p[known].argmax(1), average="macro"))
+    want = precision_recall_fscore_support(y[known], p[known].argmax(1), average="macro", zero_division=0)
+    assert np.allclose([m["macro_precision"], m["macro_recall"]], want[:2])
     assert (
         confusion(p.argmax(1), y, head.num_classes)
         == confusion_matrix(y[known], p[known].argmax(1), labels=range(head.num_classes))

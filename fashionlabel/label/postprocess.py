@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from fashionlabel.label.schema import LABEL_SCORE
-from fashionlabel.taxonomy import Taxonomy
+from fashionlabel.taxonomy import Head, Taxonomy
 
 TOPK = 5
 MULTI_TOPK = 10  # multi heads keep their 10 best scores: enough for ranking, bounded for 1,000-value heads
@@ -60,7 +60,6 @@ def to_columns(
     Vectorised on purpose: at GPU rates (10k+ products/s) one Python dict per row and per top-k entry
     would cost more CPU than the decode.
     """
-    thresholds = calibration.get("thresholds", {})
     choice = consistent_choice(taxonomy, probs)
     n = len(next(iter(probs.values()))) if probs else 0
     rows = np.arange(n)[:, None]
@@ -77,9 +76,9 @@ def to_columns(
             cols[f"{h.name}_topk"] = _label_scores(
                 names, p, np.argsort(-p, axis=1, kind="stable")[:, :TOPK], rows
             )
-            review |= s < float(thresholds.get(h.name, _declared(h.threshold, DEFAULT_SINGLE_THRESHOLD)))
+            review |= s < threshold(h, calibration)
         else:
-            t = float(thresholds.get(h.name, _declared(h.threshold, DEFAULT_MULTI_THRESHOLD)))
+            t = threshold(h, calibration)
             hit = p >= t
             offsets = np.concatenate([[0], np.cumsum(hit.sum(axis=1))]).astype(np.int32)
             cols[h.name] = pa.ListArray.from_arrays(
@@ -91,9 +90,15 @@ def to_columns(
     return cols
 
 
-def _declared(threshold: float | None, default: float) -> float:
-    """A taxonomy's own threshold, 0.0 included (``or`` would read 0.0 as "not declared")."""
-    return default if threshold is None else threshold
+def threshold(head: Head, calibration: dict[str, Any]) -> float:
+    """The head's confidence threshold: the artifact's calibrated one, else the taxonomy's own (0.0
+    included: ``or`` would read it as "not declared"), else the default of its kind."""
+    fitted = calibration.get("thresholds", {}).get(head.name)
+    if fitted is not None:
+        return float(fitted)
+    if head.threshold is not None:
+        return float(head.threshold)
+    return DEFAULT_SINGLE_THRESHOLD if head.kind == "single" else DEFAULT_MULTI_THRESHOLD
 
 
 def _label_scores(names: pa.Array, p: np.ndarray, top: np.ndarray, rows: np.ndarray) -> pa.Array:

@@ -1,8 +1,11 @@
 """Metrics, following the DeepFashion protocol plus per-head accuracy/F1.
 
-- single heads: top-1/3/5 accuracy and macro-F1 over products with a known label;
+- single heads: top-1/3/5 accuracy and macro precision, recall and F1 over products with a known label
+  (micro precision, recall and F1 of a single-choice head all equal its top-1 accuracy);
 - multi heads: top-k recall — rank all values of a product by score, count its true values in the top k,
   divide by its number of true values, average over products with ≥ 1 true value; overall and per group;
+  and, for the lists labelling writes (the values at or above the head's threshold), micro and macro
+  precision, recall and F1 (``thresholded_prf``);
 - hierarchies: the share of raw (argmax) predictions whose fine value implies the predicted coarse value.
 """
 
@@ -26,18 +29,54 @@ def topk_accuracy(probs: np.ndarray, y: np.ndarray, k: int) -> float:
     return float((top == t[:, None]).any(axis=1).mean())
 
 
-def macro_f1(pred: np.ndarray, y: np.ndarray) -> float:
-    """Macro-F1 over the classes present in the labels or predictions (sklearn's 'macro')."""
+def macro_prf(pred: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Macro precision, recall and F1 over the classes present in the labels or predictions of the known
+    labels (sklearn's 'macro' with ``zero_division=0``); NaN when no label is known."""
     known = y >= 0
     p, t = pred[known], y[known]
     classes = np.union1d(np.unique(p), np.unique(t))
-    f1s = []
-    for c in classes:
-        tp = np.sum((p == c) & (t == c))
-        fp = np.sum((p == c) & (t != c))
-        fn = np.sum((p != c) & (t == c))
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1s)) if f1s else float("nan")
+    if not len(classes):
+        return float("nan"), float("nan"), float("nan")
+    tp = np.array([np.sum((p == c) & (t == c)) for c in classes], dtype=np.float64)
+    n_pred = np.array([np.sum(p == c) for c in classes], dtype=np.float64)
+    n_true = np.array([np.sum(t == c) for c in classes], dtype=np.float64)
+    return _prf(tp, n_pred, n_true)
+
+
+def _prf(tp: np.ndarray, n_pred: np.ndarray, n_true: np.ndarray) -> tuple[float, float, float]:
+    """Means over classes of precision, recall and F1 from per-class counts; 0 where a ratio is 0/0."""
+    precision = np.divide(tp, n_pred, out=np.zeros_like(tp), where=n_pred > 0)
+    recall = np.divide(tp, n_true, out=np.zeros_like(tp), where=n_true > 0)
+    f1 = np.divide(2 * tp, n_pred + n_true, out=np.zeros_like(tp), where=(n_pred + n_true) > 0)
+    return float(precision.mean()), float(recall.mean()), float(f1.mean())
+
+
+def macro_f1(pred: np.ndarray, y: np.ndarray) -> float:
+    """Macro-F1 over the classes present in the labels or predictions (sklearn's 'macro')."""
+    return macro_prf(pred, y)[2]
+
+
+def thresholded_prf(probs: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, float]:
+    """Micro and macro precision, recall and F1 of a multi head's label lists (every value scoring at or
+    above ``threshold``, as labelling writes them) over the products with known labels (no NaN), those
+    without any true value included, as calibration fits the threshold on them. Macro averages over the
+    values that are true or predicted at least once (sklearn's 'macro' with ``zero_division=0`` over
+    those columns). ``empty``: the share of products given no value at all."""
+    known = ~np.isnan(y).any(axis=1)
+    if not known.any():
+        return {"threshold": threshold, "n": 0}
+    pred, t = probs[known] >= threshold, y[known] > 0.5
+    tp, n_pred, n_true = (pred & t).sum(0), pred.sum(0), t.sum(0)
+    micro = _prf(*(np.array([float(v.sum())]) for v in (tp, n_pred, n_true)))
+    used = (n_pred + n_true) > 0
+    macro = _prf(*(v[used].astype(np.float64) for v in (tp, n_pred, n_true)))
+    return {
+        "threshold": threshold,
+        "n": int(known.sum()),
+        **{f"micro_{m}": v for m, v in zip(("precision", "recall", "f1"), micro, strict=True)},
+        **{f"macro_{m}": v for m, v in zip(("precision", "recall", "f1"), macro, strict=True)},
+        "empty": float((pred.sum(1) == 0).mean()),
+    }
 
 
 def topk_recall(scores: np.ndarray, y: np.ndarray, k: int, cols: np.ndarray | None = None) -> float:
@@ -76,14 +115,16 @@ def head_metrics(head: Head, probs: np.ndarray, y: np.ndarray) -> dict[str, Any]
     overall and per group, for a multi head (``n``, ``<group>_n``: products with at least one true value)."""
     if head.kind == "single":
         known = int((y >= 0).sum())
-        pred = probs.argmax(axis=1)
+        precision, recall, f1 = macro_prf(probs.argmax(axis=1), y)
         return {
             "n": known,
             "classes": head.num_classes,
             "top1": topk_accuracy(probs, y, 1),
             "top3": topk_accuracy(probs, y, 3),
             "top5": topk_accuracy(probs, y, 5),
-            "macro_f1": macro_f1(pred, y),
+            "macro_precision": precision,
+            "macro_recall": recall,
+            "macro_f1": f1,
         }
     out: dict[str, Any] = {"n": int((~np.isnan(y).any(axis=1) & (np.nan_to_num(y).sum(axis=1) > 0)).sum())}
     for k in (3, 5):

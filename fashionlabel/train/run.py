@@ -19,7 +19,7 @@ import torch
 
 from fashionlabel import storage
 from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD, load_samples, split_of
-from fashionlabel.label.postprocess import consistent_choice, scores
+from fashionlabel.label.postprocess import consistent_choice, scores, threshold, to_columns
 from fashionlabel.label.predictor import Predictor
 from fashionlabel.models import create_model, reparameterize_model
 from fashionlabel.shards import list_shards
@@ -29,7 +29,7 @@ from fashionlabel.train.calibrate import calibrate
 from fashionlabel.train.config import TrainConfig, same_config
 from fashionlabel.train.export import cache_root, check_replaceable, save_artifact
 from fashionlabel.train.loop import fit
-from fashionlabel.train.metrics import confusion, evaluate_probs
+from fashionlabel.train.metrics import confusion, evaluate_probs, thresholded_prf
 
 log = logging.getLogger(__name__)
 
@@ -405,14 +405,22 @@ def evaluate(
     metrics["decode_errors"] = len(samples.errors)
     # whole shard set, every split: labels no training product had, left out of their head's figures
     metrics["labels_outside_model"] = outside
-    # The hierarchy-consistent choice is what labelling writes: report its accuracy too.
+    # What labelling writes, measured as written: the hierarchy-consistent choice of each single head,
+    # the thresholded list of each multi head, and which products it sends to review.
     chosen = consistent_choice(tax, probs)
-    for h in tax.single_heads:
-        y = samples.targets[h.name]
-        known = y >= 0
-        metrics["heads"][h.name]["top1_consistent"] = (
-            float((chosen[h.name][known] == y[known]).mean()) if known.any() else float("nan")
-        )
+    review = to_columns(tax, probs, pred.calibration)["needs_review"].to_numpy(zero_copy_only=False)
+    metrics["needs_review"] = float(review.mean())
+    for h in tax.heads:
+        y, hm = samples.targets[h.name], metrics["heads"][h.name]
+        if h.kind == "multi":
+            hm["at_threshold"] = thresholded_prf(probs[h.name], y, threshold(h, pred.calibration))
+            continue
+        right = chosen[h.name] == y
+        known, accepted = y >= 0, (y >= 0) & ~review
+        hm["top1_consistent"] = float(right[known].mean()) if known.any() else float("nan")
+        # the accuracy of the labels a user takes without review: calibration's promise, on unseen products
+        hm["top1_accepted"] = float(right[accepted].mean()) if accepted.any() else float("nan")
+        hm["n_accepted"] = int(accepted.sum())
     # a local folder or an s3:// prefix; an s3:// model's default is beside its local copy
     out_dir = storage.absolute(write_to or pred.spec["local_path"])
     storage.makedirs(out_dir)
