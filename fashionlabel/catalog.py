@@ -12,6 +12,7 @@ mining and value checks: per row, costly) runs inside the packing tasks. ``valid
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import http.client
 import io
@@ -329,7 +330,22 @@ def resolve_uri(image_uri: str, catalog_uri: str) -> str:
     base = str(catalog_uri)
     if storage.is_s3(base):
         return base.rsplit("/", 1)[0] + "/" + u
-    return str(Path(base.removeprefix("file://")).absolute().parent / u)
+    return _local_join(base.removeprefix("file://"), u)
+
+
+def _local_join(catalog_path: str, rel: str) -> str:
+    """``str(Path(catalog_path).absolute().parent / rel)``, with the folder part of ``rel`` resolved once
+    per catalog and folder: a catalog's images share a few folders, and pathlib per row was three
+    quarters of ``check_ids`` (10 of 13.6 s for 200,000 rows)."""
+    folder, _, name = rel.rpartition("/")
+    if name in ("", ".", ".."):  # pathlib drops a trailing "/" or ".": let it decide
+        return str(Path(catalog_path).absolute().parent / rel)
+    return os.path.join(_local_folder(catalog_path, folder), name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _local_folder(catalog_path: str, folder: str) -> str:
+    return str(Path(catalog_path).absolute().parent / folder)
 
 
 # ---- validation ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -198,6 +199,17 @@ def test_resolve_uri(tmp_path):
     assert resolve_uri("img/a.jpg", f"file://{tmp_path}/c.csv") == str(tmp_path / "img" / "a.jpg")
     for u in ("https://h/a.jpg", "s3://b/a.jpg", "file:///a.jpg", "gs://b/a.jpg"):
         assert resolve_uri(u, "/c.csv") == u
+
+
+def test_relative_local_paths_resolve_as_pathlib_does(tmp_path, monkeypatch):
+    # resolve_uri caches each folder's resolution; every spelling must still give pathlib's answer
+    monkeypatch.chdir(tmp_path)
+    names = ["a.jpg", "img/a.jpg", "./a.jpg", "img/./a.jpg", "img//a.jpg", "../x/a.jpg", "img/", "img/."]
+    names += ["img/..", "a b/ü.jpg", "x/y/../w.jpg", ".hidden.jpg"]
+    for catalog in (str(tmp_path / "c.csv"), "rel/c.csv", "/c.csv", f"file://{tmp_path}/c.csv", "c.csv"):
+        folder = Path(catalog.removeprefix("file://")).absolute().parent
+        for name in names:
+            assert resolve_uri(name, catalog) == str(folder / name), (catalog, name)
 
 
 def _reason(uri: str, **kw) -> str:
