@@ -37,6 +37,16 @@ def test_views_latest_and_history(labels):
     ).fetchall() == [("Shirts", 6), ("Tshirts", 14)]
 
 
+def test_rows_fetched_as_python_values_carry_labeled_at_in_utc(labels):
+    # fetchall() hands a TIMESTAMP WITH TIME ZONE to Python through pytz: a dependency of the project
+    import datetime as dt
+
+    con = connect(labels)
+    (pid, at), *_ = con.execute("SELECT product_id, labeled_at FROM latest ORDER BY 1").fetchall()
+    assert pid == "p00" and at == dt.datetime(2026, 5, 1, 2, tzinfo=dt.UTC)
+    assert con.execute("SELECT * FROM history ORDER BY product_id LIMIT 1").fetchall()[0][0] == "p00"
+
+
 def _doc_queries() -> list[str]:
     return re.findall(r"```sql\n(.*?)```", DOCS.read_text(), re.S)
 
