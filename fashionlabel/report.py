@@ -293,6 +293,8 @@ def write_night_report(
         "inactive (gone from catalog)": int((~cur["active"]).sum()),
         "new / changed / unchanged": f"{m.get('new', '?')} / {m.get('changed', '?')} / {m.get('unchanged', '?')}",
         "labelled tonight": m.get("labelled", "?"),
+        # error rows are in "labelled tonight" too, and latest keeps an earlier label over them
+        "errors tonight": m.get("errors", "?"),
         "relabelled": m.get("relabelled", 0),
         "relabel reason": m.get("relabel_reason") or "none",
         "quarantined": m.get("quarantined", "?"),

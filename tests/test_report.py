@@ -63,7 +63,7 @@ def test_night_report_has_every_chart_drift_and_counts(tmp_path):
         "quarantined": 1,
         "labelled": 6,
         "relabelled": 0,
-        "errors": 0,
+        "errors": 1,
         "shard_images_per_s": 120.0,
         "label_images_per_s": 300.0,
     }
@@ -83,6 +83,7 @@ def test_night_report_has_every_chart_drift_and_counts(tmp_path):
     assert "p02: Tshirts → Shirts" in html and r["previous night"] == "2026-05-01"
     assert r["active products"] == 20 and r["inactive (gone from catalog)"] == 2
     assert r["needs review"] == "15.0%"  # 3 of 20 active products
+    assert r["labelled tonight"] == 6 and "<th>errors tonight</th><td>1</td>" in html
     # the first night has nothing to compare with: no drift charts, and says so
     first = write_night_report(labels, "2026-05-01", tmp_path / "first.html")
     assert not [c for c in first["charts"] if c.startswith("drift-")]
