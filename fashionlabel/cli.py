@@ -271,7 +271,7 @@ def _report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, help="the report's HTML file (self-contained: its charts are embedded in it)"
     )
-    p.add_argument("--date", default=None, help="night (nightly roots; default: the newest night)")
+    p.add_argument("--date", default=None, help="night (nightly roots; default: the night latest shows)")
 
 
 def _nightly_options(p: argparse.ArgumentParser) -> None:

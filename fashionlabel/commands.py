@@ -284,7 +284,10 @@ def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
     if not snaps and storage.exists(storage.join(a.labels, "labels", "latest")):
         raise ValueError(f"{a.labels} is a nightly root: give --labels {storage.join(a.labels, 'labels')}")
     if snaps:  # a nightly labels root: the night's report with drift against the night before
-        date = settings.run_date(a.date) if a.date else snaps[-1]
+        # by default the night that latest shows: a newer snapshot whose pointer swap has not happened (a
+        # night still publishing, or killed before it) is not a published night yet
+        published = (latest.current(a.labels) or {}).get("snapshot")
+        date = settings.run_date(a.date) if a.date else published or snaps[-1]
         # --labels is ROOT/labels of a nightly root, whose manifests are beside it
         m = Layout(storage.absolute(a.labels).rstrip("/").rpartition("/")[0]).manifest(date)
         manifest = storage.read_json(m) if storage.exists(m) else None

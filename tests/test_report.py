@@ -128,6 +128,31 @@ def test_cli_report_on_a_nightly_root_renders_the_newest_night(tmp_path, capsys)
     assert not (tmp_path / "y.html").exists()
 
 
+def test_cli_report_shows_the_night_latest_shows_not_a_snapshot_still_being_published(tmp_path, capsys):
+    from labels_factory import two_nights
+
+    from fashionlabel import latest, storage
+    from fashionlabel.cli import run
+
+    labels = str(tmp_path / "labels")
+    two_nights(labels)
+    # night 3 killed between its snapshot's _SUCCESS and the swap of the pointer: not published
+    snap = latest.read_snapshot(labels, "2026-05-02").slice(0, 5)
+    d = latest.snapshot_dir(labels, "2026-05-03")
+    storage.write_parquet(snap, storage.join(d, "part-00000.parquet"))
+    storage.write_json(
+        storage.join(d, "_SUCCESS"),
+        {"snapshot": "2026-05-03", "rows": 5, "files": ["snapshots/2026-05-03/part-00000.parquet"]},
+    )
+    assert run(["report", "--labels", labels, "--out", str(tmp_path / "r.html")]) == 0
+    html = (tmp_path / "r.html").read_text()
+    assert "fashionlabel night 2026-05-02" in html and "<th>active products</th><td>20</td>" in html
+    capsys.readouterr()
+    # named with --date, the unpublished night is reported all the same (what its re-run will publish)
+    out = str(tmp_path / "d.html")
+    assert run(["report", "--labels", labels, "--out", out, "--date", "2026-05-03"]) == 0
+
+
 def test_report_skips_a_run_that_is_not_finished(ray_session, small_shards, tiny_model, tmp_path):
     labels = tmp_path / "labels"
     done = label_shards(str(small_shards), str(tiny_model), str(labels), "2026-02-01")
