@@ -103,6 +103,9 @@ def connect(labels: str) -> duckdb.DuckDBPyConnection:
     runs = run_folders(labels)
     found = {"latest": latest_dataset(labels, pointer), "history": history_dataset(labels, runs)}
     if not any(v is not None for v in found.values()):
+        inner = storage.join(labels, "labels")
+        if latest.current(inner) or storage.listdirs(storage.join(inner, "history"), "run_date="):
+            raise FileNotFoundError(f"{labels} is a nightly root: its labels are under {inner}")
         raise FileNotFoundError(f"no labels under {labels} (expected latest/_CURRENT.json or history/)")
     for name, ds in found.items():
         if ds is not None:

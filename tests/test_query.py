@@ -226,6 +226,14 @@ def test_cli_query(labels, capsys):
         assert any(ln.strip().startswith("..") for ln in lines) == (shown < 100)  # where rows were cut
 
 
+def test_a_nightly_root_given_for_its_labels_is_named(labels, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(labels, tmp_path / "labels")
+    assert run(["query", "--labels", str(tmp_path), "SELECT count(*) FROM latest"]) == 1
+    assert f"{tmp_path} is a nightly root: its labels are under {tmp_path}/labels" in capsys.readouterr().err
+
+
 def test_a_view_the_folder_does_not_have_is_named_with_where_it_comes_from(labels, tmp_path, capsys):
     import shutil
 
