@@ -274,6 +274,17 @@ def write_night_report(
     if previous is None:
         older = [s for s in snaps if s < date]
         previous = older[-1] if older else None
+    # an earlier night whose snapshot is pruned (keep_snapshots) leaves nothing to compare with, but date is
+    # not the first night
+    runs = [
+        r.removeprefix("run_date=") for r in storage.listdirs(storage.join(labels, "history"), "run_date=")
+    ]
+    earlier = [r for r in runs if r < date]
+    no_previous = (
+        f"{earlier[-1]} (its latest snapshot is no longer kept: no drift)"
+        if earlier
+        else "none (first night)"
+    )
     cur = latest.read_snapshot(labels, date).to_pandas()
     active = cur[cur["active"]]
     heads = [c[: -len("_topk")] for c in cur.columns if c.endswith("_topk")]
@@ -288,7 +299,7 @@ def write_night_report(
     charts.append(_run_chart(m | {"run_date": date}))
     facts = {
         "night": date,
-        "previous night": previous or "none (first night)",
+        "previous night": previous or no_previous,
         "active products": len(active),
         "inactive (gone from catalog)": int((~cur["active"]).sum()),
         "new / changed / unchanged": f"{m.get('new', '?')} / {m.get('changed', '?')} / {m.get('unchanged', '?')}",
@@ -312,7 +323,7 @@ def write_night_report(
     flips = (
         f"<table><tr><th>head</th><th>flipped</th><th>compared (active in both snapshots)</th><th>examples</th></tr>{flips}</table>"
         if d
-        else "<p>first night: nothing to compare with</p>"
+        else f"<p>previous night: {html.escape(no_previous)}; nothing to compare with</p>"
     )
     body = f"<h2>Drift against the previous night</h2>{flips}"
     _write(out, _page(f"fashionlabel night {date}", str(labels), "Night", facts, body, charts))

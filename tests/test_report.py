@@ -52,6 +52,7 @@ def test_report_has_every_chart(ray_session, small_shards, tiny_model, tmp_path)
 def test_night_report_has_every_chart_drift_and_counts(tmp_path):
     from labels_factory import two_nights
 
+    from fashionlabel import latest
     from fashionlabel.report import write_night_report
 
     labels = str(tmp_path / "labels")
@@ -88,6 +89,11 @@ def test_night_report_has_every_chart_drift_and_counts(tmp_path):
     first = write_night_report(labels, "2026-05-01", tmp_path / "first.html")
     assert not [c for c in first["charts"] if c.startswith("drift-")]
     assert "first night" in (tmp_path / "first.html").read_text()
+    # night 2 once night 1's snapshot is pruned: nothing to compare with, but not the first night
+    shutil.rmtree(latest.snapshot_dir(labels, "2026-05-01"))
+    r = write_night_report(labels, "2026-05-02", tmp_path / "pruned.html", manifest)
+    assert r["previous night"] == "2026-05-01 (its latest snapshot is no longer kept: no drift)"
+    assert "first night" not in (tmp_path / "pruned.html").read_text() and r["drift"] == {}
 
 
 def test_cli_report_on_a_nightly_root_renders_the_newest_night(tmp_path, capsys):
