@@ -314,7 +314,9 @@ def _nightly_options(p: argparse.ArgumentParser) -> None:
 def _query_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("sql", help="a DuckDB query over the views latest, history and nights")
     p.add_argument("--labels", required=True, help="labels root (local or s3://), e.g. ROOT/labels")
-    p.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    p.add_argument(
+        "--csv", action="store_true", help="print CSV (list and struct columns as JSON) instead of a table"
+    )
     p.add_argument(
         "--max-rows",
         type=_non_negative,

@@ -373,7 +373,7 @@ def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
 
     df = query(a.labels, a.sql)
     if a.csv:
-        print(df.to_csv(index=False), end="")
+        print(_nested_as_json(df).to_csv(index=False), end="")
     else:
         import pandas as pd
 
@@ -391,6 +391,29 @@ def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
         ):
             print(df)
     return {"rows": len(df)}
+
+
+def _nested_as_json(df):
+    """``df`` with its list and struct cells (``<head>_topk``, ``attributes``, ...) as JSON, one line each: as
+    they come from DuckDB they print as NumPy reprs spread over several lines, which no CSV reader parses
+    back."""
+    import numpy as np
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, np.ndarray | list | tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v.item() if isinstance(v, np.generic) else v
+
+    def nested(v: Any) -> bool:
+        return isinstance(v, np.ndarray | list | tuple | dict)
+
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype == object and out[c].map(nested).any():
+            out[c] = out[c].map(lambda v: json.dumps(plain(v)) if nested(v) else v)
+    return out
 
 
 def cmd_models(a: argparse.Namespace) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from labels_factory import TAX
 from labels_factory import two_nights as _two_nights
 
 from fashionlabel import latest, storage
@@ -224,6 +225,21 @@ def test_cli_query(labels, capsys):
         printed = [ln for ln in lines[1:] if re.fullmatch(r"\d+\s+\d+", ln.strip())]
         assert len(printed) == shown, (argv, lines[:3], len(printed))
         assert any(ln.strip().startswith("..") for ln in lines) == (shown < 100)  # where rows were cut
+
+
+def test_cli_query_csv_writes_list_columns_as_json_one_row_a_line(labels, capsys):
+    import csv
+    import io
+    import json
+
+    sql = "SELECT product_id, articleType_topk, attributes, error FROM latest ORDER BY 1 LIMIT 2"
+    assert run(["query", "--labels", labels, "--csv", sql]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 3  # the header and one line per row
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["product_id"] for r in rows] == ["p00", "p01"]
+    assert json.loads(rows[0]["articleType_topk"]) == [{"label": "Tshirts", "score": 0.5}]
+    assert json.loads(rows[0]["attributes"]) == [TAX.heads[-1].values[0]] and rows[0]["error"] == ""
 
 
 def test_a_nightly_root_given_for_its_labels_is_named(labels, tmp_path, capsys):
