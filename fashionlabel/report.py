@@ -223,8 +223,8 @@ def _drift_charts(d: dict[str, dict[str, Any]], prev_date: str) -> list[tuple[st
 
 def rate_text(done_now: int, done: int, rate: float) -> str:
     """A stage's rate, or why there is none: a re-run rates only the work it did itself."""
-    if done_now:
-        return f"{rate:,.0f} img/s"
+    if done_now:  # a night that labelled a handful of products has a rate below 1 img/s, not 0
+        return f"{rate:,.0f} img/s" if rate >= 10 else f"{rate:.2g} img/s"
     return "n/a (done by an earlier run)" if done else "n/a (nothing to do)"
 
 

@@ -96,6 +96,16 @@ def test_night_report_has_every_chart_drift_and_counts(tmp_path):
     assert "first night" not in (tmp_path / "pruned.html").read_text() and r["drift"] == {}
 
 
+def test_a_night_that_labelled_a_few_products_slowly_has_a_rate_not_zero():
+    from fashionlabel.report import night_rate
+
+    m = {"labelled": 1, "labelled_this_attempt": 1, "label_images_per_s": 0.25}
+    assert night_rate(m, "label") == "0.25 img/s"
+    assert night_rate(m | {"label_images_per_s": 3.14159}, "label") == "3.1 img/s"
+    assert night_rate(m | {"label_images_per_s": 1234.5}, "label") == "1,234 img/s"
+    assert night_rate(m | {"labelled_this_attempt": 0}, "label") == "n/a (done by an earlier run)"
+
+
 def test_cli_report_on_a_nightly_root_renders_the_newest_night(tmp_path, capsys):
     from labels_factory import two_nights
 
