@@ -177,6 +177,12 @@ def test_the_readme_duckdb_snippet_runs_as_written(labels):
     assert "to_review" in r.stdout and "Shirts" in r.stdout
 
 
+def test_the_readme_query_command_answers_what_the_snippet_before_it_does(labels):
+    readme = (DOCS.parents[1] / "README.md").read_text()
+    sql = re.search(r'fashionlabel query --labels\s+demo-out/labels "(.*?)"', readme, re.S).group(1)
+    assert connect(labels).execute(sql).fetchall() == [("Shirts", 6)]  # the newest run, as the snippet
+
+
 def test_query_over_s3(s3, tmp_path):
     bucket = s3.make_bucket("query")
     _two_nights(f"s3://{bucket}/labels")
