@@ -479,3 +479,32 @@ def test_train_refuses_a_head_no_training_product_is_labelled_for(ray_session, s
     ):
         train(str(shards), str(tmp_path / "m"), TrainConfig(model="fl_tiny", epochs=1, workers=1), 2)
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.train").exists()
+
+
+def test_train_refuses_a_local_out_it_cannot_write_before_any_worker_starts(
+    ray_session, small_shards, tmp_path
+):
+    """A local ``--out`` (or ``--storage``) it cannot create was found by Ray Train's controller, which
+    died with a traceback through Ray (``PermissionError: Cannot create directory '….train'``): now it is
+    refused by name, as an ``s3://`` one is, before any worker starts."""
+    import os
+
+    from fashionlabel.storage import StorageError
+    from fashionlabel.train.loop import TrainConfig
+    from fashionlabel.train.run import train
+
+    cfg = TrainConfig(model="fl_tiny", epochs=1, workers=1)
+    blocker = tmp_path / "a-file"  # a file where the folder would go: no user can create under it
+    blocker.write_text("")
+    # on a cluster the checkpoints go elsewhere (--storage), and the run's own folder beside --out
+    with pytest.raises(StorageError, match=r"a-file/m is not writable: "):
+        train(str(small_shards), str(blocker / "m"), cfg, 2, checkpoints=str(tmp_path / "c"))
+    with pytest.raises(StorageError, match=r"a-file/c is not writable"):
+        train(str(small_shards), str(tmp_path / "m"), cfg, 2, checkpoints=str(blocker / "c"))
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.train").exists()
+    if os.geteuid() != 0:  # a read-only folder (root may write into one)
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(StorageError, match=r"ro/m is not writable: "):
+            train(str(small_shards), str(ro / "m"), cfg, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "ro"][: 1 + (os.geteuid() != 0)]

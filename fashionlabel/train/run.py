@@ -79,7 +79,7 @@ def train(
     _check_checkpoint_reach(out, checkpoints)
     data = shards_fingerprint(shards, taxonomy, index)
     _check_out(shards, out, cfg, checkpoints or storage.join(run_dir, "checkpoints"), overwrite, data)
-    _check_writable(out, checkpoints)
+    _check_writable(out, checkpoints, run_dir)
     best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints, data)
     return export_state(shards, out, best, taxonomy, data) | {"seconds": time.time() - t0}
 
@@ -158,10 +158,11 @@ def _check_out(shards: str, out: str, cfg: TrainConfig, checkpoints: str, overwr
         )
 
 
-def _check_writable(out: str, checkpoints: str | None) -> None:
-    """Probe the ``s3://`` model and checkpoint prefixes before any worker starts: a missing bucket or
-    credentials without write access would otherwise fail rank 0 at its first checkpoint, an epoch in."""
-    for uri in dict.fromkeys(u for u in (checkpoints, out) if u and storage.is_s3(u)):
+def _check_writable(out: str, checkpoints: str | None, run_dir: str) -> None:
+    """Probe the model, checkpoint and run folders (local or ``s3://``) before any worker starts: a missing
+    bucket or credentials without write access would otherwise fail rank 0 at its first checkpoint, an
+    epoch in, and a local folder that cannot be created failed Ray Train's controller with a traceback."""
+    for uri in dict.fromkeys(u for u in (checkpoints, out, run_dir) if u):
         storage.check_writable(uri)
 
 
