@@ -17,6 +17,7 @@ import errno
 import io
 import json
 import os
+import re
 import time
 import uuid
 from functools import cache
@@ -30,6 +31,41 @@ import pyarrow.parquet as pq
 
 class StorageError(RuntimeError):
     """An output or input location that cannot be used (no access, no bucket, bad path)."""
+
+
+class NotOnThisNodeError(StorageError):
+    """A local folder the driver sees is not there on the node where a Ray task or actor runs."""
+
+
+def require_on_this_node(folder: str | Path, marker: str, what: str) -> None:
+    """In a Ray task: fail by name when ``folder/marker``, which the driver sees, is not on this node.
+    ``what`` names the folder in the message (``output folder``, ``shard set``).
+
+    On a cluster a local path is each node's own disk unless every node mounts it: a shard task there
+    published its tar where no one would read it (the job failed after packing, naming a missing index
+    part), and a labelling actor died on a missing tar with a traceback through Ray Data. ``s3://`` is
+    the same everywhere: nothing to check."""
+    if is_s3(folder) or Path(join(folder, marker).removeprefix("file://")).exists():
+        return
+    import ray
+
+    raise NotOnThisNodeError(
+        f"{what} {folder} is not on node {ray.util.get_node_ip_address()}, where a Ray task runs ({marker} "
+        "missing there): on a cluster a local folder must be one every node mounts; use an s3:// location"
+    )
+
+
+def task_error(e: BaseException) -> BaseException:
+    """The :class:`NotOnThisNodeError` that a Ray task or actor raised, when ``e`` (as the driver got it)
+    carries one; else ``e``. Ray wraps it with the remote traceback in its text, and Ray Data passes on
+    only that text (its ``UserCodeException`` has no cause on the driver), so it is found by its line."""
+    x: BaseException | None = e
+    while x is not None:
+        if isinstance(x, NotOnThisNodeError) and not isinstance(getattr(x, "cause", None), BaseException):
+            return x
+        x = getattr(x, "cause", None) or x.__cause__
+    found = re.search(rf"^(?:[\w.]+\.)?{NotOnThisNodeError.__name__}: (.+)$", str(e), re.MULTILINE)
+    return NotOnThisNodeError(found.group(1)) if found else e
 
 
 def is_s3(uri: str | Path) -> bool:

@@ -656,3 +656,30 @@ def test_a_batch_delivered_twice_neither_duplicates_nor_completes_a_shard_early(
     w.add(batch(["c", "d"]))  # and once more after the shard was written: dropped, not an error
     assert w.counts["files"] == 1 and w.counts["labelled"] == 4
     assert pq.read_table(tmp_path / "part-shard-000000.parquet")["product_id"].to_pylist() == list("abcd")
+
+
+def test_a_shard_set_not_on_a_labelling_node_fails_with_one_line(ray_session, small_shards, tmp_path):
+    """On a cluster a local ``--shards`` is each node's own disk unless every node mounts it. An actor on
+    a node without it died on the missing tar, and the command printed Ray Data's traceback as its error
+    (the cause crosses to the driver as text only). The reader names the folder and the node, and the
+    label pipeline turns what the driver gets back into that one line."""
+    import ray
+
+    from fashionlabel import storage
+
+    elsewhere = tmp_path / "shards"  # a shard set the driver lists, on a node where it is not
+    uris = [u.replace(str(small_shards), str(elsewhere)) for u in list_shards(str(small_shards))[:1]]
+    ds = ray.data.from_items([{"shard": u} for u in uris]).map_batches(
+        read_shards, fn_kwargs={"decode_on": "cpu", "size": (80, 60)}, batch_size=1
+    )
+    with pytest.raises(Exception) as got:
+        ds.take_all()
+    err = storage.task_error(got.value)
+    assert isinstance(err, storage.NotOnThisNodeError)
+    assert str(err) == (
+        f"shard set {elsewhere} is not on node {ray.util.get_node_ip_address()}, where a Ray task runs "
+        "(index.parquet missing there): on a cluster a local folder must be one every node mounts; use an "
+        "s3:// location"
+    )
+    # any other error is left as it is
+    assert storage.task_error(ValueError("x")).args == ("x",)

@@ -140,3 +140,26 @@ def test_sidecar_carries_the_metadata_columns(small_shards, small_catalog):
             assert {c: meta.get(c) for c in extra} == {c: row[c] for c in extra}
             n += 1
     assert n == 600
+
+
+def test_a_shard_task_on_a_node_that_does_not_see_the_output_fails_the_job_by_name(ray_session, tmp_path):
+    """On a cluster a local ``--out`` is each node's own disk unless every node mounts it. A shard task on
+    another node published its tar there, where nobody reads it, and the job failed after packing
+    everything, naming only a missing index part. The task now checks that it sees the plan the driver
+    saved (here: no plan, as on a node without the folder) and the job fails with one line, having
+    published nothing."""
+    from fashionlabel.catalog import check_ids
+    from fashionlabel.shards.job import _run_tasks
+    from fashionlabel.shards.spec import index_schema
+
+    tax = Taxonomy.load("fashion-product-images")
+    rows = [r for r in sample_rows(20) if Path(r["image_uri"]).exists()][:5]
+    valid, _ = check_ids(rows, str(tmp_path / "catalog.csv"))
+    out = tmp_path / "out"
+    with pytest.raises(
+        ShardJobError,
+        match=r"^output folder .*/out is not on node [\d.]+, where a Ray task runs \(_parts/_plan\.json "
+        r"missing there\): on a cluster a local folder must be one every node mounts; use an s3:// location$",
+    ):
+        _run_tasks([(0, valid)], str(out), ShardConfig(), index_schema(tax), tax)
+    assert not out.exists()

@@ -106,14 +106,19 @@ def label_shards(
         if storage.is_s3(out_dir):  # a missing bucket is named now, not after the actors labelled a shard
             storage.check_writable(out_dir)
         keys = _skip_keys(out, spec["version"], skip, incremental)
-        for batch in _plan(todo, model_dir, run_id, plan, spec, keys).iter_batches(
-            batch_size=None, batch_format="pyarrow"
-        ):
-            first = first if first is not None else time.time() - t0
-            compiled.update(batch["compiled_from"].unique().to_pylist())
-            writer.add(batch)
-            if progress:
-                progress(batch.num_rows)
+        try:
+            for batch in _plan(todo, model_dir, run_id, plan, spec, keys).iter_batches(
+                batch_size=None, batch_format="pyarrow"
+            ):
+                first = first if first is not None else time.time() - t0
+                compiled.update(batch["compiled_from"].unique().to_pylist())
+                writer.add(batch)
+                if progress:
+                    progress(batch.num_rows)
+        except Exception as e:  # a shard set not on an actor's node: named, not Ray Data's traceback
+            if (named := storage.task_error(e)) is e:
+                raise
+            raise named from None
         if writer.incomplete:
             raise RuntimeError(
                 f"label rows missing for {len(writer.incomplete)} shards: {writer.incomplete[:3]}"

@@ -207,6 +207,8 @@ def read_shards(
     }
     for uri in batch["shard"]:
         uri = str(uri)
+        if not storage.is_s3(uri) and not Path(uri.removeprefix("file://")).exists():
+            storage.require_on_this_node(uri.rpartition("/")[0], "index.parquet", "shard set")
         ids, shas, jpgs, damage = salvage_shard(uri)
         readable = len(ids)
         if damage:  # the products the index places in this shard but the damage took get error rows

@@ -185,6 +185,14 @@ def _warm_workers() -> list:
     return [task.remote() for _ in range(max(1, min(cpus, 64)))]
 
 
+def _pack_task(
+    shard_id: int, rows: list, out: str, cfg: ShardConfig, schema: pa.Schema, taxonomy: Taxonomy
+) -> dict:
+    """The Ray task: :func:`pack_shard`, once this node sees the plan the driver saved in ``out``."""
+    storage.require_on_this_node(out, "_parts/_plan.json", "output folder")
+    return pack_shard(shard_id, rows, out, cfg, schema, taxonomy)
+
+
 def _run_tasks(
     todo: list[tuple[int, list[CatalogRow]]],
     out: str,
@@ -201,7 +209,7 @@ def _run_tasks(
     now = time.time()
     if not todo:
         return 0, 0.0, (now, now)
-    task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(pack_shard)
+    task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(_pack_task)
     cfg_ref, schema_ref, tax_ref = ray.put(cfg), ray.put(schema), ray.put(taxonomy)
     pending = [task.remote(i, rs, out, cfg_ref, schema_ref, tax_ref) for i, rs in todo]
     total_rows = sum(len(rs) for _, rs in todo)

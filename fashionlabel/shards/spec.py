@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from fashionlabel.catalog import SourceUnavailable
 from fashionlabel.settings import check
+from fashionlabel.storage import NotOnThisNodeError
 from fashionlabel.taxonomy import Taxonomy
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -88,12 +89,13 @@ def index_schema(taxonomy: Taxonomy) -> pa.Schema:
 
 
 def ray_get(refs: list) -> list:
-    """``ray.get``; a task that found the image source down fails the job with its own message."""
+    """``ray.get``; a task that found the image source down, or the output not on its node, fails the job
+    with its own message."""
     import ray
 
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, SourceUnavailable):
+        if isinstance(e.cause, (SourceUnavailable, NotOnThisNodeError)):
             raise ShardJobError(str(e.cause)) from None
         raise
