@@ -188,3 +188,28 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def worker_cpus(workers: int, node_cpus: list[float] | None = None) -> float:
+    """CPUs for each of ``workers`` CPU training workers: the cluster's CPUs shared equally, but never
+    more than Ray can place, one bundle per worker, on the nodes there are. A share of the whole cluster
+    can exceed every node (two nodes of 2 CPUs, one worker: 4), and Ray Train then waits for ever for a
+    worker group it cannot place.
+
+    Args:
+        node_cpus: CPUs of each node (default: the alive nodes of the connected Ray cluster).
+    """
+    if node_cpus is None:
+        import ray
+
+        node_cpus = [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    nodes = [n for n in node_cpus if n > 0] or [1.0]
+    share = sum(nodes) / workers
+
+    def places(c: float) -> bool:
+        return sum(int(n / c + 1e-9) for n in nodes) >= workers
+
+    # the largest share that places every worker is a node's CPUs split k ways, for some k
+    return max(
+        c for c in {n / k for n in nodes for k in range(1, workers + 1)} | {share} if c <= share and places(c)
+    )

@@ -81,3 +81,27 @@ def test_sigterm_stops_a_job_like_ctrl_c(small_shards, tiny_model, tmp_path):
     ).fetchone()
     packed = con.execute(f"SELECT count(*) FROM '{small_shards}/index.parquet'").fetchone()[0]
     assert rows == distinct == packed
+
+
+def test_a_training_worker_never_asks_for_more_cpus_than_a_node_has():
+    """Each CPU worker asked for its share of the whole cluster's CPUs: on a cluster of several nodes
+    that share can exceed every node (4 CPUs for one worker on two nodes of 2; a night's 16 CPU workers
+    of 32 make 2 workers ask 258 each), and Ray Train waited for ever for a worker group it cannot place
+    (`ray job submit -- python -m jobs.train … --workers 1` on two 2-CPU nodes: "No available node types
+    can fulfill resource request {'CPU': 4.0}", for minutes). The share is now the largest that places
+    one bundle per worker on the nodes there are."""
+    from fashionlabel.runtime import worker_cpus
+
+    assert worker_cpus(1, [2.0]) == 2.0  # one node: the cluster's share, as before
+    assert worker_cpus(2, [2.0]) == 1.0
+    assert worker_cpus(4, [2.0]) == 0.5  # more workers than CPUs share them
+    assert worker_cpus(1, [2.0, 2.0]) == 2.0
+    assert worker_cpus(2, [2.0, 2.0]) == 2.0
+    assert worker_cpus(3, [2.0, 2.0]) == 1.0  # 4/3 each would place only two
+    assert worker_cpus(2, [4.0] + [32.0] * 16) == 32.0
+    assert worker_cpus(3, [4.0, 3.0]) == 2.0
+    for workers in range(1, 9):
+        for nodes in ([2.0, 2.0], [4.0, 3.0], [1.0, 8.0, 8.0], [6.0]):
+            c = worker_cpus(workers, nodes)
+            assert sum(int(n / c + 1e-9) for n in nodes) >= workers  # every worker placed
+            assert c <= sum(nodes) / workers

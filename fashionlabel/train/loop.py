@@ -392,7 +392,10 @@ def fit(
     ckpt_dir = checkpoints or storage.join(run_dir, "checkpoints")
     if not storage.is_s3(ckpt_dir):
         storage.makedirs(ckpt_dir)
-    threads = max(1, int(num_cpus // cfg.workers))
+    from fashionlabel.runtime import worker_cpus
+
+    per_worker = min(num_cpus / cfg.workers, worker_cpus(cfg.workers))
+    threads = max(1, int(per_worker))
     config = {
         "cfg": asdict(cfg),
         "taxonomy": taxonomy.to_dict(),
@@ -408,9 +411,7 @@ def fit(
     }
     # Shares of the cluster's CPUs, so that any worker count fits (more workers than CPUs only time-slice).
     res_per_worker = (
-        {"CPU": num_cpus / cfg.workers}
-        if not cfg.gpu
-        else {"CPU": min(2.0, num_cpus / cfg.workers), "GPU": 1}
+        {"CPU": per_worker} if not cfg.gpu else {"CPU": min(2.0, num_cpus / cfg.workers), "GPU": 1}
     )
     trainer = TorchTrainer(
         _worker,
