@@ -190,8 +190,15 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def node_cpus_now() -> list[float]:
+    """CPUs of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+
+
 def worker_cpus(workers: int, node_cpus: list[float] | None = None) -> float:
-    """CPUs for each of ``workers`` CPU training workers: the cluster's CPUs shared equally, but never
+    """CPUs for each of ``workers`` CPU workers or actors: the cluster's CPUs shared equally, but never
     more than Ray can place, one bundle per worker, on the nodes there are. A share of the whole cluster
     can exceed every node (two nodes of 2 CPUs, one worker: 4), and Ray Train then waits for ever for a
     worker group it cannot place.
@@ -199,11 +206,7 @@ def worker_cpus(workers: int, node_cpus: list[float] | None = None) -> float:
     Args:
         node_cpus: CPUs of each node (default: the alive nodes of the connected Ray cluster).
     """
-    if node_cpus is None:
-        import ray
-
-        node_cpus = [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
-    nodes = [n for n in node_cpus if n > 0] or [1.0]
+    nodes = [n for n in (node_cpus if node_cpus is not None else node_cpus_now()) if n > 0] or [1.0]
     share = sum(nodes) / workers
 
     def places(c: float) -> bool:

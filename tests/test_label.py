@@ -683,3 +683,16 @@ def test_a_shard_set_not_on_a_labelling_node_fails_with_one_line(ray_session, sm
     )
     # any other error is left as it is
     assert storage.task_error(ValueError("x")).args == ("x",)
+
+
+def test_a_cpu_actor_never_asks_for_more_cpus_than_a_node_has():
+    """Actors hold half of the cluster's CPUs between them, and half of a cluster of several nodes can be
+    more than any node has: ``label --actors 1`` on nodes of 2, 2 and 1 CPUs asked 2.5 CPUs for its actor,
+    which no node could place, and the job waited for ever ("No available node types can fulfill resource
+    request {'CPU': 2.5}"); on 16 nodes of 32 CPUs the 8 default actors asked 32.25 each."""
+    one = plan_resources(LabelConfig(actors=1), 5, 0, node_cpus=[2.0, 2.0, 1.0])
+    assert one.actors == 1 and one.actor_cpus <= 2.0
+    big = plan_resources(LabelConfig(), 4 + 16 * 32, 0, node_cpus=[4.0] + [32.0] * 16)
+    assert big.actors == 8 and big.actor_cpus <= 32.0
+    for cpus in (1, 2, 8, 64):  # one node: as before
+        assert plan_resources(LabelConfig(), cpus, 0, [float(cpus)]) == plan_resources(LabelConfig(), cpus, 0)

@@ -76,13 +76,13 @@ def label_shards(
             that adds more parts afterwards (a nightly relabel) gives another name and writes ``_SUCCESS``
             itself, last, since readers take ``_SUCCESS`` to mean the folder is complete.
     """
-    from fashionlabel.runtime import cluster_cpus, cluster_gpus
+    from fashionlabel.runtime import cluster_cpus, cluster_gpus, node_cpus_now
     from fashionlabel.train.export import artifact_spec  # torch: not in the read tasks that import this
 
     t0 = time.time()
     model_dir = storage.absolute(model_dir)
     run_date = settings.run_date(run_date)  # today in UTC by default, as nightly dates are
-    plan = plan_resources(cfg, cluster_cpus(), cluster_gpus())
+    plan = plan_resources(cfg, cluster_cpus(), cluster_gpus(), node_cpus_now())
     out_dir = storage.join(out, "history", f"run_date={run_date}")
     uris = list_shards(shards)
     # the artifact is checked on the driver (files, content hash) without building the model: a broken

@@ -89,8 +89,13 @@ class Plan:
     compile_cache: str | None = None
 
 
-def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
-    """Pool size, per-actor resources and batch size from the cluster's CPUs and GPUs."""
+def plan_resources(cfg: LabelConfig, cpus: float, gpus: float, node_cpus: list[float] | None = None) -> Plan:
+    """Pool size, per-actor resources and batch size from the cluster's CPUs and GPUs.
+
+    Args:
+        node_cpus: CPUs of each node (default: one node of ``cpus``); no CPU actor asks for more than
+            the nodes can place.
+    """
     if (cfg.device or "").startswith("cuda") and gpus < 1:
         raise LabelError(f"--device {cfg.device} asked for, but the Ray cluster has no GPU")
     use_gpu = gpus >= 1 and (cfg.device or "cuda").startswith("cuda")
@@ -125,6 +130,10 @@ def plan_resources(cfg: LabelConfig, cpus: float, gpus: float) -> Plan:
     # Actors hold half of the CPUs between them (fractional, so that reads always find a slot); torch
     # threads use the actor's share of cores, the read tasks fill the gaps between forward passes.
     actor_cpus = max(0.25, cpus * 0.5 / actors)
+    if node_cpus is not None:  # half of the cluster can be more than a node has (1 actor on 2+2+1 CPUs: 2.5)
+        from fashionlabel.runtime import worker_cpus
+
+        actor_cpus = min(actor_cpus, max(0.25, 0.5 * worker_cpus(actors, node_cpus)))
     return Plan(
         "cpu",
         decode,
