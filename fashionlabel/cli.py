@@ -385,6 +385,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     # Ray Train gives a worker group 60 s to start; a busy machine needs longer (read by the local Ray).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     try:
+        from fashionlabel.commands import check_outputs_outlive_the_job
+
+        check_outputs_outlive_the_job(args)
         if args.command in NEEDS_RAY:
             from fashionlabel.commands import check_settings
             from fashionlabel.runtime import ray_session

@@ -44,6 +44,41 @@ def check_settings(a: argparse.Namespace) -> None:
         settings.run_date(getattr(a, date))
 
 
+# The options of each command that name where it writes (a later run resumes from what is there).
+OUTPUTS = {
+    "shard": ("out",),
+    "train": ("out", "storage"),
+    "label": ("out",),
+    "nightly": ("root",),
+    "evaluate": ("out",),
+    "prune": ("out",),
+    "report": ("out",),
+}
+
+
+def check_outputs_outlive_the_job(a: argparse.Namespace) -> None:
+    """Refuse a relative output path in a job submitted with a working_dir (``ray job submit
+    --working-dir .``): there the current folder is Ray's copy of the uploaded checkout, which Ray
+    deletes once no job uses it and which is another folder for each upload that differs. The outputs
+    would be lost, and a re-run (tomorrow's night, a resumed shard job) would start again elsewhere."""
+    import os
+
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return
+    if not (job.get("runtime_env") or {}).get("working_dir"):
+        return
+    for field in OUTPUTS.get(a.command, ()):
+        value = getattr(a, field, None)
+        if value and "://" not in value and not Path(value).is_absolute():
+            raise ValueError(
+                f"--{field} {value} is a relative path: in a job submitted with a working_dir it would be "
+                f"written into Ray's copy of the uploaded folder ({os.getcwd()}), which Ray deletes and a "
+                "later upload replaces; give an absolute path (a folder every node mounts) or an s3:// URI"
+            )
+
+
 def _demo_check(a: argparse.Namespace) -> None:
     """The demo's own settings (its epochs, its run date), checked as its train and label steps would
     check them, but before its shard step writes anything."""

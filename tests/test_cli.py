@@ -373,3 +373,44 @@ def test_nightly_refuses_a_gpu_the_cluster_lacks_before_its_shards_are_written(
     assert run([*argv, "--date", "2026-03-01", "--device", "cuda"]) == 1
     assert "--device cuda asked for, but the Ray cluster has no GPU" in capsys.readouterr().err
     assert not [p for p in root.rglob("*") if p.is_file()]  # the lease, released, leaves its empty folder
+
+
+def test_a_relative_output_in_a_job_with_a_working_dir_is_refused_by_name(small_catalog, tmp_path):
+    """In ``ray job submit --working-dir . -- python -m jobs.shard --out shards`` the current folder is
+    Ray's copy of the upload (…/runtime_resources/working_dir_files/_ray_pkg_<hash>): the shards were
+    written there and the summary said so, then Ray deleted them, and the next upload's re-run (a
+    nightly root given as ``nightly``, tomorrow) started again in another folder. Ray gives the job its
+    runtime env in ``RAY_JOB_CONFIG_JSON_ENV_VAR``; here it is set as Ray sets it for such a job."""
+    import json
+    import os
+
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}, "metadata": {}}
+    env = os.environ | {
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job),
+    }
+    cat = str(small_catalog)
+    cases = {
+        "--out shards is a relative path": ["jobs.shard", "--catalog", cat, "--out", "shards"],
+        "--storage ck is a relative path": ["jobs.train", "--shards", cat, "--out", "/m", "--storage", "ck"],
+        "--root nightly is a relative path": ["jobs.nightly", "--catalog", cat, "--model", "m", "--root", "nightly"],
+        "--out r.html is a relative path": ["jobs.report", "--labels", "/l", "--out", "r.html"],
+    }  # fmt: skip
+    for message, argv in cases.items():
+        r = subprocess.run(
+            [sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 1 and message in r.stderr and "an s3:// URI" in r.stderr, (argv, r.stderr)
+    assert sorted(os.listdir(tmp_path)) == []  # nothing written, no Ray started here
+    # an absolute folder or an s3:// URI is what such a job writes to; outside a job, relative is fine
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.report", "--labels", str(tmp_path / "none"), "--out", "s3://b/r.html"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1 and "is a relative path" not in r.stderr, r.stderr
+    del env["RAY_JOB_CONFIG_JSON_ENV_VAR"]
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.report", "--labels", str(tmp_path / "none"), "--out", "r.html"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1 and "is a relative path" not in r.stderr, r.stderr
