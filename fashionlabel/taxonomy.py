@@ -15,11 +15,12 @@ Blank and unknown markers (``unknown_values``) mean "no label": masked in traini
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -118,6 +119,30 @@ def _check_head(h: Head) -> None:
             raise TaxonomyError(f"{where}: groups name values it does not have: {stray[:5]}")
 
 
+TAXONOMY_KEYS = ("name", "description", "unknown_values", "heads")
+HEAD_KEYS = tuple(f.name for f in fields(Head))
+
+
+def _check_keys(d: Any, where: str) -> None:
+    """Refuse keys a taxonomy file does not know: a misspelt one (``colum:``, ``parnet:``) would otherwise
+    be ignored, and the head would read another column or lose its parent without a word."""
+    if not isinstance(d, Mapping):
+        return  # from_dict names what is missing
+    heads = d.get("heads") if isinstance(d.get("heads"), list) else []
+    checks = [(d, TAXONOMY_KEYS, f"taxonomy {where!r}")]
+    checks += [
+        (h, HEAD_KEYS, f"head {h.get('name')!r} of taxonomy {where!r}")
+        for h in heads
+        if isinstance(h, Mapping)
+    ]
+    for keys, known, what in checks:
+        for k in keys:
+            if k not in known:
+                near = difflib.get_close_matches(str(k), known, n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise TaxonomyError(f"{what}: unknown key {k!r} ({hint}known keys: {', '.join(known)})")
+
+
 @dataclass(frozen=True)
 class Taxonomy:
     """The heads a model predicts, from a dict (:meth:`from_dict`) or a built-in name or file (:meth:`load`);
@@ -201,9 +226,11 @@ class Taxonomy:
                 raise TaxonomyError(f"no taxonomy {s!r}: not a built-in ({', '.join(BUILTINS)}) nor a file")
             text = p.read_text()
         try:
-            return cls.from_dict(yaml.safe_load(text))
+            d = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise TaxonomyError(f"taxonomy {s!r} is not valid YAML: {e}") from e
+        _check_keys(d, s)
+        return cls.from_dict(d)
 
     def _check(self) -> None:
         names = [h.name for h in self.heads]

@@ -165,6 +165,37 @@ def test_taxonomy_mistakes_are_named(tmp_path, heads, error):
         Taxonomy.load(p)
 
 
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        (
+            "name: x\nheads: [{name: dept, colum: Dept, values: [Shoes, Bags]}]\n",
+            r"head 'dept' of taxonomy '.*t.yaml': unknown key 'colum' \(did you mean 'column'\?",
+        ),
+        (
+            "name: x\nheads: [{name: a, values: [x]}, {name: b, values: [y], parnet: a, parent_map: {y: x}}]\n",
+            r"head 'b' .*: unknown key 'parnet' \(did you mean 'parent'\?",
+        ),
+        (
+            "name: x\nunknown_value: ['-']\nheads: [{name: a, values: [x]}]\n",
+            r"taxonomy '.*t.yaml': unknown key 'unknown_value' \(did you mean 'unknown_values'\?",
+        ),
+        (
+            "name: x\nheads: [{name: a, values: [x], notes: red}]\n",
+            r"unknown key 'notes' \(known keys: name",
+        ),
+    ],
+)
+def test_misspelt_keys_are_refused(tmp_path, text, error):
+    """A key the file format does not have is refused by name, with the nearest known key: ignored, a
+    misspelt ``column`` made the head read a column named after itself (no labels at all), a misspelt
+    ``parent`` dropped the hierarchy, a misspelt ``unknown_values`` made "-" a class."""
+    p = tmp_path / "t.yaml"
+    p.write_text(text)
+    with pytest.raises(TaxonomyError, match=error):
+        Taxonomy.load(p)
+
+
 def test_learning_no_values_for_a_head_names_its_column():
     """A head that learns its values from a column the catalog lacks has none to learn: named, not a
     model with an empty head."""
