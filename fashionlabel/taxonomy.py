@@ -239,6 +239,14 @@ class Taxonomy:
             raise TaxonomyError(f"taxonomy {self.name!r}: duplicate head names {dup}")
         for h in self.heads:
             _check_head(h)
+            # a single head's cell equal to an unknown marker is "no label": such a value is a dead class
+            masked = [v for v in h.values or () if h.kind == "single" and self.is_unknown(v)]
+            if masked:
+                raise TaxonomyError(
+                    f"head {h.name!r}: value {masked[0]!r} is also one of the taxonomy's unknown_values "
+                    f"({', '.join(map(repr, self.unknown_values))}), which mean 'no label': no product "
+                    "would ever be labelled with it. Rename the value, or list unknown_values without it"
+                )
             if h.parent is None:
                 continue
             if h.parent not in names:

@@ -165,6 +165,23 @@ def test_taxonomy_mistakes_are_named(tmp_path, heads, error):
         Taxonomy.load(p)
 
 
+def test_a_value_that_is_an_unknown_marker_is_refused(tmp_path):
+    """A declared value that the taxonomy also lists as "no label" (the defaults hold 'None' and
+    'unknown') is refused by name: every catalog cell with it was masked, so the class never trained."""
+    p = tmp_path / "t.yaml"
+    p.write_text("name: x\nheads: [{name: closure, values: [zip, laces, None]}]\n")
+    with pytest.raises(
+        TaxonomyError, match=r"head 'closure': value 'None' is also one of the taxonomy's unknown"
+    ):
+        Taxonomy.load(p)
+    p.write_text("name: x\nunknown_values: ['', NA]\nheads: [{name: closure, values: [zip, laces, None]}]\n")
+    tax = Taxonomy.load(p)  # listed without it, 'None' is a value like any other
+    assert tax.labels_from_row({"closure": "None"}) == {"closure": "None"}
+    p.write_text("name: x\nheads: [{name: sleeve, values: [unknown, short], not_visible: unknown}]\n")
+    with pytest.raises(TaxonomyError, match=r"value 'unknown' is also one of"):
+        Taxonomy.load(p)
+
+
 @pytest.mark.parametrize(
     "text, error",
     [
