@@ -329,7 +329,7 @@ def resolve_uri(image_uri: str, catalog_uri: str) -> str:
         return u  # unsupported schemes are kept, so the fetch reports them instead of a wrong path
     base = str(catalog_uri)
     if storage.is_s3(base):
-        return base.rsplit("/", 1)[0] + "/" + u
+        return _s3_join(base.rsplit("/", 1)[0], u)
     return _local_join(base.removeprefix("file://"), u)
 
 
@@ -340,12 +340,30 @@ def _local_join(catalog_path: str, rel: str) -> str:
     folder, _, name = rel.rpartition("/")
     if name in ("", ".", ".."):  # pathlib drops a trailing "/" or ".": let it decide
         return str(Path(catalog_path).absolute().parent / rel)
-    return os.path.join(_local_folder(catalog_path, folder), name)
+    return os.path.join(_local_folder(catalog_path, folder, os.getcwd()), name)
 
 
 @functools.lru_cache(maxsize=1024)
-def _local_folder(catalog_path: str, folder: str) -> str:
+def _local_folder(catalog_path: str, folder: str, cwd: str) -> str:
+    """The folder resolved; ``cwd`` is part of the cache key: a relative catalog path means another folder
+    once the process has changed directory."""
     return str(Path(catalog_path).absolute().parent / folder)
+
+
+def _s3_join(folder: str, rel: str) -> str:
+    """``folder/rel`` with ``.`` and ``..`` segments resolved as a file system would: S3 keys have no
+    folders, so ``exports/../img/a.jpg`` is another key than ``img/a.jpg``, one that holds no image. A
+    path that climbs above the bucket is kept as written (its fetch fails, naming it)."""
+    bucket, _, prefix = folder[len("s3://") :].partition("/")
+    parts = prefix.split("/") if prefix else []
+    for seg in rel.split("/"):
+        if seg == "..":
+            if not parts:
+                return f"{folder}/{rel}"
+            parts.pop()
+        elif seg != ".":
+            parts.append(seg)
+    return f"s3://{bucket}/" + "/".join(parts)
 
 
 # ---- validation ---------------------------------------------------------------------------------

@@ -196,6 +196,13 @@ def test_resolve_uri(tmp_path):
     assert resolve_uri("img/a.jpg", str(tmp_path / "c.csv")) == str(tmp_path / "img" / "a.jpg")
     assert resolve_uri(" /abs/a.jpg ", "s3://b/c.csv") == "/abs/a.jpg"
     assert resolve_uri("img/a.jpg", "s3://b/cat/c.csv") == "s3://b/cat/img/a.jpg"
+    # "." and ".." resolve as they do on disk: S3 has no folders, so "cat/../img/a.jpg" is no key of an image
+    assert resolve_uri("../img/a.jpg", "s3://b/cat/c.csv") == "s3://b/img/a.jpg"
+    assert resolve_uri("./img//a.jpg", "s3://b/x/cat/c.csv") == "s3://b/x/cat/img//a.jpg"
+    assert resolve_uri("../../img/a.jpg", "s3://b/x/cat/c.csv") == "s3://b/img/a.jpg"
+    assert (
+        resolve_uri("../img/a.jpg", "s3://b/c.csv") == "s3://b/../img/a.jpg"
+    )  # above the bucket: as written
     assert resolve_uri("img/a.jpg", f"file://{tmp_path}/c.csv") == str(tmp_path / "img" / "a.jpg")
     for u in ("https://h/a.jpg", "s3://b/a.jpg", "file:///a.jpg", "gs://b/a.jpg"):
         assert resolve_uri(u, "/c.csv") == u

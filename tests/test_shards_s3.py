@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import subprocess
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -150,3 +151,31 @@ def test_images_in_a_missing_bucket_fail_the_shard_instead_of_quarantining_every
     assert r.returncode == 1, r.stdout + r.stderr[-3000:]
     assert "no such bucket" in r.stderr and "re-run the same command" in r.stderr, r.stderr[-3000:]
     assert not list(out.glob("_parts/shard-*.parquet")) and not (out / "quarantine.parquet").exists()
+
+
+def test_relative_image_paths_beside_an_s3_catalog_resolve_like_paths(s3, ray_session, tmp_path):
+    """A catalog at s3://shelf/exports/catalog.csv names its images ``../pics/a.jpg``, as it would on disk:
+    the images are at s3://shelf/pics/ and are packed (the key ``exports/../pics/a.jpg`` holds nothing)."""
+    c = s3.client()
+    s3.make_bucket("shelf")
+    rows = sample_rows(12)
+    for i, r in enumerate(rows):
+        name = r["image_uri"].rsplit("/", 1)[-1]
+        c.put_object(Bucket="shelf", Key=f"pics/{name}", Body=Path(r["image_uri"]).read_bytes())
+        r["image_uri"] = f"../pics/{name}" if i % 2 else f"./../pics/{name}"
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    c.put_object(Bucket="shelf", Key="exports/catalog.csv", Body=buf.getvalue().encode())
+    s = shard_catalog(
+        "s3://shelf/exports/catalog.csv",
+        str(tmp_path / "shards"),
+        Taxonomy.load("fashion-product-images"),
+        ShardConfig(samples_per_shard=8),
+    )
+    assert (s.packed, s.quarantined) == (12, 0), s.reasons
+    index = duckdb.connect().execute(f"SELECT image_uri FROM '{tmp_path}/shards/index.parquet'").fetchall()
+    assert sorted(u for (u,) in index) == sorted(
+        f"s3://shelf/pics/{r['image_uri'].rsplit('/', 1)[-1]}" for r in rows
+    )
