@@ -119,6 +119,20 @@ def _check_head(h: Head) -> None:
             raise TaxonomyError(f"{where}: groups name values it does not have: {stray[:5]}")
 
 
+def _near_value(h: Head, bad: str) -> str:
+    """What the taxonomy has that ``bad`` may have meant: the same value in another case or spacing, or
+    for a list-valued multi head, known values joined by another separator than ``|``."""
+    folded = {" ".join(v.split()).casefold(): v for v in h.values or ()}
+    if (same := folded.get(" ".join(bad.split()).casefold())) is not None:
+        return f"; the taxonomy has {same!r} (values must match exactly: case and inner spaces count)"
+    if h.kind == "multi" and not h.patterns:
+        for sep in (",", ";", "/"):
+            parts = [x.strip() for x in bad.split(sep)]
+            if len(parts) > 1 and all(x in h.index for x in parts if x):
+                return f"; a multi-label cell separates its values with '|', not {sep!r}"
+    return ""
+
+
 TAXONOMY_KEYS = ("name", "description", "unknown_values", "heads")
 HEAD_KEYS = tuple(f.name for f in fields(Head))
 
@@ -354,7 +368,9 @@ class Taxonomy:
             vals = v if isinstance(v, list) else [v]
             bad = [x for x in vals if x not in h.index]
             if bad:
-                return f"{h.name}={bad[0]!r} is not one of the {len(h.values)} values of the taxonomy"
+                col = f" (column {h.column!r})" if h.column != h.name else ""
+                why = f"{h.name}={bad[0]!r}{col} is not one of the {len(h.values)} values of the taxonomy"
+                return why + _near_value(h, bad[0])
         return None
 
     def learn(self, label_rows: Iterable[Mapping[str, Any]]) -> Taxonomy:

@@ -95,6 +95,32 @@ def test_invalid_label_and_hierarchy_check():
         Taxonomy.from_dict(loop)
 
 
+def test_a_label_outside_the_taxonomy_names_its_column_and_what_it_may_have_meant():
+    """The quarantine detail of a label outside the taxonomy names the catalog column it was read from
+    (a head may read a column of another name) and the near miss: the same value in another case or
+    spacing, or a multi-label cell split on another separator than '|'."""
+    t = Taxonomy.from_dict(
+        {
+            "name": "shop",
+            "heads": [
+                {"name": "department", "column": "Dept", "values": ["shoes", "bags"]},
+                {"name": "product_type", "column": "Product Type", "values": ["dress shoe", "tote"]},
+                {"name": "tags", "kind": "multi", "column": "Tags", "values": ["leather", "canvas"]},
+            ],
+        }
+    )
+    why = t.invalid_label(t.labels_from_row({"Dept": "Shoes"}))
+    assert why.startswith("department='Shoes' (column 'Dept') is not one of the 2 values of the taxonomy")
+    assert "the taxonomy has 'shoes'" in why
+    why = t.invalid_label(t.labels_from_row({"Product Type": "Dress  Shoe"}))
+    assert "(column 'Product Type')" in why and "the taxonomy has 'dress shoe'" in why
+    why = t.invalid_label(t.labels_from_row({"Tags": "leather, canvas"}))
+    assert "tags='leather, canvas'" in why and "separates its values with '|', not ','" in why
+    why = t.invalid_label(t.labels_from_row({"Dept": "hats"}))
+    assert why == "department='hats' (column 'Dept') is not one of the 2 values of the taxonomy"
+    assert t.invalid_label(t.labels_from_row({"Dept": "shoes", "Tags": "leather|canvas"})) is None
+
+
 def test_learn_values_keeps_not_visible_first():
     t = Taxonomy.from_dict(
         {
