@@ -284,6 +284,7 @@ def _shard_night(
     changed (sha256) are packed.
     """
     from fashionlabel.shards import PlanMismatchError, ShardJobError, shard_catalog
+    from fashionlabel.shards.job import fmt_reasons
 
     out = layout.night_shards(date)
     prev = None
@@ -307,9 +308,9 @@ def _shard_night(
     total = s.catalog_rows
     if total and s.quarantined / total > cfg.max_failure_rate:
         raise ShardJobError(
-            f"{s.quarantined}/{total} catalog rows quarantined, above --max-failure-rate "
-            f"{cfg.max_failure_rate} (the quarantine is in {out}/quarantine.parquet; to publish the night "
-            "anyway, re-run with a higher --max-failure-rate)"
+            f"{s.quarantined}/{total} catalog rows quarantined ({fmt_reasons(s.reasons)}), above "
+            f"--max-failure-rate {cfg.max_failure_rate} (the quarantine is in {out}/quarantine.parquet; to "
+            "publish the night anyway, re-run with a higher --max-failure-rate)"
         )
     night_ids = set(
         storage.read_parquet(storage.join(out, "index.parquet"), columns=["product_id"])[

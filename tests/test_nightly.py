@@ -13,7 +13,7 @@ from conftest import resave_artifact, sample_rows, write_catalog
 
 from fashionlabel.label.pipeline import LabelConfig
 from fashionlabel.nightly import NightlyConfig, NightlyError, run_nightly
-from fashionlabel.shards import ShardConfig
+from fashionlabel.shards import ShardConfig, ShardJobError
 
 CFG = NightlyConfig(shard=ShardConfig(samples_per_shard=100, max_side=96), label=LabelConfig(batch_size=64))
 
@@ -302,3 +302,18 @@ def test_a_killed_night_rerun_with_another_catalog_names_the_way_on(
         shutil.rmtree(p, ignore_errors=True)
     m = run_nightly(str(export), str(tiny_model), str(root), "2026-03-02", cfg)
     assert m["status"] == "complete" and (m["new"], m["unchanged"], m["latest_rows"]) == (15, 20, 35)
+
+
+def test_a_night_over_the_failure_rate_names_the_reasons(ray_session, tiny_model, tmp_path):
+    """A catalog whose images are mostly missing fails the night, naming why the rows were quarantined
+    (not only how many): what to fix, without opening the quarantine first."""
+    good, _ = _good_and_bad()
+    rows = good[:4] + [
+        dict(good[0], product_id=f"gone-{i}", image_uri=f"/nonexistent/{i}.jpg") for i in range(8)
+    ]
+    cat = write_catalog(tmp_path / "catalog.csv", rows)
+    with pytest.raises(
+        ShardJobError,
+        match=r"8/12 catalog rows quarantined \(image_not_found 8\), above --max-failure-rate 0.5",
+    ):
+        run_nightly(str(cat), str(tiny_model), str(tmp_path / "root"), "2026-03-01", CFG)

@@ -250,9 +250,17 @@ def test_failure_rate_fails_the_job_after_writing_its_outputs(ray_session, tmp_p
     catalog = _write(rows, tmp_path / "c.csv")
     with pytest.raises(
         ShardJobError,
-        match=r"8/12 rows quarantined \(image_not_found 6, malformed_row 2\), above --max-failure-rate 0.5; why each row is in .*/o/quarantine.parquet",
+        match=r"8/12 rows quarantined \(image_not_found 6, malformed_row 2\), above --max-failure-rate 0.5, "
+        r"e.g. product 'gone-0': image_not_found, .*/nonexistent/0.jpg.*; why each row is in .*/o/quarantine.parquet",
     ):
         shard_catalog(str(catalog), str(tmp_path / "o"), TAX, ShardConfig(samples_per_shard=5))
+    # a catalog whose labels are the fault, not its images: the error shows one, and blames no image
+    labelled = [{**r, "gender": r["gender"].lower()} for r in rows[:4]]
+    with pytest.raises(
+        ShardJobError,
+        match=r"label_outside_taxonomy, gender='\w+' .*the taxonomy has '\w+'.*once the catalog, its images or the taxonomy",
+    ):
+        shard_catalog(str(_write(labelled, tmp_path / "l.csv")), str(tmp_path / "l"), TAX, ShardConfig())
     q = pq.read_table(tmp_path / "o" / "quarantine.parquet")
     assert q.num_rows == 8  # 6 missing + 2 malformed lines the CSV writer appends
     s = shard_catalog(

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fashionlabel import storage
 from fashionlabel.catalog import CatalogRow, Rejected, check_ids, read_catalog
@@ -164,11 +165,15 @@ def shard_catalog(
     storage.write_json(storage.join(out, "stats.json"), stats)
     total = summary.packed + summary.quarantined
     if total and summary.quarantined / total > cfg.max_failure_rate:
+        top = next(iter(summary.reasons))
+        example = quarantine.filter(pc.equal(quarantine.column("reason"), top)).slice(0, 1).to_pylist()[0]
         raise ShardJobError(
             f"{summary.quarantined}/{total} rows quarantined ({fmt_reasons(summary.reasons)}), above "
-            f"--max-failure-rate {cfg.max_failure_rate}; why each row is in {storage.join(out, 'quarantine.parquet')}. This "
-            "output keeps them quarantined (a re-run skips its finished shards): once the images are "
-            "fixed, shard into a new --out, or accept them with a higher --max-failure-rate"
+            f"--max-failure-rate {cfg.max_failure_rate}, e.g. product {example['product_id']!r}: {top}, "
+            f"{(example['detail'] or '')[:300]}; why each row is in "
+            f"{storage.join(out, 'quarantine.parquet')}. This output keeps them quarantined (a re-run skips its "
+            "finished shards): once the catalog, its images or the taxonomy are fixed, shard into a new --out, "
+            "or accept them with a higher --max-failure-rate"
         )
     return summary
 
