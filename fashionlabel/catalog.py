@@ -311,7 +311,11 @@ def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]
     if not rows and not bad:  # a header and nothing else: usually an export that failed half-way
         raise CatalogError(f"catalog {uri} has no rows")
     if not {"product_id", "image_uri"} <= set(columns):
-        raise CatalogError(f"catalog {uri} needs columns product_id and image_uri; has {sorted(columns)}")
+        sep = next((c for c in ";\t|" if len(columns) == 1 and c in columns[0]), None)
+        hint = f" (one column with {sep!r} in its name: write the CSV with ',' between fields)" if sep else ""
+        raise CatalogError(
+            f"catalog {uri} needs columns product_id and image_uri; has {sorted(columns)}{hint}"
+        )
     if suffix != "csv":  # CSV values are str already; others may hold numbers, bools, nested values
         shared = _SharedValues()
         for r in rows:

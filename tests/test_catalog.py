@@ -126,7 +126,12 @@ def test_jsonl_objects_lists_and_broken_lines(tmp_path):
     "content,match",
     [
         (b"", "is empty"),
-        (b"id,url\n1,a.jpg\n", "needs columns product_id and image_uri"),
+        (b"id,url\n1,a.jpg\n", r"needs columns product_id and image_uri; has \['id', 'url'\]$"),
+        # Excel in many locales saves "CSV" with ';' between fields (and a BOM)
+        (
+            b"\xef\xbb\xbfproduct_id;image_uri;Dept\r\n1;a.jpg;Shoes\r\n",
+            r"has \['product_id;image_uri;Dept'\] \(one column with ';' in its name: write the CSV with ','",
+        ),
         (b"product_id,product_id,image_uri\n", "duplicate columns"),
         (b"product_id,image_uri,gender\n", "has no rows"),  # an export cut short after its header
     ],
