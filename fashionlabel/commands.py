@@ -128,6 +128,8 @@ def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
         out["incremental"] = (
             f"{s.new} new, {s.changed} changed, {s.unchanged} unchanged vs {s.incremental_from}"
         )
+    for head, why in s.missing_columns.items():
+        out[f"no labels for {head}"] = why
     _print_summary("shard", out)
     return out
 

@@ -181,6 +181,31 @@ def test_a_shard_set_too_small_to_validate_on_is_refused_before_training(ray_ses
     assert not model.exists() and not Path(f"{model}.train").exists()
 
 
+def test_shard_names_a_head_whose_column_the_catalog_lacks(ray_session, tmp_path, capsys):
+    """A taxonomy column misspelt (or renamed in the export) leaves its head without labels: the shard
+    summary says so with the catalog's nearest column, instead of packing in silence until train refuses."""
+    import json
+
+    from fashionlabel.cli import run
+
+    rows = [r for r in sample_rows() if Path(r["image_uri"]).exists()][:4]
+    catalog = write_catalog(tmp_path / "catalog.csv", rows)
+    tax = tmp_path / "shop.yaml"
+    tax.write_text(
+        "name: shop\nheads:\n- {name: kind, column: ArticleType, values: learn}\n"
+        "- {name: gender, values: [Men, Women, Boys, Girls, Unisex]}\n"
+    )
+    argv = ["shard", "--catalog", str(catalog), "--out", str(tmp_path / "s"), "--taxonomy", str(tax)]
+    assert run(argv) == 0
+    out = capsys.readouterr().out
+    assert "no labels for kind  column 'ArticleType' is not in the catalog (nearest: 'articleType')" in out
+    assert "no labels for gender" not in out
+    stats = json.loads((tmp_path / "s" / "stats.json").read_text())
+    assert stats["missing_columns"] == {
+        "kind": "column 'ArticleType' is not in the catalog (nearest: 'articleType')"
+    }
+
+
 def test_a_cluster_address_where_nothing_listens_fails_at_once_by_name():
     import socket
     import time

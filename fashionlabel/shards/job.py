@@ -5,6 +5,7 @@ but the shard folder).
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 from collections import Counter
@@ -47,6 +48,8 @@ class ShardSummary:
     unchanged: int = 0
     incremental_from: str | None = None
     packed_this_run: int = 0  # products packed by this attempt (a re-run skips finished shards)
+    # head -> why it has no labels: its column is in no catalog row (a typo, a renamed export column)
+    missing_columns: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -58,6 +61,21 @@ class ShardSummary:
 def fmt_reasons(reasons: dict[str, int]) -> str:
     """``reason count, …`` in the order given (the summaries keep the most frequent first)."""
     return ", ".join(f"{k} {v}" for k, v in reasons.items()) or "none"
+
+
+def missing_columns(rows: list[dict], taxonomy: Taxonomy) -> dict[str, str]:
+    """Heads whose catalog column no row has (a typo, a renamed export column), each with what to say:
+    the column and the catalog's nearest one. Not an error: a catalog to label needs no label columns.
+    The first row answers for CSV and Parquet; only a sparse JSON Lines catalog makes it look further."""
+    first = rows[0] if rows else {}
+    gone = [h for h in taxonomy.heads if h.column not in first]
+    gone = [h for h in gone if not any(h.column in r for r in rows)]
+    out = {}
+    for h in gone:
+        near = difflib.get_close_matches(h.column, [str(c) for c in first], n=1, cutoff=0.6)
+        hint = f" (nearest: {near[0]!r})" if near else ""
+        out[h.name] = f"column {h.column!r} is not in the catalog{hint}"
+    return out
 
 
 def _open_output(out: str) -> set[str]:
@@ -99,6 +117,7 @@ def shard_catalog(
         if not storage.exists(prev_index):
             raise ShardJobError(f"--incremental {incremental_from}: no previous index at {prev_index}")
     rows, malformed = read_catalog(catalog)
+    missing = missing_columns(rows, taxonomy)
     valid, rejected = check_ids(rows, catalog)  # label checks run in the tasks: the driver stays light
     catalog_rows = len(rows) + len(malformed)
     del rows  # the rejected rows' dicts go now; the valid ones live on in ``valid``
@@ -145,6 +164,7 @@ def shard_catalog(
         incremental_from=incremental_from,
         **plan.counts,
         packed_this_run=packed_now,
+        missing_columns=missing,
         timings={
             "read_validate_s": t_read,
             "plan_s": t_plan,
