@@ -290,10 +290,13 @@ def write_night_report(
     heads = [c[: -len("_topk")] for c in cur.columns if c.endswith("_topk")]
     multi = [c[: -len("_scores")] for c in cur.columns if c.endswith("_scores")]
     charts = _charts(active, heads, multi)
-    d = {}
+    d, new_heads = {}, []
     if previous:
         prev = latest.read_snapshot(labels, previous).to_pandas()
-        d = drift(active[active["error"].isna()], prev[prev["active"] & prev["error"].isna()], heads)
+        # a model whose taxonomy grew predicts heads the previous night's did not: nothing to compare
+        new_heads = [h for h in heads if h not in prev.columns]
+        shared = [h for h in heads if h in prev.columns]
+        d = drift(active[active["error"].isna()], prev[prev["active"] & prev["error"].isna()], shared)
         charts += _drift_charts(d, previous)
     m = manifest or {}
     charts.append(_run_chart(m | {"run_date": date}))
@@ -325,11 +328,17 @@ def write_night_report(
         if d
         else f"<p>previous night: {html.escape(no_previous)}; nothing to compare with</p>"
     )
+    if new_heads:
+        flips += (
+            f"<p>new heads tonight, which the previous night's model did not predict (nothing to compare): "
+            f"{html.escape(', '.join(new_heads))}</p>"
+        )
     body = f"<h2>Drift against the previous night</h2>{flips}"
     _write(out, _page(f"fashionlabel night {date}", str(labels), "Night", facts, body, charts))
     return {
         "out": str(out),
         "charts": [c for c, _ in charts],
         "drift": {h: v["flipped"] for h, v in d.items()},
+        "new heads": new_heads,
         **facts,
     }

@@ -106,6 +106,38 @@ def test_a_night_that_labelled_a_few_products_slowly_has_a_rate_not_zero():
     assert night_rate(m | {"labelled_this_attempt": 0}, "label") == "n/a (done by an earlier run)"
 
 
+def test_night_report_after_a_model_that_adds_a_head(tmp_path):
+    """Tonight's model predicts a head last night's did not (the taxonomy grew a ``usage`` head): the
+    report compares the heads both nights have and names the new one. It raised KeyError, which left the
+    night incomplete and so blocked every later night."""
+    from labels_factory import TAX, add_night, make_rows
+
+    from fashionlabel import latest, storage
+    from fashionlabel.report import write_night_report
+    from fashionlabel.taxonomy import Taxonomy
+
+    labels = str(tmp_path / "labels")
+    ids = [f"p{i:02d}" for i in range(10)]
+    d = TAX.to_dict()
+    old = Taxonomy.from_dict(d | {"heads": [h for h in d["heads"] if h["name"] != "usage"]})
+    night1 = make_rows(ids, "2026-05-01", "Tshirts").drop_columns(["usage", "usage_score", "usage_topk"])
+    storage.write_parquet(night1, f"{labels}/history/run_date=2026-05-01/part-shard-000000.parquet")
+    storage.write_json(f"{labels}/history/run_date=2026-05-01/_SUCCESS", {"rows": night1.num_rows})
+    snap = latest.merge(None, night1, "2026-05-01", set(ids), latest.latest_schema(old))
+    latest.publish(labels, "2026-05-01", snap)
+    add_night(labels, "2026-05-02", make_rows(ids, "2026-05-02", "Shirts"), set(ids))
+
+    r = write_night_report(labels, "2026-05-02", tmp_path / "night.html")
+    assert r["new heads"] == ["usage"] and "usage" not in r["drift"]
+    assert r["drift"]["articleType"] == 10 and r["drift"]["gender"] == 0
+    html = (tmp_path / "night.html").read_text()
+    assert (
+        "new heads tonight, which the previous night's model did not predict (nothing to compare): usage"
+        in html
+    )
+    assert 'id="dist-usage"' in html and 'id="drift-usage"' not in html
+
+
 def test_cli_report_on_a_nightly_root_renders_the_newest_night(tmp_path, capsys):
     from labels_factory import two_nights
 
