@@ -131,6 +131,7 @@ def _run_night(catalog: str, model: str, layout: Layout, date: str, cfg: Nightly
     prev_dates = [s for s in latest.snapshots(layout.labels) if s < date]
     previous = latest.read_snapshot(layout.labels, prev_dates[-1]) if prev_dates else None
     _check_catalog_drop(catalog, members, previous, cfg.max_catalog_drop)
+    _check_head_types(previous, taxonomy, model)
     before = product_map(layout, date)
     shard = _shard_night(layout, date, catalog, taxonomy, cfg.shard, before)
     t_shard = time.time()
@@ -272,6 +273,27 @@ def _check_catalog_drop(catalog: str, members: set[str], previous: pa.Table | No
             f"({gone / len(active):.0%}, above --max-catalog-drop {max_drop:g}): a truncated export? If "
             "they really left the catalog, re-run with --max-catalog-drop 1"
         )
+
+
+def _check_head_types(previous: pa.Table | None, taxonomy: Taxonomy, model: str) -> None:
+    """Refuse a model with a head of another kind under a name ``latest`` already holds (``season`` once
+    single, a string column, now multi, a list): one column cannot hold both, so the night would fail
+    once labelled, at the merge into ``latest``, and ``history`` would no longer read as one table."""
+    if previous is None:
+        return
+    want = latest.latest_schema(taxonomy)
+    for h in taxonomy.heads:
+        for col in (h.name, f"{h.name}_score", f"{h.name}_topk", f"{h.name}_scores"):
+            if col not in want.names or col not in previous.schema.names:
+                continue
+            had, has = previous.schema.field(col).type, want.field(col).type
+            if not had.equals(has):
+                raise NightlyError(
+                    f"head {h.name!r} of model {model} is a {h.kind} head, whose column {col!r} is {has}; "
+                    f"labels/latest holds {col!r} as {had}, from a head of another kind under that name. "
+                    "The labels tables keep a column's type: give the head a new name in the taxonomy, "
+                    "shard and train again, and run the night with that model"
+                )
 
 
 def _shard_night(

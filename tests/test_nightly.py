@@ -317,3 +317,39 @@ def test_a_night_over_the_failure_rate_names_the_reasons(ray_session, tiny_model
         match=r"8/12 catalog rows quarantined \(image_not_found 8\), above --max-failure-rate 0.5",
     ):
         run_nightly(str(cat), str(tiny_model), str(tmp_path / "root"), "2026-03-01", CFG)
+
+
+def test_a_model_with_a_head_of_another_kind_under_an_old_name_is_refused_first(
+    tiny_model, tmp_path, monkeypatch
+):
+    """latest holds ``season`` from a multi-label head; tonight's model has a single ``season`` head. One
+    column cannot hold a list and a string: refused by name before the night shards or labels anything
+    (it failed at the merge into latest, after labelling, with a DuckDB conversion error)."""
+    import labels_factory
+
+    from fashionlabel import latest
+    from fashionlabel.taxonomy import Taxonomy
+
+    d = labels_factory.TAX.to_dict()
+    heads = [
+        h if h["name"] != "season" else {"name": "season", "kind": "multi", "values": h["values"]}
+        for h in d["heads"]
+    ]
+    multi = Taxonomy.from_dict(d | {"heads": heads})
+    monkeypatch.setattr(labels_factory, "TAX", multi)
+    good, _ = _good_and_bad()
+    ids = [r["product_id"] for r in good[:20]]
+    labels = str(tmp_path / "root" / "labels")
+    labels_factory.add_night(
+        labels, "2026-05-01", labels_factory.make_rows(ids, "2026-05-01", "Tshirts"), set(ids)
+    )
+    assert (
+        str(latest.read_snapshot(labels, "2026-05-01").schema.field("season").type) == "list<element: string>"
+    )
+    cat = write_catalog(tmp_path / "catalog.csv", good[:20])
+    with pytest.raises(
+        NightlyError,
+        match=r"head 'season' of model .* is a single head, whose column 'season' is string; labels/latest holds 'season' as list<element: string>.*give the head a new name",
+    ):
+        run_nightly(str(cat), str(tiny_model), str(tmp_path / "root"), "2026-05-02", CFG)
+    assert not (tmp_path / "root" / "shards").exists()
