@@ -319,13 +319,14 @@ def _shard_night(
         s = shard_catalog(
             catalog, out, taxonomy, dataclasses.replace(cfg, max_failure_rate=1.0), incremental_from=prev
         )
-    except PlanMismatchError:
-        # the night has no --out to change: name what differs and the two ways on
+    except PlanMismatchError as e:
+        # the night has no --out to change: name what differs and the two ways on (the taxonomy is the
+        # model's: a night started with one model and re-run with a retrained one)
         raise NightlyError(
-            f"night {date} started with another catalog content or other shard settings "
-            "(--samples-per-shard, --max-side) and is not complete: re-run it with the catalog and settings "
-            f"it started with, or start the night again from this catalog by deleting {out}, "
-            f"{layout.history(date)} and {layout.relabel_dir(date)} first"
+            f"night {date} started with {e.what} and is not complete: re-run it with the catalog, shard "
+            "settings (--samples-per-shard, --max-side) and model it started with, or start the night again "
+            f"from this catalog and model by deleting {out}, {layout.history(date)} and "
+            f"{layout.relabel_dir(date)} first"
         ) from None
     total = s.catalog_rows
     if total and s.quarantined / total > cfg.max_failure_rate:

@@ -68,13 +68,26 @@ def _tar_state(folder: Path) -> dict[str, tuple[str, int]]:
 def test_rerun_with_other_settings_is_refused(ray_session, small_catalog, small_shards):
     before = _tar_state(small_shards)
     assert len(before) == 4
-    with pytest.raises(ShardJobError, match="different catalog or settings"):
+    with pytest.raises(
+        ShardJobError, match=r"holds shards of other settings \(samples_per_shard 150 → 100\)"
+    ):
         shard_catalog(
             str(small_catalog),
             str(small_shards),
             Taxonomy.load("fashion-product-images"),
             ShardConfig(samples_per_shard=100),
         )
+    # a taxonomy edited since (a value added): named, with both versions, so the fix is a new --out
+    d = Taxonomy.load("fashion-product-images").to_dict()
+    d["heads"][0]["values"].append("Kids")
+    edited = Taxonomy.from_dict(d)
+    old = Taxonomy.load("fashion-product-images").version
+    with pytest.raises(
+        ShardJobError,
+        match=rf"holds shards of another taxonomy \('fashion-product-images' version {old}; this run's is "
+        rf"'fashion-product-images' version {edited.version}\); use a new --out",
+    ):
+        shard_catalog(str(small_catalog), str(small_shards), edited, ShardConfig(samples_per_shard=150))
     # the refusal happens before any packing: the finished shards are untouched, byte for byte
     assert _tar_state(small_shards) == before
     # how many fetches overlap does not change what the shards hold: a finished set, nothing to do

@@ -76,11 +76,14 @@ class Plan:
     counts: dict[str, int]  # new / changed / unchanged
 
 
+def _packing(cfg: ShardConfig) -> dict[str, Any]:
+    # what the shards hold depends on these; not on how failures are judged or how many fetches overlap
+    return {k: v for k, v in asdict(cfg).items() if k not in ("max_failure_rate", "fetches_in_flight")}
+
+
 def _fingerprint(valid: list[CatalogRow], cfg: ShardConfig, taxonomy: Taxonomy, prev: str | None) -> str:
     h = hashlib.sha256()
-    # what the shards hold depends on these; not on how failures are judged or how many fetches overlap
-    packing = {k: v for k, v in asdict(cfg).items() if k not in ("max_failure_rate", "fetches_in_flight")}
-    h.update(json.dumps([packing, taxonomy.version, prev], sort_keys=True).encode())
+    h.update(json.dumps([_packing(cfg), taxonomy.version, prev], sort_keys=True).encode())
     for r in valid:
         extra = (str(v) for k, v in r.raw.items() if k not in ID_COLUMNS)
         h.update("\x1f".join([r.product_id, r.image_uri, *extra, "\x1e"]).encode())
@@ -138,6 +141,23 @@ def _select_incremental(
     return rows, status
 
 
+def _what_differs(saved: dict[str, Any], cfg: ShardConfig, taxonomy: Taxonomy) -> str:
+    """What a saved plan was made from that this run's is not (a plan saved without these says less)."""
+    tax, packing = saved.get("taxonomy"), saved.get("packing")
+    if tax and tax["version"] != taxonomy.version:
+        return (
+            f"another taxonomy ({tax['name']!r} version {tax['version']}; this run's is {taxonomy.name!r} "
+            f"version {taxonomy.version})"
+        )
+    if packing is not None and packing != _packing(cfg):
+        now = _packing(cfg)
+        diff = [f"{k} {packing.get(k)} → {now[k]}" for k in sorted(now) if packing.get(k) != now[k]]
+        return f"other settings ({', '.join(diff)})"
+    if packing is not None:
+        return "another catalog content (or another --incremental source)"
+    return "a different catalog or settings"
+
+
 def make_plan(
     valid: list[CatalogRow],
     out: str,
@@ -156,7 +176,7 @@ def make_plan(
     if storage.exists(meta_uri):
         saved = storage.read_json(meta_uri)
         if saved.get("fingerprint") != fp:
-            raise PlanMismatchError(f"{out} holds shards of a different catalog or settings; use a new --out")
+            raise PlanMismatchError(out, _what_differs(saved, cfg, taxonomy))
         t = storage.read_parquet(rows_uri, schema=PLAN_SCHEMA)
         by_id = {r.product_id: r for r in valid}
         rows = [by_id[p] for p in t.column("product_id").to_pylist()]
@@ -178,6 +198,8 @@ def make_plan(
             meta_uri,
             {
                 "fingerprint": fp,
+                "taxonomy": {"name": taxonomy.name, "version": taxonomy.version},
+                "packing": _packing(cfg),
                 "counts": counts,
                 "rows": len(rows),
                 "samples_per_shard": cfg.samples_per_shard,

@@ -60,7 +60,12 @@ class ShardJobError(RuntimeError):
 
 
 class PlanMismatchError(ShardJobError):
-    """The output holds the saved plan of another catalog or other settings."""
+    """The output holds the saved plan of another catalog, other settings or another taxonomy; ``what``
+    says which, as far as the saved plan tells."""
+
+    def __init__(self, out: str, what: str):
+        super().__init__(f"{out} holds shards of {what}; use a new --out")
+        self.what = what
 
 
 def shard_name(i: int) -> str:
