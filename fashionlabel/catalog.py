@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -52,12 +53,19 @@ MAX_SOURCE_BYTES = 128 * 1024 * 1024  # a larger source is refused before it is 
 # one shared string instead of its own copy is most of the driver's catalog memory. A column with more
 # distinct values than this (names, descriptions) stops being shared: its values are unique anyway.
 SHARED_VALUES_PER_COLUMN = 4096
+# pandas turns an integer column with one missing value into floats: the ids would read "1623.0", and match
+# nothing they are joined with. Refused rather than guessed back into integers.
+FLOAT_ID = (
+    "so id 1623 would read '1623.0': write ids as text or integers (a pandas integer column with a missing "
+    "value becomes float: use dtype 'Int64' or 'string')"
+)
 
 # The quarantine vocabulary: stable strings that dashboards and tests may rely on.
 REASONS = {
     "malformed_row": "a catalog line that cannot be parsed (wrong number of fields, not a JSON object)",
     "missing_product_id": "product_id empty or whitespace",
-    "invalid_product_id": f"product_id with control characters, leading/trailing spaces or > {MAX_ID_CHARS} characters",
+    "invalid_product_id": f"product_id with control characters, leading/trailing spaces, > {MAX_ID_CHARS} "
+    "characters, or a floating-point number",
     "duplicate_product_id": "product_id seen earlier in the catalog (the first is kept)",
     "missing_image_uri": "image_uri empty",
     "label_outside_taxonomy": "a label value the taxonomy does not declare",
@@ -299,6 +307,11 @@ def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]
         if suffix == "parquet":
             fs, path = storage.filesystem(uri)
             table = pq.read_table(path, filesystem=fs)
+            if "product_id" in table.column_names and pa.types.is_floating(
+                table.schema.field("product_id").type
+            ):
+                kind = table.schema.field("product_id").type
+                raise CatalogError(f"catalog {uri}: product_id is a {kind} column, {FLOAT_ID}")
             rows, bad, columns = table.to_pylist(), [], table.column_names
         elif suffix in ("jsonl", "ndjson", "json"):
             rows, bad, columns = _read_jsonl(uri)
@@ -317,6 +330,14 @@ def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]
             f"catalog {uri} needs columns product_id and image_uri; has {sorted(columns)}{hint}"
         )
     if suffix != "csv":  # CSV values are str already; others may hold numbers, bools, nested values
+        floats = [r for r in rows if isinstance(r.get("product_id"), float)]  # JSON Lines: 1623.0
+        if floats:
+            why = f"a floating-point number, {FLOAT_ID}"
+            bad += [
+                Rejected(str(r["product_id"]), str(r.get("image_uri") or ""), "invalid_product_id", why)
+                for r in floats
+            ]
+            rows = [r for r in rows if not isinstance(r.get("product_id"), float)]
         shared = _SharedValues()
         for r in rows:
             for k, v in r.items():

@@ -99,6 +99,26 @@ def test_parquet_keeps_ids_exact_and_nulls(tmp_path):
     ]
 
 
+def test_ids_that_are_floats_are_refused_not_read_as_1623_0(tmp_path):
+    """pandas writes an integer id column with one missing value as floats: every id would read '1623.0'
+    and match nothing downstream. A Parquet float id column is refused by name; a JSON Lines id 1623.0 is
+    quarantined, and an integer 1623 still reads '1623'."""
+    import pandas as pd
+
+    df = pd.DataFrame({"product_id": [1623, 17, None], "image_uri": ["a.jpg", "b.jpg", "c.jpg"]})
+    df.to_parquet(tmp_path / "c.parquet")
+    assert df["product_id"].dtype == "float64"
+    with pytest.raises(CatalogError, match=r"product_id is a double column, so id 1623 would read '1623.0'"):
+        read_catalog(tmp_path / "c.parquet")
+    (tmp_path / "c.jsonl").write_text(
+        '{"product_id": 1623.0, "image_uri": "a.jpg"}\n{"product_id": 17, "image_uri": "b.jpg"}\n'
+    )
+    rows, bad = read_catalog(tmp_path / "c.jsonl")
+    assert [r["product_id"] for r in rows] == ["17"]
+    assert [(b.product_id, b.reason) for b in bad] == [("1623.0", "invalid_product_id")]
+    assert "would read '1623.0'" in bad[0].detail
+
+
 def test_jsonl_objects_lists_and_broken_lines(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text(
