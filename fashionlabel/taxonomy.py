@@ -133,6 +133,20 @@ def _near_value(h: Head, bad: str) -> str:
     return ""
 
 
+def _no_booleans(h: Mapping[str, Any], values: Any) -> None:
+    """YAML reads an unquoted yes, no, on, off, true or false as a boolean: ``values: [yes, no]`` would
+    declare 'True' and 'False', and every catalog row labelled 'yes' would be quarantined."""
+    pm = h.get("parent_map")
+    named = [*(values if isinstance(values, list) else []), h.get("not_visible")]
+    named += [x for kv in pm.items() for x in kv] if isinstance(pm, Mapping) else []
+    found = [v for v in named if isinstance(v, bool)]
+    if found:
+        raise TaxonomyError(
+            f"head {h['name']!r}: {found[0]!r} is how YAML reads an unquoted yes, no, on, off, true or false; "
+            "quote the value as the catalog writes it (values: ['yes', 'no'])"
+        )
+
+
 TAXONOMY_KEYS = ("name", "description", "unknown_values", "heads")
 HEAD_KEYS = tuple(f.name for f in fields(Head))
 
@@ -187,6 +201,7 @@ class Taxonomy:
                 raise TaxonomyError(
                     f"head {h['name']!r}: values must be a list or 'learn', not {values!r:.80}"
                 )
+            _no_booleans(h, values)
             patterns = {g: dict(p) for g, p in (h.get("patterns") or {}).items()}
             groups = {g: tuple(v) for g, v in (h.get("groups") or {}).items()}
             if patterns:  # mined heads: values and groups follow from the patterns

@@ -180,6 +180,16 @@ def test_bad_taxonomy_files(tmp_path):
         ("[{name: a, values: [x]}, {name: a, values: [y]}]", r"duplicate head names \['a'\]"),
         ("[{kind: single, values: [x]}]", r"every head needs a 'name'"),
         ("{a: {values: [x]}}", r"'heads' must be a non-empty list"),
+        # YAML reads unquoted yes/no as booleans: the head would declare 'True' and 'False'
+        (
+            "[{name: waterproof, values: [yes, no]}]",
+            r"head 'waterproof': True is how YAML reads an unquoted yes",
+        ),
+        ("[{name: logo, values: ['n/v', 'on', 'off'], not_visible: off}]", r"head 'logo': False is how YAML"),
+        (
+            "[{name: a, values: [x]}, {name: b, values: ['yes'], parent: a, parent_map: {yes: x}}]",
+            r"head 'b': True is how YAML reads",
+        ),
     ],
 )
 def test_taxonomy_mistakes_are_named(tmp_path, heads, error):
