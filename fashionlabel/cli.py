@@ -201,8 +201,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--init-weights",
         default=None,
-        help="start from these weights: a model's weights.pt (not a fused deployment form) or a run's "
-        "checkpoints/best.pt; refused when it fits less than half of the model",
+        help="start from these weights: a model (its folder or weights.pt; not a fused deployment form) "
+        "or a run's checkpoints/best.pt; refused when it fits less than half of the model",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="for single heads' cross-entropy")

@@ -222,6 +222,12 @@ def test_init_weights_are_checked_before_training(tiny_model, tmp_path):
     )
     best = tiny_model.parent / "model.train" / "checkpoints" / "best.pt"
     assert check_init_weights(str(best), "fl_tiny", tax) == str(best)
+    # the model's folder, as `train --out` named it, stands for its weights; another folder is named
+    assert check_init_weights(str(tiny_model), "fl_tiny", tax) == str(tiny_model / "weights.pt")
+    with pytest.raises(
+        ValueError, match=r"is a folder, not a model's: name a model \(its folder or weights.pt\)"
+    ):
+        check_init_weights(str(tmp_path), "fl_tiny", tax)
 
 
 def test_lr_schedule_warms_up_to_the_peak_then_decays():

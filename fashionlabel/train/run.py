@@ -202,6 +202,13 @@ def check_init_weights(path: str, model_name: str, taxonomy: Taxonomy) -> str:
     from fashionlabel.train.loop import init_state
 
     p = Path(path).expanduser().absolute()
+    if p.is_dir() and (p / "weights.pt").is_file():  # a model artifact folder: its weights
+        p = p / "weights.pt"
+    if p.is_dir():
+        raise ValueError(
+            f"--init-weights {path} is a folder, not a model's: name a model (its folder or weights.pt) or "
+            "a run's checkpoints/best.pt"
+        )
     if not p.is_file():
         raise ValueError(f"--init-weights {path}: no such file")
     try:
