@@ -147,6 +147,7 @@ def _no_booleans(h: Mapping[str, Any], values: Any) -> None:
         )
 
 
+SUFFIXES = ("_score", "_topk", "_scores")  # a head's columns in the labels tables, after its own name
 TAXONOMY_KEYS = ("name", "description", "unknown_values", "heads")
 HEAD_KEYS = tuple(f.name for f in fields(Head))
 
@@ -241,6 +242,7 @@ class Taxonomy:
             description=str(d.get("description", "")),
         )
         tax._check()
+        tax._check_columns()
         return tax
 
     @classmethod
@@ -297,6 +299,31 @@ class Taxonomy:
                     raise TaxonomyError(
                         f"head {h.name!r}: values without a parent in {h.parent!r}: {bad[:5]}"
                     )
+
+    def _check_columns(self) -> None:
+        """Each head's columns in the shard index and the labels tables are its own: a head named like one of
+        their fixed columns (a shoe ``width``: the index's stored image width) or like another head's
+        ``_score`` column would make two columns of one name, and the first shard would fail to write."""
+        from fashionlabel.latest import latest_schema  # these modules import this one
+        from fashionlabel.shards.spec import index_schema
+
+        none = Taxonomy(self.name, ())
+        for table, schema in (("the shard index's", index_schema), ("the labels tables'", latest_schema)):
+            names, fixed = schema(self).names, schema(none).names
+            dup = next((n for n in names if names.count(n) > 1), None)
+            if dup is None:
+                continue
+            owners = [h.name for h in self.heads if dup in (h.name, *(f"{h.name}{x}" for x in SUFFIXES))]
+            owners.sort(key=lambda n: n != dup)  # the head of that very name first
+            taken = (
+                f"one of {table} own columns ({', '.join(fixed)})"
+                if dup in fixed
+                else f"a column of head {owners[1]!r} too"
+            )
+            raise TaxonomyError(
+                f"head {owners[0]!r}: its labels would go to column {dup!r}, {taken}. Name the head "
+                f"otherwise; its catalog column keeps its name (column: {self.head(owners[0]).column})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         heads = []

@@ -180,6 +180,16 @@ def test_bad_taxonomy_files(tmp_path):
         ("[{name: a, values: [x]}, {name: a, values: [y]}]", r"duplicate head names \['a'\]"),
         ("[{kind: single, values: [x]}]", r"every head needs a 'name'"),
         ("{a: {values: [x]}}", r"'heads' must be a non-empty list"),
+        # a head named like a column the tables have already: a shoe's width (the index's image width)
+        (
+            "[{name: width, column: Width, values: [narrow, wide]}]",
+            r"head 'width': its labels would go to column 'width', one of the shard index's own columns \(key,",
+        ),
+        ("[{name: active, values: [a, b]}]", r"column 'active', one of the labels tables' own columns"),
+        (
+            "[{name: colour, values: [a]}, {name: colour_score, values: [b]}]",
+            r"head 'colour_score': its labels would go to column 'colour_score', a column of head 'colour' too",
+        ),
         # YAML reads unquoted yes/no as booleans: the head would declare 'True' and 'False'
         (
             "[{name: waterproof, values: [yes, no]}]",
