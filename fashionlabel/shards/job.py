@@ -234,7 +234,10 @@ def _run_tasks(
     now = time.time()
     if not todo:
         return 0, 0.0, (now, now)
-    task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(_pack_task)
+    # named for what it does, in Ray's dashboard and its workers' process titles (ray::pack_shard)
+    task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(_pack_task).options(
+        name="pack_shard"
+    )
     cfg_ref, schema_ref, tax_ref = ray.put(cfg), ray.put(schema), ray.put(taxonomy)
     pending = [task.remote(i, rs, out, cfg_ref, schema_ref, tax_ref) for i, rs in todo]
     total_rows = sum(len(rs) for _, rs in todo)
