@@ -80,10 +80,9 @@ def test_k8s_manifest_runs_the_nightly_job_with_real_flags():
     assert args.root == NIGHTLY_ROOT and args.catalog.startswith("s3://fashionlabel-catalog/catalog/")
     assert args.model == "/opt/fashionlabel/model" and args.date == "2026-03-01"
     spec = job["spec"]["rayClusterSpec"]
-    assert (
-        spec["rayVersion"] == "2.60.0"
-        and spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
-    )
+    # the operator reaches the job API through the head service: not loopback, but never without a token
+    assert spec["rayVersion"] == "2.60.0" and spec["authOptions"] == {"mode": "token"}
+    assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     gpu = spec["workerGroupSpecs"][0]
     assert gpu["minReplicas"] == 0 < gpu["maxReplicas"]
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
