@@ -84,14 +84,14 @@ def main() -> None:
             for which in ("ours", "plain") if i % 2 == 0 else ("plain", "ours"):
                 r = measure(path, which)
                 runs[which].append(r)
-                print(f"  round {i + 1} {which:5s}: peak {r['peak_mb']:,.0f} MB, {r['seconds']:.1f} s")
+                print(f"  round {i + 1} {which:5s}: peak {r['peak_mb']:,.1f} MB, {r['seconds']:.1f} s")
     med = {
         w: {k: statistics.median(r[k] for r in rs) for k in ("peak_mb", "seconds")} for w, rs in runs.items()
     }
     for w in ("ours", "plain"):
         per_row = med[w]["peak_mb"] * 2**20 / a.rows
         print(
-            f"{w:5s}: peak {med[w]['peak_mb']:,.0f} MB ({per_row:,.0f} B/row), {med[w]['seconds']:.1f} s (medians)"
+            f"{w:5s}: peak {med[w]['peak_mb']:,.1f} MB ({per_row:,.0f} B/row), {med[w]['seconds']:.1f} s (medians)"
         )
     print(f"plain / ours, peak memory: {med['plain']['peak_mb'] / med['ours']['peak_mb']:.2f}x")
 

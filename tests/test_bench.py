@@ -129,7 +129,7 @@ def test_models_table_names_the_unit_it_measured(tmp_path):
 
 def test_catalog_memory_bench_prints_both_peaks_and_their_ratio():
     r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "catalog_memory.py"), "--rows", "3000", "--rounds", "1"],
+        [sys.executable, str(ROOT / "bench" / "catalog_memory.py"), "--rows", "20000", "--rounds", "1"],
         env=os.environ | {"PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
@@ -138,7 +138,7 @@ def test_catalog_memory_bench_prints_both_peaks_and_their_ratio():
     assert r.returncode == 0, r.stderr[-2000:]
     peaks = {
         m[1]: float(m[2].replace(",", ""))
-        for m in re.finditer(r"^(ours|plain)\s*: peak ([\d,]+) MB", r.stdout, flags=re.M)
+        for m in re.finditer(r"^(ours|plain)\s*: peak ([\d,.]+) MB", r.stdout, flags=re.M)
     }
     ratio = float(re.search(r"plain / ours, peak memory: ([\d.]+)x", r.stdout)[1])
-    assert set(peaks) == {"ours", "plain"} and abs(ratio - peaks["plain"] / peaks["ours"]) < 0.01
+    assert set(peaks) == {"ours", "plain"} and abs(ratio - peaks["plain"] / peaks["ours"]) < 0.02
