@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,6 @@ def check_outputs_outlive_the_job(a: argparse.Namespace) -> None:
     --working-dir .``): there the current folder is Ray's copy of the uploaded checkout, which Ray
     deletes once no job uses it and which is another folder for each upload that differs. The outputs
     would be lost, and a re-run (tomorrow's night, a resumed shard job) would start again elsewhere."""
-    import os
-
     try:
         job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     except ValueError:

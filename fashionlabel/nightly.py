@@ -34,7 +34,7 @@ from fashionlabel.layout import Layout
 from fashionlabel.lease import Lease, LeaseHeld
 from fashionlabel.relabel import product_map, relabel_products
 from fashionlabel.shards import ShardConfig
-from fashionlabel.taxonomy import Taxonomy
+from fashionlabel.taxonomy import SUFFIXES, Taxonomy
 from fashionlabel.train.export import artifact_spec
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ def _check_head_types(previous: pa.Table | None, taxonomy: Taxonomy, model: str)
         return
     want = latest.latest_schema(taxonomy)
     for h in taxonomy.heads:
-        for col in (h.name, f"{h.name}_score", f"{h.name}_topk", f"{h.name}_scores"):
+        for col in (h.name, *(h.name + suffix for suffix in SUFFIXES)):
             if col not in want.names or col not in previous.schema.names:
                 continue
             had, has = previous.schema.field(col).type, want.field(col).type

@@ -64,7 +64,6 @@ def to_columns(
     n = len(next(iter(probs.values()))) if probs else 0
     rows = np.arange(n)[:, None]
     cols: dict[str, pa.Array] = {}
-    review = np.zeros(n, dtype=bool)
     for h in taxonomy.heads:
         p = np.asarray(probs[h.name], dtype=np.float32)
         names = pa.array(h.values, pa.string())
@@ -76,7 +75,6 @@ def to_columns(
             cols[f"{h.name}_topk"] = _label_scores(
                 names, p, np.argsort(-p, axis=1, kind="stable")[:, :TOPK], rows
             )
-            review |= s < threshold(h, calibration)
         else:
             t = threshold(h, calibration)
             hit = p >= t
@@ -86,8 +84,28 @@ def to_columns(
             )
             topm = np.argsort(-p, axis=1, kind="stable")[:, :MULTI_TOPK]
             cols[f"{h.name}_scores"] = _label_scores(names, p, topm, rows)
-    cols["needs_review"] = pa.array(review, pa.bool_())
+    cols["needs_review"] = pa.array(needs_review(taxonomy, probs, calibration, choice), pa.bool_())
     return cols
+
+
+def needs_review(
+    taxonomy: Taxonomy,
+    probs: dict[str, np.ndarray],
+    calibration: dict[str, Any],
+    choice: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Per product: some single head's chosen (hierarchy-consistent) label scores below its threshold.
+
+    Args:
+        choice: :func:`consistent_choice` of ``probs``, when the caller has it already.
+    """
+    choice = consistent_choice(taxonomy, probs) if choice is None else choice
+    n = len(next(iter(probs.values()))) if probs else 0
+    review = np.zeros(n, dtype=bool)
+    for h in taxonomy.single_heads:
+        p = np.asarray(probs[h.name], dtype=np.float32)  # as to_columns writes the scores
+        review |= p[np.arange(n), choice[h.name]] < threshold(h, calibration)
+    return review
 
 
 def threshold(head: Head, calibration: dict[str, Any]) -> float:

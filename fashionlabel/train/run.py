@@ -19,7 +19,7 @@ import torch
 
 from fashionlabel import storage
 from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD, load_samples, split_of
-from fashionlabel.label.postprocess import consistent_choice, scores, threshold, to_columns
+from fashionlabel.label.postprocess import consistent_choice, needs_review, scores, threshold
 from fashionlabel.label.predictor import Predictor
 from fashionlabel.models import create_model, reparameterize_model
 from fashionlabel.shards import list_shards
@@ -416,7 +416,7 @@ def evaluate(
     # What labelling writes, measured as written: the hierarchy-consistent choice of each single head,
     # the thresholded list of each multi head, and which products it sends to review.
     chosen = consistent_choice(tax, probs)
-    review = to_columns(tax, probs, pred.calibration)["needs_review"].to_numpy(zero_copy_only=False)
+    review = needs_review(tax, probs, pred.calibration, chosen)
     metrics["needs_review"] = float(review.mean())
     for h in tax.heads:
         y, hm = samples.targets[h.name], metrics["heads"][h.name]
