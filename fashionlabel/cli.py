@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Channel-prune an SE-Xception artifact (LASSO selection + least squares).",
         )
     )
+    _calibrate_options(
+        add(
+            "calibrate",
+            commands.cmd_calibrate,
+            "Refit a model's confidence thresholds (and temperatures) on validation into a new artifact.",
+        )
+    )
     _demo_options(
         add("demo", commands.cmd_demo, "Run shard → train → label → report on the bundled sample catalog.")
     )
@@ -225,6 +232,13 @@ def _train_options(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="share of batches in which each image gets a box cut from another and the loss mixes both "
         "products' labels by area (0: off)",
+    )
+    p.add_argument(
+        "--review-share",
+        type=float,
+        default=None,
+        help="fit the confidence thresholds to flag at most this share of validation products as "
+        "needs_review (default: each head flags enough to catch half its errors)",
     )
     p.add_argument(
         "--storage", default=None, help="checkpoint folder or s3:// prefix (default: OUT.train/checkpoints)"
@@ -338,6 +352,26 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--keep", type=float, default=0.5, help="fraction of channels kept in each pruned layer")
     p.add_argument("--calib-images", type=int, default=256, help="training images used for the regressions")
+
+
+def _calibrate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
+    p.add_argument("--shards", required=True, help="shards whose validation split the thresholds are fit on")
+    p.add_argument("--out", required=True, help="a new folder or s3:// prefix for the recalibrated artifact")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--review-share",
+        type=float,
+        default=None,
+        help="thresholds that catch the most errors while flagging at most this share of validation "
+        "products as needs_review",
+    )
+    how.add_argument(
+        "--error-cut",
+        type=float,
+        default=0.5,
+        help="share of each head's validation errors left in the labels it accepts (lower: more review)",
+    )
 
 
 def _demo_options(p: argparse.ArgumentParser) -> None:

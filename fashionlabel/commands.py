@@ -53,6 +53,7 @@ OUTPUTS = {
     "nightly": ("root",),
     "evaluate": ("out",),
     "prune": ("out",),
+    "calibrate": ("out",),
     "report": ("out",),
 }
 
@@ -154,6 +155,7 @@ def _train_config(a: argparse.Namespace) -> Any:
         warmup_epochs=a.warmup_epochs,
         ema_epochs=a.ema_epochs,
         cutmix=a.cutmix,
+        review_share=a.review_share,
     )
 
 
@@ -356,6 +358,28 @@ def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
     out |= _accuracy_lines(r["metrics"]["test"], "test (pruned)")
     out["time"] = f"{r['seconds']:.1f} s"
     _print_summary("prune", out)
+    return out | {"raw": r}
+
+
+def cmd_calibrate(a: argparse.Namespace) -> dict[str, Any]:
+    """``calibrate``: refit a model's temperatures and thresholds into a new artifact; return the printed
+    summary plus ``raw``."""
+    from fashionlabel.train.calibrate import recalibrate_artifact
+
+    r = recalibrate_artifact(a.model, a.shards, a.out, review_share=a.review_share, error_cut=a.error_cut)
+    cal = r["calibration"]
+    out = {
+        "calibrated": f"{a.model} → {a.out} ({r['val_products']} validation products)",
+        "version": f"{r['calibrated_from']} → {r['version']}",
+        "error cut": f"{cal['error_cut']:.2f} (share of each head's errors left in the labels it accepts)",
+        "thresholds": json.dumps({h: round(t, 3) for h, t in cal["thresholds"].items()}),
+    }
+    if "review_share" in cal:
+        out["val needs review"] = (
+            f"{100 * cal['val_needs_review']:.1f}% (asked: at most {cal['review_share']:.0%})"
+        )
+    out |= _accuracy_lines(r["metrics"]["test"], "test")
+    _print_summary("calibrate", out)
     return out | {"raw": r}
 
 

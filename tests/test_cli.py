@@ -122,6 +122,9 @@ def test_bad_settings_are_refused_before_a_cluster_is_joined(small_catalog, tmp_
     out = str(tmp_path / "out")
     cases = {
         "invalid training setting(s): --cutmix 2.0": ["train", "--shards", out, "--out", out, "--cutmix", "2"],
+        "invalid training setting(s): --review-share 0.0": [
+            "train", "--shards", out, "--out", out, "--review-share", "0"
+        ],
         "invalid shard setting(s): --samples-per-shard 0": [
             "shard", "--catalog", str(small_catalog), "--out", out, "--samples-per-shard", "0"
         ],

@@ -210,3 +210,68 @@ def test_summaries_give_top_k_only_for_heads_with_more_than_k_classes():
     assert "top-3" in lines["test gender"] and "top-5" not in lines["test gender"]
     assert "top-3" in lines["test usage"] and "top-5" in lines["test usage"]
     assert f"top-5 {100 * heads['articleType']['top5']:.1f}%" in lines["test articleType"]
+
+
+def _two_head_validation(n: int = 400, seed: int = 5):
+    """Logits of two single heads, right more often when confident, and their targets."""
+    import torch
+
+    from fashionlabel.taxonomy import Taxonomy
+
+    tax = Taxonomy.from_dict(
+        {
+            "name": "t",
+            "heads": [
+                {"name": "colour", "values": ["red", "blue", "green"]},
+                {"name": "season", "values": ["summer", "winter"]},
+            ],
+        }
+    )
+    rng = np.random.default_rng(seed)
+    logits, targets = {}, {}
+    for h in tax.single_heads:
+        y = rng.integers(0, h.num_classes, n)
+        z = rng.normal(0, 1, (n, h.num_classes))
+        z[np.arange(n), y] += rng.uniform(0, 3, n)  # a varying margin: some right and sure, some wrong
+        y[:20] = -1  # unknown labels take no part
+        logits[h.name], targets[h.name] = torch.tensor(z, dtype=torch.float32), y
+    return tax, logits, targets
+
+
+def test_default_calibration_is_each_heads_half_error_threshold():
+    """Without a review share, nothing changes: each single head's threshold halves its validation errors."""
+    from fashionlabel.label.postprocess import scores
+    from fashionlabel.train.calibrate import calibrate, single_threshold
+
+    tax, logits, targets = _two_head_validation()
+    cal = calibrate(tax, logits, targets)
+    probs = scores(tax, logits, cal)
+    assert cal["error_cut"] == 0.5 and "review_share" not in cal
+    assert cal["thresholds"] == {h: single_threshold(probs[h], targets[h], 0.5) for h in ("colour", "season")}
+
+
+def test_review_share_picks_the_strictest_cut_that_flags_at_most_that_share():
+    """The thresholds flag at most the asked share of validation products (any head unsure, as labelling
+    decides), and the next stricter error cut would flag more: no review capacity is left unused."""
+    from fashionlabel.label.postprocess import needs_review, scores
+    from fashionlabel.train.calibrate import calibrate, single_threshold
+
+    tax, logits, targets = _two_head_validation()
+    shares = []
+    for target in (0.05, 0.2, 0.5):
+        cal = calibrate(tax, logits, targets, review_share=target)
+        probs = scores(tax, logits, cal)
+        flagged = needs_review(tax, probs, cal).mean()
+        assert flagged == cal["val_needs_review"] <= target and cal["review_share"] == target
+        assert cal["thresholds"] == {
+            h: single_threshold(probs[h], targets[h], cal["error_cut"]) for h in ("colour", "season")
+        }
+        stricter = {
+            h: single_threshold(probs[h], targets[h], cal["error_cut"] - 0.01) for h in cal["thresholds"]
+        }
+        assert needs_review(tax, probs, {"thresholds": stricter}).mean() > target
+        shares.append(flagged)
+    assert shares == sorted(shares) and shares[0] < shares[-1]
+    # a tiny share is met by accepting every head's lowest score: nothing flagged
+    cal = calibrate(tax, logits, targets, review_share=1e-6)
+    assert cal["error_cut"] == 1.0 and cal["val_needs_review"] == 0.0

@@ -514,3 +514,63 @@ def test_train_refuses_a_local_out_it_cannot_write_before_any_worker_starts(
         with pytest.raises(StorageError, match=r"ro/m is not writable: "):
             train(str(small_shards), str(ro / "m"), cfg, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "ro"][: 1 + (os.geteuid() != 0)]
+
+
+def test_calibrate_refits_thresholds_for_a_review_share_into_a_new_artifact(
+    tiny_model, small_shards, tmp_path, capsys
+):
+    """`fashionlabel calibrate` keeps the weights, refits the thresholds on the validation split so that at
+    most the asked share of products needs review, and publishes it as a new version with its metrics."""
+    from fashionlabel.cli import run
+    from fashionlabel.train.run import evaluate
+
+    out = tmp_path / "calibrated"
+    argv = ["calibrate", "--model", str(tiny_model), "--shards", str(small_shards), "--out", str(out)]
+    assert run([*argv, "--review-share", "0.25"]) == 0
+    printed = capsys.readouterr().out
+    old, old_spec = load_artifact(tiny_model)
+    new, spec = load_artifact(out)
+    cal = spec["calibration"]
+    assert (
+        spec["version"] != old_spec["version"] and spec["training"]["calibrated_from"] == old_spec["version"]
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values(), strict=True)
+    )
+    assert cal["review_share"] == 0.25 and cal["val_needs_review"] <= 0.25
+    assert (
+        f"val needs review             {100 * cal['val_needs_review']:.1f}% (asked: at most 25%)" in printed
+    )
+    # what labelling will flag on the validation products is what the fit measured there
+    assert evaluate(str(out), str(small_shards), "val")["metrics"]["needs_review"] == cal["val_needs_review"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"val", "test"} and metrics["val"]["needs_review"] == cal["val_needs_review"]
+    # the same command again publishes the same version; the model's own folder is refused
+    assert run([*argv, "--review-share", "0.25"]) == 0
+    assert (out / "version").read_text().strip() == spec["version"]
+    assert run([*argv[:-1], str(tiny_model), "--review-share", "0.25"]) == 1
+    assert run([*argv[:-1], str(tmp_path / "x"), "--review-share", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "is the model being calibrated" in err
+        and "--review-share 1.5" in err
+        and not (tmp_path / "x").exists()
+    )
+
+
+def test_training_with_a_review_share_exports_thresholds_fit_to_it(tiny_model, small_shards, tmp_path):
+    """``train --review-share`` fits the exported model's thresholds as ``calibrate`` does."""
+    from fashionlabel.train import checkpoint as ckpt
+    from fashionlabel.train.run import export_state, training_taxonomy
+
+    best = ckpt.load(str(tiny_model.parent / "model.train" / "checkpoints"), ckpt.BEST)
+    best["config"] = best["config"] | {"review_share": 0.1}
+    export_state(str(small_shards), str(tmp_path / "m"), best, training_taxonomy(str(small_shards)))
+    spec = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert spec["training"]["config"]["review_share"] == 0.1
+    cal = spec["calibration"]
+    assert cal["review_share"] == 0.1 and cal["val_needs_review"] <= 0.1
+    assert (
+        json.loads((tmp_path / "m" / "metrics.json").read_text())["val"]["needs_review"]
+        == cal["val_needs_review"]
+    )

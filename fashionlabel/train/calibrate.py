@@ -4,16 +4,27 @@
 - Confidence thresholds: for single heads, the lowest score above which validation predictions make half
   the head's errors (products below it get ``needs_review``); for multi heads, the threshold maximising
   micro-F1 on validation.
+- Or, given the share of products a team can review (``review_share``), the single heads' thresholds that
+  catch the most errors while flagging at most that share of validation products (:func:`fit_review_share`).
+
+:func:`recalibrate_artifact` refits a trained model's calibration into a new artifact, weights unchanged.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 
+from fashionlabel.label.postprocess import consistent_choice, needs_review, scores
 from fashionlabel.taxonomy import Taxonomy
 
 TEMPS = np.exp(np.linspace(np.log(0.25), np.log(8.0), 61))
+# error cuts tried by fit_review_share, strictest first; 1 flags nothing (every head accepts its lowest score)
+ERROR_CUTS = np.round(np.linspace(0.0, 1.0, 101), 2)
 
 
 def fit_temperature(logits: torch.Tensor, y: np.ndarray) -> float:
@@ -43,7 +54,8 @@ def single_threshold(probs: np.ndarray, y: np.ndarray, error_cut: float = 0.5) -
     precision = 1.0 - error_cut * (1.0 - correct.mean())
     order = np.argsort(-score)
     prec = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
-    ok = np.nonzero(prec >= precision)[0]
+    # the tolerance keeps rounding in 1 - (1 - accuracy) from refusing the whole set at error_cut = 1
+    ok = np.nonzero(prec >= precision - 1e-9)[0]
     # Lowest score whose "accept everything above" set still has the target precision.
     return float(score[order][ok[-1]]) if len(ok) else 1.0
 
@@ -72,17 +84,126 @@ def calibrate(
     logits: dict[str, torch.Tensor],
     targets: dict[str, np.ndarray],
     error_cut: float = 0.5,
-) -> dict[str, dict[str, float]]:
+    review_share: float | None = None,
+) -> dict[str, Any]:
     """The artifact's ``calibration`` from validation logits: a temperature per single head and a
-    threshold per head (:func:`single_threshold`, :func:`multi_threshold`), and ``error_cut``."""
-    temps, thresholds = {}, {}
-    for h in taxonomy.heads:
-        if h.kind == "single":
-            temps[h.name] = fit_temperature(logits[h.name], targets[h.name])
-            p = torch.softmax(logits[h.name].float() / temps[h.name], 1).numpy()
-            thresholds[h.name] = single_threshold(p, targets[h.name], error_cut)
-        else:
-            thresholds[h.name] = multi_threshold(
-                torch.sigmoid(logits[h.name].float()).numpy(), targets[h.name]
-            )
-    return {"temperature": temps, "thresholds": thresholds, "error_cut": error_cut}
+    threshold per head (:func:`single_threshold`, :func:`multi_threshold`), and ``error_cut``.
+
+    Args:
+        review_share: when given, ``error_cut`` is chosen by :func:`fit_review_share` instead, and the
+            calibration records the target and the share of validation products it flags.
+    """
+    temps = {h.name: fit_temperature(logits[h.name], targets[h.name]) for h in taxonomy.single_heads}
+    probs = scores(taxonomy, logits, {"temperature": temps})
+    thresholds = {
+        h.name: multi_threshold(probs[h.name], targets[h.name]) for h in taxonomy.heads if h.kind == "multi"
+    }
+    extra: dict[str, float] = {}
+    if review_share is None:
+        thresholds |= _single_thresholds(taxonomy, probs, targets, error_cut)
+    else:
+        error_cut, single, flagged = fit_review_share(taxonomy, probs, targets, review_share)
+        thresholds |= single
+        extra = {"review_share": review_share, "val_needs_review": flagged}
+    # in head order, as model.json always had them
+    thresholds = {h.name: thresholds[h.name] for h in taxonomy.heads}
+    return {"temperature": temps, "thresholds": thresholds, "error_cut": error_cut} | extra
+
+
+def _single_thresholds(
+    taxonomy: Taxonomy, probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], error_cut: float
+) -> dict[str, float]:
+    return {
+        h.name: single_threshold(probs[h.name], targets[h.name], error_cut) for h in taxonomy.single_heads
+    }
+
+
+def fit_review_share(
+    taxonomy: Taxonomy, probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], review_share: float
+) -> tuple[float, dict[str, float], float]:
+    """The smallest error cut (of ``ERROR_CUTS``) whose single-head thresholds flag at most ``review_share``
+    of the validation products (else the loosest); returns (cut, thresholds, share flagged).
+
+    The cut is the share of a head's errors left among the labels it accepts. One cut for every head, not
+    one per head: each head still flags its least certain predictions in proportion to its own errors, and
+    the cut is the one knob a review team's capacity sets. A product is flagged when any head is unsure, as
+    labelling decides (:func:`needs_review`), so the share is measured over the heads together. A larger
+    cut lowers every threshold, so the share only falls as the cut grows.
+    """
+    choice = consistent_choice(taxonomy, probs)
+    for cut in ERROR_CUTS:
+        single = _single_thresholds(taxonomy, probs, targets, float(cut))
+        flagged = float(needs_review(taxonomy, probs, {"thresholds": single}, choice).mean())
+        if flagged <= review_share:
+            break
+    # else the loosest cut: a head with too few validation labels keeps its fixed threshold, and a
+    # hierarchy can choose a value scored below the head's own lowest top score, so even it may flag some
+    return float(cut), single, flagged
+
+
+def recalibrate_artifact(
+    model_dir: str,
+    shards: str,
+    out: str,
+    *,
+    review_share: float | None = None,
+    error_cut: float = 0.5,
+) -> dict[str, Any]:
+    """Refit a model's temperatures and thresholds on the validation split of ``shards`` into a new
+    artifact at ``out`` (same weights, new version); return its version, calibration and metrics.
+
+    For a review queue of another size without training again: the new version relabels the catalog on the
+    next night, since ``needs_review`` changes with the thresholds.
+    """
+    from types import SimpleNamespace
+
+    from fashionlabel import settings, storage
+    from fashionlabel.data import load_samples
+    from fashionlabel.label.predictor import Predictor
+    from fashionlabel.shards import list_shards
+    from fashionlabel.train.export import check_replaceable, load_artifact, save_artifact
+    from fashionlabel.train.run import check_shard_labels, evaluate
+
+    settings.check(
+        "calibration",
+        SimpleNamespace(review_share=review_share, error_cut=error_cut),
+        {"review_share": review_share is None or 0 < review_share < 1, "error_cut": 0 <= error_cut <= 1},
+        "0 < review share < 1; 0 ≤ error cut ≤ 1",
+    )
+    if storage.absolute(out).rstrip("/") == storage.absolute(model_dir).rstrip("/"):
+        raise ValueError(f"--out {out} is the model being calibrated: give the new model a folder of its own")
+    check_replaceable(out)
+    pred = Predictor(model_dir, device="cpu")
+    tax = pred.taxonomy
+    check_shard_labels(tax, shards)  # the fit needs the model's labels on the validation products
+    val = load_samples(list_shards(shards), tax, pred.size, split="val")
+    if len(val) == 0:
+        raise ValueError(f"{shards} has no validation products to calibrate on")
+    calibration = calibrate(tax, pred.logits(val.images), val.targets, error_cut, review_share)
+    model, spec = load_artifact(model_dir)  # saved as loaded: no device or memory-format change
+    metrics: dict[str, Any] = {}
+
+    def finalize(staged: Path) -> None:
+        # measured from the staged folder, so the model is published with its metrics at once
+        metrics.update({s: evaluate(str(staged), shards, s)["metrics"] for s in ("val", "test")})
+        (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+
+    version = save_artifact(
+        out,
+        model,
+        architecture=spec["architecture"],
+        taxonomy=tax,
+        preprocessing=spec["preprocessing"],
+        calibration=calibration,
+        model_kwargs=spec.get("model_kwargs", {}),
+        training=spec.get("training", {}) | {"calibrated_from": spec["version"]},
+        finalize=finalize,
+    )
+    return {
+        "version": version,
+        "calibrated_from": spec["version"],
+        "calibration": calibration,
+        "metrics": metrics,
+        "val_products": len(val),
+        "out": out,
+    }

@@ -32,6 +32,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # for single heads' cross-entropy
     ema_epochs: float = 0.0  # horizon of the weights' moving average, in epochs; 0: no average
     cutmix: float = 0.0  # share of batches trained as CutMix (Yun et al. 2019); 0: off
+    review_share: float | None = None  # thresholds flagging at most this share of validation products
 
     def __post_init__(self) -> None:
         # Checked before any worker starts: a bad value fails in a second with its name, not mid-run.
@@ -48,6 +49,7 @@ class TrainConfig:
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "ema_epochs": self.ema_epochs >= 0,
             "cutmix": 0 <= self.cutmix <= 1,
+            "review_share": self.review_share is None or 0 < self.review_share < 1,
             "model": self.model in list_models(),
         }
         check(
@@ -55,7 +57,7 @@ class TrainConfig:
             self,
             checks,
             "epochs, workers, patience ≥ 1; batch size ≥ workers; lr > 0; height, width ≥ 16; "
-            "0 ≤ label smoothing < 1; 0 ≤ cutmix ≤ 1; others ≥ 0; model: one of `fashionlabel models`",
+            "0 ≤ label smoothing < 1; 0 ≤ cutmix ≤ 1; 0 < review share < 1; others ≥ 0; model: one of `fashionlabel models`",
         )
 
 

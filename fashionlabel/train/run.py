@@ -340,7 +340,7 @@ def export_state(
     uris = list_shards(shards)
     val = load_samples(uris, taxonomy, size, split="val")
     val_logits = _logits(model, val.images)
-    calibration = calibrate(taxonomy, val_logits, val.targets)
+    calibration = calibrate(taxonomy, val_logits, val.targets, review_share=cfg.review_share)
     pre = {"size": list(size), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     history = best["history"]
     train_ips = float(np.median([h["train_img_per_s"] for h in history])) if history else 0.0

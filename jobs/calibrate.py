@@ -1,0 +1,16 @@
+"""Job entry point for `fashionlabel calibrate` (see `fashionlabel calibrate --help`).
+
+ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.calibrate --model M --shards S --out M2 --review-share 0.3
+"""
+
+import sys
+
+from fashionlabel.cli import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(["calibrate", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
