@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -162,7 +160,7 @@ def recalibrate_artifact(
     from fashionlabel.label.predictor import Predictor
     from fashionlabel.shards import list_shards
     from fashionlabel.train.export import check_replaceable, load_artifact, save_artifact
-    from fashionlabel.train.run import check_shard_labels, evaluate
+    from fashionlabel.train.run import check_shard_labels, metrics_writer
 
     settings.check(
         "calibration",
@@ -182,12 +180,6 @@ def recalibrate_artifact(
     calibration = calibrate(tax, pred.logits(val.images), val.targets, error_cut, review_share)
     model, spec = load_artifact(model_dir)  # saved as loaded: no device or memory-format change
     metrics: dict[str, Any] = {}
-
-    def finalize(staged: Path) -> None:
-        # measured from the staged folder, so the model is published with its metrics at once
-        metrics.update({s: evaluate(str(staged), shards, s)["metrics"] for s in ("val", "test")})
-        (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-
     version = save_artifact(
         out,
         model,
@@ -197,7 +189,7 @@ def recalibrate_artifact(
         calibration=calibration,
         model_kwargs=spec.get("model_kwargs", {}),
         training=spec.get("training", {}) | {"calibrated_from": spec["version"]},
-        finalize=finalize,
+        finalize=metrics_writer(shards, metrics),
     )
     return {
         "version": version,

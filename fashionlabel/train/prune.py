@@ -14,10 +14,8 @@ Sampling: ``positions`` random spatial positions per calibration image (the pape
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -221,7 +219,7 @@ def prune_artifact(
     check_replaceable(out)
     model, spec = load_artifact(model_dir)
     tax, pre = spec["taxonomy_obj"], spec["preprocessing"]
-    from fashionlabel.train.run import check_shard_labels
+    from fashionlabel.train.run import check_shard_labels, metrics_writer
 
     check_shard_labels(tax, shards)  # accuracy and the refitted calibration need the model's labels
     size = tuple(pre["size"])
@@ -244,15 +242,8 @@ def prune_artifact(
         model, pruned, size, speed_rounds
     )
     metrics: dict[str, Any] = {}
-
-    def finalize(staged: Path) -> None:
-        # The same metrics.json as a trained artifact's (val and test of the calibrated model, plus the
-        # evaluation files), with the before/after figures beside them; written before publishing.
-        from fashionlabel.train.run import evaluate
-
-        metrics.update({s: evaluate(str(staged), shards, s)["metrics"] for s in ("val", "test")})
-        metrics["pruning"] = {"before": before, "after": after}
-        (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    # the same metrics.json as a trained artifact's, with the before/after figures beside them
+    finalize = metrics_writer(shards, metrics, {"pruning": {"before": before, "after": after}})
 
     version = save_artifact(
         out,

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -356,14 +357,12 @@ def export_state(
     # Deployment form: re-parameterisable blocks (RepVGG) fused into plain convs; same outputs, faster.
     deploy = reparameterize_model(model)
     metrics: dict[str, Any] = {}
+    write_metrics = metrics_writer(shards, metrics)
 
     def finalize(staged: Path) -> None:
-        # Evaluated from the staged folder, so the published artifact arrives with its metrics, curves and
-        # confusion images at once: a crash in between leaves the previous artifact (or none) visible.
         (staged / "curves.json").write_text(json.dumps(history, indent=2))
         _plot_curves(history, staged / "curves.png")
-        metrics.update({split: evaluate(str(staged), shards, split)["metrics"] for split in ("val", "test")})
-        (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        write_metrics(staged)
 
     version = save_artifact(
         out,
@@ -382,6 +381,23 @@ def export_state(
         "training": training | {"train_img_per_s_median": train_ips},  # per epoch in curves.json
         "out": out,
     }
+
+
+def metrics_writer(
+    shards: str, metrics: dict[str, Any], extra: dict[str, Any] | None = None
+) -> Callable[[Path], None]:
+    """A ``save_artifact`` finalize step: evaluate the staged model on the val and test splits of ``shards``
+    into ``metrics`` (plus ``extra``) and write ``metrics.json`` and the evaluation files beside it.
+
+    Evaluated from the staged folder, so the published artifact arrives with its metrics and confusion
+    images at once: a crash in between leaves the previous artifact (or none) visible."""
+
+    def write(staged: Path) -> None:
+        metrics.update({split: evaluate(str(staged), shards, split)["metrics"] for split in ("val", "test")})
+        metrics.update(extra or {})
+        (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+
+    return write
 
 
 @torch.inference_mode()
