@@ -26,7 +26,9 @@ class _ShowDefaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+        # by identity: `0 in (None, False)` is True, which would hide a default of 0 (`--seed`, `--cutmix`)
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not unset and "default" not in text:
             text += " (default: %(default)s)"
         return text
 

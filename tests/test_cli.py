@@ -26,10 +26,15 @@ def test_verbose_before_or_after_the_subcommand_and_defaults_in_every_help():
     assert parse(base).verbose is False
     assert parse(["-v", *base]).verbose is True and parse([*base, "-v"]).verbose is True
     helps = {
-        c: build_parser()._subparsers._group_actions[0].choices[c].format_help() for c in ("shard", "nightly")
+        c: build_parser()._subparsers._group_actions[0].choices[c].format_help()
+        for c in ("shard", "nightly", "train")
     }
     assert "products per tar (default: 1000)" in helps["shard"]
     assert "(default: 0.5)" in helps["nightly"] and "(default: 7)" in helps["nightly"]
+    # a default of 0 is a default too (0 == False must not hide it); a flag's False is not shown
+    train = " ".join(helps["train"].split())
+    assert "seed of weights and data order (default: 0)" in train
+    assert "(0: off) (default: 0.0)" in train and "(default: False)" not in train
 
 
 def test_shard_job_main_and_clear_failure(ray_session, small_catalog, tmp_path, capsys):
