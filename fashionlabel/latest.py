@@ -115,8 +115,10 @@ def merge(
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def publish(labels: str, date: str, table: pa.Table, rows_per_file: int = 1_000_000, keep: int = 7) -> dict:
-    """Write ``table`` as snapshot ``date``, then swap both pointers to it; prune old snapshots."""
+def publish(labels: str, date: str, table: pa.Table, rows_per_file: int = 1_000_000) -> dict:
+    """Write ``table`` as snapshot ``date``, then swap both pointers to it. Old snapshots stay until
+    :func:`prune`: the night that publishes still reads the one before for its report, and a re-run of a
+    night killed after its publish builds on it again."""
     d = snapshot_dir(labels, date)
     names = []
     for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
@@ -130,11 +132,11 @@ def publish(labels: str, date: str, table: pa.Table, rows_per_file: int = 1_000_
         storage.join(labels, "latest", "_symlink_format_manifest", "manifest"), symlinks.encode()
     )
     storage.write_json(storage.join(labels, "latest", "_CURRENT.json"), pointer)
-    _prune(labels, keep)
     return pointer
 
 
-def _prune(labels: str, keep: int) -> None:
+def prune(labels: str, keep: int) -> None:
+    """Delete all but the ``keep`` newest complete snapshots, never the published one."""
     cur = (current(labels) or {}).get("snapshot")
     old = [s for s in snapshots(labels)[:-keep] if s != cur] if keep > 0 else []
     for s in old:

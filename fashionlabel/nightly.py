@@ -119,7 +119,8 @@ def _run_night(catalog: str, model: str, layout: Layout, date: str, cfg: Nightly
                 "relabels every active product"
             )
         log.info("night %s is already complete: nothing to do", date)
-        _drop_scratch(layout, date)  # an attempt killed right after the manifest may have left it
+        # an attempt killed right after the manifest may have left its scratch
+        _drop_scratch(layout, date, cfg.keep_snapshots)
         return done | {"already_complete": True}
     _check_night_order(layout, date)
     spec = artifact_spec(model)  # checked on the driver; the actors build the model
@@ -166,7 +167,7 @@ def _run_night(catalog: str, model: str, layout: Layout, date: str, cfg: Nightly
     _complete_run_manifest(layout, date, history, night_ids=shard["night_ids"])
     snap = latest.merge(previous, history, date, members, latest.latest_schema(taxonomy))
     _assert_unique(snap, "latest")
-    pointer = latest.publish(layout.labels, date, snap, cfg.latest_rows_per_file, cfg.keep_snapshots)
+    pointer = latest.publish(layout.labels, date, snap, cfg.latest_rows_per_file)
     # Counts come from the night's history, not from this attempt: a resumed night reports the whole night.
     pids = history["product_id"].to_pylist()
     of_night = sum(p in shard["night_ids"] for p in pids)
@@ -214,14 +215,18 @@ def _run_night(catalog: str, model: str, layout: Layout, date: str, cfg: Nightly
     }
     _write_report(layout, date, manifest, prev_dates[-1] if prev_dates else None)
     storage.write_json(layout.manifest(date), manifest)
-    _drop_scratch(layout, date)
+    _drop_scratch(layout, date, cfg.keep_snapshots)
     return manifest | {"already_complete": False}
 
 
-def _drop_scratch(layout: Layout, date: str) -> None:
-    """A complete night's scratch goes: only a re-run of it would need it, and it would grow every night."""
+def _drop_scratch(layout: Layout, date: str, keep_snapshots: int) -> None:
+    """A complete night's scratch goes: only a re-run of it would need it, and it would grow every night.
+    So do ``latest`` snapshots beyond ``keep_snapshots``, only now: until the night is complete its report
+    reads the snapshot before it, and a re-run after a kill merges into that one (pruned, with
+    ``--keep-snapshots 1``, the re-run would rebuild ``latest`` from tonight's labels alone)."""
     storage.delete_tree(layout.relabel_dir(date))
     storage.delete(layout.map_before(date))
+    latest.prune(layout.labels, keep_snapshots)
 
 
 def _manifest(layout: Layout, date: str) -> dict[str, Any]:

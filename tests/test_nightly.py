@@ -226,6 +226,23 @@ def test_labels_older_than_the_age_limit_are_relabelled_and_no_others(nights, ti
     assert dates.fetchall() == [("2026-03-02", 30), ("2026-03-03", 275)]  # a day old is not older than 1 day
 
 
+def test_one_kept_snapshot_still_reports_drift_and_prunes_only_a_complete_night(
+    nights, tiny_model, tmp_path_factory
+):
+    import shutil
+
+    from fashionlabel import latest
+
+    root = tmp_path_factory.mktemp("keep1") / "root"
+    shutil.copytree(nights["root"], root)
+    cfg = NightlyConfig(shard=CFG.shard, label=CFG.label, keep_snapshots=1)
+    # the night's report compares with 2026-03-02, the snapshot that the night's publish would prune
+    m = run_nightly(str(nights["cat2"]), str(tiny_model), str(root), "2026-03-03", cfg)
+    assert m["previous_night"] == "2026-03-02" and m["latest_rows"] == 315
+    assert 'id="drift-articleType"' in (root / "reports" / "2026-03-03.html").read_text()
+    assert latest.snapshots(str(root / "labels")) == ["2026-03-03"]
+
+
 def test_a_relabel_that_cannot_read_a_shard_keeps_the_last_good_labels(nights, tiny_model, tmp_path_factory):
     import shutil
 
