@@ -181,6 +181,10 @@ def test_the_readme_query_command_answers_what_the_snippet_before_it_does(labels
     readme = (DOCS.parents[1] / "README.md").read_text()
     sql = re.search(r'fashionlabel query --labels\s+demo-out/labels "(.*?)"', readme, re.S).group(1)
     assert connect(labels).execute(sql).fetchall() == [("Shirts", 6)]  # the newest run, as the snippet
+    # the query that `fashionlabel demo` suggests at its end is this one
+    from fashionlabel.commands import DEMO_QUERY
+
+    assert " ".join(sql.split()) == DEMO_QUERY
 
 
 def test_query_over_s3(s3, tmp_path):
