@@ -342,7 +342,8 @@ class Taxonomy:
 
     @cached_property
     def version(self) -> str:
-        """Content hash: two taxonomies with the same heads and values share a version."""
+        """Content hash of :meth:`to_dict`: name, description, unknown values and heads. Two files that
+        differ only in layout, comments or key order share a version; a new description is a new one."""
         blob = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
