@@ -151,6 +151,11 @@ def main() -> None:
     p.add_argument("--fetches-in-flight", type=int, default=ShardConfig().fetches_in_flight)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # the labels come from the data set's styles.csv, which the repository does not hold: say where to look
+    if not a.styles.is_file():
+        raise SystemExit(
+            f"no {a.styles}: set FPI_DATA to the Fashion Product Images folder (its styles.csv) or pass --styles"
+        )
     # the catalog is written elsewhere: a relative image folder would resolve against it and miss them all
     a.images = a.images.absolute()
     if a.work:

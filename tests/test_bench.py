@@ -30,6 +30,18 @@ def test_every_bench_script_imports_and_parses(script):
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
 
 
+def test_shard_bench_without_the_data_set_says_where_to_find_it(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "shard_throughput.py"), "--products", "10"],
+        env=os.environ | {"PYTHONPATH": str(ROOT), "FPI_DATA": str(tmp_path / "nowhere")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"no {tmp_path / 'nowhere' / 'styles.csv'}: set FPI_DATA" in r.stderr and "--styles" in r.stderr
+
+
 @pytest.mark.slow
 def test_label_bench_prints_ours_plain_and_their_ratio():
     tmp = tempfile.mkdtemp(prefix="flbench-", dir="/tmp")  # Ray's socket paths must stay short
