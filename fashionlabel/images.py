@@ -127,7 +127,8 @@ def decode(jpg: bytes, size: tuple[int, int]) -> np.ndarray:
     measured on are those it labels. Free of torch, so read tasks never import it (seconds each on a
     busy machine before their first shard).
     """
-    img = Image.open(io.BytesIO(jpg))
+    # the same allow-list as ``normalise``: a tampered shard member in EPS would run Ghostscript
+    img = Image.open(io.BytesIO(jpg), formats=FORMATS)
     # PIL's own guard is off in this module (see above): check the header before any pixel is decoded, so
     # a tampered shard member cannot take a read task's memory
     if img.size[0] * img.size[1] > DECODE_MAX_PIXELS:

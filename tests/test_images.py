@@ -6,9 +6,9 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from fashionlabel.images import ImageReject, normalise
+from fashionlabel.images import ImageReject, decode, normalise
 
 KW = {"max_side": 64, "quality": 85, "max_pixels": 4_000_000, "min_side": 8}
 
@@ -140,3 +140,12 @@ def test_reject_reasons():
     assert reason(encode(Image.new("RGB", (1, 1)), "PNG")) == "image_too_small"
     assert reason(encode(Image.new("RGB", (1, 1)), "GIF")) == "image_too_small"
     assert reason(jpg, max_pixels=1000) == "image_too_large"
+
+
+def test_decode_of_a_shard_member_opens_only_raster_formats():
+    # a shard holds JPEGs; a tampered member in EPS is refused when opened, before Ghostscript could run
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n"
+    with pytest.raises(UnidentifiedImageError):
+        decode(eps, (8, 6))
+    jpg = encode(Image.new("RGB", (30, 40), (200, 10, 10)), "JPEG")
+    assert decode(jpg, (8, 6)).shape == (8, 6, 3)
