@@ -1,7 +1,7 @@
 """Read and validate catalogs; resolve and fetch image URIs (local, file://, s3://, http(s)://).
 
 A catalog is CSV, Parquet or JSON Lines with ``product_id`` and ``image_uri`` plus label and metadata
-columns (README "Commands"). Reading never raises on a bad *row*: each one becomes a quarantine record with a stable
+columns (docs/own-catalog.md "The catalog"). Reading never raises on a bad *row*: each one becomes a quarantine record with a stable
 reason string (``REASONS``). It raises ``CatalogError`` only when the catalog as a whole cannot be read.
 
 Validation is split in two so that the driver of a sharding job stays light (Amdahl): ``check_ids`` (ids,

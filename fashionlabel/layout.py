@@ -16,7 +16,7 @@ from fashionlabel import storage
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a nightly ROOT keeps everything (README "Nightly layout")."""
+    """Where a nightly ROOT keeps everything (README "Nightly")."""
 
     root: str
 
