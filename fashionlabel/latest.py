@@ -60,12 +60,25 @@ def current_files(labels: str) -> list[str]:
     return [storage.join(labels, "latest", f) for f in cur["files"]] if cur else []
 
 
-def read_snapshot(labels: str, date: str) -> pa.Table:
-    """The rows of complete snapshot ``date``: the files its ``_SUCCESS`` names, not whatever the folder
+def snapshot_files(labels: str, date: str) -> list[str]:
+    """The files of complete snapshot ``date``: those its ``_SUCCESS`` names, not whatever the folder
     holds (a killed earlier publish of the same night may have left more parts there)."""
     pointer = storage.read_json(storage.join(snapshot_dir(labels, date), "_SUCCESS"))
-    files = [storage.join(labels, "latest", f) for f in pointer["files"]]
-    return pa.concat_tables([storage.read_parquet(f) for f in files]) if files else pa.table({})
+    return [storage.join(labels, "latest", f) for f in pointer["files"]]
+
+
+def snapshot_schema(labels: str, date: str) -> pa.Schema:
+    """The columns of complete snapshot ``date``, from one file's footer (one publish writes them all)."""
+    files = snapshot_files(labels, date)
+    return storage.read_parquet_schema(files[0]) if files else pa.schema([])
+
+
+def read_snapshot(labels: str, date: str, columns: list[str] | None = None) -> pa.Table:
+    """The rows of complete snapshot ``date`` (:func:`snapshot_files`); only ``columns`` if given."""
+    files = snapshot_files(labels, date)
+    if not files:
+        return pa.table({})
+    return pa.concat_tables([storage.read_parquet(f, columns=columns) for f in files])
 
 
 def merge(

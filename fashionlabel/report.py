@@ -252,6 +252,24 @@ def _run_chart(m: dict[str, Any]) -> tuple[str, str]:
     return "run", _png(fig)
 
 
+# What the night report draws and compares. The top-k and score lists are most of a snapshot's bytes,
+# and as pandas objects (a list of dicts per row) ~10 KB a product: read whole, a 1M-product snapshot
+# and the previous one held 13 GB on the head for charts that never look at them.
+REPORT_COLUMNS = ("product_id", "active", "error", "needs_review", "model_version")
+REPORT_SUFFIXES = ("", "_score")
+
+
+def _read_for_report(labels: str, date: str) -> pd.DataFrame:
+    """The columns of snapshot ``date`` that the night report uses (``REPORT_COLUMNS``, every head's
+    label and a single head's score), in the snapshot's order."""
+    from fashionlabel import latest
+
+    names = latest.snapshot_schema(labels, date).names
+    heads = {c[: -len(s)] for c in names for s in ("_topk", "_scores") if c.endswith(s)}
+    want = {*REPORT_COLUMNS, *(h + s for h in heads for s in REPORT_SUFFIXES)}
+    return latest.read_snapshot(labels, date, columns=[c for c in names if c in want]).to_pandas()
+
+
 def write_night_report(
     labels: str,
     date: str,
@@ -285,14 +303,15 @@ def write_night_report(
         if earlier
         else "none (first night)"
     )
-    cur = latest.read_snapshot(labels, date).to_pandas()
+    names = latest.snapshot_schema(labels, date).names
+    heads = [c[: -len("_topk")] for c in names if c.endswith("_topk")]
+    multi = [c[: -len("_scores")] for c in names if c.endswith("_scores")]
+    cur = _read_for_report(labels, date)
     active = cur[cur["active"]]
-    heads = [c[: -len("_topk")] for c in cur.columns if c.endswith("_topk")]
-    multi = [c[: -len("_scores")] for c in cur.columns if c.endswith("_scores")]
     charts = _charts(active, heads, multi)
     d, new_heads = {}, []
     if previous:
-        prev = latest.read_snapshot(labels, previous).to_pandas()
+        prev = _read_for_report(labels, previous)
         # a model whose taxonomy grew predicts heads the previous night's did not: nothing to compare
         new_heads = [h for h in heads if h not in prev.columns]
         shared = [h for h in heads if h in prev.columns]
