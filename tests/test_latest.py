@@ -75,3 +75,44 @@ def test_relabel_takes_products_whose_latest_row_is_an_error():
     # with another model every active product, errors included, for the one reason that covers them all
     want, why = selection(snap, {"a", "b"}, set(), {"a", "b"}, "m2", "2026-05-02", None)
     assert want == {"a", "b"} and why == "model version changed; an error last time"
+
+
+def test_merging_a_large_latest_does_not_sort_its_whole_rows():
+    """Which row wins is decided on the few columns that decide it, then the winners are taken whole: the
+    merge once sorted every row, top-k lists and all, in DuckDB (3.6 GB above its inputs for 1M products;
+    ~3,000 bytes a product here against ~600-900 now, the output itself ~350)."""
+    import gc
+
+    import pytest
+
+    def mem(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(f.read().split(key + ":")[1].split()[0]) * 1024
+
+    try:  # "5" resets the peak resident size (VmHWM) of this process (Linux ≥ 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("no /proc/self/clear_refs to reset the peak resident size")
+    n = 40_000
+    ids = [f"p{i:06d}" for i in range(n)]
+    prev = _snapshot(make_rows(ids, "2026-05-01", "Tshirts"), "2026-05-01", set(ids))
+    night = make_rows(ids[: n // 10], "2026-05-02", "Shirts", sha="b")
+    _snapshot(night.slice(0, 10), "2026-05-02", set(ids), prev.slice(0, 100))  # imports, DuckDB start-up
+    gc.collect()
+    before = mem("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    out = _snapshot(night, "2026-05-02", set(ids[1:]), prev)
+    peak = (mem("VmHWM") - before) / n
+    assert out.num_rows == n and out["product_id"].to_pylist() == ids
+    assert out["articleType"].to_pylist().count("Shirts") == n // 10
+    assert out["active"].to_pylist() == [False] + [True] * (n - 1)
+    assert peak < 1_800, f"{peak:.0f} bytes per product above the inputs at the peak"
+
+
+def test_of_two_rows_alike_in_night_time_and_run_tonights_wins():
+    members = {"a"}
+    first = _snapshot(make_rows(["a"], "2026-05-02", "Shirts"), "2026-05-02", members)
+    again = _snapshot(make_rows(["a"], "2026-05-02", "Jeans"), "2026-05-02", members, first)
+    assert again["articleType"].to_pylist() == ["Jeans"]
