@@ -116,3 +116,37 @@ def test_of_two_rows_alike_in_night_time_and_run_tonights_wins():
     first = _snapshot(make_rows(["a"], "2026-05-02", "Shirts"), "2026-05-02", members)
     again = _snapshot(make_rows(["a"], "2026-05-02", "Jeans"), "2026-05-02", members, first)
     assert again["articleType"].to_pylist() == ["Jeans"]
+
+
+def test_a_night_with_nothing_to_relabel_holds_no_row_objects_of_the_product_map(tmp_path):
+    """Every night asks which products to relabel; as one dict per product the map was ~800 bytes each
+    on the head (1M products: 0.8 GB), on nights that relabel nothing as on others."""
+    import tracemalloc
+
+    from fashionlabel.layout import Layout
+    from fashionlabel.relabel import MAP_SCHEMA, relabel_products
+
+    n = 20_000
+    ids = [f"p{i:06d}" for i in range(n)]
+    snap = _snapshot(make_rows(ids, "2026-05-01", "Tshirts"), "2026-05-01", set(ids))
+    before = pa.table(
+        [
+            ids,
+            ids,
+            [f"a{p}" for p in ids],
+            [f"/s/night=2026-05-01/shard-{i // 1000:06d}.tar" for i in range(n)],
+        ]
+        + [["2026-05-01"] * n],
+        schema=MAP_SCHEMA,
+    )
+    members = set(ids)
+    tracemalloc.start()
+    try:
+        r = relabel_products(
+            Layout(str(tmp_path)), "2026-05-02", "unused", "m1", snap, before, set(), members, None, None
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r == {"labelled": 0, "errored": 0, "reason": None, "products": 0}
+    assert peak / n < 500, f"{peak / n:.0f} bytes per product at the peak"
