@@ -83,17 +83,10 @@ def test_merging_a_large_latest_does_not_sort_its_whole_rows():
     ~3,000 bytes a product here against ~600-900 now, the output itself ~350)."""
     import gc
 
-    import pytest
-
     def mem(key: str) -> int:
         with open("/proc/self/status") as f:
             return int(f.read().split(key + ":")[1].split()[0]) * 1024
 
-    try:  # "5" resets the peak resident size (VmHWM) of this process (Linux ≥ 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pytest.skip("no /proc/self/clear_refs to reset the peak resident size")
     n = 40_000
     ids = [f"p{i:06d}" for i in range(n)]
     prev = _snapshot(make_rows(ids, "2026-05-01", "Tshirts"), "2026-05-01", set(ids))
@@ -101,7 +94,7 @@ def test_merging_a_large_latest_does_not_sort_its_whole_rows():
     _snapshot(night.slice(0, 10), "2026-05-02", set(ids), prev.slice(0, 100))  # imports, DuckDB start-up
     gc.collect()
     before = mem("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak resident size (Linux ≥ 4.0)
         f.write("5")
     out = _snapshot(night, "2026-05-02", set(ids[1:]), prev)
     peak = (mem("VmHWM") - before) / n
@@ -158,8 +151,6 @@ def test_the_product_map_takes_each_products_newest_night_without_sorting_every_
     ~1,600 when every night's rows were sorted whole with their URIs)."""
     import gc
 
-    import pytest
-
     from fashionlabel import storage
     from fashionlabel.layout import Layout
     from fashionlabel.relabel import product_map
@@ -178,12 +169,9 @@ def test_the_product_map_takes_each_products_newest_night_without_sorting_every_
         )
     product_map(layout, "2026-05-02")  # imports, DuckDB start-up
     gc.collect()
-    try:
-        before = mem("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak resident size (Linux ≥ 4.0)
-            f.write("5")
-    except OSError:
-        pytest.skip("no /proc/self/clear_refs to reset the peak resident size")
+    before = mem("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak resident size (Linux ≥ 4.0)
+        f.write("5")
     m = product_map(layout, "2026-05-04")  # nights 1-3; night 4 is not before it
     peak = (mem("VmHWM") - before) / n
     rows = m.to_pylist()
