@@ -499,6 +499,43 @@ def test_damaged_shards_are_salvaged_and_their_lost_products_get_error_rows(
     assert (b["damaged_shards"], b["labelled"], b["errored"]) == (1, readable, 0)
 
 
+def test_a_tar_cut_where_no_member_notices_is_damage_not_a_shorter_shard(
+    ray_session, small_shards, tiny_model, tmp_path
+):
+    """A zero-byte tar, one cut exactly between two members and one cut inside a header read as complete
+    shards with fewer products (the run said nothing of the 150 products of the empty one): without the
+    end-of-archive marker each is damaged, and every product the index places after the cut gets a row."""
+    uris = list_shards(str(small_shards))
+    assert len(uris) == 4
+    data = [Path(u).read_bytes() for u in uris]
+    with tarfile.open(uris[2]) as tar:
+        between = [m.offset for m in tar][100]  # the header of member 100: a sample boundary
+    with tarfile.open(uris[3]) as tar:
+        in_header = [m.offset for m in tar][61] + 200  # 200 bytes into a header
+    for cut in (b"", data[2][:between], data[3][:in_header]):
+        with pytest.raises(TarFormatError, match="truncated tar: no end-of-archive marker"):
+            list(read_tar(cut))
+    assert len(list(read_tar(data[0]))) == 300  # a whole shard: 150 images and their sidecars
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "index.parquet").write_bytes((small_shards / "index.parquet").read_bytes())
+    (shards / "shard-000000.tar").write_bytes(data[0])
+    (shards / "shard-000001.tar").write_bytes(b"")
+    (shards / "shard-000002.tar").write_bytes(data[2][:between])
+    (shards / "shard-000003.tar").write_bytes(data[3][:in_header])
+    out = tmp_path / "labels"
+    s = label_shards(str(shards), str(tiny_model), str(out), "2026-01-01")
+    assert s["damaged_shards"] == 3 and s["labelled"] + s["errored"] == 600
+    assert _count(out) == (600, 600)
+    lost = (
+        duckdb.connect()
+        .execute(f"SELECT count(*) FROM '{out}/history/*/*.parquet' WHERE error LIKE 'unreadable shard:%'")
+        .fetchone()[0]
+    )
+    assert lost == 150 + (150 - 50) + (150 - 30)  # all of the empty one, the samples after each cut
+
+
 def test_dead_actor_is_replaced_and_batch_retried(ray_session, odd_shards, tiny_model, tmp_path, monkeypatch):
     marker = tmp_path / "crashed"
     monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))

@@ -74,6 +74,10 @@ def read_tar(data: bytes) -> Iterator[tuple[str, bytes]]:
             long_name = None
         else:
             long_name = None
+    # Every tar ends with zero blocks. Without them the file was cut short at a member boundary or inside
+    # a header (a copy or upload that stopped, a zero-byte file): the products after the cut are lost,
+    # which must be reported as damage, not read as a complete shard with fewer products.
+    raise TarFormatError(f"truncated tar: no end-of-archive marker, the file ends at byte {n}")
 
 
 def _pax_path(records: bytes) -> str | None:
