@@ -123,3 +123,43 @@ def test_resume_after_kill(ray_session, tmp_path):
         in_tars.update(keys)
     assert set(in_tars) == set(index) and max(in_tars.values()) == 1  # none missing, none twice
     assert not list(out.rglob("*.tmp"))
+
+
+def test_a_shard_set_missing_tars_is_refused_and_shard_packs_them_again(
+    ray_session, small_catalog, small_shards, tiny_model, tmp_path
+):
+    """Tars that the index names but that are gone (deleted, not copied, a folder in their place) were
+    left out of labelling without a word: 300 of 600 products had no row and the run wrote _SUCCESS. The
+    shard set is refused by name, and `shard` re-run with the same catalog packs them again (a completion
+    marker without its tar is not done)."""
+    from fashionlabel.label.pipeline import label_shards
+    from fashionlabel.shards import ShardSetIncomplete
+
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    want = {
+        n: [s["json"]["product_id"] for s in iter_shard(str(shards / n))]
+        for n in ("shard-000001.tar", "shard-000002.tar")
+    }
+    (shards / "shard-000001.tar").unlink()
+    (shards / "shard-000002.tar").unlink()
+    (shards / "shard-000002.tar").mkdir()
+    out = tmp_path / "labels"
+    refused = "places 300 products in 2 shard.s. that are not there .shard-000001.tar, shard-000002.tar."
+    with pytest.raises(ShardSetIncomplete, match=refused):
+        list_shards(str(shards))
+    with pytest.raises(ShardSetIncomplete, match=refused):
+        label_shards(str(shards), str(tiny_model), str(out), "2026-01-01")
+    assert not out.exists()  # refused before any folder is made
+
+    (shards / "shard-000002.tar").rmdir()
+    s = shard_catalog(
+        str(small_catalog),
+        str(shards),
+        Taxonomy.load("fashion-product-images"),
+        ShardConfig(samples_per_shard=150),
+    )
+    assert s.shards_skipped == 2 and s.packed == 600
+    assert len(list_shards(str(shards))) == 4
+    for n, ids in want.items():
+        assert [x["json"]["product_id"] for x in iter_shard(str(shards / n))] == ids

@@ -84,7 +84,23 @@ def _open_output(out: str) -> set[str]:
         storage.makedirs(out)
         # the probe goes under _parts/: on S3 the folder marker its deletion may leave stays out of sight
         storage.check_writable(storage.join(out, "_parts", "output"))
-        return set(storage.listdir(storage.join(out, "_parts"), ".parquet"))
+        parts = storage.join(out, "_parts")
+        done = set(storage.listdir(parts, ".parquet"))
+        tars = set(storage.listdir(out, ".tar"))
+        # A marker says its tar was published; a tar deleted since (or never copied with the folder) must be
+        # packed again, not skipped as done. A marker of no rows is a shard whose every row was quarantined:
+        # it has no tar to lose.
+        lost = {
+            m
+            for m in done
+            if m.startswith("shard-")
+            and m.count(".") == 1
+            and f"{m.removesuffix('.parquet')}.tar" not in tars
+            and storage.read_parquet(storage.join(parts, m), columns=["product_id"]).num_rows
+        }
+        if lost:
+            log.warning("%d shard(s) marked done have no tar, packed again: %s", len(lost), sorted(lost)[:5])
+        return done - lost
     except (OSError, storage.StorageError) as e:
         raise ShardJobError(f"cannot use output {out}: {storage.redact(e)}") from e
 
