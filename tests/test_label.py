@@ -538,6 +538,24 @@ def test_a_tar_cut_where_no_member_notices_is_damage_not_a_shorter_shard(
     assert lost == 150 + (150 - 50) + (150 - 30)  # all of the empty one, the samples after each cut
 
 
+def test_a_damaged_part_is_labelled_again_not_a_run_that_cannot_finish(
+    ray_session, small_shards, tiny_model, tmp_path
+):
+    """A published part cut short on disk (a partial copy, a bad sector) failed every re-run with
+    `Parquet magic bytes not found in footer`, naming no file, while the report said the re-run completes
+    the run. The re-run labels that shard again and replaces the part; the others stay done."""
+    out = tmp_path / "labels"
+    first = label_shards(str(small_shards), str(tiny_model), str(out), "2026-01-01")
+    run = out / "history" / "run_date=2026-01-01"
+    part = run / "part-shard-000001.parquet"
+    part.write_bytes(part.read_bytes()[:1000])
+    (run / "_SUCCESS").unlink()
+    again = label_shards(str(small_shards), str(tiny_model), str(out), "2026-01-01")
+    assert again["shards_done_before"] == 3 and again["labelled"] == 150
+    assert _count(out) == (first["labelled"] + first["errored"],) * 2
+    assert json.loads((run / "_SUCCESS").read_text())["rows"] == _count(out)[0]
+
+
 def test_dead_actor_is_replaced_and_batch_retried(ray_session, odd_shards, tiny_model, tmp_path, monkeypatch):
     marker = tmp_path / "crashed"
     monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))

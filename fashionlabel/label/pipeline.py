@@ -159,7 +159,7 @@ def _todo(out_dir: str, uris: list[str], shards: str, model_version: str) -> lis
     other shards (a second shards folder labelled into the same run folder) or another model's labels are
     refused, not skipped as done."""
     done = set(storage.listdir(out_dir, ".parquet"))
-    clashes = foreign_parts(out_dir, uris, done, model_version)
+    clashes, unreadable = foreign_parts(out_dir, uris, done, model_version)
     if clashes:
         part, holds = clashes[0]
         raise LabelError(
@@ -167,6 +167,7 @@ def _todo(out_dir: str, uris: list[str], shards: str, model_version: str) -> lis
             f"from {holds}); label {shards} with model version {model_version} into another --out or "
             "--run-date"
         )
+    done -= set(unreadable)  # a damaged part is rewritten (atomically) by labelling its shard again
     return [u for u in uris if part_name(u) not in done]
 
 

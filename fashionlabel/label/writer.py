@@ -118,24 +118,32 @@ def _same_shard(a: str, b: str) -> bool:
     )
 
 
-def foreign_parts(out_dir: str, uris: list[str], done: set[str], model_version: str) -> list[tuple[str, str]]:
+def foreign_parts(
+    out_dir: str, uris: list[str], done: set[str], model_version: str
+) -> tuple[list[tuple[str, str]], list[str]]:
     """(part, what it holds instead) for the published parts of ``out_dir`` that carry the name of one of
     ``uris`` but were written from another shard (e.g. a second shards folder labelled into the same run
     date) or by another model version. Skipping those as done would silently leave the new shards
-    unlabelled, or this model's labels unwritten."""
+    unlabelled, or this model's labels unwritten. Second: the parts of ``uris`` whose footer cannot be read
+    (damaged on disk after they were published, cut short by a copy): not done, so labelled again."""
     fs, path = storage.filesystem(out_dir)
-    clashes = []
+    clashes, unreadable = [], []
     for uri in uris:
         name = part_name(uri)
         if name not in done:
             continue
-        meta = _part_meta(fs, path, name)
+        try:
+            meta = _part_meta(fs, path, name)
+        except (OSError, pa.ArrowInvalid, ValueError) as e:
+            log.warning("%s/%s cannot be read (%s): its shard is labelled again", out_dir, name, e)
+            unreadable.append(name)
+            continue
         holds, version = meta.get("shard"), meta.get("model_version")
         if holds and not _same_shard(holds, uri):
             clashes.append((name, holds))
         elif version and version != model_version:
             clashes.append((name, f"model version {version}"))
-    return clashes
+    return clashes, unreadable
 
 
 def run_totals(out_dir: str) -> dict[str, int]:
