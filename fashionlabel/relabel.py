@@ -89,7 +89,10 @@ def selection(
     old_model = {p for p, v in zip(ids, snap["model_version"].to_pylist(), strict=True) if v != version}
     too_old = set()
     if older_than_days is not None:
-        cutoff = dt.date.fromisoformat(date) - dt.timedelta(days=older_than_days)
+        try:
+            cutoff = dt.date.fromisoformat(date) - dt.timedelta(days=older_than_days)
+        except OverflowError:  # more days than the calendar has before the night: no label is that old
+            cutoff = dt.date.min
         too_old = {p for p, d in zip(ids, snap["run_date"].to_pylist(), strict=True) if d < cutoff}
     # An error row in latest is the only label its image has (merge keeps a good one over it): try again.
     errored = {p for p, e in zip(ids, snap["error"].to_pylist(), strict=True) if e is not None}

@@ -181,3 +181,13 @@ def test_the_product_map_takes_each_products_newest_night_without_sorting_every_
         assert rows[i]["night"] == d and rows[i]["sha256"][0] == str(int(d[-1]) - 1)
     assert rows[n - 1]["shard"] == layout.night_shards("2026-05-03") + "/shard-000029.tar"
     assert peak < 1_100, f"{peak:.0f} bytes per product above the inputs at the peak"
+
+
+def test_relabel_older_than_more_days_than_the_calendar_relabels_nothing_for_age():
+    """`--relabel-older-than 1000000` (meaning "never") failed the night after sharding it with
+    `date value out of range`; no label is older than the calendar, so none is relabelled for its age."""
+    snap = _snapshot(make_rows(["a", "b"], "2026-05-01", "Shirts"), "2026-05-01", {"a", "b"})
+    for date, days in (("2026-05-02", 1_000_000), ("2026-05-02", 999_999_999), ("0001-01-02", 30)):
+        assert selection(snap, {"a", "b"}, set(), {"a", "b"}, "m1", date, days) == (set(), "")
+    want, why = selection(snap, {"a", "b"}, set(), {"a", "b"}, "m1", "2026-05-09", 7)  # still works
+    assert want == {"a", "b"} and why == "labels older than 7 days"
