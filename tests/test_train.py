@@ -574,3 +574,29 @@ def test_training_with_a_review_share_exports_thresholds_fit_to_it(tiny_model, s
         json.loads((tmp_path / "m" / "metrics.json").read_text())["val"]["needs_review"]
         == cal["val_needs_review"]
     )
+
+
+def test_a_shard_cut_between_two_members_fails_training_and_evaluation_by_name(
+    ray_session, small_shards, tiny_model, tmp_path
+):
+    """A tar cut exactly between two members read as a shorter shard: training went on with part of it and
+    evaluation scored fewer products, both without a word (another cut failed with `unexpected end of
+    data`, naming no shard). Both fail with one line naming the shard and how to mend it."""
+    import shutil
+    import tarfile
+
+    from fashionlabel.shards import ShardDamaged
+    from fashionlabel.train.loop import TrainConfig
+    from fashionlabel.train.run import evaluate, train
+
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    tar = shards / "shard-000001.tar"
+    with tarfile.open(tar) as t:
+        between = [m.offset for m in t][40]  # the header of sample 20's first member
+    tar.write_bytes(tar.read_bytes()[:between])
+    named = r"shard .*shard-000001.tar is damaged \(truncated tar: no end-of-archive marker.*re-run `fashionlabel shard`"
+    with pytest.raises(ShardDamaged, match=named):
+        evaluate(str(tiny_model), str(shards), write_to=str(tmp_path / "eval"))
+    with pytest.raises(ShardDamaged, match=named):
+        train(str(shards), str(tmp_path / "m"), TrainConfig(model="fl_tiny", epochs=1, workers=1), 2)

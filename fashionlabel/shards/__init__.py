@@ -22,7 +22,7 @@ Modules: ``spec`` (settings, schemas, names), ``plan`` (which rows go where; res
 from fashionlabel.shards.job import ShardSummary, shard_catalog
 from fashionlabel.shards.pack import pack_row, pack_shard
 from fashionlabel.shards.plan import fingerprint_rows, make_plan, previous_index
-from fashionlabel.shards.read import NotAShardSet, ShardSetIncomplete, iter_shard, list_shards
+from fashionlabel.shards.read import NotAShardSet, ShardDamaged, ShardSetIncomplete, iter_shard, list_shards
 from fashionlabel.shards.spec import (
     QUARANTINE_SCHEMA,
     PlanMismatchError,
@@ -37,6 +37,7 @@ __all__ = [
     "NotAShardSet",
     "PlanMismatchError",
     "ShardConfig",
+    "ShardDamaged",
     "ShardJobError",
     "ShardSetIncomplete",
     "ShardSummary",

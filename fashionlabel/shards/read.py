@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from fashionlabel import storage
@@ -18,6 +15,10 @@ class NotAShardSet(FileNotFoundError):
 
 class ShardSetIncomplete(FileNotFoundError):
     """A shard set whose index names tars that are missing."""
+
+
+class ShardDamaged(ValueError):
+    """A shard tar that is cut short or has a damaged header."""
 
 
 def list_shards(shards: str) -> list[str]:
@@ -58,19 +59,27 @@ def _check_complete(shards: str, index: str, tars: set[str]) -> None:
 
 
 def iter_shard(uri: str) -> Iterator[dict[str, Any]]:
-    """Samples of one shard as dicts ``{"__key__", "jpg": bytes, "json": dict}``, grouped by key."""
-    fileobj = io.BytesIO(storage.read_bytes(uri)) if storage.is_s3(uri) else None
-    with tarfile.open(name=None if fileobj else Path(uri), fileobj=fileobj) as tar:
-        cur: dict[str, Any] = {}
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, _, ext = m.name.partition(".")
-            if cur and cur["__key__"] != key:
-                yield cur
-                cur = {}
-            cur["__key__"] = key
-            payload = tar.extractfile(m).read()
-            cur[ext] = json.loads(payload) if ext == "json" else payload
-        if cur:
+    """Samples of one shard as dicts ``{"__key__", "jpg": bytes, "json": dict}``, grouped by key.
+
+    A damaged tar raises :class:`ShardDamaged` naming it, before any sample is given: the standard
+    library's reader stops without a word at a cut between two members (training and evaluation went on
+    with part of the shard) and names neither the shard nor the damage at any other cut."""
+    from fashionlabel.label.reader import TarFormatError, read_shard_bytes, read_tar
+
+    try:
+        members = list(read_tar(read_shard_bytes(uri)))
+    except TarFormatError as e:
+        raise ShardDamaged(
+            f"shard {uri} is damaged ({e}): restore it, or delete it and re-run `fashionlabel shard` with the "
+            "same catalog and --out to pack it again"
+        ) from None
+    cur: dict[str, Any] = {}
+    for name, payload in members:
+        key, _, ext = name.partition(".")
+        if cur and cur["__key__"] != key:
             yield cur
+            cur = {}
+        cur["__key__"] = key
+        cur[ext] = json.loads(payload) if ext == "json" else payload
+    if cur:
+        yield cur

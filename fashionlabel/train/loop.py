@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ import torch
 from fashionlabel import storage
 from fashionlabel.data import BatchPrefetcher, augment, cutmix, load_samples, to_input
 from fashionlabel.models import create_model
-from fashionlabel.shards import list_shards
+from fashionlabel.shards import ShardDamaged, list_shards
 from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train import checkpoint as ckpt
 from fashionlabel.train.config import TrainConfig, same_config
@@ -423,7 +424,15 @@ def fit(
             storage_path=ckpt.local_dir(storage.join(run_dir, "ray")), name="train"
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as e:
+        # A damaged shard found by a worker reaches the driver as the worker's traceback in Ray Train's
+        # text: the command shows the one line that names the shard and what to do.
+        found = re.search(rf"^(?:[\w.]+\.)?{ShardDamaged.__name__}: (.+)$", str(e), re.MULTILINE)
+        if found:
+            raise ShardDamaged(found.group(1)) from None
+        raise
     last = ckpt.load(ckpt_dir, ckpt.LAST)
     best = ckpt.load(ckpt_dir, ckpt.BEST) or last
     if best is None:
