@@ -56,7 +56,22 @@ def snapshots(labels: str) -> list[str]:
 def current(labels: str) -> dict | None:
     """The published pointer ``{"snapshot": D, "files": [...relative], "rows": N}``, or None."""
     uri = storage.join(labels, "latest", "_CURRENT.json")
-    return storage.read_json(uri) if storage.exists(uri) else None
+    if not storage.exists(uri):
+        return None
+    try:
+        pointer = storage.read_json(uri)
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("files"), list):
+            raise ValueError("no list of files in it")
+    except ValueError as e:  # JSON's own message names neither the file nor the way on
+        done = snapshots(labels)
+        fix = (
+            f"copy {storage.join(snapshot_dir(labels, done[-1]), '_SUCCESS')} (the newest complete snapshot's "
+            "pointer, the same content) over it"
+            if done
+            else "re-run the last night"
+        )
+        raise ValueError(f"{uri} is damaged ({e}): {fix}") from None
+    return pointer
 
 
 def current_files(labels: str) -> list[str]:

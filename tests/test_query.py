@@ -270,3 +270,27 @@ def test_a_view_the_folder_does_not_have_is_named_with_where_it_comes_from(label
     err = capsys.readouterr().err
     assert f"{tmp_path} has no latest table (labels/latest is published by `fashionlabel nightly`" in err
     assert err.rstrip().endswith("it has: history, nights")
+
+
+def test_a_damaged_latest_pointer_is_named_with_its_repair(labels, tmp_path, capsys):
+    """A `latest/_CURRENT.json` cut short or overwritten failed `query` and `report` with JSON's own
+    message (`Invalid control character at: line 1 column 7`), naming no file. Both name it and the
+    snapshot pointer to copy over it; after the copy the same query answers."""
+    import shutil
+
+    root = tmp_path / "labels"
+    shutil.copytree(labels, root)
+    pointer = root / "latest" / "_CURRENT.json"
+    good = pointer.read_text()
+    newest = root / "latest" / "snapshots" / latest.snapshots(str(root))[-1] / "_SUCCESS"
+    for damage in ('{"snap', "[]"):
+        pointer.write_text(damage)
+        assert run(["query", "--labels", str(root), "SELECT count(*) FROM latest"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"fashionlabel query: error: {pointer} is damaged (") and str(newest) in err
+        assert "\n" not in err
+        assert run(["report", "--labels", str(root), "--out", str(tmp_path / "r.html")]) == 1
+        assert f"{pointer} is damaged" in capsys.readouterr().err
+    shutil.copy(newest, pointer)
+    assert pointer.read_text() == good
+    assert run(["query", "--labels", str(root), "SELECT count(*) FROM latest"]) == 0
