@@ -84,6 +84,28 @@ def test_a_half_replaced_artifact_is_refused(s3, tiny_model, tmp_path, monkeypat
         load_artifact(f"s3://{bucket}/nothing-here")
 
 
+def test_a_damaged_cached_copy_of_an_s3_artifact_is_downloaded_again(s3, tiny_model, tmp_path, monkeypatch):
+    """The node's cached copy of a sound S3 artifact, cut short or missing a file (a disk that filled, a
+    hand edit), was refused on every run (`do not match its version`, `incomplete: missing model.json`)
+    with no way on but finding the cache folder; it is downloaded again and the model loads."""
+    monkeypatch.setenv("FASHIONLABEL_CACHE", str(tmp_path / "cache"))
+    bucket = s3.make_bucket("models-cached")
+    uri = f"s3://{bucket}/m"
+    version = _resave(tiny_model, uri, "cached")
+    _, spec = load_artifact(uri)
+    local = tmp_path / "cache" / "models" / spec["local_path"].rsplit("/", 1)[1]
+    weights = (local / "weights.pt").read_bytes()
+    for damage in (
+        lambda: (local / "weights.pt").write_bytes(weights[:5000]),
+        lambda: (local / "model.json").unlink(),
+    ):
+        damage()
+        _, again = load_artifact(uri)
+        assert again["version"] == version and again["local_path"] == str(local)
+        assert (local / "weights.pt").read_bytes() == weights
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [local.name]  # nothing left aside
+
+
 def test_train_refuses_an_s3_model_or_checkpoint_prefix_it_cannot_write(
     s3, small_shards, tmp_path, monkeypatch
 ):

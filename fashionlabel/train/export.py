@@ -17,9 +17,11 @@ the content hash, so an upload in progress or a half-overwritten folder is refus
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +36,8 @@ import torch.nn as nn
 from fashionlabel import storage
 from fashionlabel.models import create_model
 from fashionlabel.taxonomy import Taxonomy, TaxonomyError
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 REQUIRED = ("weights.pt", "model.json", "version")
@@ -174,7 +178,15 @@ def fetch_artifact(uri: str) -> Path:
     where = hashlib.sha256(uri.encode()).hexdigest()[:8]
     local = cache_root() / "models" / f"{version}-{where}"
     if (local / "version").is_file():
-        return local
+        if _cached_intact(local):
+            return local
+        # A damaged copy (a disk that filled, a file edited or removed) would be refused on every run
+        # while the artifact on S3 is sound: it is moved aside and downloaded again.
+        log.warning("model cache %s is damaged: downloading %s again", local, uri)
+        aside = local.parent / f".{local.name}.{uuid.uuid4().hex[:8]}.damaged"
+        with contextlib.suppress(OSError):  # another process on this node may have moved it first
+            local.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.parent / f".{local.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
@@ -195,6 +207,17 @@ def fetch_artifact(uri: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return local
+
+
+def _cached_intact(local: Path) -> bool:
+    """Whether a cached copy still has every file it was downloaded with, hashing to its version."""
+    try:
+        if any(not (local / f).is_file() for f in REQUIRED):
+            return False
+        _check_version((local / "weights.pt").read_bytes(), (local / "model.json").read_bytes(), local, local)
+    except (OSError, ArtifactError):
+        return False
+    return True
 
 
 def _check_version(weights: bytes, spec_bytes: bytes, path: Path, name: str | Path) -> str:
