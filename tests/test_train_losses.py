@@ -165,3 +165,53 @@ def test_a_cutmix_step_mixes_the_losses_of_both_products_labels_by_area(share):
         for own, other in zip(calls[::2], calls[1::2], strict=True):
             assert sorted(other["gender"].tolist()) == sorted(own["gender"].tolist())  # a permutation
             assert not torch.equal(other["gender"], own["gender"])  # seeded: these draws move labels
+
+
+def _ddp_uncertainty_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One gloo rank: two training steps with learned loss weights on data of its own; saves its weights."""
+    import torch.distributed as dist
+
+    from fashionlabel.models import create_model
+    from fashionlabel.train.loop import _Parts, _train_epoch, lr_schedule, make_optimizer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        np.random.seed(rank)
+        torch.set_num_threads(1)
+        model = torch.nn.parallel.DistributedDataParallel(create_model("fl_tiny", TAX))
+        loss_fn = MultiTaskLoss(TAX, uncertainty=True)
+        opt = make_optimizer(model, loss_fn, lr=0.1, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(2, 0))
+        rng = np.random.default_rng(rank)  # each rank sees other products, as in training
+        images = rng.integers(0, 255, (8, 32, 24, 3), dtype=np.uint8)
+        targets = {
+            "cat": torch.as_tensor(rng.integers(0, 3, 8)),
+            "att": torch.as_tensor(rng.integers(0, 2, (8, 2)).astype(np.float32)),
+        }
+        config = {"cfg": {"cutmix": 0.0}, "mean": [0.5] * 3, "std": [0.25] * 3}
+        _train_epoch(
+            _Parts(model, loss_fn, opt, sched, None), images, targets, 2, 4, config, torch.device("cpu")
+        )
+        torch.save(loss_fn.log_vars.detach(), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_learned_loss_weights_stay_equal_on_every_ddp_rank(tmp_path):
+    """The log-variances of ``--uncertainty`` live outside the DDP-wrapped model: their gradients must be
+    averaged over the ranks as the model's are, or each rank learns its own head weights and the
+    checkpoint (rank 0's) holds weights the other ranks never trained with."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(
+        _ddp_uncertainty_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert (a != 0).all()  # they did learn
+    assert torch.allclose(a, b), (a, b)

@@ -284,6 +284,7 @@ def _train_epoch(
             loss = own * loss + (1 - own) * other
         parts.opt.zero_grad(set_to_none=True)
         loss.backward()
+        parts.loss_fn.average_gradients()  # learned head weights: DDP averages only the model's
         parts.opt.step()
         parts.sched.step()
         if parts.ema is not None:

@@ -58,3 +58,22 @@ class MultiTaskLoss(nn.Module):
             else:
                 total = total + self.weights[h.name] * loss
         return total, parts
+
+    def average_gradients(self) -> None:
+        """Average the learned log-variances' gradients over the DDP ranks, as DDP does for the model's.
+
+        The log-variances live outside the DDP-wrapped model, so without this each rank would step them on
+        its own batches only: the ranks would learn different head weights, and the checkpoint (rank 0's)
+        would hold weights the other ranks never trained with. Call between ``backward`` and the step.
+        """
+        import torch.distributed as dist
+
+        if self.log_vars is None or not dist.is_available() or not dist.is_initialized():
+            return
+        world = dist.get_world_size()
+        if world == 1:
+            return
+        if self.log_vars.grad is None:  # every rank must join the all-reduce
+            self.log_vars.grad = torch.zeros_like(self.log_vars)
+        dist.all_reduce(self.log_vars.grad)
+        self.log_vars.grad.div_(world)
