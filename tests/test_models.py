@@ -116,3 +116,45 @@ def test_speed_probes_measure_and_leave_the_model_trainable():
     # timing the labelling path first must not turn the weights into inference-only tensors
     assert train_speed(model, (80, 60), batch=4, repeats=1) > 0
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # AdamW stepped
+
+
+ODD_NAMES = Taxonomy.from_dict(
+    {
+        "name": "odd",
+        "heads": [
+            # the built-in DeepFashion coarse head is called "type", an attribute of every torch module
+            {"name": "type", "kind": "single", "values": ["upper", "lower"]},
+            {
+                "name": "values",  # a method of nn.ModuleDict, and a fine level: its attention MLP too
+                "kind": "single",
+                "values": ["tee", "jeans"],
+                "parent": "type",
+                "parent_map": {"tee": "upper", "jeans": "lower"},
+            },
+            {"name": "neck.design", "kind": "single", "values": ["v", "round"]},  # '.': no module name
+            {"name": "head:type", "kind": "multi", "values": ["x", "y", "z"]},  # must not meet "type"
+            {"name": "gender", "kind": "single", "values": ["m", "f"]},
+        ],
+    }
+)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_takes_any_head_name_and_keeps_plain_names_in_its_weights(name):
+    model = create_model(name, ODD_NAMES).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 80, 60))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        h.name: (1, h.num_classes) for h in ODD_NAMES.heads
+    }
+    keys = set(model.state_dict())
+    assert "head.heads.gender.weight" in keys  # a plain name keeps its key: older artifacts still load
+    rebuilt = create_model(name, ODD_NAMES)
+    rebuilt.load_state_dict(model.state_dict())  # strict
+
+
+def test_every_model_builds_for_the_builtin_deepfashion_taxonomy():
+    tax = Taxonomy.load("deepfashion").learn([{"attributes": ["texture:striped", "fabric:denim"]}])
+    for name in list_models():
+        out = create_model(name, tax).eval()(torch.randn(1, 3, 80, 60))
+        assert set(out) == {"type", "category", "attributes"}, name

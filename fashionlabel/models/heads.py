@@ -16,6 +16,18 @@ import torch.nn as nn
 
 from fashionlabel.taxonomy import Taxonomy
 
+ESCAPED = "head:"
+
+
+def module_key(name: str) -> str:
+    """The key of head ``name`` in the heads' ``nn.ModuleDict``: the name itself, unless torch refuses it
+    as a module name. A name that is an attribute of a module (the DeepFashion coarse head ``type``,
+    ``train``, ``values``, …) or holds a '.' is escaped, behind a prefix no plain key has, so that keys
+    stay distinct and the weights of every other head keep their names in saved state_dicts."""
+    if name and "." not in name and not name.startswith(ESCAPED) and not hasattr(nn.ModuleDict(), name):
+        return name
+    return ESCAPED + name.replace("%", "%25").replace(".", "%2E")
+
 
 class MultiTaskHeads(nn.Module):
     """One linear layer per taxonomy head on the shared feature (after dropout) → ``{head: logits}``."""
@@ -23,11 +35,14 @@ class MultiTaskHeads(nn.Module):
     def __init__(self, in_features: int, taxonomy: Taxonomy, dropout: float = 0.2):
         super().__init__()
         self.drop = nn.Dropout(dropout)
-        self.heads = nn.ModuleDict({h.name: nn.Linear(in_features, h.num_classes) for h in taxonomy.heads})
+        self.names = {module_key(h.name): h.name for h in taxonomy.heads}  # ModuleDict key → head name
+        self.heads = nn.ModuleDict(
+            {module_key(h.name): nn.Linear(in_features, h.num_classes) for h in taxonomy.heads}
+        )
 
     def forward(self, feat: torch.Tensor) -> dict[str, torch.Tensor]:
         feat = self.drop(feat)
-        return {name: head(feat) for name, head in self.heads.items()}
+        return {self.names[key]: head(feat) for key, head in self.heads.items()}
 
 
 class HierarchicalHeads(MultiTaskHeads):
@@ -38,7 +53,7 @@ class HierarchicalHeads(MultiTaskHeads):
         hidden = max(16, in_features // reduction)
         self.attention = nn.ModuleDict(
             {
-                h.name: nn.Sequential(
+                module_key(h.name): nn.Sequential(
                     nn.Linear(in_features, hidden),
                     nn.ReLU(inplace=True),
                     nn.Linear(hidden, in_features),
@@ -52,9 +67,9 @@ class HierarchicalHeads(MultiTaskHeads):
     def forward(self, feat: torch.Tensor) -> dict[str, torch.Tensor]:
         feat = self.drop(feat)
         out = {}
-        for name, head in self.heads.items():
-            att = self.attention[name](feat) if name in self.attention else None
-            out[name] = head(feat * att if att is not None else feat)
+        for key, head in self.heads.items():
+            att = self.attention[key](feat) if key in self.attention else None
+            out[self.names[key]] = head(feat * att if att is not None else feat)
         return out
 
 
