@@ -158,6 +158,71 @@ def test_hierarchy_consistency_hand_computed_and_after_consistent_choice():
     assert chosen["fine"].tolist() == [0, 1, 2, 2] and chosen["coarse"].tolist() == [0, 1, 1, 1]
 
 
+def test_a_coarse_head_with_two_fine_heads_gets_one_consistent_choice():
+    """A tree hierarchy (body type over both category and length): every fine label implies the one chosen
+    coarse label, and the choice is the consistent assignment with the largest summed log-probability."""
+    import itertools
+
+    from fashionlabel.label.postprocess import consistent_choice
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.metrics import hierarchy_consistency
+
+    tax = Taxonomy.from_dict(
+        {
+            "name": "t",
+            "heads": [
+                {"name": "body", "kind": "single", "values": ["upper", "lower", "full"]},
+                {
+                    "name": "cat",
+                    "kind": "single",
+                    "values": ["tee", "jeans", "skirt", "dress"],
+                    "parent": "body",
+                    "parent_map": {"tee": "upper", "jeans": "lower", "skirt": "lower", "dress": "full"},
+                },
+                {
+                    "name": "len",
+                    "kind": "single",
+                    "values": ["cropped", "ankle", "midi"],
+                    "parent": "body",
+                    # "full" has no length value: it can never be chosen
+                    "parent_map": {"cropped": "upper", "ankle": "lower", "midi": "lower"},
+                },
+                {"name": "colour", "kind": "single", "values": ["red", "blue"]},
+            ],
+        }
+    )
+    # the case chain-by-chain got wrong: both coarse values equally likely, the fine heads disagree
+    probs = {
+        "body": np.array([[0.5, 0.49, 0.01]]),
+        "cat": np.array([[0.9, 0.04, 0.03, 0.03]]),
+        "len": np.array([[0.05, 0.9, 0.05]]),
+        "colour": np.array([[0.3, 0.7]]),
+    }
+    chosen = consistent_choice(tax, probs)
+    # upper/tee/cropped: .5·.9·.05 = .0225; lower/jeans/ankle: .49·.04·.9 = .0176
+    assert {h: int(v[0]) for h, v in chosen.items()} == {"body": 0, "cat": 0, "len": 0, "colour": 1}
+
+    rng = np.random.default_rng(4)
+    probs = {h.name: rng.dirichlet(np.ones(h.num_classes) * 0.5, 300) for h in tax.heads}
+    chosen = consistent_choice(tax, probs)
+    onehot = {h: np.eye(probs[h].shape[1])[chosen[h]] for h in probs}
+    assert hierarchy_consistency(tax, onehot) == {"body->cat": 1.0, "body->len": 1.0}
+    assert (chosen["colour"] == probs["colour"].argmax(1)).all()
+    body, cat, length = (tax.head(n) for n in ("body", "cat", "len"))
+    for i in range(300):
+        best = max(
+            (
+                np.log(probs["body"][i, b]) + np.log(probs["cat"][i, c]) + np.log(probs["len"][i, le]),
+                (b, c, le),
+            )
+            for b, c, le in itertools.product(range(3), range(4), range(3))
+            if body.index[cat.parent_map[cat.values[c]]]
+            == b
+            == body.index[length.parent_map[length.values[le]]]
+        )[1]
+        assert (chosen["body"][i], chosen["cat"][i], chosen["len"][i]) == best, i
+
+
 def test_declared_thresholds_decide_labels_and_review_zero_included():
     """A taxonomy's threshold is used as declared, 0.0 too; calibration, when fitted, takes precedence."""
     from fashionlabel.label.postprocess import to_rows

@@ -1,8 +1,10 @@
 """Scores → labels: calibration, hierarchy-consistent choices, top-k, thresholds, ``needs_review``.
 
-Hierarchy consistency: along a chain coarse → … → fine, the chosen fine value f maximises
-Σ_level log p_level(ancestor_level(f)); every level then takes f's ancestor. So a fine label always implies
-its own coarse label, and a confident coarse head can overrule a fine head that hesitates.
+Hierarchy consistency: the heads of one hierarchy (coarse → … → fine, a coarse head possibly with several
+fine heads) take together the consistent values with the largest summed log-probability; along a chain the
+chosen fine value f maximises Σ_level log p_level(ancestor_level(f)) and every level takes f's ancestor. So
+a fine label always implies its own coarse label, and a confident coarse head can overrule a fine head
+that hesitates.
 """
 
 from __future__ import annotations
@@ -35,20 +37,53 @@ def scores(
 
 
 def consistent_choice(taxonomy: Taxonomy, probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Chosen class index per single head, consistent along every hierarchy chain."""
+    """Chosen class index per single head, consistent along every hierarchy: each tree of heads (a coarse
+    head, its fine heads, theirs, …) takes the consistent assignment with the largest summed log-probability.
+
+    Max-sum over the tree: bottom-up, a value's score is its log-probability plus, per child head, the best
+    score among the child's values under it; top-down, the root takes its best value and each child its
+    best value under its parent's choice. Along a chain this is the fine value maximising
+    Σ_level log p_level(ancestor_level(f)); where a coarse head has two fine heads (category and length
+    under body type), both are chosen under one coarse value, which chain by chain could not guarantee.
+    """
     choice = {h.name: probs[h.name].argmax(axis=1) for h in taxonomy.single_heads}
-    for chain in taxonomy.chains():
-        leaf = chain[-1]
-        # ancestors[level][f] = index at `level` of the ancestor of leaf value f
-        anc = [np.arange(leaf.num_classes)]
-        for child, parent in zip(chain[::-1][:-1], chain[::-1][1:], strict=True):
-            step = np.array([parent.index[child.parent_map[v]] for v in child.values])
-            anc.append(step[anc[-1]])
-        anc = anc[::-1]  # aligned with chain (coarse first)
-        total = sum(np.log(probs[h.name][:, a] + 1e-12) for h, a in zip(chain, anc, strict=True))
-        best = total.argmax(axis=1)
-        for h, a in zip(chain, anc, strict=True):
-            choice[h.name] = a[best]
+    children: dict[str, list] = {}
+    for h in taxonomy.single_heads:
+        if h.parent:
+            children.setdefault(h.parent, []).append(h)
+    if not children:
+        return choice
+    # parent_of[child][j] = the parent's index of the child's value j
+    parent_of = {
+        c.name: np.array([taxonomy.head(c.parent).index[c.parent_map[v]] for v in c.values])
+        for cs in children.values()
+        for c in cs
+    }
+    up: dict[str, np.ndarray] = {}
+
+    def score(h) -> np.ndarray:  # bottom-up: N×C best total of h's subtree per value of h
+        total = np.log(np.asarray(probs[h.name], dtype=np.float32) + 1e-12)
+        for c in children.get(h.name, ()):
+            sub = score(c)
+            # the best child value under each parent value: one reduceat over the child's columns grouped
+            # by parent (vectorised: labelling runs this on every batch); a value without children: -inf
+            order = np.argsort(parent_of[c.name], kind="stable")
+            grouped = parent_of[c.name][order]
+            has, starts = np.unique(grouped, return_index=True)
+            best = np.full_like(total, -np.inf)
+            best[:, has] = np.maximum.reduceat(sub[:, order], starts, axis=1)
+            total = total + best
+        up[h.name] = total
+        return total
+
+    def descend(h, chosen: np.ndarray) -> None:  # top-down: each child's best value under its parent's
+        choice[h.name] = chosen
+        for c in children.get(h.name, ()):
+            under = parent_of[c.name][None, :] == chosen[:, None]
+            descend(c, np.where(under, up[c.name], -np.inf).argmax(axis=1))
+
+    for root in (h for h in taxonomy.single_heads if h.parent is None and h.name in children):
+        descend(root, score(root).argmax(axis=1))
     return choice
 
 
