@@ -114,3 +114,56 @@ def test_killed_run_resumes_at_the_next_epoch(small_shards, s3, tmp_path, monkey
     chosen = best["ema"]["model"] if best["weights"] == "ema" else best["model"]
     exported = torch.load(local / "weights.pt", weights_only=True)
     assert exported.keys() == chosen.keys() and all(torch.equal(exported[k], chosen[k]) for k in chosen)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_killed_and_resumed_run_trains_the_weights_of_an_uninterrupted_one(small_shards, tmp_path):
+    """The seed decides the data order and augmentation of every epoch, whether or not the run was killed
+    in between: after a resume the next epochs draw what they would have drawn."""
+    ray_tmp = tempfile.mkdtemp(prefix="fld", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    env = os.environ | {"PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp}
+
+    def cmd(out: Path) -> list[str]:  # 3 epochs, random crops, flips and CutMix: every kind of draw
+        base = _train_cmd(small_shards, str(out))
+        base[base.index("--epochs") + 1] = "3"
+        return [*base[: base.index("--ema-epochs")], "--cutmix", "0.5"]
+
+    def run(out: Path, kill_after_checkpoint: bool = False) -> None:
+        log = tmp_path / f"{out.name}-{int(time.time() * 1000)}.log"
+        proc = subprocess.Popen(
+            cmd(out),
+            cwd=tmp_path,
+            env=env,
+            start_new_session=True,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            if kill_after_checkpoint:
+                deadline = time.time() + 300
+                while ckpt.load(str(out) + ".train/checkpoints") is None:
+                    assert proc.poll() is None, "exited before a checkpoint: " + log.read_text()[-2000:]
+                    assert time.time() < deadline, "no checkpoint within 5 minutes"
+                    time.sleep(0.2)
+            else:
+                assert proc.wait(timeout=420) == 0, log.read_text()[-2000:]
+        finally:
+            kill_session(proc.pid)
+            proc.wait()
+
+    try:
+        run(tmp_path / "whole")
+        resumed = tmp_path / "resumed"
+        run(resumed, kill_after_checkpoint=True)
+        killed_at = ckpt.load(str(resumed) + ".train/checkpoints")["epoch"]
+        assert killed_at < 2, "the run finished before it could be killed"
+        run(resumed)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    spec = json.loads((resumed / "model.json").read_text())
+    assert spec["training"]["starts"] == [0, killed_at + 1]
+    a = torch.load(tmp_path / "whole" / "weights.pt", weights_only=True)
+    b = torch.load(resumed / "weights.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]

@@ -27,7 +27,7 @@ class TrainConfig:
     width: int = 60
     patience: int = 5  # early stopping: epochs without improvement
     uncertainty: bool = False  # learn the head weights (Kendall et al.) instead of the taxonomy's
-    seed: int = 0  # seed of weights and data order
+    seed: int = 0  # seed of weights and of each epoch's data order and augmentation, resumed or not
     init_weights: str | None = None  # start from this weights.pt or checkpoint
     label_smoothing: float = 0.0  # for single heads' cross-entropy
     ema_epochs: float = 0.0  # horizon of the weights' moving average, in epochs; 0: no average

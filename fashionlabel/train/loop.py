@@ -112,8 +112,7 @@ def _worker(config: dict[str, Any]) -> None:
     cfg = TrainConfig(**config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)  # the initial weights (DDP then gives every rank rank 0's)
     torch.set_num_threads(max(1, int(config["threads"])))
     tax = Taxonomy.from_dict(config["taxonomy"])
     size = (cfg.height, cfg.width)
@@ -146,6 +145,7 @@ def _worker(config: dict[str, Any]) -> None:
     for epoch in range(progress.start, cfg.epochs):
         if progress.stopped:
             break
+        seed_epoch(cfg.seed, rank, epoch)
         t0 = time.time()
         loss = _train_epoch(parts, mine.images, targets, steps, per_worker, config, device)
         metrics: dict[str, Any] = {
@@ -161,6 +161,15 @@ def _worker(config: dict[str, Any]) -> None:
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if stop.item():
             break
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seed the draws of one epoch of one rank (data order, flips, crops, CutMix, dropout) from the run's
+    seed, the rank and the epoch alone, so a run killed and resumed at an epoch trains it as the run would
+    have uninterrupted: seeding once per process replayed epoch 0's draws after every resume."""
+    state = np.random.SeedSequence([seed, rank, epoch]).generate_state(2)
+    np.random.seed(int(state[0]))
+    torch.manual_seed(int(state[1]))
 
 
 def _build(cfg: TrainConfig, tax: Taxonomy, device: torch.device, steps: int, rank: int) -> _Parts:
