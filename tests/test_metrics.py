@@ -340,3 +340,21 @@ def test_review_share_picks_the_strictest_cut_that_flags_at_most_that_share():
     # a tiny share is met by accepting every head's lowest score: nothing flagged
     cal = calibrate(tax, logits, targets, review_share=1e-6)
     assert cal["error_cut"] == 1.0 and cal["val_needs_review"] == 0.0
+
+
+def test_metrics_files_are_strict_json_with_null_for_nothing_measured():
+    import json
+
+    from fashionlabel.train.metrics import metrics_json
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"bare {c}")))
+
+    m = {
+        "heads": {"a": {"top1_accepted": float("nan"), "n": 3, "r": np.float32(0.5)}},
+        "l": [float("inf"), 1.0],
+    }
+    assert strict(metrics_json(m)) == {
+        "heads": {"a": {"top1_accepted": None, "n": 3, "r": 0.5}},
+        "l": [None, 1.0],
+    }

@@ -25,6 +25,11 @@ def test_ddp_training_writes_a_complete_artifact(tiny_model):
     assert (tiny_model / "confusion-articleType-test.png").is_file()
     curves = json.loads((tiny_model / "curves.json").read_text())
     assert [c["epoch"] for c in curves] == [0, 1]
+    # strict JSON (no bare NaN, which jq and JavaScript refuse), the evaluation files too
+    for f in ("metrics.json", "curves.json", "evaluation-val.json", "evaluation-test.json"):
+        bare = []
+        json.loads((tiny_model / f).read_text(), parse_constant=bare.append)
+        assert not bare, f"{f} holds {bare}"
     metrics = json.loads((tiny_model / "metrics.json").read_text())
     test = metrics["test"]["heads"]
     assert test["articleType"]["n"] > 30 and 0.0 <= test["articleType"]["top1"] <= 1.0

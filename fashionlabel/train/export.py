@@ -36,6 +36,7 @@ import torch.nn as nn
 from fashionlabel import storage
 from fashionlabel.models import create_model
 from fashionlabel.taxonomy import Taxonomy, TaxonomyError
+from fashionlabel.train.metrics import metrics_json
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def save_artifact(
     tmp.mkdir(parents=True)
     (tmp / "weights.pt").write_bytes(weights)
     (tmp / "model.json").write_bytes(spec_bytes)
-    (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True, default=float))
+    (tmp / "metrics.json").write_text(metrics_json(metrics or {}))
     (tmp / "version").write_text(version + "\n")
     if finalize is not None:
         try:

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import numpy as np
@@ -171,3 +173,19 @@ def summary_scores(metrics: dict[str, Any]) -> dict[str, float]:
             if key in m:
                 out[f"{h} {key}"] = float(m[key])
     return out
+
+
+def metrics_json(metrics: Any) -> str:
+    """``metrics`` as strict JSON: a figure with nothing to measure (NaN: no product known, none accepted)
+    is written as null. Python writes NaN as a bare ``NaN``, which jq, JavaScript and Spark refuse."""
+
+    def finite(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [finite(x) for x in v]
+        if isinstance(v, float | np.floating):
+            return float(v) if math.isfinite(v) else None
+        return v
+
+    return json.dumps(finite(metrics), indent=2, default=float, allow_nan=False)

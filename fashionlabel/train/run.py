@@ -30,7 +30,7 @@ from fashionlabel.train.calibrate import calibrate
 from fashionlabel.train.config import TrainConfig, same_config
 from fashionlabel.train.export import cache_root, check_replaceable, save_artifact
 from fashionlabel.train.loop import fit
-from fashionlabel.train.metrics import confusion, evaluate_probs, thresholded_prf
+from fashionlabel.train.metrics import confusion, evaluate_probs, metrics_json, thresholded_prf
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ def export_state(
     write_metrics = metrics_writer(shards, metrics)
 
     def finalize(staged: Path) -> None:
-        (staged / "curves.json").write_text(json.dumps(history, indent=2))
+        (staged / "curves.json").write_text(metrics_json(history))
         _plot_curves(history, staged / "curves.png")
         write_metrics(staged)
 
@@ -395,7 +395,7 @@ def metrics_writer(
     def write(staged: Path) -> None:
         metrics.update({split: evaluate(str(staged), shards, split)["metrics"] for split in ("val", "test")})
         metrics.update(extra or {})
-        (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        (staged / "metrics.json").write_text(metrics_json(metrics))
 
     return write
 
@@ -451,7 +451,7 @@ def evaluate(
     # Beside a published model: written atomically, so a killed evaluation leaves the previous one whole.
     storage.write_bytes(
         storage.join(out_dir, f"evaluation-{split or 'all'}.json"),
-        json.dumps(metrics, indent=2, default=float).encode(),
+        metrics_json(metrics).encode(),
     )
     # the finest level of the hierarchy, else the first single head; a multi-label-only taxonomy has none
     fine = tax.chains()[-1][-1] if tax.chains() else next(iter(tax.single_heads), None)
