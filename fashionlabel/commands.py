@@ -492,6 +492,9 @@ DEMO_QUERY = (
 )
 
 
+DEMO_REVIEW_SHARE = 0.3
+
+
 def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
     """Shard → train (with its held-out test metrics) → label → report on the bundled sample, then check the
     table in DuckDB."""
@@ -524,6 +527,9 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
                 str(a.epochs),
                 "--workers",
                 "2",
+                # a review queue a team can work through, not every product a weak head hesitates on
+                "--review-share",
+                str(DEMO_REVIEW_SHARE),
             ]
         )
     )
@@ -545,8 +551,11 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
     rp = cmd_report(parse(["report", "--labels", str(labels), "--out", str(root / "report.html")]))
     # this run's folder: a demo run again on another day adds a second run folder beside it
     run_dir = labels / "history" / f"run_date={a.run_date}"
-    q = f"SELECT count(*), count(DISTINCT product_id) FROM read_parquet('{run_dir}/*.parquet')"
-    rows, distinct = duckdb.connect().execute(q).fetchall()[0]
+    q = (
+        "SELECT count(*), count(DISTINCT product_id), count_if(needs_review) "
+        f"FROM read_parquet('{run_dir}/*.parquet')"
+    )
+    rows, distinct, review = duckdb.connect().execute(q).fetchall()[0]
     test = tr["metrics"]["test"]["heads"]
     out = {
         "catalog": str(a.catalog),
@@ -555,6 +564,8 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
         "labels rows / distinct": f"{rows} / {distinct} (DuckDB)",
         "label throughput": lb["throughput"],
         "train throughput": tr["train throughput"],
+        "needs review": f"{100 * review / max(rows, 1):.1f}% of the labels (thresholds fit to flag at most "
+        f"{DEMO_REVIEW_SHARE:.0%} of the validation products)",
     }
     out |= {
         f"held-out {h}": (
