@@ -4,6 +4,7 @@ ROOT/shards/night=D/          the night's shards (new and changed products only)
 ROOT/labels/history/run_date=D/, ROOT/labels/latest/
 ROOT/work/relabel-D/          labels of a relabel, before they join the night's history
 ROOT/work/_nightly.lease      held by the nightly job running on this root
+ROOT/work/map-through-D.parquet  the product map of the nights up to D, the last complete one
 ROOT/manifests/D.json, ROOT/reports/D.html
 """
 
@@ -40,6 +41,18 @@ class Layout:
     def map_before(self, date: str) -> str:
         """The product map of the nights before ``date``, saved as one index for the night's shard job."""
         return storage.join(self.root, "work", f"map-before-{date}.parquet")
+
+    def map_through(self, date: str) -> str:
+        """The product map of the nights up to ``date``, saved once night ``date`` is complete (the next night
+        starts from it instead of reading every earlier night's index)."""
+        return storage.join(self.root, "work", f"map-through-{date}.parquet")
+
+    def saved_maps(self) -> list[str]:
+        """Dates of the saved product maps (:meth:`map_through`), oldest first."""
+        names = storage.listdir(storage.join(self.root, "work"), ".parquet")
+        return sorted(
+            n[len("map-through-") : -len(".parquet")] for n in names if n.startswith("map-through-")
+        )
 
     @property
     def lease(self) -> str:

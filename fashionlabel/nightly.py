@@ -32,7 +32,7 @@ from fashionlabel import latest, settings, storage
 from fashionlabel.label.pipeline import LabelConfig, label_shards
 from fashionlabel.layout import Layout
 from fashionlabel.lease import Lease, LeaseHeld
-from fashionlabel.relabel import product_map, relabel_products
+from fashionlabel.relabel import product_map, relabel_products, save_map
 from fashionlabel.shards import ShardConfig
 from fashionlabel.taxonomy import SUFFIXES, Taxonomy
 from fashionlabel.train.export import artifact_spec
@@ -214,6 +214,7 @@ def _run_night(catalog: str, model: str, layout: Layout, date: str, cfg: Nightly
         "report": layout.report(date),
     }
     _write_report(layout, date, manifest, prev_dates[-1] if prev_dates else None)
+    save_map(layout, date, before)  # tomorrow's map starts from it; written before the night is complete
     storage.write_json(layout.manifest(date), manifest)
     _drop_scratch(layout, date, cfg.keep_snapshots)
     return manifest | {"already_complete": False}

@@ -183,6 +183,37 @@ def test_the_product_map_takes_each_products_newest_night_without_sorting_every_
     assert peak < 1_100, f"{peak:.0f} bytes per product above the inputs at the peak"
 
 
+def test_a_night_starts_from_the_saved_map_and_reads_only_the_indexes_after_it(tmp_path):
+    """A complete night saves the product map up to itself; the next night's map is that map with only the
+    nights after it folded in (the earlier indexes are not read again: here they are gone), and equals the
+    map folded from every index. A saved map that cannot be read is passed over."""
+    from fashionlabel import storage
+    from fashionlabel.layout import Layout
+    from fashionlabel.relabel import product_map, save_map
+
+    layout, n = Layout(str(tmp_path)), 3_000
+    for k, (lo, hi) in enumerate([(0, n), (0, n // 4), (n // 2, n), (0, 10), (5, n // 3)]):
+        ids = [f"p{i:06d}" for i in range(lo, hi)]
+        index = {"product_id": ids, "key": ids, "sha256": [f"{k}{'x' * 63}"] * len(ids)}
+        index["shard"] = [f"shard-{i // 1000:06d}" for i in range(len(ids))]
+        storage.write_parquet(
+            pa.table(index), storage.join(layout.night_shards(f"2026-05-0{k + 1}"), "index.parquet")
+        )
+    every = {d: product_map(layout, d) for d in ("2026-05-04", "2026-05-05", "2026-05-06")}
+    for d in ("2026-05-01", "2026-05-02", "2026-05-03"):  # as the nights complete, in order
+        save_map(layout, d, product_map(layout, d))
+    assert layout.saved_maps() == ["2026-05-03"]  # only the newest is kept
+    assert storage.read_parquet(layout.map_through("2026-05-03")).equals(every["2026-05-04"])
+    for k in (1, 2, 3):  # nights up to the saved map are no longer read
+        storage.delete(storage.join(layout.night_shards(f"2026-05-0{k}"), "index.parquet"))
+    assert product_map(layout, "2026-05-05").equals(every["2026-05-05"])
+    save_map(layout, "2026-05-04", product_map(layout, "2026-05-04"))
+    assert product_map(layout, "2026-05-06").equals(every["2026-05-06"])
+    # damaged: passed over, every remaining index folded (nights 4 and 5 only, the others deleted above)
+    (tmp_path / "work" / "map-through-2026-05-04.parquet").write_bytes(b"PAR1 cut")
+    assert product_map(layout, "2026-05-06")["product_id"].to_pylist() == [f"p{i:06d}" for i in range(n // 3)]
+
+
 def test_relabel_older_than_more_days_than_the_calendar_relabels_nothing_for_age():
     """`--relabel-older-than 1000000` (meaning "never") failed the night after sharding it with
     `date value out of range`; no label is older than the calendar, so none is relabelled for its age."""

@@ -188,6 +188,8 @@ def test_new_model_version_relabels_every_active_product(nights, tiny_model, tmp
     assert not list(run_dir.glob("_NIGHT*"))  # the night's own manifest became _SUCCESS
     assert not (root / "work" / "relabel-2026-03-03").exists()  # a complete night's scratch is gone
     assert not (root / "work" / "map-before-2026-03-03.parquet").exists()
+    # the product map up to the complete night, for the next one (which relabelled from night 2's)
+    assert [p.name for p in (root / "work").glob("map-through-*")] == ["map-through-2026-03-03.parquet"]
 
     q = connect(str(root / "labels"))
     versions = q.execute(
