@@ -52,38 +52,40 @@ def product_map(layout: Layout, before: str) -> pa.Table:
             except (OSError, ValueError, pa.ArrowInvalid) as e:  # a cache: fall back to the indexes
                 log.warning("product map through %s cannot be read (%s): folding every night", through, e)
             break
-    return _fold(layout, base, [n for n in nights if since is None or n > since])
+    raw = _fold(layout, base, [n for n in nights if since is None or n > since])
+    # shard URIs are spelled out here, not saved: a root copied or moved elsewhere reads its own shards
+    uris = pc.binary_join_element_wise(layout.night_shards(""), raw["night"], "/", raw["shard"], ".tar", "")
+    return raw.set_column(MAP_SCHEMA.get_field_index("shard"), "shard", uris)
 
 
 def save_map(layout: Layout, date: str, before: pa.Table) -> None:
     """Save the map of the nights up to ``date`` (``before``, the map of the nights before it, with night
     ``date`` folded in) for the next night to start from; older saved maps go. Called once night ``date``
     is complete: a saved map covers complete nights only, which are never changed again."""
-    storage.write_parquet(_fold(layout, before, [date]), layout.map_through(date))
+    names = pc.replace_substring_regex(before["shard"], r"^.*/([^/]*)\.tar$", r"\1")  # URI → shard name
+    raw = before.set_column(MAP_SCHEMA.get_field_index("shard"), "shard", names)
+    storage.write_parquet(_fold(layout, raw, [date]), layout.map_through(date))
     for old in layout.saved_maps():
         if old < date:
             storage.delete(layout.map_through(old))
 
 
 def _fold(layout: Layout, base: pa.Table | None, nights: list[str]) -> pa.Table:
-    """``base`` (a product map, or None) with the indexes of ``nights`` (oldest first) over it."""
-    parts = [] if base is None else [base.select(["product_id", "key", "sha256", "shard", "night"])]
-    names = [] if base is None else [None]  # the base's rows carry their own URI and night
+    """``base`` (a map with shard names, or None) with the indexes of ``nights`` (oldest first) over it;
+    shards by name."""
+    parts = [] if base is None else [base.select(MAP_SCHEMA.names)]
     for night in nights:
         idx = storage.join(layout.night_shards(night), "index.parquet")
-        if not storage.exists(idx):
-            continue
-        t = storage.read_parquet(idx, columns=["product_id", "key", "sha256", "shard"])
-        parts.append(t.append_column("night", pa.nulls(t.num_rows, pa.string())))
-        names.append(night)
+        if storage.exists(idx):
+            t = storage.read_parquet(idx, columns=["product_id", "key", "sha256", "shard"])
+            parts.append(t.append_column("night", pa.array([night] * t.num_rows, pa.string())))
     if not parts:
         return MAP_SCHEMA.empty_table()
     import duckdb
 
     # The newest row of each product is found over its id and part number alone (a grouping, not a sort of
-    # whole rows), and shard URIs and nights are spelled out for the winners only. Sorting the whole rows,
-    # with URIs built for every row of every night, peaked at 2.4 GB for 3M products and four later nights
-    # of 300,000 (1.7 GB now).
+    # whole rows), then the winners are taken whole. Sorting the whole rows, with URIs built for every row
+    # of every night, peaked at 2.4 GB for 3M products and four later nights of 300,000 (1.7 GB now).
     n = pa.chunked_array([pa.array([i] * len(t), pa.int32()) for i, t in enumerate(parts)], type=pa.int32())
     every = pa.concat_tables(parts)
     con = duckdb.connect()
@@ -93,12 +95,7 @@ def _fold(layout: Layout, base: pa.Table | None, nights: list[str]) -> pa.Table:
     pos = con.sql(
         "SELECT arg_max(pos, n) AS pos FROM m GROUP BY product_id ORDER BY product_id"
     ).to_arrow_table()["pos"]
-    won, part = every.take(pos), n.take(pos)
-    folders = pa.array(["" if d is None else layout.night_shards(d) + "/" for d in names], pa.string())
-    suffix = pa.array(["" if d is None else ".tar" for d in names], pa.string())
-    uris = pc.binary_join_element_wise(folders.take(part), won["shard"], suffix.take(part), "")
-    night = pc.coalesce(won["night"], pa.array(names, pa.string()).take(part))
-    return pa.table([won["product_id"], won["key"], won["sha256"], uris, night], schema=MAP_SCHEMA)
+    return every.take(pos).cast(MAP_SCHEMA)
 
 
 def selection(

@@ -203,12 +203,25 @@ def test_a_night_starts_from_the_saved_map_and_reads_only_the_indexes_after_it(t
     for d in ("2026-05-01", "2026-05-02", "2026-05-03"):  # as the nights complete, in order
         save_map(layout, d, product_map(layout, d))
     assert layout.saved_maps() == ["2026-05-03"]  # only the newest is kept
-    assert storage.read_parquet(layout.map_through("2026-05-03")).equals(every["2026-05-04"])
+    saved, want = storage.read_parquet(layout.map_through("2026-05-03")), every["2026-05-04"]
+    assert saved.drop_columns("shard").equals(want.drop_columns("shard"))
+    # shards are saved by name: the URIs are spelled out from the root that reads it
+    assert saved["shard"].to_pylist() == [
+        u.rsplit("/", 1)[1].removesuffix(".tar") for u in want["shard"].to_pylist()
+    ]
     for k in (1, 2, 3):  # nights up to the saved map are no longer read
         storage.delete(storage.join(layout.night_shards(f"2026-05-0{k}"), "index.parquet"))
     assert product_map(layout, "2026-05-05").equals(every["2026-05-05"])
     save_map(layout, "2026-05-04", product_map(layout, "2026-05-04"))
     assert product_map(layout, "2026-05-06").equals(every["2026-05-06"])
+    # a root copied elsewhere reads its own shards, not the first root's
+    import shutil
+
+    moved = Layout(str(shutil.copytree(tmp_path, tmp_path.parent / (tmp_path.name + "-moved"))))
+    uris = product_map(moved, "2026-05-06")["shard"].to_pylist()
+    assert uris == [u.replace(str(tmp_path), moved.root, 1) for u in every["2026-05-06"]["shard"].to_pylist()]
+    assert all(u.startswith(moved.root + "/shards/night=2026-05-0") for u in uris)
+
     # damaged: passed over, every remaining index folded (nights 4 and 5 only, the others deleted above)
     (tmp_path / "work" / "map-through-2026-05-04.parquet").write_bytes(b"PAR1 cut")
     assert product_map(layout, "2026-05-06")["product_id"].to_pylist() == [f"p{i:06d}" for i in range(n // 3)]
