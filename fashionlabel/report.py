@@ -259,15 +259,18 @@ REPORT_COLUMNS = ("product_id", "active", "error", "needs_review", "model_versio
 REPORT_SUFFIXES = ("", "_score")
 
 
-def _read_for_report(labels: str, date: str) -> pd.DataFrame:
+def _read_for_report(labels: str, date: str) -> tuple[pd.DataFrame, list[str], list[str]]:
     """The columns of snapshot ``date`` that the night report uses (``REPORT_COLUMNS``, every head's
-    label and a single head's score), in the snapshot's order."""
+    label and a single head's score), in the snapshot's order; and its single and multi heads, named by
+    the schema's ``_topk`` and ``_scores`` lists (which are not read)."""
     from fashionlabel import latest
 
     names = latest.snapshot_schema(labels, date).names
-    heads = {c[: -len(s)] for c in names for s in ("_topk", "_scores") if c.endswith(s)}
-    want = {*REPORT_COLUMNS, *(h + s for h in heads for s in REPORT_SUFFIXES)}
-    return latest.read_snapshot(labels, date, columns=[c for c in names if c in want]).to_pandas()
+    single = [c[: -len("_topk")] for c in names if c.endswith("_topk")]
+    multi = [c[: -len("_scores")] for c in names if c.endswith("_scores")]
+    want = {*REPORT_COLUMNS, *(h + s for h in single + multi for s in REPORT_SUFFIXES)}
+    table = latest.read_snapshot(labels, date, columns=[c for c in names if c in want])
+    return table.to_pandas(), single, multi
 
 
 def write_night_report(
@@ -303,15 +306,12 @@ def write_night_report(
         if earlier
         else "none (first night)"
     )
-    names = latest.snapshot_schema(labels, date).names
-    heads = [c[: -len("_topk")] for c in names if c.endswith("_topk")]
-    multi = [c[: -len("_scores")] for c in names if c.endswith("_scores")]
-    cur = _read_for_report(labels, date)
+    cur, heads, multi = _read_for_report(labels, date)
     active = cur[cur["active"]]
     charts = _charts(active, heads, multi)
     d, new_heads = {}, []
     if previous:
-        prev = _read_for_report(labels, previous)
+        prev, _, _ = _read_for_report(labels, previous)
         # a model whose taxonomy grew predicts heads the previous night's did not: nothing to compare
         new_heads = [h for h in heads if h not in prev.columns]
         shared = [h for h in heads if h in prev.columns]
