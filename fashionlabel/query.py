@@ -12,7 +12,8 @@ Three views are registered on an in-memory DuckDB connection:
 
 Files are opened through pyarrow datasets (local or ``s3://`` with the storage module's credentials and
 endpoint) and scanned lazily by DuckDB with projection and filter push-down, so no ``httpfs`` extension
-download is needed on a locked-down host.
+download is needed on a locked-down host. :func:`query` runs its SQL read-only: once the views are
+registered, DuckDB's access to files and extensions is turned off and its configuration locked.
 """
 
 from __future__ import annotations
@@ -86,8 +87,14 @@ def latest_dataset(labels: str, pointer: dict | None = None) -> pads.Dataset | N
     return pads.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
 
 
-def connect(labels: str) -> duckdb.DuckDBPyConnection:
+def connect(labels: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views ``latest``, ``history`` and ``nights`` of ``labels`` registered.
+
+    Args:
+        labels: the labels root (``ROOT/labels``), local or ``s3://``.
+        read_only: once the views are registered, turn off DuckDB's own access to files (``COPY … TO``,
+            ``read_csv``, ``ATTACH``, extensions) and lock its settings, so that the connection's SQL
+            reads the three views and writes nothing.
 
     Raises FileNotFoundError when neither table has any file yet.
     """
@@ -111,6 +118,11 @@ def connect(labels: str) -> duckdb.DuckDBPyConnection:
         if ds is not None:
             con.register(name, ds)
     con.register("nights", finished_nights(runs, pointer["snapshot"] if pointer else None))
+    if read_only:
+        # The views are read through pyarrow, which these settings do not reach; DuckDB refuses to turn
+        # external access back on, and the lock keeps every other setting (a temp folder, paths) as it is.
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
     return con
 
 
@@ -122,13 +134,25 @@ WHERE = {
 
 
 def query(labels: str, sql: str) -> pd.DataFrame:
-    """``sql`` over the views of ``labels`` as a pandas DataFrame. A view that ``labels`` does not have is
-    named with where it comes from, instead of DuckDB's bare "table does not exist"."""
+    """``sql`` over the views of ``labels`` as a pandas DataFrame, read-only (:func:`connect`).
+
+    A view that ``labels`` does not have is named with where it comes from, instead of DuckDB's bare "table
+    does not exist"; SQL that would write a file, read another one or change a setting raises
+    PermissionError.
+    """
     import duckdb
 
-    con = connect(labels)
+    con = connect(labels, read_only=True)
     try:
         return con.execute(sql).df()
+    except (duckdb.PermissionException, duckdb.InvalidInputException) as e:
+        if isinstance(e, duckdb.InvalidInputException) and "configuration has been locked" not in str(e):
+            raise
+        raise PermissionError(
+            "query is read-only: it reads the views latest, history and nights, and no other file; it "
+            f"writes nothing and changes no setting ({str(e).splitlines()[0]}). To keep a result, print it "
+            "with --csv and redirect it to a file"
+        ) from None
     except duckdb.CatalogException:
         have = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
         for view in WHERE.keys() - have:

@@ -193,6 +193,10 @@ def test_query_over_s3(s3, tmp_path):
     con = connect(f"s3://{bucket}/labels")
     assert con.execute("SELECT count(*) FROM latest WHERE NOT active").fetchall() == [(2,)]
     assert con.execute("SELECT count(DISTINCT run_date) FROM history").fetchall() == [(2,)]
+    # read-only, as `fashionlabel query` runs it: pyarrow still reads S3 with DuckDB's file access off
+    from fashionlabel.query import query
+
+    assert query(f"s3://{bucket}/labels", "SELECT count(*) AS n FROM history")["n"][0] == 26
 
 
 def test_a_reader_never_sees_a_half_published_night(labels, tmp_path):
@@ -294,3 +298,30 @@ def test_a_damaged_latest_pointer_is_named_with_its_repair(labels, tmp_path, cap
     shutil.copy(newest, pointer)
     assert pointer.read_text() == good
     assert run(["query", "--labels", str(root), "SELECT count(*) FROM latest"]) == 0
+
+
+def test_query_is_read_only_writes_nothing_and_reads_no_other_file(labels, tmp_path, capsys):
+    """`query` ran any SQL: `COPY … TO` wrote (or overwrote) a file, `read_csv` and `ATTACH` opened any
+    local file. DuckDB now refuses them once the views are registered, and the command says why."""
+    from fashionlabel.query import query
+
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\nhidden\n")
+    out = tmp_path / "out.csv"
+    for sql in (
+        f"COPY (SELECT product_id FROM latest) TO '{out}'",
+        f"SELECT * FROM read_csv('{secret}')",
+        f"ATTACH '{tmp_path / 'x.db'}' AS x",
+        "SET enable_external_access = true",
+        "INSTALL httpfs",
+    ):
+        with pytest.raises(PermissionError, match="query is read-only"):
+            query(labels, sql)
+        assert run(["query", "--labels", labels, sql]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fashionlabel query: error: query is read-only") and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.csv"]
+    # reading the views, and SQL that keeps its tables in memory, still answer
+    assert query(labels, "CREATE TABLE t AS SELECT * FROM latest; SELECT count(*) AS n FROM t")["n"][0] == 22
+    assert run(["query", "--labels", labels, "--csv", "SELECT count(*) AS n FROM history"]) == 0
+    assert capsys.readouterr().out.split() == ["n", "26"]
