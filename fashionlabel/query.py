@@ -10,6 +10,10 @@ Three views are registered on an in-memory DuckDB connection:
   ``latest`` is published, a night after its snapshot is not listed yet: ``_SUCCESS`` of the run folder is
   written before the night's snapshot, and "tonight" must be the night that ``latest`` shows.
 
+``run_date`` is a DATE in all three, as ``latest`` stores it: the folder names of ``history`` are read as
+dates, so the views join, compare and subtract their nights without a cast (the files are not changed:
+Athena and pandas read ``history``'s ``run_date`` as the folder's string).
+
 Files are opened through pyarrow datasets (local or ``s3://`` with the storage module's credentials and
 endpoint) and scanned lazily by DuckDB with projection and filter push-down, so no ``httpfs`` extension
 download is needed on a locked-down host. :func:`query` runs its SQL read-only: once the views are
@@ -18,6 +22,7 @@ registered, DuckDB's access to files and extensions is turned off and its config
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import TYPE_CHECKING
 
@@ -45,22 +50,26 @@ def history_files(labels: str, runs: dict[str, list[str]]) -> list[str]:
     return [storage.join(base, r, n) for r, names in runs.items() for n in names if n.endswith(".parquet")]
 
 
+# The night of a row, in every view: a DATE, as latest stores it (history's folder names are parsed).
+RUN_DATE = pa.field("run_date", pa.date32())
+
+
 def finished_nights(runs: dict[str, list[str]], upto: str | None = None) -> pa.Table:
-    """``run_date`` of every run folder that holds its ``_SUCCESS`` manifest, oldest first; with ``upto``
-    (the published ``latest`` snapshot), none after it."""
+    """``run_date`` (a date) of every run folder that holds its ``_SUCCESS`` manifest, oldest first; with
+    ``upto`` (the published ``latest`` snapshot), none after it."""
     dates = [r.removeprefix("run_date=") for r, names in runs.items() if "_SUCCESS" in names]
-    dates = [d for d in dates if upto is None or d <= upto]
-    return pa.table({"run_date": pa.array(dates, pa.string())})
+    dates = [dt.date.fromisoformat(d) for d in dates if upto is None or d <= upto]
+    return pa.table({"run_date": pa.array(dates, RUN_DATE.type)})
 
 
 def history_dataset(labels: str, runs: dict[str, list[str]]) -> pads.Dataset | None:
-    """The Parquet parts of ``runs`` (:func:`run_folders`) as one dataset with the hive column ``run_date``,
-    or None when there is none."""
+    """The Parquet parts of ``runs`` (:func:`run_folders`) as one dataset with the hive column ``run_date``
+    (a date), or None when there is none."""
     files = history_files(labels, runs)
     if not files:
         return None
     fs, root = storage.filesystem(storage.join(labels, "history"))
-    part = pads.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive")
+    part = pads.partitioning(pa.schema([RUN_DATE]), flavor="hive")
     paths = [storage.filesystem(f)[1] for f in files]
     # A dataset takes its columns from its first file: a head that a later taxonomy added would be
     # missing. Every part of a night is written by one model, so one footer per night gives them all.
@@ -68,7 +77,7 @@ def history_dataset(labels: str, runs: dict[str, list[str]]) -> pads.Dataset | N
     for p in paths:
         first.setdefault(p.rsplit("/", 2)[-2], p)
     schema = pa.unify_schemas(
-        [pq.read_schema(p, filesystem=fs) for p in first.values()] + [pa.schema([("run_date", pa.string())])],
+        [pq.read_schema(p, filesystem=fs) for p in first.values()] + [pa.schema([RUN_DATE])],
         promote_options="permissive",  # a column whose type widened between nights is read as the wider
     )
     return pads.dataset(

@@ -3,6 +3,7 @@ and no torn reads while a night publishes."""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fashionlabel import latest, storage
 from fashionlabel.cli import run
 from fashionlabel.query import connect
 
+VIEWS = ("latest", "history", "nights")
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "analysts.md"
 
 
@@ -30,8 +32,8 @@ def test_views_latest_and_history(labels):
         "SELECT count(*), count(DISTINCT product_id), sum(active::INT) FROM latest"
     ).fetchall() == [(22, 22, 20)]
     assert con.execute("SELECT run_date, count(*) FROM history GROUP BY 1 ORDER BY 1").fetchall() == [
-        ("2026-05-01", 20),
-        ("2026-05-02", 6),
+        (dt.date(2026, 5, 1), 20),
+        (dt.date(2026, 5, 2), 6),
     ]
     assert con.execute(
         "SELECT articleType, count(*) FROM latest WHERE active GROUP BY 1 ORDER BY 1"
@@ -40,8 +42,6 @@ def test_views_latest_and_history(labels):
 
 def test_rows_fetched_as_python_values_carry_labeled_at_in_utc(labels):
     # fetchall() hands a TIMESTAMP WITH TIME ZONE to Python through pytz: a dependency of the project
-    import datetime as dt
-
     con = connect(labels)
     (pid, at), *_ = con.execute("SELECT product_id, labeled_at FROM latest ORDER BY 1").fetchall()
     assert pid == "p00" and at == dt.datetime(2026, 5, 1, 2, tzinfo=dt.UTC)
@@ -83,7 +83,7 @@ def test_after_a_quiet_night_the_docs_say_nothing_changed_tonight(tmp_path):
     active = {f"p{i:02d}" for i in range(2, 22)}
     add_night(labels, "2026-05-03", make_rows([], "2026-05-03", "Tshirts"), active)  # nothing new tonight
     con = connect(labels)
-    assert con.execute("SELECT max(run_date) FROM nights").fetchall() == [("2026-05-03",)]
+    assert con.execute("SELECT max(run_date) FROM nights").fetchall() == [(dt.date(2026, 5, 3),)]
     queries = _doc_queries()
     # not night 2's six products as if they changed tonight
     assert con.execute(next(q for q in queries if "AS why" in q)).fetchall() == []
@@ -106,8 +106,8 @@ def test_history_has_the_columns_of_every_night_a_head_added_later_included(labe
     storage.write_json(storage.join(run, "_SUCCESS"), {"run_date": "2026-05-03", "rows": 2})
     q = "SELECT run_date, product_id, fit, fit_score FROM history WHERE fit IS NOT NULL ORDER BY 2"
     assert connect(root).execute(q).fetchall() == [
-        ("2026-05-03", "p06", "slim", 0.9),
-        ("2026-05-03", "p07", "loose", 0.8),
+        (dt.date(2026, 5, 3), "p06", "slim", 0.9),
+        (dt.date(2026, 5, 3), "p07", "loose", 0.8),
     ]
     older = connect(root).execute("SELECT count(*), count(fit) FROM history WHERE run_date < '2026-05-03'")
     n, with_fit = older.fetchall()[0]
@@ -128,12 +128,12 @@ def test_tonight_is_the_night_latest_shows_until_its_snapshot_is_published(label
     )
     storage.write_json(storage.join(run, "_SUCCESS"), {"run_date": "2026-05-03", "rows": 1})
     con = connect(root)
-    assert con.execute("SELECT max(run_date) FROM nights").fetchall() == [("2026-05-02",)]
-    assert con.execute("SELECT max(run_date)::VARCHAR FROM latest").fetchall() == [("2026-05-02",)]
+    assert con.execute("SELECT max(run_date) FROM nights").fetchall() == [(dt.date(2026, 5, 2),)]
+    assert con.execute("SELECT max(run_date) FROM latest").fetchall() == [(dt.date(2026, 5, 2),)]
     changed = con.execute(next(q for q in _doc_queries() if "AS why" in q)).fetchall()
     assert len(changed) == 6  # night 2's changes, as latest and the night report show them
     latest.publish(root, "2026-05-03", latest.read_snapshot(root, "2026-05-02"))
-    assert connect(root).execute("SELECT max(run_date) FROM nights").fetchall() == [("2026-05-03",)]
+    assert connect(root).execute("SELECT max(run_date) FROM nights").fetchall() == [(dt.date(2026, 5, 3),)]
 
 
 def test_the_docs_analyst_sql_is_also_athena_sql():
@@ -325,3 +325,25 @@ def test_query_is_read_only_writes_nothing_and_reads_no_other_file(labels, tmp_p
     assert query(labels, "CREATE TABLE t AS SELECT * FROM latest; SELECT count(*) AS n FROM t")["n"][0] == 22
     assert run(["query", "--labels", labels, "--csv", "SELECT count(*) AS n FROM history"]) == 0
     assert capsys.readouterr().out.split() == ["n", "26"]
+
+
+def test_run_date_is_a_date_in_every_view_so_they_join_and_compare(labels):
+    """`history` and `nights` gave `run_date` as a string and `latest` as a DATE: joining or comparing them
+    (`IN`, a week before tonight, days between nights) failed with DuckDB's "Cannot compare values of
+    type VARCHAR and type DATE"."""
+    con = connect(labels)
+    types = {v: con.execute(f"SELECT DISTINCT typeof(run_date) FROM {v}").fetchall() for v in VIEWS}
+    assert types == dict.fromkeys(VIEWS, [("DATE",)])
+    # each latest row is history's row of the same product and night
+    joined = con.execute(
+        "SELECT count(*) FROM latest l JOIN history h ON h.product_id = l.product_id AND h.run_date = l.run_date"
+    )
+    assert joined.fetchall() == [(22,)]
+    assert con.execute(
+        "SELECT count(*) FROM latest WHERE run_date IN (SELECT run_date FROM history)"
+    ).fetchall() == [(22,)]
+    week = "SELECT count(*) FROM history WHERE run_date > (SELECT max(run_date) FROM nights) - INTERVAL 7 DAY"
+    assert con.execute(week).fetchall() == [(26,)]
+    assert con.execute("SELECT max(run_date) - min(run_date) FROM nights").fetchall() == [(1,)]
+    # a night written as a string still selects it (and only its folder is read)
+    assert con.execute("SELECT count(*) FROM history WHERE run_date = '2026-05-02'").fetchall() == [(6,)]
