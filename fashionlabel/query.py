@@ -163,13 +163,18 @@ def query(labels: str, sql: str) -> pd.DataFrame:
 
     A view that ``labels`` does not have is named with where it comes from, instead of DuckDB's bare "table
     does not exist"; SQL that would write a file, read another one or change a setting raises
-    PermissionError.
+    PermissionError, and SQL with no statement (blank, or comments alone) ValueError.
     """
     import duckdb
 
     con = connect(labels, read_only=True)
     try:
-        return con.execute(sql).df()
+        result = con.execute(sql)
+        if result is None:  # DuckDB runs nothing for blank SQL or comments alone, and says nothing
+            raise ValueError(
+                f"no SQL statement to run in {sql!r}: give a query such as 'SELECT count(*) FROM latest'"
+            )
+        return result.df()
     except (duckdb.PermissionException, duckdb.InvalidInputException) as e:
         if isinstance(e, duckdb.InvalidInputException) and "configuration has been locked" not in str(e):
             raise

@@ -377,3 +377,11 @@ def test_a_whole_history_scan_keeps_no_file_footers(tmp_path):
     rows, above_mb = r.stdout.rsplit(" ", 1)
     assert rows == "[('Tshirts', 30000)]"
     assert int(above_mb) < 80, r.stdout  # it was ~210 MB
+
+
+def test_sql_with_no_statement_is_named_not_a_python_attribute_error(labels, capsys):
+    """Blank SQL or a comment alone failed with "'NoneType' object has no attribute 'df'"."""
+    for sql in ("", "  \n", "-- tonight's count"):
+        assert run(["query", "--labels", labels, sql]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fashionlabel query: error: no SQL statement to run in "), err
