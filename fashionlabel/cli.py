@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(
             "query",
             commands.cmd_query,
-            "Run SQL (DuckDB) over the views latest, history and nights of a labels root.",
+            "Run read-only SQL (DuckDB) over the views latest, history and nights of a labels root.",
         )
     )
     add("models", commands.cmd_models, "List the registered models.")
