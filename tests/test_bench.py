@@ -65,8 +65,13 @@ def test_label_bench_prints_ours_plain_and_their_ratio():
     assert r.returncode == 0, r.stderr[-3000:]
     row = next(ln for ln in r.stdout.splitlines() if ln.startswith("small (fl_small)"))
     ours, plain, ratio = re.search(r"400\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)×", row).groups()
-    ours, plain = (float(x.replace(",", "")) for x in (ours, plain))
-    assert ours > 0 and plain > 0 and abs(float(ratio) - ours / plain) < 0.01 + 0.005 * float(ratio)
+    ours, plain, ratio = (float(x.replace(",", "")) for x in (ours, plain, ratio))
+    assert ours > 0 and plain > 0
+    # The rates are printed to whole images a second and the ratio, of the unrounded rates, to hundredths:
+    # it must lie within what the printed rates allow. (Their quotient is off by up to 0.5/ours + 0.5/plain
+    # of itself: 0.05 at 20 img/s, what a loaded 2-core machine labels here, more than any fixed tolerance.)
+    low, high = (ours - 0.5) / (plain + 0.5), (ours + 0.5) / (plain - 0.5)
+    assert low - 0.005 <= ratio <= high + 0.005, (ours, plain, ratio)
     assert row.rstrip().endswith("100.0%")  # the same labels from both paths
 
 
