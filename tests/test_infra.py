@@ -122,9 +122,12 @@ def test_the_cronjob_pod_lasts_as_long_as_its_night_and_fails_with_it(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "kubectl").write_text(FAKE_KUBECTL)
     (bin_dir / "kubectl").chmod(0o755)
-    today = dt.datetime.now(dt.UTC).date().isoformat()
 
-    def night(final: str, exists: bool = False) -> tuple[int, str]:
+    def today() -> str:
+        return dt.datetime.now(dt.UTC).date().isoformat()
+
+    def night(final: str, exists: bool = False) -> tuple[int, str, set[str]]:
+        """Exit code, kubectl calls, and the UTC dates the run spanned (two where it crossed midnight)."""
         for f in ("klog", "created", "polls"):
             (tmp_path / f).unlink(missing_ok=True)
         env = os.environ | {
@@ -137,22 +140,21 @@ def test_the_cronjob_pod_lasts_as_long_as_its_night_and_fails_with_it(tmp_path):
             "FINAL": final,
             "EXISTS": "1" if exists else "",
         }
+        before = today()
         r = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
-        return r.returncode, (tmp_path / "klog").read_text()
+        return r.returncode, (tmp_path / "klog").read_text(), {before, today()}
 
-    rc, calls = night("SUCCEEDED")
+    rc, calls, dates = night("SUCCEEDED")
     created = yaml.safe_load((tmp_path / "created").read_text())
-    assert rc == 0 and created["metadata"]["name"] == f"fashionlabel-nightly-{today}"
-    assert f"--date {today}" in created["spec"]["entrypoint"]
+    night_date = created["metadata"]["name"].removeprefix("fashionlabel-nightly-")
+    assert rc == 0 and night_date in dates  # the night is named for today's UTC date
+    assert f"--date {night_date}" in created["spec"]["entrypoint"]
     assert calls.count("jobDeploymentStatus") == 3  # waited while the night ran
-    rc, _ = night("FAILED")
+    rc, _, _ = night("FAILED")
     assert rc != 0  # a failed night is a failed Job in the CronJob's history
-    rc, calls = night("SUCCEEDED", exists=True)  # started before: waits for that RayJob, creates none
-    assert (
-        rc == 0
-        and not (tmp_path / "created").exists()
-        and f"get rayjob fashionlabel-nightly-{today}\n" in calls
-    )
+    rc, calls, dates = night("SUCCEEDED", exists=True)  # started before: waits for that RayJob, creates none
+    assert rc == 0 and not (tmp_path / "created").exists()
+    assert any(f"get rayjob fashionlabel-nightly-{d}\n" in calls for d in dates)
 
 
 def _hive(t: pa.DataType) -> str:
