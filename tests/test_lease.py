@@ -55,8 +55,10 @@ def test_a_holder_on_another_host_holds_it_until_its_heartbeat_lapses(tmp_path):
     with Lease(str(uri), "root R", ttl=120, settle=0.05):
         pass
     # two beats missed: the holder is taken for dead and its lease waited out, not refused
-    uri.write_text(json.dumps(other | {"heartbeat": time.time() - 2.5}))
+    # (timed from before the write: a stall between the write and the clock read cannot shorten the wait
+    # the test sees, which is at least ttl - 2.5 s from the heartbeat)
     t0 = time.time()
+    uri.write_text(json.dumps(other | {"heartbeat": t0 - 2.5}))
     with Lease(str(uri), "root R", ttl=4, beat=1, settle=0.05):
         assert 1.0 < time.time() - t0 < 3.5
 
