@@ -29,6 +29,15 @@ def _free(port: int) -> bool:
             return False
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel picks outgoing connections' local ports from (Linux; its default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def _weed() -> str:
     cand = Path(sys.executable).parent / "weed"
     return str(cand) if cand.exists() else (shutil.which("weed") or "weed")
@@ -45,8 +54,16 @@ class S3Server:
 
     @staticmethod
     def _pick_base() -> int:
+        # The ports named on the command line (base .. base+11) stay below the kernel's ephemeral range:
+        # any process's outgoing connection may take a port there, and one that does while the server is
+        # stopped (reliability tests stop and start it) makes the restart fail ("port ... is not
+        # available"). The gRPC ports (+10000) are weed's own defaults, and weed finds others when taken.
+        low, high = _ephemeral_ports()
+        bases = [b for b in range(20000, 40000, 20) if b + 11 < low or b > high] or list(
+            range(20000, 40000, 20)
+        )
         for _ in range(50):
-            base = random.randrange(20000, 40000, 20)
+            base = random.choice(bases)
             if all(_free(base + o) for o in list(range(12)) + [10000 + o for o in range(12)]):
                 return base
         raise RuntimeError("no free port range for the S3 test server")
