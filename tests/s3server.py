@@ -10,32 +10,15 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ports import ephemeral_range, is_free
+
 ACCESS_KEY = "fltestaccess"
 SECRET_KEY = "fl-test-secret-9f8e7d6c5b4a"
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _ephemeral_ports() -> tuple[int, int]:
-    """The range the kernel picks outgoing connections' local ports from (Linux; its default elsewhere)."""
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
 
 
 def _weed() -> str:
@@ -58,13 +41,13 @@ class S3Server:
         # any process's outgoing connection may take a port there, and one that does while the server is
         # stopped (reliability tests stop and start it) makes the restart fail ("port ... is not
         # available"). The gRPC ports (+10000) are weed's own defaults, and weed finds others when taken.
-        low, high = _ephemeral_ports()
+        low, high = ephemeral_range()
         bases = [b for b in range(20000, 40000, 20) if b + 11 < low or b > high] or list(
             range(20000, 40000, 20)
         )
         for _ in range(50):
             base = random.choice(bases)
-            if all(_free(base + o) for o in list(range(12)) + [10000 + o for o in range(12)]):
+            if all(is_free(base + o) for o in list(range(12)) + [10000 + o for o in range(12)]):
                 return base
         raise RuntimeError("no free port range for the S3 test server")
 

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from conftest import sample_rows, write_catalog
+from ports import free_port
 from procs import stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,16 +29,10 @@ BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_cluster():
     tmp = tempfile.mkdtemp(prefix="flray-", dir="/tmp")  # short: Ray's unix sockets live under it
-    dash = _free_port()
+    dash = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONPATH"}
     env |= {
         "RAY_AUTH_MODE": "token",
@@ -51,12 +45,12 @@ def ray_cluster():
         "start",
         "--head",
         "--node-ip-address=127.0.0.1",
-        f"--port={_free_port()}",
+        f"--port={free_port()}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
         "--include-dashboard=true",
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
         "--num-cpus=2",
         f"--temp-dir={tmp}",
         "--disable-usage-stats",

@@ -202,15 +202,11 @@ def test_learned_loss_weights_stay_equal_on_every_ddp_rank(tmp_path):
     """The log-variances of ``--uncertainty`` live outside the DDP-wrapped model: their gradients must be
     averaged over the ranks as the model's are, or each rank learns its own head weights and the
     checkpoint (rank 0's) holds weights the other ranks never trained with."""
-    import socket
-
     import torch.multiprocessing as mp
+    from ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     mp.start_processes(
-        _ddp_uncertainty_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+        _ddp_uncertainty_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert (a != 0).all()  # they did learn
