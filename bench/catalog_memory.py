@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from fresh import in_fresh_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,14 +59,7 @@ def write_catalog(path: Path, rows: int) -> None:
 
 
 def measure(path: Path, which: str) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), which],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_fresh_process(CHILD, str(path), which)
 
 
 def main() -> None:

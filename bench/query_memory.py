@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from fresh import in_fresh_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SQL = "SELECT articleType, count(*), avg(articleType_score) FROM history GROUP BY 1"
@@ -65,14 +65,7 @@ def write_root(labels: Path, nights: int, parts: int, rows: int) -> None:
 
 
 def measure(labels: Path, which: str) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(labels), which, SQL],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_fresh_process(CHILD, str(labels), which, SQL)
 
 
 def main() -> None:

@@ -159,3 +159,33 @@ def test_catalog_memory_bench_prints_both_peaks_and_their_ratio():
     }
     ratio = float(re.search(r"plain / ours, peak memory: ([\d.]+)x", r.stdout)[1])
     assert set(peaks) == {"ours", "plain"} and abs(ratio - peaks["plain"] / peaks["ours"]) < 0.02
+
+
+def test_query_memory_bench_prints_both_peaks_and_their_ratio():
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "query_memory.py"),
+            "--nights",
+            "4",
+            "--parts",
+            "3",
+            "--rounds",
+            "1",
+        ],
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "4 nights x 3 parts = 12 files" in r.stdout
+    peaks = {
+        m[1]: float(m[2].replace(",", ""))
+        for m in re.finditer(r"^(ours|plain)\s*: peak \+([\d,.]+) MB", r.stdout, flags=re.M)
+    }
+    ratio = float(re.search(r"plain / ours, peak memory: ([\d.]+)x", r.stdout)[1])
+    assert set(peaks) == {"ours", "plain"}
+    # printed to one decimal, of medians printed whole: the ratio is checked against what they allow
+    assert (peaks["plain"] - 0.5) / max(peaks["ours"] + 0.5, 1) - 0.05 <= ratio
+    assert ratio <= (peaks["plain"] + 0.5) / max(peaks["ours"] - 0.5, 1) + 0.05
