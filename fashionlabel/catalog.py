@@ -416,6 +416,8 @@ class ValidRow:
     image_uri: str  # resolved
     labels: dict[str, Any]  # head name -> value, list of values (multi heads) or None
     meta: dict[str, Any]  # every column that is not a label column
+    # heads whose catalog value the taxonomy lacks, left without a label (``check_labels(keep_outside=True)``)
+    blanked: tuple[str, ...] = ()
 
 
 def id_problem(pid: str) -> str | None:
@@ -469,15 +471,20 @@ def check_ids(rows: list[dict[str, Any]], catalog_uri: str) -> tuple[list[Catalo
     return ok, bad
 
 
-def check_labels(row: CatalogRow, taxonomy: Taxonomy) -> ValidRow | Rejected:
-    """Labels of one row from the taxonomy's columns; a value outside the taxonomy rejects the row."""
+def check_labels(row: CatalogRow, taxonomy: Taxonomy, keep_outside: bool = False) -> ValidRow | Rejected:
+    """Labels of one row from the taxonomy's columns; a value outside the taxonomy rejects the row, or with
+    ``keep_outside`` (a night: labelling reads no label column) leaves that head without a label."""
     labels = taxonomy.labels_from_row(row.raw)
+    blanked: tuple[str, ...] = ()
     why = taxonomy.invalid_label(labels)
-    if why:
+    if why and not keep_outside:
         return Rejected(row.product_id, row.image_uri, "label_outside_taxonomy", why)
+    if why:
+        blanked = tuple(taxonomy.outside_heads(labels))
+        labels = {k: None if k in blanked else v for k, v in labels.items()}
     skip = {*taxonomy.columns, *ID_COLUMNS}
     meta = {k: v for k, v in row.raw.items() if k not in skip}
-    return ValidRow(row.product_id, row.key, row.image_uri, labels, meta)
+    return ValidRow(row.product_id, row.key, row.image_uri, labels, meta, blanked)
 
 
 def validate(

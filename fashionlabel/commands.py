@@ -414,6 +414,13 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
         "catalog products": m["catalog_products"],
         "new / changed / unchanged": f"{m['new']} / {m['changed']} / {m['unchanged']}",
         "quarantined": f"{m['quarantined']} ({fmt_reasons(m['reasons'])})",
+    }
+    if outside := m.get("labels_outside_taxonomy"):  # a manifest of an older version has none
+        out["labels outside taxonomy"] = (
+            f"{fmt_reasons(outside)} products labelled all the same: their catalog value is not one the "
+            "model's taxonomy declares (to learn it: docs/own-catalog.md, 'When the catalog changes')"
+        )
+    out |= {
         "sharded": f"{m['sharded']} in {m['shards']} shards" if m["shards"] else "0 (no shard tonight)",
         "labelled": f"{m['labelled']} ({m['relabelled']} relabelled: {m['relabel_reason'] or 'no'})",
         "errors": m["errors"],

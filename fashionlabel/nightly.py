@@ -188,6 +188,8 @@ def _run_night(catalog: str, model: str, layout: Layout, date: str, cfg: Nightly
         "unchanged": shard["unchanged"],
         "quarantined": shard["quarantined"],
         "reasons": shard["reasons"],
+        # head -> products packed tonight (this attempt) whose catalog value the model's taxonomy lacks
+        "labels_outside_taxonomy": shard["labels_outside"],
         "sharded": shard["packed"],
         "sharded_this_attempt": shard["packed_this_run"],
         "shards": shard["shards"],
@@ -320,11 +322,12 @@ def _shard_night(
         prev = layout.map_before(date)
         if not storage.exists(prev):  # written once: a re-run must see the same previous index
             storage.write_parquet(before, prev)
-    # The failure-rate guard applies to the whole catalog, not to tonight's (small) share of it.
+    # The failure-rate guard applies to the whole catalog, not to tonight's (small) share of it. A label
+    # value the model's taxonomy lacks does not keep a product from being labelled: labelling reads no label
+    # column, so such a product is packed with that head unlabelled, and counted.
+    night_cfg = dataclasses.replace(cfg, max_failure_rate=1.0, keep_outside_labels=True)
     try:
-        s = shard_catalog(
-            catalog, out, taxonomy, dataclasses.replace(cfg, max_failure_rate=1.0), incremental_from=prev
-        )
+        s = shard_catalog(catalog, out, taxonomy, night_cfg, incremental_from=prev)
     except PlanMismatchError as e:
         # the night has no --out to change: name what differs and the two ways on (the taxonomy is the
         # model's: a night started with one model and re-run with a retrained one)
@@ -357,6 +360,7 @@ def _shard_night(
         "shards": s.shards,
         "quarantined": s.quarantined,
         "reasons": dict(s.reasons),
+        "labels_outside": dict(s.labels_outside),
         "night_ids": night_ids,
     }
 

@@ -405,16 +405,24 @@ class Taxonomy:
     def invalid_label(self, labels: Mapping[str, Any]) -> str | None:
         """A human-readable reason when a label falls outside the declared values, else None."""
         for h in self.heads:
-            v = labels.get(h.name)
-            if v is None or h.values is None:
-                continue
-            vals = v if isinstance(v, list) else [v]
-            bad = [x for x in vals if x not in h.index]
-            if bad:
+            if bad := self._outside(h, labels):
                 col = f" (column {h.column!r})" if h.column != h.name else ""
-                why = f"{h.name}={bad[0]!r}{col} is not one of the {len(h.values)} values of the taxonomy"
+                why = (
+                    f"{h.name}={bad[0]!r}{col} is not one of the {len(h.values or ())} values of the taxonomy"
+                )
                 return why + _near_value(h, bad[0])
         return None
+
+    def outside_heads(self, labels: Mapping[str, Any]) -> list[str]:
+        """The heads whose label in ``labels`` has a value outside the head's declared values."""
+        return [h.name for h in self.heads if self._outside(h, labels)]
+
+    @staticmethod
+    def _outside(h: Head, labels: Mapping[str, Any]) -> list[str]:
+        v = labels.get(h.name)
+        if v is None or h.values is None:
+            return []
+        return [x for x in (v if isinstance(v, list) else [v]) if x not in h.index]
 
     def learn(self, label_rows: Iterable[Mapping[str, Any]]) -> Taxonomy:
         """Resolve ``values: learn`` heads from training labels (sorted, so the result is stable)."""

@@ -372,3 +372,30 @@ def test_a_model_with_a_head_of_another_kind_under_an_old_name_is_refused_first(
     ):
         run_nightly(str(cat), str(tiny_model), str(tmp_path / "root"), "2026-05-02", CFG)
     assert not (tmp_path / "root" / "shards").exists()
+
+
+@pytest.mark.timeout(900)
+def test_a_product_with_a_value_new_to_the_taxonomy_is_labelled_not_quarantined(
+    ray_session, tiny_model, tmp_path
+):
+    """A catalog value the model's taxonomy lacks (a new article type) keeps a product out of training, not
+    out of the night: labelling reads no label column. Such products were quarantined every night and never
+    labelled; they are now labelled with the values the model knows, counted per head, and packed once (an
+    unchanged one is not packed again the next night)."""
+    good, _ = _good_and_bad()
+    rows = [dict(r) for r in good[1500:1520]]
+    ponchos = {r["product_id"] for r in rows[:3]}
+    for r in rows[:3]:
+        r["articleType"] = "Ponchos"
+    cat = write_catalog(tmp_path / "catalog.csv", rows)
+    root = tmp_path / "root"
+    m1 = run_nightly(str(cat), str(tiny_model), str(root), "2026-03-01", CFG)
+    assert (m1["quarantined"], m1["labelled"], m1["errors"]) == (0, 20, 0)
+    assert m1["labels_outside_taxonomy"] == {"articleType": 3}
+    got = duckdb.sql(
+        f"SELECT product_id, articleType FROM '{root}/labels/latest/snapshots/2026-03-01/*.parquet' "
+        "WHERE articleType IS NOT NULL"
+    ).fetchall()
+    assert ponchos <= {p for p, _ in got} and len(got) == 20
+    m2 = run_nightly(str(cat), str(tiny_model), str(root), "2026-03-02", CFG)
+    assert (m2["new"], m2["changed"], m2["unchanged"], m2["quarantined"]) == (0, 0, 20, 0)

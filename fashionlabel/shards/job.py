@@ -50,6 +50,9 @@ class ShardSummary:
     packed_this_run: int = 0  # products packed by this attempt (a re-run skips finished shards)
     # head -> why it has no labels: its column is in no catalog row (a typo, a renamed export column)
     missing_columns: dict[str, str] = field(default_factory=dict)
+    # head -> products this run packed without their catalog label, a value the taxonomy lacks (kept, not
+    # quarantined, with ``ShardConfig.keep_outside_labels``)
+    labels_outside: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -155,7 +158,7 @@ def shard_catalog(
         len(todo),
     )
     t_tasks = time.time()
-    packed_now, task_cpu, span = _run_tasks(todo, out, cfg, schema, taxonomy)
+    packed_now, blanked, task_cpu, span = _run_tasks(todo, out, cfg, schema, taxonomy)
     ray.get(warm)
 
     t_merge = time.time()
@@ -181,6 +184,7 @@ def shard_catalog(
         **plan.counts,
         packed_this_run=packed_now,
         missing_columns=missing,
+        labels_outside=dict(blanked.most_common()),
         timings={
             "read_validate_s": t_read,
             "plan_s": t_plan,
@@ -240,16 +244,18 @@ def _run_tasks(
     cfg: ShardConfig,
     schema: pa.Schema,
     taxonomy: Taxonomy,
-) -> tuple[int, float, tuple[float, float]]:
+) -> tuple[int, Counter[str], float, tuple[float, float]]:
     """One Ray task per shard; progress logged every few seconds; a task that fails for good fails the job.
 
-    Returns the number of products packed, the CPU seconds the tasks used and (first start, last end).
+    Returns the number of products packed, those packed without a label per head (a value the taxonomy
+    lacks, with ``keep_outside_labels``), the CPU seconds the tasks used and (first start, last end).
     """
     import ray
 
     now = time.time()
+    blanked: Counter[str] = Counter()
     if not todo:
-        return 0, 0.0, (now, now)
+        return 0, blanked, 0.0, (now, now)
     # named for what it does, in Ray's dashboard and its workers' process titles (ray::pack_shard)
     task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(_pack_task).options(
         name="pack_shard"
@@ -266,6 +272,7 @@ def _run_tasks(
         for r in ray_get(ready):  # raises if a task failed for good (e.g. output became unwritable)
             finished += 1
             packed += r["packed"]
+            blanked.update(r["blanked"])
             rows_done += r["packed"] + r["rejected"]
             cpu += r["cpu_s"]
             span = [min(span[0], r["start"]), max(span[1], r["end"])]
@@ -283,7 +290,7 @@ def _run_tasks(
                 eta,
             )
             last = time.time()
-    return packed, cpu, (span[0], span[1])
+    return packed, blanked, cpu, (span[0], span[1])
 
 
 def _merge(

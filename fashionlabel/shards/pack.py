@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
@@ -114,12 +114,13 @@ def pack_shard(
     name = shard_name(shard_id)
     t0, cpu0 = time.time(), time.thread_time()
     index, rejected = [], []
+    blanked: Counter[str] = Counter()  # head -> products packed without its label (keep_outside_labels)
     outages = OutageBreaker(len(rows), name)
     tmp = storage.staging_dir(out) / f"{name}.{time.time_ns()}.tar.tmp"
     try:
         checked = []
         for row in rows:
-            r = check_labels(row, taxonomy)
+            r = check_labels(row, taxonomy, cfg.keep_outside_labels)
             if isinstance(r, Rejected):
                 rejected.append(r.as_row())
             else:
@@ -152,6 +153,7 @@ def pack_shard(
                 tar.add(f"{r.key}.jpg", jpg)
                 tar.add(f"{r.key}.json", sidecar)
                 index.append(entry)
+                blanked.update(r.blanked)
         if index:
             storage.publish_file(tmp, storage.join(out, f"{name}.tar"))
         else:  # a killed earlier attempt may have published this tar before its marker
@@ -170,6 +172,7 @@ def pack_shard(
         "shard": name,
         "packed": len(index),
         "rejected": len(rejected),
+        "blanked": dict(blanked),
         "start": t0,
         "end": time.time(),
         "cpu_s": time.thread_time() - cpu0,

@@ -48,11 +48,11 @@ def _state(sha: str | None, labels_key: str | None) -> bytes | None:
 
 
 def fingerprint_rows(
-    rows: list[CatalogRow], taxonomy: Taxonomy, heads: list[str]
+    rows: list[CatalogRow], taxonomy: Taxonomy, heads: list[str], keep_outside: bool = False
 ) -> list[tuple[str, bytes | None]]:
     """(product_id, ``_state`` of its source bytes and the labels of ``heads``) per row; the state is None
     when the source cannot be fetched or the labels are rejected (the row is then packed again, so the
-    pack task quarantines it)."""
+    pack task quarantines it). ``keep_outside``: labels the taxonomy lacks are left out, as packing does."""
     out = []
     outages = OutageBreaker(len(rows), "the known products' hash pass")
     gate = HostGate()
@@ -62,7 +62,7 @@ def fingerprint_rows(
         except FetchError as e:
             outages.record(e, r.image_uri)  # a source that is down does not make every product "changed"
             sha = None
-        v = check_labels(r, taxonomy)
+        v = check_labels(r, taxonomy, keep_outside)
         key = None if isinstance(v, Rejected) else _labels_key({h: v.labels.get(h) for h in heads})
         out.append((r.product_id, _state(sha, key)))
     return out
@@ -116,7 +116,7 @@ def previous_index(prev: str, taxonomy: Taxonomy) -> tuple[dict[str, bytes], lis
 
 
 def _select_incremental(
-    valid: list[CatalogRow], prev: str, chunk: int, taxonomy: Taxonomy
+    valid: list[CatalogRow], prev: str, chunk: int, taxonomy: Taxonomy, keep_outside: bool
 ) -> tuple[list[CatalogRow], list[str]]:
     """The rows to pack (new, or changed: other source bytes or other labels; in catalog order) and their
     status. Known products are fingerprinted in Ray tasks (one fetch each), the driver only compares."""
@@ -126,7 +126,9 @@ def _select_incremental(
     known = [r for r in valid if r.product_id in before]
     task = ray.remote(num_cpus=1, max_retries=3)(fingerprint_rows)
     tax_ref = ray.put(taxonomy)
-    refs = [task.remote(known[s : s + chunk], tax_ref, heads) for s in range(0, len(known), chunk)]
+    refs = [
+        task.remote(known[s : s + chunk], tax_ref, heads, keep_outside) for s in range(0, len(known), chunk)
+    ]
     now = {pid: state for part in ray_get(refs) for pid, state in part}
     log.info("incremental: fingerprinted %d known products against %s", len(known), prev)
     rows, status = [], []
@@ -184,7 +186,7 @@ def make_plan(
     else:
         if incremental_from:
             rows, status = _select_incremental(
-                valid, incremental_from, max(cfg.samples_per_shard, 1000), taxonomy
+                valid, incremental_from, max(cfg.samples_per_shard, 1000), taxonomy, cfg.keep_outside_labels
             )
         else:
             rows, status = valid, ["new"] * len(valid)

@@ -36,6 +36,9 @@ class ShardConfig:
     max_failure_rate: float = 0.5  # the job fails when a larger share of its rows is quarantined
     # image fetches a shard task keeps going at once: network waits overlap (fewer for a rate-limited host)
     fetches_in_flight: int = 8
+    # a label the taxonomy lacks leaves that head unlabelled instead of quarantining the product: a night
+    # labels its catalog with the model's taxonomy and reads no label column (a value new to the catalog)
+    keep_outside_labels: bool = False
 
     def __post_init__(self) -> None:
         check(
