@@ -19,6 +19,7 @@ import difflib
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
@@ -119,12 +120,30 @@ def _check_head(h: Head) -> None:
             raise TaxonomyError(f"{where}: groups name values it does not have: {stray[:5]}")
 
 
+def _fold(v: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", v).split()).casefold()
+
+
 def _near_value(h: Head, bad: str) -> str:
-    """What the taxonomy has that ``bad`` may have meant: the same value in another case or spacing, or
-    for a list-valued multi head, known values joined by another separator than ``|``."""
-    folded = {" ".join(v.split()).casefold(): v for v in h.values or ()}
-    if (same := folded.get(" ".join(bad.split()).casefold())) is not None:
-        return f"; the taxonomy has {same!r} (values must match exactly: case and inner spaces count)"
+    """What the taxonomy has that ``bad`` may have meant: the same value in another case, spacing or
+    Unicode form, one it only looks like (a letter of another alphabet), or for a list-valued multi head,
+    known values joined by another separator than ``|``. Characters that print alike are spelled out."""
+    folded = {_fold(v): v for v in h.values or ()}
+    if (same := folded.get(_fold(bad))) is not None:
+        if unicodedata.normalize("NFC", bad) == unicodedata.normalize("NFC", same):
+            return (
+                f"; the taxonomy has {same!r}, the same text in another Unicode form (here {ascii(bad)}, the "
+                f"taxonomy's {ascii(same)}): write the export's text in NFC, the usual composed form"
+            )
+        spelled = "" if bad.isascii() else f"; its characters are {ascii(bad)}"
+        return (
+            f"; the taxonomy has {same!r} (values must match exactly: case and inner spaces count{spelled})"
+        )
+    if not bad.isascii() and (alike := difflib.get_close_matches(bad, list(h.values or ()), n=1)):
+        return (
+            f"; it only looks like the taxonomy's {alike[0]!r}: its characters are {ascii(bad)} (a letter "
+            "of another alphabet, or an invisible character?)"
+        )
     if h.kind == "multi" and not h.patterns:
         for sep in (",", ";", "/"):
             parts = [x.strip() for x in bad.split(sep)]

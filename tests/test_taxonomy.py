@@ -1,3 +1,5 @@
+import unicodedata
+
 import pytest
 
 from fashionlabel.taxonomy import BUILTINS, Taxonomy, TaxonomyError
@@ -119,6 +121,26 @@ def test_a_label_outside_the_taxonomy_names_its_column_and_what_it_may_have_mean
     why = t.invalid_label(t.labels_from_row({"Dept": "hats"}))
     assert why == "department='hats' (column 'Dept') is not one of the 2 values of the taxonomy"
     assert t.invalid_label(t.labels_from_row({"Dept": "shoes", "Tags": "leather|canvas"})) is None
+
+
+def test_a_label_that_only_looks_like_a_value_of_the_taxonomy_says_how_it_differs():
+    """'Café' exported in decomposed form (e + a combining accent, as macOS writes it) or 'tee' typed with a
+    Cyrillic 'е' prints exactly like the taxonomy's value: the quarantine detail said only that it is not one
+    of the values. It now names the value it looks like and spells out the characters that differ."""
+    t = Taxonomy.from_dict(
+        {
+            "name": "shop",
+            "heads": [{"name": "style", "column": "Style", "values": ["Café", "tee", "Navy Blue"]}],
+        }
+    )
+    why = t.invalid_label(t.labels_from_row({"Style": unicodedata.normalize("NFD", "Café")}))
+    assert "the taxonomy has 'Café'" in why and "'Cafe\\u0301'" in why and "Unicode" in why
+    why = t.invalid_label(t.labels_from_row({"Style": "te\u0435"}))  # Cyrillic е
+    assert "'te\\u0435'" in why and "looks like the taxonomy's 'tee'" in why
+    why = t.invalid_label(t.labels_from_row({"Style": "Navy\u00a0Blue"}))  # a no-break space inside
+    assert "the taxonomy has 'Navy Blue'" in why and "its characters are 'Navy\\xa0Blue'" in why
+    why = t.invalid_label(t.labels_from_row({"Style": "hoodie"}))
+    assert why == "style='hoodie' (column 'Style') is not one of the 3 values of the taxonomy"
 
 
 def test_learn_values_keeps_not_visible_first():
