@@ -313,11 +313,27 @@ class Taxonomy:
                     raise TaxonomyError(f"parents loop: {' -> parent '.join([*seen, up])}")
                 seen.append(up)
             if h.values is not None and parent.values is not None:
-                bad = [v for v in h.values if h.parent_map.get(v) not in parent.index]
-                if bad:
-                    raise TaxonomyError(
-                        f"head {h.name!r}: values without a parent in {h.parent!r}: {bad[:5]}"
-                    )
+                self._check_parent_map(h, parent)
+
+    @staticmethod
+    def _check_parent_map(h: Head, parent: Head) -> None:
+        """Each value of ``h`` names one value of ``parent``: a missing entry and one naming no value of the
+        parent (a typo) are told apart."""
+        for v in h.values or ():
+            up = h.parent_map.get(v)
+            if up is not None and up not in parent.index:
+                near = difflib.get_close_matches(str(up), list(parent.index), n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise TaxonomyError(
+                    f"head {h.name!r}: parent_map maps {v!r} to {up!r}, which is not a value of "
+                    f"{parent.name!r} ({hint}its values: {', '.join(parent.values or ())})"
+                )
+        missing = [v for v in h.values or () if v not in h.parent_map]
+        if missing:
+            raise TaxonomyError(
+                f"head {h.name!r}: parent_map names no value of {parent.name!r} for {missing[:5]}: add "
+                f"'{missing[0]}: <its {parent.name}>' for each"
+            )
 
     def _check_columns(self) -> None:
         """Each head's columns in the shard index and the labels tables are its own: a head named like one of

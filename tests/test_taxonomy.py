@@ -83,8 +83,41 @@ def test_invalid_label_and_hierarchy_check():
     d = t.to_dict()
     art = next(h for h in d["heads"] if h["name"] == "articleType")
     art["parent_map"]["Tshirts"] = "Nowhere"
-    with pytest.raises(TaxonomyError, match="without a parent"):
+    with pytest.raises(
+        TaxonomyError, match="parent_map maps 'Tshirts' to 'Nowhere', which is not a value of"
+    ):
         Taxonomy.from_dict(d)
+
+
+def test_a_parent_map_that_misses_a_value_or_names_no_parent_value_says_which():
+    """A typo on the right of a parent_map (`kurta: TopWear`) was reported as "values without a parent":
+    the value has one, misspelled. The error now tells the two apart, names the parent's values and the
+    near one."""
+    shop = {
+        "name": "shop",
+        "heads": [
+            {"name": "family", "values": ["Topwear", "Shoes"]},
+            {
+                "name": "item_type",
+                "values": ["tee", "kurta", "heel"],
+                "parent": "family",
+                "parent_map": {"tee": "Topwear", "kurta": "TopWear", "heel": "Shoes"},
+            },
+        ],
+    }
+    with pytest.raises(
+        TaxonomyError,
+        match=r"^head 'item_type': parent_map maps 'kurta' to 'TopWear', which is not a value of 'family' "
+        r"\(did you mean 'Topwear'\? its values: Topwear, Shoes\)$",
+    ):
+        Taxonomy.from_dict(shop)
+    del shop["heads"][1]["parent_map"]["kurta"]
+    with pytest.raises(
+        TaxonomyError,
+        match=r"^head 'item_type': parent_map names no value of 'family' for \['kurta'\]: add 'kurta: <its "
+        r"family>' for each$",
+    ):
+        Taxonomy.from_dict(shop)
     # a loop of parents would never end a coarse → fine chain (chains() would spin for ever)
     loop = {
         "name": "loop",
