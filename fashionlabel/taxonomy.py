@@ -324,9 +324,11 @@ class Taxonomy:
             if up is not None and up not in parent.index:
                 near = difflib.get_close_matches(str(up), list(parent.index), n=1)
                 hint = f"did you mean {near[0]!r}? " if near else ""
+                some = list(parent.values or ())
+                some = some if len(some) <= 20 else [*some[:20], "…"]
                 raise TaxonomyError(
                     f"head {h.name!r}: parent_map maps {v!r} to {up!r}, which is not a value of "
-                    f"{parent.name!r} ({hint}its values: {', '.join(parent.values or ())})"
+                    f"{parent.name!r} ({hint}its values: {', '.join(some)})"
                 )
         missing = [v for v in h.values or () if v not in h.parent_map]
         if missing:
