@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
@@ -150,6 +151,25 @@ def _near_value(h: Head, bad: str) -> str:
             if len(parts) > 1 and all(x in h.index for x in parts if x):
                 return f"; a multi-label cell separates its values with '|', not {sep!r}"
     return ""
+
+
+def _one_spelling(h: Head, counts: Counter[str]) -> None:
+    """Learned values must not split one value over spellings that differ only in case, spacing or Unicode
+    form ('Navy Blue' and 'Navy\\xa0Blue'): each would be a class of its own, and the labels would carry two
+    values that print alike. Declared values have shard quarantine such a spelling; learned ones have no
+    list to check it against, so learning refuses it by name."""
+    by_fold: dict[str, list[str]] = {}
+    for v in sorted(counts, key=lambda v: -counts[v]):
+        by_fold.setdefault(_fold(v), []).append(v)
+    split = [vs for vs in by_fold.values() if len(vs) > 1]
+    if split:
+        named = " and ".join(f"{ascii(v)} ({counts[v]} product(s))" for v in split[0])
+        raise TaxonomyError(
+            f"head {h.name!r} would learn {named} as {len(split[0])} values, though they differ only in case, "
+            f"spacing or Unicode form ({len(split)} such group(s)): write one spelling in the catalog column "
+            f"{h.column!r} and shard again, or declare the head's values (shard then quarantines the other "
+            "spellings, naming the one declared)"
+        )
 
 
 def _no_booleans(h: Mapping[str, Any], values: Any) -> None:
@@ -466,7 +486,7 @@ class Taxonomy:
         pending = [h for h in self.heads if h.values is None]
         if not pending:
             return self
-        seen: dict[str, set[str]] = {h.name: set() for h in pending}
+        seen: dict[str, Counter[str]] = {h.name: Counter() for h in pending}
         for labels in label_rows:
             for h in pending:
                 v = labels.get(h.name)
@@ -475,6 +495,7 @@ class Taxonomy:
         heads = []
         for h in self.heads:
             if h.values is None:
+                _one_spelling(h, seen[h.name])
                 vals = sorted(seen[h.name])
                 if h.not_visible and h.not_visible in vals:  # keep "not visible" as class 0
                     vals.remove(h.not_visible)

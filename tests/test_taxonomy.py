@@ -320,3 +320,20 @@ def test_learning_no_values_for_a_head_names_its_column():
     tax = Taxonomy.from_dict({"name": "x", "heads": [{"name": "sleeve", "column": "sleeveLength"}]})
     with pytest.raises(TaxonomyError, match=r"head 'sleeve' has no values .*column 'sleeveLength'"):
         tax.learn([{"sleeve": None}, {"sleeve": None}])
+
+
+def test_learning_one_value_under_two_spellings_is_refused_by_name():
+    """'Navy Blue' and 'Navy\\xa0Blue' (a no-break space from a spreadsheet) were learned as two values: two
+    classes, and labels that print alike. Declared values quarantine such a spelling with a hint; learned
+    ones are refused by name, with both spellings and how many products each has."""
+    tax = Taxonomy.from_dict(
+        {"name": "x", "heads": [{"name": "shade", "column": "Colour Name", "values": "learn"}]}
+    )
+    rows = [{"shade": "Navy Blue"}] * 3 + [{"shade": "Navy\u00a0Blue"}, {"shade": "Black"}]
+    with pytest.raises(
+        TaxonomyError,
+        match=r"^head 'shade' would learn 'Navy Blue' \(3 product\(s\)\) and 'Navy\\xa0Blue' \(1 product\(s\)\) "
+        r"as 2 values, though they differ only in case, spacing or Unicode form .*catalog column 'Colour Name'",
+    ):
+        tax.learn(rows)
+    assert tax.learn([*rows[:3], rows[4]]).head("shade").values == ("Black", "Navy Blue")
