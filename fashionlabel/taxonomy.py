@@ -456,7 +456,7 @@ class Taxonomy:
                 out[h.name] = [v for v, rx in h._compiled if rx.search(text)]
             else:
                 items = raw if isinstance(raw, list | tuple) else str(raw).split("|")
-                out[h.name] = [str(v).strip() for v in items if str(v).strip()]
+                out[h.name] = [str(v).strip() for v in items if v is not None and str(v).strip()]
         return out
 
     def invalid_label(self, labels: Mapping[str, Any]) -> str | None:

@@ -337,3 +337,18 @@ def test_learning_one_value_under_two_spellings_is_refused_by_name():
     ):
         tax.learn(rows)
     assert tax.learn([*rows[:3], rows[4]]).head("shade").values == ("Black", "Navy Blue")
+
+
+def test_a_null_inside_a_list_cell_is_no_value_not_the_text_none():
+    """A Parquet or JSON Lines list cell may hold a null among its values (``['for:men', None]``): it was
+    read as the text 'None' and quarantined the product (traits='None' is not one of the values), naming a
+    value no cell holds. A null element is skipped, as an empty string is; a list of nulls only is empty."""
+    t = Taxonomy.from_dict(
+        {
+            "name": "x",
+            "heads": [{"name": "traits", "kind": "multi", "column": "Traits", "values": ["for:men"]}],
+        }
+    )
+    labels = t.labels_from_row({"Traits": ["for:men", None, " "]})
+    assert labels == {"traits": ["for:men"]} and t.invalid_label(labels) is None
+    assert t.labels_from_row({"Traits": [None]}) == {"traits": []}
