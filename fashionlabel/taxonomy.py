@@ -318,6 +318,8 @@ class Taxonomy:
                     "would ever be labelled with it. Rename the value, or list unknown_values without it"
                 )
             if h.parent is None:
+                if h.parent_map:  # a map without its parent would be ignored: no hierarchy, silently
+                    raise TaxonomyError(self._no_parent(h))
                 continue
             if h.parent not in names:
                 raise TaxonomyError(
@@ -334,6 +336,16 @@ class Taxonomy:
                 seen.append(up)
             if h.values is not None and parent.values is not None:
                 self._check_parent_map(h, parent)
+
+    def _no_parent(self, h: Head) -> str:
+        """What to say of a head with a ``parent_map`` and no ``parent``, naming the head its map points at."""
+        ups = set(h.parent_map.values())
+        fits = [p.name for p in self.heads if p is not h and p.values is not None and ups <= set(p.values)]
+        name = fits[0] if fits else "<the coarser head>"
+        return (
+            f"head {h.name!r} has a parent_map but no parent, so its hierarchy would be ignored: add "
+            f"'parent: {name}' to it, or drop its parent_map"
+        )
 
     @staticmethod
     def _check_parent_map(h: Head, parent: Head) -> None:

@@ -352,3 +352,27 @@ def test_a_null_inside_a_list_cell_is_no_value_not_the_text_none():
     labels = t.labels_from_row({"Traits": ["for:men", None, " "]})
     assert labels == {"traits": ["for:men"]} and t.invalid_label(labels) is None
     assert t.labels_from_row({"Traits": [None]}) == {"traits": []}
+
+
+def test_a_parent_map_without_a_parent_is_refused_naming_the_head_it_maps_to():
+    """A head with ``parent_map`` but no ``parent`` loaded as a flat head: the hierarchy was ignored without
+    a word (predictions never made consistent). It is refused, naming the head whose values the map names."""
+    shop = {
+        "name": "shop",
+        "heads": [
+            {"name": "family", "values": ["Topwear", "Shoes"]},
+            {
+                "name": "item_type",
+                "values": ["tee", "heel"],
+                "parent_map": {"tee": "Topwear", "heel": "Shoes"},
+            },
+        ],
+    }
+    with pytest.raises(
+        TaxonomyError,
+        match=r"^head 'item_type' has a parent_map but no parent, so its hierarchy would be ignored: add "
+        r"'parent: family' to it, or drop its parent_map$",
+    ):
+        Taxonomy.from_dict(shop)
+    shop["heads"][1]["parent"] = "family"
+    assert Taxonomy.from_dict(shop).head("item_type").parent == "family"
