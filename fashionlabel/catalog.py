@@ -293,6 +293,19 @@ def _utf8_clean(obj: Any) -> bool:
     return True
 
 
+_IMAGE_LIKE = re.compile(r"^(s3://|https?://|file://)|\.(jpe?g|png|webp|gif|bmp|tiff?)$", re.IGNORECASE)
+
+
+def _rename_hint(columns: list[str], first: dict[str, Any]) -> str:
+    """What to rename, for a catalog without ``product_id`` or ``image_uri``: the column whose first value
+    looks like an image (a URL, or a name ending in .jpg, …) is named as the likely image column."""
+    image = next((c for c in columns if _IMAGE_LIKE.search(str(first.get(c) or "").strip())), None)
+    todo = [] if "product_id" in columns else ["id column product_id"]
+    if "image_uri" not in columns:
+        todo.append("image column image_uri" + (f" ({image!r} holds image paths or URLs)" if image else ""))
+    return f": name the export's {' and its '.join(todo)}"
+
+
 def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]:
     """Read a catalog into row dicts (values str, list or None) plus the rejects of malformed lines.
 
@@ -327,7 +340,8 @@ def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]
         sep = next((c for c in ";\t|" if len(columns) == 1 and c in columns[0]), None)
         hint = f" (one column with {sep!r} in its name: write the CSV with ',' between fields)" if sep else ""
         raise CatalogError(
-            f"catalog {uri} needs columns product_id and image_uri; has {sorted(columns)}{hint}"
+            f"catalog {uri} needs columns product_id and image_uri; has {sorted(columns)}"
+            f"{hint or _rename_hint(columns, rows[0] if rows else {})}"
         )
     if suffix != "csv":  # CSV values are str already; others may hold numbers, bools, nested values
         floats = [r for r in rows if isinstance(r.get("product_id"), float)]  # JSON Lines: 1623.0

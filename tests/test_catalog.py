@@ -146,7 +146,11 @@ def test_jsonl_objects_lists_and_broken_lines(tmp_path):
     "content,match",
     [
         (b"", "is empty"),
-        (b"id,url\n1,a.jpg\n", r"needs columns product_id and image_uri; has \['id', 'url'\]$"),
+        (
+            b"id,url\n1,a.jpg\n",
+            r"needs columns product_id and image_uri; has \['id', 'url'\]: name the export's id column product_id "
+            r"and its image column image_uri \('url' holds image paths or URLs\)$",
+        ),
         # Excel in many locales saves "CSV" with ';' between fields (and a BOM)
         (
             b"\xef\xbb\xbfproduct_id;image_uri;Dept\r\n1;a.jpg;Shoes\r\n",
@@ -547,3 +551,20 @@ def test_the_own_catalog_walkthrough_builds_a_catalog_its_taxonomy_accepts(tmp_p
     assert all(Path(v.image_uri).is_file() for v in valid)
     assert {v.labels["collar"] for v in valid} == {"n/v", "polo", "plain"}
     assert valid[0].product_id == "BA-1623/é" and valid[0].meta == {"Brand": "reebok"}
+
+
+def test_a_catalog_without_the_contract_columns_says_which_to_rename(tmp_path):
+    """A catalog with its own id and image column names (``sku``, ``Image URL``) was refused naming the
+    columns it has, not what to do. The error names the missing columns to rename to and the column that
+    holds image paths."""
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"product_id": ["AB-12/34"], "Image URL": ["https://img.example/a.jpg"]}), p)
+    with pytest.raises(
+        CatalogError, match=r": name the export's image column image_uri \('Image URL' holds image"
+    ):
+        read_catalog(p)
+    pq.write_table(pa.table({"sku": ["AB-12/34"], "image_uri": ["a.jpg"]}), p)
+    with pytest.raises(
+        CatalogError, match=r"has \['image_uri', 'sku'\]: name the export's id column product_id$"
+    ):
+        read_catalog(p)
