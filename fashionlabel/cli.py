@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(
             "query",
             commands.cmd_query,
-            "Run read-only SQL (DuckDB) over the views latest, history and nights of a labels root.",
+            "Run read-only SQL (DuckDB) over the views latest, history, nights and snapshots of a labels root.",
         )
     )
     add("models", commands.cmd_models, "List the registered models.")
@@ -328,7 +328,7 @@ def _nightly_options(p: argparse.ArgumentParser) -> None:
 
 
 def _query_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sql", help="a DuckDB query over the views latest, history and nights")
+    p.add_argument("sql", help="a DuckDB query over the views latest, history, nights and snapshots")
     p.add_argument("--labels", required=True, help="labels root (local or s3://), e.g. ROOT/labels")
     p.add_argument(
         "--csv", action="store_true", help="print CSV (list and struct columns as JSON) instead of a table"

@@ -1,6 +1,6 @@
 """``fashionlabel query``: DuckDB over the labels tables, local or on S3, with no DuckDB extension needed.
 
-Three views are registered on an in-memory DuckDB connection:
+Four views are registered on an in-memory DuckDB connection:
 
 - ``latest``: the published snapshot of ``labels/latest`` (resolved through ``latest/_CURRENT.json``, so a
   query never sees two nights mixed), one row per product, with ``run_date`` and ``active``;
@@ -8,9 +8,11 @@ Three views are registered on an in-memory DuckDB connection:
 - ``nights``: one ``run_date`` per finished run (``history/run_date=D/_SUCCESS``), quiet nights included:
   a night that labelled nothing has no rows in ``history``, so "tonight" is ``max(run_date)`` here. Where
   ``latest`` is published, a night after its snapshot is not listed yet: ``_SUCCESS`` of the run folder is
-  written before the night's snapshot, and "tonight" must be the night that ``latest`` shows.
+  written before the night's snapshot, and "tonight" must be the night that ``latest`` shows;
+- ``snapshots``: every kept ``latest`` snapshot up to the published one, each row with its ``snapshot``
+  (the night it shows): the catalog's labels as they stood on each of those nights, ``active`` included.
 
-``run_date`` is a DATE in all three, as ``latest`` stores it: the folder names of ``history`` are read as
+``run_date`` is a DATE in every view, as ``latest`` stores it: the folder names of ``history`` are read as
 dates, so the views join, compare and subtract their nights without a cast (the files are not changed:
 Athena and pandas read ``history``'s ``run_date`` as the folder's string).
 
@@ -112,8 +114,44 @@ def latest_dataset(labels: str, pointer: dict | None = None) -> pads.Dataset | N
     return pads.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
 
 
+# The night a row of the ``snapshots`` view shows: the snapshot's folder name, read as a date.
+SNAPSHOT = pa.field("snapshot", pa.date32())
+
+
+def snapshots_dataset(labels: str, upto: str | None) -> pads.Dataset | None:
+    """Every complete ``latest`` snapshot up to ``upto`` (the published one) as one dataset, with the
+    column ``snapshot`` (a date: the night whose ``latest`` the row is), or None when there is none.
+
+    Each snapshot's files are those its ``_SUCCESS`` names (a killed publish may have left more in its
+    folder), and its columns come from one of their footers: a snapshot published after the taxonomy
+    gained a head has that column, the older ones read it as null. Snapshots are kept for
+    ``nightly --keep-snapshots`` nights (7 by default); a night completing while a query reads the oldest one
+    deletes it, and the query fails on a missing file (run it again)."""
+    dates = [d for d in latest.snapshots(labels) if upto is not None and d <= upto]
+    files = {d: latest.snapshot_files(labels, d) for d in dates}
+    files = {d: f for d, f in files.items() if f}
+    if not files:
+        return None
+    base = storage.join(labels, "latest", "snapshots")
+    fs, root = storage.filesystem(base)
+    schema = pa.unify_schemas(
+        [storage.read_parquet_schema(f[0]) for f in files.values()] + [pa.schema([SNAPSHOT])],
+        promote_options="permissive",
+    )
+    ds = pads.dataset(
+        [storage.filesystem(x)[1] for f in files.values() for x in f],
+        schema=schema,
+        filesystem=fs,
+        format="parquet",
+        partitioning=pads.partitioning(pa.schema([SNAPSHOT])),  # snapshots/<date>/part-*.parquet
+        partition_base_dir=root,
+    )
+    return _UncachedDataset(list(ds.get_fragments()), ds.schema, ds.format, ds.filesystem)
+
+
 def connect(labels: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the views ``latest``, ``history`` and ``nights`` of ``labels`` registered.
+    """A DuckDB connection with the views ``latest``, ``history``, ``nights`` and ``snapshots`` of ``labels``
+    registered (a view with no file yet is not).
 
     Args:
         labels: the labels root (``ROOT/labels``), local or ``s3://``.
@@ -143,6 +181,8 @@ def connect(labels: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
         if ds is not None:
             con.register(name, ds)
     con.register("nights", finished_nights(runs, pointer["snapshot"] if pointer else None))
+    if pointer and (snaps := snapshots_dataset(labels, pointer["snapshot"])) is not None:
+        con.register("snapshots", snaps)
     if read_only:
         # The views are read through pyarrow, which these settings do not reach; DuckDB refuses to turn
         # external access back on, and the lock keeps every other setting (a temp folder, paths) as it is.
@@ -155,6 +195,7 @@ WHERE = {
     "latest": "labels/latest is published by `fashionlabel nightly`; a `fashionlabel label` output has "
     "history only",
     "history": "labels/history/run_date=D/ is written by `fashionlabel label` and `nightly`",
+    "snapshots": "labels/latest/snapshots/D/ are published by `fashionlabel nightly`, as latest is",
 }
 
 
@@ -179,8 +220,8 @@ def query(labels: str, sql: str) -> pd.DataFrame:
         if isinstance(e, duckdb.InvalidInputException) and "configuration has been locked" not in str(e):
             raise
         raise PermissionError(
-            "query is read-only: it reads the views latest, history and nights, and no other file; it "
-            f"writes nothing and changes no setting ({str(e).splitlines()[0]}). To keep a result, print it "
+            "query is read-only: it reads the views latest, history, nights and snapshots, and no other "
+            f"file; it writes nothing and changes no setting ({str(e).splitlines()[0]}). To keep a result, print it "
             "with --csv and redirect it to a file"
         ) from None
     except duckdb.CatalogException:

@@ -13,7 +13,7 @@ from labels_factory import two_nights as _two_nights
 
 from fashionlabel import latest, storage
 from fashionlabel.cli import run
-from fashionlabel.query import connect
+from fashionlabel.query import connect, query
 
 VIEWS = ("latest", "history", "nights")
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "analysts.md"
@@ -73,6 +73,8 @@ def test_every_analyst_query_in_the_docs_runs_and_answers(labels):
     assert [r[0] for r in gone] == ["p00", "p01"]
     review = next(a for q, a in zip(queries, answers, strict=True) if "LIMIT 100" in q)
     assert sorted(r[0] for r in review) == ["p02", "p04", "p20"]
+    then_and_now = next(a for q, a in zip(queries, answers, strict=True) if "products_then" in q)
+    assert then_and_now == [("Tshirts", 20, 14), ("Shirts", 0, 6)]
 
 
 def test_after_a_quiet_night_the_docs_say_nothing_changed_tonight(tmp_path):
@@ -385,3 +387,55 @@ def test_sql_with_no_statement_is_named_not_a_python_attribute_error(labels, cap
         assert run(["query", "--labels", labels, sql]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("fashionlabel query: error: no SQL statement to run in "), err
+
+
+def test_snapshots_hold_the_catalog_as_it_stood_on_each_kept_night(tmp_path):
+    from labels_factory import add_night, make_rows
+
+    labels = str(tmp_path / "labels")
+    _two_nights(labels)
+    con = connect(labels)
+    per_night = "SELECT snapshot, count(*), sum(active::INT) FROM snapshots GROUP BY 1 ORDER BY 1"
+    assert con.execute(per_night).fetchall() == [(dt.date(2026, 5, 1), 20, 20), (dt.date(2026, 5, 2), 22, 20)]
+    # the newest snapshot is latest, row for row; an older one is that night's latest, as it was then
+    assert con.execute(
+        "SELECT * EXCLUDE (snapshot) FROM snapshots WHERE snapshot = '2026-05-02'"
+    ).fetchall() == (con.execute("SELECT * FROM latest").fetchall())
+    assert con.execute(
+        "SELECT product_id, articleType, run_date FROM snapshots WHERE snapshot = '2026-05-01' AND product_id = 'p02'"
+    ).fetchall() == [("p02", "Tshirts", dt.date(2026, 5, 1))]
+
+    # a third night whose snapshot is written but not yet published (its pointer not swapped), and a part
+    # a killed publish left in a kept snapshot's folder: neither is read
+    published = storage.read_json(storage.join(labels, "latest", "_CURRENT.json"))
+    ids = [f"p{i:02d}" for i in range(2, 22)]
+    add_night(labels, "2026-05-03", make_rows(["p06"], "2026-05-03", "Shirts", sha="c"), set(ids))
+    storage.write_json(storage.join(labels, "latest", "_CURRENT.json"), published)
+    stray = storage.join(latest.snapshot_dir(labels, "2026-05-01"), "part-00001.parquet")
+    storage.write_parquet(latest.read_snapshot(labels, "2026-05-01"), stray)
+    assert connect(labels).execute(per_night).fetchall() == [
+        (dt.date(2026, 5, 1), 20, 20),
+        (dt.date(2026, 5, 2), 22, 20),
+    ]
+
+    # pruned snapshots are gone from the view; the published one stays
+    storage.write_json(
+        storage.join(labels, "latest", "_CURRENT.json"),
+        storage.read_json(storage.join(latest.snapshot_dir(labels, "2026-05-03"), "_SUCCESS")),
+    )
+    latest.prune(labels, 1)
+    assert connect(labels).execute(per_night).fetchall() == [(dt.date(2026, 5, 3), 22, 20)]
+
+
+def test_a_label_output_without_latest_has_no_snapshots_and_says_where_they_come_from(tmp_path):
+    from labels_factory import make_rows
+
+    labels = str(tmp_path / "labels")
+    storage.write_parquet(
+        make_rows(["p00"], "2026-05-01", "Tshirts"),
+        storage.join(labels, "history", "run_date=2026-05-01", "part-shard-000000.parquet"),
+    )
+    with pytest.raises(
+        FileNotFoundError, match=r"no snapshots table \(labels/latest/snapshots/D/ are published"
+    ):
+        query(labels, "SELECT count(*) FROM snapshots")
