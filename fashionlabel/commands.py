@@ -275,7 +275,8 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
 
     s = label_shards(a.shards, a.model, a.out, a.run_date, _label_config(a), incremental=a.incremental)
     out = {
-        "run": s["run_id"],
+        "run": s["run_id"]
+        + ("" if s["wrote"] else " (an earlier run's: every shard already had its labels)"),
         "labelled": s["labelled"],
         "errors": s["errored"],
         "skipped": s["skipped"],

@@ -181,6 +181,9 @@ def test_label_schema_rows_rerun_and_equal_to_predictor(
     again = label_shards(str(small_shards), str(tiny_model), str(out), "2026-01-01")
     assert again["shards_done_before"] == 4 and again["labelled"] == 0
     assert again["first_batch_seconds"] is None  # nothing was labelled
+    # the run it names is the one whose rows are there, not a new id no row carries
+    assert again["run_id"] == s["run_id"] == success["last_run_id"] and not again["wrote"] and s["wrote"]
+    assert duckdb.sql(f"SELECT DISTINCT run_id FROM '{run}/*.parquet'").fetchall() == [(s["run_id"],)]
     same = f"{small_shards.parent}/./{small_shards.name}/"  # the same shards, spelled another way
     assert label_shards(same, str(tiny_model), str(out), "2026-01-01")["shards_done_before"] == 4
     # other shards whose file names are taken in this run folder are refused, not skipped as "done"

@@ -125,9 +125,14 @@ def label_shards(
             )
     seconds = time.time() - t0
     c = writer.counts
+    success = storage.join(out_dir, manifest)
+    if not todo and storage.exists(success):
+        # nothing written: the rows in the folder carry the id of the run that completed it, not this one's
+        run_id = storage.read_json(success).get("last_run_id", run_id)
     summary = {
         "run_date": run_date,
         "run_id": run_id,
+        "wrote": bool(todo),
         "model_version": spec["version"],
         "taxonomy_version": spec["taxonomy_version"],
         "shards": len(uris),
@@ -150,7 +155,7 @@ def label_shards(
     }
     totals = run_totals(out_dir)
     summary["files"] = totals["files"]
-    _write_manifest(storage.join(out_dir, manifest), summary, totals, plan, did_work=bool(todo))
+    _write_manifest(success, summary, totals, plan, did_work=bool(todo))
     return summary
 
 
