@@ -23,7 +23,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from fresh import in_fresh_process
+from _fresh import in_fresh_process
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fresh import in_fresh_process
+from _fresh import in_fresh_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SQL = "SELECT articleType, count(*), avg(articleType_score) FROM history GROUP BY 1"

@@ -15,7 +15,9 @@ import pytest
 from procs import stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("*.py"))
+SCRIPTS = sorted(
+    p.name for p in (ROOT / "bench").glob("*.py") if not p.name.startswith("_")
+)  # _x.py: shared code
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
