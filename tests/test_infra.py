@@ -226,3 +226,64 @@ def test_s3_policy_is_least_privilege_and_covers_every_output():
     assert any(fnmatch.fnmatch("fashionlabel-catalog/images/1623.jpg", p) for p in get)
     assert any(fnmatch.fnmatch("fashionlabel-models/models/fashion/v2/weights.pt", p) for p in get)
     assert not any(fnmatch.fnmatch("fashionlabel-catalog/other/x", p) for p in get)
+
+
+def _allowed(policy: dict, action: str, resource: str, prefix: str | None) -> bool:
+    for s in policy["Statement"]:
+        if s["Effect"] != "Allow" or action not in s["Action"]:
+            continue
+        if not any(fnmatch.fnmatchcase(resource, r) for r in s["Resource"]):
+            continue
+        like = s.get("Condition", {}).get("StringLike", {}).get("s3:prefix")
+        if like is None or (prefix is not None and any(fnmatch.fnmatchcase(prefix, p) for p in like)):
+            return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # two nights, each a job with its own local Ray
+def test_s3_policy_allows_every_request_of_two_nights_and_nothing_they_do_not_make(s3, tiny_model):
+    """Two nights run as jobs against buckets named as in the policy, through a proxy that records each
+    request: every one is allowed by the policy, and every action the policy grants is one they make."""
+    from conftest import resave_artifact, sample_rows
+    from procs import run_job
+    from s3proxy import RecordingProxy, iam_requests
+
+    from fashionlabel import storage
+
+    for b in ("fashionlabel-catalog", "fashionlabel-models", "fashionlabel-nightly"):
+        s3.make_bucket(b)
+    rows = [r for r in sample_rows() if Path(r["image_uri"]).exists()][1500:1524]
+    for r in rows:
+        uri = f"s3://fashionlabel-catalog/images/{r['product_id']}.jpg"
+        storage.write_bytes(uri, Path(r["image_uri"]).read_bytes())
+        r["image_uri"] = uri
+    cols = ["product_id", "image_uri", "gender", "masterCategory", "subCategory", "articleType"]
+
+    def catalog(name: str, night: list[dict[str, str]]) -> str:
+        lines = [",".join(cols), *(",".join(r[c] for c in cols) for r in night)]
+        storage.write_bytes(f"s3://fashionlabel-catalog/catalog/{name}", ("\n".join(lines) + "\n").encode())
+        return f"s3://fashionlabel-catalog/catalog/{name}"
+
+    models = [f"s3://fashionlabel-models/models/fashion/v{i}" for i in (1, 2)]
+    for i, m in enumerate(models):
+        resave_artifact(tiny_model, m, f"release {i + 1}")
+    nights = [  # night 2: a product gone, two new, a new model (relabel), the older snapshot pruned
+        ("2026-03-01", catalog("c1.csv", rows[:20]), models[0]),
+        ("2026-03-02", catalog("c2.csv", rows[1:22]), models[1]),
+    ]
+    with RecordingProxy(s3.port) as proxy:
+        for date, cat, model in nights:
+            args = ["--catalog", cat, "--model", model, "--root", NIGHTLY_ROOT, "--date", date]
+            args += ["--samples-per-shard", "10", "--actors", "1", "--keep-snapshots", "1"]
+            r = run_job("jobs.nightly", args, s3.env() | {"AWS_ENDPOINT_URL": proxy.endpoint}, timeout=500)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        made = iam_requests(proxy.requests)
+    assert storage.exists(Layout(NIGHTLY_ROOT).manifest("2026-03-02"))
+    policy = json.loads((INFRA / "iam" / "s3-policy.json").read_text())
+    denied = sorted(m for m in made if not _allowed(policy, *m))
+    assert not denied, "\n".join(map(str, denied))
+    granted = {a for s in policy["Statement"] for a in s["Action"]}
+    # an upload aborted (a job killed while it writes a large object) is the one request a sound run
+    # does not make
+    assert granted - {a for a, _, _ in made} <= {"s3:AbortMultipartUpload"}
