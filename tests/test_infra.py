@@ -157,6 +157,26 @@ def test_the_cronjob_pod_lasts_as_long_as_its_night_and_fails_with_it(tmp_path):
     assert any(f"get rayjob fashionlabel-nightly-{d}\n" in calls for d in dates)
 
 
+def test_the_image_has_the_tools_kuberay_probes_its_pods_with():
+    """KubeRay (1.1 and newer; the manifest asks for 1.5.1) checks each Ray container's health with
+    ``bash -c "wget ... | grep success"`` run inside it: an image without wget never gets a ready pod, and
+    the night's RayJob waits until its deadline. The CUDA runtime base image has no wget."""
+    spec = _rayjob()["spec"]["rayClusterSpec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    images = {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+    assert images <= {yaml.safe_load((ROOT / "cluster.yaml").read_text())["docker"]["image"]}
+    assert all("readinessProbe" not in c for g in groups for c in g["template"]["spec"]["containers"])
+    installs = [
+        shlex.split(cmd)
+        for i, a in _docker_lines()
+        if i == "RUN"
+        for cmd in a.split("&&")
+        if "apt-get install" in cmd
+    ]
+    assert any("wget" in argv for argv in installs)
+    assert not _docker_lines()[0][1].startswith(("alpine", "busybox"))  # bash for the probe's `bash -c`
+
+
 def _hive(t: pa.DataType) -> str:
     if pa.types.is_list(t):
         return f"array<{_hive(t.value_type)}>"
