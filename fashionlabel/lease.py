@@ -16,6 +16,7 @@ half-written parts. The lease makes the second one stop at once, naming the firs
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -43,12 +44,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _submission_id() -> str | None:
+    """The submission id of the Ray job this process is the driver of, if it is one (``ray job submit``
+    passes the job's config, its metadata included, to the driver in this variable)."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        return str(config["metadata"]["job_submission_id"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class Lease:
     """``with Lease(uri, what):`` holds ``uri`` for the block, or raises :class:`LeaseHeld` naming the holder."""
 
     def __init__(self, uri: str, what: str, ttl: float = 120.0, beat: float = 20.0, settle: float = 0.5):
         self.uri, self.what, self.ttl, self.beat, self.settle = uri, what, ttl, beat, settle
         self.me = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        if job := _submission_id():
+            self.me["job"] = job
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -68,8 +81,11 @@ class Lease:
 
     def _refuse(self, held: dict[str, Any]) -> LeaseHeld:
         age = time.time() - float(held.get("heartbeat", 0))
+        # a holder submitted with `ray job submit` is named by its submission id: what `ray job status`,
+        # `ray job logs` and `ray job stop` take (a pid on a head node is of little use to the operator)
+        job = f"Ray job {held['job']}, " if held.get("job") else ""
         return LeaseHeld(
-            f"{self.what} is being run by another job (pid {held.get('pid')} on {held.get('host')}, started "
+            f"{self.what} is being run by another job ({job}pid {held.get('pid')} on {held.get('host')}, started "
             f"{held.get('started', '?')}, last seen {age:.0f} s ago): wait for it to finish. If that job is "
             f"gone, its lease {self.uri} lapses {self.ttl:.0f} s after it was last seen"
         )

@@ -94,3 +94,19 @@ def test_a_second_nightly_on_the_same_root_is_refused_before_it_does_anything(tm
     with lease, refusal:
         run_nightly(str(tmp_path / "catalog.csv"), str(tmp_path / "model"), str(root), "2026-11-24")
     assert sorted(p.name for p in root.rglob("*")) == ["work"]  # nothing written but the lease's folder
+
+
+def test_a_holder_submitted_as_a_ray_job_is_named_by_its_submission_id(tmp_path, monkeypatch):
+    """A second nightly submitted while the first runs names the first by what `ray job stop` takes."""
+    config = {"runtime_env": {}, "metadata": {"job_submission_id": "nightly-2026-03-01", "job_name": "x"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(config))
+    uri = str(tmp_path / "lease")
+    with Lease(uri, "root R", settle=0):
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(config | {"metadata": {}}))
+        with (
+            pytest.raises(
+                LeaseHeld, match=rf"another job \(Ray job nightly-2026-03-01, pid {os.getpid()} on "
+            ),
+            Lease(uri, "root R", settle=0),
+        ):
+            pass
