@@ -437,6 +437,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, SystemExit):
         # SystemExit too: while Ray Train runs, its own SIGINT handler aborts the run and calls sys.exit
         print("fashionlabel: interrupted", file=sys.stderr)
+        _print_notes(args.command)
         return 130
     except Exception as e:  # noqa: BLE001 - the command line shows one clear line, logs keep the trace
         log.debug("failure", exc_info=True)
@@ -446,8 +447,18 @@ def run(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, SettingsError):  # named as the flags typed, not as the library's fields
             e = e.render(lambda field: _flag_of(parser, args.command, field))
         print(f"fashionlabel {args.command}: error: {redact(e)}", file=sys.stderr)
+        _print_notes(args.command)
         return 1
     return 0
+
+
+def _print_notes(command: str) -> None:
+    """Print the notes of the exception being handled (which stage of a night it stopped in, how to resume):
+    the last lines a failed job's log shows."""
+    from fashionlabel.storage import redact
+
+    for note in getattr(sys.exc_info()[1], "__notes__", ()):
+        print(f"fashionlabel {command}: {redact(note)}", file=sys.stderr)
 
 
 def main() -> None:

@@ -19,9 +19,11 @@ completes on re-run without duplicates, and re-running a complete night changes 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -133,41 +135,45 @@ def _run_night(catalog: str, model: str, layout: Layout, date: str, cfg: Nightly
     previous = latest.read_snapshot(layout.labels, prev_dates[-1]) if prev_dates else None
     _check_catalog_drop(catalog, members, previous, cfg.max_catalog_drop)
     _check_head_types(previous, taxonomy, model)
-    before = product_map(layout, date)
-    shard = _shard_night(layout, date, catalog, taxonomy, cfg.shard, before)
+    with _stage(date, "sharding the catalog"):
+        before = product_map(layout, date)
+        shard = _shard_night(layout, date, catalog, taxonomy, cfg.shard, before)
     t_shard = time.time()
 
     # Until the relabelled parts are in too, the night's labelling has a manifest of its own; a re-run after
     # _SUCCESS was written (killed before the night's manifest) keeps that _SUCCESS as it is.
-    swapped = storage.exists(storage.join(layout.history(date), "_SUCCESS"))
-    night = label_shards(
-        layout.night_shards(date),
-        model,
-        layout.labels,
-        date,
-        cfg.label,
-        manifest="_SUCCESS" if swapped else NIGHT_LABELLED,
-    )
-    relabel = relabel_products(
-        layout,
-        date,
-        model,
-        version,
-        previous,
-        before,
-        shard["night_ids"],
-        members,
-        cfg.relabel_older_than_days,
-        cfg.label,
-    )
+    with _stage(date, "labelling the night's shards"):
+        swapped = storage.exists(storage.join(layout.history(date), "_SUCCESS"))
+        night = label_shards(
+            layout.night_shards(date),
+            model,
+            layout.labels,
+            date,
+            cfg.label,
+            manifest="_SUCCESS" if swapped else NIGHT_LABELLED,
+        )
+    with _stage(date, "relabelling"):
+        relabel = relabel_products(
+            layout,
+            date,
+            model,
+            version,
+            previous,
+            before,
+            shard["night_ids"],
+            members,
+            cfg.relabel_older_than_days,
+            cfg.label,
+        )
     t_label = time.time()
 
-    history = _read_history(layout, date, taxonomy)
-    _assert_unique(history, f"history run_date={date}")
-    _complete_run_manifest(layout, date, history, night_ids=shard["night_ids"])
-    snap = latest.merge(previous, history, date, members, latest.latest_schema(taxonomy))
-    _assert_unique(snap, "latest")
-    pointer = latest.publish(layout.labels, date, snap, cfg.latest_rows_per_file)
+    with _stage(date, "publishing latest"):
+        history = _read_history(layout, date, taxonomy)
+        _assert_unique(history, f"history run_date={date}")
+        _complete_run_manifest(layout, date, history, night_ids=shard["night_ids"])
+        snap = latest.merge(previous, history, date, members, latest.latest_schema(taxonomy))
+        _assert_unique(snap, "latest")
+        pointer = latest.publish(layout.labels, date, snap, cfg.latest_rows_per_file)
     # Counts come from the night's history, not from this attempt: a resumed night reports the whole night.
     pids = history["product_id"].to_pylist()
     of_night = sum(p in shard["night_ids"] for p in pids)
@@ -215,11 +221,31 @@ def _run_night(catalog: str, model: str, layout: Layout, date: str, cfg: Nightly
         "config": asdict(cfg),
         "report": layout.report(date),
     }
-    _write_report(layout, date, manifest, prev_dates[-1] if prev_dates else None)
-    save_map(layout, date, before)  # tomorrow's map starts from it; written before the night is complete
-    storage.write_json(layout.manifest(date), manifest)
+    with _stage(date, "writing the report and the manifest"):
+        _write_report(layout, date, manifest, prev_dates[-1] if prev_dates else None)
+        save_map(layout, date, before)  # tomorrow's map starts from it; written before the night is complete
+        storage.write_json(layout.manifest(date), manifest)
     _drop_scratch(layout, date, cfg.keep_snapshots)
     return manifest | {"already_complete": False}
+
+
+@contextlib.contextmanager
+def _stage(date: str, what: str) -> Iterator[None]:
+    """Note on an error or a stop (Ctrl-C, SIGTERM, ``ray job stop``) from inside the block which stage of
+    night ``date`` it came from and how to go on: what is finished is kept, so the same command resumes.
+    The command line prints the note after the error (an operator reading a failed job's last line learns
+    where it stopped and what to do, not only a storage or Ray error)."""
+    try:
+        yield
+    except BaseException as e:
+        if not any(n.startswith("night ") for n in getattr(e, "__notes__", ())):
+            how = "stopped" if isinstance(e, KeyboardInterrupt | SystemExit) else "failed"
+            e.add_note(
+                f"night {date} {how} while {what}; what it finished is kept: the same command (same --date) "
+                "resumes the night from there"
+                + ("" if how == "stopped" else ", once the error above is dealt with")
+            )
+        raise
 
 
 def _drop_scratch(layout: Layout, date: str, keep_snapshots: int) -> None:

@@ -308,8 +308,12 @@ def test_a_killed_night_rerun_with_another_catalog_names_the_way_on(
 
     with monkeypatch.context() as m:  # killed once the night's shards are packed
         m.setattr(nightly, "label_shards", killed)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as stop:
             run_nightly(str(first), str(tiny_model), str(root), "2026-03-02", cfg)
+    assert stop.value.__notes__ == [  # the command line prints it under "interrupted"
+        "night 2026-03-02 stopped while labelling the night's shards; what it finished is kept: the same "
+        "command (same --date) resumes the night from there"
+    ]
     export = write_catalog(tmp_path / "c2.csv", good[:35])  # the next export lands at the same path
     with pytest.raises(
         NightlyError, match=r"night 2026-03-02 started with another catalog .* deleting (.*)"
@@ -399,3 +403,31 @@ def test_a_product_with_a_value_new_to_the_taxonomy_is_labelled_not_quarantined(
     assert ponchos <= {p for p, _ in got} and len(got) == 20
     m2 = run_nightly(str(cat), str(tiny_model), str(root), "2026-03-02", CFG)
     assert (m2["new"], m2["changed"], m2["unchanged"], m2["quarantined"]) == (0, 0, 20, 0)
+
+
+@pytest.mark.timeout(600)  # a job with its own local Ray
+def test_a_failed_night_job_ends_naming_its_stage_and_how_to_resume(tiny_model, tmp_path):
+    """The job's last line (what an operator reads in `ray job logs`) names the stage the night failed in
+    and that the same command resumes it, under the error itself; done as the error says, the night
+    completes."""
+    from procs import run_job
+
+    good, _ = _good_and_bad()
+    missing = [dict(good[0], product_id=f"gone-{i}", image_uri=f"/nonexistent/{i}.jpg") for i in range(8)]
+    cat = write_catalog(tmp_path / "catalog.csv", good[:4] + missing)
+    args = ["--catalog", str(cat), "--model", str(tiny_model), "--root", str(tmp_path / "root")]
+    args += ["--date", "2026-03-01", "--samples-per-shard", "10", "--actors", "1"]
+    r = run_job("jobs.nightly", args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert lines[-2].startswith(
+        "fashionlabel nightly: error: 8/12 catalog rows quarantined (image_not_found 8)"
+    )
+    assert lines[-1] == (
+        "fashionlabel nightly: night 2026-03-01 failed while sharding the catalog; what it finished is kept: "
+        "the same command (same --date) resumes the night from there, once the error above is dealt with"
+    )
+    r = run_job("jobs.nightly", [*args, "--max-failure-rate", "0.9"])  # as the error says
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((tmp_path / "root" / "manifests" / "2026-03-01.json").read_text())
+    assert (manifest["labelled"], manifest["quarantined"]) == (4, 8)
