@@ -78,8 +78,9 @@ class S3Server:
         args += [f"-{k}={v}" for k, v in ports.items()]
         env = os.environ | {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         log = open(self.dir / "weed.log", "ab")  # noqa: SIM115 - lives as long as the server
+        # weed writes weed.pid into its working folder: the server's own, not the checkout the tests run in
         self.proc = subprocess.Popen(
-            args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.dir
         )
         deadline = time.time() + timeout
         while time.time() < deadline:
