@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from fashionlabel import latest, storage
 
@@ -44,12 +43,6 @@ def run_folders(labels: str) -> dict[str, list[str]]:
     folder, shared by the ``history`` and ``nights`` views."""
     base = storage.join(labels, "history")
     return {r: storage.listdir(storage.join(base, r)) for r in storage.listdirs(base, "run_date=")}
-
-
-def history_files(labels: str, runs: dict[str, list[str]]) -> list[str]:
-    """Every Parquet part of the run folders ``runs`` (:func:`run_folders`), oldest night first."""
-    base = storage.join(labels, "history")
-    return [storage.join(base, r, n) for r, names in runs.items() for n in names if n.endswith(".parquet")]
 
 
 # The night of a row, in every view: a DATE, as latest stores it (history's folder names are parsed).
@@ -79,28 +72,39 @@ class _UncachedDataset(pads.FileSystemDataset):
         return super().scanner(*args, **kwargs)
 
 
-def history_dataset(labels: str, runs: dict[str, list[str]]) -> pads.Dataset | None:
-    """The Parquet parts of ``runs`` (:func:`run_folders`) as one dataset with the hive column ``run_date``
-    (a date), or None when there is none. Its scans keep no footers (:class:`_UncachedDataset`)."""
-    files = history_files(labels, runs)
-    if not files:
-        return None
-    fs, root = storage.filesystem(storage.join(labels, "history"))
-    part = pads.partitioning(pa.schema([RUN_DATE]), flavor="hive")
-    paths = [storage.filesystem(f)[1] for f in files]
-    # A dataset takes its columns from its first file: a head that a later taxonomy added would be
-    # missing. Every part of a night is written by one model, so one footer per night gives them all.
-    first = {}
-    for p in paths:
-        first.setdefault(p.rsplit("/", 2)[-2], p)
+def _by_folder(base: str, files: dict[str, list[str]], part: pa.Field, flavor: str | None) -> pads.Dataset:
+    """One dataset over ``files`` (folder under ``base`` → its Parquet URIs), with the partition column
+    ``part`` read from the folder names (``flavor`` as pyarrow names it). Its scans keep no footers
+    (:class:`_UncachedDataset`).
+
+    A dataset takes its columns from its first file: a head that a later taxonomy added would be missing.
+    Every file of a folder is written by one model, so one footer per folder gives them all; a column whose
+    type widened between folders is read as the wider."""
+    fs, root = storage.filesystem(base)
     schema = pa.unify_schemas(
-        [pq.read_schema(p, filesystem=fs) for p in first.values()] + [pa.schema([RUN_DATE])],
-        promote_options="permissive",  # a column whose type widened between nights is read as the wider
+        [storage.read_parquet_schema(f[0]) for f in files.values()] + [pa.schema([part])],
+        promote_options="permissive",
     )
     ds = pads.dataset(
-        paths, schema=schema, filesystem=fs, format="parquet", partitioning=part, partition_base_dir=root
+        [storage.filesystem(x)[1] for f in files.values() for x in f],
+        schema=schema,
+        filesystem=fs,
+        format="parquet",
+        partitioning=pads.partitioning(pa.schema([part]), flavor=flavor),
+        partition_base_dir=root,
     )
     return _UncachedDataset(list(ds.get_fragments()), ds.schema, ds.format, ds.filesystem)
+
+
+def history_dataset(labels: str, runs: dict[str, list[str]]) -> pads.Dataset | None:
+    """The Parquet parts of ``runs`` (:func:`run_folders`) as one dataset with the hive column ``run_date``
+    (a date), or None when there is none."""
+    base = storage.join(labels, "history")
+    files = {
+        r: [storage.join(base, r, n) for n in names if n.endswith(".parquet")] for r, names in runs.items()
+    }
+    files = {r: f for r, f in files.items() if f}
+    return _by_folder(base, files, RUN_DATE, "hive") if files else None
 
 
 def latest_dataset(labels: str, pointer: dict | None = None) -> pads.Dataset | None:
@@ -130,23 +134,8 @@ def snapshots_dataset(labels: str, upto: str | None) -> pads.Dataset | None:
     dates = [d for d in latest.snapshots(labels) if upto is not None and d <= upto]
     files = {d: latest.snapshot_files(labels, d) for d in dates}
     files = {d: f for d, f in files.items() if f}
-    if not files:
-        return None
-    base = storage.join(labels, "latest", "snapshots")
-    fs, root = storage.filesystem(base)
-    schema = pa.unify_schemas(
-        [storage.read_parquet_schema(f[0]) for f in files.values()] + [pa.schema([SNAPSHOT])],
-        promote_options="permissive",
-    )
-    ds = pads.dataset(
-        [storage.filesystem(x)[1] for f in files.values() for x in f],
-        schema=schema,
-        filesystem=fs,
-        format="parquet",
-        partitioning=pads.partitioning(pa.schema([SNAPSHOT])),  # snapshots/<date>/part-*.parquet
-        partition_base_dir=root,
-    )
-    return _UncachedDataset(list(ds.get_fragments()), ds.schema, ds.format, ds.filesystem)
+    # snapshots/<date>/part-*.parquet: the folder name is the date
+    return _by_folder(storage.join(labels, "latest", "snapshots"), files, SNAPSHOT, None) if files else None
 
 
 def connect(labels: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
