@@ -11,6 +11,7 @@ mining and value checks: per row, costly) runs inside the packing tasks. ``valid
 
 from __future__ import annotations
 
+import base64
 import csv
 import functools
 import hashlib
@@ -355,10 +356,39 @@ def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]
         shared = _SharedValues()
         for r in rows:
             for k, v in r.items():
-                if v is not None and not isinstance(v, str | list):
-                    r[k] = str(v)
+                if v is not None and not isinstance(v, str):
+                    r[k] = _as_text(v)
             shared.row(r)
     return rows, bad
+
+
+def _as_text(v: Any) -> Any:
+    """A Parquet or JSON value as the text a CSV would hold, lists kept as lists of it: the shards carry
+    metadata as JSON, so a struct becomes JSON text (not Python's repr) and bytes their UTF-8 text, or
+    base64 where they are not UTF-8, rather than values ``json.dumps`` cannot write."""
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, list | tuple):
+        return [_as_text(x) for x in v]
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(v).decode("ascii")
+    if isinstance(v, dict):
+        return json.dumps(_jsonable(v), ensure_ascii=False)
+    return str(v)
+
+
+def _jsonable(v: Any) -> Any:
+    """``v`` with everything JSON has no type for (bytes, decimals, dates) as :func:`_as_text` writes it."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, str | bool | int | float):
+        return v
+    return _as_text(v)
 
 
 def resolve_uri(image_uri: str, catalog_uri: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import SAMPLE
 
 from fashionlabel.catalog import (
     REASONS,
@@ -97,6 +98,49 @@ def test_parquet_keeps_ids_exact_and_nulls(tmp_path):
         ("17", "missing_image_uri"),
         ("", "missing_product_id"),
     ]
+
+
+def test_parquet_metadata_of_any_type_is_packed_as_json(tmp_path):
+    """A retailer's Parquet export carries structs, bytes, decimals, timestamps and lists of them. Each row's
+    metadata goes into its shard's JSON: once, a list of bytes quarantined every row (``json.dumps`` cannot
+    write bytes) and a struct went in as Python's repr. Now structs are JSON text, bytes their UTF-8 text
+    or base64, and every row packs."""
+    import datetime
+    import decimal
+
+    from fashionlabel.shards.pack import pack_row
+    from fashionlabel.shards.spec import ShardConfig
+
+    (tmp_path / "a.jpg").write_bytes((SAMPLE / "images" / "1623.jpg").read_bytes())
+    item = pa.struct([("sku", pa.string()), ("price", pa.decimal128(5, 2)), ("raw", pa.binary())])
+    t = pa.table(
+        {
+            "product_id": ["1"],
+            "image_uri": ["a.jpg"],
+            "gender": ["Men"],
+            "dims": pa.array([{"w": 60, "h": 80, "unit": "px", "ok": True}]),
+            "blob": pa.array([b"\x00\xffraw"], pa.binary()),
+            "text_bytes": pa.array(["café".encode()], pa.binary()),
+            "price": pa.array([decimal.Decimal("12.50")], pa.decimal128(10, 2)),
+            "added": pa.array([datetime.datetime(2026, 1, 2, 3, 4, 5)], pa.timestamp("us")),
+            "sizes": pa.array([[38, None, 42]], pa.list_(pa.int32())),
+            "tags": pa.array([[b"a", b"\xff"]], pa.list_(pa.binary())),
+            "variants": pa.array(
+                [[{"sku": "A", "price": decimal.Decimal("1.10"), "raw": b"\xff"}]], pa.list_(item)
+            ),
+        }
+    )
+    pq.write_table(t, tmp_path / "c.parquet")
+    rows, bad = read_catalog(tmp_path / "c.parquet")
+    valid, rejected = validate(rows, str(tmp_path / "c.parquet"), Taxonomy.load("fashion-product-images"))
+    assert bad == [] and rejected == [] and len(valid) == 1
+    _, sidecar, _ = pack_row(valid[0], "shard-000000", ShardConfig())
+    meta = json.loads(sidecar)["meta"]
+    assert json.loads(meta["dims"]) == {"w": 60, "h": 80, "unit": "px", "ok": True}  # JSON, not repr
+    assert meta["blob"] == "AP9yYXc=" and meta["text_bytes"] == "café"  # base64 only where not UTF-8
+    assert meta["price"] == "12.50" and meta["added"] == "2026-01-02 03:04:05"
+    assert meta["sizes"] == ["38", None, "42"] and meta["tags"] == ["a", "/w=="]
+    assert [json.loads(v) for v in meta["variants"]] == [{"sku": "A", "price": "1.10", "raw": "/w=="}]
 
 
 def test_ids_that_are_floats_are_refused_not_read_as_1623_0(tmp_path):
