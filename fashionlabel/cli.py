@@ -8,8 +8,10 @@ default a local Ray is started and stopped by the command.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +21,19 @@ from fashionlabel import commands
 
 log = logging.getLogger("fashionlabel")
 SAMPLE_CATALOG = Path(__file__).resolve().parents[1] / "examples" / "sample" / "catalog.csv"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose refusal of a mistyped choice (a subcommand, ``--decode``, ``--split``) names
+    the nearest valid one, as the taxonomy's key check does."""
+
+    def error(self, message: str):
+        m = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)", message)
+        if m:
+            near = difflib.get_close_matches(m[1], re.findall(r"'([^']*)'", m[2]), n=1)
+            if near:
+                message += f"; did you mean '{near[0]}'?"
+        super().error(message)
 
 
 class _ShowDefaults(argparse.HelpFormatter):
@@ -92,9 +107,17 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
 # ---- parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The ``fashionlabel`` argument parser: one subparser per subcommand, bound to its ``cmd_*`` function."""
-    p = argparse.ArgumentParser(prog="fashionlabel", description=__doc__.split("\n\n")[0])
+    p = _Parser(
+        prog="fashionlabel",
+        description="Label fashion product catalogs: shard a catalog, train a multi-task model, label "
+        "the catalog (once, or nightly), report and query the labels.",
+        epilog="New here? `fashionlabel demo` runs shard → train → label → report on the bundled sample "
+        "(a few minutes on a laptop). `fashionlabel COMMAND --help` describes each command's options.",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    # not required=True: with no command, run() prints this help rather than argparse's bare
+    # "the following arguments are required: command"
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help, formatter_class=_ShowDefaults)
@@ -119,7 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     _label_options(
         add("label", commands.cmd_label, "Label shards with a model into Parquet (one file per shard).")
     )
-    _report_options(add("report", commands.cmd_report, "Write the HTML report of the newest labels run."))
+    _report_options(
+        add(
+            "report",
+            commands.cmd_report,
+            "Write the HTML report of a labels root: its newest run, or a night of a nightly root.",
+        )
+    )
     _nightly_options(
         add(
             "nightly",
@@ -413,6 +442,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the subcommand, return the exit code."""
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -37,6 +37,33 @@ def test_verbose_before_or_after_the_subcommand_and_defaults_in_every_help():
     assert "(0: off) (default: 0.0)" in train and "(default: False)" not in train
 
 
+def test_no_command_shows_the_commands_and_a_mistyped_choice_names_the_nearest():
+    """`fashionlabel` alone printed argparse's "the following arguments are required: command"; now the
+    commands and where to start. A mistyped subcommand or choice names the one meant. Run as
+    `python -m fashionlabel`, which works as the command does."""
+    import os
+
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "fashionlabel", *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+
+    r = cli()
+    text = " ".join(r.stderr.split())  # argparse wraps the help to the terminal's width
+    assert r.returncode == 2 and "required" not in text, r.stderr
+    assert "shard" in text and "nightly" in text and "`fashionlabel demo` runs" in text
+    r = cli("--help")
+    assert r.returncode == 0 and "`fashionlabel COMMAND --help` describes" in " ".join(r.stdout.split())
+    r = cli("shrad", "--catalog", "c.csv", "--out", "o")
+    assert r.returncode == 2 and r.stderr.rstrip().endswith("did you mean 'shard'?"), r.stderr
+    r = cli("evaluate", "--model", "m", "--shards", "s", "--split", "tset")
+    assert r.returncode == 2 and r.stderr.rstrip().endswith("did you mean 'test'?"), r.stderr
+    r = cli("label", "--shards", "s", "--model", "m", "--out", "o", "--decode", "xyz")
+    assert r.returncode == 2 and "(choose from 'cpu', 'gpu', 'split', 'auto')" in r.stderr
+    assert "did you mean" not in r.stderr  # nothing near: no guess
+
+
 def test_shard_job_main_and_clear_failure(ray_session, small_catalog, tmp_path, capsys):
     assert (
         shard_job.main(
