@@ -38,6 +38,16 @@ def check_settings(a: argparse.Namespace) -> None:
     }
     if a.command in build:
         build[a.command](a)
+    # a typo in a local path or a taxonomy name: named now, not after a local Ray has taken seconds to start
+    catalog = getattr(a, "catalog", None)
+    if catalog and "://" not in str(catalog) and not Path(catalog).exists():
+        from fashionlabel.catalog import CatalogError
+
+        raise CatalogError(f"catalog not found: {catalog}")
+    if a.command == "shard":
+        from fashionlabel.taxonomy import Taxonomy
+
+        Taxonomy.load(a.taxonomy)
     date = {"label": "run_date", "nightly": "date"}.get(a.command)
     if date:  # a date that is not one names the output folder: refused before a cluster is joined too
         from fashionlabel import settings

@@ -169,6 +169,16 @@ def test_bad_settings_are_refused_before_a_cluster_is_joined(small_catalog, tmp_
         "run date 'tonight' is not a date": [
             "nightly", "--catalog", str(small_catalog), "--model", out, "--root", out, "--date", "tonight"
         ],
+        # a mistyped path or taxonomy name, named before a local Ray takes seconds to start
+        f"catalog not found: {tmp_path}/catalgo.csv": [
+            "shard", "--catalog", f"{tmp_path}/catalgo.csv", "--out", out
+        ],
+        f"catalog not found: {tmp_path}/tonight.csv": [
+            "nightly", "--catalog", f"{tmp_path}/tonight.csv", "--model", out, "--root", out
+        ],
+        "no taxonomy 'shop.yml': not a built-in": [
+            "shard", "--catalog", str(small_catalog), "--out", out, "--taxonomy", "shop.yml"
+        ],
     }  # fmt: skip
     for message, argv in cases.items():
         r = subprocess.run(
