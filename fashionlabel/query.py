@@ -213,11 +213,13 @@ def query(labels: str, sql: str) -> pd.DataFrame:
             f"file; it writes nothing and changes no setting ({str(e).splitlines()[0]}). To keep a result, print it "
             "with --csv and redirect it to a file"
         ) from None
-    except duckdb.CatalogException:
+    except duckdb.CatalogException as e:
         have = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
         for view in WHERE.keys() - have:
             if re.search(rf"\b{view}\b", sql, re.IGNORECASE):
                 raise FileNotFoundError(
                     f"{labels} has no {view} table ({WHERE[view]}); it has: {', '.join(sorted(have))}"
                 ) from None
+        # DuckDB's own suggestion for a mistyped table is one of its system tables (pg_sequences, ...)
+        e.add_note(f"the tables of {labels}: {', '.join(sorted(have))}")
         raise

@@ -278,6 +278,17 @@ def test_a_view_the_folder_does_not_have_is_named_with_where_it_comes_from(label
     assert err.rstrip().endswith("it has: history, nights")
 
 
+def test_a_mistyped_table_is_answered_with_the_tables_there_are(labels, capsys):
+    """DuckDB's own suggestion for a name near none of the views is one of its system tables (`Did you
+    mean "pg_sequences"?`); the command's last line names the tables the labels root has."""
+    assert run(["query", "--labels", labels, "SELECT count(*) FROM products"]) == 1
+    err = capsys.readouterr().err.rstrip()
+    assert "products does not exist" in err
+    assert err.splitlines()[-1] == (
+        f"fashionlabel query: the tables of {labels}: history, latest, nights, snapshots"
+    ), err
+
+
 def test_a_damaged_latest_pointer_is_named_with_its_repair(labels, tmp_path, capsys):
     """A `latest/_CURRENT.json` cut short or overwritten failed `query` and `report` with JSON's own
     message (`Invalid control character at: line 1 column 7`), naming no file. Both name it and the
