@@ -89,16 +89,35 @@ def check_outputs_outlive_the_job(a: argparse.Namespace) -> None:
             )
 
 
+def _demo_train_argv(a: argparse.Namespace) -> list[str]:
+    """The demo's train step, as typed."""
+    root = Path(a.out)
+    return [
+        *("train", "--shards", str(root / "shards"), "--out", str(root / "model")),
+        *("--epochs", str(a.epochs), "--workers", "2"),
+        # a review queue a team can work through, not every product a weak head hesitates on
+        *("--review-share", str(DEMO_REVIEW_SHARE)),
+    ]
+
+
 def _demo_check(a: argparse.Namespace) -> None:
     """The demo's own settings (its epochs, its run date), checked as its train and label steps would
-    check them, but before its shard step writes anything."""
+    check them, but before its shard step writes anything. A model of an earlier demo with other settings
+    is named here too: train's own refusal would point at an --overwrite that the demo does not have."""
     from fashionlabel import settings
     from fashionlabel.cli import parse
+    from fashionlabel.train.config import config_differences, same_config
 
-    _train_config(
-        parse(["train", "--shards", a.out, "--out", a.out, "--epochs", str(a.epochs), "--workers", "2"])
-    )
+    cfg = _train_config(parse(_demo_train_argv(a)))
     settings.run_date(a.run_date)
+    spec = Path(a.out) / "model" / "model.json"
+    saved = json.loads(spec.read_text()).get("training", {}).get("config") if spec.is_file() else None
+    if saved is not None and not same_config(saved, cfg):
+        raise ValueError(
+            f"{a.out} holds an earlier demo's model, trained with other settings "
+            f"({config_differences(saved, cfg)}): give another --out, or remove {a.out} (`make clean`) "
+            "to start afresh"
+        )
 
 
 def _shard_config(a: argparse.Namespace) -> Any:
@@ -533,24 +552,7 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
     sh = cmd_shard(
         parse(["shard", "--catalog", str(a.catalog), "--out", str(shards), "--samples-per-shard", "500"])
     )
-    tr = cmd_train(
-        parse(
-            [
-                "train",
-                "--shards",
-                str(shards),
-                "--out",
-                str(model),
-                "--epochs",
-                str(a.epochs),
-                "--workers",
-                "2",
-                # a review queue a team can work through, not every product a weak head hesitates on
-                "--review-share",
-                str(DEMO_REVIEW_SHARE),
-            ]
-        )
-    )
+    tr = cmd_train(parse(_demo_train_argv(a)))
     lb = cmd_label(
         parse(
             [

@@ -407,6 +407,24 @@ def test_demo_bad_settings_are_refused_before_its_shards_are_written(small_catal
         assert "Traceback" not in r.stderr and not out.exists(), extra
 
 
+def test_demo_over_an_earlier_demo_of_other_settings_says_how_to_start_afresh(
+    ray_session, small_catalog, tiny_model, tmp_path, capsys
+):
+    """`demo --epochs 5` over a demo folder of other settings: its shard step ran, then training refused,
+    telling the user to "add --overwrite", an option the demo does not have."""
+    from fashionlabel.cli import run
+
+    out = tmp_path / "demo"
+    shutil.copytree(tiny_model, out / "model")  # fl_tiny, 2 epochs: not the demo's settings
+    assert run(["demo", "--catalog", str(small_catalog), "--out", str(out), "--epochs", "5"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"{out} holds an earlier demo's model, trained with other settings (model fl_tiny → fl_small" in err
+    )
+    assert f"remove {out} (`make clean`) to start afresh" in err and "--overwrite" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["model"]  # nothing sharded
+
+
 def test_evaluate_out_that_is_a_file_and_prune_blocks_that_are_not_numbers_are_named(tmp_path, capsys):
     """Refused at once, naming the option: not after the whole evaluation with a bare "File exists", nor as
     Python's "invalid literal for int()"."""

@@ -64,3 +64,10 @@ class TrainConfig:
 def same_config(saved: dict[str, Any], cfg: TrainConfig) -> bool:
     """A checkpoint's config equals ``cfg``; options added since it was written count as their defaults."""
     return {**asdict(TrainConfig()), **saved} == asdict(cfg)
+
+
+def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> str:
+    """The settings in which a saved training config differs from ``cfg``, as "name old → new"."""
+    now = asdict(cfg)
+    was = {**asdict(TrainConfig()), **saved}
+    return ", ".join(f"{k} {was[k]} → {now[k]}" for k in now if was.get(k) != now[k])

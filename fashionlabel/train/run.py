@@ -27,7 +27,7 @@ from fashionlabel.shards import list_shards
 from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train import checkpoint as ckpt
 from fashionlabel.train.calibrate import calibrate
-from fashionlabel.train.config import TrainConfig, same_config
+from fashionlabel.train.config import TrainConfig, config_differences, same_config
 from fashionlabel.train.export import cache_root, check_replaceable, save_artifact
 from fashionlabel.train.loop import fit
 from fashionlabel.train.metrics import confusion, evaluate_probs, metrics_json, thresholded_prf
@@ -109,13 +109,6 @@ def shards_fingerprint(shards: str, taxonomy: Taxonomy, index: Any = None) -> st
     return h.hexdigest()[:16]
 
 
-def _differences(saved: dict[str, Any], cfg: TrainConfig) -> str:
-    """The settings in which a saved training config differs from ``cfg``, as "name old → new"."""
-    now = dataclasses.asdict(cfg)
-    was = {**dataclasses.asdict(TrainConfig()), **saved}
-    return ", ".join(f"{k} {was[k]} → {now[k]}" for k in now if was.get(k) != now[k])
-
-
 def _check_out(shards: str, out: str, cfg: TrainConfig, checkpoints: str, overwrite: bool, data: str) -> None:
     """Refuse, before any worker starts, an ``--out`` that training would destroy: anything but a new or
     empty folder or a model artifact (the artifact is replaced atomically, and the folder with it), the
@@ -133,7 +126,7 @@ def _check_out(shards: str, out: str, cfg: TrainConfig, checkpoints: str, overwr
     saved = held.get("config")
     if saved is not None and not same_config(saved, cfg) and not overwrite:
         raise ValueError(
-            f"--out {out} holds a model trained with other settings ({_differences(saved, cfg)}): give "
+            f"--out {out} holds a model trained with other settings ({config_differences(saved, cfg)}): give "
             "another --out, or add --overwrite to replace it"
         )
     # A model of the same settings trained on other shards: a re-run would resume its finished
@@ -146,7 +139,7 @@ def _check_out(shards: str, out: str, cfg: TrainConfig, checkpoints: str, overwr
     state = ckpt.load(checkpoints)
     if state is not None and not same_config(state["config"], cfg) and not overwrite:
         raise ValueError(
-            f"{checkpoints} holds the checkpoints of a run with other settings ({_differences(state['config'], cfg)}),"
+            f"{checkpoints} holds the checkpoints of a run with other settings ({config_differences(state['config'], cfg)}),"
             " which this run would replace: run the same command as before to resume it, give another --out "
             "(or --storage), or add --overwrite to start again"
         )
