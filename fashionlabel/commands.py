@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,17 @@ def _print_summary(title: str, items: dict[str, Any]) -> None:
         if isinstance(v, float):
             v = f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
         print(f"  {k:<{width}}  {v}")
+
+
+def _next_step(a: argparse.Namespace, out: dict[str, Any], command: str) -> None:
+    """Add the summary's ``next`` line: the command that takes this one's output further, with its paths
+    filled in. Left out for the demo's steps, where the demo runs the next step itself."""
+    if getattr(a, "show_next", True):
+        out["next"] = command
+
+
+def _q(path: Any) -> str:
+    return shlex.quote(str(path))
 
 
 def check_settings(a: argparse.Namespace) -> None:
@@ -159,6 +171,12 @@ def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
         )
     for head, why in s.missing_columns.items():
         out[f"no labels for {head}"] = why
+    _next_step(
+        a,
+        out,
+        f"fashionlabel train --shards {_q(s.out)} --out MODEL, or label them with a model: "
+        f"fashionlabel label --shards {_q(s.out)} --model MODEL --out LABELS",
+    )
     _print_summary("shard", out)
     return out
 
@@ -206,6 +224,7 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
     if cfg.ema_epochs > 0:
         out["exported weights"] = r["training"]["weights"]
     out |= _accuracy_lines(r["metrics"]["test"], "test")
+    _next_step(a, out, f"fashionlabel label --shards {_q(a.shards)} --model {_q(a.out)} --out LABELS")
     _print_summary("train", out)
     return out | {"metrics": r["metrics"]}
 
@@ -327,6 +346,12 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
         "model version": s["model_version"],
         "output": s["out"],
     }
+    _next_step(
+        a,
+        out,
+        f"fashionlabel report --labels {_q(a.out)} --out report.html, or query them: "
+        f'fashionlabel query --labels {_q(a.out)} "SELECT count(*) FROM history"',
+    )
     _print_summary("label", out)
     return out | {"raw": s}
 
@@ -409,6 +434,12 @@ def cmd_calibrate(a: argparse.Namespace) -> dict[str, Any]:
             f"{100 * cal['val_needs_review']:.1f}% (asked: at most {cal['review_share']:.0%})"
         )
     out |= _accuracy_lines(r["metrics"]["test"], "test")
+    _next_step(
+        a,
+        out,
+        f"label or run nightly with --model {_q(a.out)} (a new version: the next night relabels every "
+        "active product)",
+    )
     _print_summary("calibrate", out)
     return out | {"raw": r}
 
@@ -433,6 +464,7 @@ def _nightly_config(a: argparse.Namespace) -> Any:
 
 def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
     """``nightly``: run one night end to end; return the night's manifest (not only the printed lines)."""
+    from fashionlabel import storage
     from fashionlabel.nightly import run_nightly
     from fashionlabel.report import night_rate
     from fashionlabel.shards.job import fmt_reasons
@@ -459,7 +491,14 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
         "time": f"{m['seconds']['total']:.1f} s",
         "model version": m["model_version"],
         "report": m["report"],
+        "labels": storage.join(a.root, "labels"),
     }
+    _next_step(
+        a,
+        out,
+        f"fashionlabel query --labels {_q(storage.join(a.root, 'labels'))} "
+        '"SELECT count(*) FROM latest WHERE active" (docs/analysts.md has more)',
+    )
     _print_summary("nightly", out)
     return m
 
@@ -546,15 +585,21 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
             "of a Ray cluster do not see: run it on a local Ray (leave --address and RAY_ADDRESS unset), or "
             "run the commands as jobs with s3:// outputs (README, Running on a cluster)"
         )
+
+    def step(argv: list[str]) -> argparse.Namespace:
+        ns = parse(argv)
+        ns.show_next = False  # the demo runs the next step itself
+        return ns
+
     t0 = time.time()
     root = Path(a.out)
     shards, model, labels = root / "shards", root / "model", root / "labels"
     sh = cmd_shard(
-        parse(["shard", "--catalog", str(a.catalog), "--out", str(shards), "--samples-per-shard", "500"])
+        step(["shard", "--catalog", str(a.catalog), "--out", str(shards), "--samples-per-shard", "500"])
     )
-    tr = cmd_train(parse(_demo_train_argv(a)))
+    tr = cmd_train(step(_demo_train_argv(a)))
     lb = cmd_label(
-        parse(
+        step(
             [
                 "label",
                 "--shards",
@@ -568,7 +613,7 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
             ]
         )
     )
-    rp = cmd_report(parse(["report", "--labels", str(labels), "--out", str(root / "report.html")]))
+    rp = cmd_report(step(["report", "--labels", str(labels), "--out", str(root / "report.html")]))
     # this run's folder: a demo run again on another day adds a second run folder beside it
     run_dir = labels / "history" / f"run_date={a.run_date}"
     q = (

@@ -1,3 +1,4 @@
+import shlex
 import shutil
 import subprocess
 import sys
@@ -338,9 +339,15 @@ heads:
     assert run(["shard", "--catalog", str(small_catalog), "--out", str(shards), "--taxonomy", str(tax)]) == 0
     stats = json.loads((shards / "stats.json").read_text())
     assert stats["taxonomy"]["name"] == "store-lite"
+    # each summary ends with the command that takes its output further
+    last = " ".join(capsys.readouterr().out.splitlines()[-1].split())
+    assert last.startswith(f"next fashionlabel train --shards {shards} --out MODEL, or label them"), last
     argv = ["train", "--shards", str(shards), "--out", str(model), "--model", "fl_tiny", "--epochs", "1"]
     assert run([*argv, "--workers", "1"]) == 0
-    assert "test department" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "test department" in out
+    last = " ".join(out.splitlines()[-1].split())
+    assert last == f"next fashionlabel label --shards {shards} --model {model} --out LABELS", last
     argv = [
         "label",
         "--shards",
@@ -353,6 +360,12 @@ heads:
         "2026-02-01",
     ]
     assert run(argv) == 0
+    last = " ".join(capsys.readouterr().out.splitlines()[-1].split())
+    assert last.startswith(f"next fashionlabel report --labels {labels} --out report.html, or"), last
+    # the query it names runs as printed
+    query = shlex.split(last.split("query them: ")[1])
+    assert query[:2] == ["fashionlabel", "query"] and run(query[1:]) == 0
+    assert "600" in capsys.readouterr().out
     t = pq.read_table(labels / "history" / "run_date=2026-02-01")
     heads = [c for c in t.column_names if c.startswith(("department", "family", "tones"))]
     assert heads == [
@@ -461,6 +474,22 @@ def test_nightly_refuses_a_gpu_the_cluster_lacks_before_its_shards_are_written(
     assert run([*argv, "--date", "2026-03-01", "--device", "cuda"]) == 1
     assert "--device cuda asked for, but the Ray cluster has no GPU" in capsys.readouterr().err
     assert not [p for p in root.rglob("*") if p.is_file()]  # the lease, released, leaves its empty folder
+
+
+def test_nightly_summary_names_its_labels_and_a_query_that_runs(
+    ray_session, small_catalog, tiny_model, tmp_path, capsys
+):
+    """The summary said where the report went, not the labels, nor how to read them."""
+    from fashionlabel.cli import run
+
+    root = tmp_path / "root"
+    argv = ["nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(root)]
+    assert run([*argv, "--date", "2026-03-01"]) == 0
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert f"labels {root}/labels" in lines
+    query = shlex.split(lines[-1].removeprefix("next ").split(" (")[0])
+    assert query[:4] == ["fashionlabel", "query", "--labels", f"{root}/labels"], lines[-1]
+    assert run(query[1:]) == 0 and "600" in capsys.readouterr().out
 
 
 def test_a_relative_output_in_a_job_with_a_working_dir_is_refused_by_name(small_catalog, tmp_path):
