@@ -169,6 +169,8 @@ def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
         out["incremental"] = (
             f"{s.new} new, {s.changed} changed, {s.unchanged} unchanged vs {s.incremental_from}"
         )
+    if s.quarantined:  # which rows, and why each: what to fix in the export or the taxonomy
+        out["quarantine"] = f"{s.out.rstrip('/')}/quarantine.parquet (product_id, reason, detail)"
     for head, why in s.missing_columns.items():
         out[f"no labels for {head}"] = why
     _next_step(

@@ -75,6 +75,8 @@ def test_shard_job_main_and_clear_failure(ray_session, small_catalog, tmp_path, 
     assert pq.read_table(tmp_path / "s" / "index.parquet").num_rows == 600
     out = capsys.readouterr().out
     assert "packed" in out and "image_not_found 6" in out
+    # where the quarantined rows are, each with its reason
+    assert f"quarantine {tmp_path}/s/quarantine.parquet (product_id, reason, detail)" in " ".join(out.split())
     assert shard_job.main(["--catalog", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "t")]) == 1
     assert "catalog not found" in capsys.readouterr().err
 
