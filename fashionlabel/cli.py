@@ -126,8 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
         )
-        # Every command takes it; those outside NEEDS_RAY run in this process and need no cluster.
-        sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+        # Every command takes it (a job passes it to any); those outside NEEDS_RAY run in this process and
+        # need no cluster, which their help says rather than offering a choice that changes nothing.
+        sp.add_argument(
+            "--address",
+            default=None,
+            help="Ray cluster address (default: RAY_ADDRESS or local)"
+            if name in NEEDS_RAY
+            else "accepted and not used: this command runs in this process and needs no Ray cluster",
+        )
         return sp
 
     _shard_options(

@@ -65,6 +65,19 @@ def test_no_command_shows_the_commands_and_a_mistyped_choice_names_the_nearest()
     assert "did you mean" not in r.stderr  # nothing near: no guess
 
 
+def test_address_help_says_which_commands_use_a_cluster():
+    """`query --help` offered "Ray cluster address (default: RAY_ADDRESS or local)", an option that changes
+    nothing for a command that runs in its own process."""
+    from fashionlabel.cli import NEEDS_RAY, build_parser
+
+    choices = build_parser()._subparsers._group_actions[0].choices
+    for name, sp in choices.items():
+        text = " ".join(sp.format_help().split())
+        uses = "--address ADDRESS Ray cluster address (default: RAY_ADDRESS or local)" in text
+        unused = "--address ADDRESS accepted and not used: this command runs in this process" in text
+        assert (uses, unused) == ((True, False) if name in NEEDS_RAY else (False, True)), name
+
+
 def test_shard_job_main_and_clear_failure(ray_session, small_catalog, tmp_path, capsys):
     assert (
         shard_job.main(
