@@ -435,11 +435,29 @@ NEEDS_RAY = {"shard", "train", "label", "demo", "nightly"}
 _FIELD_DEST = {"relabel_older_than_days": "relabel_older_than"}
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> None:
+    """Exit as argparse does for arguments no option takes, but as the subcommand (``fashionlabel shard:
+    error``), naming the option a mistyped one was meant to be (``--sample-per-shard`` →
+    ``--samples-per-shard``)."""
+    p = _subparser(parser, command) if command else parser
+    known = [o for a in p._actions for o in a.option_strings if o.startswith("--")]
+    near = [
+        f"{x.split('=')[0]!r}: did you mean {m[0]!r}?"
+        for x in extra
+        if x.startswith("--") and (m := difflib.get_close_matches(x.split("=")[0], known, n=1))
+    ]
+    p.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(near)})" if near else ""))
+
+
 def _flag_of(parser: argparse.ArgumentParser, command: str, field: str) -> str | None:
     """The option of ``command`` that sets a settings field (``batch_size`` → ``--batch-size``), if any."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     dest = _FIELD_DEST.get(field, field)
-    for action in sub.choices[command]._actions:
+    for action in _subparser(parser, command)._actions:
         if action.dest == dest and action.option_strings:
             return max(action.option_strings, key=len)
     return None
@@ -448,7 +466,9 @@ def _flag_of(parser: argparse.ArgumentParser, command: str, field: str) -> str |
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the subcommand, return the exit code."""
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if extra:
+        _refuse_unknown(parser, args.command, extra)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

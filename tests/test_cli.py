@@ -65,6 +65,23 @@ def test_no_command_shows_the_commands_and_a_mistyped_choice_names_the_nearest()
     assert "did you mean" not in r.stderr  # nothing near: no guess
 
 
+def test_a_mistyped_option_is_named_by_its_subcommand_with_the_nearest_one():
+    """`shard --sample-per-shard 5` failed as "fashionlabel: error: unrecognized arguments", under the
+    top-level usage, with no hint of the option meant."""
+    import os
+
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    argv = ["shard", "--catalog", "c.csv", "--out", "o", "--sample-per-shard", "5"]
+    r = subprocess.run(
+        [sys.executable, "-m", "fashionlabel", *argv], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert r.returncode == 2 and "usage: fashionlabel shard" in r.stderr, r.stderr
+    assert r.stderr.rstrip().splitlines()[-1] == (
+        "fashionlabel shard: error: unrecognized arguments: --sample-per-shard 5 "
+        "('--sample-per-shard': did you mean '--samples-per-shard'?)"
+    )
+
+
 def test_address_help_says_which_commands_use_a_cluster():
     """`query --help` offered "Ray cluster address (default: RAY_ADDRESS or local)", an option that changes
     nothing for a command that runs in its own process."""
