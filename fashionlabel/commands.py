@@ -467,6 +467,7 @@ def _nightly_config(a: argparse.Namespace) -> Any:
 def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
     """``nightly``: run one night end to end; return the night's manifest (not only the printed lines)."""
     from fashionlabel import storage
+    from fashionlabel.layout import Layout
     from fashionlabel.nightly import run_nightly
     from fashionlabel.report import night_rate
     from fashionlabel.shards.job import fmt_reasons
@@ -479,6 +480,9 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
         "new / changed / unchanged": f"{m['new']} / {m['changed']} / {m['unchanged']}",
         "quarantined": f"{m['quarantined']} ({fmt_reasons(m['reasons'])})",
     }
+    quarantine = storage.join(Layout(a.root).night_shards(m["run_date"]), "quarantine.parquet")
+    if m["quarantined"] and storage.exists(quarantine):  # which rows, and why each
+        out["quarantine"] = f"{quarantine} (product_id, reason, detail)"
     if outside := m.get("labels_outside_taxonomy"):  # a manifest of an older version has none
         out["labels outside taxonomy"] = (
             f"{fmt_reasons(outside)} products labelled all the same: their catalog value is not one the "

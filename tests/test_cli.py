@@ -519,6 +519,10 @@ def test_nightly_summary_names_its_labels_and_a_query_that_runs(
     assert run([*argv, "--date", "2026-03-01"]) == 0
     lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
     assert f"labels {root}/labels" in lines
+    assert "quarantined 6 (image_not_found 6)" in lines  # rows without an image, and where they are listed
+    assert (
+        f"quarantine {root}/shards/night=2026-03-01/quarantine.parquet (product_id, reason, detail)" in lines
+    )
     query = shlex.split(lines[-1].removeprefix("next ").split(" (")[0])
     assert query[:4] == ["fashionlabel", "query", "--labels", f"{root}/labels"], lines[-1]
     assert run(query[1:]) == 0 and "600" in capsys.readouterr().out
