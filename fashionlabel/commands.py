@@ -366,6 +366,7 @@ def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
     """
     from fashionlabel import latest, settings, storage
     from fashionlabel.layout import Layout
+    from fashionlabel.query import labels_root_above
     from fashionlabel.report import write_night_report, write_report
 
     if not storage.is_s3(a.out) and Path(a.out).is_dir():
@@ -378,6 +379,10 @@ def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
         )
     if not snaps and storage.exists(storage.join(a.labels, "labels", "latest")):
         raise ValueError(f"{a.labels} is a nightly root: give --labels {storage.join(a.labels, 'labels')}")
+    # (one run folder, history/run_date=D, is reported as it is: it holds that run's parts)
+    history = not snaps and storage.absolute(a.labels).rstrip("/").endswith("/history")
+    if history and (root := labels_root_above(a.labels)):
+        raise ValueError(f"{a.labels} is the history folder of a labels root: give --labels {root}")
     if snaps:  # a nightly labels root: the night's report with drift against the night before
         # by default the night that latest shows: a newer snapshot whose pointer swap has not happened (a
         # night still publishing, or killed before it) is not a published night yet
@@ -645,7 +650,8 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
         for h, m in test.items()
     }
     out |= {
-        "labels": str(labels / "history"),
+        # the labels root, as `query --labels` and `report --labels` take it (not its history/ folder)
+        "labels": str(labels),
         "report": rp["out"],
         "model": str(model),
         "total time": f"{time.time() - t0:.0f} s",

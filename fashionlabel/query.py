@@ -138,6 +138,18 @@ def snapshots_dataset(labels: str, upto: str | None) -> pads.Dataset | None:
     return _by_folder(storage.join(labels, "latest", "snapshots"), files, SNAPSHOT, None) if files else None
 
 
+def labels_root_above(path: str) -> str | None:
+    """The labels root that ``path`` lies in, for a path given as one: its ``history/`` folder or one of its
+    run folders (the folder a labelling summary names as its output), else None."""
+    p = storage.absolute(path).rstrip("/")
+    parent, _, name = p.rpartition("/")
+    if name.startswith("run_date=") and parent.endswith("/history"):
+        return parent.rpartition("/")[0]
+    if name == "history" and storage.listdirs(p, "run_date="):
+        return parent
+    return None
+
+
 def connect(labels: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views ``latest``, ``history``, ``nights`` and ``snapshots`` of ``labels``
     registered (a view with no file yet is not).
@@ -165,6 +177,8 @@ def connect(labels: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
         inner = storage.join(labels, "labels")
         if latest.current(inner) or storage.listdirs(storage.join(inner, "history"), "run_date="):
             raise FileNotFoundError(f"{labels} is a nightly root: its labels are under {inner}")
+        if root := labels_root_above(labels):
+            raise FileNotFoundError(f"{labels} is inside a labels root: give --labels {root}")
         raise FileNotFoundError(f"no labels under {labels} (expected latest/_CURRENT.json or history/)")
     for name, ds in found.items():
         if ds is not None:

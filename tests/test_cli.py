@@ -424,6 +424,26 @@ def test_demo_on_a_cluster_is_refused_before_anything_is_written(ray_session, tm
     assert not (tmp_path / "demo").exists()
 
 
+def test_demo_end_to_end_names_the_labels_root_that_query_and_report_take(
+    ray_session, small_catalog, tmp_path, capsys
+):
+    """The demo on 600 products, one epoch. Its summary named labels/history as its labels, a folder that
+    `query --labels` and `report --labels` both refused; the query it prints last runs as printed."""
+    from fashionlabel.cli import run
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--catalog", str(small_catalog), "--out", str(out), "--epochs", "1"]
+    assert run([*argv, "--run-date", "2026-03-01"]) == 0
+    printed = capsys.readouterr().out
+    lines = [" ".join(line.split()) for line in printed.splitlines()]
+    assert "products packed 600" in lines and f"labels {out}/labels" in lines
+    assert not any(line.startswith("next ") for line in lines)  # the demo runs each next step itself
+    query = shlex.split(printed.rstrip().splitlines()[-1].split("query it:")[1])
+    assert query[0].endswith("fashionlabel") and query[1:3] == ["query", "--labels"]
+    assert run(query[1:]) == 0 and "count_star()" in capsys.readouterr().out
+    assert run(["report", "--labels", query[3], "--out", str(tmp_path / "again.html")]) == 0
+
+
 def test_demo_bad_settings_are_refused_before_its_shards_are_written(small_catalog, tmp_path):
     """The demo runs shard, train and label in turn: epochs that training refuses, or a run date that is not
     one, are named before the shard step writes anything (not after minutes of sharding and training), and

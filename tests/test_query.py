@@ -278,6 +278,15 @@ def test_a_view_the_folder_does_not_have_is_named_with_where_it_comes_from(label
     assert err.rstrip().endswith("it has: history, nights")
 
 
+def test_a_folder_inside_a_labels_root_is_answered_with_the_root(labels, capsys):
+    """The history folder, or a run folder in it (what `label` names as its output), given for the labels
+    root: "no labels under …" named no way on."""
+    for inside in (f"{labels}/history", f"{labels}/history/run_date=2026-05-02"):
+        assert run(["query", "--labels", inside, "SELECT count(*) FROM history"]) == 1
+        err = capsys.readouterr().err
+        assert f"{inside} is inside a labels root: give --labels {labels}" in err, err
+
+
 def test_a_mistyped_table_is_answered_with_the_tables_there_are(labels, capsys):
     """DuckDB's own suggestion for a name near none of the views is one of its system tables (`Did you
     mean "pg_sequences"?`); the command's last line names the tables the labels root has."""

@@ -173,7 +173,13 @@ def test_cli_report_on_a_nightly_root_renders_the_newest_night(tmp_path, capsys)
     shutil.copy(next((tmp_path / "labels/history/run_date=2026-05-01").glob("*.parquet")), plain)
     assert run([*report, "--labels", str(tmp_path / "plain"), "--date", "2026-05-01"]) == 1
     assert "--date needs the labels of a nightly root" in capsys.readouterr().err
+    # the history folder given for its labels root ("no labels Parquet under …/history" before)
+    assert run([*report, "--labels", str(tmp_path / "plain" / "history")]) == 1
+    err = capsys.readouterr().err
+    assert f"is the history folder of a labels root: give --labels {tmp_path / 'plain'}" in err
     assert not (tmp_path / "y.html").exists()
+    # one run folder is reported as it is
+    assert run(["report", "--labels", str(plain), "--out", str(tmp_path / "run.html")]) == 0
 
 
 def test_cli_report_shows_the_night_latest_shows_not_a_snapshot_still_being_published(tmp_path, capsys):
