@@ -377,8 +377,11 @@ def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
             f"--date needs the labels of a nightly root (ROOT/labels, with latest/ snapshots); {a.labels} "
             "has none: leave --date out for the report of its newest run"
         )
-    if not snaps and storage.exists(storage.join(a.labels, "labels", "latest")):
-        raise ValueError(f"{a.labels} is a nightly root: give --labels {storage.join(a.labels, 'labels')}")
+    inner = storage.join(a.labels, "labels")
+    if not snaps and storage.exists(storage.join(inner, "latest")):
+        raise ValueError(f"{a.labels} is a nightly root: give --labels {inner}")
+    if not snaps and storage.listdirs(storage.join(inner, "history"), "run_date="):  # a demo's folder, say
+        raise ValueError(f"{a.labels} keeps its labels under {inner}: give --labels {inner}")
     # (one run folder, history/run_date=D, is reported as it is: it holds that run's parts)
     history = not snaps and storage.absolute(a.labels).rstrip("/").endswith("/history")
     if history and (root := labels_root_above(a.labels)):

@@ -175,8 +175,10 @@ def connect(labels: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     found = {"latest": latest_dataset(labels, pointer), "history": history_dataset(labels, runs)}
     if not any(v is not None for v in found.values()):
         inner = storage.join(labels, "labels")
-        if latest.current(inner) or storage.listdirs(storage.join(inner, "history"), "run_date="):
+        if latest.current(inner):
             raise FileNotFoundError(f"{labels} is a nightly root: its labels are under {inner}")
+        if storage.listdirs(storage.join(inner, "history"), "run_date="):  # a demo's folder, say
+            raise FileNotFoundError(f"{labels} keeps its labels under {inner}: give --labels {inner}")
         if root := labels_root_above(labels):
             raise FileNotFoundError(f"{labels} is inside a labels root: give --labels {root}")
         raise FileNotFoundError(f"no labels under {labels} (expected latest/_CURRENT.json or history/)")

@@ -278,6 +278,17 @@ def test_a_view_the_folder_does_not_have_is_named_with_where_it_comes_from(label
     assert err.rstrip().endswith("it has: history, nights")
 
 
+def test_a_folder_holding_a_labels_root_is_answered_with_it(labels, tmp_path, capsys):
+    """A demo's folder (demo-out, whose labels are demo-out/labels) was called "a nightly root"."""
+    import shutil
+
+    shutil.copytree(f"{labels}/history", tmp_path / "labels" / "history")  # as `demo` and `label` write
+    assert run(["query", "--labels", str(tmp_path), "SELECT 1"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path} keeps its labels under {tmp_path}/labels: give --labels {tmp_path}/labels" in err
+    assert "nightly" not in err
+
+
 def test_a_folder_inside_a_labels_root_is_answered_with_the_root(labels, capsys):
     """The history folder, or a run folder in it (what `label` names as its output), given for the labels
     root: "no labels under …" named no way on."""

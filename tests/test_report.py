@@ -177,6 +177,11 @@ def test_cli_report_on_a_nightly_root_renders_the_newest_night(tmp_path, capsys)
     assert run([*report, "--labels", str(tmp_path / "plain" / "history")]) == 1
     err = capsys.readouterr().err
     assert f"is the history folder of a labels root: give --labels {tmp_path / 'plain'}" in err
+    # the folder of a demo, whose labels root is demo/labels: "no labels Parquet under demo" before
+    shutil.copytree(tmp_path / "plain", tmp_path / "demo" / "labels")
+    assert run([*report, "--labels", str(tmp_path / "demo")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/demo keeps its labels under {tmp_path}/demo/labels: give --labels" in err, err
     assert not (tmp_path / "y.html").exists()
     # one run folder is reported as it is
     assert run(["report", "--labels", str(plain), "--out", str(tmp_path / "run.html")]) == 0
