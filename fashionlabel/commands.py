@@ -343,7 +343,7 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
             if s["first_batch_seconds"] is not None
             else ""
         ),
-        "plan": f"{s['actors']} actor(s) on {s['device']}, reads in {s['read']}, decode on {s['decode']}, "
+        "plan": f"{s['actors']} actor(s) on {s['device']}, reads in {s['read']}, {_decode_text(s)}, "
         f"batch {s['batch_size']}" + (f", compiled: {s['compiled']}" if s["compiled"] else ""),
         "model version": s["model_version"],
         "output": s["out"],
@@ -356,6 +356,16 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
     )
     _print_summary("label", out)
     return out | {"raw": s}
+
+
+def _decode_text(s: dict[str, Any]) -> str:
+    """Where a labelling run decoded its images. Decode "gpu" means inside each actor, on the actors'
+    device: on a CPU-only run "decode on gpu" named a GPU there was not."""
+    if s["decode"] == "gpu":
+        return f"decode in the actors on {s['device']}"
+    if s["decode"].startswith("split"):
+        return f"decode {s['decode'][:-1]}, the rest in the actors on {s['device']})"
+    return f"decode on {s['decode']}"
 
 
 def cmd_report(a: argparse.Namespace) -> dict[str, Any]:

@@ -548,6 +548,25 @@ def test_nightly_summary_names_its_labels_and_a_query_that_runs(
     assert run(query[1:]) == 0 and "600" in capsys.readouterr().out
 
 
+def test_label_summary_says_where_the_images_were_decoded(
+    ray_session, small_shards, tiny_model, tmp_path, capsys
+):
+    """`--decode gpu` decodes inside each actor, on its device: on CPU actors the summary said "decode on
+    gpu", naming a GPU there was not."""
+    from fashionlabel.cli import run
+
+    def plan() -> str:
+        out = capsys.readouterr().out.splitlines()
+        return next(" ".join(line.split()) for line in out if line.strip().startswith("plan "))
+
+    base = ["label", "--shards", str(small_shards), "--model", str(tiny_model), "--device", "cpu"]
+    assert run([*base, "--out", str(tmp_path / "a"), "--decode", "gpu"]) == 0
+    text = plan()
+    assert "decode in the actors on cpu" in text and "gpu" not in text, text
+    assert run([*base, "--out", str(tmp_path / "b"), "--decode", "split", "--cpu-decode-share", "0.25"]) == 0
+    assert "decode split (25% decoded at read, the rest in the actors on cpu)" in plan()
+
+
 def test_a_relative_output_in_a_job_with_a_working_dir_is_refused_by_name(small_catalog, tmp_path):
     """In ``ray job submit --working-dir . -- python -m jobs.shard --out shards`` the current folder is
     Ray's copy of the upload (…/runtime_resources/working_dir_files/_ray_pkg_<hash>): the shards were
