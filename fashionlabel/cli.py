@@ -91,7 +91,7 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu-decode-share",
         type=float,
-        default=0.5,
+        default=None,
         help="with --decode split: the share of images the read tasks decode (default 0.5)",
     )
     p.add_argument("--actors-per-gpu", type=int, default=2, help="actors sharing one GPU (overlap)")

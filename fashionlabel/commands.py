@@ -305,6 +305,14 @@ def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
 def _label_config(a: argparse.Namespace) -> Any:
     from fashionlabel.label.pipeline import LabelConfig
 
+    # a share given with another decode would be ignored: the run would not do what was typed
+    if a.cpu_decode_share is not None and a.decode != "split":
+        raise ValueError(
+            f"--cpu-decode-share {a.cpu_decode_share:g} is the share of images the read tasks decode with "
+            f"--decode split, and this run decodes with --decode {a.decode}: add --decode split, or leave the "
+            "share out"
+        )
+    share = {} if a.cpu_decode_share is None else {"cpu_decode_share": a.cpu_decode_share}
     return LabelConfig(
         batch_size=a.batch_size,
         actors=a.actors,
@@ -312,9 +320,9 @@ def _label_config(a: argparse.Namespace) -> Any:
         compile=a.compile,
         compile_cache=a.compile_cache,
         decode=a.decode,
-        cpu_decode_share=a.cpu_decode_share,
         actors_per_gpu=a.actors_per_gpu,
         read=a.read,
+        **share,
     )
 
 

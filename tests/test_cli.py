@@ -157,6 +157,17 @@ def test_bad_settings_are_refused_by_name_before_anything_is_written(
             "nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(out),
             "--compile-cache", "/var/cache/fl",
         ],
+        # a share the run would ignore (it decodes all on the CPU or all in the actors)
+        "--cpu-decode-share 0.3 is the share of images the read tasks decode with --decode split, and this "
+        "run decodes with --decode auto": [
+            "label", "--shards", str(small_shards), "--model", str(tiny_model), "--out", str(out),
+            "--cpu-decode-share", "0.3",
+        ],
+        "--cpu-decode-share 0.3 is the share of images the read tasks decode with --decode split, and this "
+        "run decodes with --decode cpu": [
+            "nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(out),
+            "--decode", "cpu", "--cpu-decode-share", "0.3",
+        ],
         "invalid nightly setting(s): --relabel-older-than -5": [
             "nightly", "--catalog", str(small_catalog), "--model", str(tiny_model), "--root", str(out),
             "--relabel-older-than", "-5",
