@@ -463,10 +463,32 @@ def _flag_of(parser: argparse.ArgumentParser, command: str, field: str) -> str |
     return None
 
 
+def _unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The ``--options`` of ``argv`` its subcommand has no option for (argparse's abbreviations count as
+    known), looked for before parsing: argparse reports a required option missing (``--catalog``, when
+    ``--catlog`` was typed) before arguments it does not know, which hides the typo behind the symptom."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if not argv or argv[0] not in sub.choices:
+        return []
+    known = [o for a in sub.choices[argv[0]]._actions for o in a.option_strings]
+    unknown = []
+    for token in argv[1:]:
+        if token == "--":  # what follows is positional
+            break
+        name = token.split("=")[0]
+        # as argparse reads them: a token with a space (an SQL comment, say) is a value, not an option
+        if name.startswith("--") and " " not in token and not any(k.startswith(name) for k in known):
+            unknown.append(token)
+    return unknown
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the subcommand, return the exit code."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if unknown := _unknown_options(parser, argv):
+        _refuse_unknown(parser, argv[0], unknown)
+    args, extra = parser.parse_known_args(argv)
     if extra:
         _refuse_unknown(parser, args.command, extra)
     if args.command is None:

@@ -65,7 +65,7 @@ def test_no_command_shows_the_commands_and_a_mistyped_choice_names_the_nearest()
     assert "did you mean" not in r.stderr  # nothing near: no guess
 
 
-def test_a_mistyped_option_is_named_by_its_subcommand_with_the_nearest_one():
+def test_a_mistyped_option_is_named_by_its_subcommand_with_the_nearest_one(capsys):
     """`shard --sample-per-shard 5` failed as "fashionlabel: error: unrecognized arguments", under the
     top-level usage, with no hint of the option meant."""
     import os
@@ -77,9 +77,26 @@ def test_a_mistyped_option_is_named_by_its_subcommand_with_the_nearest_one():
     )
     assert r.returncode == 2 and "usage: fashionlabel shard" in r.stderr, r.stderr
     assert r.stderr.rstrip().splitlines()[-1] == (
-        "fashionlabel shard: error: unrecognized arguments: --sample-per-shard 5 "
+        "fashionlabel shard: error: unrecognized arguments: --sample-per-shard "
         "('--sample-per-shard': did you mean '--samples-per-shard'?)"
     )
+    # a mistyped required option: named as the typo, not as "the following arguments are required"
+    from fashionlabel.cli import run
+
+    for argv, typo, meant in [
+        (["shard", "--catlog", "c.csv", "--out", "o"], "--catlog", "--catalog"),
+        (["label", "--shards", "s", "--model=m", "--ot=o"], "--ot", "--out"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            run(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.rstrip().splitlines()[-1]
+        assert f"unrecognized arguments: {typo}" in err and f"did you mean {meant!r}" in err, err
+    # an abbreviation argparse takes, and a value with a space that starts like an option, are not refused
+    from fashionlabel.cli import _unknown_options, build_parser
+
+    assert _unknown_options(build_parser(), ["shard", "--cat", "c.csv", "--out", "o"]) == []
+    assert _unknown_options(build_parser(), ["query", "--labels", "l", "-- tonight\nSELECT 1"]) == []
 
 
 def test_address_help_says_which_commands_use_a_cluster():
