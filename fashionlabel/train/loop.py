@@ -29,6 +29,7 @@ from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train import checkpoint as ckpt
 from fashionlabel.train.config import TrainConfig, same_config
 from fashionlabel.train.ema import EMA, decay_for
+from fashionlabel.train.init_weights import apply_init
 from fashionlabel.train.losses import MultiTaskLoss
 from fashionlabel.train.metrics import evaluate_probs
 from fashionlabel.train.shares import split_work
@@ -178,10 +179,7 @@ def _build(cfg: TrainConfig, tax: Taxonomy, device: torch.device, steps: int, ra
 
     model = create_model(cfg.model, tax)
     if cfg.init_weights:  # checked on the driver (train/run.py): loadable, and fits most of the model
-        state = init_state(cfg.init_weights)
-        own = model.state_dict()
-        keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        model.load_state_dict(keep, strict=False)  # heads of another taxonomy are re-initialised
+        apply_init(model, tax, cfg.init_weights)  # head rows by value name; new values start fresh
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     loss_fn = MultiTaskLoss(tax, uncertainty=cfg.uncertainty, label_smoothing=cfg.label_smoothing).to(device)
     opt = make_optimizer(model, loss_fn, cfg.lr, cfg.weight_decay)
@@ -222,16 +220,6 @@ def lr_schedule(total: int, warm: int) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
 
     return share
-
-
-def init_state(path: str) -> dict[str, torch.Tensor]:
-    """The state_dict in an ``--init-weights`` file: a saved state_dict, or a training checkpoint's model."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise TypeError("not a state_dict")
-    return state
 
 
 def _resume(
@@ -339,6 +327,7 @@ def _validate_and_save(
         "weights": weights,
         "config": asdict(cfg),
         "taxonomy_version": tax.version,
+        "taxonomy": config["taxonomy"],  # the heads' value names: --init-weights maps rows by them
         "shards_fingerprint": config.get("shards_fingerprint"),
         "history": progress.history,
         "starts": progress.starts,

@@ -192,8 +192,10 @@ def _check_checkpoint_reach(out: str, checkpoints: str | None, spans: bool | Non
 def check_init_weights(path: str, model_name: str, taxonomy: Taxonomy) -> str:
     """``--init-weights`` made absolute (workers run elsewhere) and checked on the driver: a file that
     torch loads safely as a state_dict (or a training checkpoint's ``model``) and that fits most of the
-    model; a file of another architecture would otherwise load silently as almost nothing."""
-    from fashionlabel.train.loop import init_state
+    model; a file of another architecture would otherwise load silently as almost nothing. Logs what is
+    carried over: heads row by row, by value name (``train/init_weights.py``)."""
+    from fashionlabel.train.export import ArtifactError
+    from fashionlabel.train.init_weights import apply_init, describe
 
     p = Path(path).expanduser().absolute()
     if p.is_dir() and (p / "weights.pt").is_file():  # a model artifact folder: its weights
@@ -205,23 +207,30 @@ def check_init_weights(path: str, model_name: str, taxonomy: Taxonomy) -> str:
         )
     if not p.is_file():
         raise ValueError(f"--init-weights {path}: no such file")
+    model = create_model(model_name, taxonomy)
     try:
-        state = init_state(str(p))
+        done = apply_init(model, taxonomy, str(p))
+    except ArtifactError as e:  # its model.json, which names the heads' values, does not match it
+        raise ValueError(f"--init-weights {path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - one clear line, not torch's advice to unpickle it unsafely
         raise ValueError(
             f"--init-weights {path} is not a weights file torch loads safely ({type(e).__name__})"
         ) from None
-    own = create_model(model_name, taxonomy).state_dict()
-    fits = {k for k, v in state.items() if k in own and getattr(v, "shape", None) == own[k].shape}
-    share = sum(own[k].numel() for k in fits) / max(1, sum(v.numel() for v in own.values()))
+    own = model.state_dict()
+    share = done["carried"] / max(1, sum(v.numel() for v in own.values()))
     if share < 0.5:
         raise ValueError(
-            f"--init-weights {path} fits {share:.0%} of {model_name}'s parameters (only {len(fits)} of its "
-            f"{len(own)} tensors, by name and shape): weights of another architecture, or an exported "
+            f"--init-weights {path} fits {share:.0%} of {model_name}'s parameters (only {done['tensors']} of "
+            f"its {len(own)} tensors, by name and shape): weights of another architecture, or an exported "
             "artifact in deployment form (fused; start from its run's checkpoints/best.pt instead)?"
         )
     log.info(
-        "init weights: %d of %d tensors (%.0f%% of the weights) from %s", len(fits), len(own), 100 * share, p
+        "init weights: %d of %d tensors (%.0f%% of the weights) from %s; %s",
+        done["tensors"],
+        len(own),
+        100 * share,
+        p,
+        describe(done["heads"], done["source"], taxonomy),
     )
     return str(p)
 

@@ -1,0 +1,115 @@
+"""``--init-weights`` from a model of another taxonomy: head rows follow their value names, not positions."""
+
+import logging
+
+import pytest
+import torch
+
+from fashionlabel.models import create_model
+from fashionlabel.taxonomy import Taxonomy
+from fashionlabel.train.export import load_artifact
+
+HEAD = "head.heads.{}.{}"
+
+
+def _reordered(tax: Taxonomy) -> Taxonomy:
+    """``tax`` with baseColour's values in reverse order (same count) and usage's 'Travel' renamed."""
+    d = tax.to_dict() | {"name": "reordered"}
+    for h in d["heads"]:
+        if h["name"] == "baseColour":
+            h["values"] = h["values"][::-1]
+        if h["name"] == "usage":
+            h["values"] = ["Outdoor" if v == "Travel" else v for v in h["values"]]
+    return Taxonomy.from_dict(d)
+
+
+def _rows(model_state, tax: Taxonomy, head: str) -> dict[str, torch.Tensor]:
+    """value → (its weight row, its bias) of one head, as one tensor."""
+    w, b = model_state[HEAD.format(head, "weight")], model_state[HEAD.format(head, "bias")]
+    return {v: torch.cat([w[i], b[i : i + 1]]) for i, v in enumerate(tax.head(head).values)}
+
+
+@pytest.mark.timeout(300)
+def test_fine_tuning_on_another_taxonomy_keeps_each_value_its_own_rows(
+    ray_session, small_catalog, tiny_model, tmp_path, caplog
+):
+    """Same-shaped heads whose values come in another order, or under another name, were loaded by
+    position: the fine-tuned model started with Black's row scoring Blue. Trained end to end (the workers
+    load the weights) at a learning rate too small to move them: every shared value keeps its row, the
+    renamed one starts fresh, and the driver logs what each head carried over."""
+    from fashionlabel.shards import ShardConfig, shard_catalog
+    from fashionlabel.train.loop import TrainConfig
+    from fashionlabel.train.run import train
+
+    src_model, spec = load_artifact(tiny_model)
+    src_tax = spec["taxonomy_obj"]
+    tax = _reordered(src_tax)
+    shards = tmp_path / "shards"
+    shard_catalog(str(small_catalog), str(shards), tax, ShardConfig(samples_per_shard=300))
+    cfg = TrainConfig(
+        model="fl_tiny", epochs=1, workers=1, lr=1e-9, warmup_epochs=0, init_weights=str(tiny_model)
+    )
+    with caplog.at_level(logging.INFO, logger="fashionlabel.train.run"):
+        train(str(shards), str(tmp_path / "m"), cfg, 2)
+    tuned, _ = load_artifact(tmp_path / "m")
+    for head in ("baseColour", "usage", "articleType"):
+        was, now = _rows(src_model.state_dict(), src_tax, head), _rows(tuned.state_dict(), tax, head)
+        for value, row in now.items():
+            if value in was:
+                torch.testing.assert_close(row, was[value], atol=1e-5, rtol=0, msg=f"{head} {value}")
+    was, now = _rows(src_model.state_dict(), src_tax, "usage"), _rows(tuned.state_dict(), tax, "usage")
+    assert not torch.allclose(now["Outdoor"], was["Travel"], atol=1e-3)  # a new value: not Travel's row
+    assert "baseColour 46/46" in caplog.text and "usage 7/8 (new: Outdoor)" in caplog.text
+
+
+def test_init_weights_without_value_names_carry_the_trunk_and_start_the_heads_fresh(
+    tiny_model, tmp_path, caplog
+):
+    """A bare state_dict says nothing of what its head rows mean: the trunk is used, every head starts
+    fresh, and the log says why and what to give instead. A checkpoint written before checkpoints kept
+    their taxonomy names it by version: the same taxonomy maps as it is, another one starts the heads fresh."""
+    from fashionlabel.train.init_weights import apply_init
+    from fashionlabel.train.run import check_init_weights
+
+    src_model, spec = load_artifact(tiny_model)
+    src_tax, tax = spec["taxonomy_obj"], _reordered(spec["taxonomy_obj"])
+    bare = tmp_path / "bare.pt"
+    torch.save(src_model.state_dict(), bare)
+    with caplog.at_level(logging.INFO, logger="fashionlabel.train.run"):
+        assert check_init_weights(str(bare), "fl_tiny", tax) == str(bare)
+    assert (
+        "value names of its heads are unknown (a bare state_dict), so every head starts fresh" in caplog.text
+    )
+
+    fresh = create_model("fl_tiny", tax)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    done = apply_init(fresh, tax, str(bare))
+    assert all(n == 0 for n, _ in done["heads"].values())
+    after = fresh.state_dict()
+    for k, v in after.items():
+        same = torch.equal(v, before[k])
+        assert same if k.startswith("head.heads.") else torch.equal(v, src_model.state_dict()[k]), k
+
+    # a checkpoint from before: no taxonomy of its own, only the version of the one it was trained on
+    best = torch.load(tiny_model.parent / "model.train" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["taxonomy"] == src_tax.to_dict()  # written now: the names travel with the checkpoint
+    old = tmp_path / "old.pt"
+    torch.save({k: v for k, v in best.items() if k != "taxonomy"}, old)
+    assert apply_init(create_model("fl_tiny", src_tax), src_tax, str(old))["heads"]["baseColour"] == (46, 46)
+    assert apply_init(create_model("fl_tiny", tax), tax, str(old))["heads"]["baseColour"] == (0, 46)
+
+
+def test_init_weights_beside_a_model_json_that_is_not_theirs_are_refused(tiny_model, tmp_path):
+    """The value names of a model's weights come from its model.json: one replaced by hand (the content
+    hash disagrees) could name other values, so the weights are refused with the artifact's reason."""
+    import shutil
+
+    from fashionlabel.train.run import check_init_weights
+
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    (copy / "model.json").write_text((copy / "model.json").read_text().replace('"Black"', '"Noir"'))
+    tax = load_artifact(tiny_model)[1]["taxonomy_obj"]
+    with pytest.raises(
+        ValueError, match=r"--init-weights .*copy: model artifact .* do not match its version"
+    ):
+        check_init_weights(str(copy), "fl_tiny", tax)
