@@ -113,3 +113,23 @@ def test_init_weights_beside_a_model_json_that_is_not_theirs_are_refused(tiny_mo
         ValueError, match=r"--init-weights .*copy: model artifact .* do not match its version"
     ):
         check_init_weights(str(copy), "fl_tiny", tax)
+
+
+def test_init_weights_from_a_checkpoint_take_the_weights_its_run_chose(tiny_model, tmp_path):
+    """With ``--ema-epochs`` an epoch's candidate is the moving average when it validates better, and the
+    run exports that average: a run's best.pt then stands for the average, not the last step's weights."""
+    from fashionlabel.train.init_weights import apply_init
+
+    best = torch.load(tiny_model.parent / "model.train" / "checkpoints" / "best.pt", weights_only=True)
+    tax = Taxonomy.from_dict(best["taxonomy"])
+    average = {k: v + 1 if v.is_floating_point() else v for k, v in best["model"].items()}
+    path = tmp_path / "ema.pt"
+    torch.save(best | {"weights": "ema", "ema": {"model": average, "updates": 10, "decay": 0.9}}, path)
+    model = create_model("fl_tiny", tax)
+    apply_init(model, tax, str(path))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, average[k]), k
+    torch.save(best | {"weights": "raw"}, path)  # the live weights won: those
+    apply_init(model, tax, str(path))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, best["model"][k]), k

@@ -39,7 +39,9 @@ def load_init(path: str, taxonomy: Taxonomy) -> tuple[dict[str, torch.Tensor], T
             source = Taxonomy.from_dict(obj["taxonomy"])
         elif obj.get("taxonomy_version") == taxonomy.version:
             source = taxonomy
-        obj = obj["model"]
+        # the weights its epoch was chosen for, as the run exported them: the moving average where it won
+        ema = obj.get("ema")
+        obj = ema["model"] if obj.get("weights") == "ema" and isinstance(ema, dict) else obj["model"]
     elif (Path(path).parent / "model.json").is_file():  # a model artifact's weights.pt
         from fashionlabel.train.export import artifact_spec
 
