@@ -177,6 +177,12 @@ def test_train_refuses_an_out_it_would_destroy_and_settings_it_cannot_run(
     assert (notes / "notes.txt").read_text() == "important"  # nothing touched
     with pytest.raises(ValueError, match="is the shard set, inside it, or holds it"):
         train(str(small_shards), str(small_shards), cfg, 2)
+    # checkpoints inside the model's folder: the export, which replaces that folder, would refuse it
+    # after the last epoch, and a killed run could not resume
+    for inside in ("m", "m/ckpt"):
+        with pytest.raises(ValueError, match=rf"--storage .*{inside} is inside --out .*m, whose folder"):
+            train(str(small_shards), str(tmp_path / "m"), cfg, 2, checkpoints=str(tmp_path / inside))
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.train").exists()
     # another model's artifact, and its checkpoints: named, not silently replaced
     before = (tiny_model / "version").read_text()
     with pytest.raises(

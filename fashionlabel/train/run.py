@@ -120,6 +120,14 @@ def _check_out(shards: str, out: str, cfg: TrainConfig, checkpoints: str, overwr
             raise ValueError(
                 f"--out {out} is the shard set, inside it, or holds it: give the model a folder of its own"
             )
+        # The export replaces the model's folder whole: checkpoints in it would make the finished run's
+        # export refuse a folder that is not a model, and a killed run could never resume.
+        c = Path(storage.absolute(checkpoints))
+        if not storage.is_s3(checkpoints) and (c == o or o in c.parents):
+            raise ValueError(
+                f"--storage {checkpoints} is inside --out {out}, whose folder the model replaces whole: give "
+                "the checkpoints a folder outside it (the default is OUT.train/checkpoints)"
+            )
     check_replaceable(out)
     spec = storage.join(out, "model.json")
     held = storage.read_json(spec).get("training", {}) if storage.exists(spec) else {}
