@@ -130,3 +130,38 @@ def test_prune_command_writes_a_loadable_smaller_artifact(small_shards, tmp_path
         )
         == 1
     )
+
+
+def test_prune_refuses_a_module_named_twice_or_a_model_it_cannot_prune_before_reading_shards(
+    tmp_path, capsys
+):
+    """``--blocks 1,1`` failed deep in the regression with numpy's 'operands could not be broadcast';
+    a model that is not an SE-Xception was refused only after every training and validation image was
+    decoded. Both are refused by name at once (here the shards do not even exist)."""
+    pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    for arch in ("xception_se_s", "fl_tiny"):
+        save_artifact(
+            tmp_path / arch, create_model(arch, TAX), architecture=arch, taxonomy=TAX, preprocessing=pre
+        )
+    shards = str(tmp_path / "no-shards")
+    base = ["prune", "--shards", shards, "--calib-images", "8"]
+    assert (
+        run(
+            [
+                *base,
+                "--model",
+                str(tmp_path / "xception_se_s"),
+                "--out",
+                str(tmp_path / "p"),
+                "--blocks",
+                "1,1",
+            ]
+        )
+        == 1
+    )
+    assert "middle modules [1] are named more than once" in capsys.readouterr().err
+    assert (
+        run([*base, "--model", str(tmp_path / "fl_tiny"), "--out", str(tmp_path / "q"), "--blocks", "1"]) == 1
+    )
+    assert "channel pruning needs an SE-Xception model" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()

@@ -136,6 +136,23 @@ def prune_pair(
 
 
 @torch.no_grad()
+def check_blocks(model: nn.Module, blocks: Sequence[int]) -> None:
+    """Refuse a model that is not an SE-Xception, and middle modules it lacks or that are named twice (a
+    module pruned twice in one pass would regress its second cut against widths the first one changed)."""
+    trunk = getattr(model, "trunk", None)
+    if trunk is None or not hasattr(trunk, "middle"):
+        raise ValueError("channel pruning needs an SE-Xception model (xception_se, xception_se_s)")
+    bad = [i for i in blocks if not 0 <= i < len(trunk.middle)]
+    if bad:
+        raise ValueError(f"middle modules {bad} do not exist; this model has 0..{len(trunk.middle) - 1}")
+    twice = sorted({i for i in blocks if list(blocks).count(i) > 1})
+    if twice:
+        raise ValueError(
+            f"middle modules {twice} are named more than once: name each once (to thin one further, prune "
+            "the pruned model again)"
+        )
+
+
 def prune_xception(
     model: nn.Module, images: torch.Tensor, blocks: Sequence[int], keep: float = 0.5, positions: int = 10
 ) -> nn.Module:
@@ -148,12 +165,7 @@ def prune_xception(
         keep: fraction of each pruned layer's channels kept.
         positions: sampled spatial positions per image for the regressions.
     """
-    trunk = getattr(model, "trunk", None)
-    if trunk is None or not hasattr(trunk, "middle"):
-        raise ValueError("channel pruning needs an SE-Xception model (xception_se, xception_se_s)")
-    bad = [i for i in blocks if not 0 <= i < len(trunk.middle)]
-    if bad:
-        raise ValueError(f"middle modules {bad} do not exist; this model has 0..{len(trunk.middle) - 1}")
+    check_blocks(model, blocks)
     original = copy.deepcopy(model).eval()
     pruned = copy.deepcopy(model).eval()
     mid = dict(getattr(model, "model_kwargs", {}).get("mid_channels") or {})
@@ -218,6 +230,7 @@ def prune_artifact(
         raise ValueError(f"--out {out} is the model being pruned: give the pruned model a folder of its own")
     check_replaceable(out)
     model, spec = load_artifact(model_dir)
+    check_blocks(model, blocks)  # before the shards are read: decoding a catalog takes minutes
     tax, pre = spec["taxonomy_obj"], spec["preprocessing"]
     from fashionlabel.train.run import check_shard_labels, metrics_writer
 
