@@ -73,6 +73,35 @@ def test_malformed_artifacts_are_rejected(tiny_model, tmp_path):
     (copy / "model.json").write_text(json.dumps(spec | {"format": 2}))
     with pytest.raises(ArtifactError, match="has format 2; this fashionlabel reads format 1 and earlier"):
         load_artifact(copy)
+    # fields of the wrong type or range, in a model.json its version matches: named when the artifact is
+    # read, not found later as "math domain error", or (a temperature of 0) as NaN scores and wrong labels
+    from fashionlabel.train.export import content_version
+
+    weights = (copy / "weights.pt").read_bytes()
+    for edit, named in (
+        (
+            lambda s: s["calibration"]["temperature"].update(gender=0),
+            r"calibration.temperature.gender is 0, not",
+        ),
+        (
+            lambda s: s["calibration"]["thresholds"].update(season="high"),
+            r"calibration.thresholds.season is 'high', not a",
+        ),
+        (lambda s: s["preprocessing"].update(size=[-80, 60]), r"preprocessing.size is \[-80, 60\], not"),
+        (lambda s: s["preprocessing"].update(size="80x60"), r"preprocessing.size is '80x60', not"),
+        (
+            lambda s: s["preprocessing"].update(std=[0.2, 0, 0.2]),
+            r"preprocessing.std is \[0.2, 0, 0.2\], not",
+        ),
+        (lambda s: s.update(format="1"), r"format is '1', not a whole number"),
+    ):
+        bad_spec = json.loads(json.dumps(spec))
+        edit(bad_spec)
+        text = json.dumps(bad_spec).encode()
+        (copy / "model.json").write_bytes(text)
+        (copy / "version").write_text(content_version(weights, text) + "\n")
+        with pytest.raises(ArtifactError, match=r"model.json is malformed: " + named):
+            load_artifact(copy)
 
 
 def test_deploy_artifact_holds_reparameterized_weights(tmp_path):

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -248,14 +249,72 @@ def _read(path: str | Path) -> tuple[Path, dict[str, Any], bytes, bytes]:
         spec["taxonomy_obj"] = Taxonomy.from_dict(spec["taxonomy"])
         pre = spec["preprocessing"]
         _ = spec["architecture"], pre["size"], pre["mean"], pre["std"]
+        _check_fields(spec)
     except (json.JSONDecodeError, KeyError, TypeError, TaxonomyError) as e:
         raise ArtifactError(f"model artifact {path}: model.json is malformed ({e!r})") from e
+    except ValueError as e:  # a field of the wrong type or range, named by _check_fields
+        raise ArtifactError(f"model artifact {path}: model.json is malformed: {e}") from e
     if not isinstance(spec.get("format"), int) or spec["format"] > FORMAT:
         raise ArtifactError(
             f"model artifact {path} has format {spec.get('format')!r}; this fashionlabel reads format "
             f"{FORMAT} and earlier: upgrade fashionlabel to label with it"
         )
     return path, spec, spec_bytes, weights
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_fields(spec: dict[str, Any]) -> None:
+    """The fields labelling computes with, checked when the artifact is read: a size, normalisation or
+    calibration of the wrong type or range failed later as arithmetic ("math domain error") or, for a
+    temperature of 0, gave NaN scores and wrong labels without a word."""
+    pre, cal = spec["preprocessing"], spec.get("calibration") or {}
+    checks = {
+        "format": (
+            "a whole number",
+            isinstance(spec.get("format"), int) and not isinstance(spec.get("format"), bool),
+        ),
+        "preprocessing.size": (
+            "[height, width] in pixels",
+            isinstance(pre["size"], list)
+            and len(pre["size"]) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pre["size"]),
+        ),
+        "preprocessing.mean": (
+            "3 numbers (R, G, B)",
+            isinstance(pre["mean"], list) and len(pre["mean"]) == 3 and all(map(_number, pre["mean"])),
+        ),
+        "preprocessing.std": (
+            "3 numbers > 0 (R, G, B)",
+            isinstance(pre["std"], list)
+            and len(pre["std"]) == 3
+            and all(_number(v) and v > 0 for v in pre["std"]),
+        ),
+        "model_kwargs": ("an object", isinstance(spec.get("model_kwargs", {}), dict)),
+        "calibration": (
+            "an object of temperature and thresholds objects",
+            isinstance(cal, dict)
+            and isinstance(cal.get("temperature", {}), dict)
+            and isinstance(cal.get("thresholds", {}), dict),
+        ),
+    }
+    for key, (what, ok) in checks.items():
+        if not ok:
+            raise ValueError(f"{key} is {_field(spec, key)!r:.80}, not {what}")
+    for head, t in cal.get("temperature", {}).items():
+        if not (_number(t) and t > 0):
+            raise ValueError(f"calibration.temperature.{head} is {t!r:.40}, not a number > 0")
+    for head, t in cal.get("thresholds", {}).items():
+        if t is not None and not (_number(t) and 0 <= t <= 1):
+            raise ValueError(f"calibration.thresholds.{head} is {t!r:.40}, not a score in [0, 1]")
+
+
+def _field(spec: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        spec = spec.get(part) if isinstance(spec, dict) else None
+    return spec
 
 
 def artifact_spec(path: str | Path) -> dict[str, Any]:
