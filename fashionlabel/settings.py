@@ -21,8 +21,13 @@ class SettingsError(ValueError):
 
     def render(self, flag: Callable[[str], str | None] = lambda field: None) -> str:
         """The message; ``flag(field)`` gives the option that sets a field (None: name the field)."""
-        named = [f"{flag(k)} {v}" if flag(k) else f"{k}={v!r}" for k, v in self.bad.items()]
+        named = [f"{flag(k)} {_shown(v)}" if flag(k) else f"{k}={v!r}" for k, v in self.bad.items()]
         return f"invalid {self.what} setting(s): " + ", ".join(named) + f" ({self.rules})"
+
+
+def _shown(v: Any) -> Any:
+    """A value as typed after its flag; quoted where it is blank, or it would not show at all."""
+    return repr(v) if isinstance(v, str) and not v.strip() else v
 
 
 def check(what: str, obj: Any, checks: dict[str, bool], rules: str) -> None:

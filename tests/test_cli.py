@@ -218,6 +218,10 @@ def test_bad_settings_are_refused_before_a_cluster_is_joined(small_catalog, tmp_
         "invalid training setting(s): --review-share 0.0": [
             "train", "--shards", out, "--out", out, "--review-share", "0"
         ],
+        "invalid training setting(s): --seed -1": ["train", "--shards", out, "--out", out, "--seed", "-1"],
+        "invalid training setting(s): --init-weights ''": [
+            "train", "--shards", out, "--out", out, "--init-weights", ""
+        ],
         "invalid shard setting(s): --samples-per-shard 0": [
             "shard", "--catalog", str(small_catalog), "--out", out, "--samples-per-shard", "0"
         ],

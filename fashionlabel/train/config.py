@@ -51,13 +51,18 @@ class TrainConfig:
             "cutmix": 0 <= self.cutmix <= 1,
             "review_share": self.review_share is None or 0 < self.review_share < 1,
             "model": self.model in list_models(),
+            # each epoch's draws are seeded by SeedSequence, which refuses a negative seed inside the
+            # workers; an empty path (an unset shell variable) would otherwise train from scratch silently
+            "seed": 0 <= self.seed < 2**63,
+            "init_weights": self.init_weights is None or bool(self.init_weights.strip()),
         }
         check(
             "training",
             self,
             checks,
             "epochs, workers, patience ≥ 1; batch size ≥ workers; lr > 0; height, width ≥ 16; "
-            "0 ≤ label smoothing < 1; 0 ≤ cutmix ≤ 1; 0 < review share < 1; others ≥ 0; model: one of `fashionlabel models`",
+            "0 ≤ label smoothing < 1; 0 ≤ cutmix ≤ 1; 0 < review share < 1; others ≥ 0; model: one of `fashionlabel models`; "
+            "init weights: a path",
         )
 
 
