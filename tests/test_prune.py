@@ -132,7 +132,7 @@ def test_prune_command_writes_a_loadable_smaller_artifact(small_shards, tmp_path
     )
 
 
-def test_prune_refuses_a_module_named_twice_or_a_model_it_cannot_prune_before_reading_shards(
+def test_prune_refuses_a_module_named_twice_a_model_it_cannot_prune_or_another_models_folder_at_once(
     tmp_path, capsys
 ):
     """``--blocks 1,1`` failed deep in the regression with numpy's 'operands could not be broadcast';
@@ -164,4 +164,10 @@ def test_prune_refuses_a_module_named_twice_or_a_model_it_cannot_prune_before_re
         run([*base, "--model", str(tmp_path / "fl_tiny"), "--out", str(tmp_path / "q"), "--blocks", "1"]) == 1
     )
     assert "channel pruning needs an SE-Xception model" in capsys.readouterr().err
+    # an existing model's folder as --out: refused, the model left as it was
+    version = (tmp_path / "fl_tiny" / "version").read_text()
+    xc = ["--model", str(tmp_path / "xception_se_s"), "--blocks", "1"]
+    assert run([*base, *xc, "--out", str(tmp_path / "fl_tiny")]) == 1
+    assert "holds another model (fl_tiny, version" in capsys.readouterr().err
+    assert (tmp_path / "fl_tiny" / "version").read_text() == version
     assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()

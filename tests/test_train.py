@@ -596,6 +596,14 @@ def test_calibrate_refits_thresholds_for_a_review_share_into_a_new_artifact(
         and "--review-share 1.5" in err
         and not (tmp_path / "x").exists()
     )
+    # another model's folder given as --out by mistake: refused, not replaced by this model recalibrated
+    import shutil
+
+    other = shutil.copytree(tiny_model, tmp_path / "other")
+    before = (other / "version").read_text()
+    assert run([*argv[:-1], str(other)]) == 1
+    assert "holds another model (fl_tiny, version" in capsys.readouterr().err
+    assert (other / "version").read_text() == before
 
 
 def test_training_with_a_review_share_exports_thresholds_fit_to_it(tiny_model, small_shards, tmp_path):

@@ -159,7 +159,7 @@ def recalibrate_artifact(
     from fashionlabel.data import load_samples
     from fashionlabel.label.predictor import Predictor
     from fashionlabel.shards import list_shards
-    from fashionlabel.train.export import check_replaceable, load_artifact, save_artifact
+    from fashionlabel.train.export import check_derived_out, check_replaceable, load_artifact, save_artifact
     from fashionlabel.train.run import check_shard_labels, metrics_writer
 
     settings.check(
@@ -172,6 +172,7 @@ def recalibrate_artifact(
         raise ValueError(f"--out {out} is the model being calibrated: give the new model a folder of its own")
     check_replaceable(out)
     pred = Predictor(model_dir, device="cpu")
+    check_derived_out(out, pred.version, "calibrated_from")
     tax = pred.taxonomy
     check_shard_labels(tax, shards)  # the fit needs the model's labels on the validation products
     val = load_samples(list_shards(shards), tax, pred.size, split="val")

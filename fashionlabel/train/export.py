@@ -151,6 +151,28 @@ def check_replaceable(out: str | Path) -> None:
         )
 
 
+def check_derived_out(out: str | Path, source_version: str, key: str) -> None:
+    """Refuse an ``out`` (a folder or ``s3://`` prefix) that holds another model than one made from the
+    same source by the same command (``training[key]`` = ``source_version``: a re-run, replaced as it
+    should be). ``calibrate`` and ``prune`` write a new model: given an existing one's folder by mistake,
+    they replaced it, and the next night relabelled the catalog with the wrong model."""
+    spec = storage.join(str(out), "model.json")
+    if not storage.exists(spec):
+        return
+    try:
+        held = storage.read_json(spec)
+        made_from = (held.get("training") or {}).get(key)
+        version = storage.read_bytes(storage.join(str(out), "version")).decode().strip()
+        what = f"{held.get('architecture')}, version {version}"
+    except (OSError, ValueError, AttributeError, storage.StorageError):  # unreadable: not ours to replace
+        made_from, what = None, "unreadable"
+    if made_from != source_version:
+        raise ArtifactError(
+            f"--out {out} holds another model ({what}): give a new folder (the model is replaced only "
+            f"when it was made from this same model, version {source_version}, by this same command)"
+        )
+
+
 def content_version(weights: bytes, spec_bytes: bytes) -> str:
     """An artifact's version: the content hash of its weights file and model.json."""
     return hashlib.sha256(weights + spec_bytes).hexdigest()[:16]

@@ -218,7 +218,7 @@ def prune_artifact(
     from fashionlabel.data import load_samples, to_input
     from fashionlabel.shards import list_shards
     from fashionlabel.train.calibrate import calibrate
-    from fashionlabel.train.export import check_replaceable, load_artifact, save_artifact
+    from fashionlabel.train.export import check_derived_out, check_replaceable, load_artifact, save_artifact
 
     settings.check(
         "prune",
@@ -230,6 +230,7 @@ def prune_artifact(
         raise ValueError(f"--out {out} is the model being pruned: give the pruned model a folder of its own")
     check_replaceable(out)
     model, spec = load_artifact(model_dir)
+    check_derived_out(out, spec["version"], "pruned_from")
     check_blocks(model, blocks)  # before the shards are read: decoding a catalog takes minutes
     tax, pre = spec["taxonomy_obj"], spec["preprocessing"]
     from fashionlabel.train.run import check_shard_labels, metrics_writer
