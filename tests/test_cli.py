@@ -219,6 +219,9 @@ def test_bad_settings_are_refused_before_a_cluster_is_joined(small_catalog, tmp_
             "train", "--shards", out, "--out", out, "--review-share", "0"
         ],
         "invalid training setting(s): --seed -1": ["train", "--shards", out, "--out", out, "--seed", "-1"],
+        "invalid training setting(s): --warmup-epochs 5.0": [
+            "train", "--shards", out, "--out", out, "--epochs", "2", "--warmup-epochs", "5"
+        ],
         "invalid training setting(s): --init-weights ''": [
             "train", "--shards", out, "--out", out, "--init-weights", ""
         ],

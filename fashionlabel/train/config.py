@@ -42,7 +42,10 @@ class TrainConfig:
             "workers": self.workers >= 1,
             "lr": self.lr > 0,
             "weight_decay": self.weight_decay >= 0,
-            "warmup_epochs": self.warmup_epochs >= 0,
+            # a warm-up longer than the run never reaches ``lr`` and never decays: the run ends part-way up
+            # (measured against a valid --epochs only: a default warm-up is not blamed for --epochs 0)
+            "warmup_epochs": self.warmup_epochs >= 0
+            and (self.epochs < 1 or self.warmup_epochs <= self.epochs),
             "height": self.height >= 16,
             "width": self.width >= 16,
             "patience": self.patience >= 1,
@@ -60,7 +63,7 @@ class TrainConfig:
             "training",
             self,
             checks,
-            "epochs, workers, patience ≥ 1; batch size ≥ workers; lr > 0; height, width ≥ 16; "
+            "epochs, workers, patience ≥ 1; batch size ≥ workers; lr > 0; warm-up ≤ epochs; height, width ≥ 16; "
             "0 ≤ label smoothing < 1; 0 ≤ cutmix ≤ 1; 0 < review share < 1; others ≥ 0; model: one of `fashionlabel models`; "
             "init weights: a path",
         )
