@@ -81,6 +81,13 @@ def test_init_weights_without_value_names_carry_the_trunk_and_start_the_heads_fr
         "value names of its heads are unknown (a bare state_dict), so every head starts fresh" in caplog.text
     )
 
+    # another file beside a model's model.json is not that model's weights: its rows are not named by it
+    import shutil
+
+    beside = shutil.copytree(tiny_model, tmp_path / "model") / "copy-of-weights.pt"
+    torch.save(src_model.state_dict(), beside)
+    assert apply_init(create_model("fl_tiny", tax), tax, str(beside))["source"] is None
+
     fresh = create_model("fl_tiny", tax)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     done = apply_init(fresh, tax, str(bare))

@@ -42,7 +42,8 @@ def load_init(path: str, taxonomy: Taxonomy) -> tuple[dict[str, torch.Tensor], T
         # the weights its epoch was chosen for, as the run exported them: the moving average where it won
         ema = obj.get("ema")
         obj = ema["model"] if obj.get("weights") == "ema" and isinstance(ema, dict) else obj["model"]
-    elif (Path(path).parent / "model.json").is_file():  # a model artifact's weights.pt
+    elif Path(path).name == "weights.pt" and (Path(path).parent / "model.json").is_file():
+        # a model artifact's weights (the version check hashes this very file with the model.json)
         from fashionlabel.train.export import artifact_spec
 
         source = artifact_spec(Path(path).parent)["taxonomy_obj"]
