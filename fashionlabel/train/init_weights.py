@@ -16,7 +16,6 @@ its trunk is used and every head starts fresh, since rows of unknown meaning can
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ import torch
 
 from fashionlabel.models.heads import MultiTaskHeads, module_key
 from fashionlabel.taxonomy import Taxonomy
-
-log = logging.getLogger(__name__)
 
 
 def load_init(path: str, taxonomy: Taxonomy) -> tuple[dict[str, torch.Tensor], Taxonomy | None]:
