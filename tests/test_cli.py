@@ -222,6 +222,10 @@ def test_bad_settings_are_refused_before_a_cluster_is_joined(small_catalog, tmp_
         "invalid training setting(s): --warmup-epochs 5.0": [
             "train", "--shards", out, "--out", out, "--epochs", "2", "--warmup-epochs", "5"
         ],
+        # 2 workers cannot split 65 evenly: one would be dropped every step, while the model records 65
+        "invalid training setting(s): --batch-size 65": [
+            "train", "--shards", out, "--out", out, "--workers", "2", "--batch-size", "65"
+        ],
         "invalid training setting(s): --init-weights ''": [
             "train", "--shards", out, "--out", out, "--init-weights", ""
         ],

@@ -38,7 +38,8 @@ class TrainConfig:
         # Checked before any worker starts: a bad value fails in a second with its name, not mid-run.
         checks = {
             "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= self.workers,
+            # split evenly: 65 on 2 workers would train 64 a step while the model records 65
+            "batch_size": self.batch_size >= self.workers and self.batch_size % max(1, self.workers) == 0,
             "workers": self.workers >= 1,
             "lr": self.lr > 0,
             "weight_decay": self.weight_decay >= 0,
@@ -63,7 +64,7 @@ class TrainConfig:
             "training",
             self,
             checks,
-            "epochs, workers, patience ≥ 1; batch size ≥ workers; lr > 0; warm-up ≤ epochs; height, width ≥ 16; "
+            "epochs, workers, patience ≥ 1; batch size a multiple of workers; lr > 0; warm-up ≤ epochs; height, width ≥ 16; "
             "0 ≤ label smoothing < 1; 0 ≤ cutmix ≤ 1; 0 < review share < 1; others ≥ 0; model: one of `fashionlabel models`; "
             "init weights: a path",
         )
