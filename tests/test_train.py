@@ -363,6 +363,74 @@ def test_replacing_an_artifact_never_leaves_the_folder_empty(tmp_path, monkeypat
     assert not list(tmp_path.glob(".m.*.old"))
 
 
+_EXPORT_THEN_HANG = """
+import sys, time
+from pathlib import Path
+import torch
+from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
+from fashionlabel.models import create_model
+from fashionlabel.taxonomy import Taxonomy
+from fashionlabel.train.export import save_artifact
+
+tax = Taxonomy.load("fashion-product-images")
+pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+def hang(staged):  # the export's evaluation, where a long export spends its time
+    Path(sys.argv[2]).write_text(str(staged))
+    time.sleep(120)
+
+save_artifact(sys.argv[1], create_model("fl_tiny", tax), architecture="fl_tiny", taxonomy=tax,
+              preprocessing=pre, finalize=hang)
+"""
+
+
+def test_an_export_killed_before_it_published_leaves_no_model_copy_behind(tmp_path):
+    """SIGKILL during an export's evaluation left its staged folder, a whole model, beside the artifact,
+    and every later kill another. The next export removes those whose process is gone, and leaves alone
+    the staging of an export still running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
+    from fashionlabel.models import create_model
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.export import save_artifact
+
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = tmp_path / "m"
+
+    def start(tag: str) -> tuple[subprocess.Popen, Path]:
+        marker = tmp_path / f"staged-{tag}"
+        p = subprocess.Popen([sys.executable, "-c", _EXPORT_THEN_HANG, str(out), str(marker)], env=env)
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert p.poll() is None and time.time() < deadline, "the export did not reach its evaluation"
+            time.sleep(0.1)
+        return p, Path(marker.read_text())
+
+    killed, dead_staging = start("killed")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert dead_staging.is_dir() and (dead_staging / "weights.pt").is_file()  # what a kill leaves
+    running, live_staging = start("running")
+    try:
+        tax = Taxonomy.load("fashion-product-images")
+        pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+        version = save_artifact(
+            out, create_model("fl_tiny", tax), architecture="fl_tiny", taxonomy=tax, preprocessing=pre
+        )
+        assert (out / "version").read_text().strip() == version
+        assert not dead_staging.exists()  # the killed export's copy is gone
+        assert live_staging.is_dir()  # the running export's is its own
+    finally:
+        running.kill()
+        running.wait(timeout=30)
+
+
 def test_a_taxonomy_of_multi_label_heads_only_evaluates(small_shards, tmp_path):
     """No single head: no confusion matrix to draw, but every metric of the multi head is there."""
     from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD

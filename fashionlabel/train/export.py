@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -35,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from fashionlabel import storage
+from fashionlabel.lease import _alive
 from fashionlabel.models import create_model
 from fashionlabel.taxonomy import Taxonomy, TaxonomyError
 from fashionlabel.train.metrics import metrics_json
@@ -88,7 +90,8 @@ def save_artifact(
     }
     spec_bytes = json.dumps(spec, indent=2, sort_keys=True).encode()
     version = content_version(weights, spec_bytes)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    _drop_dead_staging(out)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.{_HOST}-{os.getpid()}.tmp"
     tmp.mkdir(parents=True)
     (tmp / "weights.pt").write_bytes(weights)
     (tmp / "model.json").write_bytes(spec_bytes)
@@ -125,6 +128,22 @@ def _publish(tmp: Path, out: Path) -> None:
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
+
+
+# This host in the names of staging folders: a folder on a filesystem that other nodes mount is another
+# host's to clean, since only its own host can tell whether the process that writes it is alive.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _drop_dead_staging(out: Path) -> None:
+    """Remove the staging folders of ``out`` whose export was killed before it published (a whole model
+    each, left beside the artifact): those of a process of this host that is gone. A live export's, another
+    host's, and those of exports that named no process (before names carried it) are left alone."""
+    for d in out.parent.glob(f".{out.name}.*.{_HOST}-*.tmp"):
+        pid = d.name.removesuffix(".tmp").rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by an export that was killed", d)
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _restore_interrupted(out: Path) -> None:
