@@ -285,7 +285,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace a model in --out and checkpoints that were trained with other settings",
+        help="replace a model in --out and checkpoints that were trained with other settings (without it, "
+        "a model trained with these settings on these shards is kept as it is: nothing is done)",
     )
 
 

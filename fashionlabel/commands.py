@@ -216,7 +216,12 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
     cfg = _train_config(a)
     r = train(a.shards, a.out, cfg, cluster_cpus(), checkpoints=a.storage, overwrite=a.overwrite)
     out = {
-        "model": f"{a.model} → {a.out}",
+        "model": f"{a.model} → {a.out}"
+        + (
+            " (already trained with these settings on these shards: nothing done)"
+            if r.get("already_trained")
+            else ""
+        ),
         "version": r["version"],
         "epochs run": r["training"]["epochs_run"],
         "best epoch": r["training"]["best_epoch"],

@@ -101,8 +101,12 @@ def test_killed_run_resumes_at_the_next_epoch(small_shards, s3, tmp_path, monkey
         finished = version()
         # The same command once more: nothing left to train, and the same model is the same version (a
         # new one would make the next night relabel the whole catalog).
+        written = s3.client().head_object(Bucket=bucket, Key="run/model/version")["LastModified"]
         run_again("third")
         assert version() == finished
+        # nothing exported again (the version object is the second run's), and the summary says so
+        assert s3.client().head_object(Bucket=bucket, Key="run/model/version")["LastModified"] == written
+        assert "nothing done" in (tmp_path / "third.log").read_text()
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     monkeypatch.setenv("FASHIONLABEL_CACHE", env["FASHIONLABEL_CACHE"])

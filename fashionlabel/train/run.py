@@ -80,9 +80,41 @@ def train(
     _check_checkpoint_reach(out, checkpoints)
     data = shards_fingerprint(shards, taxonomy, index)
     _check_out(shards, out, cfg, checkpoints or storage.join(run_dir, "checkpoints"), overwrite, data)
+    done = None if overwrite else _already_trained(out, cfg, data)
+    if done is not None:
+        return done | {"seconds": time.time() - t0}
     _check_writable(out, checkpoints, run_dir)
     best = fit(shards, run_dir, taxonomy, cfg, IMAGENET_MEAN, IMAGENET_STD, num_cpus, checkpoints, data)
     return export_state(shards, out, best, taxonomy, data) | {"seconds": time.time() - t0}
+
+
+def _already_trained(out: str, cfg: TrainConfig, data: str) -> dict[str, Any] | None:
+    """The summary of the model at ``out`` when it was trained with these settings on these shards (``data``:
+    their fingerprint), else None. Such a re-run would resume finished checkpoints and export the same
+    version again: it starts no worker and writes nothing (a minute of Ray Train's start-up and an
+    evaluation on a small machine, more on a large test split)."""
+    from fashionlabel.train.export import ArtifactError, artifact_spec
+
+    if not storage.exists(storage.join(out, "model.json")):
+        return None
+    try:
+        spec = artifact_spec(out)  # whole and unaltered: files present, content hash matches
+        metrics = storage.read_json(storage.join(out, "metrics.json"))
+        curves = storage.read_json(storage.join(out, "curves.json"))
+    except (ArtifactError, OSError, storage.StorageError, ValueError):
+        return None  # a damaged or partial artifact: trained and exported again
+    training = spec.get("training", {})
+    if not same_config(training.get("config") or {}, cfg) or training.get("shards_fingerprint") != data:
+        return None
+    rates = [h["train_img_per_s"] for h in curves if isinstance(h, dict) and "train_img_per_s" in h]
+    log.info("%s already holds this model, trained with these settings on these shards: nothing to do", out)
+    return {
+        "version": spec["version"],
+        "metrics": metrics,
+        "training": training | {"train_img_per_s_median": float(np.median(rates)) if rates else 0.0},
+        "out": out,
+        "already_trained": True,
+    }
 
 
 def shards_fingerprint(shards: str, taxonomy: Taxonomy, index: Any = None) -> str:
