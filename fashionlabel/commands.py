@@ -239,6 +239,9 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
 def _accuracy_lines(m: dict[str, Any], split: str) -> dict[str, str]:
     lines = {}
     for h, hm in m["heads"].items():
+        if not hm.get("n"):  # its figures are NaN (null in metrics.json): there is nothing to print
+            lines[f"{split} {h}"] = f"not measured: no {split} product has a known label"
+            continue
         if "top1" in hm:
             # what labelling writes for a head with a parent: the hierarchy-consistent choice
             consistent = (

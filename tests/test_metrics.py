@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 from sklearn.metrics import f1_score, precision_recall_fscore_support, top_k_accuracy_score
 
@@ -260,7 +262,7 @@ def test_declared_thresholds_decide_labels_and_review_zero_included():
 def test_summaries_give_top_k_only_for_heads_with_more_than_k_classes():
     from fashionlabel.commands import _accuracy_lines
     from fashionlabel.taxonomy import Taxonomy
-    from fashionlabel.train.metrics import head_metrics
+    from fashionlabel.train.metrics import head_metrics, metrics_json
 
     tax = Taxonomy.load("fashion-product-images")
     rng = np.random.default_rng(5)
@@ -275,6 +277,16 @@ def test_summaries_give_top_k_only_for_heads_with_more_than_k_classes():
     assert "top-3" in lines["test gender"] and "top-5" not in lines["test gender"]
     assert "top-3" in lines["test usage"] and "top-5" in lines["test usage"]
     assert f"top-5 {100 * heads['articleType']['top5']:.1f}%" in lines["test articleType"]
+    # a head no test product has a label for: its figures are NaN, null once read back from metrics.json
+    # (which printed "top-1 nan%", or failed on None); the summary says there was nothing to measure
+    none = {"season": head_metrics(tax.head("season"), rng.random((4, 4)), np.full(4, -1))}
+    none["attributes"] = head_metrics(tax.head("attributes"), rng.random((4, 33)), np.full((4, 33), np.nan))
+    for m in (none, json.loads(metrics_json({"heads": none}))["heads"]):
+        lines = _accuracy_lines({"heads": m}, "test")
+        assert lines == {
+            "test season": "not measured: no test product has a known label",
+            "test attributes": "not measured: no test product has a known label",
+        }
 
 
 def _two_head_validation(n: int = 400, seed: int = 5):
