@@ -436,7 +436,7 @@ def cmd_prune(a: argparse.Namespace) -> dict[str, Any]:
     r = prune_artifact(a.model, a.shards, a.out, blocks, a.keep, a.calib_images)
     b, f = r["before"], r["after"]
     out = {
-        "pruned": f"{a.model} → {a.out} (middle modules {blocks}, keep {a.keep:.0%})",
+        "pruned": f"{a.model} → {a.out} (middle modules {blocks}, keep {a.keep:.0%}, at least 8 channels a layer)",
         "version": r["version"],
         "inner widths": json.dumps(r["mid_channels"]),
         "params": f"{b['params'] / 1e6:.2f} M → {f['params'] / 1e6:.2f} M",
