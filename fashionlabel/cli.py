@@ -390,7 +390,9 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
         help="middle modules to prune, comma separated, counted from 0 (default 3,5,7: xception_se's 8 "
         "modules; xception_se_s has 4, 0..3)",
     )
-    p.add_argument("--keep", type=float, default=0.5, help="fraction of channels kept in each pruned layer")
+    p.add_argument(
+        "--keep", type=float, default=0.5, help="fraction of channels kept in each pruned layer (at least 8)"
+    )
     p.add_argument("--calib-images", type=int, default=256, help="training images used for the regressions")
 
 
