@@ -247,7 +247,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
         "--init-weights",
         default=None,
         help="start from these weights: a model (its folder or weights.pt; not a fused deployment form) "
-        "or a run's checkpoints/best.pt; refused when it fits less than half of the model. Head rows "
+        "or a run's checkpoints/best.pt, local or s3://; refused when it fits less than half of the model. Head rows "
         "are matched by value name (new values start fresh); a bare state_dict's heads start fresh",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order")

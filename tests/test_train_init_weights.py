@@ -140,3 +140,36 @@ def test_init_weights_from_a_checkpoint_take_the_weights_its_run_chose(tiny_mode
     apply_init(model, tax, str(path))
     for k, v in model.state_dict().items():
         assert torch.equal(v, best["model"][k]), k
+
+
+def test_init_weights_from_s3_are_read_by_name_from_the_bucket(s3, tiny_model, tmp_path, monkeypatch):
+    """A cluster's ranks run on nodes that cannot see the driver's disk: ``--init-weights s3://…`` (a
+    model's prefix, its weights.pt or a run's checkpoint) is read from the bucket, its head rows named by
+    the model.json beside it or the checkpoint's taxonomy. It answered "no such file"."""
+    from fashionlabel.train.init_weights import apply_init
+    from fashionlabel.train.run import check_init_weights
+
+    monkeypatch.setenv("FASHIONLABEL_CACHE", str(tmp_path / "cache"))
+    bucket = s3.make_bucket("init")
+    for f in ("weights.pt", "model.json", "version", "metrics.json"):
+        s3.client().upload_file(str(tiny_model / f), bucket, f"models/m/{f}")
+    best = tiny_model.parent / "model.train" / "checkpoints" / "best.pt"
+    s3.client().upload_file(str(best), bucket, "runs/checkpoints/best.pt")
+    src_model, spec = load_artifact(tiny_model)
+    src_tax, tax = spec["taxonomy_obj"], _reordered(spec["taxonomy_obj"])
+
+    assert (
+        check_init_weights(f"s3://{bucket}/models/m/", "fl_tiny", tax) == f"s3://{bucket}/models/m/weights.pt"
+    )
+    for uri in (f"s3://{bucket}/models/m/weights.pt", f"s3://{bucket}/runs/checkpoints/best.pt"):
+        model = create_model("fl_tiny", tax)
+        done = apply_init(model, tax, uri)
+        assert done["heads"]["baseColour"] == (46, 46) and done["heads"]["usage"] == (7, 8), uri
+        was, now = (
+            _rows(src_model.state_dict(), src_tax, "baseColour"),
+            _rows(model.state_dict(), tax, "baseColour"),
+        )
+        for value, row in now.items():
+            torch.testing.assert_close(row, was[value], atol=1e-6, rtol=0, msg=f"{uri} {value}")
+    with pytest.raises(ValueError, match=r"--init-weights s3://.*/models/gone: no such object"):
+        check_init_weights(f"s3://{bucket}/models/gone", "fl_tiny", tax)

@@ -16,11 +16,13 @@ its trunk is used and every head starts fresh, since rows of unknown meaning can
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fashionlabel import storage
 from fashionlabel.models.heads import MultiTaskHeads, module_key
 from fashionlabel.taxonomy import Taxonomy
 
@@ -29,7 +31,12 @@ def load_init(path: str, taxonomy: Taxonomy) -> tuple[dict[str, torch.Tensor], T
     """(state_dict, the taxonomy it was trained on or None when unknown) of an ``--init-weights`` file: a
     saved state_dict, a model artifact's ``weights.pt`` or a training checkpoint. ``taxonomy``: the one
     trained now (an older checkpoint of that same version needs no names of its own)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    # an s3:// file is read whole: the ranks of a cluster's other nodes cannot see the driver's disk
+    remote = storage.is_s3(path)
+    obj = torch.load(
+        io.BytesIO(storage.read_bytes(path)) if remote else path, map_location="cpu", weights_only=True
+    )
+    folder = path.rsplit("/", 1)[0] if remote else str(Path(path).parent)
     source: Taxonomy | None = None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a training checkpoint
         if isinstance(obj.get("taxonomy"), dict):
@@ -39,11 +46,11 @@ def load_init(path: str, taxonomy: Taxonomy) -> tuple[dict[str, torch.Tensor], T
         # the weights its epoch was chosen for, as the run exported them: the moving average where it won
         ema = obj.get("ema")
         obj = ema["model"] if obj.get("weights") == "ema" and isinstance(ema, dict) else obj["model"]
-    elif Path(path).name == "weights.pt" and (Path(path).parent / "model.json").is_file():
+    elif path.rsplit("/", 1)[-1] == "weights.pt" and storage.exists(storage.join(folder, "model.json")):
         # a model artifact's weights (the version check hashes this very file with the model.json)
         from fashionlabel.train.export import artifact_spec
 
-        source = artifact_spec(Path(path).parent)["taxonomy_obj"]
+        source = artifact_spec(folder)["taxonomy_obj"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TypeError("not a state_dict")
     return obj, source

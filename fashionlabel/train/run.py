@@ -230,23 +230,33 @@ def _check_checkpoint_reach(out: str, checkpoints: str | None, spans: bool | Non
 
 
 def check_init_weights(path: str, model_name: str, taxonomy: Taxonomy) -> str:
-    """``--init-weights`` made absolute (workers run elsewhere) and checked on the driver: a file that
+    """``--init-weights`` made absolute (workers run elsewhere; an ``s3://`` one, which ranks on any node
+    read, names the object) and checked on the driver: a file that
     torch loads safely as a state_dict (or a training checkpoint's ``model``) and that fits most of the
     model; a file of another architecture would otherwise load silently as almost nothing. Logs what is
     carried over: heads row by row, by value name (``train/init_weights.py``)."""
     from fashionlabel.train.export import ArtifactError
     from fashionlabel.train.init_weights import apply_init, describe
 
-    p = Path(path).expanduser().absolute()
-    if p.is_dir() and (p / "weights.pt").is_file():  # a model artifact folder: its weights
-        p = p / "weights.pt"
-    if p.is_dir():
-        raise ValueError(
-            f"--init-weights {path} is a folder, not a model's: name a model (its folder or weights.pt) or "
-            "a run's checkpoints/best.pt"
-        )
-    if not p.is_file():
-        raise ValueError(f"--init-weights {path}: no such file")
+    if storage.is_s3(path):  # read by every rank from the bucket, on whichever node it runs
+        p: Path | str = path.rstrip("/")
+        if storage.exists(storage.join(str(p), "weights.pt")):  # a model artifact's prefix: its weights
+            p = storage.join(str(p), "weights.pt")
+        elif not storage.exists(str(p)):
+            raise ValueError(
+                f"--init-weights {path}: no such object, nor a model (weights.pt) under that prefix"
+            )
+    else:
+        p = Path(path).expanduser().absolute()
+        if p.is_dir() and (p / "weights.pt").is_file():  # a model artifact folder: its weights
+            p = p / "weights.pt"
+        if p.is_dir():
+            raise ValueError(
+                f"--init-weights {path} is a folder, not a model's: name a model (its folder or weights.pt) "
+                "or a run's checkpoints/best.pt"
+            )
+        if not p.is_file():
+            raise ValueError(f"--init-weights {path}: no such file")
     model = create_model(model_name, taxonomy)
     try:
         done = apply_init(model, taxonomy, str(p))
