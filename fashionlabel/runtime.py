@@ -47,7 +47,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         kw |= {
             "num_cpus": num_cpus or os.cpu_count(),
             "include_dashboard": False,
-            "runtime_env": {"worker_process_setup_hook": "fashionlabel.runtime.quiet_worker_logs"},
+            "runtime_env": {"worker_process_setup_hook": "fashionlabel.runtime.setup_local_worker"},
         }
         _single_node_loopback()
     t0 = time.time()
@@ -142,7 +142,7 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
         ) from None
 
 
-def quiet_worker_logs() -> None:
+def setup_local_worker() -> None:
     """Runs in every worker of a local Ray (``worker_process_setup_hook``).
 
     Without the dashboard there is no State API, so Ray Train's placement-group cleaner (which removes
@@ -152,6 +152,12 @@ def quiet_worker_logs() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
         logging.ERROR
     )
+    # That cleaner finds its cluster by looking for Ray's processes on the machine. With another Ray
+    # running too (a `ray start` cluster beside a local command), it cannot tell which is its own and its
+    # thread dies with a "multiple active Ray instances" traceback in the command's output: name it.
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def _single_node_loopback() -> None:

@@ -135,3 +135,42 @@ def test_ray_job_submit_nightly(ray_cluster, tiny_model, tmp_path):
         .fetchall()
     )
     assert got == [(30, 30)]
+
+
+_FIND_OWN_CLUSTER = """
+import ray
+from ray._private.services import canonicalize_bootstrap_address_or_die
+from fashionlabel.runtime import ray_session
+
+@ray.remote
+def found():  # as Ray Train's placement-group cleaner finds its cluster, from inside a worker
+    return canonicalize_bootstrap_address_or_die(None), ray.get_runtime_context().gcs_address
+
+with ray_session(num_cpus=1):
+    print("FOUND", *ray.get(found.remote(), timeout=120))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_local_command_beside_a_running_cluster_finds_its_own_ray(ray_cluster, tmp_path):
+    """With a `ray start` cluster running on the machine, Ray Train's placement-group cleaner in a local
+    command's Ray could not tell which Ray was its own: its thread died with a "Found multiple active Ray
+    instances" traceback in the command's output (every `fashionlabel train` and `demo`). A local Ray's
+    workers are told their own cluster's address."""
+    env = {k: v for k, v in ray_cluster["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env |= {"PYTHONPATH": str(ROOT), "RAY_TMPDIR": tempfile.mkdtemp(prefix="flr", dir="/tmp")}
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", _FIND_OWN_CLUSTER],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    found, own = next(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("FOUND"))
+    assert found == own
