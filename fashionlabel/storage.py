@@ -265,6 +265,21 @@ def clean_staging(out: str | Path) -> None:
                 d.rmdir()
 
 
+def drop_temporaries(folder: str | Path) -> int:
+    """Remove the ``.<name>.<id>.tmp`` files that :func:`write_bytes` leaves directly in a local ``folder``
+    when a kill lands mid-write (its own cleanup never runs on ``kill -9``); return how many. Only for a
+    caller that holds the folder's lease: another writer's file in progress has the same shape. Nothing to
+    do on S3, where an object appears only once complete."""
+    if is_s3(folder):
+        return 0
+    d = Path(str(folder).removeprefix("file://"))
+    gone = 0
+    for f in d.glob(".*.tmp") if d.is_dir() else ():
+        f.unlink(missing_ok=True)
+        gone += 1
+    return gone
+
+
 def delete(uri: str | Path) -> None:
     """Remove one file; absent is fine."""
     fs, path = filesystem(uri)

@@ -756,3 +756,27 @@ def test_a_cpu_actor_never_asks_for_more_cpus_than_a_node_has():
     assert big.actors == 8 and big.actor_cpus <= 32.0
     for cpus in (1, 2, 8, 64):  # one node: as before
         assert plan_resources(LabelConfig(), cpus, 0, [float(cpus)]) == plan_resources(LabelConfig(), cpus, 0)
+
+
+def test_a_second_label_job_on_the_same_run_folder_is_refused_and_a_killed_ones_temporaries_go(
+    ray_session, small_shards, tiny_model, tmp_path
+):
+    """Two `label` jobs for the same --out and --run-date at once both labelled every shard, and the one
+    that finished last replaced the other's parts: both printed 7933 labelled, and no row carried the
+    first run's id (with two models, the folder held one model's parts under the other's _SUCCESS). The
+    run folder is leased: the second is refused by name and writes nothing. A run that holds the lease
+    also removes the temporary file a `kill -9` mid-write left in the folder."""
+    from fashionlabel.lease import Lease, LeaseHeld
+
+    out = tmp_path / "labels"
+    run = out / "history" / "run_date=2026-04-01"
+    with Lease(str(run / "_label.lease"), "the first label job", settle=0.05):
+        with pytest.raises(LeaseHeld, match=r"labelling of .*run_date=2026-04-01 is being run by another"):
+            label_shards(str(small_shards), str(tiny_model), str(out), "2026-04-01")
+        assert sorted(p.name for p in run.iterdir()) == ["_label.lease"]  # nothing labelled twice
+
+    stale = run / ".part-shard-000001.parquet.0badf00d.tmp"
+    stale.write_bytes(b"PAR1 cut short by a kill")
+    s = label_shards(str(small_shards), str(tiny_model), str(out), "2026-04-01")
+    assert s["labelled"] == 600 and _count(out) == (600, 600)
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith("part-")) == ["_SUCCESS"]

@@ -46,12 +46,16 @@ from fashionlabel.label.plan import LabelConfig, LabelError, Plan, plan_resource
 from fashionlabel.label.reader import read_shards, skip_keys
 from fashionlabel.label.schema import labels_schema
 from fashionlabel.label.writer import PartWriter, foreign_parts, labelled_keys, part_name, run_totals
+from fashionlabel.lease import Lease
 from fashionlabel.shards import list_shards
 
 log = logging.getLogger(__name__)
 
 # the labelling API, wherever its parts live (plan.py, actor.py)
 __all__ = ["CRASH_ONCE_ENV", "LabelConfig", "LabelError", "label_shards", "plan_resources"]
+
+# held in the run folder by the job labelling it (``_``: Athena, pandas and Spark skip it as data)
+LEASE = "_label.lease"
 
 
 def label_shards(
@@ -89,74 +93,81 @@ def label_shards(
     # one is refused before any folder is made, not in every actor's traceback
     spec = artifact_spec(model_dir)
     storage.makedirs(out_dir)
-    todo = _todo(out_dir, uris, shards, spec["version"])
-    run_id = f"{run_date}-{uuid.uuid4().hex[:8]}"
-    log.info(
-        "label: %d shards, %d already done for %s, %d to label; %s",
-        len(uris),
-        len(uris) - len(todo),
-        run_date,
-        len(todo),
-        plan,
-    )
-    writer = PartWriter(out_dir, labels_schema(spec["taxonomy_obj"]), spec["version"])
-    first = None  # seconds from the call to the first labelled batch: the run's start-up
-    compiled: set[str] = set()  # how the actors had their compiled model ("jit", "built", "loaded")
-    if todo:
-        if storage.is_s3(out_dir):  # a missing bucket is named now, not after the actors labelled a shard
-            storage.check_writable(out_dir)
-        keys = _skip_keys(out, spec["version"], skip, incremental)
-        try:
-            for batch in _plan(todo, model_dir, run_id, plan, spec, keys).iter_batches(
-                batch_size=None, batch_format="pyarrow"
-            ):
-                first = first if first is not None else time.time() - t0
-                compiled.update(batch["compiled_from"].unique().to_pylist())
-                writer.add(batch)
-                if progress:
-                    progress(batch.num_rows)
-        except Exception as e:  # a shard set not on an actor's node: named, not Ray Data's traceback
-            if (named := storage.task_error(e)) is e:
-                raise
-            raise named from None
-        if writer.incomplete:
-            raise RuntimeError(
-                f"label rows missing for {len(writer.incomplete)} shards: {writer.incomplete[:3]}"
-            )
-    seconds = time.time() - t0
-    c = writer.counts
-    success = storage.join(out_dir, manifest)
-    if not todo and storage.exists(success):
-        # nothing written: the rows in the folder carry the id of the run that completed it, not this one's
-        run_id = storage.read_json(success).get("last_run_id", run_id)
-    summary = {
-        "run_date": run_date,
-        "run_id": run_id,
-        "wrote": bool(todo),
-        "model_version": spec["version"],
-        "taxonomy_version": spec["taxonomy_version"],
-        "shards": len(uris),
-        "shards_done_before": len(uris) - len(todo),
-        "labelled": c["labelled"],
-        "errored": c["errored"],
-        "skipped": c["skipped"],
-        "damaged_shards": c["damaged"],
-        "seconds": seconds,
-        "first_batch_seconds": first,
-        "images_per_s": (c["labelled"] + c["errored"]) / seconds if seconds else 0.0,
-        "decode": plan.decode
-        + (f" ({plan.cpu_decode_share:.0%} decoded at read)" if plan.decode == "split" else ""),
-        "read": "actors" if plan.read_in_actor else "tasks",
-        "actors": plan.actors,
-        "compiled": ", ".join(COMPILED[m] for m in sorted(compiled) if m in COMPILED),
-        "device": plan.device,
-        "batch_size": plan.batch_size,
-        "out": out_dir,
-    }
-    totals = run_totals(out_dir)
-    summary["files"] = totals["files"]
-    _write_manifest(success, summary, totals, plan, did_work=bool(todo))
-    return summary
+    # one labelling job per run folder: a second one (the same command run again while the first still
+    # runs, or another model into the same date) would label every shard again and replace the first
+    # one's parts under it, leaving a folder of two runs, or two models, behind one _SUCCESS
+    with Lease(storage.join(out_dir, LEASE), f"labelling of {out_dir}"):
+        # under the lease, no other job writes here: a temporary file is what a killed attempt left
+        if dropped := storage.drop_temporaries(out_dir):
+            log.info("%s: %d temporary file(s) of a killed attempt removed", out_dir, dropped)
+        todo = _todo(out_dir, uris, shards, spec["version"])
+        run_id = f"{run_date}-{uuid.uuid4().hex[:8]}"
+        log.info(
+            "label: %d shards, %d already done for %s, %d to label; %s",
+            len(uris),
+            len(uris) - len(todo),
+            run_date,
+            len(todo),
+            plan,
+        )
+        writer = PartWriter(out_dir, labels_schema(spec["taxonomy_obj"]), spec["version"])
+        first = None  # seconds from the call to the first labelled batch: the run's start-up
+        compiled: set[str] = set()  # how the actors had their compiled model ("jit", "built", "loaded")
+        if todo:
+            if storage.is_s3(out_dir):  # a missing bucket is named now, not after the actors labelled a shard
+                storage.check_writable(out_dir)
+            keys = _skip_keys(out, spec["version"], skip, incremental)
+            try:
+                for batch in _plan(todo, model_dir, run_id, plan, spec, keys).iter_batches(
+                    batch_size=None, batch_format="pyarrow"
+                ):
+                    first = first if first is not None else time.time() - t0
+                    compiled.update(batch["compiled_from"].unique().to_pylist())
+                    writer.add(batch)
+                    if progress:
+                        progress(batch.num_rows)
+            except Exception as e:  # a shard set not on an actor's node: named, not Ray Data's traceback
+                if (named := storage.task_error(e)) is e:
+                    raise
+                raise named from None
+            if writer.incomplete:
+                raise RuntimeError(
+                    f"label rows missing for {len(writer.incomplete)} shards: {writer.incomplete[:3]}"
+                )
+        seconds = time.time() - t0
+        c = writer.counts
+        success = storage.join(out_dir, manifest)
+        if not todo and storage.exists(success):
+            # nothing written: the rows in the folder carry the id of the run that completed it, not this one's
+            run_id = storage.read_json(success).get("last_run_id", run_id)
+        summary = {
+            "run_date": run_date,
+            "run_id": run_id,
+            "wrote": bool(todo),
+            "model_version": spec["version"],
+            "taxonomy_version": spec["taxonomy_version"],
+            "shards": len(uris),
+            "shards_done_before": len(uris) - len(todo),
+            "labelled": c["labelled"],
+            "errored": c["errored"],
+            "skipped": c["skipped"],
+            "damaged_shards": c["damaged"],
+            "seconds": seconds,
+            "first_batch_seconds": first,
+            "images_per_s": (c["labelled"] + c["errored"]) / seconds if seconds else 0.0,
+            "decode": plan.decode
+            + (f" ({plan.cpu_decode_share:.0%} decoded at read)" if plan.decode == "split" else ""),
+            "read": "actors" if plan.read_in_actor else "tasks",
+            "actors": plan.actors,
+            "compiled": ", ".join(COMPILED[m] for m in sorted(compiled) if m in COMPILED),
+            "device": plan.device,
+            "batch_size": plan.batch_size,
+            "out": out_dir,
+        }
+        totals = run_totals(out_dir)
+        summary["files"] = totals["files"]
+        _write_manifest(success, summary, totals, plan, did_work=bool(todo))
+        return summary
 
 
 def _todo(out_dir: str, uris: list[str], shards: str, model_version: str) -> list[str]:
