@@ -176,3 +176,28 @@ def test_a_shard_task_on_a_node_that_does_not_see_the_output_fails_the_job_by_na
     ):
         _run_tasks([(0, valid)], str(out), ShardConfig(), index_schema(tax), tax)
     assert not out.exists()
+
+
+def test_a_second_shard_job_on_the_same_output_is_refused_and_a_killed_ones_temporaries_go(
+    ray_session, small_catalog, tmp_path
+):
+    """Two `shard` jobs into one --out at once both packed every shard, and the first to finish deleted
+    the other's tars in progress from _tmp/ (its tasks failed on the rename and were retried). The output
+    is leased: the second is refused by name and packs nothing. A job that holds the lease also removes
+    the temporary files a `kill -9` mid-write left beside the index and the markers."""
+    from fashionlabel.lease import Lease, LeaseHeld
+
+    out = tmp_path / "shards"
+    tax = Taxonomy.load("fashion-product-images")
+    cfg = ShardConfig(samples_per_shard=150)
+    with Lease(str(out / "_parts" / "_shard.lease"), "the first shard job", settle=0.05):
+        with pytest.raises(LeaseHeld, match=r"sharding into .*shards is being run by another job"):
+            shard_catalog(str(small_catalog), str(out), tax, cfg)
+        assert not list(out.glob("*.tar")) and not (out / "_parts" / "_plan.json").exists()
+
+    stale = [out / ".index.parquet.0badf00d.tmp", out / "_parts" / ".shard-000002.parquet.0badf00d.tmp"]
+    for f in stale:
+        f.write_bytes(b"PAR1 cut short by a kill")
+    s = shard_catalog(str(small_catalog), str(out), tax, cfg)
+    assert s.packed == 600 and s.shards == 4
+    assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".lease"))]

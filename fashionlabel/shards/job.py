@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from fashionlabel import storage
 from fashionlabel.catalog import CatalogRow, Rejected, check_ids, read_catalog
+from fashionlabel.lease import Lease
 from fashionlabel.shards.pack import pack_shard
 from fashionlabel.shards.plan import make_plan, previous_index_uri
 from fashionlabel.shards.spec import (
@@ -29,6 +30,9 @@ from fashionlabel.shards.spec import (
 from fashionlabel.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
+
+# held in _parts/ by the job packing the output
+LEASE = "_shard.lease"
 
 
 @dataclass
@@ -81,12 +85,19 @@ def missing_columns(rows: list[dict], taxonomy: Taxonomy) -> dict[str, str]:
     return out
 
 
-def _open_output(out: str) -> set[str]:
-    """Check that ``out`` is writable before any fetch; return the completion markers already there."""
+def _check_output(out: str) -> None:
+    """Check that ``out`` is writable before any fetch, by name."""
     try:
         storage.makedirs(out)
         # the probe goes under _parts/: on S3 the folder marker its deletion may leave stays out of sight
         storage.check_writable(storage.join(out, "_parts", "output"))
+    except (OSError, storage.StorageError) as e:
+        raise ShardJobError(f"cannot use output {out}: {storage.redact(e)}") from e
+
+
+def _done_markers(out: str) -> set[str]:
+    """The completion markers already in ``out`` whose shard is still there."""
+    try:
         parts = storage.join(out, "_parts")
         done = set(storage.listdir(parts, ".parquet"))
         tars = set(storage.listdir(out, ".tar"))
@@ -141,81 +152,88 @@ def shard_catalog(
     catalog_rows = len(rows) + len(malformed)
     del rows  # the rejected rows' dicts go now; the valid ones live on in ``valid``
     rejected = malformed + rejected
-    done = _open_output(out)
-    t_read = time.time() - t0
-    plan = make_plan(valid, out, cfg, taxonomy, incremental_from)
-    t_plan = time.time() - t0 - t_read
-    schema = index_schema(taxonomy)
-    todo = [(i, rs) for i, rs in enumerate(plan.shards) if f"{shard_name(i)}.parquet" not in done]
-    log.info(
-        "catalog %s: %d rows, %d valid, %d rejected before fetch; %s; %d shards, %d to pack",
-        catalog,
-        catalog_rows,
-        len(valid),
-        len(rejected),
-        plan.counts,
-        len(plan.shards),
-        len(todo),
-    )
-    t_tasks = time.time()
-    packed_now, blanked, task_cpu, span = _run_tasks(todo, out, cfg, schema, taxonomy)
-    ray.get(warm)
-
-    t_merge = time.time()
-    index, quarantine = _merge(out, len(plan.shards), schema, rejected)
-    storage.write_parquet(index, storage.join(out, "index.parquet"))
-    storage.write_parquet(quarantine, storage.join(out, "quarantine.parquet"))
-    storage.clean_staging(out)
-    t_merge = time.time() - t_merge
-    reasons = dict(Counter(quarantine.column("reason").to_pylist()).most_common())
-    # A planned shard whose every row was quarantined leaves no tar: count the tars there are.
-    tars = set(index.column("shard").to_pylist())
-    seconds = time.time() - t0
-    summary = ShardSummary(
-        catalog_rows=catalog_rows,
-        packed=index.num_rows,
-        quarantined=quarantine.num_rows,
-        reasons=reasons,
-        shards=len(tars),
-        shards_skipped=len({t for t in tars if f"{t}.parquet" in done}),
-        seconds=seconds,
-        out=str(out),
-        incremental_from=incremental_from,
-        **plan.counts,
-        packed_this_run=packed_now,
-        missing_columns=missing,
-        labels_outside=dict(blanked.most_common()),
-        timings={
-            "read_validate_s": t_read,
-            "plan_s": t_plan,
-            "tasks_cpu_s": task_cpu,
-            "first_task_start_s": span[0] - t_tasks,
-            "tasks_wall_s": span[1] - span[0],
-            "merge_s": t_merge,
-            "total_s": seconds,
-        },
-    )
-    # The taxonomy travels with the shards, so training needs nothing but this folder.
-    stats = asdict(summary) | {
-        "images_per_s": summary.images_per_s,
-        "taxonomy": taxonomy.to_dict(),
-        "taxonomy_version": taxonomy.version,
-        "config": asdict(cfg),
-    }
-    storage.write_json(storage.join(out, "stats.json"), stats)
-    total = summary.packed + summary.quarantined
-    if total and summary.quarantined / total > cfg.max_failure_rate:
-        top = next(iter(summary.reasons))
-        example = quarantine.filter(pc.equal(quarantine.column("reason"), top)).slice(0, 1).to_pylist()[0]
-        raise ShardJobError(
-            f"{summary.quarantined}/{total} rows quarantined ({fmt_reasons(summary.reasons)}), above "
-            f"--max-failure-rate {cfg.max_failure_rate}, e.g. product {example['product_id']!r}: {top}, "
-            f"{(example['detail'] or '')[:300]}; why each row is in "
-            f"{storage.join(out, 'quarantine.parquet')}. This output keeps them quarantined (a re-run skips its "
-            "finished shards): once the catalog, its images or the taxonomy are fixed, shard into a new --out, "
-            "or accept them with a higher --max-failure-rate"
+    _check_output(out)
+    # one shard job per output: a second one (the same command run again while the first still runs) packed
+    # every shard again, and the first to finish deleted the other's tars in progress from _tmp/
+    with Lease(storage.join(out, "_parts", LEASE), f"sharding into {out}"):
+        # under the lease, no other job writes here: a temporary file is what a killed attempt left
+        for folder in (out, storage.join(out, "_parts")):
+            storage.drop_temporaries(folder)
+        done = _done_markers(out)
+        t_read = time.time() - t0
+        plan = make_plan(valid, out, cfg, taxonomy, incremental_from)
+        t_plan = time.time() - t0 - t_read
+        schema = index_schema(taxonomy)
+        todo = [(i, rs) for i, rs in enumerate(plan.shards) if f"{shard_name(i)}.parquet" not in done]
+        log.info(
+            "catalog %s: %d rows, %d valid, %d rejected before fetch; %s; %d shards, %d to pack",
+            catalog,
+            catalog_rows,
+            len(valid),
+            len(rejected),
+            plan.counts,
+            len(plan.shards),
+            len(todo),
         )
-    return summary
+        t_tasks = time.time()
+        packed_now, blanked, task_cpu, span = _run_tasks(todo, out, cfg, schema, taxonomy)
+        ray.get(warm)
+
+        t_merge = time.time()
+        index, quarantine = _merge(out, len(plan.shards), schema, rejected)
+        storage.write_parquet(index, storage.join(out, "index.parquet"))
+        storage.write_parquet(quarantine, storage.join(out, "quarantine.parquet"))
+        storage.clean_staging(out)
+        t_merge = time.time() - t_merge
+        reasons = dict(Counter(quarantine.column("reason").to_pylist()).most_common())
+        # A planned shard whose every row was quarantined leaves no tar: count the tars there are.
+        tars = set(index.column("shard").to_pylist())
+        seconds = time.time() - t0
+        summary = ShardSummary(
+            catalog_rows=catalog_rows,
+            packed=index.num_rows,
+            quarantined=quarantine.num_rows,
+            reasons=reasons,
+            shards=len(tars),
+            shards_skipped=len({t for t in tars if f"{t}.parquet" in done}),
+            seconds=seconds,
+            out=str(out),
+            incremental_from=incremental_from,
+            **plan.counts,
+            packed_this_run=packed_now,
+            missing_columns=missing,
+            labels_outside=dict(blanked.most_common()),
+            timings={
+                "read_validate_s": t_read,
+                "plan_s": t_plan,
+                "tasks_cpu_s": task_cpu,
+                "first_task_start_s": span[0] - t_tasks,
+                "tasks_wall_s": span[1] - span[0],
+                "merge_s": t_merge,
+                "total_s": seconds,
+            },
+        )
+        # The taxonomy travels with the shards, so training needs nothing but this folder.
+        stats = asdict(summary) | {
+            "images_per_s": summary.images_per_s,
+            "taxonomy": taxonomy.to_dict(),
+            "taxonomy_version": taxonomy.version,
+            "config": asdict(cfg),
+        }
+        storage.write_json(storage.join(out, "stats.json"), stats)
+        total = summary.packed + summary.quarantined
+        if total and summary.quarantined / total > cfg.max_failure_rate:
+            top = next(iter(summary.reasons))
+            example = quarantine.filter(pc.equal(quarantine.column("reason"), top)).slice(0, 1).to_pylist()[0]
+            raise ShardJobError(
+                f"{summary.quarantined}/{total} rows quarantined ({fmt_reasons(summary.reasons)}), above "
+                f"--max-failure-rate {cfg.max_failure_rate}, e.g. product {example['product_id']!r}: {top}, "
+                f"{(example['detail'] or '')[:300]}; why each row is in "
+                f"{storage.join(out, 'quarantine.parquet')}. This output keeps them quarantined (a re-run skips its "
+                "finished shards): once the catalog, its images or the taxonomy are fixed, shard into a new --out, "
+                "or accept them with a higher --max-failure-rate"
+            )
+        return summary
 
 
 def _warm_up() -> None:
