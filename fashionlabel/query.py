@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from fashionlabel import latest, storage
+from fashionlabel.label.writer import is_part
 
 if TYPE_CHECKING:
     import duckdb
@@ -42,7 +43,22 @@ def run_folders(labels: str) -> dict[str, list[str]]:
     """The file names in each ``labels/history/run_date=D/`` folder, oldest night first: one listing per
     folder, shared by the ``history`` and ``nights`` views."""
     base = storage.join(labels, "history")
-    return {r: storage.listdir(storage.join(base, r)) for r in storage.listdirs(base, "run_date=")}
+    runs = storage.listdirs(base, "run_date=")
+    # a folder whose name is no date (a copy, run_date=2026-05-01.bak) failed every query with pyarrow's
+    # "error parsing '2026-05-01.bak' as scalar of type date32[day]", naming no folder
+    if odd := [r for r in runs if not _is_date(r.removeprefix("run_date="))]:
+        raise ValueError(
+            f"{storage.join(base, odd[0])} is not a run folder (history/run_date=YYYY-MM-DD): move it out "
+            "of history"
+        )
+    return {r: storage.listdir(storage.join(base, r)) for r in runs}
+
+
+def _is_date(text: str) -> bool:
+    try:
+        return dt.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
 
 
 # The night of a row, in every view: a DATE, as latest stores it (history's folder names are parsed).
@@ -101,7 +117,10 @@ def history_dataset(labels: str, runs: dict[str, list[str]]) -> pads.Dataset | N
     (a date), or None when there is none."""
     base = storage.join(labels, "history")
     files = {
-        r: [storage.join(base, r, n) for n in names if n.endswith(".parquet")] for r, names in runs.items()
+        # the parts alone: a file someone left in a run folder is not labels (a zero-byte one failed every
+        # query, naming no file; one of another schema added rows of nulls)
+        r: [storage.join(base, r, n) for n in names if is_part(n)]
+        for r, names in runs.items()
     }
     files = {r: f for r, f in files.items() if f}
     return _by_folder(base, files, RUN_DATE, "hive") if files else None

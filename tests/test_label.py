@@ -780,3 +780,19 @@ def test_a_second_label_job_on_the_same_run_folder_is_refused_and_a_killed_ones_
     s = label_shards(str(small_shards), str(tiny_model), str(out), "2026-04-01")
     assert s["labelled"] == 600 and _count(out) == (600, 600)
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("part-")) == ["_SUCCESS"]
+
+
+def test_a_file_no_labelling_run_wrote_in_the_run_folder_is_named_before_labelling(
+    ray_session, small_shards, tiny_model, tmp_path
+):
+    """A zero-byte `notes.parquet` dropped into a run folder: `label` labelled every shard, then failed
+    on the run's totals with pyarrow's "Parquet file size is 0 bytes", naming no file (and a readable
+    foreign Parquet was counted in _SUCCESS as a part). Readers of the folder (Athena, Spark, pandas) would
+    read it as labels too: it is named, before anything is labelled."""
+    run = tmp_path / "labels" / "history" / "run_date=2026-04-02"
+    run.mkdir(parents=True)
+    (run / "notes.parquet").write_bytes(b"")
+    (run / ".DS_Store").write_bytes(b"\0")  # hidden: every reader skips it, and so does the check
+    with pytest.raises(LabelError, match=r"holds 1 file\(s\) that no labelling run wrote \(notes.parquet\)"):
+        label_shards(str(small_shards), str(tiny_model), str(tmp_path / "labels"), "2026-04-02")
+    assert sorted(p.name for p in run.iterdir()) == [".DS_Store", "notes.parquet"]

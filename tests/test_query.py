@@ -470,3 +470,33 @@ def test_a_label_output_without_latest_has_no_snapshots_and_says_where_they_come
         FileNotFoundError, match=r"no snapshots table \(labels/latest/snapshots/D/ are published"
     ):
         query(labels, "SELECT count(*) FROM snapshots")
+
+
+def test_files_left_in_a_run_folder_are_not_read_as_labels_and_an_odd_folder_is_named(
+    labels, tmp_path, capsys
+):
+    """A zero-byte `notes.parquet` in a run folder failed every query (`fashionlabel query: error: Parquet
+    file size is 0 bytes`, naming no file), and a Parquet file of another schema added rows of nulls to `history`; a copied
+    folder `run_date=2026-05-01.bak` failed every query with "error parsing '2026-05-01.bak' as scalar of
+    type date32[day]". The history view reads the parts alone, and an odd folder is named."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(labels, tmp_path / "labels")
+    night = tmp_path / "labels" / "history" / "run_date=2026-05-01"
+    (night / "notes.parquet").write_bytes(b"")
+    pq.write_table(pa.table({"x": [1, 2]}), night / "extra.parquet")
+    (night / "README.txt").write_text("labels of the first night")
+    con = connect(str(tmp_path / "labels"))
+    assert con.execute(
+        "SELECT run_date, count(*), count(product_id) FROM history GROUP BY 1 ORDER BY 1"
+    ).fetchall() == [
+        (dt.date(2026, 5, 1), 20, 20),
+        (dt.date(2026, 5, 2), 6, 6),
+    ]
+    shutil.copytree(night, night.with_name("run_date=2026-05-01.bak"))
+    assert run(["query", "--labels", str(tmp_path / "labels"), "SELECT count(*) FROM history"]) == 1
+    err = capsys.readouterr().err
+    assert f"{night}.bak is not a run folder (history/run_date=YYYY-MM-DD): move it out of history" in err

@@ -45,7 +45,14 @@ from fashionlabel.label.actor import COMPILED, CRASH_ONCE_ENV, Labeler
 from fashionlabel.label.plan import LabelConfig, LabelError, Plan, plan_resources
 from fashionlabel.label.reader import read_shards, skip_keys
 from fashionlabel.label.schema import labels_schema
-from fashionlabel.label.writer import PartWriter, foreign_parts, labelled_keys, part_name, run_totals
+from fashionlabel.label.writer import (
+    PartWriter,
+    foreign_parts,
+    labelled_keys,
+    part_name,
+    run_totals,
+    strangers,
+)
 from fashionlabel.lease import Lease
 from fashionlabel.shards import list_shards
 
@@ -174,6 +181,13 @@ def _todo(out_dir: str, uris: list[str], shards: str, model_version: str) -> lis
     """The shards of ``uris`` that have no part in ``out_dir`` yet. Parts under the same names that hold
     other shards (a second shards folder labelled into the same run folder) or another model's labels are
     refused, not skipped as done."""
+    if found := strangers(out_dir):
+        # every file of the folder is read as labels by Athena, Spark and pandas (the run's totals failed on
+        # a zero-byte one, naming no file): said now, before any shard is labelled
+        raise LabelError(
+            f"{out_dir} holds {len(found)} file(s) that no labelling run wrote ({', '.join(found[:3])}): "
+            "readers of the folder would take them for labels; move them out of it and run again"
+        )
     done = set(storage.listdir(out_dir, ".parquet"))
     clashes, unreadable = foreign_parts(out_dir, uris, done, model_version)
     if clashes:

@@ -31,6 +31,18 @@ def part_name(shard_uri: str) -> str:
     return "part-" + shard_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar") + ".parquet"
 
 
+def is_part(name: str) -> bool:
+    """Whether the file ``name`` of a run folder is a labels part, as `label` and `nightly` write them."""
+    return name.startswith("part-") and name.endswith(".parquet")
+
+
+def strangers(out_dir: str) -> list[str]:
+    """Files of the run folder ``out_dir`` that no labelling run wrote and that a reader of the folder would
+    take for labels: neither a part nor hidden (``_`` or ``.``, which Athena, Spark and pandas skip)."""
+    names = storage.listdir(out_dir)
+    return [n for n in names if not is_part(n) and not n.startswith(("_", "."))]
+
+
 class PartWriter:
     """Collects label rows per shard and publishes each shard's file as soon as it is complete."""
 
@@ -150,7 +162,7 @@ def run_totals(out_dir: str) -> dict[str, int]:
     """Counts of a run folder summed from its part files' footers (no data pages read)."""
     fs, path = storage.filesystem(out_dir)
     tot = {"rows": 0, "labelled": 0, "errored": 0, "skipped": 0, "damaged": 0, "files": 0}
-    for name in storage.listdir(out_dir, ".parquet"):
+    for name in filter(is_part, storage.listdir(out_dir, ".parquet")):
         m = _part_meta(fs, path, name)
         tot["files"] += 1
         for k in ("rows", "labelled", "errored", "skipped", "damaged"):
