@@ -145,7 +145,24 @@ class Rejected:
 
 # ---- reading ------------------------------------------------------------------------------------
 def _read_text(uri: str) -> str:
-    data = storage.read_bytes(uri).removeprefix(b"\xef\xbb\xbf")  # tolerate a BOM
+    data = storage.read_bytes(uri)
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        # UTF-16 with its BOM, as spreadsheets export "Unicode" CSV: read as UTF-8 it was refused for
+        # columns such as '\x00p\x00r\x00o\x00d\x00u\x00c\x00t\x00_\x00i\x00d\x00'
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise CatalogError(
+                f"catalog {uri} starts with a UTF-16 byte order mark but is not UTF-16: {e}"
+            ) from e
+    if b"\x00" in data[: data.find(b"\n")]:
+        # every other byte of the header NUL: UTF-16 without its byte order mark, which cannot be told
+        # from other text reliably; say so rather than list columns of NULs
+        raise CatalogError(
+            f"catalog {uri} has NUL bytes in its header: it looks UTF-16 encoded without a byte order mark; "
+            "save it as UTF-8 (or UTF-16 with a BOM)"
+        )
+    data = data.removeprefix(b"\xef\xbb\xbf")  # tolerate a BOM
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

@@ -612,3 +612,21 @@ def test_a_catalog_without_the_contract_columns_says_which_to_rename(tmp_path):
         CatalogError, match=r"has \['image_uri', 'sku'\]: name the export's id column product_id$"
     ):
         read_catalog(p)
+
+
+def test_a_utf16_catalog_is_read_and_one_without_its_bom_is_named(tmp_path):
+    """A catalog exported as "Unicode" (UTF-16 with a byte order mark) was refused for lacking product_id
+    and image_uri, listing columns such as '\\x00p\\x00r\\x00o\\x00…'. It is read; without its BOM it is
+    refused with what it looks like and what to do."""
+    text = "product_id,image_uri,productDisplayName\r\nA1,a.jpg,Robe brodée\r\nA2,b.jpg,ドレス\r\n"
+    for enc in ("utf-16", "utf-16-be"):
+        p = tmp_path / f"{enc}.csv"
+        p.write_bytes((text if enc == "utf-16" else "\ufeff" + text).encode(enc))  # "utf-16" adds its BOM
+        rows, bad = read_catalog(p)
+        assert not bad and [(r["product_id"], r["productDisplayName"]) for r in rows] == [
+            ("A1", "Robe brodée"),
+            ("A2", "ドレス"),
+        ]
+    (tmp_path / "nobom.csv").write_bytes(text.encode("utf-16-le"))
+    with pytest.raises(CatalogError, match=r"nobom.csv has NUL bytes in its header: it looks UTF-16 encoded"):
+        read_catalog(tmp_path / "nobom.csv")
