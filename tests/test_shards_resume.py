@@ -95,8 +95,13 @@ def test_resume_after_kill(ray_session, tmp_path):
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert 3 <= done_at_kill < N // PER_SHARD and not (out / "index.parquet").exists()
+    # the set is not finished, and says so to its readers (label, train) rather than passing for whole
+    from fashionlabel.shards import ShardSetIncomplete
+
+    with pytest.raises(ShardSetIncomplete, match="is not finished"):
+        list_shards(str(out))
     # whatever was visible at the kill is whole: every published tar reads to its end
-    published = list_shards(str(out))
+    published = sorted(out.glob("shard-*.tar"))
     assert len(published) >= done_at_kill
     for uri in published:
         with tarfile.open(uri) as tar:
@@ -163,3 +168,39 @@ def test_a_shard_set_missing_tars_is_refused_and_shard_packs_them_again(
     assert len(list_shards(str(shards))) == 4
     for n, ids in want.items():
         assert [x["json"]["product_id"] for x in iter_shard(str(shards / n))] == ids
+
+
+def test_a_shard_set_whose_shard_job_has_not_finished_is_refused_until_it_has(
+    ray_session, small_catalog, small_shards, tiny_model, tmp_path
+):
+    """A shard job killed after packing 85 of 190 shards, before its index: `label` labelled the 85 tars as
+    the whole set (16,863 of 37,497 products) and wrote _SUCCESS, silently leaving out the rest. A folder
+    with a shard plan and no index is refused by name, and `shard` re-run with the same catalog finishes
+    it. Here the job stopped before its last tar (the plan has 5 shards: the fifth, whose 6 images are
+    missing, has no tar)."""
+    from fashionlabel.label.pipeline import label_shards
+    from fashionlabel.shards import ShardSetIncomplete
+
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    (shards / "index.parquet").unlink()
+    (shards / "shard-000003.tar").unlink()
+    (shards / "_parts" / "shard-000003.parquet").unlink()
+    unfinished = (
+        "is not finished: the shard job writing it has packed 3 of 5 shard.s. and not yet written index"
+    )
+    with pytest.raises(ShardSetIncomplete, match=unfinished):
+        list_shards(str(shards))
+    out = tmp_path / "labels"
+    with pytest.raises(ShardSetIncomplete, match=unfinished):
+        label_shards(str(shards), str(tiny_model), str(out), "2026-01-01")
+    assert not out.exists()
+
+    s = shard_catalog(
+        str(small_catalog),
+        str(shards),
+        Taxonomy.load("fashion-product-images"),
+        ShardConfig(samples_per_shard=150),
+    )
+    assert s.shards_skipped == 3 and s.packed == 600
+    assert label_shards(str(shards), str(tiny_model), str(out), "2026-01-01")["labelled"] == 600

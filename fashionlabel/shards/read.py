@@ -14,7 +14,7 @@ class NotAShardSet(FileNotFoundError):
 
 
 class ShardSetIncomplete(FileNotFoundError):
-    """A shard set whose index names tars that are missing."""
+    """A shard set whose index names tars that are missing, or whose shard job has not finished."""
 
 
 class ShardDamaged(ValueError):
@@ -36,6 +36,17 @@ def list_shards(shards: str) -> list[str]:
         )
     if has_index:
         _check_complete(shards, index, set(names))
+    elif storage.exists(plan := storage.join(shards, "_parts", "_plan.json")):
+        # a shard job's output before its last step (the index): killed, failed or still running. Its tars
+        # were labelled as if they were the whole set, and _SUCCESS written over the products it had
+        # not packed yet
+        saved = storage.read_json(plan)
+        planned = -(-int(saved.get("rows", 0)) // max(int(saved.get("samples_per_shard", 1)), 1))
+        raise ShardSetIncomplete(
+            f"{shards} is not finished: the shard job writing it has packed {len(names)} of {planned} "
+            "shard(s) and not yet written index.parquet (killed, failed or still running); re-run "
+            "`fashionlabel shard` with the same catalog and --out to finish it"
+        )
     return [storage.join(shards, n) for n in names]
 
 
