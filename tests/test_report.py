@@ -1,6 +1,8 @@
 import re
 import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from fashionlabel.label.pipeline import label_shards
@@ -11,6 +13,9 @@ def test_report_has_every_chart(ray_session, small_shards, tiny_model, tmp_path)
     s = label_shards(str(small_shards), str(tiny_model), str(tmp_path / "labels"), "2026-02-01")
     # a re-run with nothing to do leaves the manifest (and the throughput it reports) of the run that worked
     label_shards(str(small_shards), str(tiny_model), str(tmp_path / "labels"), "2026-02-01")
+    # a Parquet file dropped in by hand is no labels: the parts alone are read, as query reads them
+    stray = pa.table({"product_id": ["x", "y", "z"], "note": ["a", "b", "c"]})
+    pq.write_table(stray, tmp_path / "labels" / "history" / "run_date=2026-02-01" / "notes.parquet")
     r = write_report(str(tmp_path / "labels"), tmp_path / "report.html")
     html = (tmp_path / "report.html").read_text()
     heads = [

@@ -174,6 +174,7 @@ def labelled_keys(out: str, model_version: str) -> pa.Array:
     """``product_id \\x1f image_sha256`` of every product that ``model_version`` already labelled
     without error, over every run date of ``out/history`` (for ``--incremental``)."""
     import pyarrow.dataset as pds
+    import pyarrow.fs as pafs
 
     from fashionlabel.label.reader import skip_keys
 
@@ -181,7 +182,12 @@ def labelled_keys(out: str, model_version: str) -> pa.Array:
     fs, path = storage.filesystem(history)
     if not storage.exists(history):
         return pa.array([], pa.string())
-    data = pds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+    # the parts alone, as `query` reads them: a file dropped into a run folder by hand is no labels
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    parts = [f.path for f in found if f.type == pafs.FileType.File and is_part(f.base_name)]
+    if not parts:  # run folders with no part yet (a first run killed before its first file)
+        return pa.array([], pa.string())
+    data = pds.dataset(parts, filesystem=fs, format="parquet")
     t = data.to_table(
         columns=["product_id", "image_sha256"],
         filter=(pds.field("model_version") == model_version) & pds.field("error").is_null(),
