@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import csv
 import functools
+import gzip
 import hashlib
 import http.client
 import io
@@ -27,6 +28,7 @@ import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,11 @@ class Rejected:
 # ---- reading ------------------------------------------------------------------------------------
 def _read_text(uri: str) -> str:
     data = storage.read_bytes(uri)
+    if data[:2] == b"\x1f\x8b":  # gzip's magic: exports are often compressed (catalog.csv.gz)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise CatalogError(f"catalog {uri} is gzip-compressed but does not decompress: {e}") from e
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         # UTF-16 with its BOM, as spreadsheets export "Unicode" CSV: read as UTF-8 it was refused for
         # columns such as '\x00p\x00r\x00o\x00d\x00u\x00c\x00t\x00_\x00i\x00d\x00'
@@ -328,13 +335,14 @@ def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]
     """Read a catalog into row dicts (values str, list or None) plus the rejects of malformed lines.
 
     Args:
-        uri: a ``.csv`` (default), ``.parquet`` or ``.jsonl``/``.ndjson``/``.json`` file, local or s3://.
+        uri: a ``.csv`` (default), ``.parquet`` or ``.jsonl``/``.ndjson``/``.json`` file, local or s3://;
+            CSV and JSON Lines may be gzip-compressed (``catalog.csv.gz``).
     """
     uri = str(uri)
     try:
         if not storage.exists(uri):
             raise CatalogError(f"catalog not found: {uri}")
-        suffix = uri.lower().rsplit(".", 1)[-1]
+        suffix = uri.lower().removesuffix(".gz").rsplit(".", 1)[-1]  # catalog.jsonl.gz is JSON Lines
         if suffix == "parquet":
             fs, path = storage.filesystem(uri)
             table = pq.read_table(path, filesystem=fs)

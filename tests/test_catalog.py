@@ -33,6 +33,28 @@ from fashionlabel.shards.pack import fetched
 from fashionlabel.taxonomy import Taxonomy
 
 
+def test_gzip_compressed_catalogs_are_read_and_a_broken_one_is_named(tmp_path):
+    """Exports are often compressed: a gzip file named .csv was refused as "has no rows" (its bytes read as
+    text), and catalog.jsonl.gz was read as a CSV."""
+    import gzip
+
+    csv_text = "product_id,image_uri,gender\n1,a.jpg,Men\n2,b.jpg,Women\n"
+    (tmp_path / "c.csv.gz").write_bytes(gzip.compress(csv_text.encode()))
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(b'{"product_id": 3, "image_uri": "c.jpg"}\n'))
+    rows, bad = read_catalog(tmp_path / "c.csv.gz")
+    assert bad == [] and [(r["product_id"], r["gender"]) for r in rows] == [("1", "Men"), ("2", "Women")]
+    rows, bad = read_catalog(tmp_path / "c.jsonl.gz")  # JSON Lines under its .gz
+    assert bad == [] and rows == [{"product_id": "3", "image_uri": "c.jpg"}]
+    (tmp_path / "named.csv").write_bytes(gzip.compress(csv_text.encode()))  # compressed, named as if not
+    assert [r["product_id"] for r in read_catalog(tmp_path / "named.csv")[0]] == ["1", "2"]
+    (tmp_path / "cut.csv").write_bytes(gzip.compress(csv_text.encode())[:20])  # a download cut short
+    with pytest.raises(CatalogError, match=r"cut.csv is gzip-compressed but does not decompress"):
+        read_catalog(tmp_path / "cut.csv")
+    (tmp_path / "cut.csv.gz").write_bytes(gzip.compress(csv_text.encode())[:20])
+    with pytest.raises(CatalogError, match=r"cannot read catalog .*cut.csv.gz: Truncated compressed stream"):
+        read_catalog(tmp_path / "cut.csv.gz")
+
+
 def test_csv_bom_quotes_and_malformed_lines(tmp_path):
     p = tmp_path / "c.csv"
     p.write_bytes(
