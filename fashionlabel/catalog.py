@@ -19,6 +19,7 @@ import hashlib
 import http.client
 import io
 import json
+import logging
 import os
 import re
 import stat
@@ -39,6 +40,8 @@ import pyarrow.parquet as pq
 
 from fashionlabel import storage
 from fashionlabel.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
 
 # A key must be a safe tar member name and a safe file name on every filesystem (no '/', '..', spaces,
 # non-ASCII); webdataset splits extensions at the first dot, so dots are out too. An id that already is
@@ -175,14 +178,24 @@ def _read_text(uri: str) -> str:
     except UnicodeDecodeError:
         # Mixed encodings (a legacy tool appended cp1252 lines): decode line by line, so UTF-8 lines keep
         # their text and only the legacy lines fall back; keep the row, not crash.
-        return "".join(_decode_line(line) for line in data.splitlines(keepends=True))
-
-
-def _decode_line(line: bytes) -> str:
-    try:
-        return line.decode("utf-8")
-    except UnicodeDecodeError:
-        return line.decode("cp1252", errors="replace")
+        text, legacy = [], []
+        for i, line in enumerate(data.splitlines(keepends=True)):
+            try:
+                text.append(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                legacy.append(i)
+                text.append(line.decode("cp1252", errors="replace"))
+        # cp1252 reads any bytes, so a catalog in another legacy encoding (Shift-JIS, GBK) reads as
+        # mojibake ('ƒhƒŒƒX' for ドレス) without an error: say which lines were read so
+        log.warning(
+            "catalog %s: %d line(s) are not UTF-8 and were read as Windows-1252 (cp1252), e.g. line %d: %r; "
+            "if the file is in another encoding (Shift-JIS, GBK, …), save it as UTF-8",
+            uri,
+            len(legacy),
+            legacy[0] + 1,
+            text[legacy[0]][:80],
+        )
+        return "".join(text)
 
 
 def _csv_records(lines: list[str], first: int) -> Any:

@@ -294,9 +294,10 @@ def _csv(header: list[str], rows: list[list[str]]) -> str:
 HEADER = ["product_id", "image_uri", "gender", "productDisplayName"]
 
 
-def test_mixed_encodings_keep_every_row(tmp_path, ledger):
+def test_mixed_encodings_keep_every_row(tmp_path, ledger, caplog):
     """A UTF-8 catalog (with BOM) into which a legacy tool appended one cp1252 line: every row is read,
-    UTF-8 text stays intact, and the cp1252 line decodes to the right characters."""
+    UTF-8 text stays intact, and the cp1252 line decodes to the right characters. Since cp1252 reads any
+    bytes (a Shift-JIS catalog comes out as mojibake, silently), the lines read so are named."""
     utf8 = _csv(HEADER, [["p1", "a.jpg", "Women", "Robe brodée"], ["p2", "b.jpg", "Men", "Crème tee"]])
     data = b"\xef\xbb\xbf" + utf8.encode() + "p3,c.jpg,Men,Caf\xe9 shirt\n".encode("cp1252")
     (tmp_path / "mixed.csv").write_bytes(data)
@@ -307,6 +308,16 @@ def test_mixed_encodings_keep_every_row(tmp_path, ledger):
         "mixed encodings (UTF-8 + BOM with a cp1252 line)", "every row read, text intact" if ok else None
     )
     assert ok, (names, bad)
+    assert (
+        "1 line(s) are not UTF-8 and were read as Windows-1252 (cp1252), e.g. line 4: 'p3,c.jpg"
+        in caplog.text
+    )
+    caplog.clear()
+    (tmp_path / "sjis.csv").write_bytes(
+        b"product_id,image_uri,productDisplayName\np1,a.jpg," + "ドレス".encode("shift_jis")
+    )
+    read_catalog(tmp_path / "sjis.csv")
+    assert "e.g. line 2: 'p1,a.jpg,ƒhƒŒƒX'; if the file is in another encoding (Shift-JIS" in caplog.text
 
 
 @pytest.mark.parametrize(
