@@ -100,6 +100,8 @@ def label_shards(
     # one is refused before any folder is made, not in every actor's traceback
     spec = artifact_spec(model_dir)
     storage.makedirs(out_dir)
+    if storage.is_s3(out_dir):  # a missing bucket or read-only credentials named as such, before the lease
+        storage.check_writable(out_dir)
     # one labelling job per run folder: a second one (the same command run again while the first still
     # runs, or another model into the same date) would label every shard again and replace the first
     # one's parts under it, leaving a folder of two runs, or two models, behind one _SUCCESS
@@ -121,8 +123,6 @@ def label_shards(
         first = None  # seconds from the call to the first labelled batch: the run's start-up
         compiled: set[str] = set()  # how the actors had their compiled model ("jit", "built", "loaded")
         if todo:
-            if storage.is_s3(out_dir):  # a missing bucket is named now, not after the actors labelled a shard
-                storage.check_writable(out_dir)
             keys = _skip_keys(out, spec["version"], skip, incremental)
             try:
                 for batch in _plan(todo, model_dir, run_id, plan, spec, keys).iter_batches(
