@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,15 @@ def _next_step(a: argparse.Namespace, out: dict[str, Any], command: str) -> None
     filled in. Left out for the demo's steps, where the demo runs the next step itself."""
     if getattr(a, "show_next", True):
         out["next"] = command
+
+
+def invoked_as() -> str:
+    """The ``fashionlabel`` command as this process was started, for a line to copy: the script's path as
+    typed (``.venv/bin/fashionlabel`` from ``make demo``), ``python -m fashionlabel``, or else the name."""
+    prog = sys.argv[0] if sys.argv else ""
+    if Path(prog).name == "__main__.py" and Path(prog).parent.name == "fashionlabel":
+        return f"{_q(sys.executable)} -m fashionlabel"
+    return _q(prog) if Path(prog).name == "fashionlabel" else "fashionlabel"
 
 
 def _q(path: Any) -> str:
@@ -686,5 +696,5 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
         "total time": f"{time.time() - t0:.0f} s",
     }
     _print_summary("demo summary", out)
-    print(f'\nquery it:  .venv/bin/fashionlabel query --labels {labels} "{DEMO_QUERY}"')
+    print(f'\nquery it:  {invoked_as()} query --labels {labels} "{DEMO_QUERY}"')
     return out

@@ -483,6 +483,24 @@ def test_demo_end_to_end_names_the_labels_root_that_query_and_report_take(
     assert run(["report", "--labels", query[3], "--out", str(tmp_path / "again.html")]) == 0
 
 
+def test_the_demo_names_the_command_as_it_was_started(monkeypatch):
+    """Its last line, `query it: …`, printed `.venv/bin/fashionlabel` however the demo was started: from an
+    activated environment or another folder that path is not there."""
+    import sys
+
+    from fashionlabel.commands import invoked_as
+
+    for argv0, shown in [
+        (".venv/bin/fashionlabel", ".venv/bin/fashionlabel"),  # make demo
+        ("/opt/my env/bin/fashionlabel", "'/opt/my env/bin/fashionlabel'"),
+        ("/src/fashionlabel/__main__.py", f"{sys.executable} -m fashionlabel"),
+        ("/usr/lib/python3/site-packages/pytest/__main__.py", "fashionlabel"),
+        ("-c", "fashionlabel"),
+    ]:
+        monkeypatch.setattr(sys, "argv", [argv0])
+        assert invoked_as() == shown, argv0
+
+
 def test_demo_bad_settings_are_refused_before_its_shards_are_written(small_catalog, tmp_path):
     """The demo runs shard, train and label in turn: epochs that training refuses, or a run date that is not
     one, are named before the shard step writes anything (not after minutes of sharding and training), and
