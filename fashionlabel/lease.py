@@ -34,7 +34,8 @@ class LeaseHeld(RuntimeError):
     """Another live job holds the lease."""
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +78,7 @@ class Lease:
             return True
         if time.time() - float(held.get("heartbeat", 0)) > self.ttl:
             return True
-        return held.get("host") == self.me["host"] and not _alive(int(held.get("pid", -1)))
+        return held.get("host") == self.me["host"] and not alive(int(held.get("pid", -1)))
 
     def _refuse(self, held: dict[str, Any]) -> LeaseHeld:
         age = time.time() - float(held.get("heartbeat", 0))

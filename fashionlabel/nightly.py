@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from fashionlabel import latest, settings, storage
 from fashionlabel.label.pipeline import LabelConfig, label_shards
-from fashionlabel.label.writer import is_part
+from fashionlabel.label.writer import part_uris
 from fashionlabel.layout import Layout
 from fashionlabel.lease import Lease, LeaseHeld
 from fashionlabel.relabel import product_map, relabel_products, save_map
@@ -408,7 +408,7 @@ def _complete_run_manifest(layout: Layout, date: str, history: pa.Table, night_i
             "labelled": history.num_rows - errored,
             "errored": errored,
             "relabelled": history.num_rows - of_night,
-            "files": len([n for n in storage.listdir(layout.history(date), ".parquet") if is_part(n)]),
+            "files": len(part_uris(layout.history(date))),
         },
     )
     if source == labelled:
@@ -419,8 +419,7 @@ def _read_history(layout: Layout, date: str, taxonomy: Taxonomy) -> pa.Table:
     from fashionlabel.label.schema import labels_schema
 
     schema = labels_schema(taxonomy)
-    d = layout.history(date)
-    files = [storage.join(d, n) for n in storage.listdir(d, ".parquet") if is_part(n)]
+    files = part_uris(layout.history(date))
     return (
         pa.concat_tables([storage.read_parquet(f, schema=schema) for f in files])
         if files

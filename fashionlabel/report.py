@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 
 from fashionlabel import storage
-from fashionlabel.label.writer import is_part
+from fashionlabel.label.writer import part_uris
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ def latest_run(labels: str) -> str:
 def read_run(run_dir: str) -> pd.DataFrame:
     """Every label row of the Parquet files in ``run_dir``; FileNotFoundError when it holds none."""
     fs, path = storage.filesystem(run_dir)
-    # the parts alone, as `query` reads them: a stray Parquet file dropped in is no labels
-    files = [storage.join(run_dir, n) for n in storage.listdir(run_dir, ".parquet") if is_part(n)]
+    files = part_uris(run_dir)
     if not files:
         raise FileNotFoundError(f"no labels Parquet under {run_dir}")
     ds = pads.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs, format="parquet")

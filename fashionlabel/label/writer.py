@@ -36,6 +36,12 @@ def is_part(name: str) -> bool:
     return name.startswith("part-") and name.endswith(".parquet")
 
 
+def part_uris(out_dir: str) -> list[str]:
+    """The labels parts of the run folder ``out_dir``, as readers take them: a Parquet file dropped into the
+    folder by hand is no labels (``query`` reads the same files)."""
+    return [storage.join(out_dir, n) for n in storage.listdir(out_dir, ".parquet") if is_part(n)]
+
+
 def strangers(out_dir: str) -> list[str]:
     """Files of the run folder ``out_dir`` that no labelling run wrote and that a reader of the folder would
     take for labels: neither a part nor hidden (``_`` or ``.``, which Athena, Spark and pandas skip)."""
@@ -162,8 +168,8 @@ def run_totals(out_dir: str) -> dict[str, int]:
     """Counts of a run folder summed from its part files' footers (no data pages read)."""
     fs, path = storage.filesystem(out_dir)
     tot = {"rows": 0, "labelled": 0, "errored": 0, "skipped": 0, "damaged": 0, "files": 0}
-    for name in filter(is_part, storage.listdir(out_dir, ".parquet")):
-        m = _part_meta(fs, path, name)
+    for uri in part_uris(out_dir):
+        m = _part_meta(fs, path, uri.rsplit("/", 1)[-1])
         tot["files"] += 1
         for k in ("rows", "labelled", "errored", "skipped", "damaged"):
             tot[k] += int(m.get(k, 0))

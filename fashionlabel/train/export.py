@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from fashionlabel import storage
-from fashionlabel.lease import _alive
+from fashionlabel.lease import alive
 from fashionlabel.models import create_model
 from fashionlabel.taxonomy import Taxonomy, TaxonomyError
 from fashionlabel.train.metrics import metrics_json
@@ -141,7 +141,7 @@ def _drop_dead_staging(out: Path) -> None:
     host's, and those of exports that named no process (before names carried it) are left alone."""
     for d in out.parent.glob(f".{out.name}.*.{_HOST}-*.tmp"):
         pid = d.name.removesuffix(".tmp").rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             log.info("removing %s, left by an export that was killed", d)
             shutil.rmtree(d, ignore_errors=True)
 
