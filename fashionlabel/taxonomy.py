@@ -7,7 +7,7 @@ Kinds of head (docs/models.md):
   either from a list column of the catalog or are mined from a text column with word-bounded patterns, the
   way DeepFashion mined its attributes from product text. ``w_pos``/``w_neg`` weight the BCE terms.
 - hierarchy: a single head with ``parent`` and ``parent_map`` (fine value → coarse value). Predictions are
-  made consistent along the chain (see ``consistent_paths``).
+  made consistent along the chain (``label.postprocess.consistent_choice``).
 
 Blank and unknown markers (``unknown_values``) mean "no label": masked in training, never a class.
 ``values: learn`` defers the value list to the training catalog (``Taxonomy.learn``).
@@ -68,9 +68,10 @@ class Head:
 
     @cached_property
     def _compiled(self) -> list[tuple[str, re.Pattern]]:
-        """(value, its pattern) in the order of ``values``: mined labels list values in the head's order."""
+        """(value, its pattern) in the order of ``values``: mined labels list values in the head's order.
+        Case-blind: the text is lower-cased before matching, and a pattern spelt ``T-Shirt`` must find it."""
         rx = {value: r for group in self.patterns.values() for value, r in group.items()}
-        return [(value, re.compile(rf"\b({rx[value]})\b")) for value in self.values or rx]
+        return [(value, re.compile(rf"\b({rx[value]})\b", re.IGNORECASE)) for value in self.values or rx]
 
     def group_of(self) -> dict[str, str]:
         """value -> group name (multi heads). Learned values may carry their group as ``group:value``."""
@@ -109,6 +110,15 @@ def _check_head(h: Head) -> None:
             raise TaxonomyError(f"{where}: its not_visible value {h.not_visible!r} is not one of its values")
     if h.groups and h.kind != "multi":
         raise TaxonomyError(f"{where}: only a multi head has groups")
+    for g, group in h.patterns.items():
+        for v, rx in group.items():
+            # compiled here, at load, not in the first packing task to mine a row (a bare re.error there)
+            try:
+                re.compile(str(rx))
+            except re.error as e:
+                raise TaxonomyError(
+                    f"{where}: pattern of {g}:{v} is no regular expression ({e}): {rx!r}"
+                ) from e
     seen: dict[str, str] = {}
     for g, vals in h.groups.items():
         for v in vals:

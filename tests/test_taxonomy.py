@@ -76,6 +76,26 @@ def test_labels_from_row_masks_unknowns_and_mines_attributes():
     assert t.labels_from_row({"productDisplayName": "footprints"})["attributes"] == []
 
 
+def test_a_mined_pattern_written_with_capitals_still_matches():
+    """The text is matched lower-cased: a pattern spelt as product names spell it (``T-Shirt``) matched
+    nothing, and its value had no positive label in the whole catalog, without a word."""
+    t = Taxonomy.from_dict(
+        {
+            "name": "x",
+            "heads": [
+                {
+                    "name": "tags",
+                    "kind": "multi",
+                    "column": "title",
+                    "patterns": {"t": {"tee": "T-Shirt|Tee"}},
+                }
+            ],
+        }
+    )
+    assert t.labels_from_row({"title": "Blue T-SHIRT"})["tags"] == ["tee"]
+    assert t.labels_from_row({"title": "Teeshirt"})["tags"] == []  # still word-bounded
+
+
 def test_invalid_label_and_hierarchy_check():
     t = Taxonomy.load("fashion-product-images")
     assert t.invalid_label({"gender": "Men"}) is None
@@ -235,6 +255,11 @@ def test_bad_taxonomy_files(tmp_path):
         ("[{name: a, values: [x]}, {name: a, values: [y]}]", r"duplicate head names \['a'\]"),
         ("[{kind: single, values: [x]}]", r"every head needs a 'name'"),
         ("{a: {values: [x]}}", r"'heads' must be a non-empty list"),
+        # a pattern that is no regex: refused at load, not as a bare re.error in the first task to mine a row
+        (
+            "[{name: tags, kind: multi, column: title, patterns: {fabric: {leather: 'leather('}}}]",
+            r"head 'tags': pattern of fabric:leather is no regular expression .*'leather\('",
+        ),
         # a head named like a column the tables have already: a shoe's width (the index's image width)
         (
             "[{name: width, column: Width, values: [narrow, wide]}]",
