@@ -196,6 +196,27 @@ def _no_booleans(h: Mapping[str, Any], values: Any) -> None:
         )
 
 
+def _check_shapes(h: Mapping[str, Any]) -> None:
+    """Each key of a head holds the kind of YAML value it takes: a list of groups where a mapping belongs
+    failed with Python's own words ("dictionary update sequence element #0 has length 1"), naming neither
+    head nor key, and a group written as one string (``colour: red``) became its letters' values."""
+    where = f"head {h['name']!r}"
+    for key, inner in (("patterns", Mapping), ("groups", list), ("parent_map", None)):
+        v = h.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, Mapping):
+            raise TaxonomyError(f"{where}: {key} must be a mapping, not {v!r:.80}")
+        bad = next((g for g, x in v.items() if inner is not None and not isinstance(x, inner)), None)
+        if bad is not None:
+            kind = "a mapping of value: regex" if inner is Mapping else "a list of values"
+            raise TaxonomyError(f"{where}: {key} {bad!r} must be {kind}, not {v[bad]!r:.80}")
+    for key in ("weight", "w_pos", "w_neg"):
+        v = h.get(key, 1.0)
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise TaxonomyError(f"{where}: {key} must be a number, not {v!r:.80}")
+
+
 SUFFIXES = ("_score", "_topk", "_scores")  # a head's columns in the labels tables, after its own name
 TAXONOMY_KEYS = ("name", "description", "unknown_values", "heads")
 HEAD_KEYS = tuple(f.name for f in fields(Head))
@@ -252,6 +273,7 @@ class Taxonomy:
                     f"head {h['name']!r}: values must be a list or 'learn', not {values!r:.80}"
                 )
             _no_booleans(h, values)
+            _check_shapes(h)
             patterns = {g: dict(p) for g, p in (h.get("patterns") or {}).items()}
             groups = {g: tuple(v) for g, v in (h.get("groups") or {}).items()}
             if patterns:  # mined heads: values and groups follow from the patterns

@@ -255,6 +255,17 @@ def test_bad_taxonomy_files(tmp_path):
         ("[{name: a, values: [x]}, {name: a, values: [y]}]", r"duplicate head names \['a'\]"),
         ("[{kind: single, values: [x]}]", r"every head needs a 'name'"),
         ("{a: {values: [x]}}", r"'heads' must be a non-empty list"),
+        # a value of the wrong YAML shape is named with its head and key, not in Python's own words
+        (
+            "[{name: tags, kind: multi, column: title, patterns: {texture: printed}}]",
+            r"head 'tags': patterns 'texture' must be a mapping of value: regex, not 'printed'",
+        ),
+        (
+            "[{name: t, kind: multi, values: [r, e, d], groups: {colour: red}}]",
+            r"head 't': groups 'colour' must be a list of values, not 'red'",
+        ),
+        ("[{name: s, values: [a], parent_map: [a]}]", r"head 's': parent_map must be a mapping, not \['a'\]"),
+        ("[{name: s, values: [a], weight: heavy}]", r"head 's': weight must be a number, not 'heavy'"),
         # a pattern that is no regex: refused at load, not as a bare re.error in the first task to mine a row
         (
             "[{name: tags, kind: multi, column: title, patterns: {fabric: {leather: 'leather('}}}]",
