@@ -71,12 +71,13 @@ REASONS = {
     "malformed_row": "a catalog line that cannot be parsed (wrong number of fields, not a JSON object)",
     "missing_product_id": "product_id empty or whitespace",
     "invalid_product_id": f"product_id with control characters, leading/trailing spaces, > {MAX_ID_CHARS} "
-    "characters, or a floating-point number",
+    "characters, a floating-point number, or (JSON Lines, Parquet) a list, an object or true/false",
     "duplicate_product_id": "product_id seen earlier in the catalog (the first is kept)",
     "missing_image_uri": "image_uri empty",
     "label_outside_taxonomy": "a label value the taxonomy does not declare",
     "image_not_found": "no file / object / HTTP 404 at image_uri",
-    "image_unreadable": "image_uri cannot be read (permission, network, server error, unsupported scheme)",
+    "image_unreadable": "image_uri cannot be read (permission, network, server error, unsupported scheme, "
+    "a list or an object instead of one URI)",
     "image_empty": "the source has zero bytes",
     "not_an_image": "the bytes are not an image format we decode",
     "image_truncated": "the image ends before its data does",
@@ -383,14 +384,13 @@ def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]
             f"{hint or _rename_hint(columns, rows[0] if rows else {})}"
         )
     if suffix != "csv":  # CSV values are str already; others may hold numbers, bools, nested values
-        floats = [r for r in rows if isinstance(r.get("product_id"), float)]  # JSON Lines: 1623.0
-        if floats:
-            why = f"a floating-point number, {FLOAT_ID}"
-            bad += [
-                Rejected(str(r["product_id"]), str(r.get("image_uri") or ""), "invalid_product_id", why)
-                for r in floats
-            ]
-            rows = [r for r in rows if not isinstance(r.get("product_id"), float)]
+        kept = []
+        for r in rows:
+            if why := _not_one_value(r):
+                bad.append(Rejected(*(_shown(r.get(c)) for c in ID_COLUMNS), *why))
+            else:
+                kept.append(r)
+        rows = kept
         shared = _SharedValues()
         for r in rows:
             for k, v in r.items():
@@ -398,6 +398,33 @@ def read_catalog(uri: str | Path) -> tuple[list[dict[str, Any]], list[Rejected]]
                     r[k] = _as_text(v)
             shared.row(r)
     return rows, bad
+
+
+def _not_one_value(row: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, detail) for a JSON Lines or Parquet row whose id or image is not one plain value: a float id
+    (JSON Lines: 1623.0), a true/false, a list or an object. Read as text they became ids such as
+    "['a', 'b']" or "True", and paths such as "<catalog folder>/['a.jpg']", that no export holds."""
+    pid, uri = (row.get(c) for c in ID_COLUMNS)
+    if isinstance(pid, float):
+        return "invalid_product_id", f"a floating-point number, {FLOAT_ID}"
+    for col, v, reason in (("product_id", pid, "invalid_product_id"), ("image_uri", uri, "image_unreadable")):
+        kind = "a list" if isinstance(v, list | tuple) else "an object" if isinstance(v, dict) else None
+        kind = "true/false" if isinstance(v, bool) else kind
+        if kind:
+            return (
+                reason,
+                f"{col} is {kind}, not one {'id' if col == 'product_id' else 'URI'}: {_shown(v)[:80]}",
+            )
+    return None
+
+
+def _shown(v: Any) -> str:
+    """A catalog value as a quarantine record names it: text as it is, anything else as JSON."""
+    if v is None or isinstance(v, str):
+        return v or ""
+    if isinstance(v, float):
+        return str(v)
+    return json.dumps(_jsonable(v), ensure_ascii=False)
 
 
 def _as_text(v: Any) -> Any:

@@ -185,6 +185,37 @@ def test_ids_that_are_floats_are_refused_not_read_as_1623_0(tmp_path):
     assert "would read '1623.0'" in bad[0].detail
 
 
+def test_ids_and_image_uris_that_are_lists_objects_or_booleans_are_quarantined(tmp_path):
+    """A JSON Lines or Parquet id or image that is not one value was read as its Python text: the product
+    was packed under the id "['a', 'b']" or "True", and a list of images was fetched from the path
+    "<catalog folder>/['p.jpg']". Each such row is quarantined, the value shown as JSON."""
+    lines = [
+        {"product_id": ["a", "b"], "image_uri": "x.jpg"},
+        {"product_id": {"k": 1}, "image_uri": "y.jpg"},
+        {"product_id": True, "image_uri": "z.jpg"},
+        {"product_id": "p1", "image_uri": ["p.jpg", "q.jpg"]},
+        {"product_id": "p2", "image_uri": "r.jpg"},
+    ]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rows, bad = read_catalog(tmp_path / "c.jsonl")
+    assert [r["product_id"] for r in rows] == ["p2"]
+    assert [(b.product_id, b.image_uri, b.reason) for b in bad] == [
+        ('["a", "b"]', "x.jpg", "invalid_product_id"),
+        ('{"k": 1}', "y.jpg", "invalid_product_id"),
+        ("true", "z.jpg", "invalid_product_id"),
+        ("p1", '["p.jpg", "q.jpg"]', "image_unreadable"),
+    ]
+    assert bad[0].detail == 'product_id is a list, not one id: ["a", "b"]'
+    assert bad[3].detail == 'image_uri is a list, not one URI: ["p.jpg", "q.jpg"]'
+    # an export that wrote each product's images as one list column
+    pq.write_table(
+        pa.table({"product_id": ["p3", "p4"], "image_uri": [["a.jpg"], None]}), tmp_path / "c.parquet"
+    )
+    rows, bad = read_catalog(tmp_path / "c.parquet")
+    assert [r["product_id"] for r in rows] == ["p4"]  # no image: check_ids quarantines it by name
+    assert [(b.product_id, b.reason) for b in bad] == [("p3", "image_unreadable")]
+
+
 def test_jsonl_objects_lists_and_broken_lines(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text(
