@@ -155,6 +155,26 @@ def test_sidecar_carries_the_metadata_columns(small_shards, small_catalog):
     assert n == 600
 
 
+def test_a_sidecar_damaged_in_place_names_its_shard_and_member(tmp_path):
+    """A tar's headers carry checksums, its payloads none: a sidecar damaged in place (a byte overwritten,
+    the size unchanged) failed training and evaluation with json's own message ("Invalid control
+    character"), naming neither the shard nor the sample, after the samples before it were handed on."""
+    from fashionlabel.shards import ShardDamaged
+    from fashionlabel.tarwriter import TarWriter
+
+    tar = tmp_path / "shard-000000.tar"
+    with TarWriter(open(tar, "wb")) as t:
+        for key, sidecar in (("a", b'{"product_id": "a"}'), ("b", b'{"product_id": "b\x00')):
+            t.add(f"{key}.jpg", b"jpeg bytes")
+            t.add(f"{key}.json", sidecar)
+    given = []
+    with pytest.raises(
+        ShardDamaged, match=r"shard .*shard-000000.tar is damaged \(member b.json is not JSON"
+    ):
+        given.extend(iter_shard(str(tar)))
+    assert given == []  # nothing handed on before the damage is named
+
+
 def test_a_shard_task_on_a_node_that_does_not_see_the_output_fails_the_job_by_name(ray_session, tmp_path):
     """On a cluster a local ``--out`` is each node's own disk unless every node mounts it. A shard task on
     another node published its tar there, where nobody reads it, and the job failed after packing

@@ -77,20 +77,27 @@ def iter_shard(uri: str) -> Iterator[dict[str, Any]]:
     with part of the shard) and names neither the shard nor the damage at any other cut."""
     from fashionlabel.label.reader import TarFormatError, read_shard_bytes, read_tar
 
+    def damaged(why: str) -> ShardDamaged:
+        return ShardDamaged(
+            f"shard {uri} is damaged ({why}): restore it, or delete it and re-run `fashionlabel shard` with "
+            "the same catalog and --out to pack it again"
+        )
+
     try:
         members = list(read_tar(read_shard_bytes(uri)))
     except TarFormatError as e:
-        raise ShardDamaged(
-            f"shard {uri} is damaged ({e}): restore it, or delete it and re-run `fashionlabel shard` with the "
-            "same catalog and --out to pack it again"
-        ) from None
-    cur: dict[str, Any] = {}
+        raise damaged(str(e)) from None
+    samples: list[dict[str, Any]] = []
     for name, payload in members:
         key, _, ext = name.partition(".")
-        if cur and cur["__key__"] != key:
-            yield cur
-            cur = {}
-        cur["__key__"] = key
-        cur[ext] = json.loads(payload) if ext == "json" else payload
-    if cur:
-        yield cur
+        if not samples or samples[-1]["__key__"] != key:
+            samples.append({"__key__": key})
+        if ext == "json":
+            # the tar's headers are checksummed, its payloads are not: a sidecar damaged in place failed
+            # training inside a worker with json's own words, naming neither shard nor member
+            try:
+                payload = json.loads(payload)
+            except ValueError as e:
+                raise damaged(f"member {name} is not JSON: {e}") from None
+        samples[-1][ext] = payload
+    yield from samples
