@@ -139,6 +139,30 @@ def test_deploy_artifact_holds_reparameterized_weights(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
+def test_an_artifact_of_an_architecture_this_version_lacks_is_refused_on_the_driver(tmp_path):
+    """A model trained by a newer fashionlabel, with an architecture this one lacks, passed the driver's
+    check (``artifact_spec``, which ``label`` and ``nightly`` run before they make a run folder) and failed
+    only when every labelling actor built it, as "weights do not fit"."""
+    from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
+    from fashionlabel.models import create_model
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.export import artifact_spec, content_version, save_artifact
+
+    tax = Taxonomy.load("fashion-product-images")
+    pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    out = tmp_path / "m"
+    save_artifact(out, create_model("fl_tiny", tax), architecture="fl_tiny", taxonomy=tax, preprocessing=pre)
+    spec = json.loads((out / "model.json").read_text()) | {"architecture": "fl_future"}
+    text = json.dumps(spec).encode()
+    (out / "model.json").write_bytes(text)
+    (out / "version").write_text(content_version((out / "weights.pt").read_bytes(), text) + "\n")
+    named = r"model.json is malformed: architecture 'fl_future' is not a model of this fashionlabel \(it has .*fl_tiny"
+    with pytest.raises(ArtifactError, match=named):
+        artifact_spec(out)
+    with pytest.raises(ArtifactError, match=named):
+        load_artifact(out)
+
+
 def test_an_artifact_appears_only_with_its_metrics(tmp_path):
     """Files that need the finished model (evaluation, curves) are written before the folder is published:
     a failure while writing them leaves the previous artifact in place and nothing half-made beside it."""

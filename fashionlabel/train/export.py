@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from fashionlabel import storage
 from fashionlabel.lease import alive
-from fashionlabel.models import create_model
+from fashionlabel.models import create_model, list_models
 from fashionlabel.taxonomy import Taxonomy, TaxonomyError
 from fashionlabel.train.metrics import metrics_json
 
@@ -344,6 +344,13 @@ def _check_fields(spec: dict[str, Any]) -> None:
     for key, (what, ok) in checks.items():
         if not ok:
             raise ValueError(f"{key} is {_field(spec, key)!r:.80}, not {what}")
+    # checked here, where a driver reads the artifact (``artifact_spec``): otherwise only building the
+    # model found it, in every labelling actor, after the run folder and its lease were made
+    if spec["architecture"] not in list_models():
+        raise ValueError(
+            f"architecture {spec['architecture']!r:.80} is not a model of this fashionlabel (it has "
+            f"{', '.join(list_models())}): label with the fashionlabel version that trained it, or a newer one"
+        )
     for head, t in cal.get("temperature", {}).items():
         if not (_number(t) and t > 0):
             raise ValueError(f"calibration.temperature.{head} is {t!r:.40}, not a number > 0")
