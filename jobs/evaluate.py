@@ -1,6 +1,7 @@
 """Job entry point for `fashionlabel evaluate` (see `fashionlabel evaluate --help`).
 
-ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.evaluate ARGS...
+    ray job submit --address $RAY_ADDRESS --working-dir . -- \
+        python -m jobs.evaluate --model s3://BUCKET/models/fl_small --shards s3://BUCKET/shards --split test
 """
 
 import sys

@@ -1,6 +1,8 @@
 """Job entry point for `fashionlabel label` (see `fashionlabel label --help`).
 
-ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.label ARGS...
+    ray job submit --address $RAY_ADDRESS --working-dir . -- \
+        python -m jobs.label --shards s3://BUCKET/shards --model s3://BUCKET/models/fl_small \
+            --out s3://BUCKET/labels --run-date 2026-03-01
 """
 
 import sys

@@ -1,6 +1,7 @@
 """Job entry point for `fashionlabel report` (see `fashionlabel report --help`).
 
-ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.report ARGS...
+    ray job submit --address $RAY_ADDRESS --working-dir . -- \
+        python -m jobs.report --labels s3://BUCKET/labels --out /mnt/shared/reports/labels.html
 """
 
 import sys

@@ -1,6 +1,7 @@
 """Job entry point for `fashionlabel train` (see `fashionlabel train --help`).
 
-ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.train ARGS...
+    ray job submit --address $RAY_ADDRESS --working-dir . -- \
+        python -m jobs.train --shards s3://BUCKET/shards --out s3://BUCKET/models/fl_small --workers 4 --gpu
 """
 
 import sys

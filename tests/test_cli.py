@@ -20,6 +20,25 @@ def test_help(cmd):
     assert r.returncode == 0 and "usage: fashionlabel" in r.stdout
 
 
+@pytest.mark.parametrize(
+    "job", sorted(p.stem for p in (Path(__file__).parents[1] / "jobs").glob("*.py") if p.stem != "__init__")
+)
+def test_each_job_shows_an_exact_ray_job_submit_command_that_parses(job):
+    """Each job's docstring is the command an operator copies: ``ray job submit … -- python -m jobs.<name>``
+    with options its command takes (some said ``ARGS...``, which no command takes)."""
+    import importlib
+
+    from fashionlabel.cli import parse
+
+    doc = " ".join(importlib.import_module(f"jobs.{job}").__doc__.replace("\\\n", " ").split())
+    assert (
+        "ray job submit --address $RAY_ADDRESS --working-dir . " in doc and f"-- python -m jobs.{job} " in doc
+    )
+    args = shlex.split(doc.partition(f"python -m jobs.{job} ")[2])
+    assert args, f"jobs/{job}.py shows no arguments"
+    parse([job, *args])  # argparse exits on an option the command does not take or lacks a required one
+
+
 def test_verbose_before_or_after_the_subcommand_and_defaults_in_every_help():
     from fashionlabel.cli import build_parser, parse
 
