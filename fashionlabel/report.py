@@ -1,6 +1,6 @@
 """``fashionlabel report``: one self-contained HTML file (PNG charts inlined) for a labels run or a night.
 
-Charts: label distribution per single head, confidence histogram per head, ``needs_review`` and error
+Charts: label distribution per head, confidence histogram per single head, ``needs_review`` and error
 shares, the run's counts and throughput (from its ``_SUCCESS`` manifest). The *night* report
 (:func:`write_night_report`, written by ``fashionlabel nightly``) draws the same over the active products
 of ``labels/latest`` and adds the night's counts and throughput and the drift against the previous night:
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
 
 from fashionlabel import storage
@@ -52,14 +53,33 @@ def latest_run(labels: str) -> str:
     return storage.join(hist, done[-1])
 
 
-def read_run(run_dir: str) -> pd.DataFrame:
-    """Every label row of the Parquet files in ``run_dir``; FileNotFoundError when it holds none."""
+def _run_dataset(run_dir: str) -> pads.Dataset:
+    """The label parts of ``run_dir`` as one dataset; FileNotFoundError when it holds none."""
     fs, path = storage.filesystem(run_dir)
     files = part_uris(run_dir)
     if not files:
         raise FileNotFoundError(f"no labels Parquet under {run_dir}")
-    ds = pads.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
-    return ds.to_table().to_pandas()
+    return pads.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
+
+
+def heads_of(schema: pa.Schema) -> tuple[list[str], list[str]]:
+    """(single heads, multi heads) of a labels table, from its columns: a single head is a text column
+    ``h`` beside ``h_topk``, a multi head a list column ``h`` beside ``h_scores``. Both columns are looked
+    at, not the suffix alone: a single head named ``fit_scores`` was taken for a multi head ``fit``, and
+    the report failed on a column ``fit`` that the table does not have."""
+
+    def has(name: str, is_list: bool) -> bool:
+        return name in schema.names and pa.types.is_list(schema.field(name).type) == is_list
+
+    single = [
+        c[: -len("_topk")] for c in schema.names if c.endswith("_topk") and has(c[: -len("_topk")], False)
+    ]
+    multi = [
+        c[: -len("_scores")]
+        for c in schema.names
+        if c.endswith("_scores") and has(c[: -len("_scores")], True)
+    ]
+    return single, multi
 
 
 def _png(fig) -> str:
@@ -110,11 +130,11 @@ def _charts(df: pd.DataFrame, heads: list[str], multi: list[str]) -> list[tuple[
 def write_report(labels: str, out: str | Path, run_dir: str | None = None) -> dict[str, Any]:
     """Render the report of ``run_dir`` (default: the newest run under ``labels``) to ``out``."""
     run_dir = run_dir or latest_run(labels)
-    df = read_run(run_dir)
+    table = _run_dataset(run_dir).to_table()
+    df = table.to_pandas()
     manifest_uri = storage.join(run_dir, "_SUCCESS")
     manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else {}
-    heads = [c[: -len("_topk")] for c in df.columns if c.endswith("_topk")]
-    multi = [c[: -len("_scores")] for c in df.columns if c.endswith("_scores")]
+    heads, multi = heads_of(table.schema)
     charts = _charts(df, heads, multi)
     n = len(df)
     facts = {
@@ -266,9 +286,9 @@ def _read_for_report(labels: str, date: str) -> tuple[pd.DataFrame, list[str], l
     the schema's ``_topk`` and ``_scores`` lists (which are not read)."""
     from fashionlabel import latest
 
-    names = latest.snapshot_schema(labels, date).names
-    single = [c[: -len("_topk")] for c in names if c.endswith("_topk")]
-    multi = [c[: -len("_scores")] for c in names if c.endswith("_scores")]
+    schema = latest.snapshot_schema(labels, date)
+    names = schema.names
+    single, multi = heads_of(schema)
     want = {*REPORT_COLUMNS, *(h + s for h in single + multi for s in REPORT_SUFFIXES)}
     table = latest.read_snapshot(labels, date, columns=[c for c in names if c in want])
     return table.to_pandas(), single, multi

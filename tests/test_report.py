@@ -143,6 +143,37 @@ def test_night_report_after_a_model_that_adds_a_head(tmp_path):
     assert 'id="dist-usage"' in html and 'id="drift-usage"' not in html
 
 
+def test_a_single_head_named_like_a_multi_heads_score_column_is_reported(tmp_path):
+    """A single head named ``usage_scores`` (its columns: usage_scores, usage_scores_score, _topk) was taken
+    for a multi head ``usage`` by its suffix: the night report failed on a column ``usage`` that the
+    table does not have, and the night stayed incomplete."""
+    from labels_factory import TAX, make_rows
+
+    from fashionlabel import latest, storage
+    from fashionlabel.report import write_night_report
+    from fashionlabel.taxonomy import Taxonomy
+
+    d = TAX.to_dict()
+    tax = Taxonomy.from_dict(
+        d | {"heads": [h | {"name": "usage_scores"} if h["name"] == "usage" else h for h in d["heads"]]}
+    )
+    ids = [f"p{i:02d}" for i in range(10)]
+    rows = make_rows(ids, "2026-05-01", "Tshirts")
+    rows = rows.rename_columns([c.replace("usage", "usage_scores") for c in rows.column_names])
+    labels = str(tmp_path / "labels")
+    storage.write_parquet(rows, f"{labels}/history/run_date=2026-05-01/part-shard-000000.parquet")
+    storage.write_json(f"{labels}/history/run_date=2026-05-01/_SUCCESS", {"rows": rows.num_rows})
+    snap = latest.merge(None, rows, "2026-05-01", set(ids), latest.latest_schema(tax))
+    latest.publish(labels, "2026-05-01", snap)
+
+    for r in (
+        write_night_report(labels, "2026-05-01", tmp_path / "night.html"),
+        write_report(labels, tmp_path / "run.html"),
+    ):
+        assert "dist-usage_scores" in r["charts"] and "dist-usage" not in r["charts"]
+        assert "dist-attributes" in r["charts"]  # the multi head, still told by its list columns
+
+
 def test_cli_report_on_a_nightly_root_renders_the_newest_night(tmp_path, capsys):
     from labels_factory import two_nights
 
