@@ -74,7 +74,7 @@ REASONS = {
     "characters, a floating-point number, or (JSON Lines, Parquet) a list, an object or true/false",
     "duplicate_product_id": "product_id seen earlier in the catalog (the first is kept)",
     "missing_image_uri": "image_uri empty",
-    "label_outside_taxonomy": "a label value the taxonomy does not declare",
+    "label_outside_taxonomy": "a label value the taxonomy does not declare, or several for a single head",
     "image_not_found": "no file / object / HTTP 404 at image_uri",
     "image_unreadable": "image_uri cannot be read (permission, network, server error, unsupported scheme, "
     "a list or an object instead of one URI)",

@@ -483,7 +483,8 @@ class Taxonomy:
         )
 
     def labels_from_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        """Catalog row → {head: value | None} for single heads, {head: [values]} | None for multi heads.
+        """Catalog row → {head: value | None} for single heads, {head: [values]} | None for multi heads; a
+        single head's list cell (JSON Lines, Parquet) of several values stays a list, for ``invalid_label``.
 
         Mined multi heads match their patterns against the lower-cased source text; list-valued multi
         heads accept a list or a ``|``-separated string. Unknown markers become None.
@@ -493,6 +494,11 @@ class Taxonomy:
             raw = row.get(h.column)
             if self.is_unknown(raw):
                 out[h.name] = None
+            elif h.kind == "single" and isinstance(raw, list | tuple):
+                # a JSON Lines or Parquet list cell: one value is that value; several stay a list, which
+                # ``invalid_label`` refuses (as text, "['Black', 'White']" was learned as a class of its own)
+                vals = [str(v).strip() for v in raw if not self.is_unknown(v)]
+                out[h.name] = (vals[0] if len(vals) == 1 else vals) if vals else None
             elif h.kind == "single":
                 out[h.name] = str(raw).strip()
             elif h.patterns:
@@ -508,6 +514,11 @@ class Taxonomy:
         for h in self.heads:
             if bad := self._outside(h, labels):
                 col = f" (column {h.column!r})" if h.column != h.name else ""
+                if h.kind == "single" and isinstance(labels.get(h.name), list):
+                    return (
+                        f"{h.name}{col} holds {len(bad)} values {bad[:5]}: a single head takes one (write one "
+                        "value, or declare the head kind: multi)"
+                    )
                 why = (
                     f"{h.name}={bad[0]!r}{col} is not one of the {len(h.values or ())} values of the taxonomy"
                 )
@@ -521,6 +532,8 @@ class Taxonomy:
     @staticmethod
     def _outside(h: Head, labels: Mapping[str, Any]) -> list[str]:
         v = labels.get(h.name)
+        if h.kind == "single" and isinstance(v, list):  # several values: no single head has them
+            return v
         if v is None or h.values is None:
             return []
         return [x for x in (v if isinstance(v, list) else [v]) if x not in h.index]

@@ -76,6 +76,31 @@ def test_labels_from_row_masks_unknowns_and_mines_attributes():
     assert t.labels_from_row({"productDisplayName": "footprints"})["attributes"] == []
 
 
+def test_a_list_cell_of_a_single_head_is_one_value_or_refused_never_a_class_of_its_own():
+    """A JSON Lines or Parquet catalog may hold a list where a single head reads one value: ["Men"] is Men
+    (it was refused as "['Men']"), and ["Black", "White"] is refused by name, also for a head that learns
+    its values (which learned "['Black', 'White']" as one more colour)."""
+    from fashionlabel.catalog import CatalogRow, Rejected, check_labels
+
+    t = Taxonomy.from_dict(
+        {
+            "name": "x",
+            "heads": [{"name": "colour", "values": "learn"}, {"name": "g", "values": ["Men", "Women"]}],
+        }
+    )
+    assert t.labels_from_row({"colour": ["Black", "NA"], "g": ["Men"]}) == {"colour": "Black", "g": "Men"}
+    two = t.labels_from_row({"colour": ["Black", "White"], "g": "Men"})
+    assert t.invalid_label(two) == (
+        "colour holds 2 values ['Black', 'White']: a single head takes one (write one value, or declare "
+        "the head kind: multi)"
+    )
+    row = CatalogRow("p1", "p1", "a.jpg", {"colour": ["Black", "White"], "g": "Men"})
+    assert isinstance(check_labels(row, t), Rejected)
+    kept = check_labels(row, t, keep_outside=True)  # a night labels it, that head without its label
+    assert kept.labels == {"colour": None, "g": "Men"} and kept.blanked == ("colour",)
+    assert t.learn([t.labels_from_row({"colour": "Black"}), kept.labels]).head("colour").values == ("Black",)
+
+
 def test_a_mined_pattern_written_with_capitals_still_matches():
     """The text is matched lower-cased: a pattern spelt as product names spell it (``T-Shirt``) matched
     nothing, and its value had no positive label in the whole catalog, without a word."""
