@@ -177,7 +177,7 @@ def connect(labels: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
         labels: the labels root (``ROOT/labels``), local or ``s3://``.
         read_only: once the views are registered, turn off DuckDB's own access to files (``COPY … TO``,
             ``read_csv``, ``ATTACH``, extensions) and lock its settings, so that the connection's SQL
-            reads the three views and writes nothing.
+            reads the registered views and writes nothing.
 
     Raises FileNotFoundError when neither table has any file yet.
     """
