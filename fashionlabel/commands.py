@@ -664,13 +664,13 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
         )
     )
     rp = cmd_report(step(["report", "--labels", str(labels), "--out", str(root / "report.html")]))
-    # this run's folder: a demo run again on another day adds a second run folder beside it
-    run_dir = labels / "history" / f"run_date={a.run_date}"
-    q = (
-        "SELECT count(*), count(DISTINCT product_id), count_if(needs_review) "
-        f"FROM read_parquet('{run_dir}/*.parquet')"
-    )
-    rows, distinct, review = duckdb.connect().execute(q).fetchall()[0]
+    from fashionlabel.label.writer import part_uris
+
+    # this run's parts: a demo run again on another day adds a second run folder beside it. Given as a
+    # parameter, not spelled into the SQL: an --out with a quote in it (/home/o'neil) failed here, last
+    parts = part_uris(str(labels / "history" / f"run_date={a.run_date}"))
+    q = "SELECT count(*), count(DISTINCT product_id), count_if(needs_review) FROM read_parquet(?)"
+    rows, distinct, review = duckdb.connect().execute(q, [parts]).fetchall()[0]
     test = tr["metrics"]["test"]["heads"]
     out = {
         "catalog": str(a.catalog),
@@ -696,5 +696,5 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
         "total time": f"{time.time() - t0:.0f} s",
     }
     _print_summary("demo summary", out)
-    print(f'\nquery it:  {invoked_as()} query --labels {labels} "{DEMO_QUERY}"')
+    print(f'\nquery it:  {invoked_as()} query --labels {_q(labels)} "{DEMO_QUERY}"')
     return out

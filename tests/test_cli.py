@@ -486,10 +486,12 @@ def test_demo_end_to_end_names_the_labels_root_that_query_and_report_take(
     ray_session, small_catalog, tmp_path, capsys
 ):
     """The demo on 600 products, one epoch. Its summary named labels/history as its labels, a folder that
-    `query --labels` and `report --labels` both refused; the query it prints last runs as printed."""
+    `query --labels` and `report --labels` both refused; the query it prints last runs as printed. Into a
+    folder with a quote and a space: its last step, a DuckDB count over its labels, failed there with a
+    parser error once everything else had run, and the query line it printed did not parse in a shell."""
     from fashionlabel.cli import run
 
-    out = tmp_path / "demo"
+    out = tmp_path / "o'neil demo"
     argv = ["demo", "--catalog", str(small_catalog), "--out", str(out), "--epochs", "1"]
     assert run([*argv, "--run-date", "2026-03-01"]) == 0
     printed = capsys.readouterr().out
