@@ -306,10 +306,16 @@ class Taxonomy:
                     threshold=h.get("threshold"),
                 )
             )
+        unknown = d.get("unknown_values", DEFAULT_UNKNOWN)
+        if not isinstance(unknown, list | tuple):  # a bare string would mark each of its letters "no label"
+            raise TaxonomyError(
+                f"taxonomy {d['name']!r}: unknown_values must be a list of markers, not {unknown!r:.80}"
+            )
         tax = cls(
             name=str(d["name"]),
             heads=tuple(heads),
-            unknown_values=tuple(d.get("unknown_values", DEFAULT_UNKNOWN)),
+            # as text, as cells are compared: an unquoted 0 in YAML marks the cell "0"
+            unknown_values=tuple(str(v) for v in unknown),
             description=str(d.get("description", "")),
         )
         tax._check()

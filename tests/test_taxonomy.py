@@ -327,6 +327,21 @@ def test_taxonomy_mistakes_are_named(tmp_path, heads, error):
         Taxonomy.load(p)
 
 
+def test_unknown_values_are_a_list_of_text_markers(tmp_path):
+    """``unknown_values: NA`` made every letter a marker ('N', 'A': a cell "A" meant no label), and an
+    unquoted ``0`` in the list never matched a cell, which is text ("0")."""
+    p = tmp_path / "t.yaml"
+    p.write_text("name: x\nunknown_values: NA\nheads: [{name: g, values: [Men, Women]}]\n")
+    with pytest.raises(
+        TaxonomyError, match=r"taxonomy 'x': unknown_values must be a list of markers, not 'NA'"
+    ):
+        Taxonomy.load(p)
+    p.write_text("name: x\nunknown_values: [NA, 0]\nheads: [{name: g, values: [Men, Women]}]\n")
+    t = Taxonomy.load(p)
+    assert t.labels_from_row({"g": "0"}) == {"g": None} and t.labels_from_row({"g": 0}) == {"g": None}
+    assert Taxonomy.from_dict(t.to_dict()).version == t.version
+
+
 def test_a_value_that_is_an_unknown_marker_is_refused(tmp_path):
     """A declared value that the taxonomy also lists as "no label" (the defaults hold 'None' and
     'unknown') is refused by name: every catalog cell with it was masked, so the class never trained."""
