@@ -274,13 +274,18 @@ class Taxonomy:
                 )
             _no_booleans(h, values)
             _check_shapes(h)
-            patterns = {g: dict(p) for g, p in (h.get("patterns") or {}).items()}
-            groups = {g: tuple(v) for g, v in (h.get("groups") or {}).items()}
+            # Names as text, as catalog cells are: YAML reads an unquoted 2011 or 42 as a number, and a
+            # parent_map key 2011 then matched no value '2011' (refused as "add '2011: …'", though it was
+            # there), a mined value 42 failed every packing task on its pattern's lookup
+            patterns = {
+                str(g): {str(v): str(rx) for v, rx in p.items()} for g, p in (h.get("patterns") or {}).items()
+            }
+            given = {str(g): [str(v) for v in vs] for g, vs in (h.get("groups") or {}).items()}
+            groups = {g: tuple(vs) for g, vs in given.items()}
             if patterns:  # mined heads: values and groups follow from the patterns
                 # ... in the order the dict gives with them, when it does (a saved taxonomy: stats.json and
                 # model.json are written with sorted keys, which reorders the patterns but not these lists)
                 mined = {g: list(p) for g, p in patterns.items()}
-                given = h.get("groups") or {}
                 groups = {
                     g: tuple(given[g] if sorted(given.get(g) or ()) == sorted(vs) else vs)
                     for g, vs in mined.items()
@@ -293,12 +298,12 @@ class Taxonomy:
                 Head(
                     name=h["name"],
                     kind=kind,
-                    column=h.get("column", h["name"]),
+                    column=str(h.get("column", h["name"])),
                     values=None if values == "learn" else tuple(str(v) for v in values),
                     weight=float(h.get("weight", 1.0)),
                     parent=h.get("parent"),
-                    parent_map=dict(h.get("parent_map") or {}),
-                    not_visible=h.get("not_visible"),
+                    parent_map={str(k): str(v) for k, v in (h.get("parent_map") or {}).items()},
+                    not_visible=None if h.get("not_visible") is None else str(h["not_visible"]),
                     groups=groups,
                     patterns=patterns,
                     w_pos=float(h.get("w_pos", 1.0)),

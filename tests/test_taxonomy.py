@@ -327,6 +327,30 @@ def test_taxonomy_mistakes_are_named(tmp_path, heads, error):
         Taxonomy.load(p)
 
 
+def test_names_yaml_reads_as_numbers_are_read_as_the_text_of_catalog_cells(tmp_path):
+    """YAML reads an unquoted 2011 or 42 as a number, catalog cells are text: a parent_map keyed 2011 was
+    refused as naming no value of its head ("add '2011: <its decade>'", though it was there), and a mined
+    value 42 failed every packing task with a KeyError on its pattern."""
+    p = tmp_path / "t.yaml"
+    p.write_text(
+        "name: x\nheads:\n"
+        "  - {name: decade, values: [2010s]}\n"
+        "  - {name: year, values: [2011, 2012], parent: decade, parent_map: {2011: 2010s, 2012: 2010s}}\n"
+        "  - {name: tags, kind: multi, column: title, patterns: {size: {42: '42', 44: '44'}}, groups: {size: [44, 42]}}\n"
+    )
+    t = Taxonomy.load(p)
+    assert t.head("year").parent_map == {"2011": "2010s", "2012": "2010s"}
+    assert t.labels_from_row({"year": 2011, "title": "Shoe, size 42"}) == {
+        "decade": None,
+        "year": "2011",
+        "tags": ["42"],
+    }
+    assert t.head("tags").groups == {"size": ("44", "42")}
+    assert Taxonomy.from_dict(t.to_dict()).version == t.version
+    p.write_text("name: x\nheads: [{name: size, values: [0, 38, 40], not_visible: 0}]\n")
+    assert Taxonomy.load(p).head("size").not_visible == "0"  # was refused as "not one of its values"
+
+
 def test_unknown_values_are_a_list_of_text_markers(tmp_path):
     """``unknown_values: NA`` made every letter a marker ('N', 'A': a cell "A" meant no label), and an
     unquoted ``0`` in the list never matched a cell, which is text ("0")."""
