@@ -515,7 +515,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
             check_settings(args)  # a bad value fails now, not after Ray has started
 
-            with ray_session(args.address):
+            with ray_session(args.address, name=f"fashionlabel {args.command}"):
                 args.fn(args)
         else:
             args.fn(args)

@@ -1,6 +1,7 @@
 """The local Ray a command starts is stopped whole however the command is stopped: Ctrl-C while Ray is still
 starting, or a SIGTERM (``kill``, ``timeout``, a scheduler) mid-run. The command exits 130 with one line,
-nothing outlives it, and the same command re-run completes."""
+nothing outlives it, and the same command re-run completes. When that Ray itself dies under the command
+(its raylet or GCS server killed), the command says so in one line and exits 1 at once."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import duckdb
 import pytest
 
+from tests.conftest import sample_rows, write_catalog
 from tests.reliability.faults import Cli, cmdline, ray_workers, run_cli, session_pids
 
 
@@ -81,6 +83,66 @@ def test_sigterm_stops_a_job_like_ctrl_c(small_shards, tiny_model, tmp_path):
     ).fetchone()
     packed = con.execute(f"SELECT count(*) FROM '{small_shards}/index.parquet'").fetchone()[0]
     assert rows == distinct == packed
+
+
+def _ray_process(c: Cli, binary: str) -> int | None:
+    """The pid of the command's local Ray process whose executable is named ``binary`` (raylet, gcs_server)."""
+    return next((p for p in session_pids(c.sid) if cmdline(p).split(" ")[0].endswith(f"/{binary}")), None)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_local_ray_killed_under_a_command_ends_it_at_once_by_name(tmp_path):
+    # the sample's photos four times over, under new ids: packing long enough to be killed mid-way
+    rows = [r | {"product_id": f"{i}-{r['product_id']}"} for i in range(4) for r in sample_rows()]
+    cat = write_catalog(tmp_path / "catalog.csv", rows)
+    out = tmp_path / "shards"
+    args = ["shard", "--catalog", str(cat), "--out", str(out), "--samples-per-shard", "50"]
+
+    def parts() -> int:
+        return len(list((out / "_parts").glob("shard-*.parquet"))) if (out / "_parts").is_dir() else 0
+
+    said = "fashionlabel shard: error: the local Ray this command started has stopped: its {} (pid {}) "
+    resume = "The job stopped where it was; run the same command again to resume it"
+    # Each kill resumes what the one before left. A raylet SIGTERMed alone closes its object store first,
+    # and Ray's core worker ends the driver itself at once (_Exit(1)): no word from the command's own
+    # process can come out then, the sentinel beside it speaks.
+    for binary, named, sig, how in (
+        (
+            "raylet",
+            "raylet",
+            signal.SIGKILL,
+            "was killed by SIGKILL (by hand, or by the kernel's out-of-memory ",
+        ),
+        ("gcs_server", "GCS server", signal.SIGKILL, "was killed by SIGKILL"),
+        ("raylet", "raylet", signal.SIGTERM, ""),
+    ):
+        c = Cli(args, tmp_path, name=f"kill-{binary}-{sig.name}")
+        try:
+            base = parts()
+            assert c.wait_for(lambda base=base: parts() >= base + 2, timeout=300), c.output[-2000:]
+            pid = _ray_process(c, binary)
+            assert pid, [cmdline(p)[:80] for p in session_pids(c.sid)]
+            os.kill(pid, sig)
+            t0 = time.time()
+            # Ray alone: 16 s and its own "local raylet died" (raylet SIGKILLed); a job that went on without
+            # its GCS, agents left running for minutes; exit 1 and not a word (raylet SIGTERMed)
+            rc = c.proc.wait(60)
+            took = time.time() - t0
+            left = _left_after(c, 15)
+        finally:
+            c.kill()
+        last = c.output.strip().splitlines()[-1]
+        assert rc == 1 and took < 5, (rc, took, c.output[-2000:])
+        assert last.startswith(said.format(named, pid) + how) and last.endswith(resume), c.output[-2000:]
+        assert not left, left
+        assert parts() < len(rows) // 50, "the kill came after the job had finished"
+
+    rc, log = run_cli(args, tmp_path, name="rerun")
+    assert rc == 0, log[-2000:]
+    packed = duckdb.connect().execute(f"SELECT product_id FROM '{out}/index.parquet'").fetchall()
+    expected = {r["product_id"] for r in rows if os.path.exists(r["image_uri"])}
+    assert sorted(p for (p,) in packed) == sorted(expected)
 
 
 def test_a_training_worker_never_asks_for_more_cpus_than_a_node_has():
