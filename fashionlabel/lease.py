@@ -8,6 +8,10 @@ half-written parts. The lease makes the second one stop at once, naming the firs
   (a job killed on another node, or a node that died);
 - a lease of a process on this host that no longer exists is free at once, so the usual "killed, run the
   same command again" on one machine never waits;
+- a lease of a Ray driver on another host is free at once when the Ray cluster this job runs on has that
+  driver's job marked finished (a driver killed: as soon as its node's raylet sees it go; a node that died:
+  once the cluster declares it dead), so a job killed on another node of the same cluster and run again
+  does not wait out the TTL;
 - a lease that missed two beats is waited out rather than refused (a retry on a new node after its first
   attempt's node died starts once it lapses); one renewed lately is refused at once;
 - two jobs that start in the same second both write it; each reads it back after ``settle`` seconds and
@@ -16,10 +20,12 @@ half-written parts. The lease makes the second one stop at once, naming the firs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -28,6 +34,10 @@ from typing import Any
 from fashionlabel import storage
 
 log = logging.getLogger(__name__)
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(t))
 
 
 class LeaseHeld(RuntimeError):
@@ -55,6 +65,31 @@ def _submission_id() -> str | None:
         return None
 
 
+def _ray_job() -> str | None:
+    """The Ray job id of this driver, when it is connected to Ray (Ray is not imported for it)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    with contextlib.suppress(Exception):
+        return ray.get_runtime_context().get_job_id()
+    return None
+
+
+def _ray_driver_gone(job: str, pid: int) -> bool:
+    """Whether the Ray cluster this process is connected to has the job ``job`` of driver ``pid`` marked
+    finished. Job ids restart with a cluster: the driver's pid must match too. False when unknown."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    try:
+        import ray._private.state
+
+        jobs = ray._private.state.state.job_table()
+    except Exception:  # noqa: BLE001 - an unknown answer is no answer: the TTL decides
+        return False
+    return any(j.get("JobID") == job and j.get("DriverPid") == pid and j.get("IsDead") for j in jobs)
+
+
 class Lease:
     """``with Lease(uri, what):`` holds ``uri`` for the block, or raises :class:`LeaseHeld` naming the holder."""
 
@@ -63,6 +98,8 @@ class Lease:
         self.me = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         if job := _submission_id():
             self.me["job"] = job
+        if ray_job := _ray_job():
+            self.me["ray_job"] = ray_job
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -78,23 +115,28 @@ class Lease:
             return True
         if time.time() - float(held.get("heartbeat", 0)) > self.ttl:
             return True
-        return held.get("host") == self.me["host"] and not alive(int(held.get("pid", -1)))
+        if held.get("host") == self.me["host"]:
+            return not alive(int(held.get("pid", -1)))
+        return bool(held.get("ray_job")) and _ray_driver_gone(str(held["ray_job"]), int(held.get("pid", -1)))
 
     def _refuse(self, held: dict[str, Any]) -> LeaseHeld:
         age = time.time() - float(held.get("heartbeat", 0))
         # a holder submitted with `ray job submit` is named by its submission id: what `ray job status`,
         # `ray job logs` and `ray job stop` take (a pid on a head node is of little use to the operator)
         job = f"Ray job {held['job']}, " if held.get("job") else ""
+        lapses = float(held.get("heartbeat", 0)) + self.ttl
         return LeaseHeld(
             f"{self.what} is being run by another job ({job}pid {held.get('pid')} on {held.get('host')}, started "
             f"{held.get('started', '?')}, last seen {age:.0f} s ago): wait for it to finish. If that job is "
-            f"gone, its lease {self.uri} lapses {self.ttl:.0f} s after it was last seen"
+            f"gone, its lease {self.uri} lapses {self.ttl:.0f} s after it was last seen, in "
+            f"{max(0.0, lapses - time.time()):.0f} s (at {_utc(lapses)}); run this again then"
         )
 
     def _write(self) -> None:
         storage.write_json(self.uri, self.me | {"heartbeat": time.time()})
 
     def __enter__(self) -> Lease:
+        waited_on = None
         while (held := self._read()) and not self._free(held):
             age = time.time() - float(held.get("heartbeat", 0))
             if age < 2 * self.beat:  # renewed lately: its holder is at work
@@ -102,7 +144,20 @@ class Lease:
             # two beats missed: a holder killed on another node (a retry on a new cluster). Wait for its
             # lease to lapse rather than fail the retry; a holder that beats again is refused above
             wait = min(self.ttl - age, self.beat) + 0.1
-            log.info("%s: waiting %.0f s for the lease of a job last seen %.0f s ago", self.what, wait, age)
+            if held.get("owner") != waited_on:  # said once per holder, with the whole wait
+                waited_on = held.get("owner")
+                log.warning(
+                    "%s: the lease %s is held by pid %s on %s, not renewed for %.0f s (renewed every %.0f s "
+                    "while its job runs): waiting up to %.0f s more, until %s, for it to lapse",
+                    self.what,
+                    self.uri,
+                    held.get("pid"),
+                    held.get("host"),
+                    age,
+                    self.beat,
+                    self.ttl - age,
+                    _utc(float(held.get("heartbeat", 0)) + self.ttl),
+                )
             time.sleep(wait)
         self.me["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._write()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def test_a_holder_killed_on_this_host_frees_it_at_once(tmp_path):
         assert json.loads(uri.read_text())["owner"] == lease.me["owner"]
 
 
-def test_a_holder_on_another_host_holds_it_until_its_heartbeat_lapses(tmp_path):
+def test_a_holder_on_another_host_holds_it_until_its_heartbeat_lapses(tmp_path, caplog):
     uri = tmp_path / "lease"
     other = {"owner": "x", "host": "node-7", "pid": 1, "started": "2026-11-24T01:00:00Z"}
     uri.write_text(json.dumps(other | {"heartbeat": time.time() - 30}))
@@ -59,8 +60,59 @@ def test_a_holder_on_another_host_holds_it_until_its_heartbeat_lapses(tmp_path):
     # the test sees, which is at least ttl - 2.5 s from the heartbeat)
     t0 = time.time()
     uri.write_text(json.dumps(other | {"heartbeat": t0 - 2.5}))
-    with Lease(str(uri), "root R", ttl=4, beat=1, settle=0.05):
+    with (
+        caplog.at_level("INFO", logger="fashionlabel.lease"),
+        Lease(str(uri), "root R", ttl=4, beat=1, settle=0.05),
+    ):
         assert 1.0 < time.time() - t0 < 3.5
+    # what is waited on and for how long, said once for the whole wait (it was "waiting 1 s for the lease of
+    # a job last seen 2 s ago" at every beat, naming neither the holder nor the end of the wait)
+    said = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+    assert len(said) == 1, said
+    assert re.fullmatch(
+        rf"root R: the lease {uri} is held by pid 1 on node-7, not renewed for \d s \(renewed every 1 s while "
+        r"its job runs\): waiting up to \d s more, until \d\d:\d\d:\d\d UTC, for it to lapse",
+        said[0],
+    ), said
+
+
+@pytest.mark.timeout(180)
+def test_a_ray_driver_killed_on_another_node_frees_it_once_its_cluster_marks_its_job_finished(
+    ray_session, tmp_path
+):
+    uri = tmp_path / "lease"
+    # a driver of the same cluster that takes the lease as if on another node, then is killed there
+    holder = f"""
+import socket, time, ray
+socket.gethostname = lambda: "node-7"
+ray.init(address={ray_session.get_runtime_context().gcs_address!r}, logging_level="ERROR", log_to_driver=False)
+from fashionlabel.lease import Lease
+with Lease({str(uri)!r}, "root R", settle=0.05):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = os.environ | {"PYTHONPATH": root}
+    p = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        assert _read(uri)["host"] == "node-7" and _read(uri)["ray_job"]
+        with pytest.raises(
+            LeaseHeld, match=r"pid \d+ on node-7, .* lapses 120 s after it was last seen, in 1\d\d s"
+        ):
+            Lease(str(uri), "root R", settle=0.05).__enter__()  # alive: refused
+    finally:
+        p.kill()
+        p.wait()
+    t0 = time.time()
+    while True:  # it was refused for 40 s (two beats), then waited out until 120 s after its last beat
+        try:
+            with Lease(str(uri), "root R", settle=0.05):
+                break
+        except LeaseHeld:
+            assert time.time() - t0 < 20, "still held 20 s after its driver was killed"
+            time.sleep(0.2)
+    print(f"free {time.time() - t0:.1f} s after the kill")
 
 
 def test_the_holder_renews_it_and_of_two_at_once_only_one_goes_on(tmp_path):
