@@ -65,29 +65,37 @@ def _submission_id() -> str | None:
         return None
 
 
-def _ray_job() -> str | None:
-    """The Ray job id of this driver, when it is connected to Ray (Ray is not imported for it)."""
+def _ray_driver() -> dict[str, str]:
+    """This driver's Ray job id and node id, when it is connected to Ray (Ray is not imported for it)."""
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
-        return None
+        return {}
     with contextlib.suppress(Exception):
-        return ray.get_runtime_context().get_job_id()
-    return None
+        ctx = ray.get_runtime_context()
+        return {"ray_job": ctx.get_job_id(), "ray_node": ctx.get_node_id()}
+    return {}
 
 
-def _ray_driver_gone(job: str, pid: int) -> bool:
-    """Whether the Ray cluster this process is connected to has the job ``job`` of driver ``pid`` marked
-    finished. Job ids restart with a cluster: the driver's pid must match too. False when unknown."""
+def _ray_driver_gone(held: dict[str, Any]) -> bool:
+    """Whether the Ray cluster this process is connected to has the job of the driver that holds ``held``
+    marked finished. Only a driver of this very cluster counts: its node is one of the cluster's (node ids
+    are random and never reused, while job ids restart at 01000000 with every cluster and pids repeat
+    from container to container). False when unknown."""
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    if not held.get("ray_job") or not held.get("ray_node") or ray is None or not ray.is_initialized():
         return False
     try:
         import ray._private.state
 
+        if held["ray_node"] not in {n.get("NodeID") for n in ray.nodes()}:  # dead nodes are listed too
+            return False
         jobs = ray._private.state.state.job_table()
     except Exception:  # noqa: BLE001 - an unknown answer is no answer: the TTL decides
         return False
-    return any(j.get("JobID") == job and j.get("DriverPid") == pid and j.get("IsDead") for j in jobs)
+    return any(
+        j.get("JobID") == held["ray_job"] and j.get("DriverPid") == held.get("pid") and j.get("IsDead")
+        for j in jobs
+    )
 
 
 class Lease:
@@ -98,8 +106,7 @@ class Lease:
         self.me = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         if job := _submission_id():
             self.me["job"] = job
-        if ray_job := _ray_job():
-            self.me["ray_job"] = ray_job
+        self.me |= _ray_driver()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -117,7 +124,7 @@ class Lease:
             return True
         if held.get("host") == self.me["host"]:
             return not alive(int(held.get("pid", -1)))
-        return bool(held.get("ray_job")) and _ray_driver_gone(str(held["ray_job"]), int(held.get("pid", -1)))
+        return _ray_driver_gone(held)
 
     def _refuse(self, held: dict[str, Any]) -> LeaseHeld:
         age = time.time() - float(held.get("heartbeat", 0))

@@ -96,7 +96,8 @@ with Lease({str(uri)!r}, "root R", settle=0.05):
     p = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert p.stdout.readline().strip() == "held"
-        assert _read(uri)["host"] == "node-7" and _read(uri)["ray_job"]
+        held = _read(uri)
+        assert held["host"] == "node-7" and held["ray_job"] and held["ray_node"]
         with pytest.raises(
             LeaseHeld, match=r"pid \d+ on node-7, .* lapses 120 s after it was last seen, in 1\d\d s"
         ):
@@ -113,6 +114,12 @@ with Lease({str(uri)!r}, "root R", settle=0.05):
             assert time.time() - t0 < 20, "still held 20 s after its driver was killed"
             time.sleep(0.2)
     print(f"free {time.time() - t0:.1f} s after the kill")
+
+    # the same job id and pid on another cluster (job ids restart with every cluster, pids repeat from
+    # container to container) are not that driver: its lease is left to its heartbeat
+    uri.write_text(json.dumps(held | {"ray_node": "ab" * 28, "heartbeat": time.time()}))
+    with pytest.raises(LeaseHeld):
+        Lease(str(uri), "root R", settle=0.05).__enter__()
 
 
 def test_the_holder_renews_it_and_of_two_at_once_only_one_goes_on(tmp_path):
