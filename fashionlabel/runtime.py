@@ -163,6 +163,7 @@ class _LocalRayWatch:
     """
 
     WATCHED = {"raylet": "raylet", "gcs_server": "GCS server"}
+    GRACE = 3.0  # seconds a command asked to stop has to say so itself
 
     def __init__(self, name: str, procs: dict, node: object, every: float):
         self.name, self.procs, self.node, self.every = name, procs, node, every
@@ -232,13 +233,20 @@ class _LocalRayWatch:
 
     def _run(self) -> None:
         last_scan = 0.0
+        asked_at: float | None = None
         while True:
             time.sleep(self.every)
             with self._lock:
                 if self._stopped:
                     return
                 dead = {k: p.returncode for k, p in self.procs.items() if p.poll() is not None}
-                if dead:
+                # Stopped as one asks a process to stop: most likely a Ctrl-C / SIGTERM sent to the whole
+                # process group, which the command is handling too ("interrupted", exit 130) and will say
+                # so once it reaches its own stop; give it the time to, then report.
+                asked = dead and all(rc in _ASKED for rc in dead.values())
+                if asked and asked_at is None:
+                    asked_at = time.monotonic()
+                if dead and (not asked or time.monotonic() - asked_at > self.GRACE):
                     self._report(dead)  # does not return
                 if time.monotonic() - last_scan > 1.0:
                     self._children = _children(self.procs["raylet"].pid) if "raylet" in self.procs else {}
@@ -287,6 +295,8 @@ class _LocalRayWatch:
                     p.kill()
 
 
+# a raylet or GCS server SIGTERMed exits 0 (a graceful stop) within 20 ms
+_ASKED = (0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP)
 _RESUME = "The job stopped where it was; run the same command again to resume it"
 
 # Run as `python -S -c` beside a command with a local Ray (see _LocalRayWatch): reads JSON lines on stdin
@@ -364,7 +374,9 @@ def _what_ended(dead: dict[str, int]) -> str:
     """ "its raylet (pid 7) and its GCS server (pid 5) were killed by SIGKILL (…)" from name -> return code."""
 
     def how(rc: int) -> str:
-        if rc >= 0:
+        if rc == 0:
+            return "stopped (exit status 0: asked to stop, as by a SIGTERM)"
+        if rc > 0:
             return f"exited with status {rc}"
         try:
             return f"killed by {signal.Signals(-rc).name}"
