@@ -177,15 +177,19 @@ class _LocalRayWatch:
     @classmethod
     def start(cls, name: str, every: float = 0.2) -> _LocalRayWatch | None:
         """Watch the local Ray that ``ray.init`` started in this process (None when there is none)."""
-        import ray
+        try:  # Ray's private node object: should a Ray release change it, the command runs unwatched
+            import ray
 
-        node = ray._private.worker._global_node
-        procs = {
-            kind: info.process
-            for kind in cls.WATCHED
-            for info in (getattr(node, "all_processes", {}) or {}).get(kind, [])[:1]
-            if getattr(info, "process", None) is not None
-        }
+            node = ray._private.worker._global_node
+            procs = {
+                kind: info.process
+                for kind in cls.WATCHED
+                for info in (getattr(node, "all_processes", {}) or {}).get(kind, [])[:1]
+                if getattr(info, "process", None) is not None
+            }
+        except Exception as e:  # noqa: BLE001
+            log.debug("the local Ray is not watched: %s", e)
+            return None
         if not procs:
             return None
         w = cls(name, procs, node, every)
