@@ -195,7 +195,7 @@ def _run_night(catalog: str, model: str, layout: Layout, date: str, cfg: Nightly
         "unchanged": shard["unchanged"],
         "quarantined": shard["quarantined"],
         "reasons": shard["reasons"],
-        # head -> products packed tonight (this attempt) whose catalog value the model's taxonomy lacks
+        # head -> products packed tonight (every attempt's) whose catalog value the model's taxonomy lacks
         "labels_outside_taxonomy": shard["labels_outside"],
         "sharded": shard["packed"],
         "sharded_this_attempt": shard["packed_this_run"],

@@ -3,6 +3,7 @@ re-run of a complete night, a new model version, relabelling by age, and gone pr
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -403,6 +404,29 @@ def test_a_product_with_a_value_new_to_the_taxonomy_is_labelled_not_quarantined(
     assert ponchos <= {p for p, _ in got} and len(got) == 20
     m2 = run_nightly(str(cat), str(tiny_model), str(root), "2026-03-02", CFG)
     assert (m2["new"], m2["changed"], m2["unchanged"], m2["quarantined"]) == (0, 0, 20, 0)
+
+
+@pytest.mark.timeout(900)
+def test_labels_outside_the_taxonomy_are_counted_for_the_whole_night_when_it_resumes(
+    ray_session, tiny_model, tmp_path
+):
+    """The manifest's ``labels_outside_taxonomy`` covers every product packed tonight, not only those the
+    last attempt packed: a night that failed after packing its shards (too many missing images) and was
+    re-run as the error says reported none of its new values (``{}``) and printed no summary line."""
+    good, _ = _good_and_bad()
+    rows = [dict(r) for r in good[1520:1540]]
+    for r in rows[:4]:
+        r["articleType"] = "Ponchos"
+    missing = [dict(good[0], product_id=f"gone-{i}", image_uri=f"/nonexistent/{i}.jpg") for i in range(30)]
+    cat = write_catalog(tmp_path / "catalog.csv", rows + missing)
+    root = tmp_path / "root"
+    shard = ShardConfig(samples_per_shard=10, max_side=96)
+    with pytest.raises(ShardJobError, match="30/50 catalog rows quarantined"):
+        run_nightly(str(cat), str(tiny_model), str(root), "2026-03-01", NightlyConfig(shard=shard))
+    shard = dataclasses.replace(shard, max_failure_rate=1.0)  # as the error says
+    m = run_nightly(str(cat), str(tiny_model), str(root), "2026-03-01", NightlyConfig(shard=shard))
+    assert (m["sharded"], m["sharded_this_attempt"], m["labelled"]) == (20, 0, 20)
+    assert m["labels_outside_taxonomy"] == {"articleType": 4}
 
 
 @pytest.mark.timeout(600)  # a job with its own local Ray

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fashionlabel import storage
-from fashionlabel.catalog import CatalogRow, Rejected, check_ids, read_catalog
+from fashionlabel.catalog import CatalogRow, Rejected, check_ids, check_labels, read_catalog
 from fashionlabel.lease import Lease
 from fashionlabel.shards.pack import pack_shard
 from fashionlabel.shards.plan import make_plan, previous_index_uri
@@ -54,8 +54,8 @@ class ShardSummary:
     packed_this_run: int = 0  # products packed by this attempt (a re-run skips finished shards)
     # head -> why it has no labels: its column is in no catalog row (a typo, a renamed export column)
     missing_columns: dict[str, str] = field(default_factory=dict)
-    # head -> products this run packed without their catalog label, a value the taxonomy lacks (kept, not
-    # quarantined, with ``ShardConfig.keep_outside_labels``)
+    # head -> products in the index (this run's and earlier attempts', as ``packed``) packed without their
+    # catalog label, a value the taxonomy lacks (kept, not quarantined, with ``ShardConfig.keep_outside_labels``)
     labels_outside: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -181,6 +181,8 @@ def shard_catalog(
 
         t_merge = time.time()
         index, quarantine = _merge(out, len(plan.shards), schema, rejected)
+        if cfg.keep_outside_labels:
+            blanked += _blanked_before(plan.shards, done, index, taxonomy)
         storage.write_parquet(index, storage.join(out, "index.parquet"))
         storage.write_parquet(quarantine, storage.join(out, "quarantine.parquet"))
         storage.clean_staging(out)
@@ -309,6 +311,27 @@ def _run_tasks(
             )
             last = time.time()
     return packed, blanked, cpu, (span[0], span[1])
+
+
+def _blanked_before(
+    shards: list[list[CatalogRow]], done: set[str], index: pa.Table, taxonomy: Taxonomy
+) -> Counter[str]:
+    """Head -> products of the shards an earlier attempt finished that were packed without their label (a
+    value the taxonomy lacks), counted again from the catalog rows: only the tasks that ran now report
+    theirs, and a night killed after sharding would otherwise report none of its new values. The rows are
+    the plan's (the same catalog, or the plan is refused); only products in the index count, as in a task."""
+    blanked: Counter[str] = Counter()
+    earlier = [rs for i, rs in enumerate(shards) if f"{shard_name(i)}.parquet" in done]
+    if not earlier:
+        return blanked
+    packed = set(index.column("product_id").to_pylist())
+    for rows in earlier:
+        for row in rows:
+            if row.product_id in packed:
+                r = check_labels(row, taxonomy, keep_outside=True)
+                if not isinstance(r, Rejected):
+                    blanked.update(r.blanked)
+    return blanked
 
 
 def _merge(
