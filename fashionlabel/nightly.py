@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fashionlabel import latest, settings, storage
+from fashionlabel.catalog import CatalogError, Rejected, read_catalog
 from fashionlabel.label.pipeline import LabelConfig, label_shards
 from fashionlabel.label.writer import part_uris
 from fashionlabel.layout import Layout
@@ -131,14 +132,18 @@ def _run_night(catalog: str, model: str, layout: Layout, date: str, cfg: Nightly
     taxonomy: Taxonomy = spec["taxonomy_obj"]
     version = spec["version"]
 
-    members = _catalog_members(catalog)
+    # read once: the night's membership and its shards come from one read of the catalog (a catalog of
+    # millions of rows on S3 was fetched and parsed twice, and an export replaced in between made them differ)
+    read = read_catalog(catalog)
+    members = _catalog_members(catalog, read[0])
     prev_dates = [s for s in latest.snapshots(layout.labels) if s < date]
     previous = latest.read_snapshot(layout.labels, prev_dates[-1]) if prev_dates else None
     _check_catalog_drop(catalog, members, previous, cfg.max_catalog_drop)
     _check_head_types(previous, taxonomy, model)
     with _stage(date, "sharding the catalog"):
         before = product_map(layout, date)
-        shard = _shard_night(layout, date, catalog, taxonomy, cfg.shard, before)
+        shard = _shard_night(layout, date, catalog, taxonomy, cfg.shard, before, read)
+    del read  # the rest of the night needs only the ids (``members``), not a million row dicts
     t_shard = time.time()
 
     # Until the relabelled parts are in too, the night's labelling has a manifest of its own; a re-run after
@@ -284,11 +289,9 @@ def _check_night_order(layout: Layout, date: str) -> None:
             )
 
 
-def _catalog_members(catalog: str) -> set[str]:
-    """Every product id tonight's catalog lists; an empty catalog is refused (it would retire every product)."""
-    from fashionlabel.catalog import CatalogError, read_catalog
-
-    rows, _ = read_catalog(catalog)
+def _catalog_members(catalog: str, rows: list[dict[str, Any]]) -> set[str]:
+    """Every product id tonight's catalog (its rows as read) lists; an empty catalog is refused (it would
+    retire every product)."""
     members = {str(r["product_id"]) for r in rows if r.get("product_id") not in (None, "")}
     if not members:
         raise CatalogError(f"catalog {catalog} lists no products")
@@ -332,7 +335,13 @@ def _check_head_types(previous: pa.Table | None, taxonomy: Taxonomy, model: str)
 
 
 def _shard_night(
-    layout: Layout, date: str, catalog: str, taxonomy: Taxonomy, cfg: ShardConfig, before: pa.Table
+    layout: Layout,
+    date: str,
+    catalog: str,
+    taxonomy: Taxonomy,
+    cfg: ShardConfig,
+    before: pa.Table,
+    read: tuple[list[dict[str, Any]], list[Rejected]],
 ) -> dict[str, Any]:
     """Shard the new and changed products of ``catalog`` into the night's folder; counts and membership.
 
@@ -354,7 +363,7 @@ def _shard_night(
     # column, so such a product is packed with that head unlabelled, and counted.
     night_cfg = dataclasses.replace(cfg, max_failure_rate=1.0, keep_outside_labels=True)
     try:
-        s = shard_catalog(catalog, out, taxonomy, night_cfg, incremental_from=prev)
+        s = shard_catalog(catalog, out, taxonomy, night_cfg, incremental_from=prev, catalog_read=read)
     except PlanMismatchError as e:
         # the night has no --out to change: name what differs and the two ways on (the taxonomy is the
         # model's: a night started with one model and re-run with a retrained one)

@@ -70,3 +70,32 @@ def test_a_night_on_s3(s3, tiny_model, tmp_path):
     assert run(["report", "--labels", f"s3://{bucket}/root/labels", "--out", str(report)]) == 0
     html = report.read_text()
     assert "20 / 0 / 0" in html and "? / ? / ?" not in html
+
+
+@pytest.mark.timeout(600)
+def test_a_night_reads_its_catalog_once(s3, ray_session, tiny_model, tmp_path, monkeypatch):
+    """The catalog is fetched once a night: its membership (which products are gone) and its shards come
+    from one read. The night fetched it twice (for its membership, then again to shard it): twice the
+    transfer and parsing for a catalog of millions of rows on S3, and two reads of an export that may be
+    replaced in between."""
+    from s3proxy import RecordingProxy
+
+    from fashionlabel.nightly import NightlyConfig, run_nightly
+    from fashionlabel.shards import ShardConfig
+
+    bucket = s3.make_bucket("readonce")
+    rows = [r for r in sample_rows() if Path(r["image_uri"]).exists()][1420:1430]
+    lines = ["product_id,image_uri," + ",".join(COLUMNS)]
+    lines += [",".join([r["product_id"], r["image_uri"], *(r[c] for c in COLUMNS)]) for r in rows]
+    storage.write_bytes(f"s3://{bucket}/catalog.csv", ("\n".join(lines) + "\n").encode())
+    cfg = NightlyConfig(shard=ShardConfig(samples_per_shard=10, max_side=96))
+    with RecordingProxy(s3.port) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # the driver reads the catalog through it
+        m = run_nightly(
+            f"s3://{bucket}/catalog.csv", str(tiny_model), str(tmp_path / "root"), "2026-03-01", cfg
+        )
+        gets = [
+            p for method, p, _ in proxy.requests if method == "GET" and p.startswith(f"/{bucket}/catalog.csv")
+        ]
+    assert (m["catalog_products"], m["labelled"]) == (10, 10)
+    assert len(gets) == 1, gets

@@ -10,6 +10,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -125,6 +126,7 @@ def shard_catalog(
     taxonomy: Taxonomy,
     cfg: ShardConfig = ShardConfig(),
     incremental_from: str | None = None,
+    catalog_read: tuple[list[dict[str, Any]], list[Rejected]] | None = None,
 ) -> ShardSummary:
     """Pack ``catalog`` into shards under ``out`` with Ray tasks. Re-runnable: finished shards are kept.
 
@@ -135,6 +137,10 @@ def shard_catalog(
         cfg: packing settings.
         incremental_from: a previous shards folder (or its ``index.parquet``): pack only products that are
             new, whose source bytes changed (sha256) or whose labels changed.
+        catalog_read: ``read_catalog(catalog)`` when the caller has read it already (a night reads it for
+            its membership): a catalog of millions of rows on S3 is then fetched and parsed once, and the
+            products packed are those of the catalog the caller saw. ``catalog`` still resolves relative
+            image paths and names the catalog in messages.
     """
     import ray
 
@@ -146,7 +152,7 @@ def shard_catalog(
         prev_index = previous_index_uri(incremental_from)
         if not storage.exists(prev_index):
             raise ShardJobError(f"--incremental {incremental_from}: no previous index at {prev_index}")
-    rows, malformed = read_catalog(catalog)
+    rows, malformed = read_catalog(catalog) if catalog_read is None else catalog_read
     missing = missing_columns(rows, taxonomy)
     valid, rejected = check_ids(rows, catalog)  # label checks run in the tasks: the driver stays light
     catalog_rows = len(rows) + len(malformed)
