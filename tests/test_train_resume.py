@@ -181,3 +181,32 @@ def test_a_killed_and_resumed_run_trains_the_weights_of_an_uninterrupted_one(sma
     b = torch.load(resumed / "weights.pt", weights_only=True)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+@pytest.mark.timeout(600)
+def test_a_run_checkpointed_with_a_warm_up_longer_than_it_resumes_and_exports(
+    ray_session, small_shards, tmp_path, caplog
+):
+    """Checkpoints written before ``--warmup-epochs`` longer than ``--epochs`` was refused hold such a
+    config. The same command is refused now, and the warm-up that the refusal asks for was refused as
+    "other settings" than the checkpoints': a killed run could neither resume nor be exported. Its
+    warm-up is read as one as long as the run, with a warning naming it, and the run exports."""
+    from fashionlabel.train.config import TrainConfig
+    from fashionlabel.train.run import train
+
+    out = tmp_path / "model"
+    cfg = TrainConfig(model="fl_tiny", epochs=1, workers=1, warmup_epochs=1.0)
+    first = train(str(small_shards), str(out), cfg, num_cpus=2)
+    checkpoints = str(tmp_path / "model.train" / "checkpoints")
+    for name in (ckpt.LAST, ckpt.BEST):  # as the version before the check wrote them: --warmup-epochs 4
+        state = ckpt.load(checkpoints, name)
+        state["config"]["warmup_epochs"] = 4.0
+        ckpt.save(checkpoints, name, state)
+    shutil.rmtree(out)  # killed before its export
+    caplog.set_level("WARNING")
+    r = train(str(small_shards), str(out), cfg, num_cpus=2)
+    assert r["version"] == first["version"] and r["training"]["epochs_run"] == 1
+    assert (
+        "written with --warmup-epochs 4 longer than its --epochs 1, read as --warmup-epochs 1" in caplog.text
+    )
+    assert (out / "model.json").is_file()

@@ -4,11 +4,14 @@ with its name, before any worker starts), saved in every checkpoint and in the a
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from fashionlabel.models import list_models
 from fashionlabel.settings import check
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,13 +73,44 @@ class TrainConfig:
         )
 
 
+def _as_now(saved: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """A saved training config (a checkpoint's, ``model.json``'s) as this version reads it, and what was
+    changed to read it: options added since count as their defaults, and a warm-up longer than the run,
+    saved before that was refused, as one as long as the run (``--epochs``). That is what the old run's
+    warm-up amounted to by its end (it never reached ``--lr`` nor decayed), and the one value a resumed
+    run can take on: refused by name, such a run could neither resume nor be exported, with any setting."""
+    was = {**asdict(TrainConfig()), **saved}
+    warm, epochs = was.get("warmup_epochs"), was.get("epochs")
+    if isinstance(warm, int | float) and isinstance(epochs, int) and epochs >= 1 and warm > epochs:
+        was["warmup_epochs"] = float(epochs)
+        return (
+            was,
+            f"--warmup-epochs {warm:g} longer than its --epochs {epochs}, read as --warmup-epochs {epochs}",
+        )
+    return was, None
+
+
 def same_config(saved: dict[str, Any], cfg: TrainConfig) -> bool:
-    """A checkpoint's config equals ``cfg``; options added since it was written count as their defaults."""
-    return {**asdict(TrainConfig()), **saved} == asdict(cfg)
+    """A checkpoint's config equals ``cfg``, as this version reads it (:func:`_as_now`)."""
+    return _as_now(saved)[0] == asdict(cfg)
 
 
 def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> str:
     """The settings in which a saved training config differs from ``cfg``, as "name old → new"."""
     now = asdict(cfg)
-    was = {**asdict(TrainConfig()), **saved}
+    was = _as_now(saved)[0]
     return ", ".join(f"{k} {was[k]} → {now[k]}" for k in now if was.get(k) != now[k])
+
+
+def config_adjusted(saved: dict[str, Any]) -> str | None:
+    """What reading a saved config changes in it (a warm-up longer than the run), or None."""
+    return _as_now(saved)[1]
+
+
+def saved_config(saved: dict[str, Any], what: str) -> TrainConfig:
+    """The ``TrainConfig`` of a saved config (``what``: where it was saved, for the warning): one saved
+    before a check that refuses it now is read as :func:`_as_now` says, with a warning, not refused."""
+    was, changed = _as_now(saved)
+    if changed:
+        log.warning("%s was written with %s", what, changed)
+    return TrainConfig(**was)

@@ -27,7 +27,13 @@ from fashionlabel.shards import list_shards
 from fashionlabel.taxonomy import Taxonomy
 from fashionlabel.train import checkpoint as ckpt
 from fashionlabel.train.calibrate import calibrate
-from fashionlabel.train.config import TrainConfig, config_differences, same_config
+from fashionlabel.train.config import (
+    TrainConfig,
+    config_adjusted,
+    config_differences,
+    same_config,
+    saved_config,
+)
 from fashionlabel.train.export import cache_root, check_replaceable, save_artifact
 from fashionlabel.train.loop import fit
 from fashionlabel.train.metrics import confusion, evaluate_probs, metrics_json, thresholded_prf
@@ -182,6 +188,15 @@ def _check_out(shards: str, out: str, cfg: TrainConfig, checkpoints: str, overwr
             f"{checkpoints} holds the checkpoints of a run with other settings ({config_differences(state['config'], cfg)}),"
             " which this run would replace: run the same command as before to resume it, give another --out "
             "(or --storage), or add --overwrite to start again"
+        )
+    if state is not None and not overwrite and (changed := config_adjusted(state["config"])):
+        # the resumed epochs follow this run's schedule, not the one the checkpoint's epochs followed
+        log.warning(
+            "%s holds the checkpoints of a run written with %s: its epochs after epoch %d follow that "
+            "warm-up (the learning rate steps up to where it is on it)",
+            checkpoints,
+            changed,
+            state["epoch"],
         )
     # (a checkpoint written before fingerprints were kept is taken as the same run, as it always was)
     if state is not None and state.get("shards_fingerprint", data) != data and not overwrite:
@@ -384,7 +399,7 @@ def export_state(
     night does not relabel the catalog for a model that did not change."""
     if best["taxonomy_version"] != taxonomy.version:
         raise ValueError("checkpoint was trained on another taxonomy version than these shards carry")
-    cfg = TrainConfig(**best["config"])
+    cfg = saved_config(best["config"], "the checkpoint exported")
     model = create_model(cfg.model, taxonomy)
     weights = best.get("weights", "raw")  # the moving average when it validated better than the last step
     model.load_state_dict(best["ema"]["model"] if weights == "ema" else best["model"])
