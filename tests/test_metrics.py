@@ -354,6 +354,57 @@ def test_review_share_picks_the_strictest_cut_that_flags_at_most_that_share():
     assert cal["error_cut"] == 1.0 and cal["val_needs_review"] == 0.0
 
 
+def test_thresholds_keep_their_promise_on_the_labels_as_written():
+    """A single head's threshold is the lowest score above which the labels that labelling writes (the
+    hierarchy-consistent choice, whose score it compares with the threshold) make ``error_cut`` of that
+    head's errors. Fitted on the top score and its class instead, a fine head whose coarse head often
+    overrules it was held to labels it does not write: its labels above the threshold fell short of the
+    promised precision, or products it labels right were sent to review."""
+    import torch
+
+    from fashionlabel.label.postprocess import consistent_choice, scores
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.calibrate import calibrate
+
+    tax = Taxonomy.from_dict(
+        {
+            "name": "t",
+            "heads": [
+                {"name": "coarse", "values": ["upper", "lower"]},
+                {
+                    "name": "fine",
+                    "values": ["tee", "shirt", "jeans", "skirt"],
+                    "parent": "coarse",
+                    "parent_map": {"tee": "upper", "shirt": "upper", "jeans": "lower", "skirt": "lower"},
+                },
+            ],
+        }
+    )
+    rng = np.random.default_rng(7)
+    n = 600
+    fine_y = rng.integers(0, 4, n)
+    coarse_y = fine_y // 2
+    # a sure coarse head and a fine head that often puts its top score in the other coarse value
+    zc = rng.normal(0, 0.5, (n, 2))
+    zc[np.arange(n), coarse_y] += 3
+    zf = rng.normal(0, 1, (n, 4))
+    zf[np.arange(n), fine_y] += rng.uniform(0, 2.5, n)
+    logits = {"coarse": torch.tensor(zc, dtype=torch.float32), "fine": torch.tensor(zf, dtype=torch.float32)}
+    targets = {"coarse": coarse_y, "fine": fine_y}
+    for cut in (0.5, 0.2):
+        cal = calibrate(tax, logits, targets, error_cut=cut)
+        probs = scores(tax, logits, cal)
+        chosen = consistent_choice(tax, probs)["fine"]
+        assert (chosen != probs["fine"].argmax(1)).mean() > 0.1  # the hierarchy changes many labels
+        score, right = probs["fine"][np.arange(n), chosen], chosen == fine_y
+        target = 1 - cut * (1 - right.mean())
+        t = cal["thresholds"]["fine"]
+        assert right[score >= t].mean() >= target - 1e-9
+        # and no lower threshold keeps the promise: products labelled right are not sent to review for it
+        lower = np.sort(np.unique(score[score < t]))[::-1]
+        assert all(right[score >= s].mean() < target - 1e-9 for s in lower), cut
+
+
 def test_metrics_files_are_strict_json_with_null_for_nothing_measured():
     import json
 

@@ -1,9 +1,9 @@
 """Post-hoc calibration fitted on validation data.
 
 - Temperature scaling per single head (Guo et al. 2017): T minimising the NLL of softmax(z / T).
-- Confidence thresholds: for single heads, the lowest score above which validation predictions make half
-  the head's errors (products below it get ``needs_review``); for multi heads, the threshold maximising
-  micro-F1 on validation.
+- Confidence thresholds: for single heads, the lowest score above which the validation labels as labelling
+  writes them (the hierarchy-consistent choice) make half the head's errors (products below it get
+  ``needs_review``); for multi heads, the threshold maximising micro-F1 on validation.
 - Or, given the share of products a team can review (``review_share``), the single heads' thresholds that
   catch the most errors while flagging at most that share of validation products (:func:`fit_review_share`).
 
@@ -38,17 +38,27 @@ def fit_temperature(logits: torch.Tensor, y: np.ndarray) -> float:
     return float(TEMPS[int(np.argmin(nll))])
 
 
-def single_threshold(probs: np.ndarray, y: np.ndarray, error_cut: float = 0.5) -> float:
+def single_threshold(
+    probs: np.ndarray, y: np.ndarray, error_cut: float = 0.5, choice: np.ndarray | None = None
+) -> float:
     """Lowest score above which validation predictions make ``error_cut`` × the head's error rate.
 
     A per-head target (not one fixed precision) keeps noisy heads such as colour or season from sending
     every product to review while still flagging their least certain predictions.
+
+    Args:
+        choice: the class each product is labelled with (default: its top score). Labelling writes the
+            hierarchy-consistent choice (:func:`consistent_choice`) and compares *its* score with the
+            threshold: fitted on the top score, a head with a parent was held to the errors of labels it
+            does not write, and its products whose label the hierarchy changed scored lower than the fit
+            assumed.
     """
     known = y >= 0
     if known.sum() < 10:
         return 0.5
-    score = probs[known].max(axis=1)
-    correct = probs[known].argmax(axis=1) == y[known]
+    choice = probs.argmax(axis=1) if choice is None else choice
+    score = probs[known, choice[known]]
+    correct = choice[known] == y[known]
     precision = 1.0 - error_cut * (1.0 - correct.mean())
     order = np.argsort(-score)
     prec = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
@@ -97,10 +107,11 @@ def calibrate(
         h.name: multi_threshold(probs[h.name], targets[h.name]) for h in taxonomy.heads if h.kind == "multi"
     }
     extra: dict[str, float] = {}
+    choice = consistent_choice(taxonomy, probs)  # the labels labelling writes, whose scores it thresholds
     if review_share is None:
-        thresholds |= _single_thresholds(taxonomy, probs, targets, error_cut)
+        thresholds |= _single_thresholds(taxonomy, probs, targets, error_cut, choice)
     else:
-        error_cut, single, flagged = fit_review_share(taxonomy, probs, targets, review_share)
+        error_cut, single, flagged = fit_review_share(taxonomy, probs, targets, review_share, choice)
         thresholds |= single
         extra = {"review_share": review_share, "val_needs_review": flagged}
     # in head order, as model.json always had them
@@ -109,15 +120,24 @@ def calibrate(
 
 
 def _single_thresholds(
-    taxonomy: Taxonomy, probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], error_cut: float
+    taxonomy: Taxonomy,
+    probs: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    error_cut: float,
+    choice: dict[str, np.ndarray],
 ) -> dict[str, float]:
     return {
-        h.name: single_threshold(probs[h.name], targets[h.name], error_cut) for h in taxonomy.single_heads
+        h.name: single_threshold(probs[h.name], targets[h.name], error_cut, choice[h.name])
+        for h in taxonomy.single_heads
     }
 
 
 def fit_review_share(
-    taxonomy: Taxonomy, probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], review_share: float
+    taxonomy: Taxonomy,
+    probs: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    review_share: float,
+    choice: dict[str, np.ndarray] | None = None,
 ) -> tuple[float, dict[str, float], float]:
     """The smallest error cut (of ``ERROR_CUTS``) whose single-head thresholds flag at most ``review_share``
     of the validation products (else the loosest); returns (cut, thresholds, share flagged).
@@ -128,9 +148,9 @@ def fit_review_share(
     labelling decides (:func:`needs_review`), so the share is measured over the heads together. A larger
     cut lowers every threshold, so the share only falls as the cut grows.
     """
-    choice = consistent_choice(taxonomy, probs)
+    choice = consistent_choice(taxonomy, probs) if choice is None else choice
     for cut in ERROR_CUTS:
-        single = _single_thresholds(taxonomy, probs, targets, float(cut))
+        single = _single_thresholds(taxonomy, probs, targets, float(cut), choice)
         flagged = float(needs_review(taxonomy, probs, {"thresholds": single}, choice).mean())
         if flagged <= review_share:
             break
