@@ -40,6 +40,34 @@ def test_ddp_training_writes_a_complete_artifact(tiny_model):
     assert not model.training
 
 
+def test_the_confusion_image_is_of_the_labels_as_written(tiny_model, small_shards, tmp_path):
+    """``evaluate``'s confusion image shows the labels labelling writes (the hierarchy-consistent choice,
+    as ``top1_consistent`` counts them), not the fine head's top score: for articleType, under three
+    coarser heads, those differ, and the image showed errors the labels do not have and hid those they do."""
+    import numpy as np
+
+    from fashionlabel.data import load_samples
+    from fashionlabel.label.postprocess import consistent_choice, scores
+    from fashionlabel.label.predictor import Predictor
+    from fashionlabel.shards import list_shards
+    from fashionlabel.train.metrics import confusion
+    from fashionlabel.train.run import _plot_confusion, evaluate
+
+    evaluate(str(tiny_model), str(small_shards), "test", write_to=str(tmp_path / "eval"))
+    pred = Predictor(str(tiny_model), device="cpu")
+    tax, head = pred.taxonomy, pred.taxonomy.head("articleType")
+    test = load_samples(list_shards(str(small_shards)), tax, pred.size, split="test")
+    probs = scores(tax, pred.logits(test.images), pred.calibration)
+    y = test.targets["articleType"]
+    as_written = confusion(consistent_choice(tax, probs)["articleType"], y, head.num_classes)
+    top_score = confusion(probs["articleType"].argmax(1), y, head.num_classes)
+    assert not np.array_equal(as_written, top_score)  # the hierarchy changed some labels
+    for name, m in (("as_written", as_written), ("top_score", top_score)):
+        _plot_confusion(m, head, tmp_path / f"{name}.png")
+    image = (tmp_path / "eval" / "confusion-articleType-test.png").read_bytes()
+    assert image == (tmp_path / "as_written.png").read_bytes()
+
+
 def test_malformed_artifacts_are_rejected(tiny_model, tmp_path):
     with pytest.raises(ArtifactError, match="not a folder"):
         load_artifact(tmp_path / "nothing")

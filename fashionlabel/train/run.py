@@ -520,11 +520,13 @@ def evaluate(
         storage.join(out_dir, f"evaluation-{split or 'all'}.json"),
         metrics_json(metrics).encode(),
     )
-    # the finest level of the hierarchy, else the first single head; a multi-label-only taxonomy has none
+    # the finest level of the hierarchy, else the first single head; a multi-label-only taxonomy has none.
+    # Of the labels as labelling writes them (the hierarchy-consistent choice), as top1_consistent counts
+    # them: the top score's class is not what a user of the labels sees.
     fine = tax.chains()[-1][-1] if tax.chains() else next(iter(tax.single_heads), None)
     if fine is not None:
         _plot_confusion(
-            confusion(probs[fine.name].argmax(1), samples.targets[fine.name], fine.num_classes),
+            confusion(chosen[fine.name], samples.targets[fine.name], fine.num_classes),
             fine,
             storage.join(out_dir, f"confusion-{fine.name}-{split or 'all'}.png"),
         )
@@ -584,8 +586,8 @@ def _plot_confusion(m: np.ndarray, head, path: str | Path, top: int = 25) -> Non
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set(
-        title=f"{head.name}: confusion (row-normalised, {len(names)} most frequent)",
-        xlabel="predicted",
+        title=f"{head.name} as labelled: confusion (row-normalised, {len(names)} most frequent)",
+        xlabel="label written (the hierarchy-consistent choice)",
         ylabel="true",
     )
     _save_png(fig, path)
