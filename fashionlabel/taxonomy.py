@@ -10,7 +10,7 @@ Kinds of head (docs/models.md):
   made consistent along the chain (``label.postprocess.consistent_choice``).
 
 Blank and unknown markers (``unknown_values``) mean "no label": masked in training, never a class.
-``values: learn`` defers the value list to the training catalog (``Taxonomy.learn``).
+``values: learn`` defers the value list to the shard set's labels (``Taxonomy.learn``).
 """
 
 from __future__ import annotations
@@ -550,7 +550,10 @@ class Taxonomy:
         return [x for x in (v if isinstance(v, list) else [v]) if x not in h.index]
 
     def learn(self, label_rows: Iterable[Mapping[str, Any]]) -> Taxonomy:
-        """Resolve ``values: learn`` heads from training labels (sorted, so the result is stable)."""
+        """Resolve ``values: learn`` heads from the label rows given: training takes every product of the
+        shard set, validation and test ones included. Only the names are learned, sorted (so the result is
+        stable): no count or frequency reaches the model, and a value only a test product has becomes a
+        class no product trains, counted as an error of the head when evaluated, not hidden from it."""
         pending = [h for h in self.heads if h.values is None]
         if not pending:
             return self
