@@ -115,7 +115,17 @@ class Lease:
             held = storage.read_json(self.uri)
         except (OSError, storage.StorageError, ValueError):  # absent, or cut short by a kill mid-write
             return None
-        return held if isinstance(held, dict) and "owner" in held else None
+        if not isinstance(held, dict) or "owner" not in held:
+            return None
+        # only a lease as this code writes it holds: a heartbeat or pid of another type (a file edited by
+        # hand, another tool's) would fail the job on float()/int() below instead of naming anything
+        numbers = [held.get("heartbeat"), held.get("pid", 0)]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+            log.warning(
+                "%s: the lease %s is not one this code writes; taken as free: %r", self.what, self.uri, held
+            )
+            return None
+        return held
 
     def _free(self, held: dict[str, Any]) -> bool:
         if held["owner"] == self.me["owner"]:

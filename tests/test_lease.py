@@ -46,6 +46,18 @@ def test_a_holder_killed_on_this_host_frees_it_at_once(tmp_path):
         assert json.loads(uri.read_text())["owner"] == lease.me["owner"]
 
 
+def test_a_lease_file_of_another_shape_is_named_and_taken_as_free(tmp_path, caplog):
+    """A lease whose heartbeat or pid is not a number (edited by hand, written by another tool) failed
+    the job with float()'s "could not convert string to float: 'soon'", naming no lease."""
+    for odd in ({"heartbeat": "soon"}, {"heartbeat": time.time(), "pid": "42"}, {"heartbeat": True}):
+        uri = tmp_path / "lease"
+        uri.write_text(json.dumps({"owner": "x", "host": "elsewhere", "pid": 42} | odd))
+        caplog.clear()
+        with Lease(str(uri), "root R", settle=0.05) as lease:
+            assert _read(uri)["owner"] == lease.me["owner"]
+        assert f"the lease {uri} is not one this code writes" in caplog.text
+
+
 def test_a_holder_on_another_host_holds_it_until_its_heartbeat_lapses(tmp_path, caplog):
     uri = tmp_path / "lease"
     other = {"owner": "x", "host": "node-7", "pid": 1, "started": "2026-11-24T01:00:00Z"}
