@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fashionlabel.settings import SettingsError
 from fashionlabel.train import checkpoint as ckpt
 from fashionlabel.train.export import fetch_artifact
 from tests.reliability.faults import kill_session
@@ -210,3 +211,6 @@ def test_a_run_checkpointed_with_a_warm_up_longer_than_it_resumes_and_exports(
         "written with --warmup-epochs 4 longer than its --epochs 1, read as --warmup-epochs 1" in caplog.text
     )
     assert (out / "model.json").is_file()
+    # and the refusal of the command as such a run was started names the warm-up that resumes it
+    with pytest.raises(SettingsError, match="resumes with --warmup-epochs equal to its --epochs"):
+        TrainConfig(model="fl_tiny", epochs=1, workers=1, warmup_epochs=4.0)

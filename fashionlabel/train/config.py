@@ -67,7 +67,7 @@ class TrainConfig:
             "training",
             self,
             checks,
-            "epochs, workers, patience ≥ 1; batch size a multiple of workers; lr > 0; warm-up ≤ epochs; height, width ≥ 16; "
+            "epochs, workers, patience ≥ 1; batch size a multiple of workers; lr > 0; warm-up ≤ epochs (a run started with a longer one resumes with --warmup-epochs equal to its --epochs); height, width ≥ 16; "
             "0 ≤ label smoothing < 1; 0 ≤ cutmix ≤ 1; 0 < review share < 1; others ≥ 0; model: one of `fashionlabel models`; "
             "init weights: a path",
         )
