@@ -119,6 +119,23 @@ class LocalRayWatch:
             with contextlib.suppress(Exception):
                 self._sentinel.wait(5)
 
+    def report_if_lost(self, wait: float = 0.0) -> None:
+        """With an error on its way out of the command: report a watched process gone instead (the line,
+        then exit 1; does not return). A raylet stopped as asked (SIGTERM, exit 0) ends the command with
+        Ray's "The task's local raylet died" within the grace the watch gives an interrupt, and that line
+        named a symptom; ``wait`` is how long a raylet that closed its sockets has to finish exiting."""
+        deadline = time.monotonic() + wait
+        while True:
+            with self._lock:
+                if self._stopped:
+                    return
+                dead = {k: p.returncode for k, p in self.procs.items() if p.poll() is not None}
+                if dead:
+                    self._report(dead)
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
+
     def _run(self) -> None:
         last_scan = 0.0
         asked_at: float | None = None

@@ -71,11 +71,23 @@ def ray_session(
             watch = LocalRayWatch.start(name)
         with _sigterm_as_interrupt(local):
             yield
+    except Exception as e:  # not an interrupt: Ctrl-C and SIGTERM end as "interrupted", exit 130
+        if watch:  # Ray's symptom of its own loss ("The task's local raylet died"): name the loss
+            watch.report_if_lost(wait=2.0 if _is_ray_error(e) else 0.0)
+        raise
     finally:
         if watch:  # from here on the local Ray is stopped on purpose
             watch.stop()
         _STARTED_HERE = None
         ray.shutdown()
+
+
+def _is_ray_error(e: BaseException) -> bool:
+    """An error of Ray's own (a task's raylet or worker lost, an object lost), as opposed to the job's own,
+    which a task raising it wraps in a RayTaskError: only Ray's own are worth waiting on a raylet for."""
+    import ray.exceptions
+
+    return isinstance(e, ray.exceptions.RayError) and not isinstance(e, ray.exceptions.RayTaskError)
 
 
 @contextlib.contextmanager

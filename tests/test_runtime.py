@@ -167,3 +167,47 @@ def test_a_training_worker_never_asks_for_more_cpus_than_a_node_has():
             c = worker_cpus(workers, nodes)
             assert sum(int(n / c + 1e-9) for n in nodes) >= workers  # every worker placed
             assert c <= sum(nodes) / workers
+
+
+_PROBE = """
+import os, signal, sys, time
+import ray
+from fashionlabel.runtime import ray_session
+
+with ray_session(num_cpus=1, name="fashionlabel probe"):
+    if sys.argv[1] == "stop-raylet":  # as a SIGTERM to the raylet alone does
+        os.kill(ray._private.worker._global_node.all_processes["raylet"][0].process.pid, signal.SIGTERM)
+        time.sleep(0.5)  # inside the grace an interrupt gets: Ray raises its symptom first
+        raise ray.exceptions.LocalRayletDiedError()
+    raise ValueError("the job's own error")
+"""
+
+
+@pytest.mark.timeout(300)
+def test_ray_naming_its_own_loss_first_is_answered_with_the_loss(tmp_path):
+    """A raylet SIGTERMed alone stops as asked (exit 0), so the watch gives the command 3 s to report an
+    interrupt; within them Ray itself may raise "The task's local raylet died. Check raylet.out", and
+    that symptom was the command's last line. The loss is named instead; a job's own error with its Ray
+    alive goes on as it is."""
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(_PROBE)
+    said = "fashionlabel probe: error: the local Ray this command started has stopped: its raylet (pid "
+    outputs = {}
+    for case in ("stop-raylet", "own"):
+        c = Cli([], tmp_path, name=case, argv=[sys.executable, str(script), case])
+        try:
+            rc = c.proc.wait(240)
+            left = _left_after(c, 15)
+        finally:
+            c.kill()
+        outputs[case] = (rc, c.output.strip(), left)
+    rc, out, left = outputs["stop-raylet"]
+    last = out.splitlines()[-1]
+    assert rc == 1 and last.startswith(said), out[-2000:]
+    assert " was stopped (exit status 0" in last or " was killed by SIGTERM" in last, last
+    assert "local raylet died" not in out.split(said)[-1] and not left, (out[-2000:], left)
+    rc, out, left = outputs["own"]
+    assert rc == 1 and out.endswith("ValueError: the job's own error"), out[-2000:]
+    assert "has stopped" not in out and not left, (out[-2000:], left)
