@@ -87,7 +87,14 @@ def _is_ray_error(e: BaseException) -> bool:
     which a task raising it wraps in a RayTaskError: only Ray's own are worth waiting on a raylet for."""
     import ray.exceptions
 
-    return isinstance(e, ray.exceptions.RayError) and not isinstance(e, ray.exceptions.RayTaskError)
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:  # a job may re-raise it as its own, from it
+        if isinstance(cause, ray.exceptions.RayError):
+            return not isinstance(cause, ray.exceptions.RayTaskError)
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 @contextlib.contextmanager
