@@ -44,6 +44,11 @@ class LeaseHeld(RuntimeError):
     """Another live job holds the lease."""
 
 
+def _last_seen(held: dict[str, Any]) -> float:
+    """When the holder last renewed ``held`` (epoch seconds; 0 for a record without a heartbeat)."""
+    return float(held.get("heartbeat", 0))
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` of this host exists."""
     try:
@@ -130,18 +135,18 @@ class Lease:
     def _free(self, held: dict[str, Any]) -> bool:
         if held["owner"] == self.me["owner"]:
             return True
-        if time.time() - float(held.get("heartbeat", 0)) > self.ttl:
+        if time.time() - _last_seen(held) > self.ttl:
             return True
         if held.get("host") == self.me["host"]:
             return not alive(int(held.get("pid", -1)))
         return _ray_driver_gone(held)
 
     def _refuse(self, held: dict[str, Any]) -> LeaseHeld:
-        age = time.time() - float(held.get("heartbeat", 0))
+        age = time.time() - _last_seen(held)
         # a holder submitted with `ray job submit` is named by its submission id: what `ray job status`,
         # `ray job logs` and `ray job stop` take (a pid on a head node is of little use to the operator)
         job = f"Ray job {held['job']}, " if held.get("job") else ""
-        lapses = float(held.get("heartbeat", 0)) + self.ttl
+        lapses = _last_seen(held) + self.ttl
         return LeaseHeld(
             f"{self.what} is being run by another job ({job}pid {held.get('pid')} on {held.get('host')}, started "
             f"{held.get('started', '?')}, last seen {age:.0f} s ago): wait for it to finish. If that job is "
@@ -155,7 +160,7 @@ class Lease:
     def __enter__(self) -> Lease:
         waited_on = None
         while (held := self._read()) and not self._free(held):
-            age = time.time() - float(held.get("heartbeat", 0))
+            age = time.time() - _last_seen(held)
             if age < 2 * self.beat:  # renewed lately: its holder is at work
                 raise self._refuse(held)
             # two beats missed: a holder killed on another node (a retry on a new cluster). Wait for its
@@ -173,7 +178,7 @@ class Lease:
                     age,
                     self.beat,
                     self.ttl - age,
-                    _utc(float(held.get("heartbeat", 0)) + self.ttl),
+                    _utc(_last_seen(held) + self.ttl),
                 )
             time.sleep(wait)
         self.me["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -119,6 +119,10 @@ class LocalRayWatch:
             with contextlib.suppress(Exception):
                 self._sentinel.wait(5)
 
+    def _dead(self) -> dict[str, int]:
+        """Kind -> return code of the watched processes that have ended (``poll`` reaps them)."""
+        return {k: p.returncode for k, p in self.procs.items() if p.poll() is not None}
+
     def report_if_lost(self, wait: float = 0.0) -> None:
         """With an error on its way out of the command: report a watched process gone instead (the line,
         then exit 1; does not return). A raylet stopped as asked (SIGTERM, exit 0) ends the command with
@@ -129,7 +133,7 @@ class LocalRayWatch:
             with self._lock:
                 if self._stopped:
                     return
-                dead = {k: p.returncode for k, p in self.procs.items() if p.poll() is not None}
+                dead = self._dead()
                 if dead:
                     self._report(dead)
             if time.monotonic() >= deadline:
@@ -144,7 +148,7 @@ class LocalRayWatch:
             with self._lock:
                 if self._stopped:
                     return
-                dead = {k: p.returncode for k, p in self.procs.items() if p.poll() is not None}
+                dead = self._dead()
                 # Stopped as one asks a process to stop: most likely a Ctrl-C / SIGTERM sent to the whole
                 # process group, which the command is handling too ("interrupted", exit 130) and will say
                 # so once it reaches its own stop; give it the time to, then report.
