@@ -459,8 +459,14 @@ def _jsonable(v: Any) -> Any:
 def resolve_uri(image_uri: str, catalog_uri: str) -> str:
     """Make ``image_uri`` absolute: relative paths are relative to the catalog's folder."""
     u = image_uri.strip()
-    if ANY_SCHEME.match(u) or u.startswith("/"):
-        return u  # unsupported schemes are kept, so the fetch reports them instead of a wrong path
+    if m := ANY_SCHEME.match(u):
+        # Schemes are case-blind (RFC 3986 3.1): exports write HTTPS://cdn/… or S3://bucket/…, which every
+        # later step (fetch, storage) knows only in lower case. Unsupported schemes are kept as written,
+        # so the fetch reports them instead of a wrong path.
+        scheme = m.group().lower()
+        return scheme + u[m.end() :] if REMOTE.match(scheme) else u
+    if u.startswith("/"):
+        return u
     base = str(catalog_uri)
     if storage.is_s3(base):
         return _s3_join(base.rsplit("/", 1)[0], u)

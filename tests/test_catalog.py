@@ -332,6 +332,15 @@ def test_resolve_uri(tmp_path):
     assert resolve_uri("img/a.jpg", f"file://{tmp_path}/c.csv") == str(tmp_path / "img" / "a.jpg")
     for u in ("https://h/a.jpg", "s3://b/a.jpg", "file:///a.jpg", "gs://b/a.jpg"):
         assert resolve_uri(u, "/c.csv") == u
+    # a scheme is case-blind: written in capitals by an export, it is the supported one, not another
+    for u, want in (
+        ("HTTPS://H/A.jpg", "https://H/A.jpg"),
+        ("Http://h/a.jpg", "http://h/a.jpg"),
+        ("S3://b/Img/a.jpg", "s3://b/Img/a.jpg"),
+        ("FILE:///Img/a.jpg", "file:///Img/a.jpg"),
+        ("GS://b/a.jpg", "GS://b/a.jpg"),
+    ):
+        assert resolve_uri(u, "s3://b/cat/c.csv") == want
 
 
 def test_relative_local_paths_resolve_as_pathlib_does(tmp_path, monkeypatch):
@@ -404,6 +413,22 @@ def test_fetch_http():
     finally:
         server.shutdown()
     assert _reason("http://127.0.0.1:9/x.jpg", retries=0) == "image_unreadable"
+
+
+def test_image_uris_with_their_scheme_in_capitals_are_fetched(tmp_path):
+    # HTTP://… and FILE://… were quarantined as "unsupported URI scheme" though their images were there
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8local")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rows = [
+        {"product_id": "p1", "image_uri": f"FILE://{tmp_path}/a.jpg"},
+        {"product_id": "p2", "image_uri": f"HTTP://127.0.0.1:{server.server_address[1]}/ok.jpg"},
+    ]
+    try:
+        ok, bad = check_ids(rows, str(tmp_path / "c.csv"))
+        assert not bad and [fetch(r.image_uri) for r in ok] == [b"\xff\xd8local", b"\xff\xd8jpeg"]
+    finally:
+        server.shutdown()
 
 
 def test_fetch_and_read_catalog_on_s3(s3):
