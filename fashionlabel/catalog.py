@@ -97,11 +97,21 @@ class FetchError(Exception):
     ``outage``: a failure that a source which is down, or credentials that are wrong, give every image
     alike (connection errors and timeouts, HTTP 5xx/429 after the retries, 401/403, S3 errors other than a
     missing key), as opposed to a fault of this one image (missing, too large, not an image).
+    ``answered``: an HTTP server sent a status for this image (a 5xx, 401, 403, …): it is up and answering,
+    so the failure costs no timeout (``HostGate`` does not count it; ``OutageBreaker`` does).
     """
 
-    def __init__(self, reason: str, detail: str = "", retryable: bool = False, outage: bool = False):
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        retryable: bool = False,
+        outage: bool = False,
+        answered: bool = False,
+    ):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail, self.retryable, self.outage = reason, detail, retryable, outage
+        self.answered = answered
 
 
 class SourceUnavailable(RuntimeError):
@@ -691,8 +701,9 @@ class HostGate:
     """``fetch`` for one unit of work (a shard, a chunk of the hash pass) that stops asking a source which
     has stopped answering. A host that never answers costs a minute per image (the timeout, twice retried);
     with thousands of its images in a shard, the ``OutageBreaker`` would reach its verdict only after
-    hours. After ``after`` outage-like failures in a row from one source (an HTTP host, an S3 bucket), its
-    next fetches fail at once with an outage ``FetchError`` for ``cooldown`` seconds, then it is asked
+    hours. After ``after`` outage-like failures in a row from one source (an HTTP host, an S3 bucket) that
+    got no answer (a timeout, a refused or cut connection; an HTTP status is an answer), its next fetches
+    fail at once with an outage ``FetchError`` for ``cooldown`` seconds, then it is asked
     again (and trusted again at its first answer). So a dead source fails the shard once the fetches
     already under way have timed out (about two minutes for 1,000 images and 8 in flight, against about 13
     without it), and a dead host among many has its few images quarantined at the pace of other bad
@@ -729,16 +740,26 @@ class HostGate:
         try:
             data = fetch(uri, **self.fetch_kwargs)
         except FetchError as e:
-            if e.outage:
+            # A status the server sent is an answer (a 500 or a 403 for one missing image, as CDNs in
+            # front of a bucket give): it took no timeout, and the host serves its other images. Counted,
+            # three such images in a row shut a live host, and its good images failed the shard on every
+            # re-run. The OutageBreaker still counts them: a host answering 503 to all fails the shard.
+            if e.answered:
+                self._answered(src)
+            elif e.outage:
                 with self._lock:
                     n = self._failures[src] = self._failures.get(src, 0) + 1
                     if n >= self.after:
                         self._shut_until[src] = time.monotonic() + self.cooldown
             raise
+        self._answered(src)
+        return data
+
+    def _answered(self, src: str) -> None:
+        """The source answered (an image, or a status for this one): trusted again, its count restarts."""
         with self._lock:
             self._failures.pop(src, None)
             self._shut_until.pop(src, None)
-        return data
 
 
 def _local_path(uri: str) -> str:
@@ -843,6 +864,7 @@ def _fetch_once(uri: str, timeout: float, max_bytes: int, deadline: float) -> by
             f"HTTP {e.code}",
             retryable=transient,
             outage=transient or e.code in (401, 403),
+            answered=True,
         ) from e
     except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
         raise FetchError("image_unreadable", storage.redact(e)[:300], retryable=True, outage=True) from e

@@ -591,6 +591,27 @@ def test_a_source_that_stops_answering_is_not_asked_again_for_a_while():
         silent.close()
 
 
+def test_a_host_that_answers_with_errors_for_a_few_images_is_asked_for_the_rest():
+    # A 503 or a 403 for one image (a CDN in front of a bucket answers 403 for a missing key) is an answer,
+    # not silence: three in a row shut the host for 30 s, its good images then failed at once as outages,
+    # and the shard failed on every re-run though the host served them.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    gate = HostGate(after=3, cooldown=30.0, retries=0)
+    bad = ["down.jpg", "forbidden.jpg", "down.jpg", "forbidden.jpg"]
+    rows = [CatalogRow(f"bad{i}", f"bad{i}", f"{base}/{p}", {}) for i, p in enumerate(bad)]
+    rows += [CatalogRow(f"ok{i}", f"ok{i}", f"{base}/ok.jpg", {}) for i in range(10)]
+    try:
+        got = dict((r.product_id, v) for r, v in fetched(rows, 1, gate))
+    finally:
+        server.shutdown()
+    errors = [got[f"bad{i}"] for i in range(len(bad))]
+    assert [e.detail for e in errors] == ["HTTP 503", "HTTP 403", "HTTP 503", "HTTP 403"]
+    assert all(e.outage for e in errors)  # still counted by the shard's OutageBreaker
+    assert [got[f"ok{i}"] for i in range(10)] == [b"\xff\xd8jpeg"] * 10
+
+
 @pytest.mark.parametrize("uri", ["s3://bucket/folder/", "s3://bucket", "s3:///a.jpg", "s3://"])
 def test_an_s3_uri_that_names_no_object_is_the_rows_fault(uri):
     # refused from its form, before any request: not an outage, so a few such rows never fail a shard
