@@ -567,11 +567,23 @@ def product_key(pid: str) -> str:
     return f"{stem}--{hashlib.sha256(pid.encode()).hexdigest()[:16]}"
 
 
+def _first_occurrence(first: tuple[str, str]) -> str:
+    """A duplicate's detail: which row of its id is used. The labels and the image of the kept row are
+    checked later (per shard), so it may still be quarantined for its own reason: the detail names its
+    image instead of promising a packed product (with two images under one id, which one is used)."""
+    why, uri = first
+    if why != "kept":
+        return f"first occurrence was {why}"
+    return (
+        f"first occurrence kept (image_uri {uri[:120]!r}; packed from it, or quarantined for its own reason)"
+    )
+
+
 def check_ids(rows: list[dict[str, Any]], catalog_uri: str) -> tuple[list[CatalogRow], list[Rejected]]:
     """Id, duplicate and URI checks (need the whole catalog; cheap). Keeps catalog order."""
     ok: list[CatalogRow] = []
     bad: list[Rejected] = []
-    seen: dict[str, str | None] = {}  # product id -> None if its first row was kept, else why it was not
+    seen: dict[str, tuple[str, str]] = {}  # product id -> its first row's ("kept", image_uri) or (reason, "")
     keys: dict[str, str] = {}
     for r in rows:
         raw_id, raw_uri = r.get("product_id"), r.get("image_uri")
@@ -582,15 +594,14 @@ def check_ids(rows: list[dict[str, Any]], catalog_uri: str) -> tuple[list[Catalo
         elif why := id_problem(pid):
             bad.append(Rejected(pid, uri, "invalid_product_id", why))
         elif pid in seen:
-            first = "first occurrence kept" if seen[pid] is None else f"first occurrence was {seen[pid]}"
-            bad.append(Rejected(pid, uri, "duplicate_product_id", first))
+            bad.append(Rejected(pid, uri, "duplicate_product_id", _first_occurrence(seen[pid])))
         elif (key := product_key(pid)) in keys:  # needs a 64-bit hash collision or an id crafted to hit one
             bad.append(Rejected(pid, uri, "duplicate_product_id", f"its shard key is taken by {keys[key]!r}"))
         elif not uri.strip():
-            seen[pid] = "missing_image_uri"
+            seen[pid] = ("missing_image_uri", "")
             bad.append(Rejected(pid, uri, "missing_image_uri", "image_uri is empty"))
         else:
-            seen[pid] = None
+            seen[pid] = ("kept", uri.strip())
             keys[key] = pid
             ok.append(CatalogRow(pid, key, resolve_uri(uri, catalog_uri), r))
     return ok, bad

@@ -307,7 +307,21 @@ def test_ids_duplicates_and_labels():
         ]
     )
     assert {b.reason for b in bad} <= set(REASONS)
-    assert next(b.detail for b in bad if b.product_id == "a1") == "first occurrence kept"
+    assert next(b.detail for b in bad if b.product_id == "a1").startswith("first occurrence kept (image_uri")
+    # a first row quarantined later (its label outside the taxonomy): the duplicate names the row it defers
+    # to and says it may be quarantined, where it said "first occurrence kept" of a product never packed
+    _, bad = validate(
+        [
+            {"product_id": "c", "image_uri": "c1.jpg", "articleType": "Tshirt"},
+            {"product_id": "c", "image_uri": "c2.jpg", "articleType": "Tshirts"},
+        ],
+        "/c.csv",
+        tax,
+    )
+    assert [b.reason for b in bad] == ["duplicate_product_id", "label_outside_taxonomy"]
+    assert bad[0].detail == (
+        "first occurrence kept (image_uri 'c1.jpg'; packed from it, or quarantined for its own reason)"
+    )
     # the first row of an id quarantined: the duplicate says so instead of claiming a kept row
     _, bad = validate(
         [{"product_id": "b", "image_uri": ""}, {"product_id": "b", "image_uri": "b.jpg"}], "/c.csv", tax
