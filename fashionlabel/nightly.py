@@ -362,8 +362,14 @@ def _shard_night(
     # value the model's taxonomy lacks does not keep a product from being labelled: labelling reads no label
     # column, so such a product is packed with that head unlabelled, and counted.
     night_cfg = dataclasses.replace(cfg, max_failure_rate=1.0, keep_outside_labels=True)
+    # last night's quarantine: its products come back tonight (they are in no night's index), and those
+    # whose images a host still answers with an error must not read as the host being down, night after night
+    earlier = [n for n in layout.nights() if n < date]
+    failed = storage.join(layout.night_shards(earlier[-1]), "quarantine.parquet") if earlier else None
     try:
-        s = shard_catalog(catalog, out, taxonomy, night_cfg, incremental_from=prev, catalog_read=read)
+        s = shard_catalog(
+            catalog, out, taxonomy, night_cfg, incremental_from=prev, catalog_read=read, failed_before=failed
+        )
     except PlanMismatchError as e:
         # the night has no --out to change: name what differs and the two ways on (the taxonomy is the
         # model's: a night started with one model and re-run with a retrained one)

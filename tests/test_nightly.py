@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.server
 import json
+import threading
 from pathlib import Path
 
 import duckdb
@@ -455,3 +457,39 @@ def test_a_failed_night_job_ends_naming_its_stage_and_how_to_resume(tiny_model, 
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((tmp_path / "root" / "manifests" / "2026-03-01.json").read_text())
     assert (manifest["labelled"], manifest["quarantined"]) == (4, 8)
+
+
+class _Errors(http.server.BaseHTTPRequestHandler):
+    """A host that is up but answers every image it is asked for with HTTP 500."""
+
+    def log_message(self, *a):  # keep test output clean
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self.send_error(500)
+
+
+@pytest.mark.timeout(900)
+def test_a_few_images_a_host_keeps_failing_do_not_fail_every_later_night(ray_session, tiny_model, tmp_path):
+    """Products quarantined one night come back the next, in that night's small shard. Four images an
+    answering host keeps failing (HTTP 500) were "4 fetches failed as if the source were down" there, and
+    the night failed, and every re-run of it; now they are quarantined again and the night completes."""
+    good, _ = _good_and_bad()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Errors)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        broken = [dict(good[0], product_id=f"e{i}", image_uri=f"{base}/{i}.jpg") for i in range(4)]
+        cat = write_catalog(tmp_path / "catalog.csv", [dict(r) for r in good[1540:1580]] + broken)
+        root = tmp_path / "root"
+        m1 = run_nightly(str(cat), str(tiny_model), str(root), "2026-03-01", CFG)
+        assert (m1["labelled"], m1["quarantined"]) == (40, 4)
+        m2 = run_nightly(str(cat), str(tiny_model), str(root), "2026-03-02", CFG)
+        assert (m2["status"], m2["unchanged"], m2["quarantined"], m2["reasons"]) == (
+            "complete",
+            40,
+            4,
+            {"image_unreadable": 4},
+        )
+    finally:
+        server.shutdown()

@@ -316,6 +316,57 @@ def test_a_source_that_is_down_fails_the_shard_instead_of_quarantining_it(tmp_pa
     assert not list((tmp_path / "many").rglob("*.parquet")) and not list((tmp_path / "many").rglob("*.tar"))
 
 
+def test_images_that_failed_last_time_failing_again_are_no_sign_of_an_outage(tmp_path):
+    """A run after one that quarantined a few images of an answering host (HTTP 500) packs them again in a
+    small shard of their own: counted as outage-like there, they failed the shard, and every re-run of it.
+    Given as failed before, they are quarantined again instead; a new failure still counts."""
+    from conftest import sample_rows
+
+    from fashionlabel.catalog import SourceUnavailable, check_ids
+    from fashionlabel.shards import pack_shard
+
+    good = [r for r in sample_rows(40) if Path(r["image_uri"]).exists()][:2]
+    down = [dict(good[0], product_id=f"down{i}", image_uri=f"http://127.0.0.1:9/{i}.jpg") for i in range(5)]
+    valid, _ = check_ids(good + down[:4], str(tmp_path / "catalog.csv"))
+    before = frozenset((r.product_id, r.image_uri) for r in valid if r.product_id.startswith("down"))
+
+    def pack(rows, out, failed_before=frozenset()):
+        return pack_shard(0, rows, str(out), ShardConfig(), index_schema(TAX), TAX, failed_before)
+
+    with pytest.raises(SourceUnavailable, match="4 fetches failed as if the source were down"):
+        pack(valid, tmp_path / "plain")
+    r = pack(valid, tmp_path / "again", before)
+    assert (r["packed"], r["rejected"]) == (2, 4)
+    q = pq.read_table(tmp_path / "again" / "_parts" / "shard-000000.quarantine.parquet")
+    assert sorted(q.column("product_id").to_pylist()) == [f"down{i}" for i in range(4)]
+    # four new failures beside them still read as the source being down
+    more, _ = check_ids(
+        [dict(d, product_id=f"new{i}") for i, d in enumerate(down[:4])], str(tmp_path / "catalog.csv")
+    )
+    with pytest.raises(SourceUnavailable, match="4 fetches failed"):
+        pack(valid + more, tmp_path / "new", before)
+
+
+@pytest.mark.timeout(300)
+def test_an_incremental_run_takes_the_previous_quarantine_as_failed_before(
+    ray_session, http_images, tmp_path
+):
+    """``shard --incremental PREV``: PREV's quarantined products are packed again (an image may have been
+    mended) and, when a host still answers them with an error, quarantined again; the run completes."""
+    from conftest import sample_rows, write_catalog
+
+    root, base = http_images
+    good = [r for r in sample_rows(60) if Path(r["image_uri"]).exists()][:40]
+    broken = [dict(good[0], product_id=f"e{i}", image_uri=f"{base}/error500/{i}.jpg") for i in range(4)]
+    cat = write_catalog(tmp_path / "catalog.csv", good + broken)
+    cfg = ShardConfig(samples_per_shard=100, max_side=96)
+    first = shard_catalog(str(cat), str(tmp_path / "s1"), TAX, cfg)
+    assert (first.packed, first.quarantined) == (40, 4)
+    second = shard_catalog(str(cat), str(tmp_path / "s2"), TAX, cfg, incremental_from=str(tmp_path / "s1"))
+    assert (second.new, second.unchanged, second.packed, second.quarantined) == (4, 40, 0, 4)
+    assert second.reasons == {"image_unreadable": 4}
+
+
 def test_an_unexpected_error_on_one_row_is_quarantined_and_the_rest_packed(
     ray_session, tmp_path, monkeypatch
 ):

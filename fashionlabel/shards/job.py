@@ -19,7 +19,7 @@ from fashionlabel import storage
 from fashionlabel.catalog import CatalogRow, Rejected, check_ids, check_labels, read_catalog
 from fashionlabel.lease import Lease
 from fashionlabel.shards.pack import pack_shard
-from fashionlabel.shards.plan import make_plan, previous_index_uri
+from fashionlabel.shards.plan import make_plan, previous_failures, previous_index_uri
 from fashionlabel.shards.spec import (
     QUARANTINE_SCHEMA,
     ShardConfig,
@@ -127,6 +127,7 @@ def shard_catalog(
     cfg: ShardConfig = ShardConfig(),
     incremental_from: str | None = None,
     catalog_read: tuple[list[dict[str, Any]], list[Rejected]] | None = None,
+    failed_before: str | None = None,
 ) -> ShardSummary:
     """Pack ``catalog`` into shards under ``out`` with Ray tasks. Re-runnable: finished shards are kept.
 
@@ -141,6 +142,9 @@ def shard_catalog(
             its membership): a catalog of millions of rows on S3 is then fetched and parsed once, and the
             products packed are those of the catalog the caller saw. ``catalog`` still resolves relative
             image paths and names the catalog in messages.
+        failed_before: the ``quarantine.parquet`` of the run before (default: the one in the
+            ``incremental_from`` folder). Its products are packed again, and quarantined again if their
+            images still fail, but those failures never count as the source being down.
     """
     import ray
 
@@ -152,6 +156,9 @@ def shard_catalog(
         prev_index = previous_index_uri(incremental_from)
         if not storage.exists(prev_index):
             raise ShardJobError(f"--incremental {incremental_from}: no previous index at {prev_index}")
+        if failed_before is None and not str(incremental_from).endswith(".parquet"):
+            failed_before = storage.join(incremental_from, "quarantine.parquet")
+    known_failures = previous_failures(failed_before)
     rows, malformed = read_catalog(catalog) if catalog_read is None else catalog_read
     missing = missing_columns(rows, taxonomy)
     valid, rejected = check_ids(rows, catalog)  # label checks run in the tasks: the driver stays light
@@ -182,7 +189,7 @@ def shard_catalog(
             len(todo),
         )
         t_tasks = time.time()
-        packed_now, blanked, task_cpu, span = _run_tasks(todo, out, cfg, schema, taxonomy)
+        packed_now, blanked, task_cpu, span = _run_tasks(todo, out, cfg, schema, taxonomy, known_failures)
         ray.get(warm)
 
         t_merge = time.time()
@@ -229,7 +236,9 @@ def shard_catalog(
             "config": asdict(cfg),
         }
         storage.write_json(storage.join(out, "stats.json"), stats)
-        total = summary.packed + summary.quarantined
+        # of the whole catalog, as a night's: with --incremental, the unchanged products are good rows too,
+        # and a few broken images packed again each run were "4/4 rows quarantined" and failed every run
+        total = summary.packed + summary.quarantined + summary.unchanged
         if total and summary.quarantined / total > cfg.max_failure_rate:
             top = next(iter(summary.reasons))
             example = quarantine.filter(pc.equal(quarantine.column("reason"), top)).slice(0, 1).to_pylist()[0]
@@ -257,11 +266,17 @@ def _warm_workers() -> list:
 
 
 def _pack_task(
-    shard_id: int, rows: list, out: str, cfg: ShardConfig, schema: pa.Schema, taxonomy: Taxonomy
+    shard_id: int,
+    rows: list,
+    out: str,
+    cfg: ShardConfig,
+    schema: pa.Schema,
+    taxonomy: Taxonomy,
+    failed_before: frozenset[tuple[str, str]],
 ) -> dict:
     """The Ray task: :func:`pack_shard`, once this node sees the plan the driver saved in ``out``."""
     storage.require_on_this_node(out, "_parts/_plan.json", "output folder")
-    return pack_shard(shard_id, rows, out, cfg, schema, taxonomy)
+    return pack_shard(shard_id, rows, out, cfg, schema, taxonomy, failed_before)
 
 
 def _run_tasks(
@@ -270,8 +285,10 @@ def _run_tasks(
     cfg: ShardConfig,
     schema: pa.Schema,
     taxonomy: Taxonomy,
+    failed_before: frozenset[tuple[str, str]] = frozenset(),
 ) -> tuple[int, Counter[str], float, tuple[float, float]]:
     """One Ray task per shard; progress logged every few seconds; a task that fails for good fails the job.
+    Each task is given the rows of ``failed_before`` (:func:`previous_failures`) that it packs.
 
     Returns the number of products packed, those packed without a label per head (a value the taxonomy
     lacks, with ``keep_outside_labels``), the CPU seconds the tasks used and (first start, last end).
@@ -287,7 +304,18 @@ def _run_tasks(
         name="pack_shard"
     )
     cfg_ref, schema_ref, tax_ref = ray.put(cfg), ray.put(schema), ray.put(taxonomy)
-    pending = [task.remote(i, rs, out, cfg_ref, schema_ref, tax_ref) for i, rs in todo]
+    pending = [
+        task.remote(
+            i,
+            rs,
+            out,
+            cfg_ref,
+            schema_ref,
+            tax_ref,
+            frozenset(k for k in ((r.product_id, r.image_uri) for r in rs) if k in failed_before),
+        )
+        for i, rs in todo
+    ]
     total_rows = sum(len(rs) for _, rs in todo)
     finished = rows_done = packed = 0
     cpu = 0.0

@@ -108,9 +108,21 @@ def pack_row(
 
 
 def pack_shard(
-    shard_id: int, rows: list[CatalogRow], out: str, cfg: ShardConfig, schema: pa.Schema, taxonomy: Taxonomy
+    shard_id: int,
+    rows: list[CatalogRow],
+    out: str,
+    cfg: ShardConfig,
+    schema: pa.Schema,
+    taxonomy: Taxonomy,
+    failed_before: frozenset[tuple[str, str]] = frozenset(),
 ) -> dict[str, Any]:
-    """Check labels, fetch, normalise and pack ``rows`` into one tar; publish it and its index part."""
+    """Check labels, fetch, normalise and pack ``rows`` into one tar; publish it and its index part.
+
+    ``failed_before``: (product_id, image_uri) of rows the previous run quarantined. Their fetches failing
+    again are quarantined as before but do not count as an outage: a few images a host persistently
+    answers with an error (HTTP 500, 403) came back every night in that night's small shard, counted as
+    "the source is down" there, and failed the night and every re-run of it.
+    """
     name = shard_name(shard_id)
     t0, cpu0 = time.time(), time.thread_time()
     index, rejected = [], []
@@ -135,7 +147,7 @@ def pack_shard(
                         raise src
                     jpg, sidecar, entry = pack_row(r, name, cfg, src)
                 except (FetchError, ImageReject) as e:
-                    if isinstance(e, FetchError):
+                    if isinstance(e, FetchError) and (r.product_id, r.image_uri) not in failed_before:
                         outages.record(e, r.image_uri)  # raises past a few: the source is down
                     rejected.append(Rejected(r.product_id, r.image_uri, e.reason, e.detail).as_row())
                     continue

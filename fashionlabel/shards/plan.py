@@ -95,6 +95,23 @@ def previous_index_uri(prev: str) -> str:
     return prev if str(prev).endswith(".parquet") else storage.join(prev, "index.parquet")
 
 
+def previous_failures(quarantine: str | None) -> frozenset[tuple[str, str]]:
+    """(product_id, image_uri) of every row a previous run quarantined, from its ``quarantine.parquet``
+    (nothing when ``quarantine`` is None or not there). Such rows are packed again (an image may have been
+    mended), but their failing again is no sign that the source is down (:func:`~.pack.pack_shard`)."""
+    if quarantine is None or not storage.exists(quarantine):
+        return frozenset()
+    try:
+        t = storage.read_parquet(quarantine, columns=["product_id", "image_uri"])
+    except (OSError, pa.ArrowException) as e:
+        raise ShardJobError(f"cannot read the previous quarantine {quarantine}: {storage.redact(e)}") from e
+    return frozenset(
+        (p, u)
+        for p, u in zip(t.column("product_id").to_pylist(), t.column("image_uri").to_pylist(), strict=True)
+        if p is not None and u is not None
+    )
+
+
 def previous_index(prev: str, taxonomy: Taxonomy) -> tuple[dict[str, bytes], list[str]]:
     """product_id → ``_state`` (source sha256 and labels) from a previous run's ``index.parquet``
     (``prev``: its folder or the file), and the taxonomy heads it holds. Only those heads are compared: an
