@@ -12,6 +12,7 @@ from conftest import sample_rows, write_catalog
 from PIL import Image
 
 from fashionlabel.shards import ShardConfig, ShardJobError, iter_shard, list_shards, shard_catalog
+from fashionlabel.shards.job import progress_line
 from fashionlabel.taxonomy import Taxonomy
 
 
@@ -36,6 +37,17 @@ def test_shard_round_trip(small_shards, small_catalog):
     meta = seen[row["key"]]
     assert meta["sha256"] == row["sha256"] and meta["labels"]["articleType"] == row["articleType"]
     assert meta["orig_size"] == [row["orig_width"], row["orig_height"]]
+
+
+def test_progress_before_the_first_shard_says_so_not_nan():
+    # products are counted per finished shard: before the first, there is no rate (it printed "0 img/s,
+    # eta nan s" while the tasks were still fetching, which read as a stalled job)
+    line = progress_line(0, 4, 0, 200, 0, 6.2)
+    assert line == "0/4 shards, 0/200 products (0 packed), 6 s in; rate and eta once the first shard is done"
+    assert "nan" not in line
+    assert (
+        progress_line(1, 4, 50, 200, 48, 5.0) == "1/4 shards, 50/200 products (48 packed), 10 img/s, eta 15 s"
+    )
 
 
 def test_rerun_skips_finished_shards(ray_session, small_catalog, small_shards):

@@ -331,20 +331,33 @@ def _run_tasks(
             cpu += r["cpu_s"]
             span = [min(span[0], r["start"]), max(span[1], r["end"])]
         if time.time() - last > 5 or not pending:
-            rate = rows_done / max(time.time() - t_start, 1e-9)
-            eta = (total_rows - rows_done) / rate if rate else float("nan")
             log.info(
-                "shard: %d/%d shards, %d/%d products (%d packed), %.0f img/s, eta %.0f s",
-                finished,
-                len(todo),
-                rows_done,
-                total_rows,
-                packed,
-                rate,
-                eta,
+                "shard: %s",
+                progress_line(finished, len(todo), rows_done, total_rows, packed, time.time() - t_start),
             )
             last = time.time()
     return packed, blanked, cpu, (span[0], span[1])
+
+
+def progress_line(
+    finished: int, shards: int, rows_done: int, total_rows: int, packed: int, elapsed: float
+) -> str:
+    """One progress line of a shard run.
+
+    Products are counted when their shard finishes, so until the first one does there is no rate to
+    project from: the line says so instead of "0 img/s, eta nan s", which read as a stalled job.
+
+    Args:
+        finished: shards done of ``shards`` to pack this run.
+        rows_done: catalog rows of the finished shards (packed or rejected), of ``total_rows``.
+        packed: products packed so far.
+        elapsed: seconds since packing started.
+    """
+    head = f"{finished}/{shards} shards, {rows_done}/{total_rows} products ({packed} packed)"
+    if not rows_done:
+        return f"{head}, {elapsed:.0f} s in; rate and eta once the first shard is done"
+    rate = rows_done / max(elapsed, 1e-9)
+    return f"{head}, {rate:.0f} img/s, eta {(total_rows - rows_done) / rate:.0f} s"
 
 
 def _blanked_before(
