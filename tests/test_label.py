@@ -745,6 +745,27 @@ def test_a_shard_set_not_on_a_labelling_node_fails_with_one_line(ray_session, sm
     assert storage.task_error(ValueError("x")).args == ("x",)
 
 
+def test_actors_reading_whole_shards_are_no_more_than_the_shards_to_label(
+    ray_session, small_shards, tiny_model, tmp_path
+):
+    """On CPU each actor reads whole shards, one per call: a pool sized from the cluster's CPUs (2 here)
+    started an actor that loaded the model and never got a call when fewer shards were left (one here; a
+    re-run with a shard or two left, a night of a few new products), and Ray Data warned in the job's log
+    that the pool's minimum of 2 could not be used."""
+    one = tmp_path / "one-shard"
+    one.mkdir()
+    shutil.copy(list_shards(str(small_shards))[0], one / "shard-000000.tar")
+    s = label_shards(str(one), str(tiny_model), str(tmp_path / "labels"), "2026-01-01")
+    assert s["actors"] == 1 and s["labelled"] == 150 and s["read"] == "actors"
+    success = json.loads((tmp_path / "labels" / "history" / "run_date=2026-01-01" / "_SUCCESS").read_text())
+    assert success["plan"]["actors"] == 1
+    # read tasks batch rows across shards, so every actor of the plan can get work: the pool is kept
+    s = label_shards(
+        str(one), str(tiny_model), str(tmp_path / "tasks"), "2026-01-01", LabelConfig(read="tasks")
+    )
+    assert s["actors"] == 2 and s["labelled"] == 150
+
+
 def test_a_cpu_actor_never_asks_for_more_cpus_than_a_node_has():
     """Actors hold half of the cluster's CPUs between them, and half of a cluster of several nodes can be
     more than any node has: ``label --actors 1`` on nodes of 2, 2 and 1 CPUs asked 2.5 CPUs for its actor,

@@ -35,7 +35,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import pyarrow as pa
@@ -110,6 +110,7 @@ def label_shards(
         if dropped := storage.drop_temporaries(out_dir):
             log.info("%s: %d temporary file(s) of a killed attempt removed", out_dir, dropped)
         todo = _todo(out_dir, uris, shards, spec["version"])
+        plan = _fit_pool(plan, len(todo))
         run_id = f"{run_date}-{uuid.uuid4().hex[:8]}"
         log.info(
             "label: %d shards, %d already done for %s, %d to label; %s",
@@ -199,6 +200,19 @@ def _todo(out_dir: str, uris: list[str], shards: str, model_version: str) -> lis
         )
     done -= set(unreadable)  # a damaged part is rewritten (atomically) by labelling its shard again
     return [u for u in uris if part_name(u) not in done]
+
+
+def _fit_pool(plan: Plan, shards: int) -> Plan:
+    """``plan`` with no more actors than ``shards`` when each actor reads whole shards, one per call.
+
+    An actor beyond the shards left would load the model and never get a call (a re-run with two shards
+    left, a night of a few new products on a large pool), and Ray Data warned in the job's log that
+    the pool's minimum could not be used. With read tasks, rows are batched across shards: every actor
+    can get work, and the plan stays as it is.
+    """
+    if plan.read_in_actor and 0 < shards < plan.actors:
+        return replace(plan, actors=shards)
+    return plan
 
 
 def _write_manifest(
