@@ -9,6 +9,7 @@ from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
 from fashionlabel.models import create_model
 from fashionlabel.models.profile import count_flops, count_params
 from fashionlabel.taxonomy import Taxonomy
+from fashionlabel.train.calibrate import review_settings
 from fashionlabel.train.export import load_artifact, save_artifact
 from fashionlabel.train.prune import lasso_select, prune_xception
 
@@ -171,3 +172,27 @@ def test_prune_refuses_a_module_named_twice_a_model_it_cannot_prune_or_another_m
     assert "holds another model (fl_tiny, version" in capsys.readouterr().err
     assert (tmp_path / "fl_tiny" / "version").read_text() == version
     assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+
+
+def test_pruned_model_keeps_the_review_queue_its_source_was_calibrated_for(small_shards, tmp_path):
+    """A model recalibrated to flag at most 30% of the products (``fashionlabel calibrate --review-share``)
+    was pruned into one refitted at the default error cut: its calibration lost the target and it sent
+    every validation product to review. The pruned model is refitted to its source's target."""
+    src, calibrated, out = tmp_path / "xception", tmp_path / "xception-30", tmp_path / "pruned"
+    torch.manual_seed(0)
+    pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    model = create_model("xception_se_s", TAX)
+    save_artifact(src, model, architecture="xception_se_s", taxonomy=TAX, preprocessing=pre)
+    shards = ["--shards", str(small_shards)]
+    assert (
+        run(["calibrate", "--model", str(src), *shards, "--out", str(calibrated), "--review-share", "0.3"])
+        == 0
+    )
+    assert run(["prune", "--model", str(calibrated), *shards, "--out", str(out), "--blocks", "1"]) == 0
+    _, spec = load_artifact(out)
+    assert spec["calibration"]["review_share"] == 0.3
+    val = json.loads((out / "metrics.json").read_text())["val"]
+    assert val["needs_review"] <= 0.3 + 1e-9
+    # a source fitted to an error cut keeps that cut
+    assert review_settings({"error_cut": 0.9, "thresholds": {}}) == {"error_cut": 0.9}
+    assert review_settings({}) == {"error_cut": 0.5}

@@ -119,6 +119,16 @@ def calibrate(
     return {"temperature": temps, "thresholds": thresholds, "error_cut": error_cut} | extra
 
 
+def review_settings(calibration: dict[str, Any]) -> dict[str, Any]:
+    """The review-queue settings an artifact's ``calibration`` was fitted with, as :func:`calibrate`'s
+    keywords: its ``review_share`` where it was fitted to one, else its ``error_cut`` (0.5 when it names
+    none). A model derived from it (``fashionlabel prune``) refits its thresholds to the same target."""
+    share = calibration.get("review_share")
+    if share is not None:
+        return {"review_share": float(share)}
+    return {"error_cut": float(calibration.get("error_cut", 0.5))}
+
+
 def _single_thresholds(
     taxonomy: Taxonomy,
     probs: dict[str, np.ndarray],

@@ -209,7 +209,8 @@ def prune_artifact(
     """Prune an SE-Xception artifact; write the pruned artifact to ``out``; return before/after figures.
 
     Calibration images come from the training split; accuracy is measured on the validation split, and the
-    pruned model's temperatures and thresholds are refitted there.
+    pruned model's temperatures and thresholds are refitted there, to the source's review-queue target (its
+    ``review_share``, else its ``error_cut``).
     """
     import time
     from types import SimpleNamespace
@@ -217,7 +218,7 @@ def prune_artifact(
     from fashionlabel import settings, storage
     from fashionlabel.data import load_samples, to_input
     from fashionlabel.shards import list_shards
-    from fashionlabel.train.calibrate import calibrate
+    from fashionlabel.train.calibrate import calibrate, review_settings
     from fashionlabel.train.export import check_derived_out, check_replaceable, load_artifact, save_artifact
 
     settings.check(
@@ -265,7 +266,9 @@ def prune_artifact(
         architecture=spec["architecture"],
         taxonomy=tax,
         preprocessing=pre,
-        calibration=calibrate(tax, logits, val.targets),
+        # the source's review-queue target: a model calibrated to flag at most 30% of the products was
+        # refitted at the default error cut, and its pruned copy sent almost every product to review
+        calibration=calibrate(tax, logits, val.targets, **review_settings(spec.get("calibration") or {})),
         model_kwargs=pruned.model_kwargs,
         training=spec.get("training", {})
         | {"pruned_from": spec["version"], "pruned_blocks": list(blocks), "keep": keep},
