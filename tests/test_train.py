@@ -87,6 +87,12 @@ def test_malformed_artifacts_are_rejected(tiny_model, tmp_path):
             return (print, ("pwned",))
 
     torch.save({"x": Evil()}, bad / "weights.pt")
+    from fashionlabel.train.export import content_version
+
+    # with a version that matches, so that the weights are unpickled at all: never arbitrary objects
+    (bad / "version").write_text(
+        content_version((bad / "weights.pt").read_bytes(), (bad / "model.json").read_bytes())
+    )
     with pytest.raises(ArtifactError, match="cannot be loaded safely"):
         load_artifact(bad)
     import shutil
@@ -97,13 +103,18 @@ def test_malformed_artifacts_are_rejected(tiny_model, tmp_path):
     with pytest.raises(ArtifactError, match="do not match its version"):
         load_artifact(copy)
     (copy / "version").write_text(version + "\n")
+    # a value renamed in model.json's taxonomy by hand: named as the edit it is, not as torch's size mismatch
     spec = json.loads((copy / "model.json").read_text())
+    edited = json.loads(json.dumps(spec))
+    edited["taxonomy"]["heads"][0]["values"].append("Robots")
+    (copy / "model.json").write_text(json.dumps(edited))
+    with pytest.raises(ArtifactError, match="do not match its version .*files replaced by hand"):
+        load_artifact(copy)
     (copy / "model.json").write_text(json.dumps(spec | {"format": 2}))
     with pytest.raises(ArtifactError, match="has format 2; this fashionlabel reads format 1 and earlier"):
         load_artifact(copy)
     # fields of the wrong type or range, in a model.json its version matches: named when the artifact is
     # read, not found later as "math domain error", or (a temperature of 0) as NaN scores and wrong labels
-    from fashionlabel.train.export import content_version
 
     weights = (copy / "weights.pt").read_bytes()
     for edit, named in (

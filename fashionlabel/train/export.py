@@ -377,6 +377,9 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
     """Return (model in eval mode, spec incl. ``version``, ``taxonomy_obj`` and ``local_path``) or raise
     ArtifactError. ``path``: a folder or an ``s3://`` prefix."""
     path, spec, spec_bytes, weights = _read(path)
+    # the content hash first: a model.json edited by hand (a value renamed in its taxonomy) was refused
+    # only as torch's "weights do not fit ... size mismatch", which names no edit
+    spec["version"] = _check_version(weights, spec_bytes, path, path)
     taxonomy, arch = spec["taxonomy_obj"], spec["architecture"]
     try:
         # weights_only: a tampered file cannot run code on load (no arbitrary unpickling).
@@ -390,6 +393,5 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
         model.load_state_dict(state, strict=True)
     except (KeyError, RuntimeError, TypeError) as e:
         raise ArtifactError(f"model artifact {path}: weights do not fit {arch!r} ({str(e)[:300]})") from e
-    spec["version"] = _check_version(weights, spec_bytes, path, path)
     spec["local_path"] = str(path)
     return model.to(device).eval(), spec
