@@ -331,6 +331,12 @@ def test_init_weights_are_checked_before_training(tiny_model, tmp_path):
         ValueError, match=r"is a folder, not a model's: name a model \(its folder or weights.pt\)"
     ):
         check_init_weights(str(tmp_path), "fl_tiny", tax)
+    # a model folder whose weights.pt is gone is named as that, not as a folder that is no model's
+    gone = tmp_path / "no-weights"
+    gone.mkdir()
+    (gone / "model.json").write_text((tiny_model / "model.json").read_text())
+    with pytest.raises(ValueError, match="is a model folder without its weights.pt"):
+        check_init_weights(str(gone), "fl_tiny", tax)
 
 
 def test_lr_schedule_warms_up_to_the_peak_then_decays():

@@ -265,6 +265,11 @@ def check_init_weights(path: str, model_name: str, taxonomy: Taxonomy) -> str:
         p = Path(path).expanduser().absolute()
         if p.is_dir() and (p / "weights.pt").is_file():  # a model artifact folder: its weights
             p = p / "weights.pt"
+        if p.is_dir() and (p / "model.json").is_file():  # a model whose weights are gone: say that
+            raise ValueError(
+                f"--init-weights {path} is a model folder without its weights.pt (a copy cut short, or the "
+                "file removed): name a complete model, its weights.pt or a run's checkpoints/best.pt"
+            )
         if p.is_dir():
             raise ValueError(
                 f"--init-weights {path} is a folder, not a model's: name a model (its folder or weights.pt) "
