@@ -407,6 +407,10 @@ def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
 
     if not storage.is_s3(a.out) and Path(a.out).is_dir():
         raise ValueError(f"--out {a.out} is a folder: give the report's file name, e.g. {a.out}/report.html")
+    if storage.is_s3(a.out):
+        # a missing bucket or credentials without write access, said before the labels are read and every
+        # chart is drawn (minutes on a large root), not by the upload at the end
+        storage.check_writable(a.out)
     snaps = latest.snapshots(a.labels)
     if a.date and not snaps:
         raise ValueError(

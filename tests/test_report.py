@@ -289,3 +289,23 @@ def test_night_report_reads_no_score_lists_of_a_large_snapshot(tmp_path):
         tracemalloc.stop()
     assert r["drift"]["articleType"] == n // 10 and r["active products"] == n
     assert peak / n < 2_000, f"{peak / n:.0f} bytes per product at the peak (6,163 when read whole)"
+
+
+def test_cli_report_to_a_missing_bucket_is_refused_before_the_labels_are_read(s3, tmp_path, capsys):
+    from labels_factory import two_nights
+
+    from fashionlabel.cli import run
+
+    labels = str(tmp_path / "labels")
+    two_nights(labels)
+    bucket = s3.make_bucket("fl-report-out")
+    out = ["report", "--labels", labels, "--out"]
+    # the write probe names the output; the report was drawn in full before, then its upload failed
+    assert run([*out, "s3://fl-no-such-bucket/r.html"]) == 1
+    err = capsys.readouterr().err
+    assert "s3://fl-no-such-bucket/r.html is not writable" in err and "NO_SUCH_BUCKET" in err, err
+    assert s3.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    assert run([*out, f"s3://{bucket}/r.html"]) == 0
+    # the probe leaves nothing beside the report
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    assert keys == ["r.html"], keys
