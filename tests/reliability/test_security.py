@@ -199,9 +199,17 @@ def test_model_files_are_loaded_without_unpickling_objects(tiny_model, tmp_path,
     marker = tmp_path / "pwned"
     bad = tmp_path / "model"
     bad.mkdir()
-    for f in ("model.json", "version"):
-        (bad / f).write_bytes((tiny_model / f).read_bytes())
+    (bad / "model.json").write_bytes((tiny_model / "model.json").read_bytes())
     torch.save({"weights": _Pwn(marker)}, bad / "weights.pt")
+    (bad / "version").write_bytes((tiny_model / "version").read_bytes())
+    with pytest.raises(ArtifactError, match="do not match its version"):  # refused before it is opened
+        load_artifact(bad)
+    # and with a version that matches it, as a forger would write: opened, never unpickled as objects
+    from fashionlabel.train.export import content_version
+
+    (bad / "version").write_text(
+        content_version((bad / "weights.pt").read_bytes(), (bad / "model.json").read_bytes())
+    )
     with pytest.raises(ArtifactError, match="cannot be loaded safely"):
         load_artifact(bad)
     ckpt_dir = tmp_path / "ckpt"
