@@ -62,10 +62,8 @@ def check_settings(a: argparse.Namespace) -> None:
         build[a.command](a)
     # a typo in a local path or a taxonomy name: named now, not after a local Ray has taken seconds to start
     catalog = getattr(a, "catalog", None)
-    if catalog and "://" not in str(catalog) and not Path(catalog).exists():
-        from fashionlabel.catalog import CatalogError
-
-        raise CatalogError(f"catalog not found: {catalog}")
+    if catalog:
+        _check_catalog_there(str(catalog))
     if a.command == "shard":
         from fashionlabel.taxonomy import Taxonomy
 
@@ -75,6 +73,26 @@ def check_settings(a: argparse.Namespace) -> None:
         from fashionlabel import settings
 
         settings.run_date(getattr(a, date))
+
+
+def _check_catalog_there(catalog: str) -> None:
+    """A local catalog that is not there, or an ``s3://`` one that is not there or cannot be reached
+    (credentials it refuses, an endpoint that is down): one line before a Ray cluster is started or joined.
+    An S3 catalog was first read after a local Ray had started, 5 to 25 s into the command."""
+    from fashionlabel import storage
+    from fashionlabel.catalog import CatalogError
+
+    if "://" not in catalog:
+        there = Path(catalog).exists()
+    elif storage.is_s3(catalog):
+        try:
+            there = storage.exists(catalog)
+        except OSError as e:  # pyarrow's own: access denied, no such bucket, network
+            raise CatalogError(f"cannot read catalog {catalog}: {storage.redact(e)[:300]}") from None
+    else:
+        return  # read as the job reads it, which names what is wrong
+    if not there:
+        raise CatalogError(f"catalog not found: {catalog}")
 
 
 # The options of each command that name where it writes (a later run resumes from what is there).

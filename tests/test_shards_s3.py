@@ -177,3 +177,38 @@ def test_relative_image_paths_beside_an_s3_catalog_resolve_like_paths(s3, tmp_pa
     assert sorted(u for (u,) in index) == sorted(
         f"s3://shelf/pics/{r['image_uri'].rsplit('/', 1)[-1]}" for r in rows
     )
+
+
+@pytest.mark.timeout(300)
+def test_an_s3_catalog_not_there_or_unreadable_is_named_before_a_cluster_is_joined(s3, tmp_path):
+    """In fresh processes pointed at an address where no cluster answers: an ``s3://`` catalog that is
+    not there, or that the credentials cannot read, is named, not the address, as a local one already
+    was. It was first read once a local Ray had started, 5 to 25 s in."""
+    import os
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    s3.make_bucket("precheck")
+    s3.client().put_object(Bucket="precheck", Key="catalog.csv", Body=b"product_id,image_uri\n1,a.jpg\n")
+    cases = [
+        ("s3://precheck/catalgo.csv", s3.env(), "catalog not found: s3://precheck/catalgo.csv"),
+        (
+            "s3://precheck/catalog.csv",
+            s3.env() | {"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+            "cannot read catalog s3://precheck/catalog.csv: ",
+        ),
+    ]
+    for catalog, env, message in cases:
+        r = subprocess.run(
+            [sys.executable, "-m", "fashionlabel.cli", "shard", "--catalog", catalog, "--out", str(tmp_path)]
+            + ["--address", closed],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=os.environ | env | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
+        assert r.returncode == 1 and message in r.stderr, (catalog, r.stderr[-1000:])
+        assert closed not in r.stderr, r.stderr[-1000:]
