@@ -85,6 +85,9 @@ def _check_catalog_there(catalog: str) -> None:
     if "://" not in catalog:
         there = Path(catalog).exists()
     elif storage.is_s3(catalog):
+        bucket, _, key = catalog.removeprefix("s3://").partition("/")
+        if not bucket or not key or key.endswith("/"):  # a bucket or a folder: exists, and is no catalog
+            raise CatalogError(f"catalog {catalog} names no file: give s3://bucket/path/catalog.csv")
         try:
             there = storage.exists(catalog)
         except OSError as e:  # pyarrow's own: access denied, no such bucket, network

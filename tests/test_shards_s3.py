@@ -200,6 +200,7 @@ def test_an_s3_catalog_not_there_or_unreadable_is_named_before_a_cluster_is_join
             s3.env() | {"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
             "cannot read catalog s3://precheck/catalog.csv: ",
         ),
+        ("s3://precheck/", s3.env(), "catalog s3://precheck/ names no file"),
     ]
     for catalog, env, message in cases:
         r = subprocess.run(
