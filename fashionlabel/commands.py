@@ -533,6 +533,15 @@ def _nightly_config(a: argparse.Namespace) -> Any:
     )
 
 
+def _products_and_rows(m: dict[str, Any]) -> str:
+    """The night's catalog as products, and as rows where they differ: ``quarantined`` counts rows (a
+    repeated id is one), so products alone did not add up with it."""
+    products, rows = m["catalog_products"], m.get("catalog_rows")  # older manifests have no rows
+    if rows is None or rows == products:
+        return str(products)
+    return f"{products} ({rows} rows; quarantined counts rows)"
+
+
 def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
     """``nightly``: run one night end to end; return the night's manifest (not only the printed lines)."""
     from fashionlabel import storage
@@ -545,7 +554,7 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
     m = run_nightly(a.catalog, a.model, a.root, a.date, cfg)
     out = {
         "night": m["run_date"] + (" (already complete: nothing done)" if m["already_complete"] else ""),
-        "catalog products": m["catalog_products"],
+        "catalog products": _products_and_rows(m),
         "new / changed / unchanged": f"{m['new']} / {m['changed']} / {m['unchanged']}",
         "quarantined": f"{m['quarantined']} ({fmt_reasons(m['reasons'])})",
     }

@@ -195,6 +195,8 @@ def _run_night(catalog: str, model: str, layout: Layout, date: str, cfg: Nightly
         "taxonomy_version": taxonomy.version,
         "previous_night": prev_dates[-1] if prev_dates else None,
         "catalog_products": len(members),
+        # rows, as ``quarantined`` counts them: with ids repeated, rows - quarantined != products labelled
+        "catalog_rows": shard["catalog_rows"],
         "new": shard["new"],
         "changed": shard["changed"],
         "unchanged": shard["unchanged"],
@@ -403,6 +405,7 @@ def _shard_night(
         "quarantined": s.quarantined,
         "reasons": dict(s.reasons),
         "labels_outside": dict(s.labels_outside),
+        "catalog_rows": s.catalog_rows,
         "night_ids": night_ids,
     }
 

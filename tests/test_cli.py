@@ -617,6 +617,7 @@ def test_nightly_summary_names_its_labels_and_a_query_that_runs(
     assert run([*argv, "--date", "2026-03-01"]) == 0
     lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
     assert f"labels {root}/labels" in lines
+    assert "catalog products 606" in lines  # as many rows: no id is repeated
     assert "quarantined 6 (image_not_found 6)" in lines  # rows without an image, and where they are listed
     assert (
         f"quarantine {root}/shards/night=2026-03-01/quarantine.parquet (product_id, reason, detail)" in lines

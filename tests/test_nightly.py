@@ -480,16 +480,20 @@ def test_a_few_images_a_host_keeps_failing_do_not_fail_every_later_night(ray_ses
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         broken = [dict(good[0], product_id=f"e{i}", image_uri=f"{base}/{i}.jpg") for i in range(4)]
-        cat = write_catalog(tmp_path / "catalog.csv", [dict(r) for r in good[1540:1580]] + broken)
+        rows = [dict(r) for r in good[1540:1580]]
+        twice = dict(rows[0], image_uri=good[1580]["image_uri"])  # an id listed again, with another photo
+        cat = write_catalog(tmp_path / "catalog.csv", rows + broken + [twice])
         root = tmp_path / "root"
         m1 = run_nightly(str(cat), str(tiny_model), str(root), "2026-03-01", CFG)
-        assert (m1["labelled"], m1["quarantined"]) == (40, 4)
+        # rows and products both: quarantined counts rows (the repeated id is one)
+        assert (m1["catalog_products"], m1["catalog_rows"]) == (44, 45)
+        assert (m1["labelled"], m1["quarantined"]) == (40, 5)
         m2 = run_nightly(str(cat), str(tiny_model), str(root), "2026-03-02", CFG)
         assert (m2["status"], m2["unchanged"], m2["quarantined"], m2["reasons"]) == (
             "complete",
             40,
-            4,
-            {"image_unreadable": 4},
+            5,
+            {"image_unreadable": 4, "duplicate_product_id": 1},
         )
     finally:
         server.shutdown()
