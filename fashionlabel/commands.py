@@ -90,7 +90,9 @@ def _check_catalog_there(catalog: str) -> None:
             raise CatalogError(f"catalog {catalog} names no file: give s3://bucket/path/catalog.csv")
         try:
             there = storage.exists(catalog)
-        except OSError as e:  # pyarrow's own: access denied, no such bucket, network
+            if not there and not storage.exists(f"s3://{bucket}"):  # a mistyped bucket, or another endpoint
+                raise CatalogError(f"catalog not found: {catalog} (no bucket {bucket!r} at this S3 endpoint)")
+        except OSError as e:  # pyarrow's own: access denied, network
             raise CatalogError(f"cannot read catalog {catalog}: {storage.redact(e)[:300]}") from None
     else:
         return  # read as the job reads it, which names what is wrong

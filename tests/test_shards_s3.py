@@ -201,6 +201,11 @@ def test_an_s3_catalog_not_there_or_unreadable_is_named_before_a_cluster_is_join
             "cannot read catalog s3://precheck/catalog.csv: ",
         ),
         ("s3://precheck/", s3.env(), "catalog s3://precheck/ names no file"),
+        (
+            "s3://prechek/catalog.csv",
+            s3.env(),
+            "catalog not found: s3://prechek/catalog.csv (no bucket 'prechek' at this S3 endpoint)",
+        ),
     ]
     for catalog, env, message in cases:
         r = subprocess.run(
