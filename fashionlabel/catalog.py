@@ -800,7 +800,7 @@ def _s3_object(uri: str) -> None:
 _BUCKETS_SEEN: set[str] = set()  # buckets known to exist, per worker process
 
 
-def _bucket_exists(uri: str) -> bool:
+def bucket_exists(uri: str) -> bool:
     """Whether the bucket of an s3:// URI exists. Asked only after a "not found", and remembered only
     when it does exist: one extra request per bucket, not per missing image, and a bucket created later
     is seen at the next miss."""
@@ -820,7 +820,7 @@ def _bucket_exists(uri: str) -> bool:
 def _not_found(uri: str, msg: str) -> FetchError:
     # pyarrow says "does not exist" alike for a missing key and a missing bucket; a missing bucket (a
     # typo, the wrong endpoint or account) is every image's fault, not this one's: an outage
-    if storage.is_s3(uri) and not _bucket_exists(uri):
+    if storage.is_s3(uri) and not bucket_exists(uri):
         return FetchError("image_unreadable", f"no such bucket: {msg}", outage=True)
     return FetchError("image_not_found", msg)
 

@@ -80,7 +80,7 @@ def _check_catalog_there(catalog: str) -> None:
     (credentials it refuses, an endpoint that is down): one line before a Ray cluster is started or joined.
     An S3 catalog was first read after a local Ray had started, 5 to 25 s into the command."""
     from fashionlabel import storage
-    from fashionlabel.catalog import CatalogError
+    from fashionlabel.catalog import CatalogError, bucket_exists
 
     if "://" not in catalog:
         there = Path(catalog).exists()
@@ -90,7 +90,7 @@ def _check_catalog_there(catalog: str) -> None:
             raise CatalogError(f"catalog {catalog} names no file: give s3://bucket/path/catalog.csv")
         try:
             there = storage.exists(catalog)
-            if not there and not storage.exists(f"s3://{bucket}"):  # a mistyped bucket, or another endpoint
+            if not there and not bucket_exists(catalog):  # a mistyped bucket, or another endpoint
                 raise CatalogError(f"catalog not found: {catalog} (no bucket {bucket!r} at this S3 endpoint)")
         except OSError as e:  # pyarrow's own: access denied, network
             raise CatalogError(f"cannot read catalog {catalog}: {storage.redact(e)[:300]}") from None
