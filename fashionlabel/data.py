@@ -36,9 +36,12 @@ def split_of(product_id: str, val: float = 0.1, test: float = 0.1) -> str:
     return "test" if b < test else "val" if b < test + val else "train"
 
 
-def encode_targets(labels: Sequence[dict[str, Any]], taxonomy: Taxonomy) -> dict[str, np.ndarray]:
+def encode_targets(
+    labels: Sequence[dict[str, Any]], taxonomy: Taxonomy, mask_conflicts: bool = False
+) -> dict[str, np.ndarray]:
     """Labels → arrays: single heads int64 (-1 = unknown, masked); multi heads float32 multi-hot with NaN
-    rows for unknown (masked)."""
+    rows for unknown (masked). ``mask_conflicts`` (training data) also masks a fine/coarse pair that
+    contradicts the taxonomy's hierarchy; evaluation keeps the labels as written."""
     out: dict[str, np.ndarray] = {}
     for h in taxonomy.heads:
         if h.kind == "single":
@@ -57,7 +60,45 @@ def encode_targets(labels: Sequence[dict[str, Any]], taxonomy: Taxonomy) -> dict
                         if v in h.index:
                             y[i, h.index[v]] = 1.0
             out[h.name] = y
+    if mask_conflicts:
+        _mask_hierarchy_conflicts(out, taxonomy)
     return out
+
+
+def _mask_hierarchy_conflicts(targets: dict[str, np.ndarray], taxonomy: Taxonomy) -> None:
+    """Mask both labels of a fine/coarse pair that contradicts the taxonomy's ``parent_map`` (a catalog's
+    ``Shorts`` filed under ``Loungewear and Nightwear`` where the taxonomy puts Shorts under ``Bottomwear``).
+
+    Which of the two is wrong cannot be told, and the model's answers are made hierarchy-consistent anyway:
+    trained on both, it would be pushed towards a pair it never outputs. So the pair is masked (the
+    product's other heads still train), and the products are counted in the log. Evaluation does not mask:
+    a product scored against the labels its catalog gives cannot flatter a model. Conflicts are found on the labels as written, before any masking, so a
+    product's middle level is masked for a conflict with either neighbour."""
+    found: list[tuple[str, str, np.ndarray]] = []
+    for h in taxonomy.heads:
+        if h.parent is None or h.kind != "single":
+            continue
+        parent = taxonomy.head(h.parent)
+        # fine index → its coarse index per the map; -2 where the map has no entry (a learned value), so it
+        # never conflicts
+        up = np.array([parent.index.get(h.parent_map.get(v, ""), -2) for v in h.values or ()], dtype=np.int64)
+        fine, coarse = targets[h.name], targets[parent.name]
+        known = (fine >= 0) & (coarse >= 0)
+        wrong = np.zeros_like(known)
+        wrong[known] = (up[fine[known]] != coarse[known]) & (up[fine[known]] != -2)
+        if wrong.any():
+            found.append((h.name, parent.name, wrong))
+    for fine_name, coarse_name, wrong in found:
+        targets[fine_name][wrong] = -1
+        targets[coarse_name][wrong] = -1
+        log.warning(
+            "%d of %d training products have a %s and a %s that contradict the taxonomy's parent_map: "
+            "both labels are left out of training for them",
+            int(wrong.sum()),
+            len(wrong),
+            coarse_name,
+            fine_name,
+        )
 
 
 @dataclass
@@ -113,7 +154,9 @@ def load_samples(
             pids.append(pid)
             shas.append(meta.get("sha256", ""))
     arr = np.stack(images) if images else np.zeros((0, size[0], size[1], 3), np.uint8)
-    return Samples(arr, encode_targets(labels, taxonomy), pids, shas, errors)
+    # training products only: a model is scored against the labels as its catalog writes them
+    targets = encode_targets(labels, taxonomy, mask_conflicts=split == "train")
+    return Samples(arr, targets, pids, shas, errors)
 
 
 def to_input(

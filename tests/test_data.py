@@ -1,7 +1,28 @@
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+
 import numpy as np
 import torch
+from conftest import sample_rows
 
-from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD, augment, cutmix, to_input
+from fashionlabel.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    augment,
+    cutmix,
+    encode_targets,
+    load_samples,
+    split_of,
+    to_input,
+)
+from fashionlabel.taxonomy import Taxonomy
+
+# sample products whose catalog labels contradict the taxonomy's hierarchy: the taxonomy files Shorts under
+# Bottomwear (27424 is Loungewear and Nightwear) and Socks under Accessories (37549's masterCategory is Apparel)
+CONFLICTS = {"27424": ("subCategory", "articleType"), "37549": ("masterCategory", "subCategory")}
 
 
 def test_to_input_normalises_per_channel_in_channels_last():
@@ -62,3 +83,72 @@ def test_cutmix_pastes_one_box_from_another_image_and_returns_the_share_kept():
         x, torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, h, w)
     )  # input kept
     assert min(shares) < 0.5 < max(shares) <= 1.0  # area drawn over the whole range
+
+
+def _tax_and_labels():
+    tax = Taxonomy.load("fashion-product-images")
+    rows = {r["product_id"]: r for r in sample_rows()}
+    ids = [*CONFLICTS, sample_rows(1)[0]["product_id"]]  # and a consistent product
+    return tax, ids, [tax.labels_from_row(rows[i]) for i in ids]
+
+
+def test_training_targets_mask_both_labels_of_a_pair_the_hierarchy_contradicts(caplog):
+    tax, ids, labels = _tax_and_labels()
+    for pid, lab in zip(ids, labels, strict=True):  # the premise, checked independently of the code
+        for coarse, fine in [CONFLICTS[pid]] if pid in CONFLICTS else []:
+            assert tax.head(fine).parent_map[lab[fine]] != lab[coarse]
+    as_written = encode_targets(labels, tax)
+    with caplog.at_level(logging.WARNING, logger="fashionlabel.data"):
+        masked = encode_targets(labels, tax, mask_conflicts=True)
+    for i, pid in enumerate(ids):
+        for h in tax.single_heads:
+            assert as_written[h.name][i] >= 0 or labels[i][h.name] is None  # evaluation keeps them all
+            conflicted = pid in CONFLICTS and h.name in CONFLICTS[pid]
+            assert masked[h.name][i] == (-1 if conflicted else as_written[h.name][i]), (pid, h.name)
+    assert np.array_equal(masked["attributes"], as_written["attributes"], equal_nan=True)
+    said = caplog.text
+    assert "1 of 3 training products have a subCategory and a articleType that contradict" in said
+    assert "1 of 3 training products have a masterCategory and a subCategory that contradict" in said
+
+
+def test_a_middle_level_is_checked_against_both_neighbours_as_written():
+    """masterCategory → subCategory → articleType: a subCategory that fits its articleType but not its
+    masterCategory is masked with that masterCategory, and its articleType (which fits it) still trains."""
+    tax = Taxonomy.load("fashion-product-images")
+    sub = tax.head("subCategory")
+    art = next(a for a, s in tax.head("articleType").parent_map.items() if s == "Topwear")
+    wrong_master = next(m for m in tax.head("masterCategory").values if m != sub.parent_map["Topwear"])
+    lab = {"masterCategory": wrong_master, "subCategory": "Topwear", "articleType": art}
+    y = encode_targets([lab], tax, mask_conflicts=True)
+    assert y["masterCategory"][0] == -1 and y["subCategory"][0] == -1
+    assert y["articleType"][0] == tax.head("articleType").index[art]
+
+
+def _shard(path, rows):
+    with tarfile.open(path, "w") as tar:
+        for r in rows:
+            for ext, payload in (
+                ("json", json.dumps(r["meta"]).encode()),
+                ("jpg", Path(r["image"]).read_bytes()),
+            ):
+                info = tarfile.TarInfo(f"{r['meta']['product_id']}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def test_only_the_training_split_is_masked_when_samples_are_loaded(tmp_path):
+    tax, ids, labels = _tax_and_labels()
+    rows = {r["product_id"]: r for r in sample_rows()}
+    pid = "27424"
+    assert split_of(pid) == "train"
+    _shard(
+        tmp_path / "shard-000000.tar",
+        [{"meta": {"product_id": pid, "labels": labels[0]}, "image": rows[pid]["image_uri"]}],
+    )
+    uris = [str(tmp_path / "shard-000000.tar")]
+    training = load_samples(uris, tax, (80, 60), split="train")
+    everyone = load_samples(uris, tax, (80, 60))  # as evaluation reads them
+    assert training.product_ids == everyone.product_ids == [pid]
+    assert training.targets["articleType"][0] == -1 and training.targets["subCategory"][0] == -1
+    assert training.targets["masterCategory"][0] == everyone.targets["masterCategory"][0] >= 0
+    assert everyone.targets["articleType"][0] == tax.head("articleType").index["Shorts"]
