@@ -184,6 +184,14 @@ def test_label_schema_rows_rerun_and_equal_to_predictor(
     # the run it names is the one whose rows are there, not a new id no row carries
     assert again["run_id"] == s["run_id"] == success["last_run_id"] and not again["wrote"] and s["wrote"]
     assert duckdb.sql(f"SELECT DISTINCT run_id FROM '{run}/*.parquet'").fetchall() == [(s["run_id"],)]
+    # a killed attempt's folder (its last part and the manifest unwritten) is finished under the same run id
+    parts[-1].unlink()
+    (run / "_SUCCESS").unlink()
+    resumed = label_shards(str(small_shards), str(tiny_model), str(out), "2026-01-01")
+    assert resumed["shards_done_before"] == 3 and resumed["labelled"] == 150 and resumed["wrote"]
+    assert resumed["run_id"] == s["run_id"] == json.loads((run / "_SUCCESS").read_text())["last_run_id"]
+    assert duckdb.sql(f"SELECT DISTINCT run_id FROM '{run}/*.parquet'").fetchall() == [(s["run_id"],)]
+    assert _count(out) == (600, 600)
     same = f"{small_shards.parent}/./{small_shards.name}/"  # the same shards, spelled another way
     assert label_shards(same, str(tiny_model), str(out), "2026-01-01")["shards_done_before"] == 4
     # other shards whose file names are taken in this run folder are refused, not skipped as "done"

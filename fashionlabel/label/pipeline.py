@@ -109,9 +109,11 @@ def label_shards(
         # under the lease, no other job writes here: a temporary file is what a killed attempt left
         if dropped := storage.drop_temporaries(out_dir):
             log.info("%s: %d temporary file(s) of a killed attempt removed", out_dir, dropped)
-        todo = _todo(out_dir, uris, shards, spec["version"])
+        todo, resumed = _todo(out_dir, uris, shards, spec["version"])
         plan = _fit_pool(plan, len(todo))
-        run_id = f"{run_date}-{uuid.uuid4().hex[:8]}"
+        # an attempt that finishes a killed one's folder goes on under its run id: one run, one id, as the
+        # rows of a date's folder are one run's (the first attempt's parts are kept, not labelled again)
+        run_id = resumed or f"{run_date}-{uuid.uuid4().hex[:8]}"
         log.info(
             "label: %d shards, %d already done for %s, %d to label; %s",
             len(uris),
@@ -120,7 +122,7 @@ def label_shards(
             len(todo),
             plan,
         )
-        writer = PartWriter(out_dir, labels_schema(spec["taxonomy_obj"]), spec["version"])
+        writer = PartWriter(out_dir, labels_schema(spec["taxonomy_obj"]), spec["version"], run_id)
         first = None  # seconds from the call to the first labelled batch: the run's start-up
         compiled: set[str] = set()  # how the actors had their compiled model ("jit", "built", "loaded")
         if todo:
@@ -178,10 +180,11 @@ def label_shards(
         return summary
 
 
-def _todo(out_dir: str, uris: list[str], shards: str, model_version: str) -> list[str]:
-    """The shards of ``uris`` that have no part in ``out_dir`` yet. Parts under the same names that hold
-    other shards (a second shards folder labelled into the same run folder) or another model's labels are
-    refused, not skipped as done."""
+def _todo(out_dir: str, uris: list[str], shards: str, model_version: str) -> tuple[list[str], str | None]:
+    """The shards of ``uris`` that have no part in ``out_dir`` yet, and the run id of the parts that are
+    there (the most frequent one), if any. Parts under the same names that hold other shards (a second
+    shards folder labelled into the same run folder) or another model's labels are refused, not skipped as
+    done."""
     if found := strangers(out_dir):
         # every file of the folder is read as labels by Athena, Spark and pandas (the run's totals failed on
         # a zero-byte one, naming no file): said now, before any shard is labelled
@@ -190,7 +193,7 @@ def _todo(out_dir: str, uris: list[str], shards: str, model_version: str) -> lis
             "readers of the folder would take them for labels; move them out of it and run again"
         )
     done = set(storage.listdir(out_dir, ".parquet"))
-    clashes, unreadable = foreign_parts(out_dir, uris, done, model_version)
+    clashes, unreadable, run_ids = foreign_parts(out_dir, uris, done, model_version)
     if clashes:
         part, holds = clashes[0]
         raise LabelError(
@@ -199,7 +202,8 @@ def _todo(out_dir: str, uris: list[str], shards: str, model_version: str) -> lis
             "--run-date"
         )
     done -= set(unreadable)  # a damaged part is rewritten (atomically) by labelling its shard again
-    return [u for u in uris if part_name(u) not in done]
+    resumed = run_ids.most_common(1)[0][0] if run_ids else None
+    return [u for u in uris if part_name(u) not in done], resumed
 
 
 def _fit_pool(plan: Plan, shards: int) -> Plan:

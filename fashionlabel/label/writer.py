@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -52,11 +53,12 @@ def strangers(out_dir: str) -> list[str]:
 class PartWriter:
     """Collects label rows per shard and publishes each shard's file as soon as it is complete."""
 
-    def __init__(self, out_dir: str, schema: pa.Schema, model_version: str):
+    def __init__(self, out_dir: str, schema: pa.Schema, model_version: str, run_id: str = ""):
         self.out_dir, self.schema = out_dir, schema
         # recorded in every part's footer, empty parts included: another model's run must not take a part
         # of this one as done
         self.model_version = model_version
+        self.run_id = run_id  # in the footer too: an attempt that resumes the run goes on under its id
         self.pending: dict[str, list[pa.Table]] = {}
         self.seen: dict[str, set[str]] = {}  # product ids received per pending shard
         self.published: set[str] = set()
@@ -105,6 +107,7 @@ class PartWriter:
         meta = {
             "shard": shard,
             "model_version": self.model_version,
+            "run_id": self.run_id,
             "rows": table.num_rows,
             "labelled": table.num_rows - errored,
             "errored": errored,
@@ -138,14 +141,15 @@ def _same_shard(a: str, b: str) -> bool:
 
 def foreign_parts(
     out_dir: str, uris: list[str], done: set[str], model_version: str
-) -> tuple[list[tuple[str, str]], list[str]]:
+) -> tuple[list[tuple[str, str]], list[str], Counter[str]]:
     """(part, what it holds instead) for the published parts of ``out_dir`` that carry the name of one of
     ``uris`` but were written from another shard (e.g. a second shards folder labelled into the same run
     date) or by another model version. Skipping those as done would silently leave the new shards
     unlabelled, or this model's labels unwritten. Second: the parts of ``uris`` whose footer cannot be read
-    (damaged on disk after they were published, cut short by a copy): not done, so labelled again."""
+    (damaged on disk after they were published, cut short by a copy): not done, so labelled again. Third:
+    the run ids the readable parts carry, with their counts."""
     fs, path = storage.filesystem(out_dir)
-    clashes, unreadable = [], []
+    clashes, unreadable, run_ids = [], [], Counter()
     for uri in uris:
         name = part_name(uri)
         if name not in done:
@@ -161,7 +165,9 @@ def foreign_parts(
             clashes.append((name, holds))
         elif version and version != model_version:
             clashes.append((name, f"model version {version}"))
-    return clashes, unreadable
+        elif meta.get("run_id"):
+            run_ids[meta["run_id"]] += 1
+    return clashes, unreadable, run_ids
 
 
 def run_totals(out_dir: str) -> dict[str, int]:
