@@ -390,6 +390,7 @@ def test_evaluate_job_prints_and_writes_the_metrics(ray_session, small_shards, t
     m = json.loads((tmp_path / "evaluation-test.json").read_text())
     index = pq.read_table(small_shards / "index.parquet").column("product_id").to_pylist()
     assert m["n_products"] == sum(split_of(p) == "test" for p in index) > 0
+    assert m["shards"] == str(small_shards) and m["split"] == "test"  # what was measured, named in the file
     art = m["heads"]["articleType"]
     assert f"top-1 {100 * art['top1']:.1f}%" in printed and f"(n={art['n']})" in printed
     attrs = m["heads"]["attributes"]  # each group's recall is printed, not only kept in the JSON

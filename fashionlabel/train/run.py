@@ -498,6 +498,9 @@ def evaluate(
     probs = scores(tax, logits, pred.calibration)
     metrics = evaluate_probs(tax, probs, samples.targets)
     metrics["n_products"] = len(samples)
+    # which products these are: an evaluation on other shards replaces the file beside the model
+    metrics["shards"] = storage.absolute(shards)
+    metrics["split"] = split or "all"
     metrics["decode_errors"] = len(samples.errors)
     # whole shard set, every split: labels no training product had, left out of their head's figures
     metrics["labels_outside_model"] = outside
