@@ -259,6 +259,48 @@ def test_declared_thresholds_decide_labels_and_review_zero_included():
     assert [[s["label"] for s in r["tags_scores"]] for r in rows] == [["b", "a", "c"], ["a", "c", "b"]]
 
 
+def test_a_head_validation_cannot_fit_keeps_its_own_threshold():
+    """Calibration fits a threshold only where validation has the labels to: with fewer than 10, the
+    taxonomy's declared threshold stays in force (not a fixed 0.5 recorded as fitted), and a multi head
+    whose validation rows hold no true value keeps its default, not 0.05, the lowest threshold tried,
+    where every threshold ties at F1 = 0 and labelling would write every value scoring 5% or more."""
+    import torch
+
+    from fashionlabel.label.postprocess import threshold, to_rows
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.calibrate import calibrate
+
+    tax = Taxonomy.from_dict(
+        {
+            "name": "t",
+            "heads": [
+                {"name": "colour", "values": ["red", "blue", "green"], "threshold": 0.3},
+                {"name": "tags", "kind": "multi", "values": ["a", "b", "c"], "threshold": 0.3},
+                {"name": "style", "kind": "multi", "values": ["x", "y"]},
+            ],
+        }
+    )
+    n, rng = 40, np.random.default_rng(0)
+    logits = {
+        h.name: torch.tensor(rng.normal(0, 2, (n, h.num_classes)), dtype=torch.float32) for h in tax.heads
+    }
+    colour = np.full(n, -1)
+    colour[:5] = [0, 1, 2, 0, 1]  # 5 known colours: too few to fit a threshold on
+    tags = np.full((n, 3), np.nan, np.float32)
+    tags[:4] = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]]  # 4 known rows
+    style = np.zeros((n, 2), np.float32)  # 40 known rows, not one true value
+    for kw in ({}, {"review_share": 0.3}):
+        cal = calibrate(tax, logits, {"colour": colour, "tags": tags, "style": style}, **kw)
+        assert cal["thresholds"] == {"colour": 0.3, "tags": 0.3, "style": 0.5}
+        assert {h.name: threshold(h, cal) for h in tax.heads} == cal["thresholds"]
+    # as labelling writes them: the values scoring at least the head's own threshold
+    probs = {"style": np.array([[0.06, 0.2], [0.7, 0.04]])}
+    one = Taxonomy.from_dict(
+        {"name": "s", "heads": [{"name": "style", "kind": "multi", "values": ["x", "y"]}]}
+    )
+    assert [r["style"] for r in to_rows(one, probs, cal)] == [[], ["x"]]
+
+
 def test_summaries_give_top_k_only_for_heads_with_more_than_k_classes():
     from fashionlabel.commands import _accuracy_lines
     from fashionlabel.taxonomy import Taxonomy

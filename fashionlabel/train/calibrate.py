@@ -3,7 +3,9 @@
 - Temperature scaling per single head (Guo et al. 2017): T minimising the NLL of softmax(z / T).
 - Confidence thresholds: for single heads, the lowest score above which the validation labels as labelling
   writes them (the hierarchy-consistent choice) make half the head's errors (products below it get
-  ``needs_review``); for multi heads, the threshold maximising micro-F1 on validation.
+  ``needs_review``); for multi heads, the threshold maximising micro-F1 on validation. A head whose
+  validation labels cannot fit one (fewer than 10; a multi head with no true value among them) keeps the
+  taxonomy's own threshold, else the default of its kind.
 - Or, given the share of products a team can review (``review_share``), the single heads' thresholds that
   catch the most errors while flagging at most that share of validation products (:func:`fit_review_share`).
 
@@ -17,7 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fashionlabel.label.postprocess import consistent_choice, needs_review, scores
+from fashionlabel.label.postprocess import (
+    DEFAULT_MULTI_THRESHOLD,
+    DEFAULT_SINGLE_THRESHOLD,
+    consistent_choice,
+    needs_review,
+    scores,
+    threshold,
+)
 from fashionlabel.taxonomy import Taxonomy
 
 TEMPS = np.exp(np.linspace(np.log(0.25), np.log(8.0), 61))
@@ -39,7 +48,11 @@ def fit_temperature(logits: torch.Tensor, y: np.ndarray) -> float:
 
 
 def single_threshold(
-    probs: np.ndarray, y: np.ndarray, error_cut: float = 0.5, choice: np.ndarray | None = None
+    probs: np.ndarray,
+    y: np.ndarray,
+    error_cut: float = 0.5,
+    choice: np.ndarray | None = None,
+    default: float = DEFAULT_SINGLE_THRESHOLD,
 ) -> float:
     """Lowest score above which validation predictions make ``error_cut`` × the head's error rate.
 
@@ -52,10 +65,12 @@ def single_threshold(
             threshold: fitted on the top score, a head with a parent was held to the errors of labels it
             does not write, and its products whose label the hierarchy changed scored lower than the fit
             assumed.
+        default: the answer with fewer than 10 known labels (:func:`calibrate` passes the head's own
+            threshold: a fixed 0.5 recorded as fitted would override the one its taxonomy declares).
     """
     known = y >= 0
     if known.sum() < 10:
-        return 0.5
+        return default
     choice = probs.argmax(axis=1) if choice is None else choice
     score = probs[known, choice[known]]
     correct = choice[known] == y[known]
@@ -68,16 +83,19 @@ def single_threshold(
     return float(score[order][ok[-1]]) if len(ok) else 1.0
 
 
-def multi_threshold(probs: np.ndarray, y: np.ndarray) -> float:
+def multi_threshold(probs: np.ndarray, y: np.ndarray, default: float = DEFAULT_MULTI_THRESHOLD) -> float:
     """The threshold (0.05 to 0.95 in steps of 0.05) maximising micro-F1 over the rows with known labels.
 
-    ``y`` is N×C of 0/1, a row holding NaN is unknown; with fewer than 10 known rows the answer is 0.5.
+    ``y`` is N×C of 0/1, a row holding NaN is unknown. With fewer than 10 known rows, or where no threshold
+    gets a single true value right (no true value among them, or none scored 0.05 or more), the answer is
+    ``default``: every threshold then ties at F1 = 0, and the first one tried, 0.05, would write every
+    value scoring 5% or more into the labels.
     """
     known = ~np.isnan(y).any(axis=1)
     if known.sum() < 10:
-        return 0.5
+        return default
     p, t = probs[known], y[known] > 0.5
-    best, best_f1 = 0.5, -1.0
+    best, best_f1 = default, 0.0
     for th in np.linspace(0.05, 0.95, 19):
         pred = p >= th
         tp = (pred & t).sum()
@@ -104,7 +122,9 @@ def calibrate(
     temps = {h.name: fit_temperature(logits[h.name], targets[h.name]) for h in taxonomy.single_heads}
     probs = scores(taxonomy, logits, {"temperature": temps})
     thresholds = {
-        h.name: multi_threshold(probs[h.name], targets[h.name]) for h in taxonomy.heads if h.kind == "multi"
+        h.name: multi_threshold(probs[h.name], targets[h.name], threshold(h, {}))
+        for h in taxonomy.heads
+        if h.kind == "multi"
     }
     extra: dict[str, float] = {}
     choice = consistent_choice(taxonomy, probs)  # the labels labelling writes, whose scores it thresholds
@@ -137,7 +157,8 @@ def _single_thresholds(
     choice: dict[str, np.ndarray],
 ) -> dict[str, float]:
     return {
-        h.name: single_threshold(probs[h.name], targets[h.name], error_cut, choice[h.name])
+        # the head's own threshold where validation cannot fit one: the taxonomy's, else the default
+        h.name: single_threshold(probs[h.name], targets[h.name], error_cut, choice[h.name], threshold(h, {}))
         for h in taxonomy.single_heads
     }
 
