@@ -301,6 +301,48 @@ def test_a_head_validation_cannot_fit_keeps_its_own_threshold():
     assert [r["style"] for r in to_rows(one, probs, cal)] == [[], ["x"]]
 
 
+def test_temperature_minimises_validation_nll_and_stays_1_where_nll_has_no_minimum():
+    """The fitted temperature is the NLL minimiser (scipy's, over the same range, to the grid's step),
+    unknown labels left out and a class absent from validation no matter; where every known label is the
+    top score the NLL has no minimum (it falls as T shrinks) and the scores stay as the model gives them,
+    not sharpened by the smallest temperature tried."""
+    import torch
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    from fashionlabel.train.calibrate import TEMPS, fit_temperature
+
+    def nll(z, y, t):
+        return -log_softmax(z / t, axis=1)[np.arange(len(y)), y].mean()
+
+    rng = np.random.default_rng(3)
+    step = np.log(TEMPS[1] / TEMPS[0])
+    for scale in (0.4, 1.0, 2.5):
+        y = rng.integers(0, 5, 300)  # class 5 of 6 is never a validation label
+        z = rng.normal(0, 1, (300, 6))
+        z[np.arange(300), y] += 1.0
+        z *= scale
+        y[:30] = -1
+        k = y >= 0
+        t = fit_temperature(torch.tensor(z, dtype=torch.float32), y)
+        zk, yk = z[k], y[k]
+        best = minimize_scalar(
+            lambda lt, zk=zk, yk=yk: nll(zk, yk, np.exp(lt)), bounds=np.log(TEMPS[[0, -1]]), method="bounded"
+        )
+        assert abs(np.log(t) - best.x) <= step
+        assert nll(zk, yk, t) <= best.fun + 1e-3
+    # 20 known labels, every one the top score (margins of 0.2 to 1): no minimum, temperature 1
+    y = np.repeat(np.arange(5), 4)
+    z = rng.normal(0, 1, (20, 5))
+    z[np.arange(20), y] = z.max(axis=1) + rng.uniform(0.2, 1.0, 20)
+    assert nll(z, y, 0.25) < nll(z, y, 0.5) < nll(z, y, 1.0)  # falling as T shrinks
+    assert fit_temperature(torch.tensor(z, dtype=torch.float32), y) == 1.0
+    # one of them wrong: the NLL has its minimum again, and the fit finds it
+    z[0, [0, 1]] = z[0, [1, 0]]
+    best = minimize_scalar(lambda lt: nll(z, y, np.exp(lt)), bounds=np.log(TEMPS[[0, -1]]), method="bounded")
+    assert abs(np.log(fit_temperature(torch.tensor(z, dtype=torch.float32), y)) - best.x) <= step
+
+
 def test_summaries_give_top_k_only_for_heads_with_more_than_k_classes():
     from fashionlabel.commands import _accuracy_lines
     from fashionlabel.taxonomy import Taxonomy

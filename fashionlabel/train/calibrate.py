@@ -1,6 +1,7 @@
 """Post-hoc calibration fitted on validation data.
 
-- Temperature scaling per single head (Guo et al. 2017): T minimising the NLL of softmax(z / T).
+- Temperature scaling per single head (Guo et al. 2017): T minimising the NLL of softmax(z / T); 1 where
+  the validation labels cannot fit one (fewer than 10, or every one of them the top score: no minimum).
 - Confidence thresholds: for single heads, the lowest score above which the validation labels as labelling
   writes them (the hierarchy-consistent choice) make half the head's errors (products below it get
   ``needs_review``); for multi heads, the threshold maximising micro-F1 on validation. A head whose
@@ -37,12 +38,18 @@ ERROR_CUTS = np.round(np.linspace(0.0, 1.0, 101), 2)
 def fit_temperature(logits: torch.Tensor, y: np.ndarray) -> float:
     """The temperature of ``TEMPS`` (0.25 to 8) minimising the NLL of softmax(logits / T) on known labels.
 
-    ``y`` holds class indices, -1 for unknown; with fewer than 10 known labels the answer is 1.
+    ``y`` holds class indices, -1 for unknown; with fewer than 10 known labels the answer is 1. So it is
+    where every known label is a top-scored class (a small or easy validation set): the NLL then keeps
+    falling as T shrinks, so it has no minimum, and the grid's smallest T would win as an artefact of
+    where the grid ends, sharpening every score of the head (a 0.5 top score to about 0.9) on no evidence
+    that the model is underconfident.
     """
     known = torch.as_tensor(y >= 0)
     if int(known.sum()) < 10:
         return 1.0
     z, t = logits[known].float(), torch.as_tensor(y)[known]
+    if bool((z.gather(1, t[:, None]).squeeze(1) >= z.max(dim=1).values).all()):
+        return 1.0
     nll = [float(torch.nn.functional.cross_entropy(z / T, t)) for T in TEMPS]
     return float(TEMPS[int(np.argmin(nll))])
 
