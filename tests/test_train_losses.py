@@ -58,6 +58,9 @@ def test_uncertainty_weighting_learns_log_variances():
     assert math.isclose(float(total.detach()), expect, rel_tol=1e-5)
     total.backward()
     assert loss_fn.log_vars.grad is not None and (loss_fn.log_vars.grad != 0).all()
+    # what training records each epoch: exp(-s) per head, learned; the taxonomy's weights otherwise
+    assert loss_fn.head_weights() == pytest.approx({"cat": math.exp(-0.5), "att": math.exp(0.3)})
+    assert MultiTaskLoss(TAX).head_weights() == {"cat": 2.0, "att": 10.0}
 
 
 def test_label_smoothing_applies_to_single_heads():

@@ -155,6 +155,8 @@ def _worker(config: dict[str, Any]) -> None:
             "train_img_per_s": steps * per_worker * world / (time.time() - t0),
             "lr": parts.sched.get_last_lr()[0],
         }
+        if parts.loss_fn.log_vars is not None:  # --uncertainty: the learned weights, into curves.json
+            metrics["head_weights"] = parts.loss_fn.head_weights()
         if rank == 0:
             stop[0] = float(_validate_and_save(parts, progress, metrics, val, cfg, tax, config, device))
         if world > 1:
@@ -346,6 +348,12 @@ def _validate_and_save(
         weights,
         metrics["train_img_per_s"],
     )
+    if "head_weights" in metrics:
+        log.info(
+            "epoch %d: learned head weights %s",
+            epoch,
+            ", ".join(f"{h} {w:.3g}" for h, w in metrics["head_weights"].items()),
+        )
     return stopped
 
 

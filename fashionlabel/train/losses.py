@@ -59,6 +59,15 @@ class MultiTaskLoss(nn.Module):
                 total = total + self.weights[h.name] * loss
         return total, parts
 
+    def head_weights(self) -> dict[str, float]:
+        """Each head's weight in the summed loss: the taxonomy's, or with ``uncertainty`` the learned
+        exp(-s_h) (beside which s_h itself is added). Training records these every epoch, since the loss
+        alone does not show how the learned weighting shares the heads out."""
+        if self.log_vars is None:
+            return dict(self.weights)
+        learned = torch.exp(-self.log_vars.detach()).cpu().tolist()
+        return {h.name: float(w) for h, w in zip(self.heads, learned, strict=True)}
+
     def average_gradients(self) -> None:
         """Average the learned log-variances' gradients over the DDP ranks, as DDP does for the model's.
 
