@@ -73,6 +73,34 @@ def check_settings(a: argparse.Namespace) -> None:
         from fashionlabel import settings
 
         settings.run_date(getattr(a, date))
+    _check_inputs_there(a)
+
+
+# The options of each command that name an input the driver reads before any work starts (a shard set, a
+# model artifact, weights to start from, a previous index): a local one that is not there is a typo.
+INPUTS = {
+    "shard": ("incremental",),
+    "train": ("shards", "init_weights"),
+    "label": ("shards", "model"),
+    "nightly": ("model",),
+}
+
+
+def _check_inputs_there(a: argparse.Namespace) -> None:
+    """A local input path that is not there: one line naming its option before a Ray cluster is started or
+    joined. It was named only once a local Ray was up, 20 to 45 s into the command. A path that is there is
+    read as the job reads it, which names what is wrong with its contents (not a shard set, not a model)."""
+    for field in INPUTS.get(a.command, ()):
+        path = getattr(a, field, None)
+        if not path or "://" in path:
+            continue
+        if field == "incremental":
+            from fashionlabel.shards.plan import previous_index_uri
+
+            if not Path(previous_index_uri(path)).exists():  # as the shard job words it
+                raise ValueError(f"--incremental {path}: no previous index at {previous_index_uri(path)}")
+        elif not Path(path).exists():
+            raise FileNotFoundError(f"--{field.replace('_', '-')} {path}: no such file or folder")
 
 
 def _check_catalog_there(catalog: str) -> None:
@@ -83,6 +111,10 @@ def _check_catalog_there(catalog: str) -> None:
     from fashionlabel.catalog import CatalogError, bucket_exists
 
     if "://" not in catalog:
+        if Path(catalog).is_dir():  # as for an s3:// folder: named now, not as pyarrow's "is a directory"
+            raise CatalogError(
+                f"catalog {catalog} is a folder, not a file: give the catalog file in it (CSV, Parquet or JSON Lines)"
+            )
         there = Path(catalog).exists()
     elif storage.is_s3(catalog):
         bucket, _, key = catalog.removeprefix("s3://").partition("/")

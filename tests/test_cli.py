@@ -270,6 +270,23 @@ def test_bad_settings_are_refused_before_a_cluster_is_joined(small_catalog, tmp_
         "no taxonomy 'shop.yml': not a built-in": [
             "shard", "--catalog", str(small_catalog), "--out", out, "--taxonomy", "shop.yml"
         ],
+        f"catalog {tmp_path} is a folder, not a file": ["shard", "--catalog", str(tmp_path), "--out", out],
+        # an input the driver reads first (a shard set, a model, a previous index) that is not there
+        f"--incremental {tmp_path}: no previous index at {tmp_path}/index.parquet": [
+            "shard", "--catalog", str(small_catalog), "--out", out, "--incremental", str(tmp_path)
+        ],
+        f"--shards {tmp_path}/shrads: no such file or folder": [
+            "train", "--shards", f"{tmp_path}/shrads", "--out", out
+        ],
+        f"--init-weights {tmp_path}/old/weights.pt: no such file or folder": [
+            "train", "--shards", str(tmp_path), "--out", out, "--init-weights", f"{tmp_path}/old/weights.pt"
+        ],
+        f"--model {tmp_path}/modle: no such file or folder": [
+            "label", "--shards", str(tmp_path), "--model", f"{tmp_path}/modle", "--out", out
+        ],
+        f"--model {tmp_path}/model: no such file or folder": [
+            "nightly", "--catalog", str(small_catalog), "--model", f"{tmp_path}/model", "--root", out
+        ],
     }  # fmt: skip
     for message, argv in cases.items():
         r = subprocess.run(
