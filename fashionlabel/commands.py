@@ -30,7 +30,8 @@ def _print_summary(title: str, items: dict[str, Any]) -> None:
 
 def _next_step(a: argparse.Namespace, out: dict[str, Any], command: str) -> None:
     """Add the summary's ``next`` line: the command that takes this one's output further, with its paths
-    filled in. Left out for the demo's steps, where the demo runs the next step itself."""
+    filled in and the command named as this one was started (``invoked_as``), so that it runs as printed.
+    Left out for the demo's steps, where the demo runs the next step itself."""
     if getattr(a, "show_next", True):
         out["next"] = command
 
@@ -241,8 +242,8 @@ def cmd_shard(a: argparse.Namespace) -> dict[str, Any]:
     _next_step(
         a,
         out,
-        f"fashionlabel train --shards {_q(s.out)} --out MODEL, or label them with a model: "
-        f"fashionlabel label --shards {_q(s.out)} --model MODEL --out LABELS",
+        f"{invoked_as()} train --shards {_q(s.out)} --out MODEL, or label them with a model: "
+        f"{invoked_as()} label --shards {_q(s.out)} --model MODEL --out LABELS",
     )
     _print_summary("shard", out)
     return out
@@ -296,7 +297,7 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
     if cfg.ema_epochs > 0:
         out["exported weights"] = r["training"]["weights"]
     out |= _accuracy_lines(r["metrics"]["test"], "test")
-    _next_step(a, out, f"fashionlabel label --shards {_q(a.shards)} --model {_q(a.out)} --out LABELS")
+    _next_step(a, out, f"{invoked_as()} label --shards {_q(a.shards)} --model {_q(a.out)} --out LABELS")
     _print_summary("train", out)
     return out | {"metrics": r["metrics"]}
 
@@ -432,8 +433,8 @@ def cmd_label(a: argparse.Namespace) -> dict[str, Any]:
     _next_step(
         a,
         out,
-        f"fashionlabel report --labels {_q(a.out)} --out report.html, or query them: "
-        f'fashionlabel query --labels {_q(a.out)} "SELECT count(*) FROM history"',
+        f"{invoked_as()} report --labels {_q(a.out)} --out report.html, or query them: "
+        f'{invoked_as()} query --labels {_q(a.out)} "SELECT count(*) FROM history"',
     )
     _print_summary("label", out)
     return out | {"raw": s}
@@ -614,7 +615,7 @@ def cmd_nightly(a: argparse.Namespace) -> dict[str, Any]:
     _next_step(
         a,
         out,
-        f"fashionlabel query --labels {_q(storage.join(a.root, 'labels'))} "
+        f"{invoked_as()} query --labels {_q(storage.join(a.root, 'labels'))} "
         '"SELECT count(*) FROM latest WHERE active" (docs/analysts.md has more)',
     )
     _print_summary("nightly", out)

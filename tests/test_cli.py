@@ -540,6 +540,24 @@ def test_the_demo_names_the_command_as_it_was_started(monkeypatch):
         assert invoked_as() == shown, argv0
 
 
+def test_a_summarys_next_command_runs_as_printed(ray_session, small_catalog, tmp_path, capsys, monkeypatch):
+    """`.venv/bin/fashionlabel shard …` (the own-catalog walk-through, from the repository root without an
+    activated environment) ended with `next fashionlabel train …`, a command that is not there as typed:
+    the next step is named as this one was started, as the demo's last line is."""
+    import sys
+
+    from fashionlabel.cli import run
+
+    monkeypatch.setattr(sys, "argv", [".venv/bin/fashionlabel"])
+    shards = tmp_path / "shards"
+    assert run(["shard", "--catalog", str(small_catalog), "--out", str(shards)]) == 0
+    last = " ".join(capsys.readouterr().out.splitlines()[-1].split())
+    assert last == (
+        f"next .venv/bin/fashionlabel train --shards {shards} --out MODEL, or label them with a model: "
+        f".venv/bin/fashionlabel label --shards {shards} --model MODEL --out LABELS"
+    ), last
+
+
 def test_demo_bad_settings_are_refused_before_its_shards_are_written(small_catalog, tmp_path):
     """The demo runs shard, train and label in turn: epochs that training refuses, or a run date that is not
     one, are named before the shard step writes anything (not after minutes of sharding and training), and
