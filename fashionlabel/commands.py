@@ -178,6 +178,10 @@ def _demo_train_argv(a: argparse.Namespace) -> list[str]:
     ]
 
 
+# The folder `make demo` writes and `make clean` removes (the Makefile's OUT, in the repository root).
+MAKE_DEMO_OUT = Path(__file__).resolve().parents[1] / "demo-out"
+
+
 def _demo_check(a: argparse.Namespace) -> None:
     """The demo's own settings (its epochs, its run date), checked as its train and label steps would
     check them, but before its shard step writes anything. A model of an earlier demo with other settings
@@ -191,10 +195,11 @@ def _demo_check(a: argparse.Namespace) -> None:
     spec = Path(a.out) / "model" / "model.json"
     saved = json.loads(spec.read_text()).get("training", {}).get("config") if spec.is_file() else None
     if saved is not None and not same_config(saved, cfg):
+        # `make clean` removes the Makefile's demo-out only: another --out it would leave as it is
+        clean = " (`make clean`)" if Path(a.out).resolve() == MAKE_DEMO_OUT else ""
         raise ValueError(
             f"{a.out} holds an earlier demo's model, trained with other settings "
-            f"({config_differences(saved, cfg)}): give another --out, or remove {a.out} (`make clean`) "
-            "to start afresh"
+            f"({config_differences(saved, cfg)}): give another --out, or remove {a.out}{clean} to start afresh"
         )
 
 

@@ -587,11 +587,12 @@ def test_demo_bad_settings_are_refused_before_its_shards_are_written(small_catal
 
 
 def test_demo_over_an_earlier_demo_of_other_settings_says_how_to_start_afresh(
-    ray_session, small_catalog, tiny_model, tmp_path, capsys
+    ray_session, small_catalog, tiny_model, tmp_path, capsys, monkeypatch
 ):
     """`demo --epochs 5` over a demo folder of other settings: its shard step ran, then training refused,
     telling the user to "add --overwrite", an option the demo does not have."""
-    from fashionlabel.cli import run
+    from fashionlabel.cli import parse, run
+    from fashionlabel.commands import MAKE_DEMO_OUT, _demo_check
 
     out = tmp_path / "demo"
     shutil.copytree(tiny_model, out / "model")  # fl_tiny, 2 epochs: not the demo's settings
@@ -600,8 +601,18 @@ def test_demo_over_an_earlier_demo_of_other_settings_says_how_to_start_afresh(
     assert (
         f"{out} holds an earlier demo's model, trained with other settings (model fl_tiny → fl_small" in err
     )
-    assert f"remove {out} (`make clean`) to start afresh" in err and "--overwrite" not in err
+    assert f"remove {out} to start afresh" in err and "--overwrite" not in err
+    # `make clean` removes the Makefile's demo-out, not this folder: it is offered for that one only
+    assert "make clean" not in err
     assert sorted(p.name for p in out.iterdir()) == ["model"]  # nothing sharded
+
+    make_demo = (tmp_path / "checkout" / "demo-out").resolve()
+    shutil.copytree(tiny_model, make_demo / "model")
+    monkeypatch.setattr("fashionlabel.commands.MAKE_DEMO_OUT", make_demo)
+    monkeypatch.chdir(make_demo.parent)  # `make demo` runs `fashionlabel demo --out demo-out` there
+    with pytest.raises(ValueError, match=r"remove demo-out \(`make clean`\) to start afresh"):
+        _demo_check(parse(["demo", "--out", "demo-out", "--epochs", "5"]))
+    assert MAKE_DEMO_OUT.name == "demo-out" and (MAKE_DEMO_OUT.parent / "Makefile").is_file()
 
 
 def test_evaluate_out_that_is_a_file_and_prune_blocks_that_are_not_numbers_are_named(tmp_path, capsys):
