@@ -252,6 +252,39 @@ def test_an_artifact_appears_only_with_its_metrics(tmp_path):
     assert json.loads((out / "metrics.json").read_text()) == {"test": {"n": 1}}
 
 
+def test_an_artifact_into_a_symlinked_folder_lands_where_the_link_points(tmp_path):
+    """``--out`` a link to a folder on another disk: the export replaced the link itself with the new
+    folder, so the disk the link named stayed empty (or kept the old model) and the link was left beside
+    the model under a staging name."""
+    from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
+    from fashionlabel.models import create_model
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.export import save_artifact
+
+    tax = Taxonomy.load("fashion-product-images")
+    pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    disk, here = tmp_path / "big disk", tmp_path / "models"
+    (disk / "m").mkdir(parents=True)
+    here.mkdir()
+    link = here / "m"
+    link.symlink_to(disk / "m")
+    torch.manual_seed(0)
+    for note in ("first", "second"):  # into the empty folder, then replacing the model there
+        v = save_artifact(
+            link,
+            create_model("fl_tiny", tax),
+            architecture="fl_tiny",
+            taxonomy=tax,
+            preprocessing=pre,
+            training={"note": note},
+        )
+        assert link.is_symlink() and link.resolve() == disk / "m"
+        assert (disk / "m" / "version").read_text().strip() == v
+        assert load_artifact(link)[1]["training"]["note"] == note
+        assert sorted(p.name for p in here.iterdir()) == ["m"]  # no staged folder or link left
+        assert sorted(p.name for p in disk.iterdir()) == ["m"]
+
+
 def test_train_refuses_an_out_it_would_destroy_and_settings_it_cannot_run(
     ray_session, small_shards, tiny_model, tmp_path
 ):

@@ -74,7 +74,7 @@ def save_artifact(
     """
     check_replaceable(out)
     remote, remote_out = storage.is_s3(out), out
-    out = Path(tempfile.mkdtemp(prefix="fashionlabel-artifact-")) / "model" if remote else Path(out)
+    out = Path(tempfile.mkdtemp(prefix="fashionlabel-artifact-")) / "model" if remote else _target(out)
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     weights = buf.getvalue()
@@ -114,6 +114,14 @@ def save_artifact(
     finally:  # published (renamed away) or failed: nothing of this export stays behind under its name
         shutil.rmtree(tmp, ignore_errors=True)
     return version
+
+
+def _target(out: str | Path) -> Path:
+    """The folder an export replaces: where a symlinked ``--out`` points (a model kept on another disk).
+    The link itself was swapped for the new folder, which left the link's target holding the old model,
+    ``--out`` no longer a link, and the link beside it under a staging name that nothing removes."""
+    out = Path(out)
+    return out.resolve() if out.is_symlink() else out
 
 
 def _publish(tmp: Path, out: Path) -> None:
