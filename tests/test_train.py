@@ -285,6 +285,37 @@ def test_an_artifact_into_a_symlinked_folder_lands_where_the_link_points(tmp_pat
         assert sorted(p.name for p in disk.iterdir()) == ["m"]
 
 
+def test_an_export_onto_a_full_disk_leaves_the_old_model_and_nothing_beside_it(tmp_path):
+    """A disk that fills while the model is staged (here a file-size limit, ``ulimit -f``, which fails the
+    write as a full disk does): the staged folder, its weights cut short, was left beside the model, and
+    the error named no path."""
+    import resource
+
+    from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
+    from fashionlabel.models import create_model
+    from fashionlabel.taxonomy import Taxonomy
+    from fashionlabel.train.export import save_artifact
+
+    tax = Taxonomy.load("fashion-product-images")
+    pre = {"size": [80, 60], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    out = tmp_path / "m"
+    torch.manual_seed(0)
+    v1 = save_artifact(
+        out, create_model("fl_tiny", tax), architecture="fl_tiny", taxonomy=tax, preprocessing=pre
+    )
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))  # fl_tiny's weights are ~400 KB
+    try:
+        with pytest.raises(OSError, match=rf"cannot write the model to {out}: File too large"):
+            save_artifact(
+                out, create_model("fl_tiny", tax), architecture="fl_tiny", taxonomy=tax, preprocessing=pre
+            )
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert load_artifact(out)[1]["version"] == v1
+
+
 def test_train_refuses_an_out_it_would_destroy_and_settings_it_cannot_run(
     ray_session, small_shards, tiny_model, tmp_path
 ):

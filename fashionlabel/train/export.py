@@ -93,16 +93,16 @@ def save_artifact(
     _drop_dead_staging(out)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.{_HOST}-{os.getpid()}.tmp"
     tmp.mkdir(parents=True)
-    (tmp / "weights.pt").write_bytes(weights)
-    (tmp / "model.json").write_bytes(spec_bytes)
-    (tmp / "metrics.json").write_text(metrics_json(metrics or {}))
-    (tmp / "version").write_text(version + "\n")
-    if finalize is not None:
-        try:
+    # A full disk or an interrupt while staging leaves nothing beside the output: a staged model was left
+    # there (its weights cut short), holding the space that was short until the next export removed it.
+    try:
+        where = f"{out.parent} (staged there for {remote_out})" if remote else str(out)
+        _stage(tmp, where, weights, spec_bytes, metrics_json(metrics or {}), version)
+        if finalize is not None:
             finalize(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if remote:
         try:
             _upload(tmp, str(remote_out))
@@ -114,6 +114,18 @@ def save_artifact(
     finally:  # published (renamed away) or failed: nothing of this export stays behind under its name
         shutil.rmtree(tmp, ignore_errors=True)
     return version
+
+
+def _stage(tmp: Path, where: str, weights: bytes, spec_bytes: bytes, metrics: str, version: str) -> None:
+    """The artifact's files into the staging folder ``tmp``; a write that fails names ``where`` the model
+    was going (a full disk said only "[Errno 28] No space left on device")."""
+    try:
+        (tmp / "weights.pt").write_bytes(weights)
+        (tmp / "model.json").write_bytes(spec_bytes)
+        (tmp / "metrics.json").write_text(metrics)
+        (tmp / "version").write_text(version + "\n")
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the model to {where}: {e.strerror or e}") from e
 
 
 def _target(out: str | Path) -> Path:
