@@ -3,6 +3,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 from pathlib import Path
 
 import duckdb
@@ -185,6 +186,32 @@ def test_a_sidecar_damaged_in_place_names_its_shard_and_member(tmp_path):
     ):
         given.extend(iter_shard(str(tar)))
     assert given == []  # nothing handed on before the damage is named
+
+
+def test_a_shard_the_output_cannot_take_fails_the_job_with_one_line_and_resumes(ray_session, tmp_path):
+    """A shard task that cannot write into ``--out`` (here a file where its ``_tmp`` folder goes; a full disk
+    or a folder turned read-only fail the same way) failed the job with Ray's traceback of the task as its
+    error, naming neither the shard nor the output."""
+    rows = [r for r in sample_rows(20) if Path(r["image_uri"]).exists()][:10]
+    catalog = write_catalog(tmp_path / "catalog.csv", rows)
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "_tmp").write_text("not a folder")
+    tax, cfg = Taxonomy.load("fashion-product-images"), ShardConfig(samples_per_shard=5)
+    with pytest.raises(ShardJobError) as e:
+        shard_catalog(str(catalog), str(out), tax, cfg)
+    assert re.fullmatch(
+        rf"cannot write shard-00000[01] into {out}: \[Errno 17\] File exists: '{out}/_tmp'; once the cause "
+        r"is removed, the same command resumes \(shards already packed are kept\)",
+        str(e.value),
+    ), str(e.value)
+    assert not list(out.glob("*.tar"))
+    (out / "_tmp").unlink()
+    s = shard_catalog(str(catalog), str(out), tax, cfg)
+    assert s.packed == len(rows) and s.shards == 2
+    assert sorted(pq.read_table(out / "index.parquet")["product_id"].to_pylist()) == sorted(
+        r["product_id"] for r in rows
+    )
 
 
 def test_a_shard_task_on_a_node_that_does_not_see_the_output_fails_the_job_by_name(ray_session, tmp_path):

@@ -24,6 +24,7 @@ from fashionlabel.shards.spec import (
     QUARANTINE_SCHEMA,
     ShardConfig,
     ShardJobError,
+    ShardWriteError,
     index_schema,
     ray_get,
     shard_name,
@@ -276,7 +277,10 @@ def _pack_task(
 ) -> dict:
     """The Ray task: :func:`pack_shard`, once this node sees the plan the driver saved in ``out``."""
     storage.require_on_this_node(out, "_parts/_plan.json", "output folder")
-    return pack_shard(shard_id, rows, out, cfg, schema, taxonomy, failed_before)
+    try:
+        return pack_shard(shard_id, rows, out, cfg, schema, taxonomy, failed_before)
+    except OSError as e:  # images that cannot be read are quarantined inside: this is the output's fault
+        raise ShardWriteError(e.errno, f"cannot write {shard_name(shard_id)} into {out}: {e}") from e
 
 
 def _run_tasks(

@@ -62,6 +62,11 @@ class ShardJobError(RuntimeError):
     """The shard job cannot proceed or failed past its allowed failure rate."""
 
 
+class ShardWriteError(OSError):
+    """A shard task could not write its shard into the output (a full disk, a folder turned read-only, a
+    file where ``_tmp`` or ``_parts`` should be). An OSError still, so that Ray retries the task."""
+
+
 class PlanMismatchError(ShardJobError):
     """The output holds the saved plan of another catalog, other settings or another taxonomy; ``what``
     says which, as far as the saved plan tells."""
@@ -106,4 +111,9 @@ def ray_get(refs: list) -> list:
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, (SourceUnavailable, NotOnThisNodeError)):
             raise ShardJobError(str(e.cause)) from None
+        if isinstance(e.cause, ShardWriteError):  # its own line, not Ray's traceback of the task
+            raise ShardJobError(
+                f"{e.cause.strerror}; once the cause is removed, the same command resumes (shards already "
+                "packed are kept)"
+            ) from None
         raise
