@@ -177,8 +177,13 @@ def write_bytes(uri: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
-    except BaseException:  # a full disk, a kill signal: leave nothing half-written behind
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:  # a full disk, a kill signal: leave nothing half-written behind
+        # on a read-only folder the temporary was never made, and unlinking it fails as EROFS: that error
+        # named the temporary in place of the one that matters
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # named as the file being published, not as its temporary or as none
+            raise OSError(e.errno, e.strerror or str(e), str(dest)) from e
         raise
 
 

@@ -25,6 +25,25 @@ def test_write_bytes_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     assert dest.read_bytes() == b"new"
 
 
+def test_a_write_that_fails_names_the_file_it_publishes(tmp_path):
+    """A full disk (here a file-size limit, ``ulimit -f``, which fails the write the same way) said
+    "[Errno 27] File too large" and nothing more: the report, label part or manifest being written was not
+    named; a read-only folder named only the temporary (``.report.html.1a2b3c4d.tmp``)."""
+    import resource
+
+    dest = tmp_path / "report.html"
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        with pytest.raises(OSError, match=rf"^\[Errno 27\] File too large: '{dest}'$"):
+            storage.write_bytes(dest, b"x" * 8192)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, no temporary
+    storage.write_bytes(dest, b"x" * 8192)  # the cause removed, the same write succeeds
+    assert dest.stat().st_size == 8192
+
+
 def _snapshot(tax: Taxonomy, ids: list[str]) -> pa.Table:
     schema = latest_schema(tax)
     rows = [
