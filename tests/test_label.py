@@ -692,6 +692,43 @@ def test_compiled_labelling_actors_build_the_package_once_and_the_summary_says_s
     assert agree[0][0] == 299 and agree[0][1] >= 296  # compiled kernels round differently, rarely a label
 
 
+def test_a_model_replaced_while_a_run_labels_with_it_fails_the_run_by_name(
+    ray_session, odd_shards, tiny_model, tmp_path, monkeypatch
+):
+    """The model folder replaced after the run checked it and before its actors loaded it (``calibrate``
+    or ``train --overwrite`` into the folder a label job uses): the actors labelled with the new model,
+    and the run's parts, footers and ``_SUCCESS`` named the old version over rows of the new one."""
+    from fashionlabel.label.writer import ModelChangedError
+    from fashionlabel.train import export
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    old = (model / "version").read_text().strip()
+    checked = export.artifact_spec
+
+    def checked_then_replaced(path):
+        spec = checked(path)
+        resave_artifact(model, model, "retrained while a run labels with it")
+        return spec
+
+    monkeypatch.setattr(export, "artifact_spec", checked_then_replaced)
+    new = None
+    with pytest.raises(ModelChangedError) as e:
+        label_shards(
+            str(odd_shards), str(model), str(tmp_path / "labels"), "2026-01-01", LabelConfig(actors=1)
+        )
+    new = (model / "version").read_text().strip()
+    assert str(e.value).startswith(
+        f"the model was replaced while {tmp_path}/labels/history/run_date=2026-01-01 was labelled with it: "
+        f"the run started with version {old}, and an actor loaded version {new}."
+    )
+    run = tmp_path / "labels" / "history" / "run_date=2026-01-01"
+    assert not (run / "_SUCCESS").exists()
+    assert all(
+        set(pq.read_table(p)["model_version"].to_pylist()) == {old} for p in run.glob("part-*.parquet")
+    )
+
+
 def test_a_batch_delivered_twice_neither_duplicates_nor_completes_a_shard_early(tmp_path):
     from fashionlabel.label.writer import PartWriter
 

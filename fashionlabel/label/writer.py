@@ -50,6 +50,10 @@ def strangers(out_dir: str) -> list[str]:
     return [n for n in names if not is_part(n) and not n.startswith(("_", "."))]
 
 
+class ModelChangedError(RuntimeError):
+    """Label rows of another model version than the run's: its model folder was replaced while it ran."""
+
+
 class PartWriter:
     """Collects label rows per shard and publishes each shard's file as soon as it is complete."""
 
@@ -68,6 +72,7 @@ class PartWriter:
     def add(self, batch: pa.Table) -> None:
         if batch.num_rows == 0:
             return
+        self._check_version(batch)
         for shard in pc.unique(batch["shard"]).to_pylist():
             part = batch.filter(pc.equal(batch["shard"], shard))
             if shard in self.published:  # a copy of a batch of a shard already written: nothing new in it
@@ -85,6 +90,20 @@ class PartWriter:
                 raise RuntimeError(f"{shard}: {got} label rows for {expected} products")
             if got == expected:
                 self._publish(shard, skipped)
+
+    def _check_version(self, batch: pa.Table) -> None:
+        """Each actor loads the model when it starts (or restarts, after a crash): one that starts after
+        the model folder was replaced (``train --overwrite``, ``calibrate`` or ``prune`` re-run into it, a
+        copy over it) labels with the new model. Its rows went into the run's parts beside the old model's,
+        under a footer and ``_SUCCESS`` naming the old version: one run of two models, said nowhere."""
+        other = sorted(set(pc.unique(batch["model_version"]).to_pylist()) - {self.model_version})
+        if other:
+            raise ModelChangedError(
+                f"the model was replaced while {self.out_dir} was labelled with it: the run started with "
+                f"version {self.model_version}, and an actor loaded version {other[0]}. No row of "
+                f"{other[0]} was written; the parts written are {self.model_version}'s, whole. Keep the "
+                "model in place while a run labels with it (write a new model to a new folder)"
+            )
 
     def _new_rows(self, shard: str, rows: pa.Table) -> pa.Table:
         """``rows`` less products this shard already has: a batch delivered twice (a retried task whose
