@@ -518,7 +518,12 @@ def run(argv: Sequence[str] | None = None) -> int:
             with ray_session(args.address, name=f"fashionlabel {args.command}"):
                 args.fn(args)
         else:
-            args.fn(args)
+            from fashionlabel.runtime import sigterm_as_interrupt
+
+            # as in the commands that start Ray: a SIGTERM killed report, calibrate, prune or evaluate
+            # without a line (exit 143), and a model being exported left its staged copy beside --out
+            with sigterm_as_interrupt():
+                args.fn(args)
     except (KeyboardInterrupt, SystemExit):
         # SystemExit too: while Ray Train runs, its own SIGINT handler aborts the run and calls sys.exit
         print("fashionlabel: interrupted", file=sys.stderr)

@@ -69,7 +69,7 @@ def ray_session(
             log.info("ray ready in %.1fs: %s", time.time() - t0, ray.cluster_resources())
         if local:  # a cluster's processes are not ours to watch: Ray reports a lost cluster itself
             watch = LocalRayWatch.start(name)
-        with _sigterm_as_interrupt(local):
+        with sigterm_as_interrupt(local):
             yield
     except Exception as e:  # not an interrupt: Ctrl-C and SIGTERM end as "interrupted", exit 130
         if watch:  # Ray's symptom of its own loss ("The task's local raylet died"): name the loss
@@ -132,8 +132,9 @@ def _interrupts_after_start(local: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt(local: bool) -> Iterator[None]:
-    """A SIGTERM (``kill``, ``timeout``, a scheduler) stops the command as Ctrl-C does.
+def sigterm_as_interrupt(local: bool = True) -> Iterator[None]:
+    """A SIGTERM (``kill``, ``timeout``, a scheduler) stops the command as Ctrl-C does. ``local``: the
+    command runs no Ray, or one it started (a cluster's job is stopped by Ray's own means).
 
     Left to Ray, a SIGTERM to the command's process group while it labels killed the driver with SIGABRT
     (Ray's own signal handler, its raylet gone), no message, the local Ray's processes left running.

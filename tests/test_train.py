@@ -564,6 +564,40 @@ def test_an_export_killed_before_it_published_leaves_no_model_copy_behind(tmp_pa
         running.wait(timeout=30)
 
 
+def test_calibrate_stopped_by_sigterm_says_so_and_leaves_no_model_copy(tiny_model, small_shards, tmp_path):
+    """A SIGTERM (``kill``, ``timeout``, a scheduler) to a command that runs no Ray (``calibrate``, ``prune``,
+    ``evaluate``, ``report``) killed it with no line, exit 143; stopped while its model was staged, the
+    staged copy stayed beside ``--out``. It now ends as Ctrl-C does, and the same command re-run completes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from fashionlabel.cli import run
+
+    out = tmp_path / "calibrated"
+    argv = ["calibrate", "--model", str(tiny_model), "--shards", str(small_shards), "--out", str(out)]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "fashionlabel", *argv], env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while not list(tmp_path.glob(".calibrated.*.tmp")):  # the model staged: its evaluation is running
+        assert p.poll() is None and time.time() < deadline, "calibrate did not reach its export"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "fashionlabel: interrupted"
+    assert sorted(x.name for x in tmp_path.iterdir()) == []  # no staged copy, no model
+    assert run(argv) == 0
+    assert (
+        load_artifact(out)[1]["training"]["calibrated_from"] == (tiny_model / "version").read_text().strip()
+    )
+
+
 def test_a_taxonomy_of_multi_label_heads_only_evaluates(small_shards, tmp_path):
     """No single head: no confusion matrix to draw, but every metric of the multi head is there."""
     from fashionlabel.data import IMAGENET_MEAN, IMAGENET_STD
