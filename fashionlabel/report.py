@@ -26,6 +26,12 @@ from fashionlabel.label.writer import part_uris
 
 log = logging.getLogger(__name__)
 
+# What the reports draw and compare, a run's and a night's. The top-k and score lists are most of the
+# labels' bytes, and as pandas objects (a list of dicts per row) ~10 KB a product: read whole, a
+# 1M-product snapshot and the previous one held 13 GB on the head for charts that never look at them.
+REPORT_COLUMNS = ("product_id", "active", "error", "needs_review", "model_version")
+REPORT_SUFFIXES = ("", "_score")
+
 
 def latest_run(labels: str) -> str:
     """The newest finished ``history/run_date=…`` folder under ``labels`` (its ``_SUCCESS`` written), or
@@ -130,11 +136,14 @@ def _charts(df: pd.DataFrame, heads: list[str], multi: list[str]) -> list[tuple[
 def write_report(labels: str, out: str | Path, run_dir: str | None = None) -> dict[str, Any]:
     """Render the report of ``run_dir`` (default: the newest run under ``labels``) to ``out``."""
     run_dir = run_dir or latest_run(labels)
-    table = _run_dataset(run_dir).to_table()
-    df = table.to_pandas()
+    data = _run_dataset(run_dir)
+    heads, multi = heads_of(data.schema)
+    # the columns it draws and counts, not the top-k and score lists (REPORT_COLUMNS): a whole catalog's
+    # run read whole held ~10 KB a product
+    want = {*REPORT_COLUMNS, "taxonomy_version", *(h + s for h in heads + multi for s in REPORT_SUFFIXES)}
+    df = data.to_table(columns=[c for c in data.schema.names if c in want]).to_pandas()
     manifest_uri = storage.join(run_dir, "_SUCCESS")
     manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else {}
-    heads, multi = heads_of(table.schema)
     charts = _charts(df, heads, multi)
     n = len(df)
     facts = {
@@ -271,13 +280,6 @@ def _run_chart(m: dict[str, Any]) -> tuple[str, str]:
     ax[1].bar(list(tp), list(tp.values()), color="#e1812c")
     ax[1].set(title="throughput", ylabel="images / s")
     return "run", _png(fig)
-
-
-# What the night report draws and compares. The top-k and score lists are most of a snapshot's bytes,
-# and as pandas objects (a list of dicts per row) ~10 KB a product: read whole, a 1M-product snapshot
-# and the previous one held 13 GB on the head for charts that never look at them.
-REPORT_COLUMNS = ("product_id", "active", "error", "needs_review", "model_version")
-REPORT_SUFFIXES = ("", "_score")
 
 
 def _read_for_report(labels: str, date: str) -> tuple[pd.DataFrame, list[str], list[str]]:

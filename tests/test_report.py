@@ -291,6 +291,36 @@ def test_night_report_reads_no_score_lists_of_a_large_snapshot(tmp_path):
     assert peak / n < 2_000, f"{peak / n:.0f} bytes per product at the peak (6,163 when read whole)"
 
 
+def test_run_report_reads_no_score_lists_of_a_large_run(tmp_path):
+    """The report of a labelling run (``fashionlabel report`` after ``label`` over a whole catalog) reads
+    the columns it draws, as the night report does: it read the run whole, top-k lists and all (3,352 B a
+    product at the peak here, ~10 KB with a model's five labels per head)."""
+    import tracemalloc
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401 - imported before measuring: its import is not per product
+    from labels_factory import make_rows
+
+    from fashionlabel import storage
+
+    labels, n = str(tmp_path / "labels"), 20_000
+    run = storage.join(labels, "history", "run_date=2026-05-01")
+    table = make_rows([f"p{i:06d}" for i in range(n)], "2026-05-01", "Tshirts", review=True)
+    storage.write_parquet(table, storage.join(run, "part-shard-000000.parquet"))
+    storage.write_json(storage.join(run, "_SUCCESS"), {"run_date": "2026-05-01", "rows": n})
+    tracemalloc.start()
+    try:
+        r = write_report(labels, tmp_path / "r.html")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (r["products"], r["labelled"], r["needs review"], r["model version"]) == (n, n, "50.0%", "m1")
+    assert r["charts"][-1] == "review" and len(r["charts"]) == 9
+    assert peak / n < 1_500, f"{peak / n:.0f} bytes per product at the peak (3,352 when read whole)"
+
+
 def test_cli_report_to_a_missing_bucket_is_refused_before_the_labels_are_read(s3, tmp_path, capsys):
     from labels_factory import two_nights
 
