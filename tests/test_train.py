@@ -413,6 +413,20 @@ def test_lr_schedule_warms_up_to_the_peak_then_decays():
     assert after[0] == 1.0 and all(a > b for a, b in zip(after, after[1:], strict=False)) and after[-1] < 0.01
 
 
+def test_an_epoch_says_how_far_it_is_while_it_runs():
+    """One epoch over a whole catalog on CPU runs for many minutes: rank 0 logs its step, rate and time
+    left every 30 s, not only a line at the epoch's end (the clock is given, so the lines are exact)."""
+    from fashionlabel.train.loop import EpochProgress
+
+    times = iter([0.0, 10.0, 31.0, 45.0, 62.0, 100.0])
+    p = EpochProgress(2, steps=100, images_per_step=64, clock=lambda: next(times))
+    assert p.at(10) is None  # 10 s in: too soon
+    assert p.at(31) == "epoch 2: step 31/100, 64 img/s, 69 s left in the epoch"
+    assert p.at(40) is None  # 14 s after the last line
+    assert p.at(62) == "epoch 2: step 62/100, 64 img/s, 38 s left in the epoch"
+    assert p.at(100) is None  # the last step: the epoch's own line follows it
+
+
 def test_the_same_weights_export_to_the_same_version_whatever_the_speed(small_shards, tiny_model, tmp_path):
     from fashionlabel.train import checkpoint as ckpt
     from fashionlabel.train.run import export_state, training_taxonomy

@@ -148,7 +148,8 @@ def _worker(config: dict[str, Any]) -> None:
             break
         seed_epoch(cfg.seed, rank, epoch)
         t0 = time.time()
-        loss = _train_epoch(parts, mine.images, targets, steps, per_worker, config, device)
+        ticker = EpochProgress(epoch, steps, per_worker * world) if rank == 0 else None
+        loss = _train_epoch(parts, mine.images, targets, steps, per_worker, config, device, ticker)
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": loss,
@@ -260,8 +261,10 @@ def _train_epoch(
     per_worker: int,
     config: dict[str, Any],
     device: torch.device,
+    ticker: EpochProgress | None = None,
 ) -> float:
-    """``steps`` batches of this worker's samples (reshuffled, cycled when the share is short); mean loss."""
+    """``steps`` batches of this worker's samples (reshuffled, cycled when the share is short); mean loss.
+    ``ticker`` (rank 0's) logs how far the epoch is while it runs."""
     parts.model.train()
     n = len(images)
     order = np.concatenate(
@@ -270,7 +273,7 @@ def _train_epoch(
     cutmix_share = config["cfg"].get("cutmix", 0.0)
     running = torch.zeros((), device=device)  # summed on the device: one host sync per epoch, not per step
     batches = (order[s * per_worker : (s + 1) * per_worker] for s in range(steps))
-    for batch, y in BatchPrefetcher(images, targets, batches, device):
+    for step, (batch, y) in enumerate(BatchPrefetcher(images, targets, batches, device), 1):
         x = augment(to_input(batch, config["mean"], config["std"], device))
         mix = cutmix_share > 0 and np.random.random() < cutmix_share
         if mix:
@@ -289,7 +292,39 @@ def _train_epoch(
         if parts.ema is not None:
             parts.ema.update()
         running += loss.detach()
+        if ticker is not None and (line := ticker.at(step)):
+            log.info("%s", line)
     return float(running) / steps
+
+
+class EpochProgress:
+    """A line every ``every`` seconds while an epoch runs (step, img/s, time left): the epoch's own line
+    comes at its end, and one epoch over a whole catalog on CPU ran for many minutes without a word.
+    Counts steps only, so it adds no device sync to the loop."""
+
+    def __init__(
+        self,
+        epoch: int,
+        steps: int,
+        images_per_step: int,
+        every: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.epoch, self.steps, self.images_per_step = epoch, steps, images_per_step
+        self.every, self.clock = every, clock
+        self.t0 = self.last = clock()
+
+    def at(self, step: int) -> str | None:
+        """The line to log after ``step`` steps of the epoch, or None when the last one is recent."""
+        now = self.clock()
+        if now - self.last < self.every or step >= self.steps:
+            return None
+        self.last = now
+        per_step = (now - self.t0) / step
+        return (
+            f"epoch {self.epoch}: step {step}/{self.steps}, {self.images_per_step / per_step:.0f} img/s, "
+            f"{per_step * (self.steps - step):.0f} s left in the epoch"
+        )
 
 
 def _validate_and_save(
