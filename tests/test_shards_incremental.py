@@ -82,6 +82,37 @@ def test_incremental_packs_only_new_and_changed(ray_session, tmp_path):
     assert (s4.new, s4.changed, s4.unchanged, s4.packed) == (34, 0, 9, 34)
 
 
+def test_the_hash_pass_says_how_far_it_is_while_it_runs(ray_session, caplog):
+    """The hash pass fetches every known product's image again before anything is packed: a whole catalog
+    is minutes of it (hours on S3 at 100M products), and it said nothing until its end."""
+    import re
+    import time
+
+    import ray
+
+    from fashionlabel.shards.plan import _gather_fingerprints, hash_progress_line
+
+    @ray.remote
+    def part(i):
+        time.sleep(0.4 * i)
+        return [(f"p{i}-{j}", b"s" * 16) for j in range(10)]
+
+    with caplog.at_level("INFO", logger="fashionlabel.shards.plan"):
+        got = _gather_fingerprints([part.remote(i) for i in range(4)], 40, every=0.2)
+    assert len(got) == 40
+    lines = [r.getMessage() for r in caplog.records if "known products fingerprinted" in r.getMessage()]
+    assert lines, "no progress line while the hash pass ran"
+    line = r"incremental: \d+/40 known products fingerprinted \(fetch \+ sha256\), "
+    for text in lines:
+        assert re.fullmatch(
+            line + r"(\d+/s, eta \d+ s|\d+ s in; rate and eta once the first task is done)", text
+        )
+    assert (
+        hash_progress_line(10, 40, 5.0)
+        == "10/40 known products fingerprinted (fetch + sha256), 2/s, eta 15 s"
+    )
+
+
 def test_a_previous_index_that_is_not_there_is_refused_before_anything_is_written(ray_session, tmp_path):
     import pytest
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from fashionlabel.taxonomy import Taxonomy
 log = logging.getLogger(__name__)
 
 PLAN_SCHEMA = pa.schema([("product_id", pa.string()), ("status", pa.string())])
+PROGRESS_EVERY = 5.0  # seconds between progress lines of the hash pass, as between the packing's
 
 
 def _labels_key(labels: dict[str, Any]) -> str:
@@ -146,7 +148,7 @@ def _select_incremental(
     refs = [
         task.remote(known[s : s + chunk], tax_ref, heads, keep_outside) for s in range(0, len(known), chunk)
     ]
-    now = {pid: state for part in ray_get(refs) for pid, state in part}
+    now = _gather_fingerprints(refs, len(known))
     log.info("incremental: fingerprinted %d known products against %s", len(known), prev)
     rows, status = [], []
     for r in valid:
@@ -158,6 +160,34 @@ def _select_incremental(
             rows.append(r)
             status.append("changed")
     return rows, status
+
+
+def _gather_fingerprints(refs: list, known: int, every: float = PROGRESS_EVERY) -> dict[str, bytes | None]:
+    """The hash pass's results as its tasks finish, with a progress line every ``every`` seconds: it
+    fetches every known product's image again, so it is most of an incremental night's shard stage (on S3,
+    hours at 100M products), and until it ends no shard is packed."""
+    import ray
+
+    now: dict[str, bytes | None] = {}
+    t0 = last = time.time()
+    pending = refs
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(every, 2.0))
+        for part in ray_get(ready):
+            now.update(part)
+        if pending and time.time() - last >= every:
+            last = time.time()
+            log.info("incremental: %s", hash_progress_line(len(now), known, last - t0))
+    return now
+
+
+def hash_progress_line(done: int, known: int, elapsed: float) -> str:
+    """One progress line of the hash pass: ``done`` of ``known`` products fingerprinted after ``elapsed`` s."""
+    head = f"{done}/{known} known products fingerprinted (fetch + sha256)"
+    if not done:
+        return f"{head}, {elapsed:.0f} s in; rate and eta once the first task is done"
+    rate = done / max(elapsed, 1e-9)
+    return f"{head}, {rate:.0f}/s, eta {(known - done) / rate:.0f} s"
 
 
 def _what_differs(saved: dict[str, Any], cfg: ShardConfig, taxonomy: Taxonomy) -> str:
