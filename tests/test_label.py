@@ -157,6 +157,37 @@ def test_labels_stream_back_shard_by_shard(ray_session, small_shards, tiny_model
     assert len(sizes) >= 4 and max(sizes) <= 150, sizes
 
 
+def test_a_labelling_run_says_how_far_it_is_with_an_eta(
+    ray_session, small_shards, tiny_model, tmp_path, caplog, monkeypatch
+):
+    """Ray Data's own lines count output rows against a guess (``0/?`` in a night's relabel of a whole
+    catalog) and give no eta: the run logs its shards written, products, rate and eta (every 10 s; after
+    every shard here)."""
+    import logging
+    import re
+
+    from fashionlabel.label import pipeline
+
+    monkeypatch.setattr(pipeline, "PROGRESS_EVERY", 0.0)
+    with caplog.at_level(logging.INFO, logger="fashionlabel.label.pipeline"):
+        s = label_shards(
+            str(small_shards),
+            str(tiny_model),
+            str(tmp_path / "labels"),
+            "2026-01-01",
+            LabelConfig(actors=2, batch_size=64, read="actor"),
+        )
+    lines = [r.getMessage() for r in caplog.records if "shards written" in r.getMessage()]
+    assert s["labelled"] == 600 and lines, "no progress line while the run labelled"
+    for text in lines:
+        assert re.fullmatch(
+            r"label: [0-3]/4 shards written, \d+ products, (\d+ img/s, eta \d+ s|\d+ s in; rate and eta once "
+            r"the first shard is written)",
+            text,
+        ), text
+    assert pipeline.progress_line(1, 4, 150, 10.0) == "1/4 shards written, 150 products, 15 img/s, eta 30 s"
+
+
 def test_label_schema_rows_rerun_and_equal_to_predictor(
     ray_session, small_shards, odd_shards, tiny_model, tmp_path
 ):

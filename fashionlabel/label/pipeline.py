@@ -63,6 +63,7 @@ __all__ = ["CRASH_ONCE_ENV", "LabelConfig", "LabelError", "label_shards", "plan_
 
 # held in the run folder by the job labelling it (``_``: Athena, pandas and Spark skip it as data)
 LEASE = "_label.lease"
+PROGRESS_EVERY = 10.0  # seconds between the run's progress lines
 
 
 def label_shards(
@@ -127,6 +128,7 @@ def label_shards(
         compiled: set[str] = set()  # how the actors had their compiled model ("jit", "built", "loaded")
         if todo:
             keys = _skip_keys(out, spec["version"], skip, incremental)
+            t_start = last = time.time()
             try:
                 for batch in _plan(todo, model_dir, run_id, plan, spec, keys).iter_batches(
                     batch_size=None, batch_format="pyarrow"
@@ -136,6 +138,13 @@ def label_shards(
                     writer.add(batch)
                     if progress:
                         progress(batch.num_rows)
+                    if time.time() - last >= PROGRESS_EVERY and writer.counts["files"] < len(todo):
+                        last = time.time()
+                        labelled = writer.counts["labelled"] + writer.counts["errored"]
+                        log.info(
+                            "label: %s",
+                            progress_line(writer.counts["files"], len(todo), labelled, last - t_start),
+                        )
             except Exception as e:  # a shard set not on an actor's node: named, not Ray Data's traceback
                 if (named := storage.task_error(e)) is e:
                     raise
@@ -178,6 +187,21 @@ def label_shards(
         summary["files"] = totals["files"]
         _write_manifest(success, summary, totals, plan, did_work=bool(todo))
         return summary
+
+
+def progress_line(written: int, shards: int, labelled: int, elapsed: float) -> str:
+    """One progress line of a labelling run: its own, with the eta that Ray Data's lines lack (they count
+    output rows against a guess, ``0/?`` for a relabel).
+
+    Args:
+        written: shards whose part is published, of ``shards`` to label this run.
+        labelled: products in those parts (errors included).
+        elapsed: seconds since labelling started (actor start-up included).
+    """
+    head = f"{written}/{shards} shards written, {labelled} products"
+    if not written:
+        return f"{head}, {elapsed:.0f} s in; rate and eta once the first shard is written"
+    return f"{head}, {labelled / max(elapsed, 1e-9):.0f} img/s, eta {(shards - written) * elapsed / written:.0f} s"
 
 
 def _todo(out_dir: str, uris: list[str], shards: str, model_version: str) -> tuple[list[str], str | None]:
