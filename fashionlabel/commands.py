@@ -96,10 +96,10 @@ def _check_inputs_there(a: argparse.Namespace) -> None:
         if not path or "://" in path:
             continue
         if field == "incremental":
-            from fashionlabel.shards.plan import previous_index_uri
+            from fashionlabel import storage
+            from fashionlabel.shards.plan import check_previous_index
 
-            if not Path(previous_index_uri(path)).exists():  # as the shard job words it
-                raise ValueError(f"--incremental {path}: no previous index at {previous_index_uri(path)}")
+            check_previous_index(storage.absolute(path))  # the shard job's own check, before Ray
         elif not Path(path).exists():
             raise FileNotFoundError(f"--{field.replace('_', '-')} {path}: no such file or folder")
 

@@ -19,7 +19,7 @@ from fashionlabel import storage
 from fashionlabel.catalog import CatalogRow, Rejected, check_ids, check_labels, read_catalog
 from fashionlabel.lease import Lease
 from fashionlabel.shards.pack import pack_shard
-from fashionlabel.shards.plan import make_plan, previous_failures, previous_index_uri
+from fashionlabel.shards.plan import check_previous_index, make_plan, previous_failures
 from fashionlabel.shards.spec import (
     QUARANTINE_SCHEMA,
     ShardConfig,
@@ -154,9 +154,7 @@ def shard_catalog(
     out = storage.absolute(out)
     incremental_from = storage.absolute(incremental_from) if incremental_from else None
     if incremental_from:  # a typo is refused before anything is written
-        prev_index = previous_index_uri(incremental_from)
-        if not storage.exists(prev_index):
-            raise ShardJobError(f"--incremental {incremental_from}: no previous index at {prev_index}")
+        check_previous_index(incremental_from)
         if failed_before is None and not str(incremental_from).endswith(".parquet"):
             failed_before = storage.join(incremental_from, "quarantine.parquet")
     known_failures = previous_failures(failed_before)

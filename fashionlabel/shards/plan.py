@@ -97,6 +97,14 @@ def previous_index_uri(prev: str) -> str:
     return prev if str(prev).endswith(".parquet") else storage.join(prev, "index.parquet")
 
 
+def check_previous_index(prev: str) -> str:
+    """The ``index.parquet`` of ``--incremental PREV``, refused by name when it is not there (a typo)."""
+    index = previous_index_uri(prev)
+    if not storage.exists(index):
+        raise ShardJobError(f"--incremental {prev}: no previous index at {index}")
+    return index
+
+
 def previous_failures(quarantine: str | None) -> frozenset[tuple[str, str]]:
     """(product_id, image_uri) of every row a previous run quarantined, from its ``quarantine.parquet``
     (nothing when ``quarantine`` is None or not there). Such rows are packed again (an image may have been
