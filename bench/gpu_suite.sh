@@ -22,6 +22,9 @@
 # EPOCHS (default 45) and GPU (default --gpu; empty for a CPU smoke run) set the training phases.
 # Each phase has a time limit (LIMIT seconds, default 570) so that it ends inside a 10-minute command;
 # `accuracy` and `hier` resume from their checkpoints when run again with the same settings.
+# Before the first phase a check of a few seconds stops the suite (exit 3, no phase run) when a package
+# the phases import is missing or, for a GPU run, torch sees no GPU or cannot decode JPEGs on it: without
+# it every phase would fail one by one, or the benches would measure the CPU and say so only in a header.
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n 2,22p "$0"; exit 2; }
 data=$(realpath "$1"); results=$(realpath -m "$2"); shift 2
@@ -32,6 +35,8 @@ epochs=${EPOCHS:-45}
 gpu=${GPU---gpu}  # GPU= (empty) trains on the CPU: a smoke run of the script itself
 mkdir -p "$results" "$work"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RAY_TMPDIR=${RAY_TMPDIR:-/tmp/flray}
+# The GPU machine's image names its interpreter python3 (a venv also has python): use that name everywhere.
+python() { python3 "$@"; }
 fl() { python -m fashionlabel.cli "$@"; }
 
 catalog() {  # catalog(images_dir, out_csv, all|present): every styles row, or those whose image is there
@@ -99,9 +104,41 @@ phase() {
   esac
 }
 
+preflight() {  # what the phases need, checked in seconds before any of them runs
+  python - "$gpu" <<'PY'
+import importlib.util
+import sys
+
+gpu = bool(sys.argv[1])
+# ray and webdataset are not in the GPU machine's image: they come from the staged wheels (bench/README.md)
+missing = [m for m in ("torch", "torchvision", "ray", "webdataset", "pyarrow", "pandas", "PIL", "yaml")
+           if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"preflight: cannot import {', '.join(missing)} (staged wheels installed, and their folder on PYTHONPATH?)")
+import torch
+import torchvision
+
+print(f"preflight: python {sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}")
+if gpu:
+    if not torch.cuda.is_available():
+        sys.exit("preflight: torch sees no GPU; GPU= (empty) runs the CPU smoke run on purpose")
+    import io
+
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, "JPEG")
+    jpg = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    out = decode_jpeg([jpg, jpg], device="cuda")  # the labelling actors' batched nvJPEG call
+    print(f"preflight: {torch.cuda.get_device_name()}, nvJPEG batch decode {tuple(out[0].shape)} on {out[0].device}")
+PY
+}
+
 cd "$root"
 if [ "$1" = --one ]; then phase "$2"; exit; fi  # one phase, under the loop's time limit below
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no GPU visible: figures say nothing about one"
+preflight || { echo "== stopped before the first phase: the check above failed" >&2; exit 3; }
 for p in "$@"; do
   echo "== $p ($(date -u +%FT%TZ), limit ${limit}s)"
   start=$SECONDS

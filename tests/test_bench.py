@@ -107,20 +107,33 @@ def test_gpu_suite_calls_only_options_that_exist(tmp_path):
             assert re.search(rf"{re.escape(f)}\b", known), f"{name} has no option {f}"
 
 
-def test_gpu_suite_logs_each_phase_and_goes_on_after_a_failed_one(tmp_path):
+def _suite(tmp_path: Path, *phases: str, **env: str) -> subprocess.CompletedProcess:
+    """bench/gpu_suite.sh with an empty data folder, its work and results in ``tmp_path``."""
     data = tmp_path / "data"
-    data.mkdir()
-    r = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu_suite.sh"), str(data), str(tmp_path / "res"), "nosuch", "nosuch2"],
-        env=os.environ | {"WORK": str(tmp_path / "work"), "LIMIT": "60"},
+    data.mkdir(exist_ok=True)
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_suite.sh"), str(data), str(tmp_path / "res"), *phases],
+        env=os.environ | {"WORK": str(tmp_path / "work"), "LIMIT": "60", **env},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
+
+
+def test_gpu_suite_logs_each_phase_and_goes_on_after_a_failed_one(tmp_path):
+    r = _suite(tmp_path, "nosuch", "nosuch2", GPU="")  # GPU= : the CPU smoke run, which needs no GPU
     assert r.returncode == 0, r.stderr
     for phase in ("nosuch", "nosuch2"):
         log = (tmp_path / "res" / f"{phase}.log").read_text()
         assert f"unknown phase: {phase}" in log and f"== {phase}: exit 2" in log
+
+
+def test_gpu_suite_stops_before_any_phase_when_torch_sees_no_gpu(tmp_path):
+    """A GPU run (the default) where torch sees no GPU runs no phase: each would fail or measure the CPU."""
+    r = _suite(tmp_path, "nosuch", CUDA_VISIBLE_DEVICES="")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "preflight: torch sees no GPU" in r.stderr and "stopped before the first phase" in r.stderr
+    assert not (tmp_path / "res" / "nosuch.log").exists()
 
 
 def test_models_table_names_the_unit_it_measured(tmp_path):
