@@ -136,6 +136,16 @@ def test_gpu_suite_stops_before_any_phase_when_torch_sees_no_gpu(tmp_path):
     assert not (tmp_path / "res" / "nosuch.log").exists()
 
 
+def test_gpu_suite_smoke_run_trains_with_settings_that_train_accepts(tmp_path):
+    """`GPU= EPOCHS=1`, the documented check of the script, gives `train` a warm-up it accepts (the recipe's
+    2 epochs exceed 1). With no shards prepared, train then stops at the missing shards instead."""
+    r = _suite(tmp_path, "accuracy", GPU="", EPOCHS="1")
+    log = (tmp_path / "res" / "accuracy.log").read_text()
+    assert "invalid training setting" not in log, log
+    assert f"--shards {tmp_path / 'work' / 's80'}: no such file or folder" in log, log
+    assert r.returncode == 0, r.stderr
+
+
 def test_models_table_names_the_unit_it_measured(tmp_path):
     """With --cpu-time the figures are images per CPU-second, and the printed table's header says so (the
     table of docs/models.md); without it, wall-clock images per second."""
