@@ -307,10 +307,14 @@ def compare(
             *rates, n = plain_process(run)
             plain.append(tuple(rates))
         assert n == products
+        # Where each path ran and how it was compiled, every run: a GPU that Ray did not see, or an AOT
+        # package that fell back to torch.compile, would otherwise be measured without a word.
         print(
             f"  [{name} run {r + 1}/{a.repeats}] ours {ours[-1][0]:,.0f} img/s (steady {_num(ours[-1][1])}; "
-            f"{s['actors']} actor(s), reads in {s['read']}, decode {s['decode']}, batch {s['batch_size']})"
-            f"   plain {plain[-1][0]:,.0f} img/s (steady {_num(plain[-1][1])})",
+            f"{s['actors']} actor(s) on {s['device']}, {s['compiled'] or 'eager'}, reads in {s['read']}, "
+            f"decode {s['decode']}, batch {s['batch_size']})"
+            f"   plain {plain[-1][0]:,.0f} img/s (steady {_num(plain[-1][1])}; "
+            f"{device}, {'torch.compile' if a.compile else 'eager'})",
             flush=True,
         )
     agree = _agreement(work / "labels-0", work / "plain-0.parquet")

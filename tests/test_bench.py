@@ -75,6 +75,9 @@ def test_label_bench_prints_ours_plain_and_their_ratio():
     low, high = (ours - 0.5) / (plain + 0.5), (ours + 0.5) / (plain - 0.5)
     assert low - 0.005 <= ratio <= high + 0.005, (ours, plain, ratio)
     assert row.rstrip().endswith("100.0%")  # the same labels from both paths
+    # each run line says where each path ran and how compiled: a silent fallback would show here
+    run_line = next(ln for ln in r.stdout.splitlines() if "[small (fl_small) run 1/1]" in ln)
+    assert "actor(s) on cpu, eager," in run_line and "(steady" in run_line and "; cpu, eager)" in run_line
 
 
 def _suite_commands() -> list[list[str]]:
