@@ -98,14 +98,15 @@ phase() {
       python bench/train_baseline.py --styles "$data/styles.csv" --images "$work/images" --epochs "$baseline_epochs" \
         --out "$results/baseline.json" --against "${MODEL:-$work/m_a}" --shards "$work/s80"
       ;;
+    # label and split label the same 200,000-product shards: built once in WORK (1.3 GB, ~30 s), not per call
     label)
       python bench/label_throughput.py --images "$data/images-224.tar" --products 200000 --repeats 2 \
-        --compile-cache warm
+        --compile-cache warm --keep "$work/label-bench"
       ;;
     split)
       for share in 0 0.3 0.5 0.65; do
         python bench/label_throughput.py --images "$data/images-224.tar" --products 200000 --models resnet50 \
-          --decode split --cpu-decode-share "$share" --compile-cache warm
+          --decode split --cpu-decode-share "$share" --compile-cache warm --keep "$work/label-bench"
       done
       ;;
     compile) python bench/compile_startup.py --models resnet50 ;;

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import statistics
 import sys
 import tarfile
@@ -256,10 +257,15 @@ def compare(
     a: argparse.Namespace,
     root: Path,
     size: tuple[int, int],
+    run_dir: Path,
 ) -> dict:
-    work = root / name
-    # Shards depend only on the product count: a second model with the same count labels the same tars.
-    shards = root / f"shards-{products}-of-{len(jpegs)}-by-{a.samples_per_shard}"
+    """Ours against the plain loop on the same shards. The shards, kept in ``root``, depend only on the
+    source images, the product count and the shard size: another model, or another call with the same
+    ``--keep`` folder, labels the same tars. Everything a run writes or compiles goes in ``run_dir``, new
+    for every call, so no run starts from another call's labels or compiled kernels."""
+    work = run_dir / name
+    sources = hashlib.sha256(b"".join(hashlib.sha256(j).digest() for j in jpegs)).hexdigest()[:12]
+    shards = root / f"shards-{products}-of-{len(jpegs)}-{sources}-by-{a.samples_per_shard}"
     if not (shards / "_complete").exists():
         build_shards(jpegs, products, a.samples_per_shard, shards)
         (shards / "_complete").touch()
@@ -272,7 +278,8 @@ def compare(
         # run (a fresh node); warm: one folder per path across runs (from run 2 on, a node's next night).
         cache = {
             k: str(
-                root / (f"compiled-{arch}-{k}-{r}" if a.compile_cache == "cold" else f"compiled-{arch}-{k}")
+                run_dir
+                / (f"compiled-{arch}-{k}-{r}" if a.compile_cache == "cold" else f"compiled-{arch}-{k}")
             )
             for k in ("ours", "plain")
         }
@@ -397,7 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--models", nargs="+", default=["small", "resnet50"], choices=["small", "resnet50"])
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder)")
+    p.add_argument(
+        "--keep",
+        default=None,
+        help="work folder to keep; calls given the same one build the shards once and share them, each "
+        "call's labels and compiled models in a folder of its own (default: a temp folder, deleted)",
+    )
     p.add_argument(
         "--plain-in-process",
         action="store_true",
@@ -421,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "resnet50": ("cloth_resnet_a", a.resnet_products or (a.products if gpu else 2000)),
     }
     root = Path(a.keep or tempfile.mkdtemp(prefix="label-bench-"))
+    run_dir = root / f"run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     print(
         f"label throughput: {len(jpegs)} source JPEGs ({side}px), model input {size}, "
@@ -433,9 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for m in a.models:
             arch, n = archs[m]
-            results.append(compare(f"{m} ({arch})", arch, jpegs, n, a, root, size))
+            results.append(compare(f"{m} ({arch})", arch, jpegs, n, a, root, size, run_dir))
     finally:
         ray.shutdown()
+        if not a.keep:  # gigabytes of shards and labels at GPU sizes, one folder per call
+            shutil.rmtree(root, ignore_errors=True)
     print(
         f"\nmedian of {a.repeats} run(s); end to end (model loading and start-up included), then steady "
         f"(from the first labelled batch on)"

@@ -80,6 +80,41 @@ def test_label_bench_prints_ours_plain_and_their_ratio():
     assert "actor(s) on cpu, eager," in run_line and "(steady" in run_line and "; cpu, eager)" in run_line
 
 
+@pytest.mark.slow
+def test_label_bench_calls_sharing_a_keep_folder_share_shards_not_outputs():
+    """Two calls with one ``--keep`` folder (the GPU suite's label and split phases): the second labels the
+    first's shards into folders of its own, instead of finding its labels done and failing."""
+    tmp = tempfile.mkdtemp(prefix="flbench-", dir="/tmp")
+    keep = Path(tmp) / "keep"
+    try:
+        runs = [
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "bench" / "label_throughput.py"),
+                    *("--synthetic", "--products", "200", "--models", "small", "--repeats", "1"),
+                    *("--size", "80", "60", "--samples-per-shard", "100", "--keep", str(keep)),
+                ],
+                cwd=tmp,
+                env=os.environ | {"PYTHONPATH": str(ROOT), "RAY_TMPDIR": tmp, "TMPDIR": tmp},
+                capture_output=True,
+                text=True,
+                timeout=500,
+            )
+            for _ in range(2)
+        ]
+        shards = sorted(p.name for p in keep.glob("shards-*"))
+        calls = sorted(keep.glob("run-*"))
+    finally:
+        stop_processes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+        row = next(ln for ln in r.stdout.splitlines() if ln.startswith("small (fl_small)"))
+        assert re.search(r"\b200\s+[\d,]+\s+[\d,]+", row) and row.rstrip().endswith("100.0%"), row
+    assert len(shards) == 1 and len(calls) == 2, (shards, calls)
+
+
 def _suite_commands() -> list[list[str]]:
     """The `fl SUBCOMMAND --flag ...` and `python bench/X.py --flag ...` calls of bench/gpu_suite.sh, one
     list of words per call (continuation lines joined)."""
