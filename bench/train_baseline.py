@@ -105,6 +105,18 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if bool(a.against) != bool(a.shards):
         p.error("--against and --shards go together")
+    if a.against:
+        # Checked before training, not after it: the comparison is the run's point, and a model that is not
+        # there yet (its training stopped before export) would otherwise cost the whole baseline run first.
+        from fashionlabel.shards import list_shards
+        from fashionlabel.train.export import load_artifact
+
+        try:
+            load_artifact(a.against)
+            if not list_shards(a.shards):
+                raise ValueError(f"no shards in {a.shards}")
+        except Exception as e:  # noqa: BLE001 - any reason is the same answer: nothing to compare against
+            p.error(f"--against {a.against} --shards {a.shards}: {str(e)[:300]}")
     dev = a.device
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)

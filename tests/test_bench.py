@@ -184,6 +184,26 @@ def test_gpu_suite_smoke_run_trains_with_settings_that_train_accepts(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_baseline_refuses_a_missing_model_to_compare_before_training(tmp_path):
+    """`--against` names a model that is not there (its training stopped before export): the script says so
+    at once instead of after its 30 epochs."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "train_baseline.py"),
+            *("--styles", str(ROOT / "examples" / "sample" / "catalog.csv"), "--images", str(tmp_path)),
+            *("--against", str(tmp_path / "m_a"), "--shards", str(tmp_path / "s80"), "--epochs", "1"),
+        ],
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"error: --against {tmp_path / 'm_a'}" in r.stderr and "not a folder" in r.stderr
+    assert "epoch 0 done" not in r.stderr
+
+
 def test_models_table_names_the_unit_it_measured(tmp_path):
     """With --cpu-time the figures are images per CPU-second, and the printed table's header says so (the
     table of docs/models.md); without it, wall-clock images per second."""
