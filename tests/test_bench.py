@@ -4,6 +4,7 @@ that prints our path, the plain loop and their ratio as the README shows."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -182,6 +183,43 @@ def test_gpu_suite_smoke_run_trains_with_settings_that_train_accepts(tmp_path):
     assert "invalid training setting" not in log, log
     assert f"--shards {tmp_path / 'work' / 's80'}: no such file or folder" in log, log
     assert r.returncode == 0, r.stderr
+
+
+def test_gpu_data_parts_unpack_to_the_same_files_in_any_order(tmp_path):
+    """bench/gpu_data.sh cuts the data set into parts that one device call each can carry; staging them in
+    any order gives back the same three files, checked."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = random.Random(0)
+    files = {"styles.csv": 50_000, "images-60x80.tar": 120_000, "images-224.tar": 90_000}
+    for name, n in files.items():
+        (data / name).write_bytes(rng.randbytes(n))
+    stage = tmp_path / "stage"
+    r = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_data.sh"), str(data)],
+        env=os.environ | {"STAGE_DIR": str(stage), "PART_BYTES": "100000"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    parts = sorted(stage.glob("D*"))
+    assert len(parts) == 3 and all((p / "stage.sh").is_file() for p in parts)
+    assert max(f.stat().st_size for p in parts for f in p.glob("data.part.*")) <= 100_000
+    dest, outs = tmp_path / "fldata", []
+    for p in reversed(parts):  # as the calls happen to come
+        out = subprocess.run(
+            ["bash", str(p / "stage.sh")],
+            env=os.environ | {"STAGE": str(tmp_path / "parts"), "DEST": str(dest)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        outs.append(out.stdout)
+    assert "staged: 1 of 3" in outs[0] and "staged: 2 of 3" in outs[1] and "data ready in" in outs[2]
+    for name in files:
+        assert (dest / name).read_bytes() == (data / name).read_bytes()
 
 
 def test_baseline_refuses_a_missing_model_to_compare_before_training(tmp_path):
