@@ -26,7 +26,7 @@
 # the phases import is missing or, for a GPU run, torch sees no GPU or cannot decode JPEGs on it: without
 # it every phase would fail one by one, or the benches would measure the CPU and say so only in a header.
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n 2,22p "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n "2,/^set -euo/{/^#/p}" "$0"; exit 2; }
 data=$(realpath "$1"); results=$(realpath -m "$2"); shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${WORK:-/tmp/flgpu}
