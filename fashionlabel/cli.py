@@ -210,7 +210,8 @@ def _shard_options(p: argparse.ArgumentParser) -> None:
         "--fetches-in-flight",
         type=int,
         default=8,
-        help="image fetches each shard task keeps going at once (lower it for a rate-limited image host)",
+        help="image fetches each shard or hash-pass task keeps going at once (lower it for a rate-limited "
+        "image host)",
     )
     p.add_argument(
         "--incremental",
@@ -352,7 +353,8 @@ def _nightly_options(p: argparse.ArgumentParser) -> None:
         "--fetches-in-flight",
         type=int,
         default=8,
-        help="image fetches each shard task keeps going at once (lower it for a rate-limited image host)",
+        help="image fetches each shard or hash-pass task keeps going at once (lower it for a rate-limited "
+        "image host)",
     )
     p.add_argument(
         "--max-catalog-drop",

@@ -17,6 +17,7 @@ import re
 import shutil
 import tarfile
 import threading
+from collections import Counter
 from pathlib import Path
 
 import duckdb
@@ -427,13 +428,15 @@ def test_malformed_image_uris_are_quarantined_not_taken_for_a_source_that_is_dow
 
 
 class _Slow(http.server.SimpleHTTPRequestHandler):
-    """Answers after 0.2 s, as a distant CDN would, and counts how many requests it holds at once.
+    """Answers after 0.2 s, as a distant CDN would, and counts how many requests it holds at once and how
+    often each path was asked for.
 
     A request counts itself out before its answer is sent: counted out after, a client asking one at a
     time could be answered and ask again before the answering thread had counted itself out, and two
     would seem held at once."""
 
     lock, now, most = threading.Lock(), 0, 0
+    asked: Counter[str] = Counter()  # path -> requests for it
 
     def log_message(self, *a):
         pass
@@ -441,6 +444,7 @@ class _Slow(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's naming
         cls = type(self)
         with cls.lock:
+            cls.asked[self.path] += 1
             cls.now += 1
             cls.most = max(cls.most, cls.now)
         try:

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections import Counter
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from fashionlabel.catalog import (
     Rejected,
     check_labels,
 )
+from fashionlabel.shards.pack import fetched
 from fashionlabel.shards.spec import PlanMismatchError, ShardConfig, ShardJobError, ray_get
 from fashionlabel.taxonomy import Taxonomy
 
@@ -50,23 +52,41 @@ def _state(sha: str | None, labels_key: str | None) -> bytes | None:
 
 
 def fingerprint_rows(
-    rows: list[CatalogRow], taxonomy: Taxonomy, heads: list[str], keep_outside: bool = False
+    rows: list[CatalogRow],
+    taxonomy: Taxonomy,
+    heads: list[str],
+    keep_outside: bool = False,
+    in_flight: int = 1,
 ) -> list[tuple[str, bytes | None]]:
     """(product_id, ``_state`` of its source bytes and the labels of ``heads``) per row; the state is None
     when the source cannot be fetched or the labels are rejected (the row is then packed again, so the
-    pack task quarantines it). ``keep_outside``: labels the taxonomy lacks are left out, as packing does."""
-    out = []
-    outages = OutageBreaker(len(rows), "the known products' hash pass")
-    gate = HostGate()
+    pack task quarantines it). ``keep_outside``: labels the taxonomy lacks are left out, as packing does.
+
+    Each distinct source is fetched once, with up to ``in_flight`` remote fetches under way at a time (as
+    a shard task fetches): one GET after another, each waiting its round trip, the hash pass of every known
+    product was the night's longest stage on S3, and products sharing an image (a placeholder photo, colour
+    variants of one shot) fetched it once each."""
+    firsts: dict[str, CatalogRow] = {}  # the first row of each distinct source
     for r in rows:
-        try:
-            sha = hashlib.sha256(gate.fetch(r.image_uri)).hexdigest()
-        except FetchError as e:
-            outages.record(e, r.image_uri)  # a source that is down does not make every product "changed"
-            sha = None
+        firsts.setdefault(r.image_uri, r)
+    outages = OutageBreaker(len(firsts), "the known products' hash pass")
+    remote = any(u.startswith(("http://", "https://", "s3://")) for u in firsts)
+    shas: dict[str, str | None] = {}
+    with closing(fetched(firsts.values(), in_flight if remote else 1, HostGate())) as sources:
+        for r, src in sources:
+            if isinstance(src, FetchError):
+                # a source that is down does not make every product "changed": past a few, the task fails
+                outages.record(src, r.image_uri)
+                shas[r.image_uri] = None
+            elif isinstance(src, Exception):
+                raise src
+            else:
+                shas[r.image_uri] = hashlib.sha256(src).hexdigest()
+    out = []
+    for r in rows:
         v = check_labels(r, taxonomy, keep_outside)
         key = None if isinstance(v, Rejected) else _labels_key({h: v.labels.get(h) for h in heads})
-        out.append((r.product_id, _state(sha, key)))
+        out.append((r.product_id, _state(shas[r.image_uri], key)))
     return out
 
 
@@ -143,10 +163,11 @@ def previous_index(prev: str, taxonomy: Taxonomy) -> tuple[dict[str, bytes], lis
 
 
 def _select_incremental(
-    valid: list[CatalogRow], prev: str, chunk: int, taxonomy: Taxonomy, keep_outside: bool
+    valid: list[CatalogRow], prev: str, chunk: int, taxonomy: Taxonomy, keep_outside: bool, in_flight: int
 ) -> tuple[list[CatalogRow], list[str]]:
     """The rows to pack (new, or changed: other source bytes or other labels; in catalog order) and their
-    status. Known products are fingerprinted in Ray tasks (one fetch each), the driver only compares."""
+    status. Known products are fingerprinted in Ray tasks (one fetch per distinct image of a task's chunk,
+    ``in_flight`` of them at a time from a remote source), the driver only compares."""
     import ray
 
     before, heads = previous_index(prev, taxonomy)
@@ -154,7 +175,8 @@ def _select_incremental(
     task = ray.remote(num_cpus=1, max_retries=3)(fingerprint_rows)
     tax_ref = ray.put(taxonomy)
     refs = [
-        task.remote(known[s : s + chunk], tax_ref, heads, keep_outside) for s in range(0, len(known), chunk)
+        task.remote(known[s : s + chunk], tax_ref, heads, keep_outside, in_flight)
+        for s in range(0, len(known), chunk)
     ]
     now = _gather_fingerprints(refs, len(known))
     log.info("incremental: fingerprinted %d known products against %s", len(known), prev)
@@ -241,7 +263,12 @@ def make_plan(
     else:
         if incremental_from:
             rows, status = _select_incremental(
-                valid, incremental_from, max(cfg.samples_per_shard, 1000), taxonomy, cfg.keep_outside_labels
+                valid,
+                incremental_from,
+                max(cfg.samples_per_shard, 1000),
+                taxonomy,
+                cfg.keep_outside_labels,
+                cfg.fetches_in_flight,
             )
         else:
             rows, status = valid, ["new"] * len(valid)

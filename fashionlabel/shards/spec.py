@@ -34,7 +34,8 @@ class ShardConfig:
     max_pixels: int = 40_000_000  # larger sources are quarantined before decoding (decompression bombs)
     min_side: int = 8  # sources with a shorter side are quarantined
     max_failure_rate: float = 0.5  # the job fails when a larger share of its rows is quarantined
-    # image fetches a shard task keeps going at once: network waits overlap (fewer for a rate-limited host)
+    # image fetches a shard task (and a task of the --incremental hash pass) keeps going at once: network waits
+    # overlap (fewer for a rate-limited host)
     fetches_in_flight: int = 8
     # a label the taxonomy lacks leaves that head unlabelled instead of quarantining the product: a night
     # labels its catalog with the model's taxonomy and reads no label column (a value new to the catalog)
