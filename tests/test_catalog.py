@@ -687,6 +687,37 @@ def test_a_parquet_catalog_is_read_in_about_the_memory_of_the_same_csv(tmp_path)
     assert peak / n < 1100, f"{peak / n:.0f} bytes per catalog row at the peak"
 
 
+def test_reading_and_checking_a_large_catalog_say_how_far_they_are(tmp_path, monkeypatch, caplog):
+    # A 1,000,000-row catalog took the driver 20-40 s to read and check with no line at all between
+    # "ray ready" and the plan's; at 100M rows it would be most of an hour of silence.
+    import logging
+    import re
+
+    monkeypatch.setattr("fashionlabel.catalog.PROGRESS_EVERY", 0.0)  # a line at every 4,096 rows
+    caplog.set_level(logging.INFO, logger="fashionlabel.catalog")
+    n = 10_000
+    ids = [f"SKU-{i:07d}" for i in range(n)]
+    table = pa.table({"product_id": ids, "image_uri": [f"images/{i}.jpg" for i in range(n)]})
+    pq.write_table(table, tmp_path / "c.parquet")
+    (tmp_path / "c.csv").write_text("product_id,image_uri\n" + "".join(f"{p},images/{p}.jpg\n" for p in ids))
+    (tmp_path / "c.jsonl").write_text(
+        "".join(json.dumps({"product_id": p, "image_uri": "a.jpg"}) + "\n" for p in ids)
+    )
+    for name, read in (
+        ("c.csv", "4096/10001 lines"),
+        ("c.jsonl", "4096/10000 lines"),
+        ("c.parquet", "10000/10000 rows"),
+    ):
+        caplog.clear()
+        rows, _ = read_catalog(tmp_path / name)
+        check_ids(rows, str(tmp_path / name))
+        lines = [r.getMessage() for r in caplog.records]
+        at = re.escape(f"catalog {tmp_path / name}: ")
+        assert any(re.fullmatch(at + re.escape(read) + r" read, \d+ s in", m) for m in lines), lines
+        checked = r"8192/10000 rows checked \(ids, duplicates, image URIs\), \d+ s in"
+        assert any(re.fullmatch(at + checked, m) for m in lines), lines
+
+
 def test_values_are_shared_only_in_columns_that_repeat(tmp_path, monkeypatch):
     monkeypatch.setattr("fashionlabel.catalog.SHARED_VALUES_PER_COLUMN", 3)
     p = tmp_path / "c.parquet"

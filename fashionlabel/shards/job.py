@@ -164,6 +164,13 @@ def shard_catalog(
     catalog_rows = len(rows) + len(malformed)
     del rows  # the rejected rows' dicts go now; the valid ones live on in ``valid``
     rejected = malformed + rejected
+    log.info(
+        "catalog %s: %d rows read and checked in %.0f s (%d valid); planning",
+        catalog,
+        catalog_rows,
+        time.time() - t0,
+        len(valid),
+    )
     _check_output(out)
     # one shard job per output: a second one (the same command run again while the first still runs) packed
     # every shard again, and the first to finish deleted the other's tars in progress from _tmp/

@@ -172,6 +172,12 @@ def _select_incremental(
 
     before, heads = previous_index(prev, taxonomy)
     known = [r for r in valid if r.product_id in before]
+    log.info(
+        "incremental: %d of %d catalog products are known to %s; fingerprinting them",
+        len(known),
+        len(valid),
+        prev,
+    )
     task = ray.remote(num_cpus=1, max_retries=3)(fingerprint_rows)
     tax_ref = ray.put(taxonomy)
     refs = [
