@@ -1,6 +1,8 @@
 """Job entry point for `fashionlabel calibrate` (see `fashionlabel calibrate --help`).
 
-ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.calibrate --model M --shards S --out M2 --review-share 0.3
+    ray job submit --address $RAY_ADDRESS --working-dir . -- \
+        python -m jobs.calibrate --model s3://BUCKET/models/fl_small --shards s3://BUCKET/shards \
+            --out s3://BUCKET/models/fl_small-review30 --review-share 0.3
 """
 
 import sys

@@ -1,6 +1,8 @@
 """Job entry point for `fashionlabel prune` (see `fashionlabel prune --help`).
 
-ray job submit --address $RAY_ADDRESS --working-dir . -- python -m jobs.prune --model M --shards S --out M2 --blocks 3,5,7
+    ray job submit --address $RAY_ADDRESS --working-dir . -- \
+        python -m jobs.prune --model s3://BUCKET/models/xception_se --shards s3://BUCKET/shards \
+            --out s3://BUCKET/models/xception_se-pruned --blocks 3,5,7
 """
 
 import sys

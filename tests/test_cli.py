@@ -20,15 +20,21 @@ def test_help(cmd):
     assert r.returncode == 0 and "usage: fashionlabel" in r.stdout
 
 
-@pytest.mark.parametrize(
-    "job", sorted(p.stem for p in (Path(__file__).parents[1] / "jobs").glob("*.py") if p.stem != "__init__")
-)
-def test_each_job_shows_an_exact_ray_job_submit_command_that_parses(job):
+# every entry point under jobs/, so that a job added there is covered without a list to update
+JOBS = sorted(p.stem for p in (Path(__file__).parents[1] / "jobs").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_each_job_shows_an_exact_ray_job_submit_command_that_parses(job, monkeypatch):
     """Each job's docstring is the command an operator copies: ``ray job submit … -- python -m jobs.<name>``
-    with options its command takes (some said ``ARGS...``, which no command takes)."""
+    with options its command takes (some said ``ARGS...``, which no command takes), and outputs such a job
+    keeps: ``calibrate`` and ``prune`` showed ``--out M2``, which a job submitted with ``--working-dir .``
+    refuses as a relative path."""
     import importlib
+    import json
 
     from fashionlabel.cli import parse
+    from fashionlabel.commands import check_outputs_outlive_the_job
 
     doc = " ".join(importlib.import_module(f"jobs.{job}").__doc__.replace("\\\n", " ").split())
     assert (
@@ -36,7 +42,12 @@ def test_each_job_shows_an_exact_ray_job_submit_command_that_parses(job):
     )
     args = shlex.split(doc.partition(f"python -m jobs.{job} ")[2])
     assert args, f"jobs/{job}.py shows no arguments"
-    parse([job, *args])  # argparse exits on an option the command does not take or lacks a required one
+    # argparse exits on an option the command does not take or lacks a required one
+    parsed = parse([job, *args])
+    # as Ray sets it for a job submitted with --working-dir (test_a_relative_output_in_a_job_...)
+    job_config = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job_config))
+    check_outputs_outlive_the_job(parsed)
 
 
 def test_verbose_before_or_after_the_subcommand_and_defaults_in_every_help():
