@@ -393,9 +393,7 @@ def test_a_cluster_address_where_nothing_listens_fails_at_once_by_name():
         _check_reachable(left_to_ray)
 
 
-@pytest.mark.parametrize(
-    "job", ["shard", "train", "evaluate", "label", "nightly", "report", "query", "prune"]
-)
+@pytest.mark.parametrize("job", JOBS)  # a list written out here had left out calibrate
 def test_every_job_entry_point_runs_its_own_command(job, capsys):
     import importlib
 
