@@ -4,6 +4,7 @@ ROOT/shards/night=D/          the night's shards (new and changed products only)
 ROOT/labels/history/run_date=D/, ROOT/labels/latest/
 ROOT/work/relabel-D/          labels of a relabel, before they join the night's history
 ROOT/work/_nightly.lease      held by the nightly job running on this root
+ROOT/work/map-before-D.parquet   the map of the nights before D: night D's previous index, until D completes
 ROOT/work/map-through-D.parquet  the product map of the nights up to D, the last complete one
 ROOT/manifests/D.json, ROOT/reports/D.html
 """
