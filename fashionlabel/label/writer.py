@@ -23,7 +23,6 @@ from fashionlabel import storage
 
 log = logging.getLogger(__name__)
 
-SHARD_COLUMNS = ("shard", "shard_rows", "shard_skipped", "marker", "shard_damage")
 META_KEY = b"fashionlabel"
 
 
