@@ -152,8 +152,8 @@ def relabel_products(
     older_than_days: int | None,
     label_cfg: LabelConfig,
 ) -> dict[str, Any]:
-    """Relabel active products whose current label is from another model, too old or an error, from their
-    shards.
+    """Relabel active products whose current label is from another model, too old, an error or missing
+    (:func:`selection`), from their shards.
 
     Args:
         snap: the previous night's ``latest`` snapshot (None on the first night: nothing to relabel).
