@@ -543,6 +543,40 @@ def test_damaged_shards_are_salvaged_and_their_lost_products_get_error_rows(
     assert (b["damaged_shards"], b["labelled"], b["errored"]) == (1, readable, 0)
 
 
+def test_a_sidecar_damaged_in_place_is_a_lost_product_not_one_labelled_under_its_key(tmp_path):
+    """A tar's payloads carry no checksum: a byte of a sidecar overwritten in place was read as a sample
+    without one, so the product was labelled under its shard key (``SKU_1670_A--…`` for ``SKU.1670/A``)
+    with no error, a product no catalog has, and ``SKU.1670/A`` never. Training refuses such a shard by
+    name (``iter_shard``); labelling now counts the sample lost: the index names its product, which gets an
+    error row, and the shard is reported damaged."""
+    from conftest import sample_rows
+
+    from fashionlabel.catalog import check_ids
+    from fashionlabel.shards import ShardConfig, index_schema, pack_shard
+
+    tax = Taxonomy.load("fashion-product-images")
+    rows = [dict(r, product_id=f"SKU.{r['product_id']}/A") for r in sample_rows(10)]
+    rows = [r for r in rows if Path(r["image_uri"]).exists()][:3]
+    valid, _ = check_ids(rows, str(tmp_path / "catalog.csv"))
+    pack_shard(0, valid, str(tmp_path), ShardConfig(fetches_in_flight=1), index_schema(tax), tax)
+    shutil.copy(tmp_path / "_parts" / "shard-000000.parquet", tmp_path / "index.parquet")
+    tar = tmp_path / "shard-000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[data.find(f'"product_id": "{rows[1]["product_id"]}'.encode())] = 0  # one byte, in place
+    tar.write_bytes(bytes(data))
+    key = valid[1].key
+    assert key != rows[1]["product_id"]
+
+    with pytest.raises(TarFormatError, match=f"not a JSON object \\(member {key}.json\\)"):
+        shard_samples(str(tar))
+    b = read_shards({"shard": np.array([str(tar)], dtype=object)}, decode_on="cpu", size=(80, 60))
+    got = dict(zip(b["product_id"], b["error"], strict=True))
+    assert sorted(got) == sorted(r["product_id"] for r in rows)  # catalog ids only: no key among them
+    assert got[rows[0]["product_id"]] is None and got[rows[2]["product_id"]] is None
+    assert got[rows[1]["product_id"]].startswith("unreadable shard: the sidecar of 1 sample(s)")
+    assert set(b["shard_damage"]) == {f"the sidecar of 1 sample(s) is not a JSON object (member {key}.json)"}
+
+
 def test_a_tar_cut_where_no_member_notices_is_damage_not_a_shorter_shard(
     ray_session, small_shards, tiny_model, tmp_path
 ):

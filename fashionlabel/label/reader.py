@@ -98,12 +98,17 @@ def read_shard_bytes(uri: str) -> bytes:
 def shard_samples(uri: str) -> tuple[list[str], list[str | None], list[bytes | None]]:
     """(product_ids, image_sha256s, jpg bytes or None) of one shard, grouped by WebDataset key.
 
-    Raises :class:`TarFormatError` for a damaged shard; :func:`salvage_shard` reads what it can of one."""
-    return _samples(read_tar(read_shard_bytes(uri)))
+    Raises :class:`TarFormatError` for a damaged shard (a sidecar that is not a JSON object included);
+    :func:`salvage_shard` reads what it can of one."""
+    ids, shas, jpgs, bad = _samples(read_tar(read_shard_bytes(uri)))
+    if bad:
+        raise TarFormatError(bad)
+    return ids, shas, jpgs
 
 
 def salvage_shard(uri: str) -> tuple[list[str], list[str | None], list[bytes | None], str | None]:
-    """Like :func:`shard_samples`, but a damaged shard gives the samples before the damage and its reason."""
+    """Like :func:`shard_samples`, but a damaged shard gives the samples before the damage and its reason;
+    a sample whose sidecar is not a JSON object is left out, as lost, and named in the reason."""
     members: list[tuple[str, bytes]] = []
     try:
         for m in read_tar(read_shard_bytes(uri)):
@@ -114,33 +119,48 @@ def salvage_shard(uri: str) -> tuple[list[str], list[str | None], list[bytes | N
         exts = {n.partition(".")[2] for n, _ in members if n.partition(".")[0] == last}
         if last is not None and not ("json" in exts and exts & {"jpg", "jpeg"}):
             members = [m for m in members if m[0].partition(".")[0] != last]
-        return (*_samples(iter(members)), str(e))
-    return (*_samples(iter(members)), None)
+        ids, shas, jpgs, bad = _samples(iter(members))
+        return ids, shas, jpgs, "; ".join(x for x in (bad, str(e)) if x)
+    ids, shas, jpgs, bad = _samples(iter(members))
+    return ids, shas, jpgs, bad or None
 
 
-def _samples(members: Iterator[tuple[str, bytes]]) -> tuple[list[str], list[str | None], list[bytes | None]]:
+def _samples(
+    members: Iterator[tuple[str, bytes]],
+) -> tuple[list[str], list[str | None], list[bytes | None], str]:
+    """(product_ids, sha256s, jpgs) of the samples of ``members``, and the damage of those left out: a
+    sidecar that is not a JSON object ("" when none). Its product is not known from the shard: read under
+    its key, it was labelled as a product of that name (``SKU_12_A--3f1c…`` for ``SKU.12/A``), with no error,
+    and ``SKU.12/A`` never; left out, it is a lost product that the index names (``lost_products``)."""
     keys: list[str] = []
-    jsons: list[bytes] = []
+    jsons: list[bytes | None] = []
     jpgs: list[bytes | None] = []
     for name, payload in members:
         key, _, ext = name.partition(".")
         if not keys or keys[-1] != key:
             keys.append(key)
-            jsons.append(b"{}")
+            jsons.append(None)
             jpgs.append(None)
         if ext == "json":
             jsons[-1] = payload
         elif ext in ("jpg", "jpeg"):
             jpgs[-1] = payload
+    given = [j for j in jsons if j is not None]
     try:
-        metas: list[Any] = json.loads(b"[" + b",".join(jsons) + b"]") if jsons else []
-    except ValueError:  # one sidecar is not JSON: parse them one by one, the bad one counts as missing
-        metas = [_json_or_none(j) for j in jsons]
-    ids = [
-        str(m.get("product_id", k)) if isinstance(m, dict) else k for m, k in zip(metas, keys, strict=True)
-    ]
-    shas = [m.get("sha256") if isinstance(m, dict) else None for m in metas]
-    return ids, shas, jpgs
+        parsed: list[Any] = json.loads(b"[" + b",".join(given) + b"]") if given else []
+    except ValueError:  # one sidecar is not JSON: parse them one by one to find which
+        parsed = [_json_or_none(j) for j in given]
+    # a sample without a sidecar keeps its key as its id, as before; one whose sidecar is damaged does not
+    found = iter(parsed)
+    metas = [{} if j is None else next(found) for j in jsons]
+    bad = [k for k, m in zip(keys, metas, strict=True) if not isinstance(m, dict)]
+    if bad:
+        keep = [i for i, m in enumerate(metas) if isinstance(m, dict)]
+        keys, metas, jpgs = [keys[i] for i in keep], [metas[i] for i in keep], [jpgs[i] for i in keep]
+    ids = [str(m.get("product_id", k)) for m, k in zip(metas, keys, strict=True)]
+    shas = [m.get("sha256") for m in metas]
+    damage = f"the sidecar of {len(bad)} sample(s) is not a JSON object (member {bad[0]}.json)" if bad else ""
+    return ids, shas, jpgs, damage
 
 
 def _json_or_none(data: bytes) -> Any:
