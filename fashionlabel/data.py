@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fashionlabel.images import decode
+from fashionlabel.images import MISSING_IMAGE, decode
 from fashionlabel.shards import iter_shard
 from fashionlabel.taxonomy import Taxonomy
 
@@ -144,6 +144,9 @@ def load_samples(
                 continue
             i += 1
             if (i - 1) % world != rank:
+                continue
+            if "jpg" not in s:  # said as labelling says it (label/reader.py), not as a KeyError: 'jpg'
+                errors[pid] = MISSING_IMAGE
                 continue
             try:
                 images.append(decode(s["jpg"], size))

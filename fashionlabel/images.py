@@ -118,6 +118,8 @@ def normalise(
 
 # Shard images are normalised to a few hundred pixels a side; anything past this is not one of them.
 DECODE_MAX_PIXELS = 40_000_000
+# why a shard sample without an image is left out (training, evaluation) or gets an error row (labelling)
+MISSING_IMAGE = "missing image: the shard has no jpg for this product"
 
 
 def decode(jpg: bytes, size: tuple[int, int]) -> np.ndarray:

@@ -152,3 +152,31 @@ def test_only_the_training_split_is_masked_when_samples_are_loaded(tmp_path):
     assert training.targets["articleType"][0] == -1 and training.targets["subCategory"][0] == -1
     assert training.targets["masterCategory"][0] == everyone.targets["masterCategory"][0] >= 0
     assert everyone.targets["articleType"][0] == tax.head("articleType").index["Shorts"]
+
+
+def test_a_sample_without_an_image_is_left_out_with_the_reason_labelling_gives(tmp_path):
+    """Training and evaluation read a shard sample that has no jpg member as "undecodable image: 'jpg'" (a
+    KeyError's text); labelling gives the same sample "missing image: …". Both say the latter now."""
+    from fashionlabel.label.reader import read_shards
+
+    tax, _, labels = _tax_and_labels()
+    rows = sample_rows(2)
+    tar = tmp_path / "shard-000000.tar"
+    _shard(
+        tar,
+        [
+            {"meta": {"product_id": r["product_id"], "labels": labels[0]}, "image": r["image_uri"]}
+            for r in rows
+        ],
+    )
+    with tarfile.open(tar) as t:  # the same shard without the second product's image
+        members = [(m, t.extractfile(m).read()) for m in t if m.name != f"{rows[1]['product_id']}.jpg"]
+    with tarfile.open(tar, "w") as t:
+        for m, payload in members:
+            t.addfile(m, io.BytesIO(payload))
+
+    samples = load_samples([str(tar)], tax, (80, 60))
+    assert samples.product_ids == [rows[0]["product_id"]]
+    assert samples.errors == {rows[1]["product_id"]: "missing image: the shard has no jpg for this product"}
+    labelled = read_shards({"shard": np.array([str(tar)], dtype=object)}, decode_on="cpu", size=(80, 60))
+    assert list(labelled["error"]) == [None, samples.errors[rows[1]["product_id"]]]

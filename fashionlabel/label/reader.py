@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from fashionlabel import storage
-from fashionlabel.images import decode
+from fashionlabel.images import MISSING_IMAGE, decode
 
 _BLOCK = 512
 
@@ -251,7 +251,7 @@ def read_shards(
             if i >= readable:
                 err = f"unreadable shard: {damage}"
             elif payload is None:
-                err = "missing image: the shard has no jpg for this product"
+                err = MISSING_IMAGE
             elif decode_on == "cpu" or (
                 decode_on == "split" and int((j + 1) * cpu_share) > int(j * cpu_share)
             ):
