@@ -1,6 +1,6 @@
-"""Image normalisation for shards: any input → RGB JPEG, orientation applied, longest side bounded.
+"""Shard images: normalised once when packed, decoded the same way wherever a model reads them.
 
-One function, ``normalise``, turns the source bytes into the JPEG a shard stores: EXIF orientation applied,
+``normalise`` turns the source bytes into the JPEG a shard stores: EXIF orientation applied,
 any mode converted to 8-bit RGB (CMYK, palette, 16-bit and float greyscale; alpha composited on white, as
 catalog photos are shot on white), the longest side reduced to ``max_side`` and one JPEG quality. JPEG
 sources are decoded at reduced scale when they are much larger than needed (libjpeg's DCT scaling, as
@@ -11,6 +11,10 @@ an external interpreter). Rejections raise ``ImageReject`` with a stable reason 
 vocabulary in ``catalog.REASONS``): ``image_empty``, ``not_an_image``, ``image_truncated``,
 ``image_too_large`` (pixel limit, the decompression-bomb guard, checked from the header before any pixel
 is decoded), ``image_too_small``.
+
+``decode`` is the one CPU decode of a shard's JPEG into model input: training, evaluation and the labelling
+read tasks all use it, so the pixels a model is measured on are those it labels (``--decode gpu`` decodes
+with nvJPEG instead: ``label/predictor.py``).
 """
 
 from __future__ import annotations
