@@ -38,13 +38,19 @@ def latest_run(labels: str) -> str:
     ``labels`` itself if it holds parts.
 
     A run folder without ``_SUCCESS`` is still being written, or its run was killed: reported, it would
-    show part of a run as a whole one. Raises FileNotFoundError when no run folder is finished.
+    show part of a run as a whole one. Raises FileNotFoundError when no run folder is finished, and
+    ValueError for a folder under ``history/`` whose name is no date, as ``query`` does
+    (:func:`~fashionlabel.query.run_folders`): a copy such as ``run_date=2026-05-01.bak`` sorts after its
+    night, and was reported as the newest run.
     """
+    from fashionlabel.query import run_folders
+
     hist = storage.join(labels, "history")
-    runs = storage.listdirs(hist, "run_date=")
+    folders = run_folders(labels)  # name -> its files, oldest night first
+    runs = list(folders)
     if not runs:
         return str(labels)
-    done = [r for r in runs if storage.exists(storage.join(hist, r, "_SUCCESS"))]
+    done = [r for r in runs if "_SUCCESS" in folders[r]]
     if not done:
         raise FileNotFoundError(
             f"no finished run under {hist}: {runs[-1]} has no _SUCCESS (its run is still labelling, or was "

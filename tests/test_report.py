@@ -321,6 +321,33 @@ def test_run_report_reads_no_score_lists_of_a_large_run(tmp_path):
     assert peak / n < 1_500, f"{peak / n:.0f} bytes per product at the peak (3,352 when read whole)"
 
 
+def test_a_copied_run_folder_is_named_as_query_names_it_not_reported_as_the_newest_run(tmp_path, capsys):
+    """``history/run_date=2026-05-01.bak`` (a copy an operator made) sorts after its night: the report took
+    it for the newest run and reported it without a word, while ``query`` refuses it by name. Both name it."""
+    from labels_factory import make_rows
+
+    from fashionlabel import storage
+    from fashionlabel.cli import run
+
+    labels = str(tmp_path / "labels")
+    night = storage.join(labels, "history", "run_date=2026-05-01")
+    storage.write_parquet(
+        make_rows(["a", "b"], "2026-05-01", "Tshirts"), storage.join(night, "part-x.parquet")
+    )
+    storage.write_json(storage.join(night, "_SUCCESS"), {"run_date": "2026-05-01", "last_run_id": "the-run"})
+    assert write_report(labels, tmp_path / "r.html")["run"] == "the-run"
+    shutil.copytree(night, night + ".bak")
+    named = f"{night}.bak is not a run folder (history/run_date=YYYY-MM-DD): move it out of history"
+    with pytest.raises(ValueError, match=re.escape(named)):
+        write_report(labels, tmp_path / "r.html")
+    for argv in (
+        ["report", "--labels", labels, "--out", str(tmp_path / "r.html")],
+        ["query", "--labels", labels, "SELECT 1"],
+    ):
+        assert run(argv) == 1
+        assert named in capsys.readouterr().err, argv
+
+
 def test_cli_report_to_a_missing_bucket_is_refused_before_the_labels_are_read(s3, tmp_path, capsys):
     from labels_factory import two_nights
 
