@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fashionlabel import storage
+from fashionlabel import settings, storage
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,14 @@ class Layout:
         return storage.join(self.root, "reports", f"{date}.html")
 
     def nights(self) -> list[str]:
-        """Dates of every night folder under ``shards/``, oldest first."""
+        """Dates of every night folder under ``shards/``, oldest first. A folder whose name is no date (a copy,
+        ``night=2026-05-01.bak``) is refused by name, as ``query`` refuses one under ``history/``: taken for
+        a night, it sorted after its own, and every later night stopped on it as "started but not
+        complete", to be re-run with a ``--date`` that is not one."""
         nights = storage.listdirs(storage.join(self.root, "shards"), "night=")
+        if odd := [n for n in nights if not settings.is_date(n.removeprefix("night="))]:
+            raise ValueError(
+                f"{storage.join(self.root, 'shards', odd[0])} is not a night folder (shards/night=YYYY-MM-DD): "
+                "move it out of shards"
+            )
         return [n.removeprefix("night=") for n in nights]

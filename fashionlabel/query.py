@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from fashionlabel import latest, storage
+from fashionlabel import latest, settings, storage
 from fashionlabel.label.writer import is_part
 
 if TYPE_CHECKING:
@@ -46,19 +46,12 @@ def run_folders(labels: str) -> dict[str, list[str]]:
     runs = storage.listdirs(base, "run_date=")
     # a folder whose name is no date (a copy, run_date=2026-05-01.bak) failed every query with pyarrow's
     # "error parsing '2026-05-01.bak' as scalar of type date32[day]", naming no folder
-    if odd := [r for r in runs if not _is_date(r.removeprefix("run_date="))]:
+    if odd := [r for r in runs if not settings.is_date(r.removeprefix("run_date="))]:
         raise ValueError(
             f"{storage.join(base, odd[0])} is not a run folder (history/run_date=YYYY-MM-DD): move it out "
             "of history"
         )
     return {r: storage.listdir(storage.join(base, r)) for r in runs}
-
-
-def _is_date(text: str) -> bool:
-    try:
-        return dt.date.fromisoformat(text).isoformat() == text
-    except ValueError:
-        return False
 
 
 # The night of a row, in every view: a DATE, as latest stores it (history's folder names are parsed).

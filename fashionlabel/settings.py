@@ -51,3 +51,11 @@ def run_date(date: str | None) -> str:
         return dt.date.fromisoformat(str(date)).isoformat()
     except ValueError:
         raise ValueError(f"run date {date!r} is not a date (YYYY-MM-DD)") from None
+
+
+def is_date(text: str) -> bool:
+    """Whether ``text`` is a date written YYYY-MM-DD, as run and night folders are named after one."""
+    try:
+        return dt.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False

@@ -235,3 +235,32 @@ def test_relabel_older_than_more_days_than_the_calendar_relabels_nothing_for_age
         assert selection(snap, {"a", "b"}, set(), {"a", "b"}, "m1", date, days) == (set(), "")
     want, why = selection(snap, {"a", "b"}, set(), {"a", "b"}, "m1", "2026-05-09", 7)  # still works
     assert want == {"a", "b"} and why == "labels older than 7 days"
+
+
+def test_a_copied_night_folder_is_named_not_taken_for_a_night(tmp_path):
+    """``shards/night=2026-05-01.bak`` (a copy an operator made) was taken for a night that sorts after its
+    own: the next night stopped with "night 2026-05-01.bak started but is not complete: re-run it (same
+    command, --date 2026-05-01.bak)", a date the command refuses. It is named, as ``query`` names a copied
+    run folder, and moving it out lets the night run."""
+    import re
+    import shutil
+
+    import pytest
+
+    from fashionlabel import storage
+    from fashionlabel.layout import Layout
+    from fashionlabel.nightly import run_nightly
+
+    root = tmp_path / "root"
+    (root / "shards" / "night=2026-05-01").mkdir(parents=True)
+    storage.write_json(str(root / "manifests" / "2026-05-01.json"), {"status": "complete"})
+    assert Layout(str(root)).nights() == ["2026-05-01"]
+    copy = root / "shards" / "night=2026-05-01.bak"
+    shutil.copytree(root / "shards" / "night=2026-05-01", copy)
+    named = f"{copy} is not a night folder (shards/night=YYYY-MM-DD): move it out of shards"
+    with pytest.raises(ValueError, match=re.escape(named)):
+        Layout(str(root)).nights()
+    # refused before the night reads its catalog or model (neither is there: it never gets that far)
+    with pytest.raises(ValueError, match="is not a night folder"):
+        run_nightly(str(tmp_path / "catalog.csv"), str(tmp_path / "model"), str(root), "2026-05-02")
+    assert not (root / "manifests" / "2026-05-02.json").exists()
