@@ -576,6 +576,20 @@ def test_a_sidecar_damaged_in_place_is_a_lost_product_not_one_labelled_under_its
     assert got[rows[1]["product_id"]].startswith("unreadable shard: the sidecar of 1 sample(s)")
     assert set(b["shard_damage"]) == {f"the sidecar of 1 sample(s) is not a JSON object (member {key}.json)"}
 
+    # a sidecar damaged into two JSON values: the whole shard's sidecars parsed in one call read one value
+    # too many, and every later sample took its neighbour's id (or the read task failed on zip(strict=True))
+    from fashionlabel.label.reader import salvage_shard
+    from fashionlabel.tarwriter import TarWriter
+
+    two = tmp_path / "two.tar"
+    with TarWriter(open(two, "wb")) as t:  # noqa: SIM115 - the writer closes it
+        for k, sidecar in (("a", b'{"product_id": "A"}'), ("b", b"1, 2"), ("c", b'{"product_id": "C"}')):
+            t.add(f"{k}.json", sidecar)
+            t.add(f"{k}.jpg", b"jpg")
+    assert salvage_shard(str(two))[0] == ["A", "C"]
+    with pytest.raises(TarFormatError, match=r"\(member b\.json\)"):
+        shard_samples(str(two))
+
 
 def test_a_tar_cut_where_no_member_notices_is_damage_not_a_shorter_shard(
     ray_session, small_shards, tiny_model, tmp_path

@@ -149,6 +149,8 @@ def _samples(
     try:
         parsed: list[Any] = json.loads(b"[" + b",".join(given) + b"]") if given else []
     except ValueError:  # one sidecar is not JSON: parse them one by one to find which
+        parsed = []
+    if len(parsed) != len(given):  # or a damaged one reads as two values ('1, 2'): one by one, in step
         parsed = [_json_or_none(j) for j in given]
     # a sample without a sidecar keeps its key as its id, as before; one whose sidecar is damaged does not
     found = iter(parsed)
