@@ -88,7 +88,8 @@ def missing_columns(rows: list[dict], taxonomy: Taxonomy) -> dict[str, str]:
 
 
 def _check_output(out: str) -> None:
-    """Check that ``out`` is writable before any fetch, by name."""
+    """Create ``out`` (a local folder; nothing to create on S3) and check that it is writable before any
+    fetch, by name."""
     try:
         storage.makedirs(out)
         # the probe goes under _parts/: on S3 the folder marker its deletion may leave stays out of sight
