@@ -180,3 +180,49 @@ def test_a_sample_without_an_image_is_left_out_with_the_reason_labelling_gives(t
     assert samples.errors == {rows[1]["product_id"]: "missing image: the shard has no jpg for this product"}
     labelled = read_shards({"shard": np.array([str(tar)], dtype=object)}, decode_on="cpu", size=(80, 60))
     assert list(labelled["error"]) == [None, samples.errors[rows[1]["product_id"]]]
+
+
+def test_split_of_gives_each_split_its_share_of_products_and_the_same_split_every_time():
+    ids = [str(i) for i in range(20_000)]
+    for val, test in ((0.1, 0.1), (0.2, 0.05)):
+        splits = [split_of(p, val, test) for p in ids]
+        shares = {s: splits.count(s) / len(ids) for s in ("train", "val", "test")}
+        assert abs(shares["val"] - val) < 0.01 and abs(shares["test"] - test) < 0.01, shares
+        assert abs(shares["train"] - (1 - val - test)) < 0.015, shares
+    assert [split_of(p) for p in ids[:500]] == [split_of(p) for p in ids[:500]]
+
+
+def test_targets_mask_what_is_unknown_and_keep_every_known_value():
+    """Single heads: a value the taxonomy lacks, a missing or null label are -1 (masked), never some class;
+    multi heads: a null list is a NaN row (masked), an empty list a known row of zeros, and every known
+    value of a list is set. With ``mask_conflicts`` a fine label whose coarse one is unknown still trains."""
+    tax = Taxonomy.from_dict(
+        {
+            "name": "t",
+            "heads": [
+                {"name": "coarse", "values": ["upper", "lower"]},
+                {
+                    "name": "fine",
+                    "values": ["tee", "jeans"],
+                    "parent": "coarse",
+                    "parent_map": {"tee": "upper", "jeans": "lower"},
+                },
+                {"name": "tags", "kind": "multi", "values": ["a", "b", "c"]},
+            ],
+        }
+    )
+    labels = [
+        {"coarse": "lower", "fine": "jeans", "tags": ["a", "c"]},
+        {"coarse": "sideways", "fine": "tee", "tags": []},  # a coarse value the taxonomy lacks
+        {"coarse": None, "fine": "tee", "tags": None},
+        {"tags": ["b", "z", "a"]},  # no single labels at all; one tag the taxonomy lacks
+    ]
+    for mask in (False, True):
+        y = encode_targets(labels, tax, mask_conflicts=mask)
+        assert y["coarse"].tolist() == [1, -1, -1, -1]
+        assert y["fine"].tolist() == [1, 0, 0, -1]  # a tee under an unknown coarse value is no conflict
+        assert np.array_equal(
+            y["tags"],
+            np.array([[1, 0, 1], [0, 0, 0], [np.nan] * 3, [1, 1, 0]], dtype=np.float32),
+            equal_nan=True,
+        )
