@@ -225,6 +225,116 @@ def test_a_coarse_head_with_two_fine_heads_gets_one_consistent_choice():
         assert (chosen["body"][i], chosen["cat"][i], chosen["len"][i]) == best, i
 
 
+def test_a_three_level_chain_takes_the_best_consistent_triple():
+    """master → sub → article, as the built-in taxonomy has it: the middle head's choice under the chosen
+    master must weigh the article scores beneath it too (its subtree), not its own score alone."""
+    import itertools
+
+    from fashionlabel.label.postprocess import consistent_choice
+    from fashionlabel.taxonomy import Taxonomy
+
+    tax = Taxonomy.from_dict(
+        {
+            "name": "t",
+            "heads": [
+                {"name": "master", "values": ["apparel", "footwear"]},
+                {
+                    "name": "sub",
+                    "values": ["topwear", "bottomwear", "shoes"],
+                    "parent": "master",
+                    "parent_map": {"topwear": "apparel", "bottomwear": "apparel", "shoes": "footwear"},
+                },
+                {
+                    "name": "article",
+                    "values": ["tshirt", "shirt", "jeans", "sneakers", "boots"],
+                    "parent": "sub",
+                    "parent_map": {
+                        "tshirt": "topwear",
+                        "shirt": "topwear",
+                        "jeans": "bottomwear",
+                        "sneakers": "shoes",
+                        "boots": "shoes",
+                    },
+                },
+            ],
+        }
+    )
+    # apparel is sure; sub leans topwear (.55 vs .4) but the article head is sure of jeans: bottomwear/jeans
+    # (.4·.9) beats topwear/shirt (.55·.05)
+    probs = {
+        "master": np.array([[0.9, 0.1]]),
+        "sub": np.array([[0.55, 0.4, 0.05]]),
+        "article": np.array([[0.03, 0.05, 0.9, 0.01, 0.01]]),
+    }
+    chosen = consistent_choice(tax, probs)
+    assert {h: int(v[0]) for h, v in chosen.items()} == {"master": 0, "sub": 1, "article": 2}
+
+    rng = np.random.default_rng(11)
+    probs = {h.name: rng.dirichlet(np.ones(h.num_classes) * 0.5, 300) for h in tax.heads}
+    chosen = consistent_choice(tax, probs)
+    master, sub, article = (tax.head(n) for n in ("master", "sub", "article"))
+    for i in range(300):
+        best = max(
+            (
+                np.log(probs["master"][i, m]) + np.log(probs["sub"][i, s]) + np.log(probs["article"][i, a]),
+                (m, s, a),
+            )
+            for m, s, a in itertools.product(range(2), range(3), range(5))
+            if sub.index[article.parent_map[article.values[a]]] == s
+            and master.index[sub.parent_map[sub.values[s]]] == m
+        )[1]
+        assert (chosen["master"][i], chosen["sub"][i], chosen["article"][i]) == best, i
+
+
+def test_needs_review_is_any_single_heads_written_label_below_its_threshold():
+    """A product goes to review when one single head, any of them, gives the label it writes (the
+    hierarchy-consistent one) a score under that head's threshold; the scores are the logits softmaxed at
+    the head's temperature (z / T)."""
+    import torch
+
+    from fashionlabel.label.postprocess import needs_review, scores, to_rows
+    from fashionlabel.taxonomy import Taxonomy
+
+    tax = Taxonomy.from_dict(
+        {
+            "name": "t",
+            "heads": [
+                {"name": "coarse", "values": ["upper", "lower"]},
+                {
+                    "name": "fine",
+                    "values": ["tee", "jeans", "skirt"],
+                    "parent": "coarse",
+                    "parent_map": {"tee": "upper", "jeans": "lower", "skirt": "lower"},
+                },
+                {"name": "colour", "values": ["red", "blue"]},
+                {"name": "tags", "kind": "multi", "values": ["a", "b"]},
+            ],
+        }
+    )
+    probs = {
+        # 0: every head sure; 1: colour unsure (the first head in the list, not the last);
+        # 2: fine's own best (tee .7) is overruled by a sure coarse head: it writes jeans at .2;
+        # 3: coarse unsure only
+        "coarse": np.array([[0.9, 0.1], [0.9, 0.1], [0.05, 0.95], [0.55, 0.45]]),
+        "fine": np.array([[0.9, 0.05, 0.05], [0.9, 0.05, 0.05], [0.7, 0.2, 0.1], [0.9, 0.05, 0.05]]),
+        "colour": np.array([[0.8, 0.2], [0.4, 0.6], [0.9, 0.1], [0.9, 0.1]]),
+        "tags": np.array([[0.1, 0.1]] * 4),  # multi heads never send a product to review
+    }
+    cal = {"thresholds": {"coarse": 0.6, "fine": 0.5, "colour": 0.7}}
+    want = [False, True, True, True]
+    assert needs_review(tax, probs, cal).tolist() == want
+    rows = to_rows(tax, probs, cal)
+    assert [r["needs_review"] for r in rows] == want
+    assert (rows[2]["coarse"], rows[2]["fine"], rows[2]["fine_score"]) == ("lower", "jeans", np.float32(0.2))
+
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.0, 0.0]])
+    logits = {h.name: z[:, : h.num_classes] for h in tax.heads}
+    got = scores(tax, logits, {"temperature": {"fine": 2.0}})
+    assert np.allclose(got["fine"], torch.softmax(z / 2.0, dim=1).numpy())
+    assert np.allclose(got["coarse"], torch.softmax(z[:, :2], dim=1).numpy())  # no temperature: 1
+    assert np.allclose(got["tags"], torch.sigmoid(z[:, :2]).numpy())
+
+
 def test_declared_thresholds_decide_labels_and_review_zero_included():
     """A taxonomy's threshold is used as declared, 0.0 too; calibration, when fitted, takes precedence."""
     from fashionlabel.label.postprocess import to_rows
