@@ -330,6 +330,11 @@ def test_ids_duplicates_and_labels():
         ("missing_image_uri", "image_uri is empty"),
         ("duplicate_product_id", "first occurrence was missing_image_uri"),
     ]
+    # an image_uri of spaces names no image either: it is missing, not the catalog's own folder to fetch
+    valid, bad = validate([{"product_id": "s", "image_uri": " \t "}], "/c.csv", tax)
+    assert valid == [] and [(b.reason, b.detail) for b in bad] == [
+        ("missing_image_uri", "image_uri is empty")
+    ]
 
 
 def test_resolve_uri(tmp_path):
