@@ -835,10 +835,12 @@ def test_a_batch_delivered_twice_neither_duplicates_nor_completes_a_shard_early(
     w.add(batch(["a", "b"]))
     w.add(batch(["a", "b"]))  # the same batch again: 4 rows arrived, but only 2 of the 4 products
     assert w.counts["files"] == 0 and w.incomplete == ["/s/shard-000000.tar"]
-    w.add(batch(["c", "d"]))
-    assert w.counts["files"] == 1 and w.counts["labelled"] == 4
+    w.add(batch(["c"]))  # 3 of 4 products: the shard waits for its last one
+    assert w.counts["files"] == 0 and w.incomplete == ["/s/shard-000000.tar"]
+    w.add(batch(["c", "d"]))  # a batch half new: its new product completes the shard
+    assert w.counts["files"] == 1 and w.counts["labelled"] == 4 and w.incomplete == []
     w.add(batch(["c", "d"]))  # and once more after the shard was written: dropped, not an error
-    assert w.counts["files"] == 1 and w.counts["labelled"] == 4
+    assert w.counts["files"] == 1 and w.counts["labelled"] == 4 and w.incomplete == []
     assert pq.read_table(tmp_path / "part-shard-000000.parquet")["product_id"].to_pylist() == list("abcd")
 
 
