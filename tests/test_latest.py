@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pyarrow as pa
-from labels_factory import TAX, make_rows
+from labels_factory import TAX, add_night, make_rows
 
 from fashionlabel import latest
 from fashionlabel.relabel import selection
@@ -264,3 +266,49 @@ def test_a_copied_night_folder_is_named_not_taken_for_a_night(tmp_path):
     with pytest.raises(ValueError, match="is not a night folder"):
         run_nightly(str(tmp_path / "catalog.csv"), str(tmp_path / "model"), str(root), "2026-05-02")
     assert not (root / "manifests" / "2026-05-02.json").exists()
+
+
+def test_of_two_labels_of_one_night_the_later_one_wins_whichever_source_holds_it():
+    """Same night, two runs (a night re-run after its publish): the label made later wins, whether the
+    previous snapshot or tonight's rows hold it."""
+    members = {"a"}
+
+    def at(t: pa.Table, hour: int) -> pa.Table:
+        i = t.schema.get_field_index("labeled_at")
+        when = dt.datetime(2026, 5, 2, hour, tzinfo=dt.UTC)
+        return t.set_column(i, t.schema.field(i), pa.array([when] * t.num_rows, t.schema.field(i).type))
+
+    early, late = (
+        at(make_rows(["a"], "2026-05-02", "Shirts"), 2),
+        at(make_rows(["a"], "2026-05-02", "Jeans"), 3),
+    )
+    for before, tonight in ((early, late), (late, early)):
+        first = _snapshot(before, "2026-05-02", members)
+        assert _snapshot(tonight, "2026-05-02", members, first)["articleType"].to_pylist() == ["Jeans"]
+
+
+def test_prune_keeps_the_newest_snapshots_and_the_published_one(tmp_path):
+    labels = str(tmp_path / "labels")
+    nights = ["2026-05-01", "2026-05-02", "2026-05-03"]
+    for night in nights:
+        add_night(labels, night, make_rows(["a"], night, "Shirts"), {"a"})
+    latest.prune(labels, keep=2)
+    assert latest.snapshots(labels) == nights[1:]
+    # a night killed between its snapshot's _SUCCESS and the pointer swap: its snapshot is the newest
+    # complete one, but readers still read the one before, which prune must not take from under them
+    pointer = (tmp_path / "labels" / "latest" / "_CURRENT.json").read_bytes()
+    latest.publish(labels, "2026-05-04", latest.read_snapshot(labels, "2026-05-03"))
+    (tmp_path / "labels" / "latest" / "_CURRENT.json").write_bytes(pointer)
+    latest.prune(labels, keep=1)
+    assert latest.snapshots(labels) == ["2026-05-03", "2026-05-04"]
+    assert latest.current(labels)["snapshot"] == "2026-05-03"
+    assert latest.read_snapshot(labels, "2026-05-03").num_rows == 1
+
+
+def test_an_empty_snapshot_is_one_file_with_every_column(tmp_path):
+    """A snapshot of no product is still a table readers can query: one file with the schema, not none."""
+    labels = str(tmp_path / "labels")
+    schema = latest.latest_schema(TAX)
+    pointer = latest.publish(labels, "2026-05-01", schema.empty_table())
+    assert pointer["rows"] == 0 and len(latest.current_files(labels)) == 1
+    assert latest.snapshot_schema(labels, "2026-05-01").names == schema.names
