@@ -82,6 +82,22 @@ def test_incremental_packs_only_new_and_changed(ray_session, tmp_path):
     assert (s4.new, s4.changed, s4.unchanged, s4.packed) == (34, 0, 9, 34)
 
 
+def test_a_known_product_whose_image_is_gone_is_packed_again_and_quarantined(ray_session, tmp_path):
+    """The hash pass cannot fingerprint a product whose image disappeared since the previous run: it is
+    not "unchanged" (skipped, its old label kept in silence) but packed again, so its fetch quarantines it
+    with the reason."""
+    good = [r for r in sample_rows(20) if os.path.exists(r["image_uri"])]
+    rows = _own_images([dict(r) for r in good[:6]], tmp_path / "img")
+    catalog = str(write_catalog(tmp_path / "c.csv", rows))
+    prev = tmp_path / "night1"
+    assert shard_catalog(catalog, str(prev), TAX, CFG).packed == 6
+    os.remove(rows[2]["image_uri"])
+    s = shard_catalog(catalog, str(tmp_path / "night2"), TAX, CFG, incremental_from=str(prev))
+    assert (s.new, s.changed, s.unchanged, s.packed, s.quarantined) == (0, 1, 5, 0, 1)
+    q = f"SELECT product_id, reason FROM '{tmp_path / 'night2'}/quarantine.parquet'"
+    assert duckdb.connect().execute(q).fetchall() == [(rows[2]["product_id"], "image_not_found")]
+
+
 def test_the_hash_pass_says_how_far_it_is_while_it_runs(ray_session, caplog):
     """The hash pass fetches every known product's image again before anything is packed: a whole catalog
     is minutes of it (hours on S3 at 100M products), and it said nothing until its end."""
