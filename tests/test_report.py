@@ -1,12 +1,13 @@
 import re
 import shutil
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from fashionlabel.label.pipeline import label_shards
-from fashionlabel.report import write_report
+from fashionlabel.report import drift, write_report
 
 
 def test_report_has_every_chart(ray_session, small_shards, tiny_model, tmp_path):
@@ -109,6 +110,36 @@ def test_a_night_that_labelled_a_few_products_slowly_has_a_rate_not_zero():
     assert night_rate(m | {"label_images_per_s": 3.14159}, "label") == "3.1 img/s"
     assert night_rate(m | {"label_images_per_s": 1234.5}, "label") == "1,234 img/s"
     assert night_rate(m | {"labelled_this_attempt": 0}, "label") == "n/a (done by an earlier run)"
+
+
+def test_drift_compares_the_active_products_of_both_nights_and_signs_shares_by_tonight(tmp_path):
+    """Share change is tonight's share less the previous night's (a label that grew is positive); flips are
+    counted over products active in both snapshots: one that was gone from the catalog and is back with
+    another label is no flip."""
+    from labels_factory import add_night, make_rows
+
+    from fashionlabel.report import write_night_report
+
+    labels = str(tmp_path / "labels")
+    ids = ["p0", "p1", "p2", "p3"]
+    add_night(labels, "2026-05-01", make_rows([*ids, "back"], "2026-05-01", "Tshirts"), set(ids))
+    tonight = make_rows(["p0", "back"], "2026-05-02", "Shirts", sha="b")
+    add_night(labels, "2026-05-02", tonight, {*ids, "back"})
+    r = write_night_report(labels, "2026-05-02", tmp_path / "night.html", {})
+    assert r["drift"]["articleType"] == 1 and r["active products"] == 5
+    assert "<td>1</td><td>4</td><td>p0: Tshirts → Shirts</td>" in (tmp_path / "night.html").read_text()
+    # tonight Shirts 2 of 5 and Tshirts 3 of 5, the previous night Tshirts 4 of 4
+    cur = pd.DataFrame(
+        {"product_id": [*ids, "back"], "a": ["Shirts", "Tshirts", "Tshirts", "Tshirts", "Shirts"]}
+    )
+    prev = pd.DataFrame({"product_id": ids, "a": ["Tshirts"] * 4})
+    d = drift(cur, prev, ["a"])["a"]
+    assert d["share_change_pp"].round(6).to_dict() == {"Shirts": 40.0, "Tshirts": -40.0}
+    assert (d["flipped"], d["compared"], d["examples"]) == (1, 4, [["p0", "Tshirts", "Shirts"]])
+    # a third night compares with the second, the night before it, not the oldest snapshot kept
+    add_night(labels, "2026-05-03", make_rows(["p1"], "2026-05-03", "Shirts", sha="c"), {*ids, "back"})
+    r = write_night_report(labels, "2026-05-03", tmp_path / "night3.html", {})
+    assert r["previous night"] == "2026-05-02" and r["drift"]["articleType"] == 1
 
 
 def test_night_report_after_a_model_that_adds_a_head(tmp_path):
