@@ -237,6 +237,17 @@ def test_relabel_older_than_more_days_than_the_calendar_relabels_nothing_for_age
         assert selection(snap, {"a", "b"}, set(), {"a", "b"}, "m1", date, days) == (set(), "")
     want, why = selection(snap, {"a", "b"}, set(), {"a", "b"}, "m1", "2026-05-09", 7)  # still works
     assert want == {"a", "b"} and why == "labels older than 7 days"
+    # a label exactly 7 days old is not older than 7 days
+    assert selection(snap, {"a", "b"}, set(), {"a", "b"}, "m1", "2026-05-08", 7) == (set(), "")
+
+
+def test_relabel_takes_a_sharded_product_that_never_got_a_label():
+    """A night lost after its shards but before its labels leaves products in the shards and not in
+    latest: the next night labels them."""
+    snap = _snapshot(make_rows(["a", "b"], "2026-05-01", "Shirts"), "2026-05-01", {"a", "b"})
+    members = {"a", "b", "c", "d"}
+    want, why = selection(snap, {"a", "b", "c", "gone"}, set(), members, "m1", "2026-05-02", None)
+    assert (want, why) == ({"c"}, "never labelled")  # not d (never sharded), not gone (left the catalog)
 
 
 def test_a_copied_night_folder_is_named_not_taken_for_a_night(tmp_path):
