@@ -33,6 +33,18 @@ def test_a_live_holder_is_refused_by_name_and_the_lease_goes_with_its_block(tmp_
         pass
 
 
+def test_a_holder_whose_lease_was_taken_over_leaves_the_new_holders_lease_in_place(tmp_path):
+    """A holder that stalled past its TTL has lost the lease to another job: ending its block must not
+    delete that job's lease, or a third job would start beside it."""
+    uri = tmp_path / "lease"
+    other = {"owner": "y", "host": "elsewhere", "pid": 42, "heartbeat": time.time()}
+    with Lease(str(uri), "root R", beat=60, settle=0.05):
+        uri.write_text(json.dumps(other))  # taken over once this holder's lease had lapsed
+    assert _read(uri) == other
+    with pytest.raises(LeaseHeld, match=r"pid 42 on elsewhere"):
+        Lease(str(uri), "root R", settle=0.05).__enter__()
+
+
 def test_a_holder_killed_on_this_host_frees_it_at_once(tmp_path):
     uri = tmp_path / "lease"
     dead = subprocess.run(
