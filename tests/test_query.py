@@ -458,6 +458,21 @@ def test_snapshots_hold_the_catalog_as_it_stood_on_each_kept_night(tmp_path):
     assert connect(labels).execute(per_night).fetchall() == [(dt.date(2026, 5, 3), 22, 20)]
 
 
+def test_nights_are_the_run_folders_with_their_success_manifest(tmp_path):
+    """A run still labelling, or killed, has parts but no ``_SUCCESS``: it is no finished night."""
+    from labels_factory import make_rows
+
+    labels = str(tmp_path / "labels")
+    for night, done in (("2026-05-01", True), ("2026-05-02", False)):
+        run = storage.join(labels, "history", f"run_date={night}")
+        storage.write_parquet(
+            make_rows(["p00"], night, "Tshirts"), storage.join(run, "part-shard-000000.parquet")
+        )
+        if done:
+            storage.write_json(storage.join(run, "_SUCCESS"), {"run_date": night, "rows": 1})
+    assert connect(labels).execute("SELECT run_date FROM nights").fetchall() == [(dt.date(2026, 5, 1),)]
+
+
 def test_a_label_output_without_latest_has_no_snapshots_and_says_where_they_come_from(tmp_path):
     from labels_factory import make_rows
 
