@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import sys
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -180,6 +181,10 @@ def connect(labels: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     # Without this, a table name DuckDB does not know is looked up among the calling Python frame's
     # variables (a module named `latest` here): only the registered views are tables.
     con.execute("SET python_enable_replacements = false")
+    # DuckDB draws its progress bar on stdout for a query past 2 s, piped or not: into a CSV, a notebook's
+    # output or a script's printed rows. Only a terminal gets it.
+    if not sys.stdout.isatty():
+        con.execute("SET enable_progress_bar = false")
     # The pointer first, read once: the run folders listed after it hold its night, and `latest` and
     # `nights` name the same night.
     pointer = latest.current(labels)

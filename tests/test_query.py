@@ -515,3 +515,20 @@ def test_files_left_in_a_run_folder_are_not_read_as_labels_and_an_odd_folder_is_
     assert run(["query", "--labels", str(tmp_path / "labels"), "SELECT count(*) FROM history"]) == 1
     err = capsys.readouterr().err
     assert f"{night}.bak is not a run folder (history/run_date=YYYY-MM-DD): move it out of history" in err
+
+
+def test_query_rows_on_a_pipe_carry_no_progress_bar(labels):
+    """DuckDB drew its progress bar on stdout, piped or not, once a query ran past 2 s (a loaded machine
+    was enough): a script printing its rows printed the bar before them. Off unless stdout is a terminal."""
+    import subprocess
+    import sys
+
+    child = (
+        "import sys\n"
+        "from fashionlabel.query import connect\n"
+        "con = connect(sys.argv[1])\n"
+        "print(con.execute(\"SELECT current_setting('enable_progress_bar')\").fetchall())\n"
+        "print(con.execute('SELECT count(*) FROM latest').fetchall())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", child, labels], capture_output=True, text=True, check=True)
+    assert r.stdout == "[(False,)]\n[(22,)]\n", r.stdout[:300]
