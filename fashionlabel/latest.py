@@ -21,7 +21,7 @@ import logging
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fashionlabel import storage
+from fashionlabel import settings, storage
 from fashionlabel.label.schema import labels_schema
 from fashionlabel.taxonomy import Taxonomy
 
@@ -48,9 +48,17 @@ def snapshot_dir(labels: str, date: str) -> str:
 
 
 def snapshots(labels: str) -> list[str]:
-    """Dates of the complete snapshots (with ``_SUCCESS``), oldest first."""
+    """Dates of the complete snapshots (with ``_SUCCESS``), oldest first. A folder whose name is no date (a
+    copy, ``snapshots/2026-05-01.bak``) is refused by name, as copied night and run folders are: it sorted
+    after its night, was taken for the snapshot before the next night, and pruning kept it for a real one."""
     base = storage.join(labels, "latest", "snapshots")
-    return [d for d in storage.listdirs(base) if storage.exists(storage.join(base, d, "_SUCCESS"))]
+    found = storage.listdirs(base)
+    if odd := [d for d in found if not settings.is_date(d)]:
+        raise ValueError(
+            f"{storage.join(base, odd[0])} is not a snapshot folder (latest/snapshots/YYYY-MM-DD): "
+            "move it out of snapshots"
+        )
+    return [d for d in found if storage.exists(storage.join(base, d, "_SUCCESS"))]
 
 
 def current(labels: str) -> dict | None:

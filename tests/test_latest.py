@@ -316,6 +316,30 @@ def test_prune_keeps_the_newest_snapshots_and_the_published_one(tmp_path):
     assert latest.read_snapshot(labels, "2026-05-03").num_rows == 1
 
 
+def test_a_copied_snapshot_folder_is_named_not_taken_for_a_snapshot(tmp_path):
+    """``latest/snapshots/2026-05-02.bak`` (an operator's copy, its ``_SUCCESS`` in it) sorted after its
+    night: the next night merged onto it as the snapshot before, and prune kept it in place of a real one.
+    It is named, as copied night and run folders are, and nothing is pruned."""
+    import re
+    import shutil
+
+    import pytest
+
+    labels = tmp_path / "labels"
+    for night in ("2026-05-01", "2026-05-02"):
+        add_night(str(labels), night, make_rows(["a"], night, "Shirts"), {"a"})
+    copy = labels / "latest" / "snapshots" / "2026-05-02.bak"
+    shutil.copytree(labels / "latest" / "snapshots" / "2026-05-02", copy)
+    named = f"{copy} is not a snapshot folder (latest/snapshots/YYYY-MM-DD): move it out of snapshots"
+    with pytest.raises(ValueError, match=re.escape(named)):
+        latest.snapshots(str(labels))
+    with pytest.raises(ValueError, match=re.escape(named)):
+        latest.prune(str(labels), keep=1)
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["2026-05-01", "2026-05-02", "2026-05-02.bak"]
+    shutil.rmtree(copy)
+    assert latest.snapshots(str(labels)) == ["2026-05-01", "2026-05-02"]
+
+
 def test_an_empty_snapshot_is_one_file_with_every_column(tmp_path):
     """A snapshot of no product is still a table readers can query: one file with the schema, not none."""
     labels = str(tmp_path / "labels")
