@@ -125,10 +125,10 @@ def _worker(config: dict[str, Any]) -> None:
         mine = load_samples(config["shards"], tax, size, split="train", rank=rank, world=world)
     val = load_samples(config["shards"], tax, size, split="val") if rank == 0 else None
     for name, part in (("training", mine), ("validation", val)):
-        if part is not None and part.errors:  # packed but undecodable: trained without, and said so
+        if part is not None and part.errors:  # packed without a decodable image: trained without, and said so
             pid, why = next(iter(part.errors.items()))
             log.warning(
-                "rank %d: %d %s images could not be decoded and are left out (e.g. %s: %s)",
+                "rank %d: %d %s products have no image that decodes and are left out (e.g. %s: %s)",
                 rank,
                 len(part.errors),
                 name,
