@@ -19,7 +19,8 @@
 #   split             the decode-placement sweep: nvJPEG in the actor against a share decoded on the CPU
 #   compile           bench/compile_startup.py: the AOT package against torch.compile at actor start
 #
-# EPOCHS (default 45) and GPU (default --gpu; empty for a CPU smoke run) set the training phases.
+# EPOCHS (default 45) and GPU (default --gpu; empty for a CPU smoke run) set the training phases; PYTHON
+# (default python3, the GPU image's interpreter) runs every step: give the venv's elsewhere.
 # Each phase has a time limit (LIMIT seconds, default 570) so that it ends inside a 10-minute command;
 # `accuracy` and `hier` resume from their checkpoints when run again with the same settings.
 # Before the first phase a check of a few seconds stops the suite (exit 3, no phase run) when a package
@@ -44,8 +45,10 @@ else
 fi
 mkdir -p "$results" "$work"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RAY_TMPDIR=${RAY_TMPDIR:-/tmp/flray}
-# The GPU machine's image names its interpreter python3 (a venv also has python): use that name everywhere.
-python() { python3 "$@"; }
+# The GPU machine's image names its interpreter python3 (it has no `python`); a checkout elsewhere names its
+# venv's (PYTHON=.venv/bin/python): the python3 on PATH there may lack torch, and every phase would fail.
+py=${PYTHON:-python3}
+python() { "$py" "$@"; }
 fl() { python -m fashionlabel.cli "$@"; }
 
 catalog() {  # catalog(images_dir, out_csv, all|present): every styles row, or those whose image is there

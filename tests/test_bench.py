@@ -152,7 +152,8 @@ def _suite(tmp_path: Path, *phases: str, **env: str) -> subprocess.CompletedProc
     data.mkdir(exist_ok=True)
     return subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_suite.sh"), str(data), str(tmp_path / "res"), *phases],
-        env=os.environ | {"WORK": str(tmp_path / "work"), "LIMIT": "60", **env},
+        # this interpreter: the python3 on PATH (a bare system one, say) may lack torch and ray
+        env=os.environ | {"WORK": str(tmp_path / "work"), "LIMIT": "60", "PYTHON": sys.executable, **env},
         capture_output=True,
         text=True,
         timeout=180,
