@@ -35,6 +35,13 @@ from fashionlabel.taxonomy import Taxonomy
 log = logging.getLogger(__name__)
 
 
+def fetches_for(uris: Iterable[str], in_flight: int) -> int:
+    """Fetches to keep going for ``uris``: ``in_flight`` when some source is remote (S3, HTTP: network waits
+    to overlap), else 1, since a local read takes microseconds and a thread costs more than that."""
+    remote = any(u.startswith(("http://", "https://", "s3://")) for u in uris)
+    return in_flight if remote else 1
+
+
 def fetched(
     rows: Iterable[CatalogRow], in_flight: int, gate: HostGate | None = None
 ) -> Iterator[tuple[CatalogRow, bytes | Exception]]:
@@ -138,8 +145,7 @@ def pack_shard(
             else:
                 checked.append(r)
         # the writer closes the file; closing the fetches cancels those not started when an outage raises
-        remote = any(r.image_uri.startswith(("http://", "https://", "s3://")) for r in checked)
-        sources = fetched(checked, cfg.fetches_in_flight if remote else 1)
+        sources = fetched(checked, fetches_for((r.image_uri for r in checked), cfg.fetches_in_flight))
         with TarWriter(open(tmp, "wb")) as tar, closing(sources):  # noqa: SIM115
             for r, src in sources:
                 try:

@@ -26,7 +26,7 @@ from fashionlabel.catalog import (
     Rejected,
     check_labels,
 )
-from fashionlabel.shards.pack import fetched
+from fashionlabel.shards.pack import fetched, fetches_for
 from fashionlabel.shards.spec import PlanMismatchError, ShardConfig, ShardJobError, ray_get
 from fashionlabel.taxonomy import Taxonomy
 
@@ -70,9 +70,8 @@ def fingerprint_rows(
     for r in rows:
         firsts.setdefault(r.image_uri, r)
     outages = OutageBreaker(len(firsts), "the known products' hash pass")
-    remote = any(u.startswith(("http://", "https://", "s3://")) for u in firsts)
     shas: dict[str, str | None] = {}
-    with closing(fetched(firsts.values(), in_flight if remote else 1, HostGate())) as sources:
+    with closing(fetched(firsts.values(), fetches_for(firsts, in_flight), HostGate())) as sources:
         for r, src in sources:
             if isinstance(src, FetchError):
                 # a source that is down does not make every product "changed": past a few, the task fails
